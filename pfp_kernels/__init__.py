@@ -1,0 +1,24 @@
+"""pfp_kernels: standalone fused kernels for PFP-style video memory compression.
+
+Ops (each with C++ CPU, Triton CUDA and plain-PyTorch reference implementations):
+
+- :func:`conv3d_act`, :func:`causal_conv3d_act`, :func:`project_tokens`
+- :func:`joint_attention`, :func:`merge_attention`, :func:`attention_backends`
+
+``python -m pfp_kernels.info`` lists which implementations run on this machine and why not.
+"""
+from . import _extension  # noqa: F401  (loads pfp_kernels._C, or warns once and falls back)
+from .attention import attention_backends, joint_attention, merge_attention
+from .conv import CausalConvState, causal_conv3d_act, conv3d_act, project_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "conv3d_act",
+    "causal_conv3d_act",
+    "CausalConvState",
+    "project_tokens",
+    "joint_attention",
+    "merge_attention",
+    "attention_backends",
+]
