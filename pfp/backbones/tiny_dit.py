@@ -1,0 +1,100 @@
+"""TinyDiT: a small Wan-style DiT that trains on a CPU.
+
+Same block as Wan 2.x (adaLN timestep modulation with a per-block scale/shift table, 3D RoPE,
+self-attention through ``pfp_kernels.joint_attention``, text cross-attention, GELU MLP), same
+module names, so the shared forward in :mod:`pfp.backbones.wan_style` runs it and the diffusers
+Wan adapter alike. Default size: inner 192, 4 blocks, 4 heads (head dim 48), ~3 M parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .wan_style import WanStyleBackbone, check_context_mode, sinusoidal_embedding
+
+
+@dataclass
+class TinyDiTConfig:
+    latent_channels: int = 48
+    inner_dim: int = 192
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 64
+    freq_dim: int = 64
+    patch_size: Sequence[int] = (1, 2, 2)
+    rope_theta: float = 10000.0
+    context_mode: str = "cached"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, kv_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(kv_dim, dim)
+        self.to_v = nn.Linear(kv_dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)  # across heads, as Wan's "rms_norm_across_heads"
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.attn1 = _Attention(dim, dim, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.attn2 = _Attention(dim, dim, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+
+class TinyDiT(WanStyleBackbone):
+    """Wan-style DiT sized for CPU training. See :class:`TinyDiTConfig` and :class:`WanStyleBackbone`."""
+
+    def __init__(self, config: TinyDiTConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config or TinyDiTConfig()
+        if overrides:
+            cfg = TinyDiTConfig(**{**cfg.to_dict(), **overrides})
+        if cfg.inner_dim % cfg.num_heads:
+            raise ValueError(f"inner_dim {cfg.inner_dim} must be divisible by num_heads {cfg.num_heads}")
+        self.config = cfg
+        self.context_mode = check_context_mode(cfg.context_mode)
+        self.inner_dim, self.num_heads = cfg.inner_dim, cfg.num_heads
+        self.latent_channels, self.patch_size = cfg.latent_channels, tuple(cfg.patch_size)
+        self.rope_theta, self.freq_dim = cfg.rope_theta, cfg.freq_dim
+        dim = cfg.inner_dim
+
+        self.patch_embedding = nn.Conv3d(cfg.latent_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.time_embedder = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([_Block(dim, int(dim * cfg.mlp_ratio)) for _ in range(cfg.depth)])
+        self.norm_out = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        n_patch = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.proj_out = nn.Linear(dim, cfg.latent_channels * n_patch)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        # Zero-initialised timestep modulation and output: training starts from a model that
+        # predicts zero velocity and whose blocks see plain layer norms (adaLN-Zero style).
+        nn.init.zeros_(self.time_proj.weight)
+        nn.init.zeros_(self.time_proj.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def embed_time(self, t: Tensor):
+        temb = self.time_embedder(sinusoidal_embedding(t * 1000.0, self.freq_dim))
+        mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, -1))
+        return temb, mod
+
+    def embed_text(self, text: Tensor) -> Tensor:
+        return self.text_embedder(text)

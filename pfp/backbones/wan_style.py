@@ -1,0 +1,320 @@
+"""The forward pass shared by every Wan-style backbone (TinyDiT and the diffusers Wan adapter).
+
+A Wan-style backbone owns modules with Wan's names, so one forward serves both:
+
+- ``patch_embedding``: ``Conv3d(C_latent, inner, kernel=stride=patch_size)``, shared with the
+  compressor's low-res branch;
+- ``blocks[i]`` with ``norm1``, ``attn1`` (``to_q``, ``to_k``, ``to_v``, ``norm_q``, ``norm_k``,
+  ``to_out[0]``), ``norm2``, ``attn2`` (text cross-attention, same names), ``norm3``, ``ffn`` and a
+  ``scale_shift_table`` ``[1, 6, inner]`` added to the timestep modulation (adaLN);
+- ``norm_out``, ``proj_out`` and a head ``scale_shift_table`` ``[1, 2, inner]``;
+- :meth:`embed_time` and :meth:`embed_text`.
+
+Token streams. The compressed context (``Context.tokens`` ``[Bc, Nc, inner]``, already in the inner
+width) and the patchified target latents run as two streams through the same blocks:
+
+- context tokens are clean, so their modulation is the timestep-0 one;
+- they never read the text (the history is not the current prompt), so their K/V are the same for
+  both classifier-free-guidance branches;
+- ``context_mode="joint"`` (the paper): both streams go through every block, and the self-attention
+  of each stream is over ``[context ; target]``, recomputed at every denoising step;
+- ``context_mode="cached"``: the context stream attends only to itself (block-causal), so its
+  per-layer K/V (:class:`ContextKV`, from :meth:`WanStyleBackbone.cache_context`) are computed once
+  per chunk and reused by every step and both CFG branches; a batch-1 context serves any batch via
+  ``pfp_kernels.joint_attention``'s broadcast, without a copy. A step then costs the target
+  tokens' linears plus their attention over ``Nc + Nt`` keys.
+
+Self-attention goes through :func:`pfp_kernels.joint_attention`, which attends over
+``cat(context, target)`` keys without materialising the concatenation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import pfp_kernels
+
+from .rope import apply_rope, grid_positions, rope_cos_sin
+
+CONTEXT_MODES = ("joint", "cached")
+
+
+@dataclass
+class ContextKV:
+    """Per-layer keys/values of a context for ``context_mode="cached"``.
+
+    keys[i], values[i]: ``[Bc, Nc, heads, head_dim]`` for block i (keys already rotated by RoPE).
+    ``Bc`` is 1 (one history shared by the whole batch) or the batch size.
+    """
+
+    keys: list
+    values: list
+    positions: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+
+def check_context_mode(mode: str) -> str:
+    if mode not in CONTEXT_MODES:
+        raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {mode!r}")
+    return mode
+
+
+def context_parts(context) -> Optional[tuple[Tensor, Tensor]]:
+    """(tokens [Bc, Nc, C], positions [Nc, 3]) of a Context, or None when it holds no token."""
+    if context is None:
+        return None
+    tokens, positions = context.tokens, context.positions
+    lengths = getattr(context, "lengths", None)
+    if lengths is not None and tokens.shape[1] > 0:
+        lengths = torch.as_tensor(lengths)
+        if bool((lengths != tokens.shape[1]).any()):
+            raise ValueError(
+                "contexts of different lengths in one batch are not supported by the backbone "
+                f"(lengths {lengths.tolist()}, padded to {tokens.shape[1]}); batch histories of equal length")
+    if tokens.shape[1] == 0:
+        return None
+    if positions.shape != (tokens.shape[1], 3):
+        raise ValueError(f"Context.positions must be [{tokens.shape[1]}, 3], got {tuple(positions.shape)}")
+    return tokens, positions
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """``[..., dim]`` cos/sin embedding of t (flip_sin_to_cos, no shift: Wan's convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class WanStyleBackbone(nn.Module):
+    """Base class: a forward over noisy target latents, per-token timesteps, text and a Context.
+
+    Subclasses set ``patch_embedding``, ``blocks``, ``norm_out``, ``proj_out``, ``scale_shift_table``,
+    and the attributes ``num_heads``, ``patch_size``, ``latent_channels``, ``inner_dim``,
+    ``rope_theta``, ``context_mode``; and implement :meth:`embed_time` and :meth:`embed_text`.
+    """
+
+    gradient_checkpointing: bool = False
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def embed_time(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t in [0, 1], any shape S -> (temb ``[*S, inner]``, modulation ``[*S, 6, inner]``)."""
+        raise NotImplementedError
+
+    def embed_text(self, text: Tensor) -> Tensor:
+        """``[B, L, text_dim]`` -> ``[B, L, inner]``."""
+        raise NotImplementedError
+
+    # ---- the interface the compressor and the sampler use ------------------------------------
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The patch embedding, shared with the compressor's low-res branch."""
+        return self.patch_embedding
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_dim // self.num_heads
+
+    def token_grid(self, t: int, h: int, w: int) -> tuple[int, int, int]:
+        """Token grid of a latent ``[*, *, t, h, w]``; raises if it does not divide the patch."""
+        pt, ph, pw = self.patch_size
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent size (t={t}, h={h}, w={w}) must be a multiple of the patch size {self.patch_size}")
+        return t // pt, h // ph, w // pw
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _qkv(self, attn, x: Tensor, cos: Tensor, sin: Tensor):
+        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = attn.norm_k(attn.to_k(x)).unflatten(-1, (self.num_heads, -1))
+        v = attn.to_v(x).unflatten(-1, (self.num_heads, -1))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _cross_attention(self, attn, x: Tensor, text: Tensor, text_mask: Optional[Tensor]) -> Tensor:
+        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = attn.norm_k(attn.to_k(text)).unflatten(-1, (self.num_heads, -1))
+        v = attn.to_v(text).unflatten(-1, (self.num_heads, -1))
+        if q.shape[0] != k.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        if text_mask is None:
+            o = pfp_kernels.joint_attention(q, k, v)
+        else:
+            mask = text_mask.bool()[:, None, None, :]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask).transpose(1, 2)
+        return attn.to_out[0](o.flatten(2))
+
+    @staticmethod
+    def _mods(blk, mod: Tensor):
+        # mod: [B, N or 1, 6, C] -> six [B, N or 1, C] tensors, fp32 (Wan keeps modulation in fp32)
+        e = blk.scale_shift_table.float().unsqueeze(0) + mod.float()
+        return e.unbind(2)
+
+    def _block(self, blk, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
+               rope_c, rope_t, kv: Optional[tuple[Tensor, Tensor]], joint: bool, need_context_out: bool):
+        """One block over the context stream hc and the target stream ht.
+
+        kv: precomputed (cached) context K/V of this block; then hc is None.
+        joint: targets and context attend to each other; otherwise the context attends to itself only.
+        Returns (hc', ht', (kc, vc)).
+        """
+        kc = vc = None
+        if hc is not None:
+            sh, sc, g, c_sh, c_sc, c_g = self._mods(blk, mod_c)
+            xc = (blk.norm1(hc.float()) * (1 + sc) + sh).type_as(hc)
+            qc, kc, vc = self._qkv(blk.attn1, xc, *rope_c)
+        elif kv is not None:
+            kc, vc = kv
+        if ht is not None:
+            t_sh, t_sc, t_g, t_c_sh, t_c_sc, t_c_g = self._mods(blk, mod_t)
+            xt = (blk.norm1(ht.float()) * (1 + t_sc) + t_sh).type_as(ht)
+            qt, kt, vt = self._qkv(blk.attn1, xt, *rope_t)
+            if kc is not None and kc.dtype != qt.dtype:
+                kc, vc = kc.to(qt.dtype), vc.to(qt.dtype)
+            ot = pfp_kernels.joint_attention(qt, kt, vt, context_k=kc, context_v=vc)
+            ht = (ht.float() + blk.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
+            xt = blk.norm2(ht.float()).type_as(ht)
+            ht = ht + self._cross_attention(blk.attn2, xt, text, text_mask)
+            xt = (blk.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
+            ht = (ht.float() + blk.ffn(xt).float() * t_c_g).type_as(ht)
+        if hc is not None and need_context_out:
+            if joint:
+                oc = pfp_kernels.joint_attention(qc, kt, vt, context_k=kc, context_v=vc)
+            else:
+                oc = pfp_kernels.joint_attention(qc, kc, vc)
+            hc = (hc.float() + blk.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
+            xc = (blk.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
+            hc = (hc.float() + blk.ffn(xc).float() * c_g).type_as(hc)
+        return hc, ht, (kc, vc)
+
+    def _call_block(self, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._block, *args, use_reentrant=False, **kwargs)
+        return self._block(*args, **kwargs)
+
+    def _context_modulation(self, like: Tensor) -> Tensor:
+        t0 = torch.zeros(1, 1, device=like.device)
+        return self.embed_time(t0)[1]  # [1, 1, 6, C]
+
+    def _target_timesteps(self, timesteps: Tensor, batch: int, grid: tuple[int, int, int]) -> Tensor:
+        """[B], [B, T'] (per token frame) or [B, Nt] -> [B, 1] or [B, Nt]."""
+        nt = grid[0] * grid[1] * grid[2]
+        ts = torch.as_tensor(timesteps, dtype=torch.float32)
+        if ts.ndim == 0:
+            ts = ts.expand(batch)
+        if ts.ndim == 1:
+            if ts.shape[0] not in (1, batch):
+                raise ValueError(f"timesteps [B] must have B={batch} entries, got {ts.shape[0]}")
+            return ts.expand(batch)[:, None]
+        if ts.ndim == 2 and ts.shape[1] == grid[0]:
+            return ts.expand(batch, -1).repeat_interleave(grid[1] * grid[2], dim=1)
+        if ts.ndim == 2 and ts.shape[1] == nt:
+            return ts.expand(batch, -1)
+        raise ValueError(f"timesteps must be [B], [B, T'={grid[0]}] or [B, Nt={nt}], got {tuple(ts.shape)}")
+
+    # ---- public forward ----------------------------------------------------------------------
+    @torch.no_grad()
+    def cache_context(self, context) -> Optional[ContextKV]:
+        """Per-layer K/V of a clean context attending only to itself (``context_mode="cached"``).
+
+        Computed once per chunk; pass the result as ``context`` to :meth:`forward` at every step.
+        Returns None for an empty context.
+        """
+        parts = context_parts(context)
+        if parts is None:
+            return None
+        hc, pos_c = parts
+        rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
+        mod_c = self._context_modulation(hc)
+        keys, values = [], []
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            hc, _, (kc, vc) = self._block(blk, hc, None, mod_c, None, None, None, rope_c, None, None,
+                                          joint=False, need_context_out=i < n - 1)
+            keys.append(kc)
+            values.append(vc)
+        return ContextKV(keys, values, pos_c)
+
+    def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
+                positions: Optional[Tensor] = None, t_start: float = 0.0,
+                text_mask: Optional[Tensor] = None) -> Tensor:
+        """Velocity for noisy target latents.
+
+        x: ``[B, C, T, H, W]`` noisy latents (flow matching: ``x_t = (1 - t) x_0 + t * noise``).
+        timesteps: t in [0, 1]: ``[B]``, ``[B, T']`` per token frame, or ``[B, Nt]`` per token.
+        text: ``[B or 1, L, text_dim]`` text-encoder states; text_mask ``[B or 1, L]`` (True = keep).
+        context: a ``pfp.Context`` (tokens ``[B or 1, Nc, inner]``, positions ``[Nc, 3]``), or in cached
+            mode the :class:`ContextKV` from :meth:`cache_context` (a Context is cached on the fly), or None.
+        positions: ``[Nt, 3]`` target token positions; default the grid starting at time ``t_start``.
+        Returns the predicted velocity ``noise - x_0``, shape of x.
+        """
+        b, _, t, h, w = x.shape
+        grid = self.token_grid(t, h, w)
+        nt = grid[0] * grid[1] * grid[2]
+        if positions is None:
+            positions = grid_positions(*grid, t_start=t_start, device=x.device)
+        elif positions.shape != (nt, 3):
+            raise ValueError(f"positions must be [{nt}, 3], got {tuple(positions.shape)}")
+        rope_t = rope_cos_sin(positions.to(x.device), self.head_dim, self.rope_theta)
+
+        ts = self._target_timesteps(timesteps.to(x.device) if torch.is_tensor(timesteps) else timesteps,
+                                    b, grid).to(x.device)
+        temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
+        ht = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        txt = self.embed_text(text)
+
+        hc, rope_c, mod_c, cached = None, None, None, None
+        if isinstance(context, ContextKV):
+            if self.context_mode != "cached":
+                raise ValueError("a ContextKV is only valid with context_mode='cached'")
+            cached = context if context.num_tokens else None
+        elif self.context_mode == "cached":
+            cached = self.cache_context(context) if torch.is_grad_enabled() is False else None
+            if torch.is_grad_enabled() and context_parts(context) is not None:
+                # training: the context stream is computed with gradients, block-causally
+                hc, pos_c = context_parts(context)
+                rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
+                mod_c = self._context_modulation(x)
+        else:
+            parts = context_parts(context)
+            if parts is not None:
+                hc, pos_c = parts
+                if hc.shape[0] not in (1, b):
+                    raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
+                hc = hc.expand(b, -1, -1)
+                rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
+                mod_c = self._context_modulation(x)
+        if cached is not None and cached.batch_size not in (1, b):
+            raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
+
+        joint = self.context_mode == "joint"
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            kv = (cached.keys[i], cached.values[i]) if cached is not None else None
+            hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, text_mask, rope_c, rope_t, kv,
+                                         joint, i < n - 1)
+
+        shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
+        out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
+        pt, ph, pw = self.patch_size
+        out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, -1, t, h, w)
+
+
+__all__ = ["ContextKV", "WanStyleBackbone", "CONTEXT_MODES", "check_context_mode", "context_parts",
+           "sinusoidal_embedding"]
