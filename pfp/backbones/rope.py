@@ -25,14 +25,14 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
-    """Rotation angles ``[N, head_dim // 2]`` (float64) for positions ``[N, 3]`` (t, h, w)."""
-    if positions.ndim != 2 or positions.shape[-1] != 3:
-        raise ValueError(f"positions must be [N, 3] (t, h, w), got {tuple(positions.shape)}")
+    """Rotation angles ``[..., N, head_dim // 2]`` (float64) for positions ``[..., N, 3]`` (t, h, w)."""
+    if positions.ndim not in (2, 3) or positions.shape[-1] != 3:
+        raise ValueError(f"positions must be [N, 3] or [B, N, 3] (t, h, w), got {tuple(positions.shape)}")
     pos = positions.to(torch.float64)
     parts = []
     for axis, dim in enumerate(rope_axis_dims(head_dim)):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
-        parts.append(pos[:, axis:axis + 1] * freqs)
+        parts.append(pos[..., axis:axis + 1] * freqs)
     return torch.cat(parts, dim=-1)
 
 
@@ -43,10 +43,11 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tu
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``[B, N, H, D]`` by per-token angles (``cos``/``sin`` ``[N, D/2]``), in fp32."""
+    """Rotate ``x`` ``[B, N, H, D]`` by per-token angles (``cos``/``sin`` ``[N, D/2]`` or
+    ``[B, N, D/2]`` for per-sample positions), in fp32."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    c = cos.unsqueeze(-2) if cos.ndim == 3 else cos[None, :, None, :]
+    s = sin.unsqueeze(-2) if sin.ndim == 3 else sin[None, :, None, :]
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
 

@@ -165,28 +165,47 @@ class WanStyleBackbone(nn.Module):
         e = blk.scale_shift_table.float().unsqueeze(0) + mod.float()
         return e.unbind(2)
 
-    def _block(self, blk, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
-               rope_c, rope_t, kv: Optional[tuple[Tensor, Tensor]], joint: bool, need_context_out: bool):
-        """One block over the context stream hc and the target stream ht.
+    @staticmethod
+    def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames) -> Tensor:
+        """Context self-attention, causal over context token frames: a token of frame j sees every
+        context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all."""
+        outs = []
+        for s, e in frames:
+            gs, ge = offset + s, offset + e
+            ck = k_all[:, :gs] if gs else None
+            cv = v_all[:, :gs] if gs else None
+            outs.append(pfp_kernels.joint_attention(qc[:, s:e], k_all[:, gs:ge], v_all[:, gs:ge],
+                                                    context_k=ck, context_v=cv))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-        kv: precomputed (cached) context K/V of this block; then hc is None.
-        joint: targets and context attend to each other; otherwise the context attends to itself only.
-        Returns (hc', ht', (kc, vc)).
+    def _block(self, blk, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
+               rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames):
+        """One block over the new context tokens hc and the target tokens ht.
+
+        prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None.
+        joint: targets and context attend to each other (all tokens); otherwise the context attends
+            to itself only, causally over token frames (``frames``: (start, end) of each frame in hc).
+        Returns (hc', ht', (K, V) of every context token of this block).
         """
-        kc = vc = None
+        k_all = v_all = None
         if hc is not None:
             sh, sc, g, c_sh, c_sc, c_g = self._mods(blk, mod_c)
             xc = (blk.norm1(hc.float()) * (1 + sc) + sh).type_as(hc)
             qc, kc, vc = self._qkv(blk.attn1, xc, *rope_c)
-        elif kv is not None:
-            kc, vc = kv
+            if prev_kv is not None:
+                k_all, v_all = torch.cat([prev_kv[0], kc], dim=1), torch.cat([prev_kv[1], vc], dim=1)
+            else:
+                k_all, v_all = kc, vc
+        elif prev_kv is not None:
+            k_all, v_all = prev_kv
         if ht is not None:
             t_sh, t_sc, t_g, t_c_sh, t_c_sc, t_c_g = self._mods(blk, mod_t)
             xt = (blk.norm1(ht.float()) * (1 + t_sc) + t_sh).type_as(ht)
             qt, kt, vt = self._qkv(blk.attn1, xt, *rope_t)
-            if kc is not None and kc.dtype != qt.dtype:
-                kc, vc = kc.to(qt.dtype), vc.to(qt.dtype)
-            ot = pfp_kernels.joint_attention(qt, kt, vt, context_k=kc, context_v=vc)
+            ck, cv = k_all, v_all
+            if ck is not None and ck.dtype != qt.dtype:
+                ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
+            ot = pfp_kernels.joint_attention(qt, kt, vt, context_k=ck, context_v=cv)
             ht = (ht.float() + blk.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = blk.norm2(ht.float()).type_as(ht)
             ht = ht + self._cross_attention(blk.attn2, xt, text, text_mask)
@@ -196,16 +215,17 @@ class WanStyleBackbone(nn.Module):
             if joint:
                 oc = pfp_kernels.joint_attention(qc, kt, vt, context_k=kc, context_v=vc)
             else:
-                oc = pfp_kernels.joint_attention(qc, kc, vc)
+                offset = 0 if prev_kv is None else prev_kv[0].shape[1]
+                oc = self._causal_context_attention(qc, k_all, v_all, offset, frames)
             hc = (hc.float() + blk.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
             xc = (blk.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
             hc = (hc.float() + blk.ffn(xc).float() * c_g).type_as(hc)
-        return hc, ht, (kc, vc)
+        return hc, ht, (k_all, v_all)
 
-    def _call_block(self, *args, **kwargs):
+    def _call_block(self, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._block, *args, use_reentrant=False, **kwargs)
-        return self._block(*args, **kwargs)
+            return checkpoint(self._block, *args, use_reentrant=False)
+        return self._block(*args)
 
     def _context_modulation(self, like: Tensor) -> Tensor:
         t0 = torch.zeros(1, 1, device=like.device)
@@ -229,26 +249,34 @@ class WanStyleBackbone(nn.Module):
 
     # ---- public forward ----------------------------------------------------------------------
     @torch.no_grad()
-    def cache_context(self, context) -> Optional[ContextKV]:
-        """Per-layer K/V of a clean context attending only to itself (``context_mode="cached"``).
+    def cache_context(self, context, cache: Optional[ContextKV] = None) -> Optional[ContextKV]:
+        """Per-layer K/V of a clean context for ``context_mode="cached"``.
 
-        Computed once per chunk; pass the result as ``context`` to :meth:`forward` at every step.
-        Returns None for an empty context.
+        Context tokens run at timestep 0 without text and attend only to context tokens of the same
+        or earlier token frames, so K/V of earlier tokens never change: pass the previous ``cache``
+        and only the new tokens of ``context`` (e.g. what ``CompressorStream.append`` returned) are
+        computed, attending to the cached ones. Returns the extended cache (None while empty).
+        Computed once per chunk, then reused by every denoising step and both CFG branches.
         """
         parts = context_parts(context)
         if parts is None:
-            return None
+            return cache
         hc, pos_c = parts
+        if cache is not None and cache.batch_size != hc.shape[0]:
+            raise ValueError(f"new context batch {hc.shape[0]} differs from the cache's {cache.batch_size}")
         rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
         mod_c = self._context_modulation(hc)
+        frames = _frame_runs(pos_c)
         keys, values = [], []
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            hc, _, (kc, vc) = self._block(blk, hc, None, mod_c, None, None, None, rope_c, None, None,
-                                          joint=False, need_context_out=i < n - 1)
-            keys.append(kc)
-            values.append(vc)
-        return ContextKV(keys, values, pos_c)
+            prev = (cache.keys[i], cache.values[i]) if cache is not None else None
+            hc, _, (k, v) = self._block(blk, hc, None, mod_c, None, None, None, rope_c, None, prev,
+                                        False, i < n - 1, frames)
+            keys.append(k)
+            values.append(v)
+        pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
+        return ContextKV(keys, values, pos_all)
 
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
@@ -259,8 +287,10 @@ class WanStyleBackbone(nn.Module):
         timesteps: t in [0, 1]: ``[B]``, ``[B, T']`` per token frame, or ``[B, Nt]`` per token.
         text: ``[B or 1, L, text_dim]`` text-encoder states; text_mask ``[B or 1, L]`` (True = keep).
         context: a ``pfp.Context`` (tokens ``[B or 1, Nc, inner]``, positions ``[Nc, 3]``), or in cached
-            mode the :class:`ContextKV` from :meth:`cache_context` (a Context is cached on the fly), or None.
-        positions: ``[Nt, 3]`` target token positions; default the grid starting at time ``t_start``.
+            mode the :class:`ContextKV` from :meth:`cache_context`, or None.
+            In cached mode a Context is run through the blocks here (with gradients when training).
+        positions: target token positions ``[Nt, 3]`` or ``[B, Nt, 3]`` (per sample); default the
+            grid starting at token time ``t_start``.
         Returns the predicted velocity ``noise - x_0``, shape of x.
         """
         b, _, t, h, w = x.shape
@@ -268,52 +298,56 @@ class WanStyleBackbone(nn.Module):
         nt = grid[0] * grid[1] * grid[2]
         if positions is None:
             positions = grid_positions(*grid, t_start=t_start, device=x.device)
-        elif positions.shape != (nt, 3):
-            raise ValueError(f"positions must be [{nt}, 3], got {tuple(positions.shape)}")
+        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
+            raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
         rope_t = rope_cos_sin(positions.to(x.device), self.head_dim, self.rope_theta)
 
-        ts = self._target_timesteps(timesteps.to(x.device) if torch.is_tensor(timesteps) else timesteps,
-                                    b, grid).to(x.device)
+        ts = self._target_timesteps(timesteps, b, grid).to(x.device)
         temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
         ht = self.patch_embedding(x).flatten(2).transpose(1, 2)
         txt = self.embed_text(text)
 
-        hc, rope_c, mod_c, cached = None, None, None, None
+        hc = rope_c = mod_c = cached = frames = None
+        joint = self.context_mode == "joint"
         if isinstance(context, ContextKV):
-            if self.context_mode != "cached":
+            if joint:
                 raise ValueError("a ContextKV is only valid with context_mode='cached'")
             cached = context if context.num_tokens else None
-        elif self.context_mode == "cached":
-            cached = self.cache_context(context) if torch.is_grad_enabled() is False else None
-            if torch.is_grad_enabled() and context_parts(context) is not None:
-                # training: the context stream is computed with gradients, block-causally
-                hc, pos_c = context_parts(context)
-                rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
-                mod_c = self._context_modulation(x)
+            if cached is not None and cached.batch_size not in (1, b):
+                raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
         else:
             parts = context_parts(context)
             if parts is not None:
                 hc, pos_c = parts
                 if hc.shape[0] not in (1, b):
                     raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
-                hc = hc.expand(b, -1, -1)
+                if joint:
+                    hc = hc.expand(b, -1, -1)
                 rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
                 mod_c = self._context_modulation(x)
-        if cached is not None and cached.batch_size not in (1, b):
-            raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
+                frames = _frame_runs(pos_c)
 
-        joint = self.context_mode == "joint"
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            kv = (cached.keys[i], cached.values[i]) if cached is not None else None
-            hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, text_mask, rope_c, rope_t, kv,
-                                         joint, i < n - 1)
+            prev = (cached.keys[i], cached.values[i]) if cached is not None else None
+            hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, text_mask, rope_c, rope_t, prev,
+                                         joint, i < n - 1, frames)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
         pt, ph, pw = self.patch_size
         out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, t, h, w)
+
+
+def _frame_runs(positions: Tensor) -> list:
+    """(start, end) of each run of context tokens sharing a token-frame time (positions ordered in t)."""
+    t = positions[:, 0]
+    if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
+        raise ValueError("context tokens must be ordered by time (Context.positions[:, 0] non-decreasing)")
+    change = torch.nonzero(t[1:] != t[:-1]).flatten().tolist()
+    bounds = [0] + [c + 1 for c in change] + [t.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 __all__ = ["ContextKV", "WanStyleBackbone", "CONTEXT_MODES", "check_context_mode", "context_parts",

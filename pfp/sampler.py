@@ -1,0 +1,99 @@
+"""Flow-matching Euler sampler with classifier-free guidance.
+
+Convention (rectified flow, as Wan): ``x_t = (1 - t) * x_0 + t * noise``, the model predicts the
+velocity ``noise - x_0``, and sampling integrates from t = 1 (noise) to t = 0 (data):
+``x_{t'} = x_t + (t' - t) * v``. The timestep grid is shifted towards the noisy end by
+``t -> shift * t / (1 + (shift - 1) * t)`` (Wan's sampling shift).
+
+With ``cfg != 1`` each step runs the conditional and the unconditional branch as one batch of 2B.
+In ``"cached"`` context mode the context K/V are computed once per chunk, before the first step,
+and serve every step and both branches (batch-1 broadcast, no copy).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+def shift_timesteps(t: Tensor, shift: float) -> Tensor:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def timestep_schedule(steps: int, shift: float = 3.0, device=None) -> Tensor:
+    """``[steps + 1]`` decreasing timesteps from 1 to 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
+
+
+def _pad_text(a: Tensor, ma: Optional[Tensor], length: int):
+    if ma is None:
+        ma = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+    if a.shape[1] == length:
+        return a, ma
+    pad = length - a.shape[1]
+    a = torch.cat([a, a.new_zeros(a.shape[0], pad, a.shape[2])], dim=1)
+    ma = torch.cat([ma, ma.new_zeros(ma.shape[0], pad)], dim=1)
+    return a, ma
+
+
+def pair_text(cond: Tensor, uncond: Tensor, cond_mask: Optional[Tensor] = None,
+              uncond_mask: Optional[Tensor] = None, batch: int = 1):
+    """Stack conditional and unconditional text states ``[B, L, D]`` into one ``[2B, L, D]`` batch."""
+    length = max(cond.shape[1], uncond.shape[1])
+    c, mc = _pad_text(cond.expand(batch, -1, -1), None if cond_mask is None else cond_mask.expand(batch, -1), length)
+    u, mu = _pad_text(uncond.expand(batch, -1, -1), None if uncond_mask is None else uncond_mask.expand(batch, -1), length)
+    mask = torch.cat([mc, mu])
+    return torch.cat([c, u]), (None if bool(mask.all()) else mask)
+
+
+@torch.no_grad()
+def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional[Tensor] = None,
+           text_mask: Optional[Tensor] = None, uncond_text_mask: Optional[Tensor] = None,
+           steps: int = 20, cfg: float = 1.0, shift: float = 3.0, seed: Optional[int] = None,
+           generator: Optional[torch.Generator] = None, t_start: float = 0.0,
+           device=None, dtype=None, on_step: Optional[Callable[[int], None]] = None) -> Tensor:
+    """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
+
+    text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
+    when ``cfg != 1``. context: a ``pfp.Context`` (batch 1 or B), or None for the first chunk.
+    t_start: token-grid time of the chunk's first frame (its RoPE position after the history).
+    The initial noise comes from ``generator`` or a CPU generator seeded with ``seed``.
+    on_step(i) is called after each step (progress bars).
+    """
+    device = torch.device(device) if device is not None else text.device
+    dtype = dtype or torch.float32
+    if cfg != 1.0 and uncond_text is None:
+        raise ValueError("cfg != 1 needs uncond_text (the empty prompt's text states)")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    x = torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    b = shape[0]
+    if backbone.context_mode == "cached":
+        ctx = backbone.cache_context(context)
+    else:
+        ctx = context
+    if cfg != 1.0:
+        txt, mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
+    else:
+        txt, mask = text.expand(b, -1, -1), (None if text_mask is None else text_mask.expand(b, -1))
+    ts = timestep_schedule(steps, shift, device=device)
+    for i in range(steps):
+        t = ts[i]
+        if cfg != 1.0:
+            v = backbone(torch.cat([x, x]), t.expand(2 * b), txt, ctx, t_start=t_start, text_mask=mask)
+            v_cond, v_uncond = v.float().chunk(2)
+            v = v_uncond + cfg * (v_cond - v_uncond)
+        else:
+            v = backbone(x, t.expand(b), txt, ctx, t_start=t_start, text_mask=mask).float()
+        x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+__all__ = ["sample", "timestep_schedule", "shift_timesteps", "pair_text"]
