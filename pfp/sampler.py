@@ -60,7 +60,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
 
     text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
-    when ``cfg != 1``. context: a ``pfp.Context`` (batch 1 or B), or None for the first chunk.
+    when ``cfg != 1``. context: a ``pfp.Context`` (batch 1 or B), in cached mode also a ``ContextKV``
+    (then nothing is recomputed here), or None for the first chunk.
     t_start: token-grid time of the chunk's first frame (its RoPE position after the history).
     The initial noise comes from ``generator`` or a CPU generator seeded with ``seed``.
     on_step(i) is called after each step (progress bars).
@@ -73,7 +74,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     x = torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     b = shape[0]
-    if backbone.context_mode == "cached":
+    from pfp.backbones.wan_style import ContextKV
+    if backbone.context_mode == "cached" and not isinstance(context, ContextKV):
         ctx = backbone.cache_context(context)
     else:
         ctx = context

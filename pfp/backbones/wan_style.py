@@ -168,7 +168,19 @@ class WanStyleBackbone(nn.Module):
     @staticmethod
     def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames) -> Tensor:
         """Context self-attention, causal over context token frames: a token of frame j sees every
-        context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all."""
+        context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all.
+
+        New tokens after a cache (generation) go frame by frame through joint_attention (cached K/V
+        as its context segment); a whole context at once uses one SDPA call with a block-causal mask.
+        """
+        if offset == 0 and len(frames) > 1:
+            # the whole context at once (training, first chunk): one masked SDPA call
+            frame_of = torch.zeros(qc.shape[1], dtype=torch.long, device=qc.device)
+            for i, (s, e) in enumerate(frames):
+                frame_of[s:e] = i
+            mask = frame_of[None, :] <= frame_of[:, None]  # [query, key]
+            return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                                  attn_mask=mask).transpose(1, 2)
         outs = []
         for s, e in frames:
             gs, ge = offset + s, offset + e

@@ -1,0 +1,409 @@
+"""Autoregressive multi-shot video generation: ``python -m pfp.generate``.
+
+Chunk by chunk (design.md, "Data flow"):
+
+1. the sampler denoises the next chunk's latents, conditioned on the prompt active at the chunk's
+   start (the storyboard's latest shot whose start <= t) and on the compressed history;
+2. the chunk is decoded by the VAE;
+3. the chunk joins the history: its latents feed the high-res branch, and its frames, taken at
+   low resolution and low fps and re-encoded by the VAE, feed the low-res branch, exactly as in
+   training (:func:`pfp.data.to_low_res`);
+4. ``CompressorStream.append`` compresses only that chunk; in ``"cached"`` context mode the
+   backbone then computes the per-layer K/V of only the new context tokens.
+
+Nothing earlier is recomputed. With no arguments the built-in tiny model generates the built-in
+storyboard on the CPU. Bad input exits with status 2 and one line on stderr; the mp4 is written to
+a temporary file and renamed, so a failed run leaves no partial video.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+BUILTIN_STORYBOARD = [
+    {"start": 0.0, "end": 1.5, "prompt": "a red circle and a yellow square on a blue background"},
+    {"start": 1.5, "end": 3.0, "prompt": "a white triangle on a green and black striped background"},
+    {"start": 3.0, "end": 4.0, "prompt": "a red circle and a yellow square on a blue background"},
+]
+
+
+class InputError(ValueError):
+    """Bad user input: reported as one line, exit status 2."""
+
+
+@dataclass
+class GenerationResult:
+    video: torch.Tensor                       # [3, T, H, W] float in [-1, 1]
+    latents: torch.Tensor                     # [1, C, T', h, w] every generated chunk
+    lr_latents: torch.Tensor                  # [1, C, T_lr, h', w'] what the low-res branch was fed
+    context: object                           # the stream's final Context
+    prompts: list
+    timings: list = field(default_factory=list)   # per chunk: compress / denoise / decode seconds
+    context_cache: object = None              # final ContextKV (cached mode)
+
+
+def chunk_plan(config, seconds: float) -> int:
+    """Number of chunks for ``seconds`` of video; InputError saying what to use if not whole."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"--seconds must be a positive number, got {seconds}")
+    frames = seconds * config.fps
+    per = config.chunk_frames
+    n = frames / per
+    if abs(n - round(n)) > 1e-6 or round(n) < 1:
+        lo = max(1, math.floor(n + 1e-6)) * per / config.fps
+        hi = max(1, math.ceil(n - 1e-6)) * per / config.fps
+        choices = f"{lo:g}" if lo == hi else f"{lo:g} or {hi:g}"
+        raise InputError(f"--seconds {seconds:g} gives {frames:g} frames at {config.fps:g} fps, but this model generates "
+                         f"chunks of {per} frames ({per / config.fps:g} s); use --seconds {choices}")
+    return int(round(n))
+
+
+@torch.no_grad()
+def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
+             shift: Optional[float] = None, device="cpu", size: Optional[tuple] = None,
+             progress: bool = True) -> GenerationResult:
+    """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`."""
+    from tqdm import tqdm
+
+    from pfp.backbones import ContextKV  # noqa: F401
+    from pfp.data import to_low_res
+    from pfp.sampler import sample
+
+    config = model.config
+    device = torch.device(device)
+    model = model.to(device).eval()
+    backbone, compressor, vae = model.backbone, model.compressor, model.vae
+    n_chunks = chunk_plan(config, seconds)
+    h, w = size or tuple(config.video_size)
+    s = getattr(vae, "spatial_factor", config.vae_spatial)
+    lat_shape = (1, backbone.latent_channels, config.chunk_frames // config.vae_temporal, h // s, w // s)
+    chunk_spec = config.video_spec(config.chunk_frames)
+    if (h, w) != tuple(config.video_size):
+        from pfp.data import VideoSpec
+        r = compressor.rate
+        chunk_spec = VideoSpec(hr_size=(h, w), hr_fps=config.fps, hr_frames=config.chunk_frames,
+                               lr_size=(h // r.h, w // r.w), lr_fps=config.fps / r.t)
+    shift = config.sample_shift if shift is None else shift
+    generator = torch.Generator().manual_seed(int(seed))
+    stream = compressor.stream(1)
+    cache = None
+    text_cache: dict = {}
+
+    def encode(prompt):
+        if prompt not in text_cache:
+            text_cache[prompt] = model.encode_text([prompt])
+        return text_cache[prompt]
+
+    uncond, uncond_mask = encode("")
+    chunk_seconds = config.chunk_frames / config.fps
+    prompts, timings, videos, latents, lr_latents = [], [], [], [], []
+    bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for k in range(n_chunks):
+            prompt = storyboard.prompt_at(k * chunk_seconds)
+            prompts.append(prompt)
+            bar.set_description(f"chunk {k + 1}/{n_chunks}")
+            text, text_mask = encode(prompt)
+            context = cache if backbone.context_mode == "cached" else stream.context
+            t0 = time.perf_counter()
+            x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
+                       uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, generator=generator,
+                       t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
+            t1 = time.perf_counter()
+            frames = vae.decode(x).clamp(-1, 1)                               # [1, 3, F, H, W]
+            t2 = time.perf_counter()
+            lr = vae.encode(to_low_res(frames, chunk_spec))                  # low res, low fps, re-encoded
+            new = stream.append(x, lr)                                       # compresses only this chunk
+            if backbone.context_mode == "cached":
+                cache = backbone.cache_context(new, cache)                   # K/V of the new tokens only
+            t3 = time.perf_counter()
+            timings.append({"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
+                            "context_tokens": stream.num_tokens})
+            videos.append(frames[0].float().cpu())
+            latents.append(x.cpu())
+            lr_latents.append(lr.cpu())
+    finally:
+        bar.close()
+    return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), torch.cat(lr_latents, dim=2),
+                            stream.context, prompts, timings, cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+def _to_uint8(video: torch.Tensor, upscale: int) -> torch.Tensor:
+    """[3, T, H, W] in [-1, 1] -> [T, H*u, W*u, 3] uint8."""
+    v = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+    if upscale > 1:
+        v = v.repeat_interleave(upscale, dim=1).repeat_interleave(upscale, dim=2)
+    return v.contiguous()
+
+
+def write_mp4(video: torch.Tensor, path: str, fps: float, upscale: int = 1) -> None:
+    """Write ``[3, T, H, W]`` frames in [-1, 1] as H.264 mp4 (PyAV); atomically (temp file + rename)."""
+    try:
+        import av
+    except ImportError:
+        raise RuntimeError("writing mp4 needs PyAV: pip install av") from None
+    from fractions import Fraction
+    frames = _to_uint8(video, upscale).numpy()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=directory)
+    os.close(fd)
+    try:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "12", "preset": "veryfast"}
+            for f in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, upscale: int = 1,
+                        labels: Optional[list] = None) -> None:
+    """A PNG grid of every frame: one row per ``frames_per_row`` frames (one chunk per row)."""
+    from PIL import Image
+    v = _to_uint8(video, upscale)
+    t, h, w, _ = v.shape
+    rows = math.ceil(t / frames_per_row)
+    gap = 2
+    sheet = torch.full((rows * (h + gap) - gap, frames_per_row * (w + gap) - gap, 3), 255, dtype=torch.uint8)
+    for i in range(t):
+        r, c = divmod(i, frames_per_row)
+        sheet[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = v[i]
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        Image.fromarray(sheet.numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m pfp.generate", description=(
+        "Generate a multi-shot video chunk by chunk from a storyboard. With no arguments the built-in "
+        "tiny model renders the built-in storyboard on the CPU."))
+    p.add_argument("--storyboard", help="JSON file: a list of {start, end, prompt} in seconds")
+    p.add_argument("--prompt", help="one prompt for the whole video (instead of --storyboard)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="length (default: the storyboard's end, or 2 s with --prompt)")
+    p.add_argument("--out", default="pfp_video.mp4", help="output mp4 (default %(default)s)")
+    p.add_argument("--contact-sheet", default=None, help="also write a PNG of every frame (one row per chunk)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per chunk (1-1000, default %(default)s)")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off; 0-50)")
+    p.add_argument("--shift", type=float, default=None, help="sampling timestep shift (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export, or a "
+                   "training checkpoint directory); default: the built-in model")
+    p.add_argument("--context-mode", choices=["joint", "cached"], default=None,
+                   help="must match the checkpoint's (it is recorded there)")
+    p.add_argument("--size", default=None, help="HxW in pixels (default: the model's training size)")
+    p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour upscale of the written video "
+                   "(default: to at least 128 px)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--timings", default=None, help="write per-chunk compress/denoise/decode seconds (CSV)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_args(ns, config) -> None:
+    if ns.storyboard and ns.prompt:
+        raise InputError("give --storyboard or --prompt, not both")
+    if not 1 <= ns.steps <= 1000:
+        raise InputError(f"--steps must be in 1..1000, got {ns.steps}")
+    if not (math.isfinite(ns.cfg) and 0 <= ns.cfg <= 50):
+        raise InputError(f"--cfg must be in [0, 50], got {ns.cfg}")
+    if ns.shift is not None and not (math.isfinite(ns.shift) and 0 < ns.shift <= 100):
+        raise InputError(f"--shift must be in (0, 100], got {ns.shift}")
+    if ns.seed < 0 or ns.seed >= 2 ** 63:
+        raise InputError(f"--seed must be in 0..2^63-1, got {ns.seed}")
+    if ns.upscale is not None and not 1 <= ns.upscale <= 32:
+        raise InputError(f"--upscale must be in 1..32, got {ns.upscale}")
+    if ns.threads is not None and ns.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {ns.threads}")
+    if not ns.out.lower().endswith(".mp4"):
+        raise InputError(f"--out must name an .mp4 file, got {ns.out!r}")
+    out_dir = os.path.dirname(os.path.abspath(ns.out))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"--out: directory {out_dir} does not exist")
+    if ns.contact_sheet is not None:
+        if not ns.contact_sheet.lower().endswith(".png"):
+            raise InputError(f"--contact-sheet must name a .png file, got {ns.contact_sheet!r}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(ns.contact_sheet))):
+            raise InputError(f"--contact-sheet: directory {os.path.dirname(os.path.abspath(ns.contact_sheet))} "
+                             f"does not exist")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    return dev
+
+
+def _parse_size(text: str, config) -> tuple:
+    import re
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise InputError(f"--size must be HxW in pixels, e.g. 32x32, got {text!r}")
+    h, w = int(m.group(1)), int(m.group(2))
+    from pfp.rates import parse_rate
+    r = parse_rate(config.rate)
+    mh, mw = 2 * r.h * config.vae_spatial, 2 * r.w * config.vae_spatial
+    if h < mh or w < mw or h % mh or w % mw:
+        def near(v, m):
+            lo, hi = max(m, v // m * m), max(m, -(-v // m) * m)
+            return f"{lo}" if lo == hi else f"{lo} or {hi}"
+        raise InputError(f"--size {h}x{w} does not fit compression rate {config.rate} with this model's "
+                         f"{config.vae_spatial}x VAE and 2x2 patches: height must be a multiple of {mh} "
+                         f"(use {near(h, mh)}) and width of {mw} (use {near(w, mw)})")
+    return h, w
+
+
+def _load_model(ns):
+    from pfp.weights import DEFAULT_WEIGHTS, PFPConfig, build_model, load_state_checked, load_weights, read_weights
+    path = ns.checkpoint
+    if path is None:
+        if not os.path.isfile(DEFAULT_WEIGHTS):
+            raise InputError(f"the built-in weights {DEFAULT_WEIGHTS} are missing; reinstall pfp or pass --checkpoint")
+        path = DEFAULT_WEIGHTS
+    if not os.path.exists(path):
+        raise InputError(f"--checkpoint {path} does not exist")
+    if os.path.isdir(path):  # a training checkpoint directory
+        import json
+        from safetensors.torch import load_file
+        state_path = os.path.join(path, "state.json")
+        if not os.path.isfile(state_path):
+            raise InputError(f"--checkpoint {path} is a directory without state.json (not a pfp.train checkpoint)")
+        with open(state_path) as f:
+            st = json.load(f)
+        if st.get("lora"):
+            raise InputError(f"--checkpoint {path} holds LoRA adapters; export merged weights with "
+                             f"`python -m pfp.train ... --export FILE.safetensors` and pass that file")
+        config = PFPConfig.from_dict(st["config"])
+        if ns.context_mode and ns.context_mode != config.context_mode:
+            raise InputError(f"--context-mode {ns.context_mode} does not match the checkpoint's "
+                             f"{config.context_mode!r} (each mode needs its own training)")
+        model = build_model(config)
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        try:
+            load_state_checked(model, tensors, path)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return model.eval()
+    try:
+        _, file_cfg = read_weights(path)
+        if file_cfg is None:
+            # weights without a config: assume the built-in config; mismatches are named below
+            file_cfg = PFPConfig.load(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), "default.json")) \
+                if os.path.isfile(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), "default.json")) else PFPConfig()
+        return load_weights(path, config=file_cfg, context_mode=ns.context_mode)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def main(argv=None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.threads:
+            torch.set_num_threads(ns.threads)
+        if ns.out and not ns.out.lower().endswith(".mp4"):
+            raise InputError(f"--out must name an .mp4 file, got {ns.out!r}")
+        device = _device(ns.device)
+        from pfp.text import Storyboard, StoryboardError
+        if ns.storyboard and ns.prompt:
+            raise InputError("give --storyboard or --prompt, not both")
+        if ns.storyboard is not None:
+            if not os.path.isfile(ns.storyboard):
+                raise InputError(f"--storyboard {ns.storyboard}: no such file")
+            try:
+                storyboard = Storyboard.load(ns.storyboard)
+            except StoryboardError as e:
+                raise InputError(str(e)) from None
+        elif ns.prompt is not None:
+            if not ns.prompt.strip():
+                raise InputError("--prompt is empty")
+            storyboard = Storyboard.single(ns.prompt, ns.seconds if ns.seconds and ns.seconds > 0 else 2.0)
+        else:
+            storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
+        model = _load_model(ns)
+        config = model.config
+        _check_args(ns, config)
+        size = _parse_size(ns.size, config) if ns.size else tuple(config.video_size)
+        seconds = ns.seconds if ns.seconds is not None else (
+            storyboard.duration if ns.prompt is None else 2.0)
+        chunk_plan(config, seconds)
+        upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
+        t0 = time.perf_counter()
+        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, shift=ns.shift,
+                          device=device, size=size, progress=not ns.quiet)
+        write_mp4(result.video, ns.out, config.fps, upscale)
+        if ns.contact_sheet:
+            write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale)
+        total = time.perf_counter() - t0
+        if ns.timings:
+            import csv
+            with open(ns.timings, "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=list(result.timings[0]))
+                wr.writeheader()
+                wr.writerows(result.timings)
+        den = sum(t["denoise_s"] for t in result.timings)
+        dec = sum(t["decode_s"] for t in result.timings)
+        com = sum(t["compress_s"] for t in result.timings)
+        print(f"wrote {ns.out}: {result.video.shape[1]} frames, {size[0]}x{size[1]} (x{upscale}) at "
+              f"{config.fps:g} fps, {len(result.timings)} chunks in {total:.1f} s "
+              f"(denoise {den:.1f} s, decode {dec:.2f} s, compress {com:.2f} s)")
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, ValueError) as e:
+        if os.environ.get("PFP_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``python -m pfp.train pretrain|finetune [options]``; ``--help`` lists them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .loop import MODES, TrainArgs
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainArgs()
+    p = argparse.ArgumentParser(prog="python -m pfp.train", description=(
+        "pretrain: frame retrieval (random frame set, noise-as-mask, flow matching on the retrieved frames); "
+        "finetune: next-chunk generation from the compressed history with LoRA on the backbone."))
+    p.add_argument("mode", choices=MODES)
+    p.add_argument("--out", default=d.out, help="run directory: checkpoint/, loss.csv (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"])
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank on the backbone; 0 = train it fully (default: 0 pretrain, 128 finetune)")
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--freeze-compressor", action="store_true", help="finetune: keep the compressor fixed")
+    p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
+    p.add_argument("--config", default=None, help="model config JSON (default: the built-in tiny config)")
+    p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
+    p.add_argument("--data", default=d.data, help="'synthetic' or a folder of videos with JSON storyboards")
+    p.add_argument("--clip-seconds", type=float, default=d.clip_seconds)
+    p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic videos to draw from")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the backbone with FSDP2")
+    p.add_argument("--export", default=None, help="write merged weights (.safetensors) here at the end")
+    p.add_argument("--export-dtype", default=d.export_dtype, choices=["fp32", "bf16"])
+    p.add_argument("--max-retrieve", type=int, default=d.max_retrieve, help="pretrain: max frames in Omega")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="prompt dropout for CFG")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much wall time (checkpoint and export as at the last step)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    ns = _parser().parse_args(argv)
+    for name, lo in (("steps", 1), ("batch_size", 1), ("save_every", 1), ("log_every", 1)):
+        if getattr(ns, name) < lo:
+            print(f"error: --{name.replace('_', '-')} must be >= {lo}, got {getattr(ns, name)}", file=sys.stderr)
+            return 2
+    if ns.lr <= 0:
+        print(f"error: --lr must be > 0, got {ns.lr}", file=sys.stderr)
+        return 2
+    kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(ns, f.name)}
+    kwargs["progress"] = not ns.no_progress
+    args = TrainArgs(**kwargs)
+    from .loop import train
+    try:
+        summary = train(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        if os.environ.get("PFP_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if summary["rank"] == 0:
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['samples_per_s']:.2f} samples/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The training loop behind ``python -m pfp.train pretrain|finetune``.
+
+- ``pretrain``: frame retrieval; trains the compressor and, for the built-in tiny model (which has
+  no pretrained base), the whole backbone and text encoder. ``--lora-rank R`` trains LoRA adapters
+  on the backbone instead (what a real base model wants).
+- ``finetune``: next-chunk generation from the compressed history; LoRA on the backbone (rank
+  ``--lora-rank``, default 128 for real models; 0 trains the backbone fully), compressor trainable
+  unless ``--freeze-compressor``; the text encoder stays frozen. The shared patch embedding belongs to
+  the backbone: it trains only when the backbone trains fully.
+
+Common: bf16 autocast on CUDA (``--precision``), gradient checkpointing (``--grad-checkpointing``),
+safetensors checkpoints with exact resume (``--resume``), a tqdm bar with loss and samples/s, a
+``loss.csv`` log, and multi-process data parallelism under ``torchrun`` (DDP; ``--fsdp`` shards the
+backbone's blocks with FSDP2's ``fully_shard``). On CPU the processes talk through gloo.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .objectives import ObjectiveConfig, finetune_loss, pretrain_loss
+
+MODES = ("pretrain", "finetune")
+
+
+@dataclass
+class TrainArgs:
+    mode: str = "pretrain"
+    out: str = "runs/pfp"
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    lora_rank: Optional[int] = None      # None: 0 for pretrain, 128 for finetune
+    lora_alpha: Optional[float] = None   # default: the rank
+    freeze_compressor: bool = False
+    init: Optional[str] = None           # weights to start from (save_weights file or a checkpoint dir)
+    config: Optional[str] = None         # PFPConfig JSON (default: the built-in tiny config)
+    context_mode: Optional[str] = None   # override the config's
+    data: str = "synthetic"              # "synthetic" or a folder of videos with JSON storyboards
+    clip_seconds: float = 4.0
+    num_videos: int = 100000
+    save_every: int = 200
+    log_every: int = 10
+    resume: bool = False
+    fsdp: bool = False
+    export: Optional[str] = None         # write merged weights (save_weights format) here at the end
+    export_dtype: str = "fp32"
+    max_retrieve: int = 4
+    p_uncond: float = 0.1
+    threads: Optional[int] = None
+    workers: int = 1                     # data processes (0: render clips in the training process)
+    max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed
+# ------------------------------------------------------------------------------------------------
+def _dist_setup(device: torch.device) -> tuple[int, int]:
+    import torch.distributed as dist
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
+def step_generator(seed: int, step: int, rank: int, stream: str = "loss") -> torch.Generator:
+    """The randomness of a training step: ``stream="data"`` picks the clips, ``"loss"`` draws
+    Omega, mask levels, noise and timesteps. A pure function of its arguments."""
+    h = hashlib.blake2b(f"pfp.train:{seed}:{step}:{rank}:{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# model set-up
+# ------------------------------------------------------------------------------------------------
+class _LossModule(nn.Module):
+    """Wraps the model so that DDP sees one forward per step (it syncs gradients in backward)."""
+
+    def __init__(self, model: PFPModel, mode: str, objective: ObjectiveConfig, chunk_latent: int,
+                 device, autocast_dtype):
+        super().__init__()
+        self.model, self.mode, self.objective = model, mode, objective
+        self.chunk_latent, self.device, self.autocast_dtype = chunk_latent, device, autocast_dtype
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+               else _nullcontext())
+        with ctx:
+            if self.mode == "pretrain":
+                return pretrain_loss(self.model, self.model.backbone, batch, generator, self.objective, self.device)
+            return finetune_loss(self.model, self.model.backbone, batch, generator, self.objective,
+                                 self.chunk_latent, self.device)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def lora_target_modules(backbone: nn.Module) -> list:
+    names = getattr(backbone, "lora_target_modules", None)
+    if names:
+        return list(names)
+    return ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.0", "ffn.2"]
+
+
+def apply_lora(model: PFPModel, rank: int, alpha: Optional[float] = None) -> None:
+    """Wrap the backbone's attention and MLP linears with LoRA adapters (peft); only they train."""
+    from peft import LoraConfig, get_peft_model
+    backbone = model.backbone
+    cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                     target_modules=lora_target_modules(backbone), lora_dropout=0.0, init_lora_weights=True)
+    model.backbone = get_peft_model(backbone, cfg)
+
+
+def merge_lora(model: PFPModel) -> None:
+    """Fold LoRA adapters into the backbone's weights (for export)."""
+    if hasattr(model.backbone, "merge_and_unload"):
+        model.backbone = model.backbone.merge_and_unload()
+
+
+def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.mode == "pretrain":
+        for p in model.text_encoder.parameters():
+            p.requires_grad_(not lora)
+    if lora:
+        for n, p in model.backbone.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    else:
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+    if not (args.mode == "finetune" and args.freeze_compressor):
+        for n, p in model.compressor.named_parameters():
+            if not n.startswith("patch_embed."):
+                p.requires_grad_(True)
+
+
+def _plain_backbone(backbone):
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+def _dataset(args: TrainArgs, config: PFPConfig):
+    frames = int(round(args.clip_seconds * config.fps))
+    lc = config.chunk_frames
+    frames = max(lc, frames // lc * lc)  # whole chunks
+    spec = config.video_spec(frames)
+    if args.data == "synthetic":
+        from pfp.data import SyntheticMultiShotVideos
+        return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed)
+    from pfp.data import VideoFolderDataset
+    return VideoFolderDataset(args.data, spec)
+
+
+def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
+    from pfp.data import collate
+    idx = torch.randint(0, len(dataset), (batch_size,), generator=generator).tolist()
+    return collate([dataset[i] for i in idx])
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """Batch of step s = a pure function of (seed, s, rank), so workers and resumes agree."""
+
+    def __init__(self, dataset, seed: int, rank: int, start: int, stop: int, batch_size: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self.start, self.stop, self.batch_size = start, stop, batch_size
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield _batch(self.dataset, step_generator(self.seed, step, self.rank, "data"), self.batch_size)
+
+
+def _batches(dataset, args: "TrainArgs", rank: int, start: int):
+    src = _StepBatches(dataset, args.seed, rank, start, args.steps, args.batch_size)
+    if args.workers <= 0:
+        return iter(src)
+    loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=1, prefetch_factor=4,
+                                         persistent_workers=False)
+    return iter(loader)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def _lr_at(step: int, args: TrainArgs) -> float:
+    if args.warmup > 0 and step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr
+
+
+def _load_init(model: PFPModel, path: str) -> None:
+    if os.path.isdir(path):
+        tensors = load_checkpoint(path, restore_rng=False)[0]
+        with open(os.path.join(path, "state.json")) as f:
+            st = json.load(f)
+        if st.get("lora"):
+            raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
+        load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
+    else:
+        tensors, _ = read_weights(path)
+        load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+
+
+def train(args: TrainArgs) -> dict:
+    """Run a training job; returns a summary (final step, last loss, samples/s)."""
+    if args.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    rank, world = _dist_setup(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.precision == "auto":
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    elif args.precision == "bf16":
+        autocast_dtype = torch.bfloat16
+    elif args.precision == "fp32":
+        autocast_dtype = None
+    else:
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
+
+    ckpt_dir = os.path.join(args.out, "checkpoint")
+    resume_state = None
+    if args.resume and os.path.isdir(ckpt_dir):
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            resume_state = json.load(f)
+        config = PFPConfig.from_dict(resume_state["config"])
+    elif args.config:
+        config = PFPConfig.load(args.config)
+    elif args.init and not os.path.isdir(args.init):
+        config = read_weights(args.init)[1] or PFPConfig()
+    else:
+        config = PFPConfig()
+    if args.context_mode and resume_state is None:
+        config.context_mode = args.context_mode
+    config.check()
+
+    torch.manual_seed(args.seed)
+    model = build_model(config)
+    if args.init and resume_state is None:
+        _load_init(model, args.init)
+    rank_lora = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
+    lora = rank_lora > 0
+    if lora:
+        apply_lora(model, rank_lora, args.lora_alpha)
+    _set_trainable(model, args, lora)
+    if args.grad_checkpointing:
+        _plain_backbone(model.backbone).set_gradient_checkpointing(True)
+    model.to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    start = 0
+    if resume_state is not None:
+        tensors, st = load_checkpoint(ckpt_dir, optimizer)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        bad = [k for k in missing if not k.startswith("compressor.patch_embed.")]
+        if bad or unexpected:
+            raise ValueError(f"checkpoint {ckpt_dir} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
+        start = st["step"]
+
+    chunk_latent = config.chunk_frames // config.vae_temporal
+    objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond)
+    loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
+    runner: nn.Module = loss_module
+    if world > 1:
+        if args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            bb = _plain_backbone(model.backbone)
+            for blk in bb.blocks:
+                fully_shard(blk)
+            fully_shard(loss_module)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            runner = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=True)
+
+    dataset = _dataset(args, config)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "loss.csv")
+    log_file = None
+    if rank == 0:
+        new = not (resume_state is not None and os.path.exists(log_path))
+        if not new:
+            _truncate_log(log_path, start)
+        log_file = open(log_path, "a", newline="")
+        writer = csv.writer(log_file)
+        if new:
+            writer.writerow(["step", "loss", "lr", "samples_per_s", "elapsed_s"])
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=start, disable=not (args.progress and rank == 0),
+               desc=args.mode, unit="step", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    t_start = time.perf_counter()
+    window_t, window_n, last_loss, sps = time.perf_counter(), 0, float("nan"), float("nan")
+    elapsed_before = (resume_state or {}).get("elapsed_s", 0.0)
+    step = start - 1
+    try:
+        batches = _batches(dataset, args, rank, start)
+        for step in range(start, args.steps):
+            gen = step_generator(args.seed, step, rank)
+            batch = next(batches)
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(step, args)
+            loss = runner(batch, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip and args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            last_loss = float(loss.detach())
+            if world > 1:
+                import torch.distributed as dist
+                lt = torch.tensor([last_loss], device=device)
+                dist.all_reduce(lt)
+                last_loss = float(lt) / world
+            window_n += args.batch_size * world
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                now = time.perf_counter()
+                sps = window_n / max(now - window_t, 1e-9)
+                window_t, window_n = now, 0
+                if log_file is not None:
+                    writer.writerow([done, f"{last_loss:.6f}", f"{_lr_at(step, args):.3g}", f"{sps:.3f}",
+                                     f"{elapsed_before + now - t_start:.1f}"])
+                    log_file.flush()
+            bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{sps:.2f}")
+            bar.update(1)
+            out_of_time = False
+            if args.max_minutes is not None:
+                flag = torch.tensor([float(time.perf_counter() - t_start > 60 * args.max_minutes)])
+                if world > 1:
+                    import torch.distributed as dist
+                    dist.all_reduce(flag)  # every rank stops at the same step
+                out_of_time = bool(flag.item() > 0)
+            if done % args.save_every == 0 or done == args.steps or out_of_time:
+                _save(model, optimizer, done, args, config, lora, ckpt_dir, rank, world,
+                      elapsed_before + time.perf_counter() - t_start)
+            if out_of_time:
+                break
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    if args.export and rank == 0:
+        export_weights(model, args.export, args, dtype=torch.bfloat16 if args.export_dtype == "bf16" else None)
+    elapsed = time.perf_counter() - t_start
+    return {"step": step + 1, "loss": last_loss, "samples_per_s": (step + 1 - start) * args.batch_size * world / max(elapsed, 1e-9),
+            "rank": rank, "world": world, "model": model}
+
+
+def _truncate_log(path: str, step: int) -> None:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
+    if world > 1 and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("compressor.patch_embed.")}
+
+
+def _save(model, optimizer, step, args, config, lora, ckpt_dir, rank, world, elapsed) -> None:
+    state = _full_state(model, world, args.fsdp)
+    state = {k: v for k, v in state.items() if not k.startswith("compressor.patch_embed.")}
+    if rank == 0:
+        save_checkpoint(ckpt_dir, state, optimizer, step,
+                        extra={"config": config.to_dict(), "args": asdict(args), "lora": lora,
+                               "elapsed_s": elapsed})
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def export_weights(model: PFPModel, path: str, args: Optional[TrainArgs] = None, dtype=None) -> None:
+    """Merge LoRA (if any) and write the model in :func:`pfp.weights.save_weights` format."""
+    merge_lora(model)
+    extra = {"trained_with": asdict(args)} if args is not None else None
+    save_weights(model, path, dtype=dtype, extra=extra)
+
+
+__all__ = ["TrainArgs", "train", "apply_lora", "merge_lora", "export_weights", "step_generator", "MODES"]

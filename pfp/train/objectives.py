@@ -1,0 +1,152 @@
+"""Training objectives: frame retrieval (pretrain) and next-chunk generation (finetune).
+
+Flow matching (rectified flow): ``x_t = (1 - t) x_0 + t * noise``; the backbone predicts the
+velocity ``noise - x_0``; the loss is its mean squared error.
+
+Timesteps and mask levels are shifted logit-normal: ``u = sigmoid(N(mean, std))`` then
+``t = shift * u / (1 + (shift - 1) * u)``.
+
+Every random choice of a step comes from one ``torch.Generator`` seeded by (seed, step, rank), so a
+step is a pure function of its inputs and a resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pfp.backbones.rope import frame_positions
+
+
+@dataclass
+class ObjectiveConfig:
+    t_mean: float = 0.0          # logit-normal location of the training timesteps
+    t_std: float = 1.0
+    t_shift: float = 1.0         # >1 favours noisier timesteps
+    mask_mean: float = 0.0       # logit-normal noise-as-mask levels of the frames outside Omega
+    mask_std: float = 1.0
+    mask_shift: float = 3.0      # mostly heavy masks; some frames only lightly noised
+    max_retrieve: int = 4        # at most this many token frames in Omega (the paper: up to T/2)
+    p_uncond: float = 0.1        # prompt dropped to "" (classifier-free guidance)
+
+
+def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
+                         shift: float = 1.0) -> Tensor:
+    u = torch.sigmoid(mean + std * torch.randn(shape, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_pair(x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, velocity target) for t broadcast over [B, ...]."""
+    tb = t.view(-1, *([1] * (x0.dim() - 1))).to(x0)
+    return (1 - tb) * x0 + tb * noise, noise - x0
+
+
+def random_omega(num_frames: int, batch: int, max_keep: int, generator: torch.Generator) -> Tensor:
+    """``[B, k]`` sorted frame indices: a fresh random set per sample, k random in 1..max_keep.
+
+    Never a fixed pattern (the paper: a fixed choice such as first/last frames lets the compressor
+    cheat by keeping only those). k is shared by the batch so that targets stack.
+    """
+    hi = max(1, min(max_keep, num_frames // 2 if num_frames > 1 else 1))
+    k = int(torch.randint(1, hi + 1, (1,), generator=generator))
+    idx = torch.stack([torch.randperm(num_frames, generator=generator)[:k] for _ in range(batch)])
+    return idx.sort(dim=1).values
+
+
+def _prompts(storyboards, times: Sequence[float], p_uncond: float, generator: torch.Generator) -> list:
+    drop = torch.rand(len(storyboards), generator=generator) < p_uncond
+    return ["" if d else sb.prompt_at(t) for sb, t, d in zip(storyboards, times, drop.tolist())]
+
+
+def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """HR and LR latents of a collated batch (``"hr"`` ``[B, 3, T, H, W]``, ``"lr"`` low-res video)."""
+    vae = model.vae
+    hr = vae.encode(batch["hr"].to(device=device, dtype=dtype))
+    lr = vae.encode(batch["lr"].to(device=device, dtype=dtype))
+    return hr, lr
+
+
+def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
+                  device, compute_dtype=torch.float32) -> Tensor:
+    """Frame retrieval (PFP 2.1 / 3.1).
+
+    1. Omega: random latent frames of the clip, different for every sample and step.
+    2. Noise-as-mask: every other frame is noised to a shifted-logit-normal level, in both branches
+       (a low-res frame stays clean only if its span holds a frame of Omega).
+    3. The masked history is compressed to a Context.
+    4. The frames of Omega, noised to a random t and placed at their own times by RoPE, are
+       denoised conditioned on the context: flow-matching loss on them.
+    """
+    hr, lr = encode_clip(model, batch, device)
+    b, c, t, h, w = hr.shape
+    rt = model.compressor.rate.t
+    omega = random_omega(t, b, cfg.max_retrieve, generator)                       # [B, k]
+    keep = torch.zeros(b, t, dtype=torch.bool).scatter_(1, omega, True)
+    level = shifted_logit_normal((b, t), generator, cfg.mask_mean, cfg.mask_std, cfg.mask_shift)
+    level = torch.where(keep, torch.zeros_like(level), level)
+    # a low-res frame j covers HR frames j*rt .. j*rt+rt-1: its level is the least masked of them
+    tl = lr.shape[2]
+    pad = tl * rt - t
+    lr_level = F.pad(level, (0, pad), value=1.0).view(b, tl, rt).min(dim=2).values
+    hr_noise = torch.randn(hr.shape, generator=generator).to(hr)
+    lr_noise = torch.randn(lr.shape, generator=generator).to(lr)
+    lv = level.to(hr).view(b, 1, t, 1, 1)
+    llv = lr_level.to(lr).view(b, 1, tl, 1, 1)
+    hr_masked = (1 - lv) * hr + lv * hr_noise
+    lr_masked = (1 - llv) * lr + llv * lr_noise
+
+    x0 = torch.gather(hr, 2, omega.to(hr.device).view(b, 1, -1, 1, 1).expand(b, c, -1, h, w))
+    ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    xt, target = flow_pair(x0, ts, noise)
+    ph, pw = backbone.patch_size[1:]
+    positions = torch.stack([frame_positions(o.float(), h // ph, w // pw) for o in omega]).to(device)
+    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
+    tf = getattr(model.vae, "temporal_factor", 1)
+    prompts = _prompts(batch["storyboard"], [float(o[0]) * tf / fps for o in omega], cfg.p_uncond, generator)
+    text, text_mask = model.encode_text(prompts)
+    ctx = model.compressor(hr_masked.to(compute_dtype), lr_masked.to(compute_dtype))
+    v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask)
+    return F.mse_loss(v.float(), target.float())
+
+
+def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
+                  chunk_latent_frames: int, device, compute_dtype=torch.float32) -> Tensor:
+    """Next-chunk generation from the compressed history (PFP 3.3).
+
+    The clip is cut after a random number n >= 0 of whole chunks: the first n chunks are the history
+    (compressed, both branches), chunk n is the target, placed right after the history by RoPE.
+    n = 0 trains the first chunk of a video, which has no context.
+    """
+    hr, lr = encode_clip(model, batch, device)
+    b, c, t, h, w = hr.shape
+    lc = chunk_latent_frames
+    n_max = t // lc - 1
+    if n_max < 0:
+        raise ValueError(f"clips of {t} latent frames are shorter than one chunk ({lc}); use longer clips")
+    n = int(torch.randint(0, n_max + 1, (1,), generator=generator))
+    x0 = hr[:, :, n * lc:(n + 1) * lc]
+    ctx = None
+    if n > 0:
+        rt = model.compressor.rate.t
+        hist = hr[:, :, : n * lc]
+        lr_hist = lr[:, :, : -(-(n * lc) // rt)]
+        ctx = model.compressor(hist.to(compute_dtype), lr_hist.to(compute_dtype))
+    ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    xt, target = flow_pair(x0, ts, noise)
+    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
+    tf = getattr(model.vae, "temporal_factor", 1)
+    prompts = _prompts(batch["storyboard"], [n * lc * tf / fps] * b, cfg.p_uncond, generator)
+    text, text_mask = model.encode_text(prompts)
+    v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask)
+    return F.mse_loss(v.float(), target.float())
+
+
+__all__ = ["ObjectiveConfig", "shifted_logit_normal", "flow_pair", "random_omega", "pretrain_loss",
+           "finetune_loss", "encode_clip"]
