@@ -44,7 +44,7 @@ class Backbone(Protocol):
 
 
 def __getattr__(name):
-    if name in ("WanBackbone", "wan_backbone_from_config"):
+    if name in ("WanBackbone", "WAN22_5B_CONFIG"):
         from . import wan  # imports diffusers only when asked for
         return getattr(wan, name)
     raise AttributeError(name)
