@@ -4,6 +4,14 @@ Same block as Wan 2.x (adaLN timestep modulation with a per-block scale/shift ta
 self-attention through ``pfp_kernels.joint_attention``, text cross-attention, GELU MLP), same
 module names, so the shared forward in :mod:`pfp.backbones.wan_style` runs it and the diffusers
 Wan adapter alike. Default size: inner 192, 4 blocks, 4 heads (head dim 48), ~3 M parameters.
+
+Output parameterisation. ``prediction="x0"`` (default) makes the network predict the clean latent
+and turns it into the velocity ``(x_t - x0) / max(t, min_t)``, so :meth:`forward` returns a velocity
+either way. A patch of the built-in pixel-unshuffle VAE holds more values (2x2 latent pixels x 48
+channels = 192) than the tiny inner width: predicting the velocity would have to carry the
+per-pixel noise through that bottleneck, while the clean frame is smooth and low-dimensional
+(the argument of Li & He, "Back to Basics: Let Denoising Generative Models Denoise", 2025).
+``prediction="velocity"`` is Wan's own parameterisation.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ class TinyDiTConfig:
     patch_size: Sequence[int] = (1, 2, 2)
     rope_theta: float = 10000.0
     context_mode: str = "cached"
+    prediction: str = "x0"       # what the network outputs; forward always returns the velocity
+    min_t: float = 0.05          # x0 -> velocity divides by max(t, min_t)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,6 +83,9 @@ class TinyDiT(WanStyleBackbone):
         self.inner_dim, self.num_heads = cfg.inner_dim, cfg.num_heads
         self.latent_channels, self.patch_size = cfg.latent_channels, tuple(cfg.patch_size)
         self.rope_theta, self.freq_dim = cfg.rope_theta, cfg.freq_dim
+        if cfg.prediction not in ("velocity", "x0"):
+            raise ValueError(f"prediction must be 'velocity' or 'x0', got {cfg.prediction!r}")
+        self.prediction, self.min_t = cfg.prediction, float(cfg.min_t)
         dim = cfg.inner_dim
 
         self.patch_embedding = nn.Conv3d(cfg.latent_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)

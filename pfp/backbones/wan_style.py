@@ -349,7 +349,14 @@ class WanStyleBackbone(nn.Module):
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
         pt, ph, pw = self.patch_size
         out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(b, -1, t, h, w)
+        out = out.reshape(b, -1, t, h, w)
+        if getattr(self, "prediction", "velocity") == "x0":
+            # x0-prediction -> velocity: v = (x_t - x0) / t, t clamped away from 0
+            tt = ts.clamp(min=self.min_t)
+            tt = tt.view(b, 1, 1, 1, 1) if tt.shape[1] == 1 else (
+                tt.view(b, 1, *grid).repeat_interleave(pt, 2).repeat_interleave(ph, 3).repeat_interleave(pw, 4))
+            out = ((x.float() - out.float()) / tt).to(out.dtype)
+        return out
 
 
 def _frame_runs(positions: Tensor) -> list:
