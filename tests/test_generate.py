@@ -1,0 +1,150 @@
+"""Generation: the mp4, streaming inside generate, the sampler, and the CLI's bad-input cases."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pfp.generate import generate
+from pfp.sampler import sample, timestep_schedule
+from pfp.text import Storyboard
+from pfp.weights import DEFAULT_WEIGHTS, build_model, save_weights
+
+from _tiny_pfp import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORY = [{"start": 0, "end": 0.5, "prompt": "a red circle on a blue background"},
+         {"start": 0.5, "end": 1.5, "prompt": "a white square on a green background"}]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    model = build_model(tiny_config())
+    with torch.no_grad():  # the zero-initialised head would make every video identical
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+        model.compressor.proj.weight.normal_(0, 0.05)
+    save_weights(model, str(path))
+    return str(path)
+
+
+def _run(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "pfp.generate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _frames(path):
+    import av
+    with av.open(path) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_schedule_runs_from_noise_to_data():
+    ts = timestep_schedule(8, shift=3.0)
+    assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+
+
+def test_sampler_seed_and_cfg(weights):
+    from pfp.weights import load_weights
+    model = load_weights(weights)
+    text, mask = model.encode_text(["a red circle on a blue background"])
+    un, umask = model.encode_text([""])
+    shape = (1, model.backbone.latent_channels, 4, 8, 8)
+    kw = dict(uncond_text=un, text_mask=mask, uncond_text_mask=umask, steps=3)
+    a = sample(model.backbone, shape, text, None, seed=1, cfg=2.0, **kw)
+    b = sample(model.backbone, shape, text, None, seed=1, cfg=2.0, **kw)
+    c = sample(model.backbone, shape, text, None, seed=2, cfg=2.0, **kw)
+    d = sample(model.backbone, shape, text, None, seed=1, cfg=1.0, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    with pytest.raises(ValueError, match="uncond_text"):
+        sample(model.backbone, shape, text, None, cfg=2.0, steps=2)
+
+
+def test_generate_writes_decodable_mp4_with_expected_frames(weights, tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(STORY))
+    r = _run(["--checkpoint", weights, "--storyboard", "s.json", "--seconds", "1.5", "--steps", "2", "--out",
+              "v.mp4", "--contact-sheet", "v.png", "--timings", "t.csv", "--quiet"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    frames = _frames(str(tmp_path / "v.mp4"))
+    assert len(frames) == 12  # 1.5 s at 8 fps
+    assert frames[0].shape == (128, 128, 3)  # 32x32 upscaled to >= 128 px
+    assert (tmp_path / "v.png").stat().st_size > 0
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].startswith("chunk,denoise_s,decode_s,compress_s") and len(rows) == 4
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_streaming_inside_generate_matches_full_compression(mode):
+    from pfp.data import to_low_res
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mode))
+    with torch.no_grad():
+        model.compressor.proj.weight.normal_(0, 0.1)
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+    res = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, cfg=2.0, progress=False)
+    assert res.video.shape == (3, 12, 32, 32)
+    assert res.prompts == [STORY[0]["prompt"], STORY[1]["prompt"], STORY[1]["prompt"]]
+    with torch.no_grad():
+        # the low-res branch got, chunk by chunk, what training feeds it for the whole video
+        spec = model.config.video_spec(12)
+        lr_full = model.vae.encode(to_low_res(res.video[None], spec))
+        torch.testing.assert_close(res.lr_latents, lr_full, atol=1e-6, rtol=1e-6)
+        full = model.compressor(res.latents, res.lr_latents)
+        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.context.positions, full.positions)
+        if mode == "cached":
+            kv = model.backbone.cache_context(full)
+            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isfile(DEFAULT_WEIGHTS), reason="built-in weights not shipped in this checkout")
+def test_no_arguments_runs_the_builtin_model(tmp_path):
+    r = _run([], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(_frames(str(tmp_path / "pfp_video.mp4"))) == 32  # the built-in storyboard: 4 s at 8 fps
+
+
+def _bad_cases(tmp_path, weights):
+    (tmp_path / "overlap.json").write_text(json.dumps(
+        [{"start": 0, "end": 1, "prompt": "a"}, {"start": 0.5, "end": 2, "prompt": "b"}]))
+    (tmp_path / "broken.json").write_text("[{\"start\": 0, ")
+    (tmp_path / "noprompt.json").write_text(json.dumps([{"start": 0, "end": 1}]))
+    # weights of another config (inner width 48) under this config's metadata
+    from safetensors.torch import save_file
+    other = build_model(tiny_config(inner_dim=48))
+    save_file({k: v.contiguous() for k, v in other.trainable_state_dict().items()}, str(tmp_path / "other.safetensors"),
+              metadata={"format": "pfp.PFPModel/1", "config": json.dumps(tiny_config().to_dict())})
+    ck = ["--checkpoint", weights]
+    return [
+        (ck + ["--storyboard", "missing.json"], "no such file"),
+        (ck + ["--storyboard", "overlap.json"], "entry 1"),
+        (ck + ["--storyboard", "broken.json"], "not valid JSON"),
+        (ck + ["--storyboard", "noprompt.json"], "entry 0: missing key(s) 'prompt'"),
+        (ck + ["--seconds", "1.3"], "use --seconds 1 or 1.5"),
+        (ck + ["--size", "40x40"], "use 32 or 48"),
+        (["--checkpoint", "other.safetensors"], "backbone."),
+        (ck + ["--context-mode", "joint"], "context_mode"),
+        (ck + ["--steps", "0"], "--steps"),
+        (ck + ["--cfg", "-1"], "--cfg"),
+        (ck + ["--device", "tpu"], "--device"),
+        (ck + ["--seed", "x"], "--seed"),
+        (ck + ["--out", "v.avi"], ".mp4"),
+    ]
+
+
+def test_bad_input_exits_with_one_line_and_no_file(weights, tmp_path):
+    for args, expect in _bad_cases(tmp_path, weights):
+        r = _run(args + ([] if "--out" in args else ["--out", "v.mp4"]) + ["--quiet"], tmp_path)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode != 0, (args, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert expect in lines[0], (args, lines[0])
+        assert "Traceback" not in r.stderr and not r.stdout.strip()
+        leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".mp4") or f.startswith(".tmp-")]
+        assert not leftovers, (args, leftovers)
