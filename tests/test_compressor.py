@@ -416,3 +416,37 @@ def test_checkpoint_from_another_config_names_the_tensors(tmp_path):
         make("4x4x2", hidden=(8, 12, 16)).load_checkpoint(path)
     with pytest.raises(ValueError, match=r"missing from the checkpoint: stages\.4\.bias, stages\.4\.weight"):
         make("4x4x2", hidden=SMALL_HIDDEN + (24,)).load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compressor over every pfp_kernels implementation that runs here
+# ----------------------------------------------------------------------------------------------
+def _impl_skip_reason(impl):
+    from pfp_kernels.conv import conv_impl_reasons
+    for op in ("causal_conv3d_act", "project_tokens"):
+        why = conv_impl_reasons(op, torch.device("cpu"))[impl]
+        if why is not None:
+            return f"{impl} cannot run {op} here: {why}"
+    if impl == "triton":
+        try:
+            import pfp_kernels._triton.conv3d  # noqa: F401
+        except ImportError as exc:
+            return f"the Triton conv kernels are not in this build: {exc}"
+    return None
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_stream_and_full_call_agree_with_the_reference_for_each_impl(impl):
+    why = _impl_skip_reason(impl)
+    if why:
+        pytest.skip(why)
+    ref = make("4x4x2", impl="torch")
+    c = make("4x4x2", impl=impl)
+    c.load_state_dict(ref.state_dict())
+    hr, lr = inputs(c, 5, 9, 8, batch=1)
+    want = ref(hr, lr).tokens
+    assert rel_err(c(hr, lr).tokens, want) <= 1e-4
+    stream = c.stream(1)
+    parts = [stream.append(hr[:, :, :1], lr[:, :, :0]), stream.append(hr[:, :, 1:4], lr[:, :, :2]),
+             stream.append(hr[:, :, 4:], lr[:, :, 2:])]
+    assert rel_err(torch.cat([p.tokens for p in parts], 1), want) <= 1e-4
