@@ -30,6 +30,7 @@ __all__ = [
     "collate",
     "SyntheticMultiShotVideos",
     "VideoFolderDataset",
+    "write_video",
 ]
 
 
@@ -184,4 +185,4 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 from .synthetic import SyntheticMultiShotVideos  # noqa: E402
-from .video_folder import VideoFolderDataset  # noqa: E402
+from .video_folder import VideoFolderDataset, write_video  # noqa: E402

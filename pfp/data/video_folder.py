@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..text import Storyboard, StoryboardError
 from . import VideoSpec, to_low_res
 
-__all__ = ["VideoFolderDataset", "VIDEO_EXTENSIONS", "read_clip"]
+__all__ = ["VideoFolderDataset", "VIDEO_EXTENSIONS", "read_clip", "write_video"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 _EPS = 1e-6
@@ -224,3 +224,51 @@ class VideoFolderDataset(Dataset):
             "source": path,
             "start_seconds": start,
         }
+
+
+def write_video(path: str | os.PathLike, video: torch.Tensor, fps: float, *, crf: int = 18) -> None:
+    """Write ``video`` ``[3, T, H, W]`` float in ``[-1, 1]`` (H, W even) to ``path`` with PyAV:
+    H.264 (yuv420p) for .mp4/.mkv/.mov, VP9 for .webm. ``crf``: quality, lower is better (0-51).
+
+    Atomic: the file is written under a temporary name in the same folder and renamed at the end,
+    so a failure never leaves a partial video at ``path``."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    av = _import_av()
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    codecs = {".mp4": ("mp4", "libx264"), ".mkv": ("matroska", "libx264"), ".mov": ("mov", "libx264"),
+              ".webm": ("webm", "libvpx-vp9")}
+    if ext not in codecs:
+        raise ValueError(f"write_video: path must end in one of {sorted(codecs)}, got {path!r}")
+    if not isinstance(video, torch.Tensor) or video.dim() != 4 or video.shape[0] != 3 or video.shape[1] < 1:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"write_video: video must be [3, T, H, W] with T >= 1, got {shape}")
+    h, w = video.shape[-2:]
+    if h % 2 or w % 2:
+        raise ValueError(f"write_video: height and width must be even for yuv420p, got {h}x{w}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"write_video: fps must be a positive number, got {fps!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"write_video: crf must be an int in [0, 51], got {crf!r}")
+    fmt, codec = codecs[ext]
+    frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # [T, H, W, 3]
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with av.open(tmp, "w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf), "b": "0"}
+            for arr in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
