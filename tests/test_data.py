@@ -35,6 +35,10 @@ def test_video_spec_defaults_and_coerce():
     class Feed:  # e.g. what a what-to-feed helper returns
         hr_size, hr_fps, hr_frames, lr_size, lr_fps, lr_frames = (32, 48), 8, 65, (8, 12), 4, 30
     assert VideoSpec.coerce(Feed()).lr_frames == 30
+
+    class Plan:  # the shape of pfp.rates.InputPlan: video sizes are (width, height)
+        hr_video_size, hr_fps, hr_frames, lr_video_size, lr_fps, lr_frames = (48, 32), 8, 65, (12, 8), 4, 33
+    assert VideoSpec.coerce(Plan()) == SPEC
     assert VideoSpec(hr_size=16, hr_fps=24, hr_frames=1).hr_size == (16, 16)
     # 24 -> 10 fps: 1 + floor(48 * 10 / 24) = 21 low-res frames fit in 49 high-res ones
     assert VideoSpec(hr_size=8, hr_fps=24, hr_frames=49, lr_size=4, lr_fps=10).lr_frames == 21
@@ -337,3 +341,12 @@ def test_write_video_is_atomic_and_checks_args(tmp_path, monkeypatch):
     # and a good write replaces an existing file in one step
     write_video(tmp_path / "ok.mp4", good, 10)
     assert os.listdir(tmp_path) == ["ok.mp4"]
+
+
+def test_video_spec_from_the_compressors_plan():
+    rates = pytest.importorskip("pfp.rates", reason="pfp.rates (the compressor's what-to-feed helper) not merged here")
+    plan = rates.plan_inputs((48, 32), 8, 65 / 8, "4x4x2", vae_spatial=4, vae_temporal=1, latent_channels=48)
+    spec = VideoSpec.coerce(plan)
+    assert spec == SPEC
+    # and the low-res frames this module makes are the ones the plan describes: 0, rt, 2rt, ...
+    assert lr_frame_indices(spec).tolist() == list(range(0, plan.hr_frames, plan.rate.t))

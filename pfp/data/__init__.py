@@ -67,8 +67,9 @@ class VideoSpec:
         lr_frames: its frame count; default ``1 + floor((hr_frames - 1) * lr_fps / hr_fps)``, i.e. all
             low-res frames whose time falls inside the high-res clip.
 
-    :meth:`coerce` also accepts a dict or any object with these attribute names (e.g. what the
-    compressor's what-to-feed helper returns).
+    Sizes here are ``(height, width)``, like tensor shapes. :meth:`coerce` also accepts a dict, any
+    object with these attribute names, or the compressor's what-to-feed plan (:meth:`from_plan`,
+    whose sizes are ``(width, height)``).
     """
 
     hr_size: tuple[int, int]
@@ -109,8 +110,18 @@ class VideoSpec:
         return self.hr_frames / self.hr_fps
 
     @classmethod
+    def from_plan(cls, plan: Any) -> "VideoSpec":
+        """From the compressor's what-to-feed plan (``pfp.rates.plan_inputs``), whose video sizes are
+        ``(width, height)``: ``hr_video_size``, ``hr_fps``, ``hr_frames``, ``lr_video_size``, ``lr_fps``,
+        ``lr_frames``."""
+        (w, h), (lw, lh) = plan.hr_video_size, plan.lr_video_size
+        return cls(hr_size=(h, w), hr_fps=plan.hr_fps, hr_frames=plan.hr_frames, lr_size=(lh, lw),
+                   lr_fps=plan.lr_fps, lr_frames=plan.lr_frames)
+
+    @classmethod
     def coerce(cls, spec: Any) -> "VideoSpec":
-        """A VideoSpec from a VideoSpec, a mapping, or an object with the same attribute names."""
+        """A VideoSpec from a VideoSpec, a mapping with its field names, a what-to-feed plan
+        (:meth:`from_plan`), or an object with the same attribute names."""
         if isinstance(spec, cls):
             return spec
         names = [f.name for f in fields(cls)]
@@ -119,6 +130,8 @@ class VideoSpec:
             if unknown:
                 raise ValueError(f"VideoSpec: unknown key(s) {unknown}; valid keys are {names}")
             return cls(**spec)
+        if all(hasattr(spec, n) for n in ("hr_video_size", "lr_video_size", "hr_fps", "hr_frames")):
+            return cls.from_plan(spec)
         if all(hasattr(spec, n) for n in names[:3]):
             return cls(**{n: getattr(spec, n) for n in names if hasattr(spec, n)})
         raise ValueError(f"spec must be a VideoSpec, a dict or an object with attributes {names}; got {spec!r}")
