@@ -336,10 +336,12 @@ class UMT5TextEncoder(nn.Module):
         try:
             from transformers import AutoTokenizer, UMT5EncoderModel
         except Exception as e:  # pragma: no cover - depends on the environment
-            raise RuntimeError(f"UMT5TextEncoder needs transformers with UMT5EncoderModel (pip install 'pfp[wan]'): {e}") from e
+            raise RuntimeError("UMT5TextEncoder needs transformers with UMT5EncoderModel "
+                               f"(pip install 'pfp[wan]'): {e}") from e
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise ValueError(f"UMT5TextEncoder.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
+            raise ValueError(f"UMT5TextEncoder.from_pretrained: {path!r} is not a local directory "
+                             "(no hub downloads here)")
         model_dir = path
         if not os.path.isfile(os.path.join(path, "config.json")) and \
                 os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
@@ -356,7 +358,8 @@ class UMT5TextEncoder(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
         except Exception as e:
-            raise ValueError(f"UMT5TextEncoder.from_pretrained: cannot load a tokenizer from {tokenizer_path!r}: {e}") from e
+            raise ValueError(f"UMT5TextEncoder.from_pretrained: cannot load a tokenizer from "
+                             f"{tokenizer_path!r}: {e}") from e
         enc = cls(model, tokenizer, max_length=max_length)
         if device is not None:
             enc.to(device)

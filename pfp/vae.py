@@ -20,6 +20,7 @@ published per-channel mean/std for :class:`WanVAE`; a user-chosen ``shift``/``sc
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Protocol, runtime_checkable
 
@@ -136,7 +137,7 @@ class PatchVAE(nn.Module):
         for name, v in (("spatial_factor", spatial_factor), ("temporal_factor", temporal_factor)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"PatchVAE: {name} must be an int >= 1, got {v!r}")
-        if not float(scale) or scale != scale:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
             raise ValueError(f"PatchVAE: scale must be a non-zero finite number, got {scale!r}")
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
@@ -281,7 +282,8 @@ class WanVAE(nn.Module):
         return z.to(out_dtype)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Normalised latent ``[B, z_dim, T', H', W']`` -> video ``[B, 3, 1 + tf*(T'-1), H'*s, W'*s]`` in ``[-1, 1]``."""
+        """Normalised latent ``[B, z_dim, T', H', W']`` -> video ``[B, 3, 1 + tf*(T'-1), H'*s, W'*s]``
+        in ``[-1, 1]``."""
         _check_latent(latent, self.latent_channels)
         out_dtype = latent.dtype
         z = latent.float() * self.latents_std.to(latent.device) + self.latents_mean.to(latent.device)

@@ -113,6 +113,8 @@ def test_bad_shapes_and_args():
         PatchVAE(2, 1.5)
     with pytest.raises(ValueError, match="scale"):
         PatchVAE(2, scale=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        PatchVAE(2, scale=float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,3 +193,22 @@ def test_wan_vae_bad_inputs(tiny_wan_dir, tmp_path):
         vae.decode(torch.zeros(1, 4, 1, 2, 2))
     cfg = json.loads((tiny_wan_dir / "vae_only" / "config.json").read_text())
     assert cfg["z_dim"] == 16 and os.path.isfile(tiny_wan_dir / "vae_only" / "diffusion_pytorch_model.safetensors")
+
+
+def test_wan22_style_residual_patchified_vae():
+    # Wan 2.2's VAE patchifies 2x2 before the encoder: spatial factor = 2**(levels-1) * patch_size
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"diffusers AutoencoderKLWan unavailable: {e}")
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True], is_residual=True, patch_size=2,
+                             in_channels=12, out_channels=12, latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+    vae = WanVAE(model.eval())
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (8, 8, 2)
+    x = _video(1, 5, 16, 16)
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert z.shape == (1, 8, 3, 2, 2)
+        assert vae.decode(z).shape == x.shape

@@ -2,7 +2,8 @@
 
 Every dataset item is a dict:
 
-- ``"hr"``: ``[3, T, H, W]`` float32 in ``[-1, 1]``, ``T = spec.hr_frames`` at ``spec.hr_fps``, ``(H, W) = spec.hr_size``;
+- ``"hr"``: ``[3, T, H, W]`` float32 in ``[-1, 1]``, ``T = spec.hr_frames`` at ``spec.hr_fps``,
+  ``(H, W) = spec.hr_size``;
 - ``"lr"``: ``[3, T_lr, h, w]`` float32 in ``[-1, 1]`` at ``spec.lr_fps``, ``(h, w) = spec.lr_size``,
   made from ``"hr"`` by :func:`to_low_res` (exactly what generation does with its own frames);
   ``None`` when the spec has no low-res branch;
@@ -175,7 +176,8 @@ def to_low_res(hr: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
     and spatially by :func:`resize_center_crop`. The one definition both datasets and generation use."""
     spec = VideoSpec.coerce(spec)
     if hr.dim() < 4 or hr.shape[-3] != spec.hr_frames:
-        raise ValueError(f"to_low_res: expected [..., 3, {spec.hr_frames}, H, W] high-res frames, got {tuple(hr.shape)}")
+        raise ValueError(f"to_low_res: expected [..., 3, {spec.hr_frames}, H, W] high-res frames, "
+                         f"got {tuple(hr.shape)}")
     frames = hr.index_select(-3, lr_frame_indices(spec).to(hr.device))
     return resize_center_crop(frames, spec.lr_size)
 
