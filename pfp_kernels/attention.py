@@ -134,7 +134,7 @@ def joint_attention_reference(q: Tensor, k: Tensor, v: Tensor, context_k: Option
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     lse = torch.logsumexp(s, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.to(acc))
-    return out.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), lse
 
 
 def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
@@ -388,13 +388,20 @@ def _make_backward(always_triton: bool):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if always_triton or _triton_backward_ok(q):
-            from ._triton import attention as tk
-            grads = tk.joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out,
-                                           lse, ctx.scale)
+            # Through an op, so that torch.compile / AOT autograd can trace the backward.
+            dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
+                grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
+            if context_k is None:
+                dck = dcv = None
         else:
-            grads = _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
-        return (*grads, None)
+            dq, dk, dv, dck, dcv = _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v,
+                                                  out, lse, ctx.scale)
+        return dq, dk, dv, dck, dcv, None
     return backward
+
+
+def _empty_context_grad(q: Tensor) -> Tensor:
+    return q.new_empty(1, 0, q.shape[2], q.shape[3])
 
 
 def _fake(q, k, v, context_k, context_v, scale):
@@ -441,6 +448,26 @@ if _dispatch.TRITON_AVAILABLE:
                                 context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
         from ._triton import attention as tk
         return tk.joint_attention_fwd(q, k, v, context_k, context_v, scale)
+
+    @torch.library.custom_op("pfp::joint_attention_triton_backward", mutates_args=())
+    def _joint_attention_triton_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor,
+                                         k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                         context_v: Optional[Tensor], out: Tensor, lse: Tensor,
+                                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(dq, dk, dv, dcontext_k, dcontext_v); without context the last two are empty."""
+        from ._triton import attention as tk
+        dq, dk, dv, dck, dcv = tk.joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k,
+                                                      context_v, out, lse, scale)
+        if dck is None:
+            dck, dcv = _empty_context_grad(q), _empty_context_grad(q)
+        return dq, dk, dv, dck, dcv
+
+    @torch.library.register_fake("pfp::joint_attention_triton_backward")
+    def _joint_attention_triton_backward_fake(grad_out, grad_lse, q, k, v, context_k, context_v, out,
+                                              lse, scale):
+        def like(t):
+            return t.new_empty(t.shape) if t is not None else _empty_context_grad(q)
+        return like(q), like(k), like(v), like(context_k), like(context_v)
 
     _register("pfp::joint_attention_triton", always_triton=True)
 
