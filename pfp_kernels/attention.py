@@ -47,6 +47,8 @@ _AUTO_ORDER = {"cuda": ("flash_attn", "triton", "xformers", "sdpa", "torch"),
                "cpu": ("cpp", "sdpa", "torch")}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+# Asked once: the dispatcher query inside cpp_why_not is not traceable by torch.compile.
+_CPP_WHY_NOT_ON_CPU = _dispatch.cpp_why_not("joint_attention", torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tens
             why = _dtype_reason(dtype, _KERNEL_DTYPES)
         reasons["xformers"] = why
 
-    why = _dispatch.cpp_why_not("joint_attention", device)
+    why = _CPP_WHY_NOT_ON_CPU if device.type == "cpu" else _dispatch.cpp_why_not("joint_attention", device)
     if why is None:
         why = _dtype_reason(dtype, _KERNEL_DTYPES)
     reasons["cpp"] = why
