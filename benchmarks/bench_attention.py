@@ -1,0 +1,147 @@
+"""Joint context attention against SDPA over the concatenation, in the same run.
+
+    PYTHONPATH=$PWD python -m pytest benchmarks/bench_attention.py --benchmark-only
+
+CPU: B=1, H=8, D=64, Nc=1365, Nq=Nk=585 (the paper's context of one chunk at small scale),
+fp32 and bf16. The baseline ``sdpa_concat`` is ``F.scaled_dot_product_attention(q, cat(ctx_k, k),
+cat(ctx_v, v))`` with the concatenation inside the timed call (the layout transposes are views).
+CUDA (skipped without a GPU): the paper's scale, B=1, H=24, D=128, Nc=5460, Nq=Nk=2340, bf16,
+in TFLOP/s (4*B*H*Nq*(Nc+Nk)*D flops per forward) against SDPA over the concatenation and
+flash-attn where installed.
+
+Each section writes a markdown table to benchmarks/results/ when its benchmarks ran (not with
+--benchmark-disable): medians, and each backend's ratio to the baseline measured in this run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pfp_kernels as pk
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+CPU_SHAPE = dict(B=1, H=8, D=64, Nc=1365, N=585)
+CUDA_SHAPE = dict(B=1, H=24, D=128, Nc=5460, N=2340)
+BASELINE = "sdpa_concat"
+
+_measured: dict[str, dict[tuple, float]] = {"cpu": {}, "cuda": {}}
+
+
+def _inputs(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, h, d, nc, n = shape["B"], shape["H"], shape["D"], shape["Nc"], shape["N"]
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    return r(b, n, h, d), r(b, n, h, d), r(b, n, h, d), r(1, nc, h, d), r(1, nc, h, d)
+
+
+def _sdpa_concat(q, k, v, ck, cv):
+    b = q.shape[0]
+    kk = torch.cat([ck.expand(b, -1, -1, -1), k], dim=1)
+    vv = torch.cat([cv.expand(b, -1, -1, -1), v], dim=1)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2)).transpose(1, 2)
+
+
+def _runner(impl, inputs):
+    if impl == BASELINE:
+        return lambda: _sdpa_concat(*inputs)
+    return lambda: pk.joint_attention(*inputs, impl=impl)
+
+
+def _record(device, key, benchmark):
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and not getattr(benchmark, "disabled", False):
+        _measured[device][key] = stats.stats.median
+
+
+def _machine(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _write_table(device, path, shape, flops=None):
+    rows = _measured[device]
+    if not rows:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    lines = [f"# joint_attention on {device.upper()}: {_machine(device)}", "",
+             f"torch {torch.__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Shape "
+             + ", ".join(f"{k}={v}" for k, v in shape.items())
+             + f" (N = Nq = Nk; context batch 1). Baseline `{BASELINE}`: SDPA over cat(context, target), "
+             "the concatenation timed. Ratio = baseline median / backend median (> 1: faster).", "",
+             "| dtype | backend | median ms | ratio vs sdpa_concat |" + (" TFLOP/s |" if flops else ""),
+             "|---|---|---|---|" + ("---|" if flops else "")]
+    for (dtype, impl), t in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE, kv[0][1])):
+        base = rows.get((dtype, BASELINE))
+        ratio = f"{base / t:.2f}" if base else "n/a"
+        extra = f" {flops / t / 1e12:.1f} |" if flops else ""
+        lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |{extra}")
+    with open(os.path.join(RESULTS, path), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tables():
+    yield
+    _write_table("cpu", "cpu_attention.md", CPU_SHAPE)
+    if _measured["cuda"]:
+        s = CUDA_SHAPE
+        flops = 4 * s["B"] * s["H"] * s["N"] * (s["Nc"] + s["N"]) * s["D"]
+        card = torch.cuda.get_device_name().replace(" ", "_")
+        _write_table("cuda", f"cuda_attention_{card}.md", CUDA_SHAPE, flops)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", [BASELINE, "cpp", "sdpa"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_joint_attention(benchmark, impl, dtype):
+    inputs = _inputs(CPU_SHAPE, getattr(torch, dtype), "cpu")
+    if impl != BASELINE:
+        why = pk.attention_backends(*inputs)[impl]
+        if why is not None:
+            pytest.skip(f"{impl}: {why}")
+    benchmark.group = f"cpu {dtype}"
+    fn = _runner(impl, inputs)
+    out = benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=2)
+    torch.testing.assert_close(out.float(), _sdpa_concat(*inputs).float(), atol=2e-2, rtol=0)
+    _record("cpu", (dtype, impl), benchmark)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", [BASELINE, "triton", "flash_attn", "sdpa", "xformers"])
+def test_cuda_joint_attention(benchmark, impl):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the paper-scale CUDA benchmark needs a GPU")
+    inputs = _inputs(CUDA_SHAPE, torch.bfloat16, "cuda")
+    if impl != BASELINE:
+        why = pk.attention_backends(*inputs)[impl]
+        if why is not None:
+            pytest.skip(f"{impl}: {why}")
+    benchmark.group = "cuda bfloat16"
+    fn = _runner(impl, inputs)
+
+    def timed():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=3)
+    torch.testing.assert_close(out.float(), _sdpa_concat(*inputs).float(), atol=2e-2, rtol=0)
+    _record("cuda", ("bfloat16", impl), benchmark)

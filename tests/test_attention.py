@@ -1,0 +1,289 @@
+"""joint_attention / merge_attention: every backend that runs here against an fp64 reference.
+
+Outputs are poisoned: deterministic mode with fill_uninitialized_memory NaN-fills every
+torch.empty, so an element a kernel forgot to write shows up as NaN.
+"""
+import math
+
+import pytest
+import torch
+
+import pfp_kernels as pk
+from pfp_kernels import _dispatch, _extension
+from pfp_kernels.attention import joint_attention_reference
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float64: 1e-9}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev_det)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def _inputs(b, nq, nk, nc, h, d, dtype, ctx_batch=None, requires_grad=False):
+    def r(*shape):
+        return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+    q, k, v = r(b, nq, h, d), r(b, nk, h, d), r(b, nk, h, d)
+    if nc is None:
+        return q, k, v, None, None
+    cb = b if ctx_batch is None else ctx_batch
+    return q, k, v, r(cb, nc, h, d), r(cb, nc, h, d)
+
+
+def _ref64(q, k, v, ck, cv, scale=None):
+    d = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    return joint_attention_reference(d(q), d(k), d(v), d(ck), d(cv), scale)
+
+
+def _backends_here(dtype):
+    q = torch.zeros(1, 1, 1, 16, dtype=dtype)
+    return [n for n, why in pk.attention_backends(q, q, q, q, q).items() if why is None]
+
+
+def _close(got, want, tol, what):
+    got = got.double()
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
+    assert not torch.isnan(got).any(), f"{what}: NaN (an element was not written)"
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+# (B, Nq, Nk, Nc, H, D, context batch): Nc = 0 and 1, Nq = 1, odd lengths past one block,
+# no context, batch-broadcast context, head dims 16..80 (80: a padded, masked head axis).
+SHAPES = [
+    (2, 19, 23, 37, 2, 32, 1),
+    (1, 1, 5, 1, 3, 16, None),
+    (2, 7, 9, 0, 1, 64, None),
+    (1, 5, 130, None, 2, 16, None),
+    (3, 67, 1, 70, 1, 80, 1),
+    (1, 9, 0, 11, 2, 16, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_fp64_reference(shape, dtype):
+    b, nq, nk, nc, h, d, cb = shape
+    q, k, v, ck, cv = _inputs(b, nq, nk, nc, h, d, dtype, cb)
+    want, want_lse = _ref64(q, k, v, ck, cv, scale=0.3)
+    for impl in _backends_here(dtype):
+        if impl == "triton" and nq * (nk + (nc or 0)) > 2500:
+            continue  # the interpreter is slow; the other shapes cover the same paths
+        out, lse = pk.joint_attention(q, k, v, ck, cv, scale=0.3, impl=impl, return_lse=True)
+        assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+        assert lse.shape == (b, h, nq) and lse.dtype == torch.float32
+        _close(out, want, TOL[dtype], f"{impl} out")
+        _close(lse, want_lse, 1e-4 if dtype != torch.float32 else 1e-5, f"{impl} lse")
+
+
+def test_default_scale_and_return_type():
+    q, k, v, ck, cv = _inputs(1, 4, 6, 3, 2, 16, torch.float32)
+    out = pk.joint_attention(q, k, v, ck, cv)
+    assert isinstance(out, torch.Tensor)
+    _close(out, _ref64(q, k, v, ck, cv, scale=1 / math.sqrt(16))[0], 2e-5, "default scale")
+
+
+def test_broadcast_context_is_not_copied_and_matches_per_batch():
+    q, k, v, ck, cv = _inputs(3, 5, 4, 6, 2, 16, torch.float32, ctx_batch=1)
+    out = pk.joint_attention(q, k, v, ck, cv, impl="auto")
+    for i in range(3):
+        one = pk.joint_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], ck, cv, impl="torch")
+        _close(out[i:i + 1], one.double(), 2e-5, f"batch {i}")
+
+
+def test_empty_queries():
+    q, k, v, ck, cv = _inputs(2, 0, 3, 4, 2, 16, torch.float32)
+    for impl in _backends_here(torch.float32):
+        out, lse = pk.joint_attention(q, k, v, ck, cv, impl=impl, return_lse=True)
+        assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# LSE and merge identities
+# ----------------------------------------------------------------------------------------------
+def test_lse_identity_and_merge_is_exact():
+    q, k, v, ck, cv = _inputs(2, 9, 11, 13, 2, 16, torch.float64, ctx_batch=1)
+    out, lse = pk.joint_attention(q, k, v, ck, cv, impl="torch", return_lse=True)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, torch.cat([ck.expand(2, -1, -1, -1), k], 1)) / 4
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    o_c, l_c = pk.joint_attention(q, ck.expand(2, -1, -1, -1), cv.expand(2, -1, -1, -1), impl="torch",
+                                  return_lse=True)
+    o_t, l_t = pk.joint_attention(q, k, v, impl="torch", return_lse=True)
+    merged, merged_lse = pk.merge_attention(o_c, l_c, o_t, l_t)
+    torch.testing.assert_close(merged, out)
+    torch.testing.assert_close(merged_lse, lse)
+    # Symmetric, and a side with lse = -inf (no keys) leaves the other unchanged.
+    torch.testing.assert_close(pk.merge_attention(o_t, l_t, o_c, l_c)[0], out)
+    empty = torch.full_like(l_t, -math.inf)
+    again, again_lse = pk.merge_attention(o_t, l_t, torch.zeros_like(o_t), empty)
+    torch.testing.assert_close(again, o_t)
+    torch.testing.assert_close(again_lse, l_t)
+
+
+def test_merge_bad_shapes():
+    o = torch.zeros(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="lse2"):
+        pk.merge_attention(o, torch.zeros(1, 2, 3), o, torch.zeros(1, 3, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------
+def _grads(impl, inputs, go, gl, dtype):
+    ins = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
+    out, lse = pk.joint_attention(*ins, scale=0.25, impl=impl, return_lse=True)
+    loss = (out.double() * go).sum() + (lse.double() * gl).sum()
+    return torch.autograd.grad(loss, [t for t in ins if t is not None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 13, 7, 19, 2, 16, 1), (1, 1, 4, 0, 1, 32, None),
+                                   (2, 5, 3, None, 1, 16, None)], ids=lambda s: "x".join(map(str, s)))
+def test_gradients_match_fp64_reference(shape, dtype):
+    """q, k, v, context_k, context_v gradients, with a loss on both out and lse."""
+    b, nq, nk, nc, h, d, cb = shape
+    inputs = _inputs(b, nq, nk, nc, h, d, torch.float64, cb)
+    ref_in = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out, lse = joint_attention_reference(*ref_in, scale=0.25)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    want = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), [t for t in ref_in if t is not None])
+    for impl in _backends_here(dtype):
+        if impl == "torch":
+            continue
+        got = _grads(impl, inputs, go, gl, dtype)
+        for name, g, w in zip(("q", "k", "v", "context_k", "context_v"), got, want):
+            assert g.shape == w.shape, f"{impl} d{name} shape"
+            _close(g, w, GRAD_TOL[dtype], f"{impl} d{name}")
+
+
+def test_gradient_without_lse_output():
+    q, k, v, ck, cv = _inputs(1, 6, 5, 4, 2, 16, torch.float32, requires_grad=True)
+    for impl in _backends_here(torch.float32):
+        grads = torch.autograd.grad(pk.joint_attention(q, k, v, ck, cv, impl=impl).sum(), [q, k, ck])
+        want = torch.autograd.grad(joint_attention_reference(q, k, v, ck, cv)[0].sum(), [q, k, ck])
+        for g, w in zip(grads, want):
+            _close(g, w.double(), 1e-4, impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# registration: opcheck every op, torch.compile once
+# ----------------------------------------------------------------------------------------------
+def _ops_here():
+    ops = ["joint_attention_sdpa"]
+    if _extension.has_cpu_kernel("joint_attention"):
+        ops.append("joint_attention")
+    if _dispatch.TRITON_AVAILABLE and _dispatch.TRITON_INTERPRET:
+        ops.append("joint_attention_triton")
+    return ops
+
+
+@pytest.mark.skipif(not (_dispatch.TRITON_AVAILABLE and _dispatch.TRITON_INTERPRET),
+                    reason="needs triton under TRITON_INTERPRET=1")
+def test_opcheck_triton_backward_op():
+    q, k, v, ck, cv = _inputs(2, 5, 3, 4, 2, 16, torch.float32, ctx_batch=1)
+    out, lse = torch.ops.pfp.joint_attention_triton(q, k, v, ck, cv, 0.25)
+    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, ck, cv, out, lse, 0.25)
+    torch.library.opcheck(torch.ops.pfp.joint_attention_triton_backward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("op", _ops_here())
+def test_opcheck(op):
+    q, k, v, ck, cv = _inputs(2, 5, 3, 4, 2, 16, torch.float32, ctx_batch=1, requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.pfp, op), (q, k, v, ck, cv, 0.25))
+    # Without context: the cheap checks only (the AOT-dispatch ones above are the slow part).
+    torch.library.opcheck(getattr(torch.ops.pfp, op), (q, k, v, None, None, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_ops_without_a_runtime_here_are_registered():
+    # flash_attn / xformers need CUDA: their ops exist (fake + autograd) but cannot run on CPU.
+    for op in ("joint_attention_flash_attn", "joint_attention_xformers"):
+        assert hasattr(torch.ops.pfp, op)
+    q = torch.zeros(1, 2, 1, 16)
+    reasons = pk.attention_backends(q, q, q, q, q)
+    assert "CUDA" in reasons["flash_attn"] and "CUDA" in reasons["xformers"]
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, ck, cv = _inputs(2, 6, 5, 7, 2, 16, torch.float32, ctx_batch=1)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, ck, cv):
+        return pk.joint_attention(q, k, v, ck, cv, impl="sdpa", return_lse=True)
+
+    out, lse = f(q, k, v, ck, cv)
+    want, want_lse = _ref64(q, k, v, ck, cv)
+    _close(out, want, 2e-5, "compiled")
+    _close(lse, want_lse, 2e-5, "compiled lse")
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice and bad inputs
+# ----------------------------------------------------------------------------------------------
+def test_auto_on_cpu_follows_the_documented_order():
+    q, k, v, ck, cv = _inputs(1, 3, 3, 2, 1, 16, torch.float32)
+    reasons = pk.attention_backends(q, k, v, ck, cv)
+    assert set(reasons) == set(pk.attention.ATTENTION_BACKENDS)
+    expected = next(n for n in ("cpp", "sdpa", "torch") if reasons[n] is None)
+    assert reasons["torch"] is None
+    # The chosen backend is the first runnable one: forcing it gives the identical result.
+    auto = pk.joint_attention(q, k, v, ck, cv)
+    torch.testing.assert_close(auto, pk.joint_attention(q, k, v, ck, cv, impl=expected), rtol=0, atol=0)
+
+
+def test_forced_backend_that_cannot_run_lists_its_reason():
+    q, k, v, ck, cv = _inputs(1, 3, 3, 2, 1, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="flash_attn.*CUDA"):
+        pk.joint_attention(q, k, v, ck, cv, impl="flash_attn")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        pk.joint_attention(q, k, v, ck, cv, impl="nope")
+
+
+@pytest.mark.skipif(not (_dispatch.TRITON_AVAILABLE and _dispatch.TRITON_INTERPRET),
+                    reason="needs triton under TRITON_INTERPRET=1")
+def test_triton_rejects_unsupported_head_dim():
+    q = torch.zeros(1, 2, 1, 272)
+    with pytest.raises(RuntimeError, match="triton.*head dim 272"):
+        pk.joint_attention(q, q, q, impl="triton")
+    assert pk.joint_attention(q, q, q, impl="sdpa").shape == q.shape  # others still run it
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(k=(2, 5, 3, 16)), "k has 3 heads"),
+    (dict(v=(2, 5, 2, 8)), "v has head dim 8"),
+    (dict(k=(1, 5, 2, 16)), "same batch size"),
+    (dict(v=(2, 4, 2, 16)), "k and v must have the same length"),
+    (dict(context_k=(3, 4, 2, 16), context_v=(3, 4, 2, 16)), "context_k has batch 3"),
+    (dict(context_k=(1, 4, 2, 32), context_v=(1, 4, 2, 32)), "context_k must have H=2 heads and head dim D=16"),
+    (dict(context_v=(1, 5, 2, 16)), "context_k and context_v must have the same"),
+    (dict(context_v=None), "context_k and context_v must be given together"),
+    (dict(q=(2, 3, 16)), "q must be 4-D"),
+    (dict(k=(2, 0, 2, 16), v=(2, 0, 2, 16), context_k=None, context_v=None), "no keys"),
+])
+def test_bad_shapes(case, match):
+    shapes = dict(q=(2, 3, 2, 16), k=(2, 5, 2, 16), v=(2, 5, 2, 16), context_k=(1, 4, 2, 16),
+                  context_v=(1, 4, 2, 16))
+    shapes.update(case)
+    args = [None if shapes[n] is None else torch.randn(shapes[n]) for n in ("q", "k", "v", "context_k", "context_v")]
+    with pytest.raises(ValueError, match=match):
+        pk.joint_attention(*args)
+    with pytest.raises(ValueError, match=match):
+        pk.attention_backends(*args)
+
+
+def test_dtype_and_device_mismatch():
+    q, k, v, ck, cv = _inputs(1, 3, 3, 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="context_v dtype torch.float16 does not match q's torch.float32"):
+        pk.joint_attention(q, k, v, ck, cv.half())
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        pk.joint_attention(q, k.to("meta"), v, ck, cv)
+    with pytest.raises(ValueError, match="floating point"):
+        pk.joint_attention(*(t.to(torch.int32) for t in (q, k, v)))
