@@ -45,6 +45,7 @@ class TrainArgs:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup: int = 50
+    lr_schedule: str = "constant"        # constant | cosine (to 10% of lr at --steps)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -231,6 +232,10 @@ def _batches(dataset, args: "TrainArgs", rank: int, start: int):
 def _lr_at(step: int, args: TrainArgs) -> float:
     if args.warmup > 0 and step < args.warmup:
         return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == "cosine":
+        span = max(1, args.steps - args.warmup)
+        frac = min(1.0, (step - args.warmup) / span)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
     return args.lr
 
 

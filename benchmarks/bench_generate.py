@@ -1,0 +1,87 @@
+"""Wall time of ``python -m pfp.generate`` (built-in model and storyboard), split per chunk into
+compress / denoise / decode.
+
+- compress: the new chunk's frames to low res / low fps, re-encoded by the VAE, ``stream.append``
+  (only the new chunk), and in cached mode the K/V of the new context tokens;
+- denoise: the sampler's steps for the chunk (CFG batch 2);
+- decode: the VAE decode of the chunk.
+
+Run: ``python benchmarks/bench_generate.py [--threads N] [--runs 3]`` writes
+``benchmarks/results/generate_cpu.md`` (the command's total wall time includes Python start-up,
+imports and the mp4 encode). ``pytest benchmarks/bench_generate.py --benchmark-only`` times one
+chunk in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def run_cli(extra, threads=None):
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "pfp.generate", "--out", os.path.join(d, "v.mp4"), "--timings",
+               os.path.join(d, "t.csv"), "--quiet", *extra]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if r.returncode:
+            raise RuntimeError(r.stderr)
+        with open(os.path.join(d, "t.csv")) as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return wall, rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "generate_cpu.md"))
+    a = p.parse_args(argv)
+    results = [run_cli([], a.threads) for _ in range(a.runs)]
+    best = min(results, key=lambda r: r[0])
+    walls = sorted(r[0] for r in results)
+    rows = best[1]
+    threads = a.threads or torch.get_num_threads()
+    lines = [f"# `python -m pfp.generate` (no arguments) on CPU ({os.cpu_count()} cores, {threads} threads, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+             f"Built-in model and storyboard: 4 s, 32x32, 8 fps, 8 chunks of 4 frames, 16 steps, CFG 2. "
+             f"Total wall time of the command over {a.runs} runs: {', '.join(f'{w:.1f}' for w in walls)} s "
+             f"(best run below; includes start-up, imports, mp4 encode).", "",
+             "| chunk | context tokens before | compress s | denoise s | decode s |", "|---|---|---|---|---|"]
+    prev = 0
+    for r in rows:
+        lines.append(f"| {int(r['chunk'])} | {prev} | {r['compress_s']:.3f} | {r['denoise_s']:.3f} | {r['decode_s']:.4f} |")
+        prev = int(r["context_tokens"])
+    tot = {k: sum(r[k] for r in rows) for k in ("compress_s", "denoise_s", "decode_s")}
+    lines.append(f"| total | | {tot['compress_s']:.3f} | {tot['denoise_s']:.3f} | {tot['decode_s']:.4f} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def test_generate_one_chunk(benchmark):
+    from pfp.generate import generate
+    from pfp.text import Storyboard
+    from pfp.weights import DEFAULT_WEIGHTS, build_model, load_weights
+    model = load_weights() if os.path.isfile(DEFAULT_WEIGHTS) else build_model()
+    sb = Storyboard.single("a red circle on a blue background", 0.5)
+    benchmark(lambda: generate(model, sb, 0.5, steps=16, cfg=2.0, progress=False))
+
+
+if __name__ == "__main__":
+    main()
