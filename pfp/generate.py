@@ -148,32 +148,12 @@ def _to_uint8(video: torch.Tensor, upscale: int) -> torch.Tensor:
 
 
 def write_mp4(video: torch.Tensor, path: str, fps: float, upscale: int = 1) -> None:
-    """Write ``[3, T, H, W]`` frames in [-1, 1] as H.264 mp4 (PyAV); atomically (temp file + rename)."""
-    try:
-        import av
-    except ImportError:
-        raise RuntimeError("writing mp4 needs PyAV: pip install av") from None
-    from fractions import Fraction
-    frames = _to_uint8(video, upscale).numpy()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=directory)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "12", "preset": "veryfast"}
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``[3, T, H, W]`` frames in [-1, 1] as H.264 mp4, nearest-neighbour upscaled; atomic
+    (:func:`pfp.data.video_folder.write_video` writes a temporary file and renames it)."""
+    from pfp.data.video_folder import write_video
+    if upscale > 1:
+        video = video.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    write_video(path, video, fps, crf=12)
 
 
 def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, upscale: int = 1,
