@@ -148,3 +148,22 @@ def test_bad_input_exits_with_one_line_and_no_file(weights, tmp_path):
         assert "Traceback" not in r.stderr and not r.stdout.strip()
         leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".mp4") or f.startswith(".tmp-")]
         assert not leftovers, (args, leftovers)
+
+
+def test_eval_metrics(weights):
+    from pfp.data import SyntheticMultiShotVideos
+    from pfp.eval import psnr, retrieval_metrics, return_consistency, ssim, storyboard_returns
+    from pfp.weights import load_weights
+    v = torch.rand(3, 4, 16, 16) * 2 - 1
+    assert psnr(v, v) == float("inf") and abs(ssim(v, v) - 1) < 1e-6
+    assert psnr(v, -v) < 10 and ssim(v, torch.zeros_like(v)) < 0.5
+    model = load_weights(weights)
+    item = SyntheticMultiShotVideos(1, model.config.video_spec(8))[0]
+    m = retrieval_metrics(model, item["hr"][None], item["lr"][None], [1, 5], steps=2)
+    assert m["frames"].shape == (3, 2, 32, 32) and m["psnr"] > 0
+    with pytest.raises(ValueError, match="frames"):
+        retrieval_metrics(model, item["hr"][None], item["lr"][None], [8], steps=1)
+    sb = Storyboard.from_list([{"start": 0, "end": 1, "prompt": "a"}, {"start": 1, "end": 2, "prompt": "b"},
+                               {"start": 2, "end": 3, "prompt": "a"}])
+    assert storyboard_returns(sb, 2.0, 6) == [(1, 4)]
+    assert return_consistency(v, [(0, 1)]) == psnr(v[:, 0], v[:, 1])

@@ -1,0 +1,104 @@
+"""Retrieval and consistency metrics.
+
+- :func:`psnr`, :func:`ssim`: frame fidelity, videos ``[3, T, H, W]`` (or ``[B, 3, T, H, W]``) in [-1, 1].
+- :func:`retrieval_metrics`: the paper's frame retrieval (Table 1): compress a clip, then
+  regenerate chosen frames from noise conditioned only on the compressed context (placed at their
+  own times by RoPE) and compare them with the originals.
+- :func:`return_consistency`: memory across cuts. For every return of an earlier scene (a
+  ``(last_frame_before, first_frame_back)`` pair, e.g. :func:`pfp.data.synthetic.scene_returns` of a
+  synthetic clip, or the shots of a storyboard whose prompt comes back), the PSNR between the
+  scene's last frame before it left and its first frame back. A model that remembers the scene
+  continues it; one that only reads the prompt does not.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB of images/videos in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+def ssim(a: Tensor, b: Tensor, window: int = 7) -> float:
+    """Mean SSIM over frames and channels (uniform ``window`` x ``window``; constants of Wang et al. 2004)."""
+    x = (a.float().clamp(-1, 1) + 1) / 2
+    y = (b.float().clamp(-1, 1) + 1) / 2
+    if x.dim() == 5:
+        x, y = x.flatten(0, 1), y.flatten(0, 1)
+    c, t, h, w = x.shape
+    x = x.permute(1, 0, 2, 3).reshape(t * c, 1, h, w)
+    y = y.permute(1, 0, 2, 3).reshape(t * c, 1, h, w)
+    k = min(window, h, w)
+    pool = lambda z: F.avg_pool2d(z, k, stride=1)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy = pool(x * x) - mx * mx, pool(y * y) - my * my
+    cov = pool(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+@torch.no_grad()
+def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequence[int], prompt: str = "", *,
+                      steps: int = 16, seed: int = 0) -> dict:
+    """Regenerate latent frames ``frames`` of a clip from its compressed context alone.
+
+    hr_video / lr_video: ``[1, 3, T, H, W]`` and the low-res branch's input (a dataset item's
+    ``"hr"``/``"lr"`` with a batch dim). Returns PSNR/SSIM of the retrieved frames against the
+    originals, and the retrieved frames ``[3, k, H, W]``.
+    """
+    from pfp.backbones.rope import frame_positions
+    from pfp.sampler import timestep_schedule
+    vae, backbone = model.vae, model.backbone
+    device = next(backbone.parameters()).device
+    hr = vae.encode(hr_video.to(device))
+    lr = vae.encode(lr_video.to(device))
+    ctx = model.compressor(hr, lr)
+    context = backbone.cache_context(ctx) if backbone.context_mode == "cached" else ctx
+    idx = torch.as_tensor(list(frames), dtype=torch.long)
+    if idx.numel() == 0 or idx.min() < 0 or idx.max() >= hr.shape[2]:
+        raise ValueError(f"frames must be latent frame indices in 0..{hr.shape[2] - 1}, got {list(frames)}")
+    x0 = hr[:, :, idx.to(device)]
+    _, c, k, h, w = x0.shape
+    ph, pw = backbone.patch_size[1:]
+    positions = frame_positions(idx.float(), h // ph, w // pw).to(device)
+    text, mask = model.encode_text([prompt])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(x0.shape, generator=g).to(device)
+    ts = timestep_schedule(steps, model.config.sample_shift, device=device)
+    for i in range(steps):
+        v = backbone(x, ts[i].expand(1), text, context, positions=positions, text_mask=mask)
+        x = x + (ts[i + 1] - ts[i]) * v
+    got = vae.decode(x).clamp(-1, 1)[0].cpu()
+    want = vae.decode(x0)[0].cpu()
+    return {"psnr": psnr(got, want), "ssim": ssim(got, want), "frames": got}
+
+
+def return_consistency(video: Tensor, returns: Sequence[tuple]) -> Optional[float]:
+    """Mean PSNR between ``video[:, before]`` and ``video[:, after]`` over ``returns`` (None if none)."""
+    if not returns:
+        return None
+    vals = [psnr(video[:, a], video[:, b]) for a, b in returns]
+    return sum(vals) / len(vals)
+
+
+def storyboard_returns(storyboard, fps: float, num_frames: int) -> list:
+    """``(last_frame_before, first_frame_back)`` for every shot whose prompt appeared in an earlier,
+    non-adjacent shot, at video frame rate ``fps``."""
+    prompts = [storyboard.prompt_at(f / fps) for f in range(num_frames)]
+    last: dict = {}
+    out = []
+    for f, p in enumerate(prompts):
+        if f > 0 and prompts[f - 1] != p and p in last:
+            out.append((last[p], f))
+        last[p] = f
+    return out
+
+
+__all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns"]
