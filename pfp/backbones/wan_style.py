@@ -234,10 +234,12 @@ class WanStyleBackbone(nn.Module):
             hc = (hc.float() + blk.ffn(xc).float() * c_g).type_as(hc)
         return hc, ht, (k_all, v_all)
 
-    def _call_block(self, *args):
+    def _call_block(self, blk, *args):
+        # pfp_block: the block's own entry point when a wrapper must see the call (FSDP2, pfp.train)
+        fn = getattr(blk, "pfp_block", None) or (lambda *a: self._block(blk, *a))
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._block, *args, use_reentrant=False)
-        return self._block(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _context_modulation(self, like: Tensor) -> Tensor:
         t0 = torch.zeros(1, 1, device=like.device)

@@ -4,7 +4,7 @@ A checkpoint is a directory:
 
 - ``model.safetensors``: every parameter and buffer of the trained module (LoRA adapters included);
 - ``optimizer.safetensors``: the optimizer's per-parameter state tensors, keyed
-  ``"<param index>.<name>"`` (e.g. ``"12.exp_avg"``), plus the torch CPU/CUDA RNG states;
+  ``"<param index or name>/<state>"`` (e.g. ``"12/exp_avg"``), plus the torch CPU/CUDA RNG states;
 - ``state.json``: step, the run's arguments and model config, the optimizer's param groups and
   scalar state, and the Python and NumPy RNG states.
 
@@ -48,9 +48,11 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(path: str, model_state: dict, optimizer: torch.optim.Optimizer, step: int,
+def save_checkpoint(path: str, model_state: dict, optimizer, step: int,
                     extra: Optional[dict] = None) -> None:
-    """Write a checkpoint directory at ``path`` (replacing an older one atomically)."""
+    """Write a checkpoint directory at ``path`` (replacing an older one atomically).
+
+    optimizer: an Optimizer, or an already gathered optimizer state dict (FSDP: keyed by names)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -58,14 +60,14 @@ def save_checkpoint(path: str, model_state: dict, optimizer: torch.optim.Optimiz
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
                   os.path.join(tmp, "model.safetensors"))
-        opt = optimizer.state_dict()
+        opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         tensors, scalars = {}, {}
         for pid, st in opt["state"].items():
             for name, val in st.items():
                 if torch.is_tensor(val):
-                    tensors[f"{pid}.{name}"] = val.detach().contiguous().cpu()
+                    tensors[f"{pid}/{name}"] = val.detach().contiguous().cpu()
                 else:
-                    scalars[f"{pid}.{name}"] = val
+                    scalars[f"{pid}/{name}"] = val
         rng_tensors, rng_meta = _rng_state()
         tensors.update(rng_tensors)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -84,6 +86,23 @@ def save_checkpoint(path: str, model_state: dict, optimizer: torch.optim.Optimiz
         raise
 
 
+def read_optimizer_state(path: str) -> dict:
+    """The optimizer state dict stored in a checkpoint (parameter keys as they were saved)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    per_param: dict = {}
+    for key, val in tensors.items():
+        if key.startswith("rng."):
+            continue
+        pid, name = key.rsplit("/", 1)
+        per_param.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = val
+    for key, val in state["optimizer_scalars"].items():
+        pid, name = key.rsplit("/", 1)
+        per_param.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = val
+    return {"state": per_param, "param_groups": state["param_groups"]}
+
+
 def load_checkpoint(path: str, optimizer: Optional[torch.optim.Optimizer] = None,
                     restore_rng: bool = True) -> tuple[dict, dict]:
     """Read a checkpoint: returns (model tensors, state dict); loads the optimizer and RNG states."""
@@ -94,19 +113,10 @@ def load_checkpoint(path: str, optimizer: Optional[torch.optim.Optimizer] = None
         state = json.load(f)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     if optimizer is not None:
-        per_param: dict = {}
-        for key, val in tensors.items():
-            if key.startswith("rng."):
-                continue
-            pid, name = key.split(".", 1)
-            per_param.setdefault(int(pid), {})[name] = val
-        for key, val in state["optimizer_scalars"].items():
-            pid, name = key.split(".", 1)
-            per_param.setdefault(int(pid), {})[name] = val
-        optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+        optimizer.load_state_dict(read_optimizer_state(path))
     if restore_rng:
         _set_rng_state(tensors, state["rng"])
     return model_state, state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_optimizer_state"]

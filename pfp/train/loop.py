@@ -300,34 +300,51 @@ def train(args: TrainArgs) -> dict:
         _plain_backbone(model.backbone).set_gradient_checkpointing(True)
     model.to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: every parameter is frozen")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start = 0
+    resume_tensors = None
     if resume_state is not None:
-        tensors, st = load_checkpoint(ckpt_dir, optimizer)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        resume_tensors, st = load_checkpoint(ckpt_dir)  # model tensors; restores the RNG states
+        missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
         bad = [k for k in missing if not k.startswith("compressor.patch_embed.")]
         if bad or unexpected:
             raise ValueError(f"checkpoint {ckpt_dir} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
         start = st["step"]
 
+    fsdp = world > 1 and args.fsdp
     chunk_latent = config.chunk_frames // config.vae_temporal
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:
         if args.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            # FSDP2: each block is its own shard group. The shared Wan-style forward calls a block's
+            # submodules itself rather than blk.forward, so the block gets a "pfp_block" method that
+            # FSDP treats as a forward (it gathers the block's parameters around that call).
+            import functools
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
             bb = _plain_backbone(model.backbone)
             for blk in bb.blocks:
+                blk.pfp_block = functools.partial(bb._block, blk)
                 fully_shard(blk)
+                register_fsdp_forward_method(blk, "pfp_block")
             fully_shard(loss_module)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
             runner = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                          find_unused_parameters=True)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    if resume_state is not None:
+        from .checkpoint import read_optimizer_state
+        opt_state = read_optimizer_state(ckpt_dir)
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(opt_state)
 
     dataset = _dataset(args, config)
     os.makedirs(args.out, exist_ok=True)
@@ -422,8 +439,13 @@ def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
 def _save(model, optimizer, step, args, config, lora, ckpt_dir, rank, world, elapsed) -> None:
     state = _full_state(model, world, args.fsdp)
     state = {k: v for k, v in state.items() if not k.startswith("compressor.patch_embed.")}
+    opt = optimizer
+    if world > 1 and args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        opt = get_optimizer_state_dict(model, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_checkpoint(ckpt_dir, state, optimizer, step,
+        save_checkpoint(ckpt_dir, state, opt, step,
                         extra={"config": config.to_dict(), "args": asdict(args), "lora": lora,
                                "elapsed_s": elapsed})
     if world > 1:
