@@ -317,7 +317,11 @@ class WanStyleBackbone(nn.Module):
         rope_t = rope_cos_sin(positions.to(x.device), self.head_dim, self.rope_theta)
 
         ts = self._target_timesteps(timesteps, b, grid).to(x.device)
-        temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
+        pooled = self.pooled_text(text, text_mask) if hasattr(self, "pooled_text") else None
+        if pooled is None:
+            temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
+        else:
+            temb, mod_t = self.embed_time(ts, extra=pooled.expand(b, -1)[:, None, :])
         ht = self.patch_embedding(x).flatten(2).transpose(1, 2)
         txt = self.embed_text(text)
 

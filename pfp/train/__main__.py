@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this much wall time (checkpoint and export as at the last step)")
+    p.add_argument("--until", type=int, default=None,
+                   help="stop after this step (the LR schedule still spans --steps); reproduces a --max-minutes run")
     p.add_argument("--no-progress", action="store_true")
     return p
 

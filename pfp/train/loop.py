@@ -5,8 +5,8 @@
   on the backbone instead (what a real base model wants).
 - ``finetune``: next-chunk generation from the compressed history; LoRA on the backbone (rank
   ``--lora-rank``, default 128 for real models; 0 trains the backbone fully), compressor trainable
-  unless ``--freeze-compressor``; the text encoder stays frozen. The shared patch embedding belongs to
-  the backbone: it trains only when the backbone trains fully.
+  unless ``--freeze-compressor``. The text encoder and the shared patch embedding (which belongs to
+  the backbone) train only when the backbone trains fully (rank 0), i.e. for the built-in tiny model.
 
 Common: bf16 autocast on CUDA (``--precision``), gradient checkpointing (``--grad-checkpointing``),
 safetensors checkpoints with exact resume (``--resume``), a tqdm bar with loss and samples/s, a
@@ -71,6 +71,7 @@ class TrainArgs:
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
+    until: Optional[int] = None          # stop (checkpoint, export) after this step; --steps stays the schedule horizon
     progress: bool = True
 
 
@@ -164,9 +165,9 @@ def merge_lora(model: PFPModel) -> None:
 def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    if args.mode == "pretrain":
-        for p in model.text_encoder.parameters():
-            p.requires_grad_(not lora)
+    # the text encoder trains with a fully trained backbone (the tiny model); with LoRA it stays fixed
+    for p in model.text_encoder.parameters():
+        p.requires_grad_(not lora)
     if lora:
         for n, p in model.backbone.named_parameters():
             if "lora_" in n:
@@ -369,7 +370,8 @@ def train(args: TrainArgs) -> dict:
     step = start - 1
     try:
         batches = _batches(dataset, args, rank, start)
-        for step in range(start, args.steps):
+        last = args.steps if args.until is None else min(args.steps, args.until)
+        for step in range(start, last):
             gen = step_generator(args.seed, step, rank)
             batch = next(batches)
             for g in optimizer.param_groups:
@@ -388,7 +390,7 @@ def train(args: TrainArgs) -> dict:
                 last_loss = float(lt) / world
             window_n += args.batch_size * world
             done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
+            if done % args.log_every == 0 or done == last:
                 now = time.perf_counter()
                 sps = window_n / max(now - window_t, 1e-9)
                 window_t, window_n = now, 0
@@ -405,7 +407,7 @@ def train(args: TrainArgs) -> dict:
                     import torch.distributed as dist
                     dist.all_reduce(flag)  # every rank stops at the same step
                 out_of_time = bool(flag.item() > 0)
-            if done % args.save_every == 0 or done == args.steps or out_of_time:
+            if done % args.save_every == 0 or done == last or out_of_time:
                 _save(model, optimizer, done, args, config, lora, ckpt_dir, rank, world,
                       elapsed_before + time.perf_counter() - t_start)
             if out_of_time:

@@ -1,0 +1,56 @@
+"""Copy the loss logs of the run that made the built-in weights to benchmarks/results/ and plot them.
+
+``python benchmarks/plot_loss_curves.py RUN_DIR [RUN_DIR ...]`` reads each ``RUN_DIR/loss.csv``
+(written by ``python -m pfp.train``), writes ``benchmarks/results/default_weights_<stage>_loss.csv``
+and one PNG with a panel per stage (matplotlib; without it only the CSVs are written).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def main(run_dirs):
+    os.makedirs(RESULTS, exist_ok=True)
+    stages = []
+    for d in run_dirs:
+        name = os.path.basename(os.path.normpath(d)).replace("default_", "")
+        src = os.path.join(d, "loss.csv")
+        dst = os.path.join(RESULTS, f"default_weights_{name}_loss.csv")
+        shutil.copyfile(src, dst)
+        with open(src) as f:
+            rows = list(csv.DictReader(f))
+        stages.append((name, [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
+                       [float(r["samples_per_s"]) for r in rows]))
+        print(f"{dst}: {len(rows)} rows, last loss {rows[-1]['loss']}, elapsed {rows[-1]['elapsed_s']} s")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: CSVs only")
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for ax, (name, steps, loss, _) in zip(axes[0], stages):
+        ax.plot(steps, loss, lw=0.6, alpha=0.4, label="logged")
+        k = 10
+        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
+        ax.set_title(f"{name} (flow-matching velocity MSE)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = os.path.join(RESULTS, "default_weights_loss.png")
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
