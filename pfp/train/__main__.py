@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="LoRA rank on the backbone; 0 = train it fully (default: 0 pretrain, 128 finetune)")
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--freeze-compressor", action="store_true", help="finetune: keep the compressor fixed")
+    p.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed")
+    p.add_argument("--init-new", default=None, metavar="PREFIX",
+                   help="tensors under PREFIX may be absent from --init (modules added since; keep their init)")
     p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
     p.add_argument("--config", default=None, help="model config JSON (default: the built-in tiny config)")
     p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
@@ -45,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dtype", default=d.export_dtype, choices=["fp32", "bf16"])
     p.add_argument("--max-retrieve", type=int, default=d.max_retrieve, help="pretrain: max frames in Omega")
     p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="prompt dropout for CFG")
+    p.add_argument("--t-shift", type=float, default=d.t_shift,
+                   help="shift of the logit-normal training timesteps (>1 trains more at high noise)")
+    p.add_argument("--p-no-history", type=float, default=d.p_no_history,
+                   help="finetune: extra probability of a first chunk (no history)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -54,6 +54,8 @@ class TrainArgs:
     lora_rank: Optional[int] = None      # None: 0 for pretrain, 128 for finetune
     lora_alpha: Optional[float] = None   # default: the rank
     freeze_compressor: bool = False
+    freeze_text: bool = False            # keep the text encoder fixed even when the backbone trains fully
+    init_new: Optional[str] = None       # --init may lack tensors under this prefix (new, freshly initialised modules)
     init: Optional[str] = None           # weights to start from (save_weights file or a checkpoint dir)
     config: Optional[str] = None         # PFPConfig JSON (default: the built-in tiny config)
     context_mode: Optional[str] = None   # override the config's
@@ -68,6 +70,8 @@ class TrainArgs:
     export_dtype: str = "fp32"
     max_retrieve: int = 4
     p_uncond: float = 0.1
+    t_shift: float = 1.0                 # training timesteps: shifted logit-normal (>1: noisier)
+    p_no_history: float = 0.0
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
@@ -167,7 +171,7 @@ def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
         p.requires_grad_(False)
     # the text encoder trains with a fully trained backbone (the tiny model); with LoRA it stays fixed
     for p in model.text_encoder.parameters():
-        p.requires_grad_(not lora)
+        p.requires_grad_(not lora and not args.freeze_text)
     if lora:
         for n, p in model.backbone.named_parameters():
             if "lora_" in n:
@@ -240,7 +244,20 @@ def _lr_at(step: int, args: TrainArgs) -> float:
     return args.lr
 
 
-def _load_init(model: PFPModel, path: str) -> None:
+def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> None:
+    if new_prefix:
+        # modules added since the init file was written keep their fresh initialisation
+        own = model.trainable_state_dict()
+        fill = {k: v for k, v in own.items() if k.startswith(new_prefix)}
+        if not fill:
+            raise ValueError(f"--init-new {new_prefix!r} names no tensor of this model")
+        tensors = read_weights(path)[0]
+        clash = sorted(k for k in fill if k in tensors)
+        if clash:
+            raise ValueError(f"--init-new {new_prefix!r}: {path} already has {clash[:3]}")
+        load_state_checked(model, {**{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
+                                   **{k: v.clone() for k, v in fill.items()}}, path)
+        return
     if os.path.isdir(path):
         tensors = load_checkpoint(path, restore_rng=False)[0]
         with open(os.path.join(path, "state.json")) as f:
@@ -291,7 +308,7 @@ def train(args: TrainArgs) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(config)
     if args.init and resume_state is None:
-        _load_init(model, args.init)
+        _load_init(model, args.init, args.init_new)
     rank_lora = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
     lora = rank_lora > 0
     if lora:
@@ -313,7 +330,8 @@ def train(args: TrainArgs) -> dict:
 
     fsdp = world > 1 and args.fsdp
     chunk_latent = config.chunk_frames // config.vae_temporal
-    objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond)
+    objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
+                                p_no_history=args.p_no_history)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:

@@ -32,6 +32,7 @@ class ObjectiveConfig:
     mask_shift: float = 3.0      # mostly heavy masks; some frames only lightly noised
     max_retrieve: int = 4        # at most this many token frames in Omega (the paper: up to T/2)
     p_uncond: float = 0.1        # prompt dropped to "" (classifier-free guidance)
+    p_no_history: float = 0.0    # finetune: extra chance of a first chunk (no context, text only)
 
 
 def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
@@ -130,6 +131,8 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     if n_max < 0:
         raise ValueError(f"clips of {t} latent frames are shorter than one chunk ({lc}); use longer clips")
     n = int(torch.randint(0, n_max + 1, (1,), generator=generator))
+    if cfg.p_no_history > 0 and float(torch.rand((), generator=generator)) < cfg.p_no_history:
+        n = 0
     x0 = hr[:, :, n * lc:(n + 1) * lc]
     ctx = None
     if n > 0:
