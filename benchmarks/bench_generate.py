@@ -55,8 +55,8 @@ def main(argv=None):
     best = min(results, key=lambda r: r[0])
     walls = sorted(r[0] for r in results)
     rows = best[1]
-    threads = a.threads or torch.get_num_threads()
-    lines = [f"# `python -m pfp.generate` (no arguments) on CPU ({os.cpu_count()} cores, {threads} threads, "
+    threads = a.threads or "default: 1 for the built-in model"
+    lines = [f"# `python -m pfp.generate` (no arguments) on CPU ({os.cpu_count()} cores, threads {threads}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              f"Built-in model and storyboard: 4 s, 32x32, 8 fps, 8 chunks of 4 frames, 16 steps, CFG 2. "
              f"Total wall time of the command over {a.runs} runs: {', '.join(f'{w:.1f}' for w in walls)} s "

@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's training size)")
     p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour upscale of the written video "
                    "(default: to at least 128 px)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 20 M parameters, else torch's default)")
     p.add_argument("--timings", default=None, help="write per-chunk compress/denoise/decode seconds (CSV)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -346,6 +347,10 @@ def main(argv=None) -> int:
             storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
         model = _load_model(ns)
         config = model.config
+        if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+            # a small model's ops are too small to split: one thread is faster, and far faster when
+            # other processes share the cores (OpenMP threads then wait on each other)
+            torch.set_num_threads(1)
         _check_args(ns, config)
         size = _parse_size(ns.size, config) if ns.size else tuple(config.video_size)
         seconds = ns.seconds if ns.seconds is not None else (
