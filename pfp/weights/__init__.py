@@ -166,8 +166,19 @@ def _build_backbone(config: PFPConfig):
     from pfp.backbones import TinyDiT, TinyDiTConfig
     d = dict(config.dit)
     kind = d.pop("kind", "tiny")
+    if kind == "wan":
+        # {"kind": "wan", "path": local diffusers dir, "subfolder": "transformer", "dtype": "bf16"}
+        # or {"kind": "wan", "config": {WanTransformer3DModel kwargs}} for a randomly initialised one
+        from pfp.backbones import WanBackbone
+        if "path" in d:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d.get("dtype", "fp32")]
+            return WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode,
+                                               subfolder=d.get("subfolder"), torch_dtype=dtype)
+        if "config" in d:
+            return WanBackbone.from_config(context_mode=config.context_mode, **d["config"])
+        raise ValueError("dit kind 'wan' needs 'path' (a local diffusers checkpoint) or 'config'")
     if kind != "tiny":
-        raise ValueError(f"backbone kind {kind!r} is not built from a config; pass backbone=")
+        raise ValueError(f"backbone kind {kind!r} is unknown (tiny, wan); or pass backbone=")
     vae = _build_vae(config)
     text_dim = int(config.text.get("dim", 64))
     return TinyDiT(TinyDiTConfig(latent_channels=vae.latent_channels, text_dim=text_dim,
