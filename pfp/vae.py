@@ -1,0 +1,291 @@
+"""Video VAEs behind one small interface.
+
+Layouts (every VAE here):
+
+- video:  ``[B, 3, T, H, W]`` float, RGB, values in ``[-1, 1]``.
+- latent: ``[B, C, T', H', W']`` with ``C = latent_channels``, ``H' = H / spatial_factor``,
+  ``W' = W / spatial_factor`` and ``T' = latent_frames(T)``.
+
+Temporal convention (causal, as Wan's VAE): the first frame is encoded on its own, then every
+``temporal_factor`` frames make one more latent frame. So ``T = 1 + temporal_factor * k`` video
+frames give ``1 + k`` latent frames, and any other ``T`` is an error that names the nearest valid
+counts. With ``temporal_factor == 1`` every ``T >= 1`` is valid and ``T' = T``.
+
+Latents are *normalised* for diffusion: roughly zero-mean and unit-variance per channel (Wan's
+published per-channel mean/std for :class:`WanVAE`; a user-chosen ``shift``/``scale`` for
+:class:`PatchVAE`). ``decode`` undoes the normalisation.
+
+- :class:`PatchVAE`: exact and weight-free (pixel-unshuffle), for the tiny model and tests.
+- :class:`WanVAE`: adapter around diffusers' ``AutoencoderKLWan`` loaded from a local path.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = ["VideoVAE", "PatchVAE", "WanVAE", "check_video_frames", "valid_frame_counts"]
+
+
+@runtime_checkable
+class VideoVAE(Protocol):
+    """What the compressor, trainer and sampler need from a video VAE.
+
+    Attributes:
+        latent_channels: ``C`` of the latent.
+        spatial_factor: pixels per latent cell along H and along W.
+        temporal_factor: video frames per latent frame after the first (causal convention above).
+    """
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, T, H, W]`` in ``[-1, 1]`` -> normalised latent ``[B, C, latent_frames(T), H/s, W/s]``."""
+        ...
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent ``[B, C, T', H', W']`` -> video ``[B, 3, video_frames(T'), H'*s, W'*s]``."""
+        ...
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for ``num_frames`` video frames; raises ValueError if ``num_frames`` is not valid."""
+        ...
+
+    def video_frames(self, num_latent: int) -> int:
+        """Video frames that ``num_latent`` latent frames decode to."""
+        ...
+
+
+def valid_frame_counts(temporal_factor: int, near: int) -> tuple[int, int]:
+    """The valid video frame counts (``1 + temporal_factor * k``) just below and just above ``near``."""
+    k_lo = max(0, (near - 1) // temporal_factor)
+    lo = 1 + temporal_factor * k_lo
+    hi = lo + temporal_factor if lo < near else lo
+    return lo, hi
+
+
+def check_video_frames(num_frames: int, temporal_factor: int, what: str = "video") -> int:
+    """Return the latent frame count for ``num_frames``, or raise a ValueError naming valid counts."""
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+        raise ValueError(f"{what}: the frame count must be an int, got {num_frames!r}")
+    if num_frames < 1 or (num_frames - 1) % temporal_factor:
+        lo, hi = valid_frame_counts(temporal_factor, max(num_frames, 1))
+        choices = f"{lo} or {hi}" if lo != hi else f"{lo}"
+        raise ValueError(
+            f"{what} has {num_frames} frames; this VAE (temporal factor {temporal_factor}) takes "
+            f"1 + {temporal_factor}*k frames (1, {1 + temporal_factor}, {1 + 2 * temporal_factor}, ...): "
+            f"use {choices}"
+        )
+    return 1 + (num_frames - 1) // temporal_factor
+
+
+def _check_video(video: torch.Tensor, spatial_factor: int, temporal_factor: int) -> int:
+    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a [B, 3, T, H, W] tensor, got {shape}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
+    h, w = video.shape[-2:]
+    if h % spatial_factor or w % spatial_factor:
+        fix = (max(spatial_factor, h // spatial_factor * spatial_factor),
+               max(spatial_factor, w // spatial_factor * spatial_factor))
+        raise ValueError(
+            f"video size {h}x{w} (HxW) is not a multiple of the VAE's spatial factor {spatial_factor}; "
+            f"use e.g. {fix[0]}x{fix[1]}"
+        )
+    return check_video_frames(video.shape[2], temporal_factor)
+
+
+def _check_latent(latent: torch.Tensor, channels: int) -> None:
+    if not isinstance(latent, torch.Tensor) or latent.dim() != 5 or latent.shape[1] != channels:
+        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+        raise ValueError(f"latent must be a [B, {channels}, T', H', W'] tensor, got {shape}")
+    if latent.shape[2] < 1:
+        raise ValueError("latent has 0 frames; it needs at least 1")
+
+
+class PatchVAE(nn.Module):
+    """Exact, weight-free "VAE": pixel-unshuffle in space (and time).
+
+    ``encode`` folds each ``temporal_factor x spatial_factor x spatial_factor`` block of pixels into
+    the channel axis, channel order ``(rgb, dt, dy, dx)``; the first frame is repeated
+    ``temporal_factor`` times to fill the first (causal) group. ``decode`` is the exact inverse:
+    ``decode(encode(x)) == x`` bit for bit when ``scale`` is a power of two (default 1) and ``shift``
+    is 0, and to float rounding otherwise. (``encode(decode(z)) == z`` holds only for ``z`` whose
+    first latent frame has identical copies, as every encoded latent does; decode keeps the last copy.)
+
+    Normalisation: ``latent = (unshuffled_pixels - shift) * scale``. Pixels in ``[-1, 1]`` of natural
+    or synthetic content typically have std ~0.5, so ``scale=2`` is a reasonable choice for diffusion
+    training; the default ``1`` keeps latents equal to pixel values.
+
+    Args:
+        spatial_factor: s >= 1; H and W must be multiples of it.
+        temporal_factor: tf >= 1; T must be ``1 + tf*k``.
+        shift, scale: normalisation as above (``scale != 0``).
+
+    ``latent_channels = 3 * s * s * tf``. No parameters; works on any device and float dtype.
+    """
+
+    def __init__(self, spatial_factor: int = 4, temporal_factor: int = 1, *, shift: float = 0.0,
+                 scale: float = 1.0):
+        super().__init__()
+        for name, v in (("spatial_factor", spatial_factor), ("temporal_factor", temporal_factor)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"PatchVAE: {name} must be an int >= 1, got {v!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            raise ValueError(f"PatchVAE: scale must be a non-zero finite number, got {scale!r}")
+        self.spatial_factor = spatial_factor
+        self.temporal_factor = temporal_factor
+        self.latent_channels = 3 * spatial_factor * spatial_factor * temporal_factor
+        self.shift = float(shift)
+        self.scale = float(scale)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_factor={self.spatial_factor}, temporal_factor={self.temporal_factor}, "
+                f"latent_channels={self.latent_channels}, shift={self.shift}, scale={self.scale}")
+
+    def latent_frames(self, num_frames: int) -> int:
+        return check_video_frames(num_frames, self.temporal_factor)
+
+    def video_frames(self, num_latent: int) -> int:
+        if not isinstance(num_latent, int) or num_latent < 1:
+            raise ValueError(f"num_latent must be an int >= 1, got {num_latent!r}")
+        return 1 + self.temporal_factor * (num_latent - 1)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, T, H, W]`` -> ``[B, 3*s*s*tf, 1 + (T-1)/tf, H/s, W/s]`` (contiguous)."""
+        _check_video(video, self.spatial_factor, self.temporal_factor)
+        s, tf = self.spatial_factor, self.temporal_factor
+        b, c, t, h, w = video.shape
+        if tf > 1:  # causal first group: frame 0 repeated tf times
+            video = torch.cat([video[:, :, :1].expand(b, c, tf - 1, h, w), video], dim=2)
+        tl = video.shape[2] // tf
+        x = video.reshape(b, c, tl, tf, h // s, s, w // s, s)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, self.latent_channels, tl, h // s, w // s)
+        if self.shift != 0.0:
+            x = x - self.shift
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x.contiguous()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[B, 3*s*s*tf, T', H', W']`` -> ``[B, 3, 1 + tf*(T'-1), H'*s, W'*s]`` (contiguous)."""
+        _check_latent(latent, self.latent_channels)
+        s, tf = self.spatial_factor, self.temporal_factor
+        b, _, tl, hl, wl = latent.shape
+        x = latent
+        if self.scale != 1.0:
+            x = x / self.scale
+        if self.shift != 0.0:
+            x = x + self.shift
+        x = x.reshape(b, 3, tf, s, s, tl, hl, wl).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, 3, tl * tf, hl * s, wl * s)
+        if tf > 1:
+            x = x[:, :, tf - 1:]
+        return x.contiguous()
+
+
+class WanVAE(nn.Module):
+    """Adapter around diffusers' ``AutoencoderKLWan`` (Wan 2.1 / 2.2 VAEs).
+
+    ``encode`` returns the posterior mean (deterministic; ``sample=True`` draws from the posterior
+    instead), normalised per channel with the config's ``latents_mean``/``latents_std`` as Wan's
+    pipelines do: ``z = (mu - mean) / std``. ``decode`` inverts that and clamps the output to
+    ``[-1, 1]``. Factors come from the model config (Wan 2.1: 16 channels, 8x spatial, 4x temporal;
+    Wan 2.2 5B: 48 channels, 16x spatial, 4x temporal).
+
+    Args:
+        model: an ``AutoencoderKLWan`` instance.
+        dtype: compute dtype for encode/decode (inputs are cast; outputs come back as the input's
+            dtype). ``None`` keeps the model's dtype.
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None):
+        super().__init__()
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(cfg, "z_dim"):
+            raise ValueError(f"WanVAE: model must be a diffusers AutoencoderKLWan, got {type(model).__name__}")
+        self.model = model
+        if dtype is not None:
+            self.model.to(dtype)
+        self.latent_channels = int(cfg.z_dim)
+        # Factors from the architecture, not from config.scale_factor_*: diffusers fills those with
+        # Wan 2.1's 4/8 defaults whatever dim_mult/temperal_downsample say.
+        tf = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
+        sf = 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
+        self.temporal_factor = int(tf)
+        self.spatial_factor = int(sf)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        if mean.shape[1] != self.latent_channels or std.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"WanVAE: config latents_mean/latents_std have {mean.shape[1]}/{std.shape[1]} entries, "
+                f"z_dim is {self.latent_channels}")
+        self.register_buffer("latents_mean", mean, persistent=False)
+        self.register_buffer("latents_std", std, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str | None = None,
+                        dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "WanVAE":
+        """Load from a local diffusers folder: the VAE folder itself, or a pipeline folder with a ``vae/``
+        subfolder (used automatically when ``path`` has no ``config.json`` but ``path/vae`` does).
+        Nothing is downloaded."""
+        try:
+            from diffusers import AutoencoderKLWan
+        except Exception as e:  # pragma: no cover - depends on the environment
+            raise RuntimeError(f"WanVAE needs diffusers with AutoencoderKLWan (pip install 'pfp[wan]'): {e}") from e
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"WanVAE.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
+        if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")) \
+                and os.path.isfile(os.path.join(path, "vae", "config.json")):
+            subfolder = "vae"
+        where = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            raise ValueError(f"WanVAE.from_pretrained: no config.json in {where!r}")
+        kwargs = {"local_files_only": True}
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        model = AutoencoderKLWan.from_pretrained(path, **kwargs)
+        model.eval().requires_grad_(False)
+        vae = cls(model)
+        if device is not None:
+            vae.to(device)
+        return vae
+
+    def latent_frames(self, num_frames: int) -> int:
+        return check_video_frames(num_frames, self.temporal_factor)
+
+    def video_frames(self, num_latent: int) -> int:
+        if not isinstance(num_latent, int) or num_latent < 1:
+            raise ValueError(f"num_latent must be an int >= 1, got {num_latent!r}")
+        return 1 + self.temporal_factor * (num_latent - 1)
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, 3, T, H, W]`` in ``[-1, 1]`` -> normalised latent ``[B, z_dim, 1 + (T-1)/tf, H/s, W/s]``."""
+        _check_video(video, self.spatial_factor, self.temporal_factor)
+        out_dtype = video.dtype
+        dist = self.model.encode(video.to(self._model_dtype())).latent_dist
+        mu = dist.sample(generator=generator) if sample else dist.mode()
+        z = (mu.float() - self.latents_mean.to(mu.device)) / self.latents_std.to(mu.device)
+        return z.to(out_dtype)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent ``[B, z_dim, T', H', W']`` -> video ``[B, 3, 1 + tf*(T'-1), H'*s, W'*s]``
+        in ``[-1, 1]``."""
+        _check_latent(latent, self.latent_channels)
+        out_dtype = latent.dtype
+        z = latent.float() * self.latents_std.to(latent.device) + self.latents_mean.to(latent.device)
+        video = self.model.decode(z.to(self._model_dtype())).sample
+        return video.clamp(-1, 1).to(out_dtype)

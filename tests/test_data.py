@@ -1,0 +1,352 @@
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pfp.data import (SyntheticMultiShotVideos, VideoFolderDataset, VideoSpec, collate, lr_frame_indices,
+                      resize_center_crop, to_low_res, write_video)
+from pfp.data.synthetic import scene_returns
+from pfp.text import Storyboard, StoryboardError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()  # small ops: one thread is much faster on the shared 2-core machine
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+av = pytest.importorskip("av", reason="PyAV is needed for the video folder tests")
+
+SPEC = VideoSpec(hr_size=(32, 48), hr_fps=8, hr_frames=65, lr_size=(8, 12), lr_fps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# VideoSpec and resampling
+# ---------------------------------------------------------------------------------------------
+
+def test_video_spec_defaults_and_coerce():
+    assert SPEC.lr_frames == 33 and SPEC.seconds == 65 / 8
+    assert VideoSpec.coerce(dict(hr_size=(32, 48), hr_fps=8, hr_frames=65, lr_size=(8, 12), lr_fps=4)) == SPEC
+
+    class Feed:  # e.g. what a what-to-feed helper returns
+        hr_size, hr_fps, hr_frames, lr_size, lr_fps, lr_frames = (32, 48), 8, 65, (8, 12), 4, 30
+    assert VideoSpec.coerce(Feed()).lr_frames == 30
+
+    class Plan:  # the shape of pfp.rates.InputPlan: video sizes are (width, height)
+        hr_video_size, hr_fps, hr_frames, lr_video_size, lr_fps, lr_frames = (48, 32), 8, 65, (12, 8), 4, 33
+    assert VideoSpec.coerce(Plan()) == SPEC
+    assert VideoSpec(hr_size=16, hr_fps=24, hr_frames=1).hr_size == (16, 16)
+    # 24 -> 10 fps: 1 + floor(48 * 10 / 24) = 21 low-res frames fit in 49 high-res ones
+    assert VideoSpec(hr_size=8, hr_fps=24, hr_frames=49, lr_size=4, lr_fps=10).lr_frames == 21
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hr_size=(32, 0), hr_fps=8, hr_frames=5), r"hr_size\[1\] \(width\)"),
+    (dict(hr_size=(32, 32, 3), hr_fps=8, hr_frames=5), r"hr_size must be \(height, width\)"),
+    (dict(hr_size=32, hr_fps=0, hr_frames=5), "hr_fps must be a positive"),
+    (dict(hr_size=32, hr_fps=8, hr_frames=0), "hr_frames must be an int >= 1"),
+    (dict(hr_size=32, hr_fps=8, hr_frames=5, lr_size=8), "lr_fps is required"),
+    (dict(hr_size=32, hr_fps=8, hr_frames=5, lr_fps=4), "without lr_size"),
+    (dict(hr_size=32, hr_fps=8, hr_frames=5, lr_size=8, lr_fps=16), r"lr_fps \(16.0\) must not exceed hr_fps"),
+    (dict(hr_size=32, hr_fps=8, hr_frames=5, lr_size=8, lr_fps=4, lr_frames=4), "holds at most 3"),
+])
+def test_video_spec_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VideoSpec(**kwargs)
+
+
+def test_video_spec_coerce_errors():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['fps'\]"):
+        VideoSpec.coerce(dict(hr_size=8, hr_fps=8, hr_frames=1, fps=3))
+    with pytest.raises(ValueError, match="spec must be a VideoSpec"):
+        VideoSpec.coerce((8, 8, 1))
+
+
+def test_lr_frame_indices_and_to_low_res():
+    assert lr_frame_indices(SPEC).tolist() == list(range(0, 65, 2))
+    spec = VideoSpec(hr_size=8, hr_fps=24, hr_frames=49, lr_size=4, lr_fps=10)
+    # low-res frame j at j/10 s shows the last high-res frame at or before it: floor(2.4 j)
+    assert lr_frame_indices(spec).tolist() == [int(2.4 * j + 1e-9) for j in range(21)]
+    hr = torch.arange(49, dtype=torch.float32).view(1, 49, 1, 1).expand(3, 49, 8, 8)
+    lr = to_low_res(hr, spec)
+    assert lr.shape == (3, 21, 4, 4)
+    want = torch.tensor([float(int(2.4 * j + 1e-9)) for j in range(21)]).view(21, 1, 1).expand(21, 4, 4)
+    torch.testing.assert_close(lr[0], want)  # (the antialiased resize of a constant rounds by ~1 ulp)
+    with pytest.raises(ValueError, match=r"expected \[..., 3, 49, H, W\]"):
+        to_low_res(hr[:, :10], spec)
+    with pytest.raises(ValueError, match="no low-res branch"):
+        lr_frame_indices(VideoSpec(hr_size=8, hr_fps=8, hr_frames=3))
+
+
+def test_resize_center_crop():
+    # a 2x4 (HxW) frame of column indices, to 2x2: cover scale 1, crop the middle two columns
+    x = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).expand(3, 2, 2, 4)
+    y = resize_center_crop(x, (2, 2))
+    assert y.shape == (3, 2, 2, 2) and torch.equal(y[0, 0, 0], torch.tensor([1.0, 2.0]))
+    # downscale 8x8 -> 4x4 by 2: antialiased bilinear of a constant stays constant, of a checker averages
+    checker = (torch.arange(8).view(8, 1) + torch.arange(8).view(1, 8)) % 2
+    z = resize_center_crop(checker.float().view(1, 1, 8, 8).expand(3, 1, 8, 8), (4, 4))
+    torch.testing.assert_close(z, torch.full_like(z, 0.5), atol=0.02, rtol=0)  # edges renormalise the filter
+    # leading batch dims and identity size
+    v = torch.rand(2, 3, 5, 6, 10)
+    assert torch.equal(resize_center_crop(v, (6, 10)), v)
+    assert resize_center_crop(v, (3, 3)).shape == (2, 3, 5, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic multi-shot videos
+# ---------------------------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_by_seed():
+    a = SyntheticMultiShotVideos(3, SPEC, seed=7)[2]
+    b = SyntheticMultiShotVideos(3, SPEC, seed=7)[2]
+    c = SyntheticMultiShotVideos(3, SPEC, seed=8)[2]
+    assert a["hr"].numpy().tobytes() == b["hr"].numpy().tobytes()
+    assert torch.equal(a["lr"], b["lr"]) and torch.equal(a["scene_ids"], b["scene_ids"])
+    assert a["storyboard"] == b["storyboard"]
+    assert not torch.equal(a["hr"], c["hr"])
+    # items of one dataset differ from each other
+    assert not torch.equal(a["hr"], SyntheticMultiShotVideos(3, SPEC, seed=7)[1]["hr"])
+
+
+def test_synthetic_item_layout_and_captions():
+    ds = SyntheticMultiShotVideos(4, SPEC, seed=0)
+    for i in range(len(ds)):
+        it = ds[i]
+        hr, lr = it["hr"], it["lr"]
+        assert hr.shape == (3, 65, 32, 48) and hr.dtype == torch.float32
+        assert hr.min() >= -1 and hr.max() <= 1 and hr.std() > 0.1
+        assert torch.equal(lr, to_low_res(hr, SPEC)) and lr.shape == (3, 33, 8, 12)
+        assert it["hr_fps"] == 8 and it["lr_fps"] == 4
+        plan = ds.plan(i)
+        sb = it["storyboard"]
+        assert isinstance(sb, Storyboard) and abs(sb.duration - SPEC.seconds) < 1e-9
+        for f in range(hr.shape[1]):
+            scene = plan.scenes[int(it["scene_ids"][f])]
+            assert sb.prompt_at(f / 8) == scene.caption
+        for scene in plan.scenes:
+            for sp in scene.sprites:
+                assert f"{sp.colour} {sp.shape}" in scene.caption
+            assert f"{scene.colour} " in scene.caption and scene.caption.endswith("background")
+        # consecutive shots show different scenes: every shot boundary is a cut
+        ids = it["scene_ids"].unique_consecutive()
+        assert ids.numel() == it["shot_ids"].max() + 1 and (ids[1:] != ids[:-1]).all()
+
+
+def test_synthetic_scenes_return_and_resume():
+    ds = SyntheticMultiShotVideos(6, SPEC, seed=3, shot_seconds=(0.5, 1.5))
+    n_returns = 0
+    for i in range(len(ds)):
+        it = ds[i]
+        hr, ids, st = it["hr"], it["scene_ids"], it["scene_time"]
+        returns = scene_returns(ids)
+        assert returns, "every video with >= 3 shots has a returning scene"
+        n_returns += len(returns)
+        for last, back in returns:
+            assert ids[last] == ids[back] and ids[back - 1] != ids[back]
+            # the scene's clock resumed where it stopped
+            assert abs(float(st[back] - st[last]) - 1 / 8) < 1e-9
+            # so the frame coming back continues the frame left: much closer to it than to the frame
+            # just before the cut (another scene)
+            back_vs_last = (hr[:, back] - hr[:, last]).abs().mean()
+            back_vs_cut = (hr[:, back] - hr[:, back - 1]).abs().mean()
+            assert back_vs_last < 0.25 * back_vs_cut
+        # sprites move: frames of one shot are not all the same
+        shot0 = hr[:, : int((it["shot_ids"] == 0).sum())]
+        assert (shot0[:, -1] - shot0[:, 0]).abs().max() > 0.5
+    assert n_returns >= len(ds)
+
+
+def test_synthetic_same_scene_time_gives_same_pixels():
+    ds = SyntheticMultiShotVideos(1, VideoSpec(hr_size=32, hr_fps=8, hr_frames=3), seed=0)
+    plan = ds.plan(0)
+    # render the same scene at the same scene times through two different shot plans
+    from pfp.data.synthetic import ShotPlan, VideoPlan
+    a = ds.render(VideoPlan(plan.scenes, (ShotPlan(1, 0, 3, 0.5),)))
+    b = ds.render(VideoPlan(plan.scenes, (ShotPlan(0, 0, 1, 0.0), ShotPlan(1, 1, 3, 0.5))))
+    assert torch.equal(a[:, 0], b[:, 1]) and not torch.equal(a[:, 0], b[:, 0])
+
+
+def test_synthetic_dataloader_collate():
+    ds = SyntheticMultiShotVideos(3, SPEC, seed=1)
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
+    assert batch["hr"].shape == (2, 3, 65, 32, 48) and batch["lr"].shape == (2, 3, 33, 8, 12)
+    assert batch["scene_ids"].shape == (2, 65) and batch["hr_fps"].tolist() == [8.0, 8.0]
+    assert len(batch["storyboard"]) == 2 and isinstance(batch["storyboard"][0], Storyboard)
+    assert batch["source"][1] == "synthetic:seed=1:index=1"
+    nolr = SyntheticMultiShotVideos(2, VideoSpec(hr_size=16, hr_fps=4, hr_frames=5))
+    b2 = collate([nolr[0], nolr[1]])
+    assert b2["lr"] == [None, None] and b2["hr"].shape == (2, 3, 5, 16, 16)
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_videos=0), "num_videos"),
+    (dict(num_scenes=1), "num_scenes"),
+    (dict(shot_seconds=(2.0, 1.0)), "shot_seconds"),
+    (dict(sprites_per_scene=(0, 2)), "sprites_per_scene"),
+    (dict(return_prob=1.5), "return_prob"),
+    (dict(seed=1.5), "seed"),
+])
+def test_synthetic_bad_args(kwargs, match):
+    args = dict(num_videos=2, spec=SPEC)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SyntheticMultiShotVideos(**args)
+    with pytest.raises(IndexError, match="out of range"):
+        SyntheticMultiShotVideos(2, SPEC)[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Video folder: real mp4/webm decode through PyAV
+# ---------------------------------------------------------------------------------------------
+
+def _write_pair(folder, name, video, fps, storyboard, ext=".mp4", crf=18):
+    os.makedirs(folder, exist_ok=True)
+    write_video(os.path.join(folder, name + ext), video, fps, crf=crf)
+    with open(os.path.join(folder, name + ".json"), "w") as f:
+        f.write(storyboard.to_json() if isinstance(storyboard, Storyboard) else json.dumps(storyboard))
+
+
+def _index_video(n, h=16, w=16):
+    """Frame i is uniform grey level 8*i (in [-1, 1]): decoded frames say which source frame they are."""
+    levels = torch.arange(n, dtype=torch.float32) * 8 / 127.5 - 1
+    return levels.view(1, n, 1, 1).expand(3, n, h, w).contiguous()
+
+
+def _frame_numbers(video):
+    return ((video.mean(dim=(0, 2, 3)) + 1) * 127.5 / 8).round().long().tolist()
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm"])
+def test_video_folder_round_trip_of_synthetic_video(tmp_path, ext):
+    src_spec = VideoSpec(hr_size=(32, 48), hr_fps=8, hr_frames=33)
+    item = SyntheticMultiShotVideos(1, src_spec, seed=5)[0]
+    _write_pair(tmp_path / "sub", "clip", item["hr"], 8, item["storyboard"], ext=ext)
+    spec = dict(hr_size=(32, 48), hr_fps=8, hr_frames=33, lr_size=(8, 12), lr_fps=4)
+    ds = VideoFolderDataset(tmp_path, spec)
+    assert len(ds) == 1
+    out = ds[0]
+    assert out["source"].endswith("clip" + ext) and out["start_seconds"] == 0.0
+    assert out["hr"].shape == (3, 33, 32, 48) and out["lr"].shape == (3, 17, 8, 12)
+    assert torch.equal(out["lr"], to_low_res(out["hr"], VideoSpec.coerce(spec)))
+    # lossy codec with 4:2:0 chroma on tiny frames full of sharp colour edges: ~0.1 mean error
+    # (colour levels themselves come back within 2/255), far below the error between scenes
+    err = (out["hr"] - item["hr"]).abs().mean(dim=(0, 2, 3))
+    assert err.max() < 0.15
+    other_scene = item["scene_ids"] != item["scene_ids"][0]
+    assert other_scene.any()
+    cross = (out["hr"][:, :1] - item["hr"][:, other_scene]).abs().mean(dim=(0, 2, 3))
+    assert cross.min() > 2 * err[0]
+    assert out["storyboard"] == item["storyboard"].window(0, 33 / 8)
+
+
+def test_video_folder_temporal_sampling(tmp_path):
+    _write_pair(tmp_path, "idx", _index_video(30), 10, [{"start": 0, "end": 3, "prompt": "grey"}], crf=0)
+    def read(**kw):
+        spec = dict(hr_size=(16, 16), **{k: v for k, v in kw.items() if k != "clip_start"})
+        return _frame_numbers(VideoFolderDataset(tmp_path, spec, clip_start=kw.get("clip_start", "first"))[0]["hr"])
+    assert read(hr_fps=10, hr_frames=30) == list(range(30))
+    assert read(hr_fps=5, hr_frames=15) == list(range(0, 30, 2))  # half rate: every other frame
+    assert read(hr_fps=20, hr_frames=6) == [0, 0, 1, 1, 2, 2]  # double rate: each frame twice
+    assert read(hr_fps=4, hr_frames=5) == [0, 2, 5, 7, 10]  # frame shown at i/4 s: floor(2.5 i)
+    assert read(hr_fps=10, hr_frames=10, clip_start=1.5) == list(range(15, 25))  # after a seek
+    assert read(hr_fps=10, hr_frames=5, clip_start=2.5) == list(range(25, 30))  # up to the last frame
+    # random starts stay inside the video and keep the frames consecutive
+    torch.manual_seed(0)
+    for _ in range(3):
+        got = read(hr_fps=10, hr_frames=8, clip_start="random")
+        assert got == list(range(got[0], got[0] + 8)) and 0 <= got[0] <= 22
+
+
+def test_video_folder_resizes_and_crops(tmp_path):
+    # 16x32 source whose left half is dark and right half bright, read as 8x8: cover-scale by 1/2
+    # to 8x16, then the centre 8 columns: the left 4 dark, the right 4 bright
+    v = torch.full((3, 3, 16, 32), -0.8)
+    v[..., 16:] = 0.8
+    _write_pair(tmp_path, "wide", v, 8, [{"start": 0, "end": 1, "prompt": "split"}], crf=0)
+    out = VideoFolderDataset(tmp_path, dict(hr_size=8, hr_fps=8, hr_frames=3))[0]["hr"]
+    assert out.shape == (3, 3, 8, 8)
+    assert (out[..., :3] < -0.6).all() and (out[..., 5:] > 0.6).all()
+
+
+def test_video_folder_clip_storyboard_is_retimed(tmp_path):
+    board = [{"start": 0, "end": 1, "prompt": "first"}, {"start": 1, "end": 3, "prompt": "second"}]
+    _write_pair(tmp_path, "v", _index_video(30), 10, board)
+    out = VideoFolderDataset(tmp_path, dict(hr_size=16, hr_fps=10, hr_frames=10), clip_start=0.5)[0]
+    sb = out["storyboard"]
+    assert sb.prompt_at(0.0) == "first" and sb.prompt_at(0.49) == "first" and sb.prompt_at(0.5) == "second"
+    assert abs(sb.duration - 1.0) < 1e-9
+
+
+def test_video_folder_errors(tmp_path):
+    spec = dict(hr_size=16, hr_fps=10, hr_frames=10)
+    with pytest.raises(ValueError, match="no videos"):
+        VideoFolderDataset(tmp_path, spec)
+    with pytest.raises(ValueError, match="is not a directory"):
+        VideoFolderDataset(tmp_path / "nope", spec)
+    # a video without its storyboard: names the json it expected
+    write_video(tmp_path / "lonely.mp4", _index_video(5), 10)
+    with pytest.raises(ValueError, match=r"lonely.mp4: missing storyboard .*lonely.json"):
+        VideoFolderDataset(tmp_path, spec)
+    # a malformed storyboard: names the file and the entry
+    (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}, {"start": 2}]))
+    with pytest.raises(StoryboardError, match=r"lonely.json: storyboard entry 1: missing key\(s\) 'end', 'prompt'"):
+        VideoFolderDataset(tmp_path, spec)
+    (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}]))
+    # too short: 5 frames at 10 fps cannot give 10 frames at 10 fps
+    with pytest.raises(RuntimeError, match=r"lonely.mp4: video too short: a clip of 10 frames at 10 fps"):
+        VideoFolderDataset(tmp_path, spec)[0]
+    # unreadable: not a video at all
+    (tmp_path / "lonely.mp4").write_bytes(b"this is not a video" * 10)
+    with pytest.raises(RuntimeError, match=r"lonely.mp4: cannot (open|decode) video"):
+        VideoFolderDataset(tmp_path, spec)[0]
+    with pytest.raises(ValueError, match="clip_start"):
+        VideoFolderDataset(tmp_path, spec, clip_start="middle")
+    with pytest.raises(ValueError, match="clip_start"):
+        VideoFolderDataset(tmp_path, spec, clip_start=-1.0)
+    with pytest.raises(IndexError, match="out of range"):
+        VideoFolderDataset(tmp_path, spec)[1]
+
+
+def test_write_video_is_atomic_and_checks_args(tmp_path, monkeypatch):
+    good = _index_video(4)
+    with pytest.raises(ValueError, match="even"):
+        write_video(tmp_path / "odd.mp4", good[..., :15], 10)
+    with pytest.raises(ValueError, match="must end in one of"):
+        write_video(tmp_path / "x.gif", good, 10)
+    with pytest.raises(ValueError, match=r"\[3, T, H, W\]"):
+        write_video(tmp_path / "x.mp4", good[0], 10)
+    with pytest.raises(ValueError, match="fps"):
+        write_video(tmp_path / "x.mp4", good, 0)
+    # a failure half-way leaves neither the target nor a temporary file behind
+    calls = {"n": 0}
+    real = av.VideoFrame.from_ndarray
+
+    def flaky(arr, format):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(arr, format=format)
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", staticmethod(flaky))
+    with pytest.raises(OSError, match="disk full"):
+        write_video(tmp_path / "half.mp4", good, 10)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    # and a good write replaces an existing file in one step
+    write_video(tmp_path / "ok.mp4", good, 10)
+    assert os.listdir(tmp_path) == ["ok.mp4"]
+
+
+def test_video_spec_from_the_compressors_plan():
+    rates = pytest.importorskip("pfp.rates", reason="pfp.rates (the compressor's what-to-feed helper) not merged here")
+    plan = rates.plan_inputs((48, 32), 8, 65 / 8, "4x4x2", vae_spatial=4, vae_temporal=1, latent_channels=48)
+    spec = VideoSpec.coerce(plan)
+    assert spec == SPEC
+    # and the low-res frames this module makes are the ones the plan describes: 0, rt, 2rt, ...
+    assert lr_frame_indices(spec).tolist() == list(range(0, plan.hr_frames, plan.rate.t))

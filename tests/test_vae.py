@@ -1,0 +1,214 @@
+import json
+import os
+
+import pytest
+import torch
+
+from pfp.vae import PatchVAE, VideoVAE, WanVAE, check_video_frames
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These ops are tiny; on the shared 2-core machine two OpenMP threads made the Wan VAE calls
+    # ~30x slower than one (measured 1.4 s vs 0.05 s per encode under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _video(b, t, h, w, dtype=torch.float32):
+    return (torch.rand(b, 3, t, h, w, dtype=dtype) * 2 - 1)
+
+
+@pytest.mark.parametrize("s,tf", [(1, 1), (2, 1), (4, 1), (2, 2), (4, 4), (3, 3)])
+def test_patch_vae_round_trip_is_exact(s, tf):
+    vae = PatchVAE(s, tf)
+    assert isinstance(vae, VideoVAE)
+    assert vae.latent_channels == 3 * s * s * tf
+    for k in (0, 1, 3):
+        t = 1 + tf * k
+        x = _video(2, t, 2 * s, 3 * s)
+        z = vae.encode(x)
+        assert z.shape == (2, vae.latent_channels, 1 + k, 2, 3)
+        assert vae.latent_frames(t) == 1 + k and vae.video_frames(1 + k) == t
+        y = vae.decode(z)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert torch.equal(y, x)
+        # latent -> video -> latent is exact too for latents that came from a video
+        assert torch.equal(vae.encode(y), z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_patch_vae_keeps_dtype_and_is_exact(dtype):
+    vae = PatchVAE(2, 1)
+    x = _video(1, 3, 4, 6, dtype)
+    z = vae.encode(x)
+    assert z.dtype == dtype
+    assert torch.equal(vae.decode(z), x)
+
+
+def test_patch_vae_channel_layout():
+    # channel order (rgb, dt, dy, dx); the causal first group repeats frame 0
+    s, tf = 2, 2
+    vae = PatchVAE(s, tf)
+    x = _video(1, 5, 4, 6)
+    z = vae.encode(x)
+    for c in range(3):
+        for dt in range(tf):
+            for dy in range(s):
+                for dx in range(s):
+                    ch = ((c * tf + dt) * s + dy) * s + dx
+                    # latent frame 0: frame 0 in every dt slot
+                    assert torch.equal(z[0, ch, 0], x[0, c, 0, dy::s, dx::s])
+                    # latent frame j >= 1 holds frames 1 + tf*(j-1) + dt
+                    for j in (1, 2):
+                        assert torch.equal(z[0, ch, j], x[0, c, 1 + tf * (j - 1) + dt, dy::s, dx::s])
+
+
+def test_patch_vae_normalisation():
+    vae = PatchVAE(2, 1, shift=0.25, scale=2.0)
+    x = _video(1, 2, 4, 4)
+    z = vae.encode(x)
+    assert torch.allclose(z, (PatchVAE(2, 1).encode(x) - 0.25) * 2.0)
+    assert torch.allclose(vae.decode(z), x, atol=1e-6)
+    # a power-of-two scale with no shift is still bit exact
+    v2 = PatchVAE(2, 1, scale=4.0)
+    assert torch.equal(v2.decode(v2.encode(x)), x)
+
+
+def test_patch_vae_gradient_flows():
+    vae = PatchVAE(2, 2)
+    x = _video(1, 3, 4, 4).requires_grad_()
+    vae.decode(vae.encode(x) * 3).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 3.0))
+
+
+def test_bad_frame_counts_name_valid_ones():
+    vae = PatchVAE(2, 4)
+    with pytest.raises(ValueError, match=r"7 frames.*1 \+ 4\*k.*use 5 or 9"):
+        vae.encode(_video(1, 7, 4, 4))
+    with pytest.raises(ValueError, match="use 1"):
+        check_video_frames(0, 4)
+    assert check_video_frames(9, 4) == 3
+    with pytest.raises(ValueError, match="num_latent"):
+        vae.video_frames(0)
+
+
+def test_bad_shapes_and_args():
+    vae = PatchVAE(4, 1)
+    with pytest.raises(ValueError, match=r"10x16.*spatial factor 4.*8x16"):
+        vae.encode(_video(1, 2, 10, 16))
+    with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]"):
+        vae.encode(torch.zeros(1, 4, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"\[B, 3, T, H, W\]"):
+        vae.encode(torch.zeros(3, 2, 8, 8))
+    with pytest.raises(ValueError, match="float"):
+        vae.encode(torch.zeros(1, 3, 2, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[B, 48, T', H', W'\]"):
+        vae.decode(torch.zeros(1, 16, 2, 2, 2))
+    with pytest.raises(ValueError, match="spatial_factor"):
+        PatchVAE(0)
+    with pytest.raises(ValueError, match="temporal_factor"):
+        PatchVAE(2, 1.5)
+    with pytest.raises(ValueError, match="scale"):
+        PatchVAE(2, scale=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        PatchVAE(2, scale=float("inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# WanVAE on a tiny, randomly initialised AutoencoderKLWan (no hub, nothing downloaded)
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_wan(z_dim=16):
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"diffusers AutoencoderKLWan unavailable: {e}")
+    torch.manual_seed(0)
+    # dim_mult of 3 levels -> 4x spatial; one temporal downsample -> 2x temporal
+    return AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True],
+                            latents_mean=[0.1 * i for i in range(z_dim)],
+                            latents_std=[1.0 + 0.1 * i for i in range(z_dim)]).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    model = _tiny_wan()
+    root = tmp_path_factory.mktemp("wan")
+    model.save_pretrained(root / "vae_only")
+    model.save_pretrained(root / "pipeline" / "vae")  # diffusers pipeline layout
+    return root
+
+
+def test_wan_vae_factors_shapes_and_normalisation(tiny_wan_dir):
+    vae = WanVAE.from_pretrained(tiny_wan_dir / "vae_only")
+    assert isinstance(vae, VideoVAE)
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (16, 4, 2)
+    x = _video(1, 5, 8, 12)
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert z.shape == (1, 16, vae.latent_frames(5), 2, 3) == (1, 16, 3, 2, 3)
+        # normalised with the config's mean/std, from the posterior mean
+        mu = vae.model.encode(x).latent_dist.mode()
+        mean = torch.tensor([0.1 * i for i in range(16)]).view(1, 16, 1, 1, 1)
+        std = torch.tensor([1.0 + 0.1 * i for i in range(16)]).view(1, 16, 1, 1, 1)
+        torch.testing.assert_close(z, (mu - mean) / std)
+        y = vae.decode(z)
+        assert y.shape == x.shape and vae.video_frames(3) == 5
+        assert y.abs().max() <= 1
+        # decode undoes the normalisation before the model's decoder
+        torch.testing.assert_close(y, vae.model.decode(mu).sample.clamp(-1, 1))
+        # a sampled encode differs from the mean but has the same shape
+        zs = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
+        assert zs.shape == z.shape and not torch.equal(zs, z)
+
+
+def test_wan_vae_loads_saved_weights_and_pipeline_layout(tiny_wan_dir):
+    ref = _tiny_wan()
+    a = WanVAE.from_pretrained(tiny_wan_dir / "vae_only")
+    b = WanVAE.from_pretrained(tiny_wan_dir / "pipeline")  # finds vae/ by itself
+    x = _video(1, 3, 8, 8)
+    with torch.no_grad():
+        za, zb, zr = a.encode(x), b.encode(x), WanVAE(ref).encode(x)
+    assert torch.equal(za, zb) and torch.equal(za, zr)
+    assert not any(p.requires_grad for p in a.parameters())
+
+
+def test_wan_vae_bad_inputs(tiny_wan_dir, tmp_path):
+    with pytest.raises(ValueError, match="not a local directory"):
+        WanVAE.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no config.json"):
+        WanVAE.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="AutoencoderKLWan"):
+        WanVAE(torch.nn.Linear(2, 2))
+    vae = WanVAE.from_pretrained(tiny_wan_dir / "vae_only")
+    with pytest.raises(ValueError, match=r"4 frames.*use 3 or 5"):
+        vae.encode(_video(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="spatial factor 4"):
+        vae.encode(_video(1, 3, 6, 8))
+    with pytest.raises(ValueError, match=r"\[B, 16, T', H', W'\]"):
+        vae.decode(torch.zeros(1, 4, 1, 2, 2))
+    cfg = json.loads((tiny_wan_dir / "vae_only" / "config.json").read_text())
+    assert cfg["z_dim"] == 16 and os.path.isfile(tiny_wan_dir / "vae_only" / "diffusion_pytorch_model.safetensors")
+
+
+def test_wan22_style_residual_patchified_vae():
+    # Wan 2.2's VAE patchifies 2x2 before the encoder: spatial factor = 2**(levels-1) * patch_size
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"diffusers AutoencoderKLWan unavailable: {e}")
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True], is_residual=True, patch_size=2,
+                             in_channels=12, out_channels=12, latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+    vae = WanVAE(model.eval())
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (8, 8, 2)
+    x = _video(1, 5, 16, 16)
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert z.shape == (1, 8, 3, 2, 2)
+        assert vae.decode(z).shape == x.shape
