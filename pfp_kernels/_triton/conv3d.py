@@ -286,6 +286,17 @@ def all_configs() -> list[tuple[str, str, ConvConfig]]:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+def _empty_cl3(shape: list[int], like: Tensor) -> Tensor:
+    """An uninitialised channels-last-3d output with exactly the strides of the fake kernels in
+    pfp_kernels/conv.py (``new_empty(shape).contiguous(memory_format=channels_last_3d)``: where
+    a contiguous tensor already counts as channels-last-3d, e.g. Cout = 1, it keeps the
+    contiguous strides), without that expression's copy."""
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if out.is_contiguous(memory_format=CL3):
+        return out
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3)
+
+
 def _check_dtype(t: Tensor, op: str) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{op} (triton): dtype must be one of float32, float16, bfloat16 (float64 "
@@ -350,7 +361,7 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[i
     kt, kh, kw = weight.shape[2:]
     shape = [x.shape[0], weight.shape[0]] + [
         (x.shape[2 + i] + 2 * padding[i] - k) // stride[i] + 1 for i, k in enumerate((kt, kh, kw))]
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL3)
+    out = _empty_cl3(shape, x)
     # Non-causal = the two-source kernel with no prev (P = 0) and V frame -padding_t first.
     return _launch_conv(x, None, weight, bias, stride, padding[1], padding[2], -padding[0], out, activation)
 
@@ -377,7 +388,7 @@ def causal_conv3d_act(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: O
     shape = [x.shape[0], weight.shape[0], num_out,
              (x.shape[3] + 2 * padding_hw[0] - kh) // stride[1] + 1,
              (x.shape[4] + 2 * padding_hw[1] - kw) // stride[2] + 1]
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CL3)
+    out = _empty_cl3(shape, x)
     return _launch_conv(x, prev, weight, bias, stride, padding_hw[0], padding_hw[1], time_offset,
                         out, activation)
 
