@@ -62,9 +62,9 @@ def compile_for(fn, signature: dict, constexprs: dict, capability: int, num_warp
 
     The register and spill figures are those of the ptxas run Triton itself makes (same flags,
     e.g. --regAllocOptLevel=2), read from its log; on a Triton cache hit ptxas is rerun with
-    those flags. Needs a process where TRITON_INTERPRET is off (under the interpreter even
-    triton.language's own helpers such as tl.cdiv are interpreter objects that cannot be
-    compiled): from an interpreted process, use ``compile_in_subprocesses``.
+    those flags. Under TRITON_INTERPRET=1 only kernels that call no triton.language helper
+    written in Triton (tl.cdiv, tl.sigmoid, ...) compile, since those are interpreter objects
+    there: from an interpreted process, prefer ``compile_in_subprocesses``.
     """
     import contextlib
     import io
@@ -75,9 +75,8 @@ def compile_for(fn, signature: dict, constexprs: dict, capability: int, num_warp
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    if knobs.runtime.interpret or not isinstance(fn, JITFunction):
-        raise RuntimeError("compile_for: TRITON_INTERPRET is on in this process, so kernels cannot be "
-                           "compiled for a GPU here; use compile_in_subprocesses(...)")
+    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 @triton.jit gave a wrapper
+        fn = JITFunction(fn.fn)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
@@ -87,6 +86,12 @@ def compile_for(fn, signature: dict, constexprs: dict, capability: int, num_warp
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                       options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:
+        if knobs.runtime.interpret:
+            raise RuntimeError(f"compile_for: compiling {fn.__name__} failed in a process with "
+                               "TRITON_INTERPRET on (kernels calling triton.language helpers such as "
+                               "tl.cdiv cannot compile there); use compile_in_subprocesses(...)") from exc
+        raise
     finally:
         knobs.nvidia.dump_ptxas_log = saved
     regs, stores, loads = _ptxas_figures(log.getvalue())

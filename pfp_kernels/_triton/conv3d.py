@@ -297,6 +297,14 @@ def _empty_cl3(shape: list[int], like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3)
 
 
+def _check_offsets(t: Tensor, name: str, op: str) -> None:
+    # The kernels index within one batch item in int32 (the batch offset is int64).
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size > 0)
+    if span >= 2 ** 31:
+        raise ValueError(f"{op} (triton): one batch item of {name} spans {span} elements; the kernels "
+                         f"index within a batch item in int32 (< 2**31); split the input")
+
+
 def _check_dtype(t: Tensor, op: str) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{op} (triton): dtype must be one of float32, float16, bfloat16 (float64 "
@@ -317,6 +325,9 @@ def _launch_conv(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Option
                  activation: str) -> Tensor:
     b, cout, t_out, h_out, w_out = out.shape
     cin = x.shape[1]
+    for t, name in ((x, "x"), (prev, "prev"), (out, "the output")):
+        if t is not None:
+            _check_offsets(t, name, "conv3d_act")
     m = b * t_out * h_out * w_out
     if m == 0 or cout == 0:
         return out
@@ -409,6 +420,9 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     m = b * thw
     if m == 0 or n == 0:
         return out
+    for t, name in ((h, "h"), (residual, "residual"), (out, "the output")):
+        if t is not None:
+            _check_offsets(t, name, "project_tokens")
     cfg = pick_config(c, n, m, h.dtype, h.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     res = residual if residual is not None else out
