@@ -18,7 +18,8 @@ Both convolutions are one implicit-GEMM kernel, ``_conv3d_act_kernel``, over cha
   i.e. the weight in channels-last-3d. The launcher calls ``weight.contiguous(memory_format=
   channels_last_3d)`` on every call: a no-op for a weight already stored that way (the nn modules
   can keep it so), otherwise one small repack per call (the largest compressor weight, 256->512
-  k3, is 3.5 M elements: ~5 us on an H100, against ~0.1 ms for the conv). Nothing is cached, so a
+  k3, is 3.5 M elements: by bandwidth ~5 us on an H100, against ~0.1 ms of conv FLOPs; estimates,
+  not measured). Nothing is cached, so a
   weight updated in place is never stale.
 * Zero padding is folded into the load masks (no F.pad). Time is indexed in a virtual sequence
   V = [prev ; x]: output frame j reads V frames ``time_offset + stride_t * j + dt``; V frames < 0
