@@ -53,6 +53,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -144,6 +145,50 @@ Tensor channels_innermost(const Tensor& t) {
 
 Tensor empty_cl3(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return at::empty(sizes, opts.memory_format(at::MemoryFormat::ChannelsLast3d));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Weight-derived tensors (the direct kernel's packed panels, oneDNN's prepacked fp32 weight) are
+// cached per weight tensor: re-deriving a 14 MB stage weight on every streaming append would cost
+// more than the append's arithmetic. An entry is valid only for the same live TensorImpl (held by
+// a weak pointer, so a freed weight can never alias a new one), the same data pointer and the
+// same version counter (any in-place update, e.g. an optimizer step, bumps it). Inference tensors
+// have no version counter and are never cached.
+// ------------------------------------------------------------------------------------------------
+struct WeightCacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+  const void* data;
+  uint32_t version;
+  std::string tag;
+  Tensor value;
+};
+
+std::mutex g_weight_cache_mutex;
+std::vector<WeightCacheEntry> g_weight_cache;
+constexpr size_t kWeightCacheEntries = 32;
+
+template <typename Factory>
+Tensor cached_from_weight(const Tensor& weight, const std::string& tag, Factory&& make) {
+  if (weight.is_inference() || !weight.defined()) return make();
+  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+  const void* data = weight.const_data_ptr();
+  {
+    std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
+    for (auto& e : g_weight_cache) {
+      if (e.tag != tag || e.data != data || e.version != version) continue;
+      auto owner = e.owner.lock();
+      if (owner.get() == weight.unsafeGetTensorImpl()) return e.value;
+    }
+  }
+  Tensor value = make();
+  std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
+  g_weight_cache.erase(std::remove_if(g_weight_cache.begin(), g_weight_cache.end(),
+                                      [](const WeightCacheEntry& e) { return e.owner.expired(); }),
+                       g_weight_cache.end());
+  if (g_weight_cache.size() >= kWeightCacheEntries) g_weight_cache.erase(g_weight_cache.begin());
+  g_weight_cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), data,
+                            version, tag, value});
+  return value;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -339,7 +384,9 @@ void direct_conv(const Geometry& g, const Tensor& x, const std::optional<Tensor>
     using Kernel = DirectConv<scalar_t>;
     using acc = typename Kernel::acc;
     const auto acc_type = c10::CppTypeToScalarType<acc>::value;
-    Tensor wpack = pack_weight(weight, acc_type, Kernel::kBlock);
+    Tensor wpack = cached_from_weight(weight, "direct-pack", [&] {
+      return pack_weight(weight, acc_type, Kernel::kBlock);
+    });
     Tensor bpack;
     if (bias) {
       int64_t padded = wpack.size(0) * Kernel::kBlock;
@@ -396,6 +443,18 @@ Tensor onednn_conv(const Tensor& x, const Tensor& weight, const std::optional<Te
   const int64_t dilation[3] = {1, 1, 1};
   return op.call(x, weight, bias, padding, stride, dilation, 1, silu ? "swish" : "none",
                  c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// The weight in oneDNN's blocked layout for this conv geometry (an opaque mkldnn tensor).
+Tensor onednn_prepack_weight(const Tensor& w32, std::vector<int64_t> padding, at::IntArrayRef stride,
+                             std::vector<int64_t> input_size) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "")
+          .typed<Tensor(const Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                        at::OptionalIntArrayRef)>();
+  const int64_t dilation[3] = {1, 1, 1};
+  return op.call(w32, padding, stride, dilation, 1, at::OptionalIntArrayRef(input_size));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -477,7 +536,15 @@ Tensor run_conv(const ConvCall& c) {
   // oneDNN computes in fp32; bf16/fp16 go through one conversion each way.
   const bool convert = dtype != at::kFloat;
   auto f32 = [&](const Tensor& t) { return convert ? t.to(at::kFloat) : t; };
-  const Tensor w32 = f32(w);
+  // oneDNN's blocked weight, prepacked once per weight (and conv geometry) instead of reordered
+  // on every call as the plain-weight op does.
+  std::ostringstream key;
+  key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << front << "," << g.ph << ","
+      << g.pw << " in" << g.B << "," << g.Cin << "," << g.H << "," << g.W;
+  const Tensor w32 = cached_from_weight(w, key.str(), [&] {
+    return onednn_prepack_weight(f32(w), {std::max<int64_t>(front, 0), g.ph, g.pw}, c.stride,
+                                 {g.B, g.Cin, std::max<int64_t>(N, g.kt), g.H, g.W});
+  });
   std::optional<Tensor> b32;
   if (c.bias) b32 = f32(*c.bias);
 

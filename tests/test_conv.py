@@ -171,6 +171,33 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
         torch.ops.pfp._conv_cpu_path("fastest")
 
 
+@needs_cpp
+@pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
+def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
+    """The C++ side caches weight-derived tensors (packed panels, oneDNN's blocked weight); an
+    in-place update, a fresh tensor at a recycled address, or an inference tensor must never be
+    served a stale copy."""
+    case = ConvCase(1, 8, 16, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "silu")
+    g = torch.Generator().manual_seed(11)
+    x = make_activation((1, 8, 5, 6, 7), torch.float32, "channels_last", generator=g)
+    w, b = make_params(case, torch.float32, generator=g)
+
+    def check(weight):
+        y = pk.conv3d_act(x, weight, b, 1, 1, impl="cpp")
+        ref = C.conv3d_act_reference(x.double(), weight.double(), b.double(), [1, 1, 1], [1, 1, 1], "silu")
+        assert_close_to_reference(y, ref, torch.float32, "cached weight")
+
+    check(w)
+    with torch.no_grad():
+        w.mul_(-0.5)       # same tensor, same storage, new version
+    check(w)
+    for _ in range(3):     # new tensors, possibly at recycled addresses
+        check(torch.randn_like(w) * 0.1)
+    with torch.inference_mode():
+        wi = torch.randn_like(w) * 0.1
+    check(wi)
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients, opcheck, torch.compile
 # ----------------------------------------------------------------------------------------------
