@@ -36,6 +36,11 @@
 //            compute. Chosen for short chunks and for B > 1.
 // The fresh-stream case (no prev) needs no direct-kernel frames at all in the aligned layout.
 //
+// Weights: what the kernels derive from a weight (the direct kernel's packed panels, oneDNN's
+// blocked fp32 weight) is cached by the weight's content (a hash of its bytes, one read pass per
+// call), so a streaming append does not re-derive 14 MB stage weights each time; see
+// cached_from_weight. The eager baseline and the plain-weight oneDNN op reorder every call.
+//
 // Layouts: activations may come in any memory format; inputs whose channel stride is not 1 are
 // relaid to channels-last-3d once (the only hidden copy, and it is documented in conv.py).
 // Outputs are always dense channels-last-3d, exactly the strides of the fake kernels in
@@ -52,6 +57,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <mutex>
 #include <cstdint>
@@ -149,45 +155,71 @@ Tensor empty_cl3(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 
 // ------------------------------------------------------------------------------------------------
 // Weight-derived tensors (the direct kernel's packed panels, oneDNN's prepacked fp32 weight) are
-// cached per weight tensor: re-deriving a 14 MB stage weight on every streaming append would cost
-// more than the append's arithmetic. An entry is valid only for the same live TensorImpl (held by
-// a weak pointer, so a freed weight can never alias a new one), the same data pointer and the
-// same version counter (any in-place update, e.g. an optimizer step, bumps it). Inference tensors
-// have no version counter and are never cached.
+// cached by the weight's *content*: re-deriving a 14 MB stage weight (a transposing copy, or
+// oneDNN's reorder) on every streaming append would cost more than the append's arithmetic.
+// The key is a 64-bit position-dependent hash of the weight's bytes (one parallel read pass,
+// several times cheaper than a re-derivation) plus its shape, strides and dtype. Content, not
+// identity: tensor identity + version counter misses writes made through `w.data` (which gets its
+// own version counter) and is not available for inference tensors, so it would serve stale
+// weights. Any single changed word always changes the hash (each word is multiplied by an odd
+// position constant, invertible mod 2^64).
 // ------------------------------------------------------------------------------------------------
+uint64_t content_hash(const Tensor& t) {
+  Tensor c = t.contiguous();
+  const auto* bytes = static_cast<const unsigned char*>(c.const_data_ptr());
+  const int64_t nbytes = c.numel() * c.element_size();
+  const int64_t nwords = nbytes / 4;
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t nchunks = (nwords + kChunk - 1) / kChunk;
+  std::vector<uint64_t> partial(std::max<int64_t>(nchunks, 1), 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      uint64_t h = 0;
+      const int64_t i1 = std::min(nwords, (ch + 1) * kChunk);
+      for (int64_t i = ch * kChunk; i < i1; ++i) {
+        uint32_t word;
+        std::memcpy(&word, bytes + 4 * i, 4);
+        h += (static_cast<uint64_t>(word) + 0x632BE59BD9B4E019ull) *
+             ((static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull) | 1ull);
+      }
+      partial[ch] = h;
+    }
+  });
+  uint64_t h = static_cast<uint64_t>(nbytes) * 0xD6E8FEB86659FD93ull;
+  for (uint64_t p : partial) h += p;
+  for (int64_t i = nwords * 4; i < nbytes; ++i) h = h * 0x100000001B3ull + bytes[i];
+  return h;
+}
+
 struct WeightCacheEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl> owner;
-  const void* data;
-  uint32_t version;
-  std::string tag;
+  std::string key;
   Tensor value;
 };
 
 std::mutex g_weight_cache_mutex;
-std::vector<WeightCacheEntry> g_weight_cache;
+std::vector<WeightCacheEntry> g_weight_cache;  // most recently used last
 constexpr size_t kWeightCacheEntries = 32;
 
 template <typename Factory>
 Tensor cached_from_weight(const Tensor& weight, const std::string& tag, Factory&& make) {
-  if (weight.is_inference() || !weight.defined()) return make();
-  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
-  const void* data = weight.const_data_ptr();
+  std::ostringstream key;
+  key << tag << '|' << weight.sizes() << weight.strides() << weight.scalar_type() << '|'
+      << content_hash(weight);
+  const std::string k = key.str();
   {
     std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
-    for (auto& e : g_weight_cache) {
-      if (e.tag != tag || e.data != data || e.version != version) continue;
-      auto owner = e.owner.lock();
-      if (owner.get() == weight.unsafeGetTensorImpl()) return e.value;
+    for (size_t i = 0; i < g_weight_cache.size(); ++i) {
+      if (g_weight_cache[i].key != k) continue;
+      WeightCacheEntry hit = std::move(g_weight_cache[i]);
+      g_weight_cache.erase(g_weight_cache.begin() + i);
+      g_weight_cache.push_back(hit);
+      return hit.value;
     }
   }
   Tensor value = make();
   std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
-  g_weight_cache.erase(std::remove_if(g_weight_cache.begin(), g_weight_cache.end(),
-                                      [](const WeightCacheEntry& e) { return e.owner.expired(); }),
-                       g_weight_cache.end());
   if (g_weight_cache.size() >= kWeightCacheEntries) g_weight_cache.erase(g_weight_cache.begin());
-  g_weight_cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), data,
-                            version, tag, value});
+  g_weight_cache.push_back({k, value});
   return value;
 }
 

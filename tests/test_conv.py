@@ -174,9 +174,9 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
 @needs_cpp
 @pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
 def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
-    """The C++ side caches weight-derived tensors (packed panels, oneDNN's blocked weight); an
-    in-place update, a fresh tensor at a recycled address, or an inference tensor must never be
-    served a stale copy."""
+    """The C++ side caches weight-derived tensors (packed panels, oneDNN's blocked weight) by
+    content; an in-place update (also through .data, which has its own version counter), a fresh
+    tensor at a recycled address, or an inference tensor must never be served a stale copy."""
     case = ConvCase(1, 8, 16, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "silu")
     g = torch.Generator().manual_seed(11)
     x = make_activation((1, 8, 5, 6, 7), torch.float32, "channels_last", generator=g)
@@ -190,6 +190,8 @@ def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
     check(w)
     with torch.no_grad():
         w.mul_(-0.5)       # same tensor, same storage, new version
+    check(w)
+    w.data[3, 2, 1, 1, 1] += 0.25   # one element, through .data: the version counter does not move
     check(w)
     for _ in range(3):     # new tensors, possibly at recycled addresses
         check(torch.randn_like(w) * 0.1)
