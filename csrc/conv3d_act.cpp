@@ -17,24 +17,26 @@
 //   column falls in the zero padding, points at a row of zeros instead of being gathered or
 //   padded, so no F.pad and no concatenation is ever built. It runs
 //     - fp64 (oneDNN has no fp64 conv), and when oneDNN is disabled or unavailable;
-//     - the few causal boundary outputs that read the state frames `prev` (at most
-//       ceil((kt-1)/st) output frames per call);
 //     - convs too small for oneDNN's per-call overhead (weight reorder, primitive lookup).
 //
 // The causal form never materialises [prev ; x]. Output frame m reads V[time_offset + st*m + dt]
 // with V = [prev ; x]. Outputs whose window lies inside x are computed by oneDNN from x itself
-// (a view), the time padding in front folded into oneDNN's padding; outputs whose window touches
-// prev come from the direct kernel. Two layouts of the oneDNN part, chosen by a cost estimate:
+// (a view), the time padding in front folded into oneDNN's padding. The at most ceil((kt-1)/st)
+// outputs whose window touches prev are computed by oneDNN from a gathered window of the at most
+// 2*kt-1 frames they read (bounded by the kernel size, never by the chunk or the history); under
+// impl forcing the direct kernel (and for fp64) they read prev and x in place with no gather at
+// all. The benchmark decided for the gathered window: the direct kernel runs these 1-2 frames
+// 2-3x slower than oneDNN. Two layouts of the oneDNN part, chosen by a cost estimate:
 //   aligned: oneDNN runs over all of x with symmetric time padding equal to the number of
 //            virtual frames before x, so its output frame m is our output m. Batch 1 then
 //            returns oneDNN's own buffer (a view of its first num_out frames; the padding at the
-//            end costs ~2*(kt-1)/st wasted frames) and the direct kernel overwrites the boundary
-//            frames in place. No copy of input or output.
+//            end costs ~2*(kt-1)/st wasted frames) and the boundary frames are overwritten in
+//            place. No copy of input or output.
 //   copied:  oneDNN computes exactly the inner outputs from the time slice of x they read (a
 //            view; per batch element when B > 1 so the slice stays dense) and they are copied into
 //            the output after the boundary frames: one extra pass over the output, no wasted
 //            compute. Chosen for short chunks and for B > 1.
-// The fresh-stream case (no prev) needs no direct-kernel frames at all in the aligned layout.
+// The fresh-stream case (no prev) needs no boundary frames at all in the aligned layout.
 //
 // Weights: what the kernels derive from a weight (the direct kernel's packed panels, oneDNN's
 // blocked fp32 weight) is cached by the weight's content (a hash of its bytes, one read pass per
@@ -161,8 +163,8 @@ Tensor empty_cl3(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 // several times cheaper than a re-derivation) plus its shape, strides and dtype. Content, not
 // identity: tensor identity + version counter misses writes made through `w.data` (which gets its
 // own version counter) and is not available for inference tensors, so it would serve stale
-// weights. Any single changed word always changes the hash (each word is multiplied by an odd
-// position constant, invertible mod 2^64).
+// weights. Any single changed word always changes the hash (each word is multiplied by odd
+// position constants, invertible mod 2^32).
 // ------------------------------------------------------------------------------------------------
 uint64_t content_hash(const Tensor& t) {
   Tensor c = t.contiguous();
@@ -172,16 +174,30 @@ uint64_t content_hash(const Tensor& t) {
   constexpr int64_t kChunk = 1 << 16;
   const int64_t nchunks = (nwords + kChunk - 1) / kChunk;
   std::vector<uint64_t> partial(std::max<int64_t>(nchunks, 1), 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
+      // 8 independent 32-bit lanes x 2 multipliers, so the compiler vectorizes the loop (AVX2
+      // has 32-bit but no 64-bit vector multiply); each multiplier is odd, hence invertible.
+      uint32_t a[8] = {0}, b[8] = {0};
+      const int64_t i0 = ch * kChunk, i1 = std::min(nwords, (ch + 1) * kChunk);
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8) {
+        for (int l = 0; l < 8; ++l) {
+          uint32_t word;
+          std::memcpy(&word, bytes + 4 * (i + l), 4);
+          const uint32_t pos = static_cast<uint32_t>(i + l);
+          a[l] += (word ^ 0x9E3779B9u) * (pos * 0x85EBCA6Bu | 1u);
+          b[l] += (word + 0x7F4A7C15u) * (pos * 0xC2B2AE35u + 0x27D4EB2Fu | 1u);
+        }
+      }
       uint64_t h = 0;
-      const int64_t i1 = std::min(nwords, (ch + 1) * kChunk);
-      for (int64_t i = ch * kChunk; i < i1; ++i) {
+      for (; i < i1; ++i) {
         uint32_t word;
         std::memcpy(&word, bytes + 4 * i, 4);
-        h += (static_cast<uint64_t>(word) + 0x632BE59BD9B4E019ull) *
-             ((static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull) | 1ull);
+        h += (static_cast<uint64_t>(word) + 1) * ((static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull) | 1ull);
       }
+      for (int l = 0; l < 8; ++l)
+        h += (static_cast<uint64_t>(a[l]) << 32 | b[l]) * (0xFF51AFD7ED558CCDull + 2 * l);
       partial[ch] = h;
     }
   });
@@ -506,10 +522,10 @@ struct ConvCall {
 
 // Rough cost estimate (in ns) used to choose between the two oneDNN layouts. Calibrated on the
 // compressor stage shapes with benchmarks/bench_conv.py: oneDNN ~50 GFLOP/s on this 2-core AVX2
-// box, copying an output element ~1.5 ns, the direct kernel ~1.5x slower per output than oneDNN.
+// box, copying an output element ~1.5 ns.
 constexpr double kOneDnnFlopsPerNs = 50.0;
 constexpr double kCopyNsPerElem = 1.5;
-constexpr double kDirectSlowdown = 1.5;
+constexpr double kBoundarySlowdown = 1.3;  // gathered window: copy + a second oneDNN call
 
 Tensor run_conv(const ConvCall& c) {
   const Tensor& x = c.x;
@@ -580,6 +596,25 @@ Tensor run_conv(const ConvCall& c) {
   std::optional<Tensor> b32;
   if (c.bias) b32 = f32(*c.bias);
 
+  // Outputs [0, nb) read prev frames. oneDNN computes them from a gathered window of the at most
+  // st*(nb-1)+kt <= 2*kt-1 frames of V they read (bounded by the kernel, not the chunk); the direct
+  // kernel, which reads prev and x in place, is ~2-3x slower per frame than oneDNN here.
+  auto boundary = [&](const Tensor& y, int64_t nb) {
+    if (!nb) return;
+    const int64_t v0 = c.time_offset, v1 = c.time_offset + g.st * (nb - 1) + g.kt;
+    std::vector<Tensor> parts;
+    if (v0 < 0) parts.push_back(at::zeros({g.B, g.Cin, std::min<int64_t>(-v0, v1 - v0), g.H, g.W}, opts));
+    if (P > 0 && std::max<int64_t>(v0, 0) < std::min(v1, P))
+      parts.push_back(c.prev->narrow(2, std::max<int64_t>(v0, 0), std::min(v1, P) - std::max<int64_t>(v0, 0)));
+    if (v1 > P) {
+      const int64_t a = std::max(v0, P);
+      parts.push_back(x.narrow(2, a - P, v1 - a));
+    }
+    Tensor window = f32(at::cat(parts, 2)).contiguous(at::MemoryFormat::ChannelsLast3d);
+    const int64_t padding[3] = {0, g.ph, g.pw};
+    y.narrow(2, 0, nb).copy_(onednn_conv(window, w32, b32, padding, c.stride, c.silu));
+  };
+
   // Aligned layout: oneDNN over x (from the first frame any output reads) with symmetric time
   // padding `front`, so that its output frame m is our output frame m.
   const int64_t pad_t = std::max<int64_t>(front, 0);
@@ -600,9 +635,9 @@ Tensor run_conv(const ConvCall& c) {
 
   const double frame_ns = flops_per_frame / kOneDnnFlopsPerNs;
   const double out_frame_elems = static_cast<double>(g.B) * g.Cout * g.Ho * g.Wo;
-  const double cost_aligned = (to_full + kDirectSlowdown * nb_aligned) * frame_ns +
+  const double cost_aligned = (to_full + kBoundarySlowdown * nb_aligned) * frame_ns +
                               (aligned_copies ? out_frame_elems * M * kCopyNsPerElem : 0.0);
-  const double cost_copied = (M - nb_copied + kDirectSlowdown * nb_copied) * frame_ns +
+  const double cost_copied = (M - nb_copied + kBoundarySlowdown * nb_copied) * frame_ns +
                              out_frame_elems * (M - nb_copied) * kCopyNsPerElem;
   const bool aligned = aligned_ok && (!copied_ok || cost_aligned <= cost_copied);
 
@@ -624,14 +659,14 @@ Tensor run_conv(const ConvCall& c) {
       y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
       y.copy_(full.narrow(2, 0, M));
     }
-    if (nb) direct_conv(g, x, c.prev, w, c.bias, c.silu, c.time_offset, y, 0, nb);
+    boundary(y, nb);
     plan << "onednn-aligned(pad_t=" << pad_t << ",frames=" << to_full << ")";
     if (aligned_copies) plan << "+copy";
-    if (nb) plan << "+direct[0," << nb << ")";
+    if (nb) plan << "+gathered[0," << nb << ")";
   } else {
     const int64_t nb = nb_copied;
     y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
-    if (nb) direct_conv(g, x, c.prev, w, c.bias, c.silu, c.time_offset, y, 0, nb);
+    boundary(y, nb);
     const int64_t len = inner_end - inner_first;
     const int64_t padding[3] = {0, g.ph, g.pw};
     for (int64_t b = 0; b < g.B; ++b) {
@@ -642,7 +677,7 @@ Tensor run_conv(const ConvCall& c) {
       y.narrow(0, b, 1).narrow(2, nb, M - nb).copy_(yb);
     }
     plan << "onednn-copied[" << nb << "," << M << ")";
-    if (nb) plan << "+direct[0," << nb << ")";
+    if (nb) plan << "+gathered[0," << nb << ")";
   }
   if (convert) plan << " via fp32";
   g_last_plan = plan.str();

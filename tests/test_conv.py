@@ -157,9 +157,9 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
         for n in (40, 3, 40):  # fresh long chunk, short chunk after state, long chunk after state
             _, state = pk.causal_conv3d_act(x[:, :, :n], w, b, 1, 1, state=state, impl="cpp")
             plans.append(torch.ops.pfp._conv_cpu_last_plan())
-        assert plans[0].startswith("onednn-aligned") and "direct" not in plans[0], plans
-        assert plans[1].startswith("onednn-copied") and "+direct[0,2)" in plans[1], plans
-        assert plans[2].startswith("onednn-aligned") and "+direct[0,2)" in plans[2], plans
+        assert plans[0].startswith("onednn-aligned") and "gathered" not in plans[0], plans
+        assert plans[1].startswith("onednn-copied") and "+gathered[0,2)" in plans[1], plans
+        assert plans[2].startswith("onednn-aligned") and "+gathered[0,2)" in plans[2], plans
         # fp64 has no oneDNN conv: the direct kernel runs
         pk.conv3d_act(x[:, :, :3].double(), w.double(), b.double(), 1, 1, impl="cpp")
         assert torch.ops.pfp._conv_cpu_last_plan().startswith("direct"), torch.ops.pfp._conv_cpu_last_plan()
