@@ -1,0 +1,559 @@
+"""The dual-branch memory compressor (PFP section 3.2, Figure 3), streaming.
+
+Data flow for a history of T high-res latent frames at rate ``h x w x t`` (see pfp/rates.py for
+the rate arithmetic, the stage plan and the what-to-feed helper :func:`pfp.plan_inputs`)::
+
+    hr_latent [B, C, T, H, W] --crop top-left to the token grid (view)--> causal conv+SiLU stages
+        (time first, then space; widths ``hidden``) --> [B, hidden[-1], t, h, w]
+        --> project_tokens into ``inner_dim`` ----------------------------+ (epilogue add)
+    lr_latent [B, C, t, H', W'] --crop--> patch_embed (the backbone's own) --> tokens [B, t*h*w, inner]
+
+The high-res features go straight from the last stage (``hidden[-1]`` wide) into the backbone's
+width: they never pass through the VAE's channel bottleneck. Token j of the context adds the
+HR stack's output frame j (which reads HR frames up to ``rt*j``, causally) and the LR latent
+frame j (the video at 1/rt fps, whose latent frame j ends on the same video frame when the VAE
+is causal). Tokens are ordered (t, h, w); their positions are documented in
+:func:`pfp.rates.token_positions`.
+
+Initialisation: the HR projection (weight and bias) starts at zero, so a fresh compressor outputs
+the LR branch alone, i.e. exactly what the backbone's patch embedding makes of the low-res video,
+and training starts from the backbone's own representation. The zero projection still gets a
+gradient (``dL/dW = g^T h`` with h the nonzero stage features); the conv stages receive gradient
+once the first update has moved the projection off zero. Pass ``zero_init=False`` for the usual
+``nn.Linear``-style initialisation instead.
+
+Every conv and the projection run through :mod:`pfp_kernels` (``impl="auto"`` by default:
+C++ on CPU, Triton on CUDA when present, else the plain-PyTorch reference).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from pfp_kernels.conv import CausalConvState, causal_conv3d_act, project_tokens
+from pfp_kernels.nn import CausalConv3dAct, TokenProjection
+
+from .rates import Rate, RateLike, parse_rate, stage_plan, token_grid, token_positions
+
+CL3 = torch.channels_last_3d
+CHECKPOINT_FORMAT = "pfp.MemoryCompressor/1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Context
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """Compressed history handed to the backbone.
+
+    tokens: ``[B, N, C]`` in the backbone's inner width C.
+    positions: ``[N, 3]`` float32 ``(t, h, w)`` in the backbone's latent-token coordinates (the
+        centre of the region each token covers; shared by the whole batch).
+    mask: ``[B, N]`` bool, True where a token is real, or None when every token is real. Set when
+        the samples of a batch have histories of different lengths (padded tokens are False).
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    mask: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if self.tokens.dim() != 3:
+            raise ValueError(f"Context.tokens must be [B, N, C], got shape {tuple(self.tokens.shape)}")
+        n = self.tokens.shape[1]
+        if tuple(self.positions.shape) != (n, 3):
+            raise ValueError(f"Context.positions must be [N={n}, 3], got shape {tuple(self.positions.shape)}")
+        if self.mask is not None and (tuple(self.mask.shape) != tuple(self.tokens.shape[:2])
+                                      or self.mask.dtype != torch.bool):
+            raise ValueError(f"Context.mask must be a bool [B, N]={tuple(self.tokens.shape[:2])} tensor, got "
+                             f"{self.mask.dtype} {tuple(self.mask.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def valid_mask(self) -> Tensor:
+        """``[B, N]`` bool, True where a token is real (all True when ``mask`` is None)."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.tokens.shape[:2], dtype=torch.bool, device=self.tokens.device)
+
+    @property
+    def lengths(self) -> Tensor:
+        """``[B]`` int64 number of real tokens per sample."""
+        return self.valid_mask().sum(dim=1)
+
+
+def mix_contexts(*contexts: Context) -> Context:
+    """Concatenate contexts (e.g. from a 4x4x2 and a 2x2x8 compressor) along the tokens.
+
+    Each keeps its own positions, which share the backbone's coordinates, so RoPE places every
+    token correctly. The result's mask is None unless some input has one.
+    """
+    if len(contexts) == 1 and isinstance(contexts[0], (list, tuple)):
+        contexts = tuple(contexts[0])
+    if not contexts:
+        raise ValueError("mix_contexts needs at least one Context")
+    for i, c in enumerate(contexts):
+        if not isinstance(c, Context):
+            raise ValueError(f"mix_contexts: argument {i} is a {type(c).__name__}, not a Context")
+    first = contexts[0].tokens
+    for i, c in enumerate(contexts[1:], 1):
+        t = c.tokens
+        if t.shape[0] != first.shape[0] or t.shape[2] != first.shape[2]:
+            raise ValueError(f"mix_contexts: context {i} has tokens {tuple(t.shape)} but context 0 has "
+                             f"{tuple(first.shape)}; batch size and width must agree")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"mix_contexts: context {i} is {t.dtype} on {t.device}, context 0 is "
+                             f"{first.dtype} on {first.device}")
+    tokens = torch.cat([c.tokens for c in contexts], dim=1)
+    positions = torch.cat([c.positions for c in contexts], dim=0)
+    mask = None
+    if any(c.mask is not None for c in contexts):
+        mask = torch.cat([c.valid_mask() for c in contexts], dim=1)
+    return Context(tokens, positions, mask)
+
+
+def _empty_context(batch: int, width: int, dtype: torch.dtype, device: torch.device) -> Context:
+    return Context(torch.empty(batch, 0, width, dtype=dtype, device=device),
+                   torch.empty(0, 3, dtype=torch.float32, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# the compressor
+# ----------------------------------------------------------------------------------------------
+def _patch_of(patch_embed: nn.Module, patch_size) -> tuple[int, int, int]:
+    if patch_size is None:
+        if isinstance(patch_embed, nn.Conv3d):
+            k, s, p = tuple(patch_embed.kernel_size), tuple(patch_embed.stride), tuple(patch_embed.padding)
+            if k != s or any(p) or tuple(patch_embed.dilation) != (1, 1, 1) or patch_embed.groups != 1:
+                raise ValueError(f"patch_embed must be a patchify Conv3d (kernel == stride, no padding, "
+                                 f"dilation 1, groups 1), got kernel {k}, stride {s}, padding {p}")
+            patch_size = k
+        elif hasattr(patch_embed, "patch_size"):
+            patch_size = patch_embed.patch_size
+        else:
+            raise ValueError("patch_embed is not an nn.Conv3d and has no .patch_size; pass patch_size=(pt, ph, pw)")
+    if isinstance(patch_size, int):
+        patch_size = (1, patch_size, patch_size)
+    patch_size = tuple(int(v) for v in patch_size)
+    if len(patch_size) == 2:
+        patch_size = (1,) + patch_size
+    if len(patch_size) != 3 or any(v < 1 or v & (v - 1) for v in patch_size):
+        raise ValueError(f"patch size must be 3 powers of two (pt, ph, pw), got {patch_size!r}")
+    if patch_size[0] != 1:
+        raise ValueError(f"only a temporal patch of 1 is supported (Wan, HunyuanVideo use (1, 2, 2)); "
+                         f"patch_embed has patch {patch_size}")
+    return patch_size
+
+
+class MemoryCompressor(nn.Module):
+    """Dual-branch streaming memory compressor.
+
+    Args:
+        patch_embed: the backbone's patch embedding, shared with it (its parameters are this
+            module's too, so they train with it). Maps ``[B, C, t, h*ph, w*pw]`` latents to
+            ``[B, inner_dim, t, h, w]`` features or ``[B, t*h*w, inner_dim]`` tokens; typically
+            ``nn.Conv3d(C, inner_dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))``.
+        latent_channels: VAE latent channels C (16: Wan 2.1 / HunyuanVideo, 48: Wan 2.2 5B).
+        inner_dim: the backbone's width (3072, 5120, or small).
+        rate: ``"HxWxT"`` string, ``(h, w, t)`` or :class:`pfp.Rate`; see pfp/rates.py.
+        hidden: widths of the HR conv + SiLU stages.
+        patch_size: ``(pt, ph, pw)``; read from ``patch_embed`` when None.
+        impl: pfp_kernels implementation for the convs and the projection (``"auto"``).
+        zero_init: zero the HR projection (see the module docstring).
+
+    ``compressor(hr_latent, lr_latent)`` compresses a whole history; ``compressor.stream(B)``
+    returns a :class:`CompressorStream` that compresses it chunk by chunk with the same result.
+    """
+
+    def __init__(self, patch_embed: nn.Module, latent_channels: int, inner_dim: int,
+                 rate: RateLike = "4x4x2", hidden: Sequence[int] = (64, 128, 256, 512), *,
+                 patch_size=None, impl: str = "auto", zero_init: bool = True):
+        super().__init__()
+        if not isinstance(patch_embed, nn.Module):
+            raise ValueError(f"patch_embed must be an nn.Module (the backbone's patchify), got {type(patch_embed).__name__}")
+        if int(latent_channels) < 1 or int(inner_dim) < 1:
+            raise ValueError(f"latent_channels and inner_dim must be >= 1, got {latent_channels}, {inner_dim}")
+        self.latent_channels, self.inner_dim = int(latent_channels), int(inner_dim)
+        self.rate: Rate = parse_rate(rate)
+        self.patch_size = _patch_of(patch_embed, patch_size)
+        if isinstance(patch_embed, nn.Conv3d):
+            if patch_embed.in_channels != self.latent_channels or patch_embed.out_channels != self.inner_dim:
+                raise ValueError(f"patch_embed maps {patch_embed.in_channels} -> {patch_embed.out_channels} channels, "
+                                 f"but latent_channels={self.latent_channels}, inner_dim={self.inner_dim}")
+        self.hidden = tuple(int(c) for c in hidden)
+        self.patch_embed = patch_embed
+        self.specs = stage_plan(self.rate, self.patch_size, self.latent_channels, self.hidden)
+        ref = next(patch_embed.parameters(), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        self.stages = nn.ModuleList(
+            CausalConv3dAct(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding_hw,
+                            activation="silu", impl=impl, **factory) for s in self.specs)
+        self.proj = TokenProjection(self.hidden[-1], self.inner_dim, impl=impl, **factory)
+        self.zero_init = bool(zero_init)
+        if self.zero_init:
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                self.proj.bias.zero_()
+        self._impl = impl
+
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        for stage in self.stages:
+            stage.impl = value
+        self.proj.impl = value
+        self._impl = value
+
+    @property
+    def hr_factors(self) -> tuple[int, int, int]:
+        """``(ft, fh, fw)``: how many HR latent frames/rows/cols one context token covers."""
+        pt, ph, pw = self.patch_size
+        return pt * self.rate.t, ph * self.rate.h, pw * self.rate.w
+
+    def config(self) -> dict:
+        return {"rate": str(self.rate), "latent_channels": self.latent_channels, "inner_dim": self.inner_dim,
+                "hidden": list(self.hidden), "patch_size": list(self.patch_size)}
+
+    def extra_repr(self) -> str:
+        strides = ", ".join(str(s.stride) for s in self.specs)
+        return f"rate={self.rate}, patch={self.patch_size}, strides=[{strides}], inner_dim={self.inner_dim}"
+
+    def _param_ref(self) -> Tensor:
+        return self.proj.weight
+
+    # -- input checks --------------------------------------------------------------------------
+    def expected_lr_shape(self, hr_shape: Sequence[int]) -> tuple[int, ...]:
+        """LR latent shape ``[B, C, t, H', W']`` that goes with an HR latent of ``hr_shape``.
+
+        H' = H // rh and W' = W // rw (the same video at 1/rh, 1/rw size); any H' from
+        ``grid_h * ph`` up to that is accepted (only the first ``grid_h * ph`` rows are read).
+        """
+        b, c, t, h, w = hr_shape
+        return (b, c, -(-t // self.rate.t), h // self.rate.h, w // self.rate.w)
+
+    def _check_tensor(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a Tensor [B, C, T, H, W], got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(f"{name} must be 5-D [B, C, T, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.latent_channels:
+            raise ValueError(f"{name} has {x.shape[1]} channels but this compressor takes latent_channels="
+                             f"{self.latent_channels} (shape {tuple(x.shape)}, layout [B, C, T, H, W])")
+        ref = self._param_ref()
+        if x.dtype != ref.dtype or x.device != ref.device:
+            raise ValueError(f"{name} is {x.dtype} on {x.device} but the compressor's parameters are {ref.dtype} "
+                             f"on {ref.device}; convert one with .to(...)")
+
+    def _check_spatial(self, hr_hw: Sequence[int], lr_hw: Sequence[int]) -> tuple[int, int]:
+        fh, fw = self.hr_factors[1:]
+        h, w = hr_hw
+        gh, gw = h // fh, w // fw
+        r = self.rate
+        if gh < 1 or gw < 1:
+            raise ValueError(f"hr_latent is {h}x{w} (HxW); rate {r} with patch {self.patch_size} needs at least "
+                             f"{fh}x{fw} latent rows x cols (a video of {fh}x{fw} times the VAE's spatial factor)")
+        ph, pw = self.patch_size[1:]
+        lh, lw = lr_hw
+        if not (gh * ph <= lh <= h // r.h and gw * pw <= lw <= w // r.w):
+            raise ValueError(
+                f"lr_latent is {lh}x{lw} (HxW) but hr_latent {h}x{w} at rate {r} needs an LR latent of "
+                f"{h // r.h}x{w // r.w}: the same video at 1/{r.h} height and 1/{r.w} width "
+                f"(accepted: height {gh * ph}..{h // r.h}, width {gw * pw}..{w // r.w}; "
+                f"pfp.plan_inputs gives the video sizes and frame counts)")
+        return gh, gw
+
+    def _lr_frames_error(self, hr_frames: int, lr_frames: int) -> ValueError:
+        r = self.rate
+        return ValueError(
+            f"lr_latent has {lr_frames} frames but hr_latent has {hr_frames}: rate {r} needs ceil({hr_frames}/{r.t}) = "
+            f"{-(-hr_frames // r.t)} LR latent frames, i.e. the video at 1/{r.t} of the frame rate "
+            f"(frames 0, {r.t}, {2 * r.t}, ... of it; pfp.plan_inputs gives the counts)")
+
+    # -- the two branches ----------------------------------------------------------------------
+    def _crop_hr(self, x: Tensor, gh: int, gw: int) -> Tensor:
+        fh, fw = self.hr_factors[1:]
+        return x[:, :, :, : gh * fh, : gw * fw]  # a view: the token grid floors (rates.py)
+
+    def _crop_lr(self, x: Tensor, gh: int, gw: int) -> Tensor:
+        ph, pw = self.patch_size[1:]
+        return x[:, :, :, : gh * ph, : gw * pw]
+
+    def _lr_tokens(self, lr: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        # The layout is the patch embedding's business (the backbone's module); the token view
+        # below is free when it writes channels-last, and project_tokens reads any strides.
+        out = self.patch_embed(lr)
+        n = grid[0] * grid[1] * grid[2]
+        if out.dim() == 5:
+            if tuple(out.shape[1:]) != (self.inner_dim,) + tuple(grid):
+                raise RuntimeError(f"patch_embed gave {tuple(out.shape)} for LR input {tuple(lr.shape)}; expected "
+                                   f"[B, {self.inner_dim}, {grid[0]}, {grid[1]}, {grid[2]}]")
+            return out.flatten(2).transpose(1, 2)
+        if out.dim() == 3 and tuple(out.shape[1:]) == (n, self.inner_dim):
+            return out
+        raise RuntimeError(f"patch_embed gave {tuple(out.shape)} for LR input {tuple(lr.shape)}; expected "
+                           f"[B, {self.inner_dim}, {grid[0]}, {grid[1]}, {grid[2]}] or [B, {n}, {self.inner_dim}]")
+
+    def _fuse(self, hr_feats: Tensor, lr: Tensor) -> Tensor:
+        grid = tuple(hr_feats.shape[2:])
+        residual = self._lr_tokens(lr, grid)
+        return project_tokens(hr_feats, self.proj.weight, self.proj.bias, residual, impl=self.proj.impl)
+
+    # -- whole history -------------------------------------------------------------------------
+    def forward(self, hr_latent: Tensor, lr_latent: Tensor,
+                hr_frames: Union[Tensor, Sequence[int], None] = None) -> Context:
+        """Compress a whole history.
+
+        Args:
+            hr_latent: ``[B, C, T, H, W]`` high-res latent (channels-last-3d avoids relayouts).
+            lr_latent: ``[B, C, ceil(T/rt), H', W']`` the same video at 1/rh, 1/rw size and 1/rt fps
+                (:meth:`expected_lr_shape`, :func:`pfp.plan_inputs`).
+            hr_frames: optional ``[B]`` real HR frames per sample when histories of different
+                lengths are padded at the end to T; tokens past ``ceil(hr_frames[b]/rt)`` are
+                masked. Causality makes the real tokens independent of the padding.
+
+        Returns:
+            :class:`Context` with ``ceil(T/rt) * (H//(ph*rh)) * (W//(pw*rw))`` tokens.
+        """
+        self._check_tensor(hr_latent, "hr_latent")
+        self._check_tensor(lr_latent, "lr_latent")
+        if lr_latent.shape[0] != hr_latent.shape[0]:
+            raise ValueError(f"hr_latent has batch {hr_latent.shape[0]} but lr_latent has {lr_latent.shape[0]}")
+        t = hr_latent.shape[2]
+        if t < 1:
+            raise ValueError("hr_latent has no frames (T=0); use a stream to start from nothing")
+        gh, gw = self._check_spatial(hr_latent.shape[3:], lr_latent.shape[3:])
+        gt = -(-t // self.rate.t)
+        if lr_latent.shape[2] != gt:
+            raise self._lr_frames_error(t, lr_latent.shape[2])
+        h = self._crop_hr(hr_latent, gh, gw)
+        for stage in self.stages:
+            h = stage(h)
+        tokens = self._fuse(h, self._crop_lr(lr_latent, gh, gw))
+        positions = token_positions(self.rate, (gt, gh, gw), device=tokens.device)
+        mask = None
+        if hr_frames is not None:
+            frames = torch.as_tensor(hr_frames, device=tokens.device).long().reshape(-1)
+            if frames.shape[0] != hr_latent.shape[0] or bool(((frames < 1) | (frames > t)).any()):
+                raise ValueError(f"hr_frames must be {hr_latent.shape[0]} frame counts in 1..{t}, got {hr_frames!r}")
+            real_t = -(-frames // self.rate.t)  # [B]
+            token_t = torch.arange(gt, device=tokens.device).repeat_interleave(gh * gw)
+            mask = token_t[None, :] < real_t[:, None]
+        return Context(tokens, positions, mask)
+
+    def token_grid(self, hr_latent_thw: Sequence[int]) -> tuple[int, int, int]:
+        """``(t, h, w)`` context grid for an HR latent of ``(T, H, W)``."""
+        return token_grid(hr_latent_thw, self.rate, self.patch_size)
+
+    # -- streaming -----------------------------------------------------------------------------
+    def stream(self, batch_size: int) -> "CompressorStream":
+        """Start compressing a history chunk by chunk; see :class:`CompressorStream`."""
+        return CompressorStream(self, batch_size)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, path: Union[str, os.PathLike], include_patch_embed: bool = True) -> None:
+        """Write the parameters (and the config, as metadata) to a safetensors file.
+
+        The file appears complete or not at all (written beside it, then renamed). With
+        ``include_patch_embed=False`` the shared patch embedding is left to the backbone's checkpoint.
+        """
+        from safetensors.torch import save_file
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if include_patch_embed or not k.startswith("patch_embed.")}
+        meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(self.config()),
+                "includes_patch_embed": json.dumps(bool(include_patch_embed))}
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Load a :meth:`save_checkpoint` file into this compressor.
+
+        Raises ValueError naming every missing, unexpected and wrongly-shaped tensor (with both
+        configs) when the checkpoint was written by a differently configured compressor; nothing
+        is loaded then.
+        """
+        from safetensors import safe_open
+        path = os.fspath(path)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        includes_pe = json.loads(meta.get("includes_patch_embed", "true"))
+        own = self.state_dict()
+        expected = {k: v for k, v in own.items() if includes_pe or not k.startswith("patch_embed.")}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+                       for k in set(tensors) & set(expected) if tuple(tensors[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing from the checkpoint: {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected in the checkpoint: {', '.join(unexpected)}")
+            if wrong:
+                parts.append(f"wrong shape: {'; '.join(wrong)}")
+            raise ValueError(f"checkpoint {path} does not fit this compressor ({' | '.join(parts)}). "
+                             f"checkpoint config: {meta.get('config', 'unknown')}; this compressor: "
+                             f"{json.dumps(self.config())}")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stream
+# ----------------------------------------------------------------------------------------------
+class CompressorStream:
+    """Compresses a history chunk by chunk; ``append`` returns only the new context tokens.
+
+    ``append(hr_chunk, lr_chunk)`` takes any number of new HR latent frames and LR latent frames
+    (either may be None or have 0 frames). HR frames that a strided causal conv cannot use yet
+    wait in that conv's state; finished HR features wait for their LR frame, and LR frames wait for
+    their HR features, so no frame is dropped or padded. Concatenated, the appended tokens equal
+    ``compressor(all_hr, all_lr)`` for any chunk plan. Every buffer is bounded by the conv kernels
+    and by how far one branch runs ahead of the other, so an append costs the same however long
+    the history is. ``context`` is everything emitted so far.
+
+    The stream is tied to one batch size, and to the compressor's dtype and device.
+    """
+
+    def __init__(self, compressor: MemoryCompressor, batch_size: int):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.compressor, self.batch_size = compressor, batch_size
+        self._states: list[Optional[CausalConvState]] = [None] * len(compressor.stages)
+        self._hr_pending: Optional[Tensor] = None   # last-stage features without their LR frame yet
+        self._lr_pending: Optional[Tensor] = None   # cropped LR frames without their HR features yet
+        self._geometry: Optional[tuple] = None      # (hr H, W, lr H, W, grid h, w)
+        self._chunks: list[Tensor] = []
+        self.hr_frames_seen = 0
+        self.lr_frames_seen = 0
+        self.num_emitted_frames = 0                 # token-grid frames emitted so far
+        ref = compressor._param_ref()
+        self._dtype, self._device = ref.dtype, ref.device
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.shape[1] for c in self._chunks)
+
+    @property
+    def context(self) -> Context:
+        """Every token emitted so far, as one :class:`Context` (a concatenation, O(history))."""
+        c = self.compressor
+        if not self._chunks:
+            return _empty_context(self.batch_size, c.inner_dim, self._dtype, self._device)
+        if len(self._chunks) > 1:
+            self._chunks = [torch.cat(self._chunks, dim=1)]
+        gh, gw = self._geometry[4:]
+        positions = token_positions(c.rate, (self.num_emitted_frames, gh, gw), device=self._device)
+        return Context(self._chunks[0], positions)
+
+    def _check_chunk(self, x: Optional[Tensor], name: str) -> Optional[Tensor]:
+        if x is None:
+            return None
+        c = self.compressor
+        c._check_tensor(x, name)
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"{name} has batch size {x.shape[0]} but this stream was started with batch_size="
+                             f"{self.batch_size}; start a new stream with compressor.stream({x.shape[0]})")
+        ref = c._param_ref()
+        if ref.dtype != self._dtype or ref.device != self._device:
+            raise ValueError(f"the compressor moved to {ref.dtype} on {ref.device} after this stream started "
+                             f"({self._dtype} on {self._device}); start a new stream")
+        return x
+
+    def append(self, hr_chunk: Optional[Tensor], lr_chunk: Optional[Tensor]) -> Context:
+        """Add new frames to the history; returns the context tokens they complete.
+
+        Args:
+            hr_chunk: ``[B, C, n, H, W]`` new HR latent frames, or None.
+            lr_chunk: ``[B, C, m, H', W']`` new LR latent frames (1/rt fps), or None.
+
+        Returns:
+            :class:`Context` holding only the new tokens (possibly 0) with their positions.
+        """
+        c = self.compressor
+        hr = self._check_chunk(hr_chunk, "hr_chunk")
+        lr = self._check_chunk(lr_chunk, "lr_chunk")
+        if hr is not None or lr is not None:
+            self._check_geometry(hr, lr)
+        if hr is not None and hr.shape[2] > 0:
+            gh, gw = self._geometry[4:]
+            h = c._crop_hr(hr, gh, gw)
+            for i, stage in enumerate(c.stages):
+                if h.shape[2] == 0:
+                    break  # nothing reached this stage; its state is unchanged
+                h, self._states[i] = causal_conv3d_act(
+                    h, stage.weight, stage.bias, stage.stride, stage.padding_hw, stage.activation,
+                    state=self._states[i], impl=stage.impl, layer_key=id(stage))
+            self.hr_frames_seen += hr.shape[2]
+            if h.shape[2] > 0:  # the last stage produced frames (an early break leaves 0)
+                self._hr_pending = h if self._hr_pending is None else torch.cat([self._hr_pending, h], dim=2)
+        if lr is not None and lr.shape[2] > 0:
+            gh, gw = self._geometry[4:]
+            lr = c._crop_lr(lr, gh, gw)
+            self._lr_pending = lr if self._lr_pending is None else torch.cat([self._lr_pending, lr], dim=2)
+            self.lr_frames_seen += lr.shape[2]
+        n_hr = self._hr_pending.shape[2] if self._hr_pending is not None else 0
+        n_lr = self._lr_pending.shape[2] if self._lr_pending is not None else 0
+        n = min(n_hr, n_lr)
+        if n == 0:
+            return _empty_context(self.batch_size, c.inner_dim, self._dtype, self._device)
+        hr_use, lr_use = self._hr_pending[:, :, :n], self._lr_pending[:, :, :n]
+        self._hr_pending = self._hr_pending[:, :, n:] if n < n_hr else None
+        self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
+        tokens = c._fuse(hr_use, lr_use)
+        gh, gw = self._geometry[4:]
+        positions = token_positions(c.rate, (n, gh, gw), t_start=self.num_emitted_frames, device=tokens.device)
+        self.num_emitted_frames += n
+        self._chunks.append(tokens)
+        return Context(tokens, positions)
+
+    def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
+        c = self.compressor
+        if self._geometry is None:
+            if hr is None or lr is None:
+                raise ValueError("the first append must carry both hr_chunk and lr_chunk (0 frames is fine), "
+                                 "so the stream can check their resolutions against each other")
+            gh, gw = c._check_spatial(hr.shape[3:], lr.shape[3:])
+            self._geometry = (hr.shape[3], hr.shape[4], lr.shape[3], lr.shape[4], gh, gw)
+            return
+        for x, name, (eh, ew) in ((hr, "hr_chunk", self._geometry[0:2]), (lr, "lr_chunk", self._geometry[2:4])):
+            if x is not None and tuple(x.shape[3:]) != (eh, ew):
+                raise ValueError(f"{name} is {x.shape[3]}x{x.shape[4]} (HxW) but this stream started at {eh}x{ew}; "
+                                 f"every chunk of a stream must have the same resolution")
+
+    def __repr__(self) -> str:
+        return (f"CompressorStream(batch_size={self.batch_size}, hr_frames={self.hr_frames_seen}, "
+                f"lr_frames={self.lr_frames_seen}, tokens={self.num_tokens})")
+
+
+__all__ = ["Context", "mix_contexts", "MemoryCompressor", "CompressorStream", "CHECKPOINT_FORMAT"]
