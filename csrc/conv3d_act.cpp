@@ -19,7 +19,7 @@
 //     - fp64 (oneDNN has no fp64 conv), and when oneDNN is disabled or unavailable;
 //     - convs too small for oneDNN's per-call overhead (weight reorder, primitive lookup).
 //
-// The causal form never materialises [prev ; x]. Output frame m reads V[time_offset + st*m + dt]
+// The causal form never materialises [prev ; x] over a long chunk. Output frame m reads V[time_offset + st*m + dt]
 // with V = [prev ; x]. Outputs whose window lies inside x are computed by oneDNN from x itself
 // (a view), the time padding in front folded into oneDNN's padding. The at most ceil((kt-1)/st)
 // outputs whose window touches prev are computed by oneDNN from a gathered window of the at most
@@ -37,6 +37,9 @@
 //            the output after the boundary frames: one extra pass over the output, no wasted
 //            compute. Chosen for short chunks and for B > 1.
 // The fresh-stream case (no prev) needs no boundary frames at all in the aligned layout.
+// Short appends (<= 8 output frames after a state) instead gather [needed state frames ; chunk]
+// into one window for a single oneDNN call: two primitive runs on 1-3 frames each cost 2-4x more
+// than the copy (bounded by the chunk plus kt-1 frames, never by the history).
 //
 // Weights: what the kernels derive from a weight (the direct kernel's packed panels, oneDNN's
 // blocked fp32 weight) is cached by the weight's content (a hash of its bytes, one read pass per
@@ -584,24 +587,24 @@ Tensor run_conv(const ConvCall& c) {
   // oneDNN computes in fp32; bf16/fp16 go through one conversion each way.
   const bool convert = dtype != at::kFloat;
   auto f32 = [&](const Tensor& t) { return convert ? t.to(at::kFloat) : t; };
-  // oneDNN's blocked weight, prepacked once per weight (and conv geometry) instead of reordered
-  // on every call as the plain-weight op does.
-  std::ostringstream key;
-  key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << front << "," << g.ph << ","
-      << g.pw << " in" << g.B << "," << g.Cin << "," << g.H << "," << g.W;
-  const Tensor w32 = cached_from_weight(w, key.str(), [&] {
-    return onednn_prepack_weight(f32(w), {std::max<int64_t>(front, 0), g.ph, g.pw}, c.stride,
-                                 {g.B, g.Cin, std::max<int64_t>(N, g.kt), g.H, g.W});
-  });
+  // oneDNN's blocked weight, prepacked once per weight and conv geometry (time padding, input
+  // frames) instead of reordered on every call as the plain-weight op does. A weight prepacked for
+  // another geometry makes oneDNN reorder it again inside the call, so each layout asks for its own.
+  auto prepacked = [&](int64_t pad_t, int64_t frames) {
+    std::ostringstream key;
+    key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << pad_t << "," << g.ph
+        << "," << g.pw << " in" << g.B << "," << g.Cin << "," << frames << "," << g.H << "," << g.W;
+    return cached_from_weight(w, key.str(), [&] {
+      return onednn_prepack_weight(f32(w), {pad_t, g.ph, g.pw}, c.stride, {g.B, g.Cin, frames, g.H, g.W});
+    });
+  };
   std::optional<Tensor> b32;
   if (c.bias) b32 = f32(*c.bias);
 
-  // Outputs [0, nb) read prev frames. oneDNN computes them from a gathered window of the at most
-  // st*(nb-1)+kt <= 2*kt-1 frames of V they read (bounded by the kernel, not the chunk); the direct
-  // kernel, which reads prev and x in place, is ~2-3x slower per frame than oneDNN here.
-  auto boundary = [&](const Tensor& y, int64_t nb) {
-    if (!nb) return;
-    const int64_t v0 = c.time_offset, v1 = c.time_offset + g.st * (nb - 1) + g.kt;
+  // The frames of V = [zeros ; prev ; x] that outputs [0, m1) read, gathered into one dense
+  // channels-last tensor: st*(m1-1)+kt frames.
+  auto gather_window = [&](int64_t m1) {
+    const int64_t v0 = c.time_offset, v1 = c.time_offset + g.st * (m1 - 1) + g.kt;
     std::vector<Tensor> parts;
     if (v0 < 0) parts.push_back(at::zeros({g.B, g.Cin, std::min<int64_t>(-v0, v1 - v0), g.H, g.W}, opts));
     if (P > 0 && std::max<int64_t>(v0, 0) < std::min(v1, P))
@@ -610,9 +613,35 @@ Tensor run_conv(const ConvCall& c) {
       const int64_t a = std::max(v0, P);
       parts.push_back(x.narrow(2, a - P, v1 - a));
     }
-    Tensor window = f32(at::cat(parts, 2)).contiguous(at::MemoryFormat::ChannelsLast3d);
-    const int64_t padding[3] = {0, g.ph, g.pw};
-    y.narrow(2, 0, nb).copy_(onednn_conv(window, w32, b32, padding, c.stride, c.silu));
+    return f32(at::cat(parts, 2)).contiguous(at::MemoryFormat::ChannelsLast3d);
+  };
+  const int64_t no_time_pad[3] = {0, g.ph, g.pw};
+
+  // Short streaming appends (a few output frames after a state): one oneDNN call over the gathered
+  // window of [needed state frames ; chunk] is 2-4x faster than the boundary call plus the inner
+  // call below (two primitive runs on 1-3 frames each, measured on the compressor stages). The
+  // copy is at most kt-1 state frames plus the chunk (~2% of the conv's own time), bounded by the
+  // chunk, never by the history. Long chunks keep the split layouts, which copy nothing of x.
+  constexpr int64_t kShortAppendFrames = 8;
+  if (P > 0 && nb_copied > 0 && M - nb_copied <= kShortAppendFrames) {
+    Tensor window = gather_window(M);
+    Tensor out = onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu);
+    if (convert) out = out.to(dtype);
+    y = out.contiguous(at::MemoryFormat::ChannelsLast3d);
+    if (y.size(0) == 1 && y.stride(0) != y.numel()) y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts).copy_(y);
+    plan << "onednn-window[0," << M << ")";
+    if (convert) plan << " via fp32";
+    g_last_plan = plan.str();
+    return y;
+  }
+
+  // Outputs [0, nb) read prev frames. oneDNN computes them from a gathered window of the at most
+  // st*(nb-1)+kt <= 2*kt-1 frames of V they read (bounded by the kernel, not the chunk); the direct
+  // kernel, which reads prev and x in place, is ~2-3x slower per frame than oneDNN here.
+  auto boundary = [&](const Tensor& y, int64_t nb) {
+    if (!nb) return;
+    Tensor window = gather_window(nb);
+    y.narrow(2, 0, nb).copy_(onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu));
   };
 
   // Aligned layout: oneDNN over x (from the first frame any output reads) with symmetric time
@@ -645,7 +674,7 @@ Tensor run_conv(const ConvCall& c) {
     Tensor xs = x_skip ? x.narrow(2, x_skip, n_aligned_in) : x;
     xs = f32(xs).contiguous(at::MemoryFormat::ChannelsLast3d);  // no-op: dense CL3 fp32
     const int64_t padding[3] = {pad_t, g.ph, g.pw};
-    Tensor full = onednn_conv(xs, w32, b32, padding, c.stride, c.silu);
+    Tensor full = onednn_conv(xs, prepacked(pad_t, xs.size(2)), b32, padding, c.stride, c.silu);
     if (convert) full = full.to(dtype);
     const int64_t nb = nb_aligned;
     if (to_full == M) {
@@ -668,12 +697,11 @@ Tensor run_conv(const ConvCall& c) {
     y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
     boundary(y, nb);
     const int64_t len = inner_end - inner_first;
-    const int64_t padding[3] = {0, g.ph, g.pw};
     for (int64_t b = 0; b < g.B; ++b) {
       // One batch element's time slice of a channels-last tensor is dense: no input copy.
       Tensor xb = f32(x.narrow(0, b, 1).narrow(2, inner_first, len))
                       .contiguous(at::MemoryFormat::ChannelsLast3d);
-      Tensor yb = onednn_conv(xb, w32, b32, padding, c.stride, c.silu);
+      Tensor yb = onednn_conv(xb, prepacked(0, len), b32, no_time_pad, c.stride, c.silu);
       y.narrow(0, b, 1).narrow(2, nb, M - nb).copy_(yb);
     }
     plan << "onednn-copied[" << nb << "," << M << ")";

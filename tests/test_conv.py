@@ -158,8 +158,14 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
             _, state = pk.causal_conv3d_act(x[:, :, :n], w, b, 1, 1, state=state, impl="cpp")
             plans.append(torch.ops.pfp._conv_cpu_last_plan())
         assert plans[0].startswith("onednn-aligned") and "gathered" not in plans[0], plans
-        assert plans[1].startswith("onednn-copied") and "+gathered[0,2)" in plans[1], plans
+        assert plans[1] == "onednn-window[0,3)", plans  # short append: one call over [state ; chunk]
         assert plans[2].startswith("onednn-aligned") and "+gathered[0,2)" in plans[2], plans
+        # batch > 1, a longer chunk after state: the copied layout (inner outputs from x's slice)
+        x2 = make_activation((2, 8, 52, 6, 7), torch.float32, "channels_last", generator=g)
+        _, state = pk.causal_conv3d_act(x2[:, :, :40], w, b, 1, 1, impl="cpp")
+        pk.causal_conv3d_act(x2[:, :, 40:], w, b, 1, 1, state=state, impl="cpp")
+        plan = torch.ops.pfp._conv_cpu_last_plan()
+        assert plan.startswith("onednn-copied") and "+gathered[0,2)" in plan, plan
         # fp64 has no oneDNN conv: the direct kernel runs
         pk.conv3d_act(x[:, :, :3].double(), w.double(), b.double(), 1, 1, impl="cpp")
         assert torch.ops.pfp._conv_cpu_last_plan().startswith("direct"), torch.ops.pfp._conv_cpu_last_plan()
