@@ -286,9 +286,9 @@ _CONFIGS_16BIT = {
 # Ada (and anything not Hopper) has 99 KiB of shared memory per block and mma.sync only.
 _CONFIGS_16BIT_NON_HOPPER = {("fwd", 128): Config(64, 64, 4, 2)}
 _CONFIGS_FP32 = {
-    "fwd": {64: Config(64, 32, 4, 2), 128: Config(16, 16, 4, 2)},
-    "bwd_dkdv": {64: Config(16, 32, 4, 2), 128: Config(16, 32, 8, 1)},
-    "bwd_dq": {64: Config(64, 32, 4, 2), 128: Config(16, 32, 4, 1)},
+    "fwd": {64: Config(64, 16, 4, 2), 128: Config(16, 16, 4, 2)},
+    "bwd_dkdv": {64: Config(16, 32, 4, 2), 128: Config(16, 16, 8, 1)},
+    "bwd_dq": {64: Config(64, 16, 4, 2), 128: Config(16, 32, 4, 1)},
 }
 
 
