@@ -56,6 +56,13 @@ if not LOADED and not REASON.startswith("disabled"):
                   RuntimeWarning, stacklevel=2)
 
 
+# The pfp ops with a CPU kernel, read once after loading: a plain frozenset lookup is something
+# torch.compile can trace (the dispatcher query itself is not), so impl="auto" compiles fullgraph.
+CPU_KERNELS: frozenset = frozenset(
+    name.split("::", 1)[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+    if name.startswith("pfp::")) if LOADED else frozenset()
+
+
 def has_cpu_kernel(op: str) -> bool:
     """Whether the loaded library registered a CPU kernel for pfp::<op>."""
-    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"pfp::{op}", "CPU")
+    return op in CPU_KERNELS

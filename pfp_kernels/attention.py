@@ -15,7 +15,7 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
 - ``flash_attn``  flash-attn when installed (CUDA): FA3 (``flash_attn_interface``) on sm_90,
   FA2 elsewhere (never FA3 on Ada); one call per segment with its LSE, then the exact merge.
 - ``triton``      pfp_kernels/_triton/attention.py: one FlashAttention-style pass over both
-  segments, forward and backward kernels (head dim <= 256; fp16, bf16, fp32).
+  segments, forward and backward kernels (head dim <= 256 in fp16/bf16, <= 128 in fp32).
 - ``xformers``    xformers when installed (CUDA): partial attention per segment + exact merge.
 - ``cpp``         csrc/joint_attention.cpp (CPU): ATen's CPU flash kernel once per segment, in
   place, with the merge fused into one pass over the outputs.
@@ -47,6 +47,7 @@ _AUTO_ORDER = {"cuda": ("flash_attn", "triton", "xformers", "sdpa", "torch"),
                "cpu": ("cpp", "sdpa", "torch")}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+MAX_TRITON_FP32_HEAD_DIM = 128
 # Asked once: the dispatcher query inside cpp_why_not is not traceable by torch.compile.
 _CPP_WHY_NOT_ON_CPU = _dispatch.cpp_why_not("joint_attention", torch.device("cpu"))
 
@@ -224,6 +225,9 @@ def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tens
         why = _dtype_reason(dtype, _KERNEL_DTYPES)
     if why is None and not 1 <= head_dim <= MAX_TRITON_HEAD_DIM:
         why = f"head dim {head_dim} not supported (1..{MAX_TRITON_HEAD_DIM})"
+    if why is None and dtype == torch.float32 and head_dim > MAX_TRITON_FP32_HEAD_DIM:
+        why = (f"fp32 head dim {head_dim} not supported (fp32 up to {MAX_TRITON_FP32_HEAD_DIM}: larger "
+               "fp32 tiles spill registers; fp16/bf16 go up to 256)")
     if why is None and device.type == "cpu" and dtype == torch.bfloat16:
         why = "bf16 tl.dot gives wrong results under the Triton interpreter (TRITON_INTERPRET=1)"
     reasons["triton"] = why
@@ -373,8 +377,9 @@ def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, 
 
 
 def _triton_backward_ok(q: Tensor) -> bool:
+    max_d = MAX_TRITON_FP32_HEAD_DIM if q.dtype == torch.float32 else MAX_TRITON_HEAD_DIM
     return (q.device.type == "cuda" and _dispatch.TRITON_AVAILABLE and q.dtype in _KERNEL_DTYPES
-            and q.shape[-1] <= MAX_TRITON_HEAD_DIM)
+            and q.shape[-1] <= max_d)
 
 
 def _setup_context(ctx, inputs, output):

@@ -266,43 +266,46 @@ class Config:
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_DS = (16, 32, 64, 128, 256)
-PREPROCESS_BLOCK_M = 64
+PREPROCESS_BLOCK_M = 16
 
 
 def block_d_for(head_dim: int) -> int:
     return max(MIN_BLOCK_D, triton.next_power_of_2(head_dim))
 
 
-# (kernel, block_d, element bytes, small shared memory) -> Config. "small" is Ada-class (99 KiB
-# per block) and anything that is not Hopper; the Hopper configs use its 227 KiB.
+# Block sizes per (kernel, padded head dim, dtype, arch): each one compiled by
+# tests/test_triton_aot_attention.py for sm_90 (no spills) and sm_89 (shared memory <= 99 KiB).
+# Head axes below 64 use the 64 tiles. fp32 runs its dots as 3xTF32 (or TF32), whose split
+# operands double the registers: hence its small tiles, and no fp32 head dim above 128.
+MAX_FP32_HEAD_DIM = 128
+_CONFIGS_16BIT = {
+    "fwd": {64: Config(128, 64, 8, 3), 128: Config(128, 64, 8, 3), 256: Config(64, 32, 8, 2)},
+    "bwd_dkdv": {64: Config(32, 128, 8, 3), 128: Config(32, 64, 8, 2), 256: Config(16, 32, 8, 1)},
+    "bwd_dq": {64: Config(128, 32, 8, 3), 128: Config(64, 32, 4, 2), 256: Config(32, 32, 8, 1)},
+}
+# Ada (and anything not Hopper) has 99 KiB of shared memory per block and mma.sync only.
+_CONFIGS_16BIT_NON_HOPPER = {("fwd", 128): Config(64, 64, 4, 2)}
+_CONFIGS_FP32 = {
+    "fwd": {64: Config(64, 16, 4, 2), 128: Config(16, 16, 4, 2)},
+    "bwd_dkdv": {64: Config(16, 32, 4, 2), 128: Config(16, 16, 8, 1)},
+    "bwd_dq": {64: Config(64, 16, 4, 2), 128: Config(16, 32, 4, 1)},
+}
+
+
 def config_for(kernel: str, head_dim: int, dtype: torch.dtype, capability: int) -> Config:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    bd = block_d_for(head_dim)
-    wide = dtype == torch.float32  # 4-byte tiles: half the rows for the same registers / smem
-    hopper = capability == 90
-    if kernel == "fwd":
-        if bd <= 64:
-            cfg = Config(128, 64, 4, 3) if not wide else Config(64, 32, 4, 2)
-        elif bd == 128:
-            cfg = (Config(128, 64, 8, 3) if hopper else Config(128, 64, 8, 2)) if not wide else Config(64, 32, 4, 2)
-        else:
-            cfg = Config(64, 32, 4, 2) if not wide else Config(32, 32, 4, 1)
-    elif kernel == "bwd_dkdv":
-        if bd <= 64:
-            cfg = Config(32, 128, 4, 3) if not wide else Config(32, 64, 4, 2)
-        elif bd == 128:
-            cfg = Config(32, 128, 8, 2) if not wide else Config(32, 64, 8, 1)
-        else:
-            cfg = Config(32, 64, 8, 1) if not wide else Config(16, 32, 8, 1)
-    else:  # bwd_dq
-        if bd <= 64:
-            cfg = Config(128, 32, 4, 3) if not wide else Config(64, 32, 4, 2)
-        elif bd == 128:
-            cfg = Config(128, 32, 8, 2) if not wide else Config(64, 32, 8, 1)
-        else:
-            cfg = Config(64, 32, 8, 1) if not wide else Config(32, 16, 8, 1)
-    return cfg
+    bd = max(64, block_d_for(head_dim))
+    if bd > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    if dtype == torch.float32:
+        if bd > MAX_FP32_HEAD_DIM:
+            raise ValueError(f"fp32 head dim {head_dim} > {MAX_FP32_HEAD_DIM} is not supported by the "
+                             "Triton kernels (register spills); use fp16/bf16")
+        return _CONFIGS_FP32[kernel][bd]
+    if capability != 90 and (kernel, bd) in _CONFIGS_16BIT_NON_HOPPER:
+        return _CONFIGS_16BIT_NON_HOPPER[(kernel, bd)]
+    return _CONFIGS_16BIT[kernel][bd]
 
 
 def _capability(device: torch.device) -> int:
@@ -390,7 +393,8 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
     dlse = grad_lse.float().contiguous() if has_dlse else lse
     joint_attention_bwd_preprocess_kernel[(triton.cdiv(n_q, PREPROCESS_BLOCK_M), b * n_heads)](
         out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), n_heads, n_q,
-        HAS_DLSE=has_dlse, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_BLOCK_M)
+        HAS_DLSE=has_dlse, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_BLOCK_M,
+        num_warps=4, num_stages=1)
 
     cfg = config_for("bwd_dkdv", head_dim, q.dtype, cap)
     segments = [(k, v, dk, dv, 1, n_k)]

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -30,12 +31,133 @@ static void test_build_info() {
   std::printf("build_info: %s\n", isa.c_str());
 }
 
+// y = act(conv3d(x) + b) in ATen math, computed in double.
+static at::Tensor conv_ref(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                           at::IntArrayRef stride, at::IntArrayRef padding, bool silu) {
+  auto y = at::conv3d(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble), stride, padding);
+  return silu ? at::silu(y) : y;
+}
+
+static double rel_err(const at::Tensor& got, const at::Tensor& ref) {
+  double scale = std::max(1.0, ref.abs().max().item<double>());
+  return (got.to(at::kDouble) - ref).abs().max().item<double>() / scale;
+}
+
+static double tolerance(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return 1e-10;
+    case at::kFloat: return 2e-5;
+    case at::kHalf: return 4e-3;
+    default: return 3e-2;  // bfloat16
+  }
+}
+
+static void set_path(const char* mode) {
+  op("pfp::_conv_cpu_path").typed<std::string(c10::string_view)>().call(mode);
+}
+
+static void test_conv3d_act() {
+  auto conv = op("pfp::conv3d_act").typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, at::IntArrayRef,
+                                                     at::IntArrayRef, c10::string_view)>();
+  for (const char* mode : {"direct", "onednn", "auto"}) {
+    set_path(mode);
+    for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+      auto x = at::randn({2, 5, 7, 9, 11}).to(dtype).contiguous(at::MemoryFormat::ChannelsLast3d);
+      auto w = (at::randn({19, 5, 3, 3, 3}) * 0.15).to(dtype);
+      auto b = at::randn({19}).to(dtype);
+      for (bool silu : {true, false}) {
+        auto y = conv.call(x, w, b, {2, 1, 2}, {1, 1, 0}, silu ? "silu" : "none");
+        auto ref = conv_ref(x, w, b, {2, 1, 2}, {1, 1, 0}, silu);
+        double err = rel_err(y, ref);
+        std::printf("conv3d_act %-6s %-10s silu=%d err %.2e\n", mode, c10::toString(dtype), silu, err);
+        EXPECT(y.sizes() == ref.sizes(), "conv3d_act shape");
+        EXPECT(y.scalar_type() == dtype, "conv3d_act dtype");
+        EXPECT(y.is_contiguous(at::MemoryFormat::ChannelsLast3d), "conv3d_act writes channels-last-3d");
+        EXPECT(err <= tolerance(dtype), "conv3d_act matches ATen");
+      }
+    }
+  }
+  set_path("auto");
+}
+
+static void test_causal_conv3d_act() {
+  auto causal = op("pfp::causal_conv3d_act")
+                    .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                      c10::string_view, int64_t, int64_t)>();
+  for (const char* mode : {"direct", "onednn"}) {
+    set_path(mode);
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      auto x = at::randn({1, 6, 10, 5, 7}).to(dtype).contiguous(at::MemoryFormat::ChannelsLast3d);
+      auto prev = at::randn({1, 6, 2, 5, 7}).to(dtype);
+      auto w = (at::randn({16, 6, 3, 3, 3}) * 0.15).to(dtype);
+      auto b = at::randn({16}).to(dtype);
+      // V = [zeros(1) ; prev ; x]; time_offset -1 reads one zero frame first.
+      auto v = at::cat({at::zeros({1, 6, 1, 5, 7}, x.options()), prev, x}, 2);
+      for (int64_t st : {1, 2}) {
+        int64_t num_out = (13 - 3) / st + 1;
+        auto y = causal.call(x, prev, w, b, {st, 1, 1}, {1, 1}, "silu", -1, num_out);
+        auto ref = conv_ref(v, w, b, {st, 1, 1}, {0, 1, 1}, true);
+        double err = rel_err(y, ref);
+        std::printf("causal_conv3d_act %-6s %-10s st=%ld err %.2e\n", mode, c10::toString(dtype), (long)st, err);
+        EXPECT(y.sizes() == ref.sizes(), "causal_conv3d_act shape");
+        EXPECT(y.is_contiguous(at::MemoryFormat::ChannelsLast3d), "causal_conv3d_act writes channels-last-3d");
+        EXPECT(err <= tolerance(dtype), "causal_conv3d_act matches ATen");
+      }
+    }
+  }
+  set_path("auto");
+}
+
+static void test_project_tokens() {
+  auto proj = op("pfp::project_tokens")
+                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                    const std::optional<at::Tensor>&)>();
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    for (bool cl : {true, false}) {
+      auto h = at::randn({2, 16, 3, 4, 5}).to(dtype);
+      if (cl) h = h.contiguous(at::MemoryFormat::ChannelsLast3d);
+      auto w = (at::randn({24, 16}) * 0.25).to(dtype);
+      auto b = at::randn({24}).to(dtype);
+      auto r = at::randn({2, 60, 24}).to(dtype);
+      auto y = proj.call(h, w, b, r);
+      auto hd = h.to(at::kDouble).permute({0, 2, 3, 4, 1}).reshape({2, 60, 16});
+      auto ref = at::linear(hd, w.to(at::kDouble), b.to(at::kDouble)) + r.to(at::kDouble);
+      double err = rel_err(y, ref);
+      std::printf("project_tokens %-10s cl=%d err %.2e\n", c10::toString(dtype), cl, err);
+      EXPECT(y.sizes() == ref.sizes(), "project_tokens shape");
+      EXPECT(err <= tolerance(dtype), "project_tokens matches ATen");
+    }
+  }
+}
+
+static void test_bad_input_names_argument() {
+  auto conv = op("pfp::conv3d_act").typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, at::IntArrayRef,
+                                                     at::IntArrayRef, c10::string_view)>();
+  auto x = at::randn({1, 4, 3, 5, 5});
+  auto w = at::randn({8, 3, 3, 3, 3});
+  bool threw = false;
+  try {
+    conv.call(x, w, std::nullopt, {1, 1, 1}, {0, 0, 0}, "silu");
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what_without_backtrace()).find("Cin=3") != std::string::npos;
+  }
+  EXPECT(threw, "channel mismatch is reported with the weight's Cin");
+}
+
 int main() {
   if (!dlopen(PFP_OPS_LIBRARY, RTLD_NOW | RTLD_GLOBAL)) {
     std::fprintf(stderr, "dlopen(%s) failed: %s\n", PFP_OPS_LIBRARY, dlerror());
     return 1;
   }
   test_build_info();
+  at::manual_seed(0);
+  test_conv3d_act();
+  test_causal_conv3d_act();
+  test_project_tokens();
+  test_bad_input_names_argument();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -1,0 +1,315 @@
+"""The compressor's conv stages: pfp_kernels against the strongest baselines, in the same run.
+
+    PYTHONPATH=$PWD python -m pytest benchmarks/bench_conv.py --benchmark-only
+
+Shapes: the four stages of the compressor (kernel 3, padding 1) on the high-res latent of a 20 s
+480p video (T=120, H=60, W=104 latent), batch 1, channels-last-3d:
+
+    16 -> 64   stride (2,1,1)  on [1, 16, 120, H, W]
+    64 -> 128  stride (1,2,2)  on [1, 64,  60, H, W]
+    128 -> 256 stride (1,2,2)  on [1, 128, 60, H/2, W/2]
+    256 -> 512 stride (1,2,2)  on [1, 256, 60, H/4, W/4]
+
+CPU at 1/4 spatial scale (H=15, W=26), fp32 and bf16:
+  auto    pfp_kernels.conv3d_act(impl="auto") (the C++ op; the plan it ran is recorded)
+  eager   F.silu(F.conv3d(x, w, b, stride, 1))
+  onednn  torch.ops.mkldnn._convolution_pointwise(x, w, b, ..., "swish", ...), the fused op
+          torch.compile emits, with the plain weight (reordered inside every call);
+  onednn_prepacked  the same with the weight reordered once beforehand by
+          mkldnn::_reorder_convolution_weight (what torch.compile's freezing passes; auto caches
+          its prepacked weight the same way). oneDNN rows are fp32 only: oneDNN has no bf16 conv on
+          CPUs without AVX512-BF16/AVX-NE-CONVERT, and the row says so.
+Streaming (CPU, fp32, the whole 4-stage causal stack through pfp_kernels.nn.CausalConv3dAct,
+impl="auto"): appending a 6-frame chunk after 120 frames of history vs after 12 frames, and
+vs recomputing the stack over all 126 frames from scratch.
+CUDA (skipped without a GPU): full scale, Triton bf16 vs cuDNN conv3d + SiLU.
+
+Tables are written to benchmarks/results/cpu_conv.md and cuda_conv.md at the end of the module
+when the benchmarks ran (not under --benchmark-disable).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pfp_kernels as pk
+from pfp_kernels import _extension
+from pfp_kernels.nn import CausalConv3dAct
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+CL3 = torch.channels_last_3d
+LATENT = dict(T=120, H=60, W=104)
+# (name, cin, cout, stride, (T, H, W) input at full scale)
+STAGES = [
+    ("16->64", 16, 64, (2, 1, 1), (120, 60, 104)),
+    ("64->128", 64, 128, (1, 2, 2), (60, 60, 104)),
+    ("128->256", 128, 256, (1, 2, 2), (60, 30, 52)),
+    ("256->512", 256, 512, (1, 2, 2), (60, 15, 26)),
+]
+CPU_SCALE = 4
+
+
+def _cpu_shape(full):
+    t, h, w = full
+    return t, -(-h // CPU_SCALE), -(-w // CPU_SCALE)
+
+
+_measured: dict = {"cpu": {}, "stream": {}, "cuda": {}}
+_notes: dict = {}
+
+
+def _stage_inputs(cin, cout, size, dtype, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, *size, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=CL3)
+    w = (torch.randn(cout, cin, 3, 3, 3, generator=g) / (27 * cin) ** 0.5).to(device=device, dtype=dtype)
+    b = (0.1 * torch.randn(cout, generator=g)).to(device=device, dtype=dtype)
+    return x, w, b
+
+
+def _record(section, key, benchmark):
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and not getattr(benchmark, "disabled", False):
+        _measured[section][key] = stats.stats.median
+
+
+def _rounds(seconds_guess: float) -> int:
+    return max(3, min(15, int(2.0 / max(seconds_guess, 1e-3))))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU stages
+# ----------------------------------------------------------------------------------------------
+CPU_CASES = [(name, dtype, impl) for name, *_ in STAGES for dtype in ("float32", "bfloat16")
+             for impl in ("auto", "eager", "onednn", "onednn_prepacked")]
+
+
+@pytest.mark.parametrize("stage,dtype,impl", CPU_CASES)
+def test_cpu_stage(benchmark, stage, dtype, impl):
+    _, cin, cout, stride, full = next(s for s in STAGES if s[0] == stage)
+    dt = getattr(torch, dtype)
+    x, w, b = _stage_inputs(cin, cout, _cpu_shape(full), dt)
+    benchmark.group = f"cpu {stage} {dtype}"
+    if impl == "auto":
+        fn = lambda: pk.conv3d_act(x, w, b, stride, 1, impl="auto")  # noqa: E731
+    elif impl == "eager":
+        fn = lambda: F.silu(F.conv3d(x, w, b, stride, 1))  # noqa: E731
+    else:
+        if dt != torch.float32:
+            try:
+                torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1, 1], list(stride), [1, 1, 1], 1,
+                                                        "swish", [], "")
+            except RuntimeError as exc:
+                _notes[(stage, dtype, "onednn")] = str(exc).split("\n")[0]
+                pytest.skip(f"oneDNN has no {dtype} conv on this CPU: {str(exc).splitlines()[0]}")
+        if impl == "onednn_prepacked":
+            # what torch.compile's freezing passes: the weight reordered once, outside the timing
+            w = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1, 1], list(stride), [1, 1, 1], 1,
+                                                              list(x.shape))
+        fn = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
+            x, w, b, [1, 1, 1], list(stride), [1, 1, 1], 1, "swish", [], "")
+    import time
+    t0 = time.perf_counter()
+    fn()
+    guess = time.perf_counter() - t0
+    benchmark.pedantic(fn, rounds=_rounds(guess), iterations=1, warmup_rounds=1)
+    if impl == "auto" and _extension.LOADED:
+        _notes[(stage, dtype, "plan")] = torch.ops.pfp._conv_cpu_last_plan()
+    _record("cpu", (stage, dtype, impl), benchmark)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: the causal 4-stage stack, one 6-frame chunk appended
+# ----------------------------------------------------------------------------------------------
+def _causal_stack():
+    torch.manual_seed(0)
+    return [CausalConv3dAct(cin, cout, 3, stride=stride, padding_hw=1, impl="auto").eval()
+            for _, cin, cout, stride, _ in STAGES]
+
+
+def _run_stack(stack, x, streaming: bool):
+    for layer in stack:
+        x = layer.step(x) if streaming else layer(x)
+    return x
+
+
+def _primed(stack, frames):
+    """Run `frames` frames of history through the stack; return each layer's state snapshot."""
+    _, h, w = _cpu_shape(STAGES[0][4])
+    x = torch.randn(1, 16, frames, h, w).contiguous(memory_format=CL3)
+    for layer in stack:
+        layer.reset()
+    with torch.no_grad():
+        for start in range(0, frames, 24):
+            _run_stack(stack, x[:, :, start:start + 24], streaming=True)
+    return [copy.copy(layer.state) for layer in stack]
+
+
+STREAM_CASES = ["append6_after120", "append6_after12", "recompute126"]
+
+
+@pytest.fixture(params=["all", 1], ids=lambda t: f"threads-{t}")
+def threads(request):
+    """Streaming at the default thread count and single-threaded: a 6-frame append is small enough
+    that thread wake-ups dominate it on a shared machine, and one thread shows the arithmetic."""
+    old = torch.get_num_threads()
+    if request.param != "all":
+        torch.set_num_threads(request.param)
+    yield torch.get_num_threads()
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("case", STREAM_CASES)
+def test_cpu_streaming(benchmark, case, threads):
+    stack = _causal_stack()
+    _, h, w = _cpu_shape(STAGES[0][4])
+    benchmark.group = f"cpu streaming (4-stage causal stack, fp32, {threads} threads)"
+    if case == "recompute126":
+        x = torch.randn(1, 16, 126, h, w).contiguous(memory_format=CL3)
+
+        def fn():
+            with torch.no_grad():
+                return _run_stack(stack, x, streaming=False)
+        benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+    else:
+        history = 120 if case == "append6_after120" else 12
+        snapshot = _primed(stack, history)
+        chunk = torch.randn(1, 16, 6, h, w).contiguous(memory_format=CL3)
+
+        def setup():
+            for layer, state in zip(stack, snapshot):
+                layer.state = copy.copy(state)
+
+        def fn():
+            with torch.no_grad():
+                return _run_stack(stack, chunk, streaming=True)
+        setup()
+        out = fn()
+        assert out.shape[2] == 3  # 6 frames at temporal stride 2
+        benchmark.pedantic(fn, setup=setup, rounds=15, iterations=1, warmup_rounds=1)
+    _record("stream", (threads, case), benchmark)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: Triton bf16 vs cuDNN conv3d + SiLU at full scale
+# ----------------------------------------------------------------------------------------------
+CUDA_CASES = [(name, impl) for name, *_ in STAGES for impl in ("triton", "cudnn")]
+
+
+@pytest.mark.parametrize("stage,impl", CUDA_CASES)
+def test_cuda_stage(benchmark, stage, impl):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the Triton-vs-cuDNN section needs a GPU")
+    _, cin, cout, stride, full = next(s for s in STAGES if s[0] == stage)
+    x, w, b = _stage_inputs(cin, cout, full, torch.bfloat16, "cuda")
+    benchmark.group = f"cuda {stage} bf16"
+    if impl == "triton":
+        fn = lambda: pk.conv3d_act(x, w, b, stride, 1, impl="triton")  # noqa: E731
+    else:
+        torch.backends.cudnn.benchmark = True
+        fn = lambda: F.silu(F.conv3d(x, w, b, stride, 1))  # noqa: E731
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=3)
+    _record("cuda", (stage, impl), benchmark)
+
+
+# ----------------------------------------------------------------------------------------------
+# results tables
+# ----------------------------------------------------------------------------------------------
+def _header(device_line):
+    return [f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {device_line}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, by `pytest benchmarks/bench_conv.py "
+            f"--benchmark-only` (medians).", ""]
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _write_cpu_table():
+    m, s = _measured["cpu"], _measured["stream"]
+    if not m and not s:
+        return
+    lines = ["# CPU conv stages", ""] + _header(f"{_cpu_name()} ({os.cpu_count()} cores, "
+                                                f"{torch.backends.cpu.get_cpu_capability()})")
+    lines += ["Compressor stages, kernel 3, padding 1, batch 1, channels-last-3d, 1/4 spatial scale of the "
+              "T=120, 60x104 latent. Ratios are auto's time over the baseline's (< 1 means auto is faster).", "",
+              "| stage | input | dtype | auto ms | eager ms | oneDNN fused ms | oneDNN fused, prepacked ms | "
+              "auto/eager | auto/oneDNN | auto/oneDNN prepacked | auto ran |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, cin, cout, stride, full in STAGES:
+        t, h, w = _cpu_shape(full)
+        for dtype in ("float32", "bfloat16"):
+            a, e, o, op = (m.get((name, dtype, k)) for k in ("auto", "eager", "onednn", "onednn_prepacked"))
+            if a is None and e is None:
+                continue
+
+            def ms(v):
+                return f"{v * 1e3:.2f}" if v is not None else "n/a"
+
+            def ratio(v):
+                return f"{a / v:.2f}" if (a is not None and v is not None) else "n/a"
+            na = "n/a (no bf16 conv on this CPU)" if dtype != "float32" else "n/a"
+            onednn = ms(o) if o is not None else na
+            onednn_p = ms(op) if op is not None else na
+            plan = _notes.get((name, dtype, "plan"), "")
+            lines.append(f"| {name} s{stride} | [1,{cin},{t},{h},{w}] | {dtype} | {ms(a)} | {ms(e)} | {onednn} | "
+                         f"{onednn_p} | {ratio(e)} | {ratio(o)} | {ratio(op)} | `{plan}` |")
+    if s:
+        lines += ["", "Streaming, fp32: the 4-stage causal stack (pfp_kernels.nn.CausalConv3dAct, impl=auto), "
+                  "one 6-frame chunk appended (3 frames out of stage 1), vs recomputing the stack over all 126 "
+                  "frames from scratch.", "",
+                  "| threads | append after 120 ms | append after 12 ms | after120/after12 (target 0.8-1.2) | "
+                  "recompute 126 ms | recompute/append (target >= 10) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for nt in sorted({k[0] for k in s}, reverse=True):
+            a120, a12, rec = (s.get((nt, k)) for k in STREAM_CASES)
+
+            def ms(v):
+                return f"{v * 1e3:.2f}" if v is not None else "n/a"
+            r1 = f"{a120 / a12:.2f}" if a120 and a12 else "n/a"
+            r2 = f"{rec / a120:.1f}" if a120 and rec else "n/a"
+            lines.append(f"| {nt} | {ms(a120)} | {ms(a12)} | {r1} | {ms(rec)} | {r2} |")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "cpu_conv.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _write_cuda_table():
+    m = _measured["cuda"]
+    if not m:
+        return
+    lines = ["# CUDA conv stages", ""] + _header(torch.cuda.get_device_name())
+    lines += ["Full scale, bf16, batch 1, channels-last-3d. Ratio: Triton time over cuDNN conv3d + SiLU.", "",
+              "| stage | triton ms | cuDNN+SiLU ms | triton/cuDNN |", "| --- | ---: | ---: | ---: |"]
+    for name, *_ in STAGES:
+        t, c = m.get((name, "triton")), m.get((name, "cudnn"))
+        if t is None and c is None:
+            continue
+        lines.append(f"| {name} | {t * 1e3 if t else float('nan'):.3f} | {c * 1e3 if c else float('nan'):.3f} | "
+                     f"{(t / c) if (t and c) else float('nan'):.2f} |")
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "cuda_conv.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_tables():
+    yield
+    _write_cpu_table()
+    _write_cuda_table()
