@@ -154,3 +154,11 @@ def test_wan_backbone_trains_through_the_cli_path(tmp_path):
                       init=str(tmp_path / "pre.safetensors")))
     lora = [n for n, p in out["model"].backbone.named_parameters() if p.requires_grad]
     assert lora and all("lora_" in n for n in lora)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, mode):
+    # the path a GPU run takes (bf16 autocast), exercised on CPU; the compressor stays in fp32
+    out = train(_args(tmp_path, tmp_path / mode, mode=mode, steps=2, precision="bf16", grad_checkpointing=True,
+                      lora_rank=4 if mode == "finetune" else 0))
+    assert math.isfinite(out["loss"])

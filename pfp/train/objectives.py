@@ -72,6 +72,14 @@ def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor
     return hr, lr
 
 
+def _compress(model, hr: Tensor, lr: Tensor, dtype):
+    """The compressor runs outside autocast: its pfp_kernels convs take the parameters' dtype, while
+    autocast would turn only the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under
+    autocast, casts the context tokens where it uses them."""
+    with torch.autocast(device_type=hr.device.type, enabled=False):
+        return model.compressor(hr.to(dtype), lr.to(dtype))
+
+
 def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
                   device, compute_dtype=torch.float32) -> Tensor:
     """Frame retrieval (PFP 2.1 / 3.1).
@@ -111,7 +119,7 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     tf = getattr(model.vae, "temporal_factor", 1)
     prompts = _prompts(batch["storyboard"], [float(o[0]) * tf / fps for o in omega], cfg.p_uncond, generator)
     text, text_mask = model.encode_text(prompts)
-    ctx = model.compressor(hr_masked.to(compute_dtype), lr_masked.to(compute_dtype))
+    ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
     v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask)
     return F.mse_loss(v.float(), target.float())
 
@@ -139,7 +147,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
         rt = model.compressor.rate.t
         hist = hr[:, :, : n * lc]
         lr_hist = lr[:, :, : -(-(n * lc) // rt)]
-        ctx = model.compressor(hist.to(compute_dtype), lr_hist.to(compute_dtype))
+        ctx = _compress(model, hist, lr_hist, compute_dtype)
     ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
