@@ -30,13 +30,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._io import save_safetensors_atomic
 from pfp_kernels.conv import CausalConvState, causal_conv3d_act, project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
@@ -376,22 +376,11 @@ class MemoryCompressor(nn.Module):
         The file appears complete or not at all (written beside it, then renamed). With
         ``include_patch_embed=False`` the shared patch embedding is left to the backbone's checkpoint.
         """
-        from safetensors.torch import save_file
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if include_patch_embed or not k.startswith("patch_embed.")}
         meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(self.config()),
                 "includes_patch_embed": json.dumps(bool(include_patch_embed))}
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_safetensors_atomic(state, path, meta)
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Load a :meth:`save_checkpoint` file into this compressor.

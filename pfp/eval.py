@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data.synthetic import scene_returns
+
 
 def psnr(a: Tensor, b: Tensor) -> float:
     """PSNR in dB of images/videos in [-1, 1] (peak-to-peak 2)."""
@@ -92,13 +94,8 @@ def storyboard_returns(storyboard, fps: float, num_frames: int) -> list:
     """``(last_frame_before, first_frame_back)`` for every shot whose prompt appeared in an earlier,
     non-adjacent shot, at video frame rate ``fps``."""
     prompts = [storyboard.prompt_at(f / fps) for f in range(num_frames)]
-    last: dict = {}
-    out = []
-    for f, p in enumerate(prompts):
-        if f > 0 and prompts[f - 1] != p and p in last:
-            out.append((last[p], f))
-        last[p] = f
-    return out
+    prompt_ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    return scene_returns(torch.tensor([prompt_ids[p] for p in prompts]))
 
 
 __all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .._io import save_safetensors_atomic
 
 WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "default.safetensors")
@@ -191,22 +192,6 @@ def build_model(config: Optional[PFPConfig] = None) -> PFPModel:
     return PFPModel(config)
 
 
-def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_weights(model: PFPModel, path: str, dtype: Optional[torch.dtype] = None, extra: Optional[dict] = None) -> None:
     """Write the model's weights (optionally cast, e.g. to bf16) with its config as metadata."""
     state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
@@ -214,7 +199,7 @@ def save_weights(model: PFPModel, path: str, dtype: Optional[torch.dtype] = None
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
     if extra:
         meta.update({k: json.dumps(v) for k, v in extra.items()})
-    _atomic_save(state, path, meta)
+    save_safetensors_atomic(state, path, meta)
 
 
 def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
