@@ -577,9 +577,14 @@ Tensor run_conv(const ConvCall& c) {
   const double flops_per_frame = 2.0 * g.B * g.Ho * g.Wo * g.Cout * g.kt * g.kh * g.kw * g.Cin;
   const PathMode mode = path_mode();
   bool use_onednn = onednn_ok && mode != PathMode::Direct;
+  // Short streaming appends after a state run every output through one oneDNN call over the
+  // gathered window (below), so all M outputs count as oneDNN work there.
+  constexpr int64_t kShortAppendFrames = 8;
+  const bool short_append = P > 0 && nb_copied > 0 && M - nb_copied <= kShortAppendFrames;
   if (use_onednn && mode == PathMode::Auto) {
     // For tiny convs oneDNN's per-call weight reorder and primitive lookup dominate.
-    use_onednn = flops_per_frame * (M - nb_aligned) > 40.0 * static_cast<double>(w.numel());
+    const int64_t onednn_frames = short_append ? M : M - nb_aligned;
+    use_onednn = flops_per_frame * onednn_frames > 40.0 * static_cast<double>(w.numel());
   }
 
   std::ostringstream plan;
@@ -599,6 +604,11 @@ Tensor run_conv(const ConvCall& c) {
   // frames) instead of reordered on every call as the plain-weight op does. A weight prepacked for
   // another geometry makes oneDNN reorder it again inside the call, so each layout asks for its own.
   auto prepacked = [&](int64_t pad_t, int64_t frames) {
+    // Small weights go in plain: oneDNN's own per-call reorder of them is cheap, and on the
+    // 64 -> 128 compressor stage the layout it picks that way ran ~20% faster than the one the
+    // prepacking op picks (benchmarks/bench_conv.py, interleaved). Large weights are prepacked.
+    constexpr int64_t kPrepackMinElements = 512 * 1024;
+    if (w.numel() < kPrepackMinElements) return f32(w);
     std::ostringstream key;
     key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << pad_t << "," << g.ph
         << "," << g.pw << " in" << g.B << "," << g.Cin << "," << frames << "," << g.H << "," << g.W;
@@ -630,8 +640,7 @@ Tensor run_conv(const ConvCall& c) {
   // call below (two primitive runs on 1-3 frames each, measured on the compressor stages). The
   // copy is at most kt-1 state frames plus the chunk (~2% of the conv's own time), bounded by the
   // chunk, never by the history. Long chunks keep the split layouts, which copy nothing of x.
-  constexpr int64_t kShortAppendFrames = 8;
-  if (P > 0 && nb_copied > 0 && M - nb_copied <= kShortAppendFrames) {
+  if (short_append) {
     Tensor window = gather_window(M);
     Tensor out = onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu);
     if (convert) out = out.to(dtype);
