@@ -21,3 +21,17 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def state_mismatch(expected: dict, found: dict) -> tuple[list, list, list]:
+    """Compare a checkpoint's tensors (``found``) with the state a model expects.
+
+    Returns ``(missing, unexpected, wrong)``: sorted names absent from the checkpoint, sorted
+    names the model does not have, and ``(name, checkpoint_shape, model_shape)`` for the shared
+    names whose shapes differ. Callers word the error; all three empty means the checkpoint fits.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [(k, tuple(found[k].shape), tuple(expected[k].shape))
+             for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected, wrong

@@ -28,7 +28,6 @@ C++ on CPU, Triton on CUDA when present, else the plain-PyTorch reference).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -36,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._io import save_safetensors_atomic
+from ._io import save_safetensors_atomic, state_mismatch
 from pfp_kernels.conv import CausalConvState, causal_conv3d_act, project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
@@ -397,10 +396,8 @@ class MemoryCompressor(nn.Module):
         includes_pe = json.loads(meta.get("includes_patch_embed", "true"))
         own = self.state_dict()
         expected = {k: v for k, v in own.items() if includes_pe or not k.startswith("patch_embed.")}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                       for k in set(tensors) & set(expected) if tuple(tensors[k].shape) != tuple(expected[k].shape))
+        missing, unexpected, mismatched = state_mismatch(expected, tensors)
+        wrong = sorted(f"{k}: checkpoint {have} vs model {want}" for k, have, want in mismatched)
         if missing or unexpected or wrong:
             parts = []
             if missing:

@@ -109,7 +109,20 @@ def _check_latent(latent: torch.Tensor, channels: int) -> None:
         raise ValueError("latent has 0 frames; it needs at least 1")
 
 
-class PatchVAE(nn.Module):
+class _CausalFrameCounts:
+    """Frame-count arithmetic of the causal time convention (module docstring), shared by the
+    VAEs; needs ``self.temporal_factor``."""
+
+    def latent_frames(self, num_frames: int) -> int:
+        return check_video_frames(num_frames, self.temporal_factor)
+
+    def video_frames(self, num_latent: int) -> int:
+        if not isinstance(num_latent, int) or num_latent < 1:
+            raise ValueError(f"num_latent must be an int >= 1, got {num_latent!r}")
+        return 1 + self.temporal_factor * (num_latent - 1)
+
+
+class PatchVAE(_CausalFrameCounts, nn.Module):
     """Exact, weight-free "VAE": pixel-unshuffle in space (and time).
 
     ``encode`` folds each ``temporal_factor x spatial_factor x spatial_factor`` block of pixels into
@@ -149,14 +162,6 @@ class PatchVAE(nn.Module):
         return (f"spatial_factor={self.spatial_factor}, temporal_factor={self.temporal_factor}, "
                 f"latent_channels={self.latent_channels}, shift={self.shift}, scale={self.scale}")
 
-    def latent_frames(self, num_frames: int) -> int:
-        return check_video_frames(num_frames, self.temporal_factor)
-
-    def video_frames(self, num_latent: int) -> int:
-        if not isinstance(num_latent, int) or num_latent < 1:
-            raise ValueError(f"num_latent must be an int >= 1, got {num_latent!r}")
-        return 1 + self.temporal_factor * (num_latent - 1)
-
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, T, H, W]`` -> ``[B, 3*s*s*tf, 1 + (T-1)/tf, H/s, W/s]`` (contiguous)."""
         _check_video(video, self.spatial_factor, self.temporal_factor)
@@ -190,7 +195,7 @@ class PatchVAE(nn.Module):
         return x.contiguous()
 
 
-class WanVAE(nn.Module):
+class WanVAE(_CausalFrameCounts, nn.Module):
     """Adapter around diffusers' ``AutoencoderKLWan`` (Wan 2.1 / 2.2 VAEs).
 
     ``encode`` returns the posterior mean (deterministic; ``sample=True`` draws from the posterior
@@ -259,14 +264,6 @@ class WanVAE(nn.Module):
         if device is not None:
             vae.to(device)
         return vae
-
-    def latent_frames(self, num_frames: int) -> int:
-        return check_video_frames(num_frames, self.temporal_factor)
-
-    def video_frames(self, num_latent: int) -> int:
-        if not isinstance(num_latent, int) or num_latent < 1:
-            raise ValueError(f"num_latent must be an int >= 1, got {num_latent!r}")
-        return 1 + self.temporal_factor * (num_latent - 1)
 
     def _model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

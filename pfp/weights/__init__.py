@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._io import save_safetensors_atomic
+from .._io import save_safetensors_atomic, state_mismatch
 
 WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "default.safetensors")
@@ -220,10 +220,8 @@ def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
 def load_state_checked(model: PFPModel, tensors: dict, source: str) -> None:
     """Copy tensors into the model; ValueError naming every missing / unexpected / misshapen tensor."""
     own = model.trainable_state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(f"{k} (checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)})"
-                   for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape)
+    missing, unexpected, mismatched = state_mismatch(own, tensors)
+    wrong = sorted(f"{k} (checkpoint {have}, model {want})" for k, have, want in mismatched)
     if missing or unexpected or wrong:
         parts = []
         if wrong:
