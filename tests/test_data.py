@@ -171,6 +171,21 @@ def test_synthetic_same_scene_time_gives_same_pixels():
     assert torch.equal(a[:, 0], b[:, 1]) and not torch.equal(a[:, 0], b[:, 0])
 
 
+def test_synthetic_size_ranges_shape_the_scenes():
+    """sprite_radius / pattern_period set the drawn sizes; the defaults keep the original ranges."""
+    easy = SyntheticMultiShotVideos(8, SPEC, seed=3, sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))
+    plain = SyntheticMultiShotVideos(8, SPEC, seed=3)
+    for i in range(8):
+        for scene in easy.plan(i).scenes:
+            assert 0.4 <= scene.period <= 0.5
+            assert all(0.2 <= sp.radius <= 0.25 for sp in scene.sprites)
+        for scene in plain.plan(i).scenes:
+            assert 0.12 <= scene.period <= 0.3
+            assert all(0.08 <= sp.radius <= 0.16 for sp in scene.sprites)
+        # the same random draws: colours, shapes and layout agree, only the sizes differ
+        assert [s.caption for s in easy.plan(i).scenes] == [s.caption for s in plain.plan(i).scenes]
+
+
 def test_synthetic_dataloader_collate():
     ds = SyntheticMultiShotVideos(3, SPEC, seed=1)
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
@@ -192,6 +207,10 @@ def test_synthetic_dataloader_collate():
     (dict(sprites_per_scene=(0, 2)), "sprites_per_scene"),
     (dict(return_prob=1.5), "return_prob"),
     (dict(seed=1.5), "seed"),
+    (dict(sprite_radius=(0.3, 0.2)), "sprite_radius"),
+    (dict(sprite_radius=(0.1,)), "sprite_radius"),
+    (dict(pattern_period=(0.0, 0.5)), "pattern_period"),
+    (dict(pattern_period=(0.2, float("nan"))), "pattern_period"),
 ])
 def test_synthetic_bad_args(kwargs, match):
     args = dict(num_videos=2, spec=SPEC)

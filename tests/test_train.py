@@ -162,3 +162,17 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, mode):
     out = train(_args(tmp_path, tmp_path / mode, mode=mode, steps=2, precision="bf16", grad_checkpointing=True,
                       lora_rank=4 if mode == "finetune" else 0))
     assert math.isfinite(out["loss"])
+
+
+def test_cli_synthetic_size_ranges(tmp_path, capsys):
+    # --sprite-radius / --pattern-period reach the synthetic dataset; a bad range is one clear line
+    from pfp.train.__main__ import main
+    cfg = write_config(tmp_path / "cfg.json", tiny_config())
+    common = ["pretrain", "--config", cfg, "--steps", "1", "--batch-size", "1", "--clip-seconds", "1",
+              "--workers", "0", "--no-progress", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "bad"), "--sprite-radius", "0.3", "0.1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: sprite_radius must be (min, max)") and "\n" not in err
+    args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))
+    ds = _dataset(args, build_model().config)
+    assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5)

@@ -165,6 +165,11 @@ class SyntheticMultiShotVideos(Dataset):
         shot_seconds: ``(min, max)`` shot length in seconds (each shot gets at least one frame).
         sprites_per_scene: ``(min, max)`` sprites per scene, between 1 and ``len(SHAPES)``.
         return_prob: probability that a cut goes back to an already-shown scene (when there is one).
+        sprite_radius: ``(min, max)`` sprite radius in units of ``min(H, W)``.
+        pattern_period: ``(min, max)`` period of stripes and checkers in units of ``min(H, W)``.
+            Larger sprites and coarser patterns make an easier dataset for small models (the
+            built-in tiny model was trained with ``sprite_radius=(0.16, 0.26)``,
+            ``pattern_period=(0.35, 0.6)``: at 32x32 its tokens cover 8x8 pixels).
 
     Items (see :mod:`pfp.data`): ``hr [3, T, H, W]``, ``lr [3, T_lr, h, w]`` or None, ``storyboard``,
     ``hr_fps``, ``lr_fps``, ``source``, and ``scene_ids [T]`` long, ``shot_ids [T]`` long,
@@ -173,7 +178,8 @@ class SyntheticMultiShotVideos(Dataset):
 
     def __init__(self, num_videos: int, spec: Any, *, seed: int = 0, num_scenes: int = 3,
                  shot_seconds: tuple[float, float] = (1.0, 3.0), sprites_per_scene: tuple[int, int] = (1, 3),
-                 return_prob: float = 0.5):
+                 return_prob: float = 0.5, sprite_radius: tuple[float, float] = (0.08, 0.16),
+                 pattern_period: tuple[float, float] = (0.12, 0.3)):
         if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
             raise ValueError(f"num_videos must be an int >= 1, got {num_videos!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -189,7 +195,15 @@ class SyntheticMultiShotVideos(Dataset):
                              f"got {sprites_per_scene!r}")
         if not 0.0 <= return_prob <= 1.0:
             raise ValueError(f"return_prob must be in [0, 1], got {return_prob!r}")
+        for name, rng_ in (("sprite_radius", sprite_radius), ("pattern_period", pattern_period)):
+            if (not isinstance(rng_, (tuple, list)) or len(rng_) != 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in rng_)
+                    or not 0 < rng_[0] <= rng_[1] <= 1):
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1 (units of min(H, W)), "
+                                 f"got {rng_!r}")
         self.num_videos = num_videos
+        self.sprite_radius = (float(sprite_radius[0]), float(sprite_radius[1]))
+        self.pattern_period = (float(pattern_period[0]), float(pattern_period[1]))
         self.spec = VideoSpec.coerce(spec)
         self.seed = seed
         self.num_scenes = num_scenes
@@ -217,12 +231,12 @@ class SyntheticMultiShotVideos(Dataset):
             colours = rng.sample([k for k in names if k not in bg_colours], n)
             sprites = []
             for shape, colour in zip(shapes, colours):
-                r = rng.uniform(0.08, 0.16)
+                r = rng.uniform(*self.sprite_radius)
                 speed = rng.uniform(0.15, 0.45)
                 theta = rng.uniform(0, 2 * math.pi)
                 sprites.append(Sprite(shape, colour, r, rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85),
                                       speed * math.cos(theta), speed * math.sin(theta)))
-            scenes.append(Scene(kind, c, c2, rng.choice((0.0, 45.0, 90.0, 135.0)), rng.uniform(0.12, 0.3),
+            scenes.append(Scene(kind, c, c2, rng.choice((0.0, 45.0, 90.0, 135.0)), rng.uniform(*self.pattern_period),
                                 tuple(sprites)))
         return tuple(scenes)
 

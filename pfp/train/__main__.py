@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder of videos with JSON storyboards")
     p.add_argument("--clip-seconds", type=float, default=d.clip_seconds)
     p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic videos to draw from")
+    p.add_argument("--sprite-radius", type=float, nargs=2, default=d.sprite_radius, metavar=("MIN", "MAX"),
+                   help="synthetic data: sprite radius range, units of min(H, W) (default %(default)s)")
+    p.add_argument("--pattern-period", type=float, nargs=2, default=d.pattern_period, metavar=("MIN", "MAX"),
+                   help="synthetic data: stripe/checker period range, units of min(H, W) (default %(default)s)")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")

@@ -62,6 +62,8 @@ class TrainArgs:
     data: str = "synthetic"              # "synthetic" or a folder of videos with JSON storyboards
     clip_seconds: float = 4.0
     num_videos: int = 100000
+    sprite_radius: tuple = (0.08, 0.16)  # synthetic data: sprite radius range (units of min(H, W))
+    pattern_period: tuple = (0.12, 0.3)  # synthetic data: stripe/checker period range
     save_every: int = 200
     log_every: int = 10
     resume: bool = False
@@ -199,7 +201,9 @@ def _dataset(args: TrainArgs, config: PFPConfig):
     spec = config.video_spec(frames)
     if args.data == "synthetic":
         from pfp.data import SyntheticMultiShotVideos
-        return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed)
+        return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed,
+                                        sprite_radius=tuple(args.sprite_radius),
+                                        pattern_period=tuple(args.pattern_period))
     from pfp.data import VideoFolderDataset
     return VideoFolderDataset(args.data, spec)
 
