@@ -1,8 +1,10 @@
 """Copy the loss logs of the run that made the built-in weights to benchmarks/results/ and plot them.
 
-``python benchmarks/plot_loss_curves.py RUN_DIR [RUN_DIR ...]`` reads each ``RUN_DIR/loss.csv``
-(written by ``python -m pfp.train``), writes ``benchmarks/results/default_weights_<stage>_loss.csv``
-and one PNG with a panel per stage (matplotlib; without it only the CSVs are written).
+``python benchmarks/plot_loss_curves.py [NAME=]RUN [[NAME=]RUN ...]`` reads each run's ``loss.csv``
+(``RUN`` is a run directory written by ``python -m pfp.train``, or a loss CSV itself, e.g. one kept
+here from an earlier stage), writes ``benchmarks/results/default_weights_<NAME>_loss.csv`` (NAME
+defaults to the run directory's name) and one PNG with a panel per stage, in the order given
+(matplotlib; without it only the CSVs are written).
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 def main(run_dirs):
     os.makedirs(RESULTS, exist_ok=True)
     stages = []
-    for d in run_dirs:
-        name = os.path.basename(os.path.normpath(d)).replace("default_", "")
-        src = os.path.join(d, "loss.csv")
+    for arg in run_dirs:
+        name, _, d = arg.rpartition("=")
+        src = d if d.endswith(".csv") else os.path.join(d, "loss.csv")
+        name = name or os.path.basename(os.path.normpath(d)).replace("default_", "")
         dst = os.path.join(RESULTS, f"default_weights_{name}_loss.csv")
-        shutil.copyfile(src, dst)
+        if os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst)
         with open(src) as f:
             rows = list(csv.DictReader(f))
         stages.append((name, [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
