@@ -184,6 +184,12 @@ _PATH_WHAT = {
                      "transformer"),
 }
 
+_PATH_CLASS = {  # config.json key -> accepted values, per (field, kind)
+    ("vae", "wan"): ("_class_name", ("AutoencoderKLWan",)),
+    ("text", "umt5"): ("model_type", ("umt5",)),
+    ("dit", "wan"): ("_class_name", ("WanTransformer3DModel",)),
+}
+
 
 def check_component(name: str, spec) -> None:
     """Validate ``config[name]`` (``"vae"``, ``"text"`` or ``"dit"``): a dict with a valid ``"kind"``,
@@ -217,6 +223,18 @@ def check_component(name: str, spec) -> None:
             raise ValueError(f"config {name}.path {path!r} has no config.json" +
                              (f" (nor {sub}/config.json)" if not spec.get("subfolder") else
                               f" under subfolder {spec['subfolder']!r}") + f"; it must be {what}")
+        cfg_file = os.path.join(_component_dir(path, spec.get("subfolder"), sub), "config.json")
+        try:
+            with open(cfg_file) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"config {name}.path: cannot read {cfg_file} ({e})") from None
+        want_key, want = _PATH_CLASS[(name, kind)]
+        cfg = cfg if isinstance(cfg, dict) else {}
+        if cfg.get(want_key) not in want:
+            have = cfg.get("_class_name") or cfg.get("model_type") or (cfg.get("architectures") or ["unknown"])[0]
+            raise ValueError(f"config {name}.path {path!r} holds a {have!r} model ({cfg_file}); kind {kind!r} needs "
+                             f"{' or '.join(want)}: it must be {what}")
     if name == "dit" and kind == "wan" and ("path" in spec) == ("config" in spec):
         raise ValueError("config dit of kind 'wan' needs exactly one of 'path' (a local diffusers checkpoint) "
                          "or 'config' (WanTransformer3DModel keyword arguments)")
