@@ -326,9 +326,10 @@ class MemoryCompressor(nn.Module):
             hr_latent: ``[B, C, T, H, W]`` high-res latent (channels-last-3d avoids relayouts).
             lr_latent: ``[B, C, ceil(T/rt), H', W']`` the same video at 1/rh, 1/rw size and 1/rt fps
                 (:meth:`expected_lr_shape`, :func:`pfp.plan_inputs`).
-            hr_frames: optional ``[B]`` real HR frames per sample when histories of different
-                lengths are padded at the end to T; tokens past ``ceil(hr_frames[b]/rt)`` are
-                masked. Causality makes the real tokens independent of the padding.
+            hr_frames: optional ``[B]`` real HR frames per sample (0..T) when histories of
+                different lengths are padded at the end to T; tokens past ``ceil(hr_frames[b]/rt)``
+                are masked (all of them for 0: a sample with no history). Causality makes the real
+                tokens independent of the padding; the backbones ignore the masked ones.
 
         Returns:
             :class:`Context` with ``ceil(T/rt) * (H//(ph*rh)) * (W//(pw*rw))`` tokens.
@@ -352,8 +353,8 @@ class MemoryCompressor(nn.Module):
         mask = None
         if hr_frames is not None:
             frames = torch.as_tensor(hr_frames, device=tokens.device).long().reshape(-1)
-            if frames.shape[0] != hr_latent.shape[0] or bool(((frames < 1) | (frames > t)).any()):
-                raise ValueError(f"hr_frames must be {hr_latent.shape[0]} frame counts in 1..{t}, got {hr_frames!r}")
+            if frames.shape[0] != hr_latent.shape[0] or bool(((frames < 0) | (frames > t)).any()):
+                raise ValueError(f"hr_frames must be {hr_latent.shape[0]} frame counts in 0..{t}, got {hr_frames!r}")
             real_t = -(-frames // self.rate.t)  # [B]
             token_t = torch.arange(gt, device=tokens.device).repeat_interleave(gh * gw)
             mask = token_t[None, :] < real_t[:, None]

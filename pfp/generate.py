@@ -4,10 +4,11 @@ Chunk by chunk (design.md, "Data flow"):
 
 1. the sampler denoises the next chunk's latents, conditioned on the prompt active at the chunk's
    start (the storyboard's latest shot whose start <= t) and on the compressed history;
-2. the chunk is decoded by the VAE;
+2. the chunk is decoded by the VAE, through a stream that carries the VAE's causal state, so a
+   causal temporal VAE (Wan's: 1 + 4k frames) gives the same frames as decoding the whole latent;
 3. the chunk joins the history: its latents feed the high-res branch, and its frames, taken at
-   low resolution and low fps and re-encoded by the VAE, feed the low-res branch, exactly as in
-   training (:func:`pfp.data.to_low_res`);
+   low resolution and low fps and re-encoded by the VAE (causally, streamed), feed the low-res
+   branch, exactly as in training (:func:`pfp.data.to_low_res` of the whole video);
 4. ``CompressorStream.append`` compresses only that chunk; in ``"cached"`` context mode the
    backbone then computes the per-layer K/V of only the new context tokens.
 
@@ -51,18 +52,31 @@ class GenerationResult:
 
 
 def chunk_plan(config, seconds: float) -> int:
-    """Number of chunks for ``seconds`` of video; InputError saying what to use if not whole."""
+    """Number of chunks for ``seconds`` of video (``seconds / chunk_seconds``, whole); InputError
+    saying what to use otherwise.
+
+    With a causal VAE of temporal factor tf > 1 (Wan: 4) the first latent frame decodes to one
+    frame, so K chunks make ``K * chunk_frames - (tf - 1)`` frames (:meth:`PFPConfig.clip_frames`):
+    the video covers ``seconds`` from its first frame's start to its last frame's end, less
+    ``(tf - 1) / fps``. The message names the frame counts too."""
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
         raise InputError(f"--seconds must be a positive number, got {seconds}")
     frames = seconds * config.fps
     per = config.chunk_frames
+    tf = config.vae_temporal
     n = frames / per
     if abs(n - round(n)) > 1e-6 or round(n) < 1:
-        lo = max(1, math.floor(n + 1e-6)) * per / config.fps
-        hi = max(1, math.ceil(n - 1e-6)) * per / config.fps
+        lo_n, hi_n = max(1, math.floor(n + 1e-6)), max(1, math.ceil(n - 1e-6))
+        lo, hi = lo_n * per / config.fps, hi_n * per / config.fps
         choices = f"{lo:g}" if lo == hi else f"{lo:g} or {hi:g}"
-        raise InputError(f"--seconds {seconds:g} gives {frames:g} frames at {config.fps:g} fps, but this model generates "
-                         f"chunks of {per} frames ({per / config.fps:g} s); use --seconds {choices}")
+        if tf == 1:
+            raise InputError(f"--seconds {seconds:g} gives {frames:g} frames at {config.fps:g} fps, but this model "
+                             f"generates chunks of {per} frames ({per / config.fps:g} s); use --seconds {choices}")
+        fr = f"{config.clip_frames(lo_n)}" if lo == hi else f"{config.clip_frames(lo_n)} or {config.clip_frames(hi_n)}"
+        raise InputError(f"--seconds {seconds:g} is not a whole number of chunks: this model generates chunks of "
+                         f"{per} frames ({per / config.fps:g} s at {config.fps:g} fps), and its causal VAE (temporal "
+                         f"factor {tf}, 1 + {tf}*k frames) makes the first chunk {per - (tf - 1)} frames; use "
+                         f"--seconds {choices} ({fr} frames)")
     return int(round(n))
 
 
@@ -70,12 +84,23 @@ def chunk_plan(config, seconds: float) -> int:
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
              shift: Optional[float] = None, device="cpu", size: Optional[tuple] = None,
              progress: bool = True) -> GenerationResult:
-    """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`."""
+    """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
+
+    Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
+    decodes them through a :func:`pfp.vae.decode_stream` that carries its causal state across
+    chunks, so the video equals one decode of all the latents: ``1 + tf*(n-1)`` frames from the
+    first chunk and ``tf*n`` from each later one (tf = the VAE's temporal factor; ``n`` frames
+    each when tf = 1). The low-res branch takes, from each chunk's frames, those that
+    :func:`pfp.data.to_low_res` takes from the whole video (:meth:`PFPConfig.clip_spec`), resized the
+    same way, and re-encodes them through an :func:`pfp.vae.encode_stream` (frames of an unfinished
+    causal group wait for the next chunk), so the LR latents equal training's
+    ``vae.encode(to_low_res(video))``. Returns a :class:`GenerationResult` (video ``[3, T, H, W]``).
+    """
     from tqdm import tqdm
 
-    from pfp.backbones import ContextKV  # noqa: F401
-    from pfp.data import to_low_res
+    from pfp.data import to_low_res_part
     from pfp.sampler import sample
+    from pfp.vae import decode_stream, encode_stream
 
     config = model.config
     device = torch.device(device)
@@ -83,17 +108,13 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     backbone, compressor, vae = model.backbone, model.compressor, model.vae
     n_chunks = chunk_plan(config, seconds)
     h, w = size or tuple(config.video_size)
-    s = getattr(vae, "spatial_factor", config.vae_spatial)
-    lat_shape = (1, backbone.latent_channels, config.chunk_frames // config.vae_temporal, h // s, w // s)
-    chunk_spec = config.video_spec(config.chunk_frames)
-    if (h, w) != tuple(config.video_size):
-        from pfp.data import VideoSpec
-        r = compressor.rate
-        chunk_spec = VideoSpec(hr_size=(h, w), hr_fps=config.fps, hr_frames=config.chunk_frames,
-                               lr_size=(h // r.h, w // r.w), lr_fps=config.fps / r.t)
+    s = vae.spatial_factor
+    lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
+    spec = config.clip_spec(n_chunks, (h, w))       # the whole video, as training would feed it
     shift = config.sample_shift if shift is None else shift
     generator = torch.Generator().manual_seed(int(seed))
     stream = compressor.stream(1)
+    decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
     cache = None
     text_cache: dict = {}
 
@@ -105,6 +126,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     uncond, uncond_mask = encode("")
     chunk_seconds = config.chunk_frames / config.fps
     prompts, timings, videos, latents, lr_latents = [], [], [], [], []
+    frames_done = 0
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
         for k in range(n_chunks):
@@ -118,9 +140,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                        uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, generator=generator,
                        t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
             t1 = time.perf_counter()
-            frames = vae.decode(x).clamp(-1, 1)                               # [1, 3, F, H, W]
+            frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
             t2 = time.perf_counter()
-            lr = vae.encode(to_low_res(frames, chunk_spec))                  # low res, low fps, re-encoded
+            lr_video = to_low_res_part(frames, spec, start=frames_done)       # low res, low fps
+            lr = lr_encoder.encode(lr_video)                                  # re-encoded (causally)
+            frames_done += frames.shape[2]
             new = stream.append(x, lr)                                       # compresses only this chunk
             if backbone.context_mode == "cached":
                 cache = backbone.cache_context(new, cache)                   # K/V of the new tokens only
@@ -157,16 +181,17 @@ def write_mp4(video: torch.Tensor, path: str, fps: float, upscale: int = 1) -> N
 
 
 def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, upscale: int = 1,
-                        labels: Optional[list] = None) -> None:
-    """A PNG grid of every frame: one row per ``frames_per_row`` frames (one chunk per row)."""
+                        labels: Optional[list] = None, lead: int = 0) -> None:
+    """A PNG grid of every frame: one row per ``frames_per_row`` frames (one chunk per row).
+    ``lead`` blank cells come first (a causal VAE's first chunk is ``tf - 1`` frames short)."""
     from PIL import Image
     v = _to_uint8(video, upscale)
     t, h, w, _ = v.shape
-    rows = math.ceil(t / frames_per_row)
+    rows = math.ceil((t + lead) / frames_per_row)
     gap = 2
     sheet = torch.full((rows * (h + gap) - gap, frames_per_row * (w + gap) - gap, 3), 255, dtype=torch.uint8)
     for i in range(t):
-        r, c = divmod(i, frames_per_row)
+        r, c = divmod(i + lead, frames_per_row)
         sheet[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = v[i]
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
@@ -362,7 +387,8 @@ def main(argv=None) -> int:
                           device=device, size=size, progress=not ns.quiet)
         write_mp4(result.video, ns.out, config.fps, upscale)
         if ns.contact_sheet:
-            write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale)
+            write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,
+                                lead=config.vae_temporal - 1)
         total = time.perf_counter() - t0
         if ns.timings:
             import csv

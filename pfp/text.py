@@ -317,6 +317,8 @@ class UMT5TextEncoder(nn.Module):
     umt5-xxl). The model is frozen (``requires_grad_(False)``, eval mode).
     """
 
+    frozen = True  # never trained; pfp.weights leaves it out of weights files (the config names its path)
+
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = 512):
         super().__init__()
         if max_length < 1:

@@ -17,6 +17,11 @@ published per-channel mean/std for :class:`WanVAE`; a user-chosen ``shift``/``sc
 
 - :class:`PatchVAE`: exact and weight-free (pixel-unshuffle), for the tiny model and tests.
 - :class:`WanVAE`: adapter around diffusers' ``AutoencoderKLWan`` loaded from a local path.
+
+Streams (:func:`decode_stream`, :func:`encode_stream`) encode and decode a video chunk by chunk
+with the causal state carried between chunks, so the concatenated outputs equal one call on the
+whole video: the first latent chunk of ``n`` frames decodes to ``1 + tf*(n-1)`` frames, every
+later one to ``tf*n``. Generation decodes each new chunk and re-encodes its low-res frames this way.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["VideoVAE", "PatchVAE", "WanVAE", "check_video_frames", "valid_frame_counts"]
+__all__ = ["VideoVAE", "PatchVAE", "WanVAE", "check_video_frames", "valid_frame_counts", "DecodeStream",
+           "EncodeStream", "decode_stream", "encode_stream"]
 
 
 @runtime_checkable
@@ -165,11 +171,17 @@ class PatchVAE(_CausalFrameCounts, nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, T, H, W]`` -> ``[B, 3*s*s*tf, 1 + (T-1)/tf, H/s, W/s]`` (contiguous)."""
         _check_video(video, self.spatial_factor, self.temporal_factor)
+        tf = self.temporal_factor
+        if tf > 1:  # causal first group: frame 0 repeated tf times
+            b, c, _, h, w = video.shape
+            video = torch.cat([video[:, :, :1].expand(b, c, tf - 1, h, w), video], dim=2)
+        return self._encode_groups(video)
+
+    def _encode_groups(self, video: torch.Tensor) -> torch.Tensor:
+        """Whole groups of ``tf`` frames ``[B, 3, tf*n, H, W]`` -> ``[B, C, n, H/s, W/s]``."""
         s, tf = self.spatial_factor, self.temporal_factor
         b, c, t, h, w = video.shape
-        if tf > 1:  # causal first group: frame 0 repeated tf times
-            video = torch.cat([video[:, :, :1].expand(b, c, tf - 1, h, w), video], dim=2)
-        tl = video.shape[2] // tf
+        tl = t // tf
         x = video.reshape(b, c, tl, tf, h // s, s, w // s, s)
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, self.latent_channels, tl, h // s, w // s)
         if self.shift != 0.0:
@@ -180,6 +192,11 @@ class PatchVAE(_CausalFrameCounts, nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """``[B, 3*s*s*tf, T', H', W']`` -> ``[B, 3, 1 + tf*(T'-1), H'*s, W'*s]`` (contiguous)."""
+        return self._decode_groups(latent, first=True)
+
+    def _decode_groups(self, latent: torch.Tensor, first: bool) -> torch.Tensor:
+        """``first``: the latent starts the video, so its first frame decodes to one frame (the last
+        copy of the causal first group); otherwise every latent frame decodes to ``tf`` frames."""
         _check_latent(latent, self.latent_channels)
         s, tf = self.spatial_factor, self.temporal_factor
         b, _, tl, hl, wl = latent.shape
@@ -190,9 +207,19 @@ class PatchVAE(_CausalFrameCounts, nn.Module):
             x = x + self.shift
         x = x.reshape(b, 3, tf, s, s, tl, hl, wl).permute(0, 1, 5, 2, 6, 3, 7, 4)
         x = x.reshape(b, 3, tl * tf, hl * s, wl * s)
-        if tf > 1:
+        if tf > 1 and first:
             x = x[:, :, tf - 1:]
         return x.contiguous()
+
+    def decode_stream(self) -> "DecodeStream":
+        """Chunk-by-chunk decoding equal to one :meth:`decode` of the concatenated latents (exactly)."""
+        return _PatchDecodeStream(self)
+
+    def encode_stream(self) -> "EncodeStream":
+        """Chunk-by-chunk encoding equal to one :meth:`encode` of the concatenated frames (exactly)."""
+        return _GroupEncodeStream(self, group=self.temporal_factor,
+                                  encode_first=lambda v: self.encode(v),
+                                  encode_groups=lambda v: self._encode_groups(v))
 
 
 class WanVAE(_CausalFrameCounts, nn.Module):
@@ -218,13 +245,7 @@ class WanVAE(_CausalFrameCounts, nn.Module):
         self.model = model
         if dtype is not None:
             self.model.to(dtype)
-        self.latent_channels = int(cfg.z_dim)
-        # Factors from the architecture, not from config.scale_factor_*: diffusers fills those with
-        # Wan 2.1's 4/8 defaults whatever dim_mult/temperal_downsample say.
-        tf = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
-        sf = 2 ** (len(cfg.dim_mult) - 1) * (getattr(cfg, "patch_size", None) or 1)
-        self.temporal_factor = int(tf)
-        self.spatial_factor = int(sf)
+        self.spatial_factor, self.temporal_factor, self.latent_channels = self.factors_from_config(cfg)
         mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if mean.shape[1] != self.latent_channels or std.shape[1] != self.latent_channels:
@@ -233,6 +254,17 @@ class WanVAE(_CausalFrameCounts, nn.Module):
                 f"z_dim is {self.latent_channels}")
         self.register_buffer("latents_mean", mean, persistent=False)
         self.register_buffer("latents_std", std, persistent=False)
+
+    @staticmethod
+    def factors_from_config(cfg) -> tuple[int, int, int]:
+        """``(spatial_factor, temporal_factor, latent_channels)`` of an ``AutoencoderKLWan`` config
+        (its ``config`` or the dict of its config.json). From the architecture, not from
+        ``scale_factor_*``: diffusers fills those with Wan 2.1's 4/8 whatever ``dim_mult`` and
+        ``temperal_downsample`` say."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        tf = 2 ** sum(bool(d) for d in get("temperal_downsample", [False, True, True]))
+        sf = 2 ** (len(get("dim_mult", [1, 2, 4, 4])) - 1) * (get("patch_size", None) or 1)
+        return int(sf), int(tf), int(get("z_dim", 16))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str | None = None,
@@ -286,3 +318,264 @@ class WanVAE(_CausalFrameCounts, nn.Module):
         z = latent.float() * self.latents_std.to(latent.device) + self.latents_mean.to(latent.device)
         video = self.model.decode(z.to(self._model_dtype())).sample
         return video.clamp(-1, 1).to(out_dtype)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def _streamable(self) -> bool:
+        """Whether this diffusers version lets a stream hold the causal feature cache itself: the
+        encoder/decoder take ``feat_cache``/``feat_idx`` (and the decoder ``first_chunk``), and
+        tiling is off (tiled decoding splits space, which a per-frame cache does not follow)."""
+        import inspect
+        m = self.model
+        if getattr(m, "use_tiling", False):
+            return False
+        try:
+            enc = inspect.signature(m.encoder.forward).parameters
+            dec = inspect.signature(m.decoder.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            return False
+        return {"feat_cache", "feat_idx"} <= set(enc) and {"feat_cache", "feat_idx", "first_chunk"} <= set(dec)
+
+    def _cache_slots(self, part: nn.Module) -> list:
+        n = sum(type(mod).__name__ == "WanCausalConv3d" for mod in part.modules())
+        return [None] * n
+
+    def decode_stream(self) -> "DecodeStream":
+        """Chunk-by-chunk decoding equal to one :meth:`decode` of the concatenated latents.
+
+        Wan's decoder is causal: ``AutoencoderKLWan.decode`` itself runs one latent frame at a time,
+        carrying each causal conv's last frames in a feature cache. The stream owns such a cache
+        and makes the same calls, so chunked output equals a full decode up to float rounding of
+        the per-frame 1x1x1 convs (the tests check it). Where the installed diffusers does not take
+        an external cache (or tiling is on), it falls back to re-decoding everything so far (exact,
+        but its cost grows with the history).
+        """
+        if not self._streamable():
+            return _RecomputeDecodeStream(self)
+        return _WanDecodeStream(self)
+
+    def encode_stream(self) -> "EncodeStream":
+        """Chunk-by-chunk encoding (posterior mean) equal to one :meth:`encode` of the concatenated
+        frames: frame 0 alone, then groups of 4 frames, as ``AutoencoderKLWan`` encodes, with the
+        stream owning the encoder's causal feature cache. Frames of an incomplete group wait."""
+        if not self._streamable():
+            return _RecomputeEncodeStream(self)
+        m = self.model
+        cache = self._cache_slots(m.encoder)
+
+        def run(groups: list) -> torch.Tensor:
+            outs = []
+            for g in groups:
+                x = g.to(self._model_dtype())
+                if getattr(m.config, "patch_size", None) is not None:
+                    x = _wan_patchify(x, m.config.patch_size)
+                outs.append(m.encoder(x, feat_cache=cache, feat_idx=[0]))
+            enc = m.quant_conv(torch.cat(outs, dim=2))
+            mu = enc[:, :self.latent_channels]
+            return ((mu.float() - self.latents_mean.to(mu.device)) / self.latents_std.to(mu.device))
+
+        return _GroupEncodeStream(self, group=_WAN_ENCODE_GROUP, encode_first=lambda v: run([v]),
+                                  encode_groups=lambda v: run(list(v.split(_WAN_ENCODE_GROUP, dim=2))))
+
+
+_WAN_ENCODE_GROUP = 4  # AutoencoderKLWan._encode feeds the encoder frame 0, then 4 frames at a time
+
+
+def _wan_patchify(x, patch_size):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+    return patchify(x, patch_size=patch_size)
+
+
+def _wan_unpatchify(x, patch_size):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    return unpatchify(x, patch_size=patch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# streams: chunk-by-chunk encoding and decoding that equal one call on the whole video
+# ------------------------------------------------------------------------------------------------
+class DecodeStream:
+    """Decodes a latent video chunk by chunk (:func:`decode_stream`).
+
+    ``decode(latent)`` takes the next ``n >= 1`` latent frames ``[B, C, n, H', W']`` and returns
+    their frames ``[B, 3, F, H'*s, W'*s]`` in ``[-1, 1]``: ``F = 1 + tf*(n-1)`` for the first chunk
+    (the causal first latent frame is one video frame), ``F = tf*n`` after. Concatenated, the
+    outputs equal ``vae.decode`` of the concatenated latents. One stream per video; the batch size
+    and spatial size must not change.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.latent_frames_seen = 0
+        self.video_frames_seen = 0
+        self._shape = None
+
+    def _check(self, latent: torch.Tensor) -> None:
+        _check_latent(latent, self.vae.latent_channels)
+        shape = (latent.shape[0], *latent.shape[3:])
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(f"latent chunk has batch/size {shape} (B, H', W') but this stream started with "
+                             f"{self._shape}; start a new stream for another video")
+        self._shape = shape
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        self._check(latent)
+        out = self._decode(latent)
+        self.latent_frames_seen += latent.shape[2]
+        self.video_frames_seen += out.shape[2]
+        return out
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class EncodeStream:
+    """Encodes a video chunk by chunk (:func:`encode_stream`).
+
+    ``encode(video)`` takes the next ``m >= 0`` frames ``[B, 3, m, H, W]`` and returns the latent
+    frames they complete ``[B, C, k, H/s, W/s]`` (``k`` may be 0): frame 0 makes latent frame 0,
+    then every ``tf`` frames one more. Frames of an unfinished group wait in the stream
+    (``pending_frames``). Concatenated, the outputs equal ``vae.encode`` of the frames seen so far
+    up to their last complete group.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.video_frames_seen = 0
+        self.latent_frames_seen = 0
+        self._shape = None
+
+    def _check(self, video: torch.Tensor) -> None:
+        if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video chunk must be a [B, 3, m, H, W] tensor, got {shape}")
+        if not video.is_floating_point():
+            raise ValueError(f"video chunk must be a float tensor in [-1, 1], got dtype {video.dtype}")
+        s = self.vae.spatial_factor
+        h, w = video.shape[-2:]
+        if h % s or w % s:
+            raise ValueError(f"video size {h}x{w} (HxW) is not a multiple of the VAE's spatial factor {s}")
+        shape = (video.shape[0], h, w)
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(f"video chunk has batch/size {shape} (B, H, W) but this stream started with "
+                             f"{self._shape}; start a new stream for another video")
+        self._shape = shape
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self._check(video)
+        self.video_frames_seen += video.shape[2]
+        out = self._encode(video)
+        self.latent_frames_seen += out.shape[2]
+        return out
+
+    def _empty(self, like: torch.Tensor) -> torch.Tensor:
+        b, _, _, h, w = like.shape
+        s = self.vae.spatial_factor
+        return like.new_zeros(b, self.vae.latent_channels, 0, h // s, w // s)
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _PatchDecodeStream(DecodeStream):
+    def _decode(self, latent):
+        return self.vae._decode_groups(latent, first=self.latent_frames_seen == 0)
+
+
+class _WanDecodeStream(DecodeStream):
+    def __init__(self, vae):
+        super().__init__(vae)
+        self._cache = vae._cache_slots(vae.model.decoder)
+
+    def _decode(self, latent):
+        vae, m = self.vae, self.vae.model
+        out_dtype = latent.dtype
+        z = latent.float() * vae.latents_std.to(latent.device) + vae.latents_mean.to(latent.device)
+        x = m.post_quant_conv(z.to(vae._model_dtype()))
+        outs = []
+        for i in range(x.shape[2]):
+            first = self.latent_frames_seen == 0 and i == 0
+            outs.append(m.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
+        out = torch.cat(outs, dim=2)
+        if getattr(m.config, "patch_size", None) is not None:
+            out = _wan_unpatchify(out, m.config.patch_size)
+        return out.clamp(-1, 1).to(out_dtype)
+
+
+class _GroupEncodeStream(EncodeStream):
+    """Frame 0 through ``encode_first``, then whole groups of ``group`` frames through
+    ``encode_groups`` (which returns ``group / tf`` latent frames per group); the rest waits."""
+
+    def __init__(self, vae, group: int, encode_first, encode_groups):
+        super().__init__(vae)
+        self.group, self._first, self._groups = group, encode_first, encode_groups
+        self._pending = None
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self._pending is None else self._pending.shape[2]
+
+    def _encode(self, video):
+        buf = video if self._pending is None else torch.cat([self._pending, video], dim=2)
+        outs = []
+        if self.latent_frames_seen == 0 and buf.shape[2] >= 1:
+            outs.append(self._first(buf[:, :, :1]))
+            buf = buf[:, :, 1:]
+        n = buf.shape[2] // self.group * self.group
+        if n:
+            outs.append(self._groups(buf[:, :, :n]))
+        self._pending = buf[:, :, n:] if buf.shape[2] > n else None
+        if not outs:
+            return self._empty(video)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.to(video.dtype)
+
+
+class _RecomputeDecodeStream(DecodeStream):
+    """Any VAE: decode every latent frame so far and return the new frames (exact; cost grows)."""
+
+    def __init__(self, vae):
+        super().__init__(vae)
+        self._latents = None
+
+    def _decode(self, latent):
+        self._latents = latent if self._latents is None else torch.cat([self._latents, latent], dim=2)
+        return self.vae.decode(self._latents)[:, :, self.video_frames_seen:]
+
+
+class _RecomputeEncodeStream(EncodeStream):
+    """Any VAE: encode every complete group so far and return the new latent frames (exact; cost grows)."""
+
+    def __init__(self, vae):
+        super().__init__(vae)
+        self._frames = None
+
+    @property
+    def pending_frames(self) -> int:
+        n = 0 if self._frames is None else self._frames.shape[2]
+        tf = self.vae.temporal_factor
+        return 0 if n == 0 else (n - 1) % tf
+
+    def _encode(self, video):
+        self._frames = video if self._frames is None else torch.cat([self._frames, video], dim=2)
+        n = self._frames.shape[2]
+        tf = self.vae.temporal_factor
+        if n == 0:
+            return self._empty(video)
+        usable = 1 + (n - 1) // tf * tf
+        if 1 + (usable - 1) // tf <= self.latent_frames_seen:
+            return self._empty(video)
+        return self.vae.encode(self._frames[:, :, :usable])[:, :, self.latent_frames_seen:]
+
+
+def decode_stream(vae) -> DecodeStream:
+    """A :class:`DecodeStream` for ``vae``: its own ``decode_stream()`` when it has one (PatchVAE,
+    WanVAE: constant cost per chunk), else one that re-decodes the whole latent so far (exact)."""
+    make = getattr(vae, "decode_stream", None)
+    return make() if callable(make) else _RecomputeDecodeStream(vae)
+
+
+def encode_stream(vae) -> EncodeStream:
+    """An :class:`EncodeStream` for ``vae`` (its own ``encode_stream()`` when it has one, else one
+    that re-encodes every frame so far; exact either way)."""
+    make = getattr(vae, "encode_stream", None)
+    return make() if callable(make) else _RecomputeEncodeStream(vae)

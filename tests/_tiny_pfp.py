@@ -18,3 +18,59 @@ def write_config(path, config: PFPConfig) -> str:
     with open(path, "w") as f:
         json.dump(config.to_dict(), f)
     return str(path)
+
+
+def save_tiny_wan_vae(path, z_dim: int = 4, seed: int = 0):
+    """Save a tiny random diffusers ``AutoencoderKLWan`` with Wan's time structure (temporal factor 4:
+    1 + 4k frames) and a 4x spatial factor to ``path``; returns the model. Skips without diffusers."""
+    import pytest
+    import torch
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"diffusers AutoencoderKLWan unavailable: {e}")
+    torch.manual_seed(seed)
+    model = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[True, True],
+                             latents_mean=[0.05 * i for i in range(z_dim)],
+                             latents_std=[1.0 + 0.1 * i for i in range(z_dim)]).eval()
+    model.save_pretrained(str(path))
+    return model
+
+
+def save_tiny_umt5(path, seed: int = 0):
+    """Save a tiny random transformers ``UMT5EncoderModel`` (d_model 32) and a locally built word-level
+    tokenizer to ``path`` (the layout :class:`pfp.text.UMT5TextEncoder` loads). Skips without them."""
+    import pytest
+    import torch
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from tokenizers.processors import TemplateProcessing
+        from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"transformers/tokenizers with UMT5 unavailable: {e}")
+    words = "a red green blue circle square on background and the".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    model = UMT5EncoderModel(cfg).eval()
+    model.save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return model, fast
+
+
+def wan_config(vae_path, text_path=None, context_mode: str = "cached") -> PFPConfig:
+    """The tiny config over a local Wan VAE (temporal factor 4, 4x spatial) and optionally a local UMT5:
+    chunks of 8 frames = 2 latent frames (rate 2x2x2 needs an even count)."""
+    text = ({"kind": "umt5", "path": str(text_path), "max_length": 8} if text_path is not None else
+            {"kind": "tiny", "dim": 16, "max_length": 12, "num_layers": 0})
+    return PFPConfig(
+        video_size=(32, 32), fps=8.0, chunk_frames=8, rate="2x2x2", compressor_hidden=(8, 8, 8),
+        context_mode=context_mode, vae={"kind": "wan", "path": str(vae_path)}, text=text,
+        dit={"kind": "tiny", "inner_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "freq_dim": 16},
+    )

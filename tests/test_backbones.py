@@ -202,3 +202,81 @@ def test_wan_adapter_matches_diffusers_and_runs_both_modes():
     assert cached.shape == joint.shape == x.shape
     assert torch.isfinite(cached).all() and torch.isfinite(joint).all()
     assert bb.patch_embed is bb.transformer.patch_embedding
+
+
+# ----------------------------------------------------------------------------------------------
+# Context.mask: histories of different lengths in one batch
+# ----------------------------------------------------------------------------------------------
+
+def _wan_bb(mode):
+    pytest.importorskip("diffusers")
+    from pfp.backbones import WanBackbone
+    torch.manual_seed(0)
+    bb = WanBackbone.from_config(context_mode=mode, patch_size=(1, 2, 2), num_attention_heads=2,
+                                 attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
+                                 ffn_dim=48, num_layers=2, rope_max_seq_len=64)
+    with torch.no_grad():
+        bb.transformer.proj_out.weight.normal_(0, 0.05)
+    return bb.eval()
+
+
+def _masked_vs_alone(bb, frames, path):
+    """Run a batch whose sample b has ``frames[b]`` real context token frames (of 3, padded), and each
+    sample alone with only its real tokens; ``path``: "context" (a Context into forward) or "cache"
+    (cache_context, then forward with the ContextKV). fp32 (the backbones keep the adaLN modulation
+    in fp32 whatever the dtype), so a tight fp32 tolerance: grouping changes only batch sizes."""
+    from pfp.compressor import Context
+    b, per = len(frames), 2                                  # 1x2 context tokens per token frame
+    base = _context(3, 1, 2, bb.inner_dim, batch=b)
+    tokens = base.tokens
+    token_frame = torch.arange(3).repeat_interleave(per)
+    mask = token_frame[None, :] < torch.tensor(frames)[:, None]
+    torch.manual_seed(1)
+    x = torch.randn(b, bb.latent_channels, 2, 4, 4)
+    t = torch.rand(b)
+    text = torch.randn(b, 5, 16)
+    text_mask = torch.ones(b, 5, dtype=torch.bool)
+    text_mask[0, 3:] = False
+
+    def run(ctx, xs, ts, txt, tm):
+        if path == "cache" and ctx is not None:
+            ctx = bb.cache_context(ctx)
+        return bb(xs, ts, txt, ctx, t_start=6, text_mask=tm)
+
+    with torch.no_grad():
+        out = run(Context(tokens, base.positions, mask), x, t, text, text_mask)
+        assert torch.isfinite(out).all()
+        for i, f in enumerate(frames):
+            n = f * per
+            alone = Context(tokens[i:i + 1, :n], base.positions[:n]) if n else None
+            ref = run(alone, x[i:i + 1], t[i:i + 1], text[i:i + 1], text_mask[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], ref, atol=2e-6, rtol=1e-5)
+        # the padded tokens' values do not matter
+        junk = tokens.clone()
+        junk[~mask] = 1e3
+        torch.testing.assert_close(run(Context(junk, base.positions, mask), x, t, text, text_mask), out,
+                                   atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [(3, 1, 2), (2, 0)])
+@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache")])
+def test_tiny_dit_honours_context_mask(mode, path, frames):
+    _masked_vs_alone(_tiny(mode), frames, path)
+
+
+@pytest.mark.parametrize("frames", [(3, 1, 2), (2, 0)])
+@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache")])
+def test_wan_backbone_honours_context_mask(mode, path, frames):
+    _masked_vs_alone(_wan_bb(mode), frames, path)
+
+
+def test_masked_training_step_gets_no_gradient_from_padding():
+    from pfp.compressor import Context
+    bb = _tiny("cached")
+    ctx = _context(3, 1, 2, bb.inner_dim, batch=2)
+    tokens = ctx.tokens.clone().requires_grad_()
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    x = torch.randn(2, bb.latent_channels, 2, 4, 4)
+    bb(x, torch.tensor([0.3, 0.6]), torch.randn(2, 5, 16),
+       Context(tokens, ctx.positions, mask), t_start=6).square().sum().backward()
+    assert torch.all(tokens.grad[~mask] == 0) and tokens.grad[mask].abs().sum() > 0

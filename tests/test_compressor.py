@@ -150,6 +150,8 @@ def test_time_is_causal_and_padded_histories_are_masked():
     torch.testing.assert_close(real, short[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="hr_frames"):
         c(hr, lr, hr_frames=[8, 3])
+    # a sample with no history at all: every token masked
+    assert c(hr, lr, hr_frames=[7, 0]).lengths.tolist() == [ctx.num_tokens, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -178,25 +178,9 @@ def test_tiny_encoder_bad_args():
 
 @pytest.fixture(scope="module")
 def tiny_umt5_dir(tmp_path_factory):
-    try:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-    except Exception as e:  # pragma: no cover - environment dependent
-        pytest.skip(f"transformers/tokenizers with UMT5 unavailable: {e}")
-    words = "a red green blue circle square on background and the".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    from tokenizers.processors import TemplateProcessing
-    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
-    model = UMT5EncoderModel(cfg).eval()
+    from _tiny_pfp import save_tiny_umt5
     root = tmp_path_factory.mktemp("umt5")
-    model.save_pretrained(root / "enc")
-    fast.save_pretrained(root / "enc")
+    model, fast = save_tiny_umt5(root / "enc")
     model.save_pretrained(root / "pipe" / "text_encoder")  # diffusers pipeline layout
     fast.save_pretrained(root / "pipe" / "tokenizer")
     return root

@@ -212,3 +212,70 @@ def test_wan22_style_residual_patchified_vae():
         z = vae.encode(x)
         assert z.shape == (1, 8, 3, 2, 2)
         assert vae.decode(z).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# streams: chunk by chunk equals one call
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tf", [1, 4])
+def test_patch_vae_streams_are_exact(tf):
+    from pfp.vae import decode_stream, encode_stream
+    vae = PatchVAE(2, tf, scale=2.0)
+    z = torch.randn(1, vae.latent_channels, 6, 3, 3)
+    full = vae.decode(z)
+    ds = decode_stream(vae)
+    parts = [ds.decode(c) for c in z.split([2, 1, 3], dim=2)]
+    assert [p.shape[2] for p in parts] == [1 + tf, tf, 3 * tf]  # first chunk: 1 + tf*(n-1)
+    assert torch.equal(torch.cat(parts, 2), full)
+    es = encode_stream(vae)
+    outs = [es.encode(c) for c in full.split([1, 2, 3] if tf == 1 else [1, 2, 5, 13], dim=2)]
+    assert torch.equal(torch.cat(outs, 2), vae.encode(full))
+
+
+def test_wan_vae_streams_match_full_calls(tmp_path):
+    from _tiny_pfp import save_tiny_wan_vae
+    from pfp.vae import _WanDecodeStream
+    save_tiny_wan_vae(tmp_path / "vae")
+    vae = WanVAE.from_pretrained(tmp_path / "vae")
+    assert (vae.spatial_factor, vae.temporal_factor) == (4, 4)
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 5, 3, 2)
+    with torch.no_grad():
+        full = vae.decode(z)
+        assert full.shape == (1, 3, 17, 12, 8)
+        ds = vae.decode_stream()
+        assert isinstance(ds, _WanDecodeStream)  # the feature cache, not a re-decode
+        parts = [ds.decode(c) for c in z.split([2, 1, 2], dim=2)]
+        assert [p.shape[2] for p in parts] == [5, 4, 8]
+        torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)  # per-frame 1x1x1 conv rounding
+        ref = vae.encode(full)
+        es = vae.encode_stream()
+        outs = [es.encode(c) for c in full.split([3, 0, 6, 1, 7], dim=2)]
+        assert [o.shape[2] for o in outs] == [1, 0, 2, 0, 2] and es.pending_frames == 0
+        torch.testing.assert_close(torch.cat(outs, 2), ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="start a new stream"):
+            ds.decode(torch.zeros(2, 4, 1, 3, 2))
+
+
+def test_streams_of_a_vae_without_stream_methods_recompute_exactly():
+    from pfp.vae import decode_stream, encode_stream
+
+    class Plain:  # implements only the VideoVAE protocol
+        def __init__(self):
+            self.inner = PatchVAE(2, 2)
+            self.latent_channels, self.spatial_factor, self.temporal_factor = 24, 2, 2
+
+        def encode(self, v):
+            return self.inner.encode(v)
+
+        def decode(self, z):
+            return self.inner.decode(z)
+
+    vae = Plain()
+    z = torch.randn(1, 24, 4, 2, 2)
+    full = vae.decode(z)
+    ds = decode_stream(vae)
+    assert torch.equal(torch.cat([ds.decode(c) for c in z.split([1, 3], 2)], 2), full)
+    es = encode_stream(vae)
+    assert torch.equal(torch.cat([es.encode(c) for c in full.split([2, 2, 3], 2)], 2), vae.encode(full))

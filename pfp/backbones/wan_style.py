@@ -51,11 +51,14 @@ class ContextKV:
 
     keys[i], values[i]: ``[Bc, Nc, heads, head_dim]`` for block i (keys already rotated by RoPE).
     ``Bc`` is 1 (one history shared by the whole batch) or the batch size.
+    mask: ``[Bc, Nc]`` bool, True where a context token is real (from ``Context.mask``), or None
+    when all are.
     """
 
     keys: list
     values: list
     positions: Tensor
+    mask: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,23 +75,65 @@ def check_context_mode(mode: str) -> str:
     return mode
 
 
-def context_parts(context) -> Optional[tuple[Tensor, Tensor]]:
-    """(tokens [Bc, Nc, C], positions [Nc, 3]) of a Context, or None when it holds no token."""
+def context_parts(context) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """(tokens ``[Bc, Nc, C]``, positions ``[Nc, 3]``, mask ``[Bc, Nc]`` bool or None) of a Context, or
+    None when it holds no token. The mask is None when every token is real."""
     if context is None:
         return None
     tokens, positions = context.tokens, context.positions
-    lengths = getattr(context, "lengths", None)
-    if lengths is not None and tokens.shape[1] > 0:
-        lengths = torch.as_tensor(lengths)
-        if bool((lengths != tokens.shape[1]).any()):
-            raise ValueError(
-                "contexts of different lengths in one batch are not supported by the backbone "
-                f"(lengths {lengths.tolist()}, padded to {tokens.shape[1]}); batch histories of equal length")
     if tokens.shape[1] == 0:
         return None
     if positions.shape != (tokens.shape[1], 3):
         raise ValueError(f"Context.positions must be [{tokens.shape[1]}, 3], got {tuple(positions.shape)}")
-    return tokens, positions
+    mask = getattr(context, "mask", None)
+    if mask is not None:
+        if tuple(mask.shape) != tuple(tokens.shape[:2]) or mask.dtype != torch.bool:
+            raise ValueError(f"Context.mask must be a bool [B, N]={tuple(tokens.shape[:2])} tensor, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+        mask = mask.to(tokens.device)
+        if bool(mask.all()):
+            mask = None
+    return tokens, positions, mask
+
+
+def masked_joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                           context_v: Optional[Tensor], context_mask: Optional[Tensor]) -> Tensor:
+    """``pfp_kernels.joint_attention(q, k, v, context_k, context_v)`` where context key j of sample b
+    takes part only if ``context_mask[b, j]`` (target keys always do).
+
+    q, k, v: ``[B, Nq, H, D]``, ``[B, Nk, H, D]``; context_k/v: ``[Bc, Nc, H, D]`` with Bc 1 or B;
+    context_mask: ``[Bc, Nc]`` bool or None. The kernel has no key mask, so samples are grouped by
+    identical mask rows and each group attends over its valid context keys only (gathered), which
+    is exact: a masked key is absent, not down-weighted. A sample with no valid key attends to the
+    targets alone. One group with every key valid is a single plain call.
+    """
+    if context_k is None or context_mask is None:
+        return pfp_kernels.joint_attention(q, k, v, context_k=context_k, context_v=context_v)
+    b = q.shape[0]
+    if context_mask.shape[0] not in (1, b) or context_k.shape[0] not in (1, b):
+        raise ValueError(f"context batch must be 1 or {b}, got keys {context_k.shape[0]}, mask {context_mask.shape[0]}")
+    rows, group_of = torch.unique(context_mask.expand(b, -1), dim=0, return_inverse=True)
+    outs, order = [], []
+    for g in range(rows.shape[0]):
+        idx = torch.nonzero(group_of == g).flatten()
+        valid = torch.nonzero(rows[g]).flatten()
+        whole = idx.numel() == b
+        qg, kg, vg = (q, k, v) if whole else (q[idx], k[idx], v[idx])
+        if valid.numel() == 0:
+            ckg = cvg = None
+        else:
+            ck, cv = context_k, context_v
+            if ck.shape[0] != 1 and not whole:
+                ck, cv = ck[idx], cv[idx]
+            if valid.numel() != ck.shape[1]:
+                ck, cv = ck.index_select(1, valid), cv.index_select(1, valid)
+            ckg, cvg = ck, cv
+        outs.append(pfp_kernels.joint_attention(qg, kg, vg, context_k=ckg, context_v=cvg))
+        order.append(idx)
+    if len(outs) == 1:
+        return outs[0]
+    out = torch.cat(outs, dim=0)
+    return out[torch.argsort(torch.cat(order))]
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -166,13 +211,29 @@ class WanStyleBackbone(nn.Module):
         return e.unbind(2)
 
     @staticmethod
-    def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames) -> Tensor:
+    def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames,
+                                  mask: Optional[Tensor] = None) -> Tensor:
         """Context self-attention, causal over context token frames: a token of frame j sees every
         context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all.
 
         New tokens after a cache (generation) go frame by frame through joint_attention (cached K/V
         as its context segment); a whole context at once uses one SDPA call with a block-causal mask.
+        With a token mask ``[Bc, offset + Nnew]`` (False = padding), one SDPA call whose mask also
+        drops the padded keys; a padded query still sees itself, so its (unused) output stays finite
+        while no real token ever reads it.
         """
+        if mask is not None:
+            n_new = qc.shape[1]
+            frame_of = torch.zeros(n_new, dtype=torch.long, device=qc.device)
+            for i, (s, e) in enumerate(frames):
+                frame_of[s:e] = i
+            allowed = torch.ones(n_new, offset + n_new, dtype=torch.bool, device=qc.device)
+            allowed[:, offset:] = frame_of[None, :] <= frame_of[:, None]         # cached keys: all earlier
+            allowed = allowed[None] & mask[:, None, :]                             # [Bc, Nq, Nk]
+            self_key = torch.arange(n_new, device=qc.device) + offset
+            allowed[:, torch.arange(n_new, device=qc.device), self_key] = True
+            return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                                  attn_mask=allowed[:, None]).transpose(1, 2)
         if offset == 0 and len(frames) > 1:
             # the whole context at once (training, first chunk): one masked SDPA call
             frame_of = torch.zeros(qc.shape[1], dtype=torch.long, device=qc.device)
@@ -191,12 +252,15 @@ class WanStyleBackbone(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _block(self, blk, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
-               rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames):
+               rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
+               ctx_mask: Optional[Tensor] = None):
         """One block over the new context tokens hc and the target tokens ht.
 
         prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None.
         joint: targets and context attend to each other (all tokens); otherwise the context attends
             to itself only, causally over token frames (``frames``: (start, end) of each frame in hc).
+        ctx_mask: ``[Bc, N]`` bool over every context token of this block (cached, then new), False
+            for padding: no query reads a padded key. None: all real.
         Returns (hc', ht', (K, V) of every context token of this block).
         """
         k_all = v_all = None
@@ -217,7 +281,7 @@ class WanStyleBackbone(nn.Module):
             ck, cv = k_all, v_all
             if ck is not None and ck.dtype != qt.dtype:
                 ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
-            ot = pfp_kernels.joint_attention(qt, kt, vt, context_k=ck, context_v=cv)
+            ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
             ht = (ht.float() + blk.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = blk.norm2(ht.float()).type_as(ht)
             ht = ht + self._cross_attention(blk.attn2, xt, text, text_mask)
@@ -225,10 +289,10 @@ class WanStyleBackbone(nn.Module):
             ht = (ht.float() + blk.ffn(xt).float() * t_c_g).type_as(ht)
         if hc is not None and need_context_out:
             if joint:
-                oc = pfp_kernels.joint_attention(qc, kt, vt, context_k=kc, context_v=vc)
+                oc = masked_joint_attention(qc, kt, vt, kc, vc, ctx_mask)
             else:
                 offset = 0 if prev_kv is None else prev_kv[0].shape[1]
-                oc = self._causal_context_attention(qc, k_all, v_all, offset, frames)
+                oc = self._causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
             hc = (hc.float() + blk.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
             xc = (blk.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
             hc = (hc.float() + blk.ffn(xc).float() * c_g).type_as(hc)
@@ -275,9 +339,16 @@ class WanStyleBackbone(nn.Module):
         parts = context_parts(context)
         if parts is None:
             return cache
-        hc, pos_c = parts
+        hc, pos_c, new_mask = parts
         if cache is not None and cache.batch_size != hc.shape[0]:
             raise ValueError(f"new context batch {hc.shape[0]} differs from the cache's {cache.batch_size}")
+        mask = None
+        old_mask = cache.mask if cache is not None else None
+        if new_mask is not None or old_mask is not None:
+            n_old = cache.num_tokens if cache is not None else 0
+            ones = lambda n: torch.ones(hc.shape[0], n, dtype=torch.bool, device=hc.device)  # noqa: E731
+            mask = torch.cat([old_mask if old_mask is not None else ones(n_old),
+                              new_mask if new_mask is not None else ones(hc.shape[1])], dim=1)
         rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
         mod_c = self._context_modulation(hc)
         frames = _frame_runs(pos_c)
@@ -286,11 +357,11 @@ class WanStyleBackbone(nn.Module):
         for i, blk in enumerate(self.blocks):
             prev = (cache.keys[i], cache.values[i]) if cache is not None else None
             hc, _, (k, v) = self._block(blk, hc, None, mod_c, None, None, None, rope_c, None, prev,
-                                        False, i < n - 1, frames)
+                                        False, i < n - 1, frames, mask)
             keys.append(k)
             values.append(v)
         pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
-        return ContextKV(keys, values, pos_all)
+        return ContextKV(keys, values, pos_all, mask)
 
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
@@ -303,6 +374,9 @@ class WanStyleBackbone(nn.Module):
         context: a ``pfp.Context`` (tokens ``[B or 1, Nc, inner]``, positions ``[Nc, 3]``), or in cached
             mode the :class:`ContextKV` from :meth:`cache_context`, or None.
             In cached mode a Context is run through the blocks here (with gradients when training).
+            ``Context.mask`` / ``ContextKV.mask`` ``[B or 1, Nc]`` (histories of different lengths in
+            one batch, padded): a padded token influences no output, so each sample's velocity is the
+            one it gets alone with only its real tokens (a sample with none: as with no context).
         positions: target token positions ``[Nt, 3]`` or ``[B, Nt, 3]`` (per sample); default the
             grid starting at token time ``t_start``.
         Returns the predicted velocity ``noise - x_0``, shape of x.
@@ -325,7 +399,7 @@ class WanStyleBackbone(nn.Module):
         ht = self.patch_embedding(x).flatten(2).transpose(1, 2)
         txt = self.embed_text(text)
 
-        hc = rope_c = mod_c = cached = frames = None
+        hc = rope_c = mod_c = cached = frames = ctx_mask = None
         joint = self.context_mode == "joint"
         if isinstance(context, ContextKV):
             if joint:
@@ -333,14 +407,16 @@ class WanStyleBackbone(nn.Module):
             cached = context if context.num_tokens else None
             if cached is not None and cached.batch_size not in (1, b):
                 raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
+            ctx_mask = cached.mask if cached is not None else None
         else:
             parts = context_parts(context)
             if parts is not None:
-                hc, pos_c = parts
+                hc, pos_c, ctx_mask = parts
                 if hc.shape[0] not in (1, b):
                     raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
                 if joint:
                     hc = hc.expand(b, -1, -1)
+                    ctx_mask = ctx_mask.expand(b, -1) if ctx_mask is not None else None
                 rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
                 mod_c = self._context_modulation(x)
                 frames = _frame_runs(pos_c)
@@ -349,7 +425,7 @@ class WanStyleBackbone(nn.Module):
         for i, blk in enumerate(self.blocks):
             prev = (cached.keys[i], cached.values[i]) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, text_mask, rope_c, rope_t, prev,
-                                         joint, i < n - 1, frames)
+                                         joint, i < n - 1, frames, ctx_mask)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
@@ -376,4 +452,5 @@ def _frame_runs(positions: Tensor) -> list:
 
 
 __all__ = ["ContextKV", "WanStyleBackbone", "CONTEXT_MODES", "check_context_mode", "context_parts",
+           "masked_joint_attention",
            "sinusoidal_embedding"]

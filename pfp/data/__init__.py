@@ -28,6 +28,7 @@ __all__ = [
     "resize_center_crop",
     "lr_frame_indices",
     "to_low_res",
+    "to_low_res_part",
     "collate",
     "SyntheticMultiShotVideos",
     "VideoFolderDataset",
@@ -180,6 +181,29 @@ def to_low_res(hr: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
                          f"got {tuple(hr.shape)}")
     frames = hr.index_select(-3, lr_frame_indices(spec).to(hr.device))
     return resize_center_crop(frames, spec.lr_size)
+
+
+def to_low_res_part(hr_part: torch.Tensor, spec: VideoSpec, start: int) -> torch.Tensor:
+    """The frames that :func:`to_low_res` of the whole clip takes from its frames
+    ``start .. start + n - 1``, given only those frames ``[..., 3, n, H, W]``.
+
+    Returns ``[..., 3, m, *spec.lr_size]`` (``m`` may be 0): the low-res frames whose source index
+    (:func:`lr_frame_indices`) falls in the part, resized the same way. Concatenated over the parts
+    of a clip it equals ``to_low_res(clip, spec)`` exactly (the resize works frame by frame), so a
+    generator that makes a video part by part feeds the low-res branch what training does."""
+    spec = VideoSpec.coerce(spec)
+    if spec.lr_size is None:
+        raise ValueError("spec has no low-res branch (lr_size is None)")
+    if hr_part.dim() < 4:
+        raise ValueError(f"to_low_res_part: expected [..., 3, n, H, W] frames, got {tuple(hr_part.shape)}")
+    if not isinstance(start, int) or start < 0:
+        raise ValueError(f"to_low_res_part: start must be an int >= 0, got {start!r}")
+    n = hr_part.shape[-3]
+    idx = lr_frame_indices(spec)
+    sel = idx[(idx >= start) & (idx < start + n)] - start
+    if sel.numel() == 0:
+        return hr_part.new_zeros(*hr_part.shape[:-3], 0, *spec.lr_size, dtype=torch.float32)
+    return resize_center_crop(hr_part.index_select(-3, sel.to(hr_part.device)), spec.lr_size)
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -172,8 +172,10 @@ def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     # the text encoder trains with a fully trained backbone (the tiny model); with LoRA it stays fixed
+    # (a text encoder loaded from its own path, e.g. UMT5, is frozen: it never trains)
+    train_text = not lora and not args.freeze_text and not getattr(model.text_encoder, "frozen", False)
     for p in model.text_encoder.parameters():
-        p.requires_grad_(not lora and not args.freeze_text)
+        p.requires_grad_(train_text)
     if lora:
         for n, p in model.backbone.named_parameters():
             if "lora_" in n:
@@ -195,10 +197,9 @@ def _plain_backbone(backbone):
 # data
 # ------------------------------------------------------------------------------------------------
 def _dataset(args: TrainArgs, config: PFPConfig):
-    frames = int(round(args.clip_seconds * config.fps))
-    lc = config.chunk_frames
-    frames = max(lc, frames // lc * lc)  # whole chunks
-    spec = config.video_spec(frames)
+    # whole chunks: K * chunk_frames frames, less tf - 1 with a causal VAE (1 + tf*k frames)
+    num_chunks = max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
+    spec = config.clip_spec(num_chunks)
     if args.data == "synthetic":
         from pfp.data import SyntheticMultiShotVideos
         return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed,
@@ -327,13 +328,13 @@ def train(args: TrainArgs) -> dict:
     if resume_state is not None:
         resume_tensors, st = load_checkpoint(ckpt_dir)  # model tensors; restores the RNG states
         missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
-        bad = [k for k in missing if not k.startswith("compressor.patch_embed.")]
+        bad = [k for k in missing if model.is_saved_key(k)]
         if bad or unexpected:
             raise ValueError(f"checkpoint {ckpt_dir} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
         start = st["step"]
 
     fsdp = world > 1 and args.fsdp
-    chunk_latent = config.chunk_frames // config.vae_temporal
+    chunk_latent = config.chunk_latent_frames
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                 p_no_history=args.p_no_history)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
@@ -456,13 +457,14 @@ def _truncate_log(path: str, step: int) -> None:
 def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
     if world > 1 and fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("compressor.patch_embed.")}
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    return {k: v for k, v in state.items() if model.is_saved_key(k)}
 
 
 def _save(model, optimizer, step, args, config, lora, ckpt_dir, rank, world, elapsed) -> None:
     state = _full_state(model, world, args.fsdp)
-    state = {k: v for k, v in state.items() if not k.startswith("compressor.patch_embed.")}
     opt = optimizer
     if world > 1 and args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

@@ -71,46 +71,188 @@ class PFPConfig:
         return cls.from_dict(d.get("config", d))
 
     # -- derived -----------------------------------------------------------------------------
+    def vae_factors(self) -> tuple[int, int, int]:
+        """``(spatial, temporal, latent_channels)`` of the configured VAE, without building it (a
+        ``"wan"`` VAE's are read from its config.json)."""
+        check_component("vae", self.vae)
+        v = self.vae
+        if v.get("kind", "patch") == "wan":
+            return _wan_vae_factors(v["path"], v.get("subfolder"))
+        s, t = int(v.get("spatial_factor", 4)), int(v.get("temporal_factor", 1))
+        return s, t, 3 * s * s * t
+
     @property
     def vae_spatial(self) -> int:
-        return int(self.vae.get("spatial_factor", 8))
+        return self.vae_factors()[0]
 
     @property
     def vae_temporal(self) -> int:
-        return int(self.vae.get("temporal_factor", 1))
+        return self.vae_factors()[1]
 
     @property
     def chunk_seconds(self) -> float:
         return self.chunk_frames / self.fps
 
-    def video_spec(self, frames: int):
-        """The :class:`pfp.data.VideoSpec` for a clip of ``frames`` video frames (HR + LR branch)."""
+    @property
+    def chunk_latent_frames(self) -> int:
+        """Latent frames per chunk: ``chunk_frames / vae_temporal``."""
+        return self.chunk_frames // self.vae_temporal
+
+    def clip_frames(self, num_chunks: int) -> int:
+        """Video frames of ``num_chunks`` chunks: ``num_chunks * chunk_frames - (tf - 1)``.
+
+        With a causal VAE of temporal factor tf (Wan: 4) the first latent frame is one video frame
+        and every later one tf frames, so the first chunk has ``chunk_frames - (tf - 1)`` frames
+        (``1 + tf*(n-1)`` for n latent frames per chunk) and every later one ``chunk_frames``
+        (``tf*n``). With tf = 1 every chunk has ``chunk_frames``."""
+        return num_chunks * self.chunk_frames - (self.vae_temporal - 1)
+
+    def video_spec(self, frames: int, size: Optional[tuple] = None):
+        """The :class:`pfp.data.VideoSpec` for a clip of ``frames`` video frames (HR + LR branch).
+
+        ``frames`` must be valid for the VAE (``1 + tf*k``). The LR branch gets the video at 1/rt
+        fps (frames 0, rt, 2rt, ...) and exactly the frames that make ``ceil(L / rt)`` LR latent
+        frames for the clip's L HR latent frames: ``1 + tf*(ceil(L/rt) - 1)`` of them. Then LR latent
+        frame j ends on HR video frame ``rt*tf*j``, where HR token frame j's causal window ends.
+        ``size``: (H, W), default ``video_size``."""
         from pfp.data import VideoSpec
         from pfp.rates import parse_rate
+        from pfp.vae import check_video_frames
         r = parse_rate(self.rate)
-        h, w = self.video_size
+        h, w = size or self.video_size
+        tf = self.vae_temporal
+        latent = check_video_frames(frames, tf, what="the clip")
+        lr_frames = 1 + tf * (-(-latent // r.t) - 1)
         return VideoSpec(hr_size=(h, w), hr_fps=self.fps, hr_frames=frames,
-                         lr_size=(h // r.h, w // r.w), lr_fps=self.fps / r.t)
+                         lr_size=(h // r.h, w // r.w), lr_fps=self.fps / r.t, lr_frames=lr_frames)
+
+    def clip_spec(self, num_chunks: int, size: Optional[tuple] = None):
+        """:meth:`video_spec` of ``num_chunks`` whole chunks (:meth:`clip_frames` frames)."""
+        return self.video_spec(self.clip_frames(num_chunks), size)
 
     def check(self) -> None:
-        """Raise ValueError when sizes, chunk length and rate do not fit together (says what to use)."""
+        """Raise ValueError when the components, sizes, chunk length and rate do not fit together
+        (naming the field and what to use)."""
         from pfp.rates import parse_rate, plan_inputs
+        for name in ("vae", "text", "dit"):
+            check_component(name, getattr(self, name))
+        if self.context_mode not in ("joint", "cached"):
+            raise ValueError(f"config context_mode {self.context_mode!r} is not valid; choose one of: joint, cached")
         r = parse_rate(self.rate)
         h, w = self.video_size
+        tf = self.vae_temporal
         plan_inputs((w, h), self.fps, self.chunk_seconds, self.rate, vae_spatial=self.vae_spatial,
-                    vae_temporal=self.vae_temporal, patch=(1, 2, 2))
-        step = r.t * self.vae_temporal
-        if self.vae_temporal != 1:
-            raise ValueError(f"chunked generation needs a VAE with temporal factor 1 here (got {self.vae_temporal})")
-        if self.chunk_frames % step:
-            raise ValueError(f"chunk_frames={self.chunk_frames} is not a multiple of {step} (rate {self.rate} "
-                             f"compresses time by {r.t}); use {max(step, self.chunk_frames // step * step)} "
-                             f"or {(self.chunk_frames // step + 1) * step}")
+                    vae_temporal=tf, patch=(1, 2, 2))
+        step = r.t * tf
+        if self.chunk_frames % step or self.chunk_frames < step:
+            why = f"rate {self.rate} compresses time by {r.t}" + (f" and the VAE by {tf}" if tf > 1 else "")
+            raise ValueError(f"config chunk_frames={self.chunk_frames} is not a multiple of {step} ({why}); use "
+                             f"{max(step, self.chunk_frames // step * step)} or {(self.chunk_frames // step + 1) * step}")
         pad = 2 * r.h * self.vae_spatial, 2 * r.w * self.vae_spatial
         if h % pad[0] or w % pad[1]:
             raise ValueError(f"video_size {h}x{w} (HxW) does not fit rate {self.rate} with a {self.vae_spatial}x VAE "
                              f"and patch 2: height must be a multiple of {pad[0]} and width of {pad[1]}; use "
                              f"{max(pad[0], h // pad[0] * pad[0])}x{max(pad[1], w // pad[1] * pad[1])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# components: config["vae"], config["text"], config["dit"]
+# ------------------------------------------------------------------------------------------------
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# kind -> (required keys, optional keys)
+COMPONENT_KINDS = {
+    "vae": {
+        "patch": ((), ("spatial_factor", "temporal_factor", "shift", "scale")),
+        "wan": (("path",), ("subfolder", "dtype")),
+    },
+    "text": {
+        "tiny": ((), ("dim", "vocab_size", "max_length", "num_layers", "num_heads")),
+        "umt5": (("path",), ("tokenizer_path", "max_length", "dtype")),
+    },
+    "dit": {
+        "tiny": ((), tuple(f for f in ("inner_dim", "depth", "num_heads", "mlp_ratio", "freq_dim", "patch_size",
+                                       "rope_theta", "prediction", "pooled_text", "min_t"))),
+        "wan": ((), ("path", "subfolder", "dtype", "config")),
+    },
+}
+_PATH_WHAT = {
+    ("vae", "wan"): ("a local diffusers AutoencoderKLWan folder (with config.json), or a pipeline folder "
+                     "with vae/", "vae"),
+    ("text", "umt5"): ("a local folder with a transformers UMT5EncoderModel (config.json) and its tokenizer, "
+                       "or a diffusers pipeline folder with text_encoder/ and tokenizer/", "text_encoder"),
+    ("dit", "wan"): ("a local diffusers WanTransformer3DModel folder, or a pipeline folder with transformer/",
+                     "transformer"),
+}
+
+_PATH_CLASS = {  # config.json key -> accepted values, per (field, kind)
+    ("vae", "wan"): ("_class_name", ("AutoencoderKLWan",)),
+    ("text", "umt5"): ("model_type", ("umt5",)),
+    ("dit", "wan"): ("_class_name", ("WanTransformer3DModel",)),
+}
+
+
+def check_component(name: str, spec) -> None:
+    """Validate ``config[name]`` (``"vae"``, ``"text"`` or ``"dit"``): a dict with a valid ``"kind"``,
+    its required keys, no unknown keys, and existing local paths. The ValueError names the field
+    and the valid choices."""
+    kinds = COMPONENT_KINDS[name]
+    if not isinstance(spec, dict):
+        raise ValueError(f"config {name} must be an object like {{\"kind\": ...}}, got {spec!r}")
+    kind = spec.get("kind", next(iter(kinds)))
+    if kind not in kinds:
+        raise ValueError(f"config {name}.kind {kind!r} is not valid; choose one of: {', '.join(kinds)}")
+    required, optional = kinds[kind]
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise ValueError(f"config {name} of kind {kind!r} needs {', '.join(repr(k) for k in missing)}")
+    unknown = sorted(set(spec) - {"kind", *required, *optional})
+    if unknown:
+        raise ValueError(f"config {name} of kind {kind!r}: unknown key(s) {unknown}; valid keys are "
+                         f"{sorted({'kind', *required, *optional})}")
+    if "dtype" in spec and spec["dtype"] not in _DTYPES:
+        raise ValueError(f"config {name}.dtype {spec['dtype']!r} is not valid; choose one of: {', '.join(_DTYPES)}")
+    if "path" in spec:
+        what, sub = _PATH_WHAT[(name, kind)]
+        path = spec["path"]
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise ValueError(f"config {name}.path {path!r} is not a local directory; it must be {what} "
+                             f"(nothing is downloaded)")
+        where = os.path.join(path, spec["subfolder"]) if spec.get("subfolder") else path
+        if not (os.path.isfile(os.path.join(where, "config.json"))
+                or (not spec.get("subfolder") and os.path.isfile(os.path.join(path, sub, "config.json")))):
+            raise ValueError(f"config {name}.path {path!r} has no config.json" +
+                             (f" (nor {sub}/config.json)" if not spec.get("subfolder") else
+                              f" under subfolder {spec['subfolder']!r}") + f"; it must be {what}")
+        cfg_file = os.path.join(_component_dir(path, spec.get("subfolder"), sub), "config.json")
+        try:
+            with open(cfg_file) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"config {name}.path: cannot read {cfg_file} ({e})") from None
+        want_key, want = _PATH_CLASS[(name, kind)]
+        cfg = cfg if isinstance(cfg, dict) else {}
+        if cfg.get(want_key) not in want:
+            have = cfg.get("_class_name") or cfg.get("model_type") or (cfg.get("architectures") or ["unknown"])[0]
+            raise ValueError(f"config {name}.path {path!r} holds a {have!r} model ({cfg_file}); kind {kind!r} needs "
+                             f"{' or '.join(want)}: it must be {what}")
+    if name == "dit" and kind == "wan" and ("path" in spec) == ("config" in spec):
+        raise ValueError("config dit of kind 'wan' needs exactly one of 'path' (a local diffusers checkpoint) "
+                         "or 'config' (WanTransformer3DModel keyword arguments)")
+
+
+def _component_dir(path: str, subfolder: Optional[str], default_sub: str) -> str:
+    if subfolder:
+        return os.path.join(path, subfolder)
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+            os.path.join(path, default_sub, "config.json")):
+        return os.path.join(path, default_sub)
+    return path
+
+
+def _wan_vae_factors(path: str, subfolder: Optional[str]) -> tuple[int, int, int]:
+    from pfp.vae import WanVAE
+    with open(os.path.join(_component_dir(path, subfolder, "vae"), "config.json")) as f:
+        return WanVAE.factors_from_config(json.load(f))
 
 
 class PFPModel(nn.Module):
@@ -121,11 +263,32 @@ class PFPModel(nn.Module):
         from pfp.compressor import MemoryCompressor
         self.config = config
         self.text_encoder = text_encoder if text_encoder is not None else _build_text(config)
-        self.backbone = backbone if backbone is not None else _build_backbone(config)
+        self._vae = vae if vae is not None else _build_vae(config)
+        self.backbone = backbone if backbone is not None else _build_backbone(
+            config, latent_channels=self._vae.latent_channels, text_dim=self.text_encoder.dim)
+        if self.backbone.latent_channels != self._vae.latent_channels:
+            raise ValueError(f"the backbone takes {self.backbone.latent_channels} latent channels but the VAE makes "
+                             f"{self._vae.latent_channels}; config dit and vae do not fit together")
         self.compressor = MemoryCompressor(self.backbone.patch_embed, self.backbone.latent_channels,
                                            self.backbone.inner_dim, rate=config.rate,
                                            hidden=tuple(config.compressor_hidden))
-        self._vae = vae if vae is not None else _build_vae(config)
+
+    def frozen_prefixes(self) -> tuple:
+        """State-dict prefixes of the parts loaded from their own local paths and never trained (a
+        ``"wan"`` VAE, a ``"umt5"`` text encoder). Weights files and checkpoints leave them out: the
+        config names where they come from."""
+        out = []
+        if any(True for _ in self._vae.parameters()):
+            out.append("_vae.")
+        if getattr(self.text_encoder, "frozen", False):
+            out.append("text_encoder.")
+        return tuple(out)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for prefix in self.frozen_prefixes():  # frozen parts stay in eval mode (no dropout)
+            getattr(self, prefix[:-1]).eval()
+        return self
 
     @property
     def vae(self):
@@ -141,30 +304,45 @@ class PFPModel(nn.Module):
         return out.tokens, out.mask
 
     def trainable_state_dict(self) -> dict:
-        """State dict with the shared patch embedding stored once (under the backbone)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("compressor.patch_embed.")}
+        """State dict with the shared patch embedding stored once (under the backbone), without the
+        frozen parts loaded from their own paths (:meth:`frozen_prefixes`)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_saved_key(k)}
+
+    def is_saved_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs in weights files and checkpoints."""
+        return not key.startswith(("compressor.patch_embed.", *self.frozen_prefixes()))
 
 
 def _build_text(config: PFPConfig):
-    from pfp.text import TinyTextEncoder
+    check_component("text", config.text)
     t = dict(config.text)
     kind = t.pop("kind", "tiny")
-    if kind != "tiny":
-        raise ValueError(f"text encoder kind {kind!r} is not built from a config; pass text_encoder=")
+    if kind == "umt5":
+        # {"kind": "umt5", "path": local dir, "tokenizer_path": ..., "max_length": 512, "dtype": "bf16"}
+        from pfp.text import UMT5TextEncoder
+        return UMT5TextEncoder.from_pretrained(t["path"], tokenizer_path=t.get("tokenizer_path"),
+                                               max_length=int(t.get("max_length", 512)),
+                                               dtype=_DTYPES[t["dtype"]] if "dtype" in t else None)
+    from pfp.text import TinyTextEncoder
     return TinyTextEncoder(**t)
 
 
 def _build_vae(config: PFPConfig):
-    from pfp.vae import PatchVAE
+    check_component("vae", config.vae)
     v = dict(config.vae)
     kind = v.pop("kind", "patch")
-    if kind != "patch":
-        raise ValueError(f"VAE kind {kind!r} is not built from a config; pass vae=")
+    if kind == "wan":
+        # {"kind": "wan", "path": local diffusers AutoencoderKLWan dir (or pipeline dir), "dtype": "bf16"}
+        from pfp.vae import WanVAE
+        return WanVAE.from_pretrained(v["path"], subfolder=v.get("subfolder"),
+                                      dtype=_DTYPES[v["dtype"]] if "dtype" in v else None)
+    from pfp.vae import PatchVAE
     return PatchVAE(**v)
 
 
-def _build_backbone(config: PFPConfig):
+def _build_backbone(config: PFPConfig, latent_channels: int, text_dim: int):
     from pfp.backbones import TinyDiT, TinyDiTConfig
+    check_component("dit", config.dit)
     d = dict(config.dit)
     kind = d.pop("kind", "tiny")
     if kind == "wan":
@@ -172,17 +350,19 @@ def _build_backbone(config: PFPConfig):
         # or {"kind": "wan", "config": {WanTransformer3DModel kwargs}} for a randomly initialised one
         from pfp.backbones import WanBackbone
         if "path" in d:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d.get("dtype", "fp32")]
-            return WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode,
-                                               subfolder=d.get("subfolder"), torch_dtype=dtype)
-        if "config" in d:
-            return WanBackbone.from_config(context_mode=config.context_mode, **d["config"])
-        raise ValueError("dit kind 'wan' needs 'path' (a local diffusers checkpoint) or 'config'")
-    if kind != "tiny":
-        raise ValueError(f"backbone kind {kind!r} is unknown (tiny, wan); or pass backbone=")
-    vae = _build_vae(config)
-    text_dim = int(config.text.get("dim", 64))
-    return TinyDiT(TinyDiTConfig(latent_channels=vae.latent_channels, text_dim=text_dim,
+            sub = d.get("subfolder")
+            if sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
+                sub = "transformer"
+            bb = WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=sub,
+                                             torch_dtype=_DTYPES[d.get("dtype", "fp32")])
+        else:
+            bb = WanBackbone.from_config(context_mode=config.context_mode, **d["config"])
+        wan_text = int(bb.transformer.config.text_dim)
+        if wan_text != text_dim:
+            raise ValueError(f"config dit (Wan) takes text states of width {wan_text} but the text encoder "
+                             f"makes {text_dim}; use a text encoder of that width")
+        return bb
+    return TinyDiT(TinyDiTConfig(latent_channels=latent_channels, text_dim=text_dim,
                                  context_mode=config.context_mode, **d))
 
 
@@ -260,5 +440,5 @@ def load_weights(path: Optional[str] = None, config: Optional[PFPConfig] = None,
     return model.eval()
 
 
-__all__ = ["PFPConfig", "PFPModel", "build_model", "save_weights", "read_weights", "load_weights",
+__all__ = ["PFPConfig", "PFPModel", "build_model", "check_component", "COMPONENT_KINDS", "save_weights", "read_weights", "load_weights",
            "load_state_checked", "DEFAULT_WEIGHTS", "DEFAULT_CONFIG"]

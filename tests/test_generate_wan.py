@@ -1,0 +1,124 @@
+"""Chunked generation with a causal temporal VAE: a tiny local AutoencoderKLWan (1 + 4k frames)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pfp.generate import InputError, chunk_plan, generate
+from pfp.text import Storyboard
+from pfp.weights import build_model, save_weights
+
+from _tiny_pfp import save_tiny_wan_vae, wan_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
+         {"start": 1, "end": 3, "prompt": "a white square on a green background"}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()  # tiny ops: one thread is much faster on a shared machine
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wanvae") / "vae"
+    save_tiny_wan_vae(path)
+    return path
+
+
+def _model(wan_dir, mode):
+    torch.manual_seed(0)
+    model = build_model(wan_config(wan_dir, context_mode=mode))
+    with torch.no_grad():  # the zero-initialised heads would make every chunk the same
+        model.compressor.proj.weight.normal_(0, 0.1)
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+    return model
+
+
+def test_config_frame_arithmetic(wan_dir):
+    cfg = wan_config(wan_dir)
+    assert (cfg.vae_spatial, cfg.vae_temporal, cfg.chunk_latent_frames) == (4, 4, 2)
+    assert [cfg.clip_frames(k) for k in (1, 2, 3)] == [5, 13, 21]   # 1+4(n-1), then 4n per chunk
+    spec = cfg.clip_spec(3)                                           # 6 latent frames -> 3 LR latent frames
+    assert (spec.hr_frames, spec.lr_frames, spec.lr_fps) == (21, 9, 4.0)
+    with pytest.raises(ValueError, match=r"clip has 12 frames.*use 9 or 13"):
+        cfg.video_spec(12)
+    bad = wan_config(wan_dir)
+    bad.chunk_frames = 4
+    with pytest.raises(ValueError, match=r"chunk_frames=4 is not a multiple of 8 .*and the VAE by 4.*use 8"):
+        bad.check()
+
+
+def test_seconds_validation_names_counts_for_a_causal_vae(wan_dir):
+    cfg = wan_config(wan_dir)
+    assert chunk_plan(cfg, 2.0) == 2
+    with pytest.raises(InputError, match=r"1 \+ 4\*k frames.*first chunk 5 frames; use --seconds 1 or 2 \(5 or 13 frames\)"):
+        chunk_plan(cfg, 1.5)
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_generate_with_wan_vae_streams_exactly(wan_dir, mode):
+    from pfp.data import to_low_res
+    model = _model(wan_dir, mode)
+    res = generate(model, Storyboard.from_list(STORY), 3.0, steps=2, cfg=2.0, progress=False)
+    vae = model.vae
+    # 3 chunks of 2 latent frames: 5 + 8 + 8 frames
+    assert res.latents.shape == (1, 4, 6, 8, 8)
+    assert res.video.shape == (3, 21, 32, 32)
+    assert res.prompts == [STORY[0]["prompt"], STORY[1]["prompt"], STORY[1]["prompt"]]
+    with torch.no_grad():
+        # chunk-by-chunk decoding equals one decode of every latent
+        torch.testing.assert_close(res.video[None], vae.decode(res.latents), atol=1e-5, rtol=1e-5)
+        # the LR branch got, chunk by chunk, what training feeds it: to_low_res of the whole video, encoded
+        spec = model.config.clip_spec(3)
+        lr_full = vae.encode(to_low_res(res.video[None], spec))
+        assert lr_full.shape == res.lr_latents.shape == (1, 4, 3, 4, 4)
+        torch.testing.assert_close(res.lr_latents, lr_full, atol=1e-5, rtol=1e-5)
+        # streaming compression equals compressing the whole history
+        full = model.compressor(res.latents, res.lr_latents)
+        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.context.positions, full.positions)
+        if mode == "cached":
+            kv = model.backbone.cache_context(full)
+            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _frames(path):
+    import av
+    with av.open(path) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_cli_writes_decodable_mp4_with_wan_vae(wan_dir, tmp_path):
+    model = _model(wan_dir, "cached")
+    save_weights(model, str(tmp_path / "w.safetensors"))
+    # the weights file records the VAE's path, not its tensors
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert not any(k.startswith("_vae.") for k in f.keys())
+    (tmp_path / "s.json").write_text(json.dumps(STORY))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pfp.generate", "--checkpoint", "w.safetensors", *args,
+                               "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    r = run("--storyboard", "s.json", "--seconds", "2", "--steps", "2", "--out", "v.mp4", "--contact-sheet", "v.png")
+    assert r.returncode == 0, r.stderr
+    frames = _frames(str(tmp_path / "v.mp4"))
+    assert len(frames) == 13 and frames[0].shape == (128, 128, 3)
+    assert "13 frames" in r.stdout
+    r = run("--seconds", "1.5", "--out", "bad.mp4")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "use --seconds 1 or 2 (5 or 13 frames)" in lines[0]
+    assert not (tmp_path / "bad.mp4").exists()
