@@ -24,6 +24,10 @@ namespace {
 
 using at::Tensor;
 
+// ATen's CPU flash kernel reads B, N and H by stride but assumes a unit stride along D (it gives
+// wrong results for, e.g., k[..., ::2]); such inputs are copied to contiguous first.
+Tensor unit_stride_d(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous(); }
+
 // One segment: (out [B, Nq, H, D] contiguous, lse [B, H, Nq] float32).
 std::tuple<Tensor, Tensor> attend_segment(const Tensor& q, const Tensor& k, const Tensor& v,
                                           double scale) {
@@ -72,12 +76,13 @@ void merge_in_place(Tensor& o1, const Tensor& lse1, const Tensor& o2, const Tens
   });
 }
 
-std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                const std::optional<Tensor>& context_k,
                                                const std::optional<Tensor>& context_v,
                                                double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
               "pfp::joint_attention: q, k, v must be 4-D [B, N, H, D]");
+  const Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
   TORCH_CHECK(context_k.has_value() == context_v.has_value(),
               "pfp::joint_attention: context_k and context_v must be given together");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
@@ -97,8 +102,9 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
     auto [out, lse] = attend_segment(q, k, v, scale);
     return {out.contiguous(), lse.contiguous()};
   }
-  Tensor ck = context_k->expand({batch, -1, -1, -1});  // batch 1 -> stride 0, no copy
-  Tensor cv = context_v->expand({batch, -1, -1, -1});
+  // batch 1 -> stride 0, no copy (a D-strided context is made contiguous before, once)
+  Tensor ck = unit_stride_d(*context_k).expand({batch, -1, -1, -1});
+  Tensor cv = unit_stride_d(*context_v).expand({batch, -1, -1, -1});
   auto [out, lse_c] = attend_segment(q, ck, cv, scale);
   out = out.contiguous();  // a no-op with today's ATen (checked by the tests' stride checks)
   if (!has_tgt) return {out, lse_c.contiguous()};

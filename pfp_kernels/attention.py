@@ -313,9 +313,16 @@ def _sdpa_segment(q: Tensor, k: Tensor, v: Tensor, scale: float):
     return out.transpose(1, 2), lse.to(_lse_dtype(q.dtype))
 
 
+def _unit_stride_d(t: Optional[Tensor]) -> Optional[Tensor]:
+    # ATen's CPU flash kernel reads B, N, H by stride but assumes a unit stride along D.
+    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale):
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return _empty_result(q)
+    if q.device.type == "cpu":  # before the context's batch expand, so it stays one copy
+        q, k, v, context_k, context_v = map(_unit_stride_d, (q, k, v, context_k, context_v))
     return _merge_segments([_sdpa_segment(q, sk, sv, scale)
                             for sk, sv in _segments(q, k, v, context_k, context_v)])
 

@@ -98,6 +98,22 @@ def test_broadcast_context_is_not_copied_and_matches_per_batch():
         _close(out[i:i + 1], one.double(), 2e-5, f"batch {i}")
 
 
+def test_every_backend_reads_strided_inputs():
+    """Views as models produce them: [B, H, N, D] transposed, a head-dim slice with stride 2 along D
+    (ATen's CPU flash kernel assumes a unit stride there), a context sliced out of a longer history."""
+    b, nq, nk, nc, h, d = 2, 9, 7, 11, 3, 16
+    q = torch.randn(b, h, nq, d).transpose(1, 2)
+    k = torch.randn(b, nk, h, 2 * d)[..., ::2]
+    v = torch.randn(b, nk, h, d + 8)[..., 8:]
+    ck = torch.randn(1, nc + 4, h, 2 * d)[:, 4:, :, ::2]
+    cv = torch.randn(1, h, nc, d).transpose(1, 2)
+    want, want_lse = _ref64(q, k, v, ck, cv, scale=0.3)
+    for impl in _backends_here(torch.float32):
+        out, lse = pk.joint_attention(q, k, v, ck, cv, scale=0.3, impl=impl, return_lse=True)
+        _close(out, want, TOL[torch.float32], f"{impl} out")
+        _close(lse, want_lse, 1e-5, f"{impl} lse")
+
+
 def test_empty_queries():
     q, k, v, ck, cv = _inputs(2, 0, 3, 4, 2, 16, torch.float32)
     for impl in _backends_here(torch.float32):
