@@ -17,8 +17,10 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
 - ``triton``      pfp_kernels/_triton/attention.py: one FlashAttention-style pass over both
   segments, forward and backward kernels (head dim <= 256 in fp16/bf16, <= 128 in fp32).
 - ``xformers``    xformers when installed (CUDA): partial attention per segment + exact merge.
-- ``cpp``         csrc/joint_attention.cpp (CPU): ATen's CPU flash kernel once per segment, in
-  place, with the merge fused into one pass over the outputs.
+- ``cpp``         csrc/joint_attention.cpp (CPU): one FlashAttention-2-style pass of our own whose key
+  loop walks the context blocks then the target blocks (fp32 SGEMMs on per-thread fp32 blocks,
+  online softmax in fp32); where torch exports no ``sgemm_``, ATen's CPU flash kernel once per
+  segment with the merge fused into one pass. ``torch.ops.pfp._attention_cpu_path`` forces either.
 - ``sdpa``        PyTorch's fused SDPA kernels with LSE once per segment + the merge in PyTorch
   (CPU: ``_scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel).
 - ``torch``       the reference (fp32/fp64 math, materialises the scores).
