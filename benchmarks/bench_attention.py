@@ -51,6 +51,16 @@ def _sdpa_concat(q, k, v, ck, cv):
 def _runner(impl, inputs):
     if impl == BASELINE:
         return lambda: _sdpa_concat(*inputs)
+    if impl.startswith("cpp_"):  # the C++ op with one CPU route forced: cpp_flash, cpp_segments
+        route = impl[len("cpp_"):]
+
+        def forced():
+            previous = torch.ops.pfp._attention_cpu_path(route)
+            try:
+                return pk.joint_attention(*inputs, impl="cpp")
+            finally:
+                torch.ops.pfp._attention_cpu_path(previous)
+        return forced
     return lambda: pk.joint_attention(*inputs, impl=impl)
 
 
@@ -108,12 +118,14 @@ def _tables():
 # ----------------------------------------------------------------------------------------------
 # CPU
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", [BASELINE, "cpp", "sdpa"])
+@pytest.mark.parametrize("impl", [BASELINE, "cpp", "cpp_segments", "sdpa"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_joint_attention(benchmark, impl, dtype):
+    """``cpp`` is the op as dispatched (its "flash" route); ``cpp_segments`` forces its fallback
+    route, ATen's flash kernel per segment + merge, so the table says which of the two is faster."""
     inputs = _inputs(CPU_SHAPE, getattr(torch, dtype), "cpu")
     if impl != BASELINE:
-        why = pk.attention_backends(*inputs)[impl]
+        why = pk.attention_backends(*inputs)[impl.split("_")[0]]
         if why is not None:
             pytest.skip(f"{impl}: {why}")
     benchmark.group = f"cpu {dtype}"

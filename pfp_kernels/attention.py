@@ -17,8 +17,10 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
 - ``triton``      pfp_kernels/_triton/attention.py: one FlashAttention-style pass over both
   segments, forward and backward kernels (head dim <= 256 in fp16/bf16, <= 128 in fp32).
 - ``xformers``    xformers when installed (CUDA): partial attention per segment + exact merge.
-- ``cpp``         csrc/joint_attention.cpp (CPU): ATen's CPU flash kernel once per segment, in
-  place, with the merge fused into one pass over the outputs.
+- ``cpp``         csrc/joint_attention.cpp (CPU): one FlashAttention-2-style pass of our own whose key
+  loop walks the context blocks then the target blocks (fp32 SGEMMs on per-thread fp32 blocks,
+  online softmax in fp32); where torch exports no ``sgemm_``, ATen's CPU flash kernel once per
+  segment with the merge fused into one pass. ``torch.ops.pfp._attention_cpu_path`` forces either.
 - ``sdpa``        PyTorch's fused SDPA kernels with LSE once per segment + the merge in PyTorch
   (CPU: ``_scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel).
 - ``torch``       the reference (fp32/fp64 math, materialises the scores).
@@ -313,9 +315,16 @@ def _sdpa_segment(q: Tensor, k: Tensor, v: Tensor, scale: float):
     return out.transpose(1, 2), lse.to(_lse_dtype(q.dtype))
 
 
+def _unit_stride_d(t: Optional[Tensor]) -> Optional[Tensor]:
+    # ATen's CPU flash kernel reads B, N, H by stride but assumes a unit stride along D.
+    return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale):
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return _empty_result(q)
+    if q.device.type == "cpu":  # before the context's batch expand, so it stays one copy
+        q, k, v, context_k, context_v = map(_unit_stride_d, (q, k, v, context_k, context_v))
     return _merge_segments([_sdpa_segment(q, sk, sv, scale)
                             for sk, sv in _segments(q, k, v, context_k, context_v)])
 

@@ -98,11 +98,116 @@ def test_broadcast_context_is_not_copied_and_matches_per_batch():
         _close(out[i:i + 1], one.double(), 2e-5, f"batch {i}")
 
 
+def test_every_backend_reads_strided_inputs():
+    """Views as models produce them: [B, H, N, D] transposed, a head-dim slice with stride 2 along D
+    (ATen's CPU flash kernel assumes a unit stride there), a context sliced out of a longer history."""
+    b, nq, nk, nc, h, d = 2, 9, 7, 11, 3, 16
+    q = torch.randn(b, h, nq, d).transpose(1, 2)
+    k = torch.randn(b, nk, h, 2 * d)[..., ::2]
+    v = torch.randn(b, nk, h, d + 8)[..., 8:]
+    ck = torch.randn(1, nc + 4, h, 2 * d)[:, 4:, :, ::2]
+    cv = torch.randn(1, h, nc, d).transpose(1, 2)
+    want, want_lse = _ref64(q, k, v, ck, cv, scale=0.3)
+    for impl in _backends_here(torch.float32):
+        out, lse = pk.joint_attention(q, k, v, ck, cv, scale=0.3, impl=impl, return_lse=True)
+        _close(out, want, TOL[torch.float32], f"{impl} out")
+        _close(lse, want_lse, 1e-5, f"{impl} lse")
+
+
 def test_empty_queries():
     q, k, v, ck, cv = _inputs(2, 0, 3, 4, 2, 16, torch.float32)
     for impl in _backends_here(torch.float32):
         out, lse = pk.joint_attention(q, k, v, ck, cv, impl=impl, return_lse=True)
         assert out.shape == (2, 0, 2, 16) and lse.shape == (2, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the C++ CPU kernel, each route forced: "flash" (our two-segment kernel, blocks of 128 queries x
+# 256 keys, query chunks of up to 64K/D) and "segments" (ATen's flash kernel per segment + merge)
+# ----------------------------------------------------------------------------------------------
+CPP_ROUTES = ["flash", "segments"]
+# Past one block in every direction and not a multiple of it: Nq 300 (one chunk = 2 x 128 + 44),
+# a key block straddling the context/target boundary (Nc 300 in [256, 512)), Nc = 0, Nk = 0 with a
+# long context, D 256 (two chunks of 150 queries), a single key, head dims not a multiple of the
+# 8-float vector (20, 1), many heads.
+CPP_SHAPES = SHAPES + [
+    (2, 300, 211, 300, 2, 64, 1),
+    (1, 70, 33, 290, 3, 20, None),
+    (2, 65, 0, 513, 1, 32, 1),
+    (1, 129, 600, 0, 2, 16, None),
+    (1, 300, 20, 270, 4, 256, 1),
+    (1, 3, 1, None, 1, 1, None),
+    (1, 40, 5, 7, 9, 8, 1),
+]
+
+
+@pytest.fixture
+def cpp_route(request):
+    if not _extension.has_cpu_kernel("joint_attention"):
+        pytest.skip("pfp_kernels._C is not loaded")
+    previous = torch.ops.pfp._attention_cpu_path(request.param)
+    yield request.param
+    torch.ops.pfp._attention_cpu_path(previous)
+
+
+def _check_cpp(inputs, dtype, route, what, scale=0.3):
+    q, k, v, ck, cv = inputs
+    want, want_lse = _ref64(q, k, v, ck, cv, scale=scale)
+    out, lse = torch.ops.pfp.joint_attention(q, k, v, ck, cv, scale)
+    assert torch.ops.pfp._attention_cpu_last_route() == route
+    b, nq, h, d = q.shape
+    assert out.shape == (b, nq, h, d) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (b, h, nq) and lse.dtype == torch.float32 and lse.is_contiguous()
+    _close(out, want, TOL[dtype], f"{route} {what} out")
+    _close(lse, want_lse, 1e-4 if dtype != torch.float32 else 1e-5, f"{route} {what} lse")
+
+
+@pytest.mark.parametrize("cpp_route", CPP_ROUTES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_routes_match_fp64_reference(shape, dtype, cpp_route):
+    b, nq, nk, nc, h, d, cb = shape
+    _check_cpp(_inputs(b, nq, nk, nc, h, d, dtype, cb), dtype, cpp_route, "x".join(map(str, shape)))
+
+
+@pytest.mark.parametrize("cpp_route", CPP_ROUTES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_routes_read_strided_inputs(dtype, cpp_route):
+    """Views as models produce them: [B, H, N, D] transposed, a head-dim slice with stride 2 along D,
+    a context expanded from batch 1 and one sliced out of a longer history."""
+    b, nq, nk, nc, h, d = 2, 97, 70, 260, 3, 24
+    q = torch.randn(b, h, nq, d, dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, nk, h, 2 * d, dtype=dtype)[..., ::2]
+    v = torch.randn(b, nk, h, d + 8, dtype=dtype)[..., 8:]
+    ck = torch.randn(1, nc + 40, h, d, dtype=dtype)[:, 40:].expand(b, -1, -1, -1)
+    cv = torch.randn(1, h, nc, d, dtype=dtype).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, ck, cv)) and k.stride(3) == 2
+    _check_cpp((q, k, v, ck, cv), dtype, cpp_route, "strided")
+
+
+@pytest.mark.parametrize("cpp_route", CPP_ROUTES, indirect=True)
+def test_cpp_routes_broadcast_context_equals_per_batch(cpp_route):
+    # Per batch the kernel splits the queries differently (fewer tasks), so compare closely, not bitwise.
+    q, k, v, ck, cv = _inputs(3, 70, 30, 280, 2, 32, torch.float32, ctx_batch=1)
+    out, lse = torch.ops.pfp.joint_attention(q, k, v, ck, cv, 0.2)
+    for i in range(3):
+        one, one_lse = torch.ops.pfp.joint_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], ck.clone(),
+                                                     cv.clone(), 0.2)
+        _close(out[i:i + 1], one.double(), 1e-6, f"batch {i}")
+        _close(lse[i:i + 1], one_lse.double(), 1e-6, f"batch {i} lse")
+
+
+@pytest.mark.skipif(not _extension.has_cpu_kernel("joint_attention"), reason="pfp_kernels._C is not loaded")
+def test_cpp_auto_route_is_the_flash_kernel():
+    previous = torch.ops.pfp._attention_cpu_path("auto")
+    try:
+        q, k, v, ck, cv = _inputs(1, 5, 4, 6, 2, 16, torch.bfloat16)
+        torch.ops.pfp.joint_attention(q, k, v, ck, cv, 0.25)
+        assert torch.ops.pfp._attention_cpu_last_route() == "flash"
+        with pytest.raises(RuntimeError, match="mode must be one of"):
+            torch.ops.pfp._attention_cpu_path("fastest")
+    finally:
+        torch.ops.pfp._attention_cpu_path(previous)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,6 +132,42 @@ static void test_project_tokens() {
   }
 }
 
+// joint_attention against SDPA over the concatenation in double, both CPU routes; lengths past
+// the flash route's blocks (128 queries x 256 keys), a block straddling context and target, a
+// batch-1 context served to two query batches.
+static void test_joint_attention() {
+  using Out = std::tuple<at::Tensor, at::Tensor>;
+  auto attn = op("pfp::joint_attention")
+                  .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+  auto set_route = op("pfp::_attention_cpu_path").typed<std::string(c10::string_view)>();
+  auto last_route = op("pfp::_attention_cpu_last_route").typed<std::string()>();
+  const double scale = 0.3;
+  for (const char* route : {"flash", "segments"}) {
+    set_route.call(route);
+    for (auto dtype : {at::kFloat, at::kBFloat16}) {
+      auto q = at::randn({2, 150, 3, 32}).to(dtype);
+      auto k = at::randn({2, 70, 3, 32}).to(dtype), v = at::randn({2, 70, 3, 32}).to(dtype);
+      auto ck = at::randn({1, 300, 3, 32}).to(dtype), cv = at::randn({1, 300, 3, 32}).to(dtype);
+      auto [out, lse] = attn.call(q, k, v, ck, cv, scale);
+      EXPECT(last_route.call() == route, "joint_attention ran the forced route");
+      auto d = [](const at::Tensor& t) { return t.to(at::kDouble).transpose(1, 2); };
+      auto kk = at::cat({d(ck).expand({2, -1, -1, -1}), d(k)}, 2);
+      auto vv = at::cat({d(cv).expand({2, -1, -1, -1}), d(v)}, 2);
+      auto s = at::matmul(d(q), kk.transpose(-1, -2)) * scale;
+      auto ref = at::matmul(at::softmax(s, -1), vv).transpose(1, 2);
+      auto ref_lse = at::logsumexp(s, -1);
+      double err = rel_err(out, ref), lse_err = rel_err(lse, ref_lse);
+      std::printf("joint_attention %-8s %-10s err %.2e lse err %.2e\n", route, c10::toString(dtype),
+                  err, lse_err);
+      EXPECT(out.sizes() == q.sizes() && out.scalar_type() == dtype, "joint_attention out shape");
+      EXPECT(err <= tolerance(dtype), "joint_attention matches SDPA over the concatenation");
+      EXPECT(lse_err <= 1e-4, "joint_attention lse");
+    }
+  }
+  set_route.call("auto");
+}
+
 static void test_bad_input_names_argument() {
   auto conv = op("pfp::conv3d_act").typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                      const std::optional<at::Tensor>&, at::IntArrayRef,
@@ -157,6 +193,7 @@ int main() {
   test_conv3d_act();
   test_causal_conv3d_act();
   test_project_tokens();
+  test_joint_attention();
   test_bad_input_names_argument();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
