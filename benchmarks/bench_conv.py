@@ -42,6 +42,8 @@ import pfp_kernels as pk
 from pfp_kernels import _extension
 from pfp_kernels.nn import CausalConv3dAct
 
+from _timing import interleaved_mins
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CL3 = torch.channels_last_3d
 LATENT = dict(T=120, H=60, W=104)
@@ -99,26 +101,6 @@ def _stage_contenders(stage, dtype, x, w, b, stride):
     return fns
 
 
-def _interleaved_mins(fns, budget_s: float = 3.0, max_rounds: int = 20) -> dict:
-    """Minimum time (s) of each callable over rounds run in turn (A, B, C, A, B, C, ...); each gets
-    as many rounds as fit in budget_s (at least 2; 1 for calls over a second, such as eager bf16
-    convs here), so the slow baselines do not take minutes."""
-    import time
-    want, times = {}, {k: [] for k in fns}
-    for k, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()  # warm-up, and a first guess of its cost
-        guess = time.perf_counter() - t0
-        want[k] = max(1 if guess > 1.0 else 2, min(max_rounds, int(budget_s / max(guess, 1e-4))))
-    for r in range(max(want.values())):
-        for k, fn in fns.items():
-            if r < want[k]:
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
-
-
 def _rounds(seconds_guess: float) -> int:
     return max(3, min(30, int(4.0 / max(seconds_guess, 1e-3))))
 
@@ -140,11 +122,11 @@ def test_cpu_stage(benchmark, stage, dtype, impl):
     if impl not in fns:
         pytest.skip(f"oneDNN has no {dtype} conv on this CPU: {_notes[(stage, dtype, 'onednn')]}")
     fn = fns[impl]
-    if impl == "auto":
+    if impl == "auto" and not getattr(benchmark, "disabled", False):
         # The table's ratios come from rounds interleaved across the contenders, so that the
         # neighbours' load on this shared VM hits every contender alike; pytest-benchmark's own
         # per-test figures below are kept for its report.
-        _interleaved["cpu"].update({(stage, dtype, k): v for k, v in _interleaved_mins(fns).items()})
+        _interleaved["cpu"].update({(stage, dtype, k): v for k, v in interleaved_mins(fns).items()})
     import time
     t0 = time.perf_counter()
     fn()

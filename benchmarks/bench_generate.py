@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
