@@ -83,7 +83,7 @@ def chunk_plan(config, seconds: float) -> int:
 @torch.no_grad()
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
              shift: Optional[float] = None, device="cpu", size: Optional[tuple] = None,
-             progress: bool = True) -> GenerationResult:
+             progress: bool = True, history: Optional[torch.Tensor] = None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -95,6 +95,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     same way, and re-encodes them through an :func:`pfp.vae.encode_stream` (frames of an unfinished
     causal group wait for the next chunk), so the LR latents equal training's
     ``vae.encode(to_low_res(video))``. Returns a :class:`GenerationResult` (video ``[3, T, H, W]``).
+
+    history: optional ``[1, C, k*n, H/s, W/s]`` latents of a real video's first ``k`` chunks (e.g.
+    ``vae.encode`` of its frames): those chunks are taken as given instead of sampled (decoded,
+    compressed and cached exactly like sampled ones), and generation continues after them, so the
+    result shows what the model remembers of that history. ``k`` must be < the number of chunks.
     """
     from tqdm import tqdm
 
@@ -111,6 +116,17 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     s = vae.spatial_factor
     lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
     spec = config.clip_spec(n_chunks, (h, w))       # the whole video, as training would feed it
+    n_given = 0
+    if history is not None:
+        n = lat_shape[2]
+        if (not isinstance(history, torch.Tensor) or history.dim() != 5 or history.shape[0] != 1
+                or tuple(history.shape[1:2] + history.shape[3:]) != (lat_shape[1], *lat_shape[3:])
+                or history.shape[2] % n or not 0 < history.shape[2] // n < n_chunks):
+            raise InputError(f"history must be [1, {lat_shape[1]}, k*{n}, {lat_shape[3]}, {lat_shape[4]}] latents of "
+                             f"0 < k < {n_chunks} whole chunks, got "
+                             f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
+        n_given = history.shape[2] // n
+        history = history.to(device=device, dtype=torch.float32)
     shift = config.sample_shift if shift is None else shift
     generator = torch.Generator().manual_seed(int(seed))
     stream = compressor.stream(1)
@@ -136,9 +152,13 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             text, text_mask = encode(prompt)
             context = cache if backbone.context_mode == "cached" else stream.context
             t0 = time.perf_counter()
-            x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
-                       uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, generator=generator,
-                       t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
+            if k < n_given:
+                x = history[:, :, k * lat_shape[2]:(k + 1) * lat_shape[2]]
+                bar.update(steps)
+            else:
+                x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
+                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, generator=generator,
+                           t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
             t1 = time.perf_counter()
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
             t2 = time.perf_counter()
