@@ -82,8 +82,8 @@ def chunk_plan(config, seconds: float) -> int:
 
 @torch.no_grad()
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
-             shift: Optional[float] = None, device="cpu", size: Optional[tuple] = None,
-             progress: bool = True, history: Optional[torch.Tensor] = None) -> GenerationResult:
+             shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
+             size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -128,6 +128,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
         n_given = history.shape[2] // n
         history = history.to(device=device, dtype=torch.float32)
     shift = config.sample_shift if shift is None else shift
+    eta = config.sample_eta if eta is None else eta
     generator = torch.Generator().manual_seed(int(seed))
     stream = compressor.stream(1)
     decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
@@ -157,7 +158,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 bar.update(steps)
             else:
                 x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
-                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, generator=generator,
+                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, eta=eta, generator=generator,
                            t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
             t1 = time.perf_counter()
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
@@ -248,6 +249,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=16, help="denoising steps per chunk (1-1000, default %(default)s)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off; 0-50)")
     p.add_argument("--shift", type=float, default=None, help="sampling timestep shift (default: the model's)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="sampler stochasticity in [0, 1], 0 = deterministic Euler (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export, or a "
                    "training checkpoint directory); default: the built-in model")
@@ -272,6 +275,8 @@ def _check_args(ns, config) -> None:
         raise InputError(f"--cfg must be in [0, 50], got {ns.cfg}")
     if ns.shift is not None and not (math.isfinite(ns.shift) and 0 < ns.shift <= 100):
         raise InputError(f"--shift must be in (0, 100], got {ns.shift}")
+    if ns.eta is not None and not 0.0 <= ns.eta <= 1.0:
+        raise InputError(f"--eta must be in [0, 1] (0: deterministic Euler), got {ns.eta}")
     if ns.seed < 0 or ns.seed >= 2 ** 63:
         raise InputError(f"--seed must be in 0..2^63-1, got {ns.seed}")
     if ns.upscale is not None and not 1 <= ns.upscale <= 32:
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
         chunk_plan(config, seconds)
         upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
         t0 = time.perf_counter()
-        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, shift=ns.shift,
+        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, shift=ns.shift, eta=ns.eta,
                           device=device, size=size, progress=not ns.quiet)
         write_mp4(result.video, ns.out, config.fps, upscale)
         if ns.contact_sheet:

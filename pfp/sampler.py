@@ -5,6 +5,12 @@ velocity ``noise - x_0``, and sampling integrates from t = 1 (noise) to t = 0 (d
 ``x_{t'} = x_t + (t' - t) * v``. The timestep grid is shifted towards the noisy end by
 ``t -> shift * t / (1 + (shift - 1) * t)`` (Wan's sampling shift).
 
+``eta`` in [0, 1] makes the steps stochastic: from the step's clean estimate ``x0 = x_t - t v`` and
+noise estimate ``eps = x_t + (1 - t) v`` the next point is ``(1 - t') x0 + t' (sqrt(1 - eta^2) eps
++ eta z)`` with fresh Gaussian ``z``. ``eta = 0`` is exactly the Euler step above; ``eta = 1``
+re-noises the estimate completely at every step (as DDPM-style ancestral samplers do), which
+forgets the errors an imperfect model makes at high noise instead of integrating them.
+
 With ``cfg != 1`` each step runs the conditional and the unconditional branch as one batch of 2B.
 In ``"cached"`` context mode the context K/V are computed once per chunk, before the first step,
 and serve every step and both branches (batch-1 broadcast, no copy).
@@ -54,7 +60,7 @@ def pair_text(cond: Tensor, uncond: Tensor, cond_mask: Optional[Tensor] = None,
 @torch.no_grad()
 def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional[Tensor] = None,
            text_mask: Optional[Tensor] = None, uncond_text_mask: Optional[Tensor] = None,
-           steps: int = 20, cfg: float = 1.0, shift: float = 3.0, seed: Optional[int] = None,
+           steps: int = 20, cfg: float = 1.0, shift: float = 3.0, eta: float = 0.0, seed: Optional[int] = None,
            generator: Optional[torch.Generator] = None, t_start: float = 0.0,
            device=None, dtype=None, on_step: Optional[Callable[[int], None]] = None) -> Tensor:
     """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
@@ -63,9 +69,12 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     when ``cfg != 1``. context: a ``pfp.Context`` (batch 1 or B), in cached mode also a ``ContextKV``
     (then nothing is recomputed here), or None for the first chunk.
     t_start: token-grid time of the chunk's first frame (its RoPE position after the history).
-    The initial noise comes from ``generator`` or a CPU generator seeded with ``seed``.
+    The initial noise (and with ``eta > 0`` each step's fresh noise) comes from ``generator`` or a
+    CPU generator seeded with ``seed``.
     on_step(i) is called after each step (progress bars).
     """
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic Euler), got {eta!r}")
     device = torch.device(device) if device is not None else text.device
     dtype = dtype or torch.float32
     if cfg != 1.0 and uncond_text is None:
@@ -92,7 +101,13 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
             v = v_uncond + cfg * (v_cond - v_uncond)
         else:
             v = backbone(x, t.expand(b), txt, ctx, t_start=t_start, text_mask=mask).float()
-        x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
+        if eta == 0.0:
+            x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
+        else:
+            t_next = ts[i + 1]
+            x0, eps = x.float() - t * v, x.float() + (1 - t) * v
+            z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=device)
+            x = ((1 - t_next) * x0 + t_next * ((1 - eta ** 2) ** 0.5 * eps + eta * z)).to(dtype)
         if on_step is not None:
             on_step(i)
     return x

@@ -65,6 +65,37 @@ def test_sampler_seed_and_cfg(weights):
         sample(model.backbone, shape, text, None, cfg=2.0, steps=2)
 
 
+def test_sampler_eta(weights):
+    """eta = 0 is the Euler ODE step; eta = 1 re-noises the clean estimate completely: with one step
+    left the result is the model's x0 estimate; eta is seeded like the initial noise."""
+    from pfp.weights import load_weights
+    model = load_weights(weights)
+    text, mask = model.encode_text(["a red circle on a blue background"])
+    shape = (1, model.backbone.latent_channels, 4, 8, 8)
+    kw = dict(text_mask=mask, steps=3, shift=1.0)
+    euler = sample(model.backbone, shape, text, None, seed=1, **kw)
+    # eta=0 through the general formula: (1-t')x0 + t' eps with x0 = x - t v, eps = x + (1-t) v
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ts = timestep_schedule(3, 1.0)
+    for i in range(3):
+        t, tn = ts[i], ts[i + 1]
+        v = model.backbone(x, t.expand(1), text, None, text_mask=mask).float()
+        x = (1 - tn) * (x - t * v) + tn * (x + (1 - t) * v)
+    torch.testing.assert_close(euler, x, atol=1e-5, rtol=1e-5)
+    a = sample(model.backbone, shape, text, None, seed=1, eta=1.0, **kw)
+    b = sample(model.backbone, shape, text, None, seed=1, eta=1.0, **kw)
+    c = sample(model.backbone, shape, text, None, seed=1, eta=0.5, **kw)
+    assert torch.equal(a, b) and not torch.allclose(a, euler) and not torch.allclose(c, a)
+    # eta=1 with steps=1 is the x0 estimate at t=1 from the initial noise
+    one = sample(model.backbone, shape, text, None, seed=1, eta=1.0, steps=1, shift=1.0, text_mask=mask)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    v = model.backbone(x, torch.ones(1), text, None, text_mask=mask).float()
+    torch.testing.assert_close(one, x - v, atol=1e-5, rtol=1e-5)
+    for bad in (-0.1, 1.5, "1"):
+        with pytest.raises(ValueError, match="eta must be in"):
+            sample(model.backbone, shape, text, None, eta=bad, steps=1)
+
+
 def test_generate_writes_decodable_mp4_with_expected_frames(weights, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(STORY))
     r = _run(["--checkpoint", weights, "--storyboard", "s.json", "--seconds", "1.5", "--steps", "2", "--out",
@@ -132,6 +163,7 @@ def _bad_cases(tmp_path, weights):
         (ck + ["--context-mode", "joint"], "context_mode"),
         (ck + ["--steps", "0"], "--steps"),
         (ck + ["--cfg", "-1"], "--cfg"),
+        (ck + ["--eta", "1.5"], "--eta must be in [0, 1]"),
         (ck + ["--device", "tpu"], "--device"),
         (ck + ["--seed", "x"], "--seed"),
         (ck + ["--out", "v.avi"], ".mp4"),

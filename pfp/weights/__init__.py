@@ -44,6 +44,7 @@ class PFPConfig:
     dit: dict = field(default_factory=lambda: {"kind": "tiny", "inner_dim": 128, "depth": 4, "num_heads": 4,
                                                "mlp_ratio": 3.0, "freq_dim": 64})
     sample_shift: float = 3.0             # sampling timestep shift (Wan's flow shift)
+    sample_eta: float = 0.0               # sampler stochasticity (pfp.sampler.sample; 0: Euler ODE)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -138,6 +139,9 @@ class PFPConfig:
             check_component(name, getattr(self, name))
         if self.context_mode not in ("joint", "cached"):
             raise ValueError(f"config context_mode {self.context_mode!r} is not valid; choose one of: joint, cached")
+        if not (isinstance(self.sample_eta, (int, float)) and 0.0 <= self.sample_eta <= 1.0):
+            raise ValueError(f"config sample_eta {self.sample_eta!r} is not valid; use a number in [0, 1] "
+                             "(0: deterministic Euler)")
         r = parse_rate(self.rate)
         h, w = self.video_size
         tf = self.vae_temporal
