@@ -74,3 +74,20 @@ def wan_config(vae_path, text_path=None, context_mode: str = "cached") -> PFPCon
         context_mode=context_mode, vae={"kind": "wan", "path": str(vae_path)}, text=text,
         dit={"kind": "tiny", "inner_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "freq_dim": 16},
     )
+
+
+def assert_stream_matches_full(model, res, mode: str, lr_expected) -> None:
+    """What ``generate`` streamed equals the whole-video computation: the LR latents equal
+    ``lr_expected`` (training's encode of to_low_res of the whole video), the context equals one
+    compressor call over all latents, and in cached mode the K/V equal one ``cache_context``."""
+    import torch
+    with torch.no_grad():
+        assert lr_expected.shape == res.lr_latents.shape
+        torch.testing.assert_close(res.lr_latents, lr_expected, atol=1e-5, rtol=1e-5)
+        full = model.compressor(res.latents, res.lr_latents)
+        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(res.context.positions, full.positions)
+        if mode == "cached":
+            kv = model.backbone.cache_context(full)
+            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

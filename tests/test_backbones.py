@@ -1,6 +1,4 @@
 """Backbones: 3D RoPE from positions, the joint and cached context modes, the Wan adapter."""
-import math
-
 import pytest
 import torch
 

@@ -11,7 +11,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pfp_kernels
 from pfp_kernels import conv

@@ -12,7 +12,7 @@ from pfp.sampler import sample, timestep_schedule
 from pfp.text import Storyboard
 from pfp.weights import DEFAULT_WEIGHTS, build_model, save_weights
 
-from _tiny_pfp import tiny_config
+from _tiny_pfp import assert_stream_matches_full, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = [{"start": 0, "end": 0.5, "prompt": "a red circle on a blue background"},
@@ -122,16 +122,8 @@ def test_streaming_inside_generate_matches_full_compression(mode):
     assert res.prompts == [STORY[0]["prompt"], STORY[1]["prompt"], STORY[1]["prompt"]]
     with torch.no_grad():
         # the low-res branch got, chunk by chunk, what training feeds it for the whole video
-        spec = model.config.video_spec(12)
-        lr_full = model.vae.encode(to_low_res(res.video[None], spec))
-        torch.testing.assert_close(res.lr_latents, lr_full, atol=1e-6, rtol=1e-6)
-        full = model.compressor(res.latents, res.lr_latents)
-        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res.context.positions, full.positions)
-        if mode == "cached":
-            kv = model.backbone.cache_context(full)
-            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        lr_full = model.vae.encode(to_low_res(res.video[None], model.config.video_spec(12)))
+    assert_stream_matches_full(model, res, mode, lr_full)
 
 
 @pytest.mark.skipif(not os.path.isfile(DEFAULT_WEIGHTS), reason="built-in weights not shipped in this checkout")

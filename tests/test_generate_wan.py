@@ -11,7 +11,7 @@ from pfp.generate import InputError, chunk_plan, generate
 from pfp.text import Storyboard
 from pfp.weights import build_model, save_weights
 
-from _tiny_pfp import save_tiny_wan_vae, wan_config
+from _tiny_pfp import assert_stream_matches_full, save_tiny_wan_vae, wan_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
@@ -77,18 +77,9 @@ def test_generate_with_wan_vae_streams_exactly(wan_dir, mode):
         # chunk-by-chunk decoding equals one decode of every latent
         torch.testing.assert_close(res.video[None], vae.decode(res.latents), atol=1e-5, rtol=1e-5)
         # the LR branch got, chunk by chunk, what training feeds it: to_low_res of the whole video, encoded
-        spec = model.config.clip_spec(3)
-        lr_full = vae.encode(to_low_res(res.video[None], spec))
-        assert lr_full.shape == res.lr_latents.shape == (1, 4, 3, 4, 4)
-        torch.testing.assert_close(res.lr_latents, lr_full, atol=1e-5, rtol=1e-5)
-        # streaming compression equals compressing the whole history
-        full = model.compressor(res.latents, res.lr_latents)
-        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(res.context.positions, full.positions)
-        if mode == "cached":
-            kv = model.backbone.cache_context(full)
-            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        lr_full = vae.encode(to_low_res(res.video[None], model.config.clip_spec(3)))
+    assert lr_full.shape == (1, 4, 3, 4, 4)
+    assert_stream_matches_full(model, res, mode, lr_full)
 
 
 def _frames(path):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from pfp.train.__main__ import main
@@ -11,12 +10,7 @@ from pfp.weights import PFPConfig, load_weights
 from _tiny_pfp import save_tiny_umt5, save_tiny_wan_vae, wan_config, write_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,7 @@ import torch
 from pfp.vae import PatchVAE, VideoVAE, WanVAE, check_video_frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These ops are tiny; on the shared 2-core machine two OpenMP threads made the Wan VAE calls
-    # ~30x slower than one (measured 1.4 s vs 0.05 s per encode under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
 def _video(b, t, h, w, dtype=torch.float32):
