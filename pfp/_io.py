@@ -5,6 +5,13 @@ import os
 import tempfile
 
 
+def chmod_like_open(path: str) -> None:
+    """mkstemp makes files 0600; give ``path`` the mode a plain open() would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
     """Write ``tensors`` to ``path`` as safetensors via a temporary file in the same folder and an
     atomic rename, so an interrupted save leaves neither a partial file nor a stale temp file."""
@@ -16,10 +23,7 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        chmod_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

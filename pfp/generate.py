@@ -206,6 +206,8 @@ def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, ups
     """A PNG grid of every frame: one row per ``frames_per_row`` frames (one chunk per row).
     ``lead`` blank cells come first (a causal VAE's first chunk is ``tf - 1`` frames short)."""
     from PIL import Image
+
+    from pfp._io import chmod_like_open
     v = _to_uint8(video, upscale)
     t, h, w, _ = v.shape
     rows = math.ceil((t + lead) / frames_per_row)
@@ -219,6 +221,7 @@ def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, ups
     os.close(fd)
     try:
         Image.fromarray(sheet.numpy()).save(tmp, format="PNG")
+        chmod_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
