@@ -1,34 +1,38 @@
 """File writing shared by the pfp layer: nothing half-written is ever left at the target path."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
 
-def chmod_like_open(path: str) -> None:
-    """mkstemp makes files 0600; give ``path`` the mode a plain open() would (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+@contextlib.contextmanager
+def atomic_target(path, suffix: str = ""):
+    """Yield a temporary path beside ``path`` to write to; when the block finishes, the file gets
+    the mode a plain open() would give it (0666 less the umask; mkstemp makes 0600) and is renamed
+    over ``path`` in one step. If the block raises, the temporary file is removed, so neither a
+    partial file nor a stale temporary one is left behind."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_safetensors_atomic(tensors: dict, path, metadata: dict) -> None:
-    """Write ``tensors`` to ``path`` as safetensors via a temporary file in the same folder and an
-    atomic rename, so an interrupted save leaves neither a partial file nor a stale temp file."""
+    """Write ``tensors`` to ``path`` as safetensors through :func:`atomic_target` (creating the
+    folder if needed)."""
     from safetensors.torch import save_file
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_target(path, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        chmod_like_open(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def state_mismatch(expected: dict, found: dict) -> tuple[list, list, list]:

@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -207,7 +206,7 @@ def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, ups
     ``lead`` blank cells come first (a causal VAE's first chunk is ``tf - 1`` frames short)."""
     from PIL import Image
 
-    from pfp._io import chmod_like_open
+    from pfp._io import atomic_target
     v = _to_uint8(video, upscale)
     t, h, w, _ = v.shape
     rows = math.ceil((t + lead) / frames_per_row)
@@ -216,17 +215,8 @@ def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, ups
     for i in range(t):
         r, c = divmod(i + lead, frames_per_row)
         sheet[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = v[i]
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_target(path, ".png") as tmp:
         Image.fromarray(sheet.numpy()).save(tmp, format="PNG")
-        chmod_like_open(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------

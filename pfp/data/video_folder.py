@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .._io import atomic_target
 from ..text import Storyboard, StoryboardError
 from . import VideoSpec, to_low_res
 
@@ -256,9 +257,7 @@ def write_video(path: str | os.PathLike, video: torch.Tensor, fps: float, *, crf
     fmt, codec = codecs[ext]
     frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     frames = frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()  # [T, H, W, 3]
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
-    try:
+    with atomic_target(path, ext) as tmp:
         with av.open(tmp, "w", format=fmt) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -268,7 +267,3 @@ def write_video(path: str | os.PathLike, video: torch.Tensor, fps: float, *, crf
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
