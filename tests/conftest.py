@@ -24,3 +24,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def poison_uninitialised():
+    """Deterministic mode with NaN-filled uninitialised memory: torch.empty (and the C++ kernels'
+    at::empty) return NaNs, so an output element a kernel forgets to write shows up as NaN.
+    Use with ``pytestmark = pytest.mark.usefixtures("poison_uninitialised")``."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_det)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill

@@ -16,15 +16,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.flo
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float64: 1e-9}
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev_det)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+# every output is NaN-poisoned before each test's kernels write it (conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_uninitialised")
 
 
 def _inputs(b, nq, nk, nc, h, d, dtype, ctx_batch=None, requires_grad=False):

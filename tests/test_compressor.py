@@ -14,15 +14,8 @@ from pfp.rates import stage_plan
 SMALL_HIDDEN = (8, 12, 16, 20)
 
 
-@pytest.fixture(autouse=True)
-def _poison_uninitialised():
-    # Unwritten outputs show up as NaN (see the project's standards).
-    old_det, old_fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old_det)
-    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+# every output is NaN-poisoned before each test's kernels write it (conftest.py)
+pytestmark = pytest.mark.usefixtures("poison_uninitialised")
 
 
 def make(rate="4x4x2", channels=4, inner=24, hidden=SMALL_HIDDEN, zero_init=False, dtype=torch.float32, **kw):

@@ -17,7 +17,9 @@ from pfp_kernels import conv
 
 pytest.importorskip("triton")
 _WHY_NOT = conv.conv_impl_reasons("conv3d_act", torch.device("cpu"))["triton"]
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton cannot run on CPU here: {_WHY_NOT}")
+# every output is NaN-poisoned before each test's kernels write it (conftest.py)
+pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton cannot run on CPU here: {_WHY_NOT}"),
+              pytest.mark.usefixtures("poison_uninitialised")]
 
 if _WHY_NOT is None:
     from pfp_kernels._triton import conv3d as tk
@@ -26,16 +28,6 @@ CL3 = torch.channels_last_3d
 # Tolerances against an fp64 reference computed from the same (rounded) inputs: fp32 accumulates
 # exactly in fp32; fp16 also rounds the output (2^-11 relative).
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _weights(cout, cin, kernel, dtype, bias=True):
