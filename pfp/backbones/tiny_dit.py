@@ -19,7 +19,7 @@ per-pixel noise through that bottleneck, while the clean frame is smooth and low
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch

@@ -11,9 +11,8 @@ step is a pure function of its inputs and a resumed run is bit-identical to an u
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

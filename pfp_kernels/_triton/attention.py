@@ -17,7 +17,6 @@ dQ over both segments. Probabilities are recomputed from the saved lse, as in Fl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
