@@ -170,7 +170,7 @@ def test_cli_synthetic_size_ranges(tmp_path, capsys):
     cfg = write_config(tmp_path / "cfg.json", tiny_config())
     common = ["pretrain", "--config", cfg, "--steps", "1", "--batch-size", "1", "--clip-seconds", "1",
               "--workers", "0", "--no-progress", "--threads", "1"]
-    assert main(common + ["--out", str(tmp_path / "bad"), "--sprite-radius", "0.3", "0.1"]) == 1
+    assert main(common + ["--out", str(tmp_path / "bad"), "--sprite-radius", "0.3", "0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: sprite_radius must be (min, max)") and "\n" not in err
     args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))

@@ -73,7 +73,7 @@ def test_bad_components_exit_with_one_line_naming_the_field(parts, tmp_path, cap
     (tmp_path / "cfg.json").write_text(json.dumps(d))
     rc = main(["pretrain", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "r"), *COMMON])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert rc != 0 and len(err) == 1 and err[0].startswith("error: "), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expect in err[0], err[0]
     with pytest.raises(ValueError, match="config"):
         PFPConfig.from_dict(d).check()

@@ -81,11 +81,13 @@ def main(argv=None) -> int:
     from .loop import train
     try:
         summary = train(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if os.environ.get("PFP_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # bad input (config, paths, flag values) exits 2 like the flag checks above and like
+        # pfp.generate; a failure while training (RuntimeError: out of memory, NCCL, ...) exits 1
+        return 1 if isinstance(exc, RuntimeError) else 2
     if summary["rank"] == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['samples_per_s']:.2f} samples/s")
     return 0
