@@ -9,6 +9,8 @@
   synthetic clip, or the shots of a storyboard whose prompt comes back), the PSNR between the
   scene's last frame before it left and its first frame back. A model that remembers the scene
   continues it; one that only reads the prompt does not.
+- :func:`scene_fidelity`: whether a generated video looks like the synthetic scene its prompt
+  describes (its colours, its sprites) and not like noise; the real scene gives the ceiling.
 """
 from __future__ import annotations
 
@@ -98,4 +100,39 @@ def storyboard_returns(storyboard, fps: float, num_frames: int) -> list:
     return scene_returns(torch.tensor([prompt_ids[p] for p in prompts]))
 
 
-__all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns"]
+def scene_fidelity(video: Tensor, scene, tol: float = 0.2, min_sprite_fraction: float = 0.01) -> dict:
+    """How well ``video [3, T, H, W]`` (in [-1, 1]) shows a :class:`pfp.data.synthetic.Scene`.
+
+    - ``"palette"``: the fraction of pixels within ``tol`` (RGB distance, colours in [0, 1]) of the
+      scene's colours: the background's range (the segment between ``colour`` and ``colour2``, which
+      gradients, stripes and checkers blend along; the one colour if solid) or a sprite's colour.
+      Noise and wrong colours score low. Anti-aliased sprite edges miss, so the real scene scores a
+      little under 1.
+    - ``"sprites"``: the fraction of the scene's sprites (those whose colour differs from the
+      background's by more than ``2 * tol``) covering at least ``min_sprite_fraction`` of the pixels
+      per frame, on average. None if the scene has no such sprite.
+    """
+    from .data.synthetic import COLOURS
+
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be [3, T, H, W], got {tuple(video.shape)}")
+    px = ((video.detach().double().clamp(-1, 1) + 1) / 2).flatten(1).t()          # [N, 3] in [0, 1]
+    c1 = torch.tensor(COLOURS[scene.colour], dtype=torch.float64)
+    c2 = torch.tensor(COLOURS[scene.colour2 if scene.kind != "solid" else scene.colour], dtype=torch.float64)
+    seg = c2 - c1
+    u = ((px - c1) @ seg / seg.dot(seg).clamp(min=1e-12)).clamp(0, 1)
+    d_bg = (px - (c1 + u[:, None] * seg)).norm(dim=1)
+    dist = [d_bg]
+    recalls = []
+    for sp in scene.sprites:
+        c = torch.tensor(COLOURS[sp.colour], dtype=torch.float64)
+        d = (px - c).norm(dim=1)
+        dist.append(d)
+        w = ((c - c1) @ seg / seg.dot(seg).clamp(min=1e-12)).clamp(0, 1)
+        if float((c - (c1 + w * seg)).norm()) > 2 * tol:
+            recalls.append(float((d < tol).double().mean()) >= min_sprite_fraction)
+    palette = float((torch.stack(dist).min(dim=0).values < tol).double().mean())
+    return {"palette": palette, "sprites": (sum(recalls) / len(recalls)) if recalls else None}
+
+
+__all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]

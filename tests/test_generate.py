@@ -193,6 +193,34 @@ def test_eval_metrics(weights):
     assert return_consistency(v, [(0, 1)]) == psnr(v[:, 0], v[:, 1])
 
 
+def test_scene_fidelity_scores_the_real_scene_high_and_noise_or_wrong_colours_low():
+    from dataclasses import replace
+
+    from pfp.data import SyntheticMultiShotVideos
+    from pfp.data.synthetic import Scene, Sprite
+    from pfp.eval import scene_fidelity
+    ds = SyntheticMultiShotVideos(6, tiny_config().video_spec(4), seed=5)
+    for i in range(len(ds)):
+        scene, video = ds.plan(i).scenes[0], ds[i]["hr"]
+        real = scene_fidelity(video, scene)
+        assert real["palette"] > 0.85 and real["sprites"] in (None, 1.0), (scene, real)
+        assert scene_fidelity(torch.rand_like(video) * 2 - 1, scene)["palette"] < 0.4
+    # a flat frame of the background colour: the whole palette, but none of the sprites
+    scene = Scene("solid", "blue", "blue", 0.0, 0.5, (Sprite("circle", "red", 0.2, 0.5, 0.5, 0.0, 0.0),))
+    blue = torch.tensor([0.15, 0.30, 0.90]).view(3, 1, 1, 1).expand(3, 2, 8, 8) * 2 - 1
+    assert scene_fidelity(blue, scene) == {"palette": 1.0, "sprites": 0.0}
+    # the same frame with a red quarter: the sprite is there
+    with_red = blue.clone()
+    with_red[:, :, :4, :4] = torch.tensor([0.90, 0.12, 0.12]).view(3, 1, 1, 1) * 2 - 1
+    assert scene_fidelity(with_red, scene) == {"palette": 1.0, "sprites": 1.0}
+    # the wrong background colour
+    assert scene_fidelity(blue, replace(scene, colour="yellow", colour2="yellow"))["palette"] == 0.0
+    # a sprite in the background's colour cannot be told apart, so it is not counted
+    assert scene_fidelity(blue, replace(scene, sprites=(replace(scene.sprites[0], colour="blue"),)))["sprites"] is None
+    with pytest.raises(ValueError, match="video must be"):
+        scene_fidelity(blue[0], scene)
+
+
 def test_history_chunks_are_given_not_sampled(weights):
     """``history=``: the given chunks come out as given (decoded), later chunks are sampled after
     them, and the run equals one that sampled those same latents itself."""
