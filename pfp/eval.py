@@ -54,8 +54,11 @@ def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequenc
     """Regenerate latent frames ``frames`` of a clip from its compressed context alone.
 
     hr_video / lr_video: ``[1, 3, T, H, W]`` and the low-res branch's input (a dataset item's
-    ``"hr"``/``"lr"`` with a batch dim). Returns PSNR/SSIM of the retrieved frames against the
-    originals, and the retrieved frames ``[3, k, H, W]``.
+    ``"hr"``/``"lr"`` with a batch dim). ``frames`` are latent frame indices. Returns PSNR/SSIM of
+    the retrieved frames against the VAE's decode of the originals, and the retrieved frames
+    ``[3, F, H, W]``: F = k pixel frames with a frame-wise VAE; with a causal temporal VAE (factor
+    tf > 1) the pixel frames each retrieved latent frame decodes to (1 for latent 0, tf for others),
+    decoded in place within the whole clip.
     """
     from pfp.backbones.rope import frame_positions
     from pfp.sampler import timestep_schedule
@@ -79,8 +82,21 @@ def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequenc
     for i in range(steps):
         v = backbone(x, ts[i].expand(1), text, context, positions=positions, text_mask=mask)
         x = x + (ts[i + 1] - ts[i]) * v
-    got = vae.decode(x).clamp(-1, 1)[0].cpu()
-    want = vae.decode(x0)[0].cpu()
+    tf = getattr(vae, "temporal_factor", 1)
+    if tf == 1:
+        got = vae.decode(x).clamp(-1, 1)[0].cpu()
+        want = vae.decode(x0)[0].cpu()
+    else:
+        # A causal VAE (Wan: 1 + 4k frames) decodes a latent frame from the ones before it; decoded
+        # alone it would come out as a first frame. So the retrieved frames go back into the clip's
+        # latents, the whole clip is decoded, and each retrieved latent frame is scored on the pixel
+        # frames it decodes to (latent 0 -> frame 0, latent j -> frames 1 + tf*(j-1) .. tf*j).
+        filled = hr.clone()
+        filled[:, :, idx.to(device)] = x.to(hr.dtype)
+        pixel = [f for j in idx.tolist() for f in ([0] if j == 0 else range(1 + tf * (j - 1), 1 + tf * j))]
+        pixel = torch.tensor(pixel, dtype=torch.long)
+        got = vae.decode(filled).clamp(-1, 1)[0].cpu()[:, pixel]
+        want = vae.decode(hr)[0].cpu()[:, pixel]
     return {"psnr": psnr(got, want), "ssim": ssim(got, want), "frames": got}
 
 

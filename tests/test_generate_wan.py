@@ -113,3 +113,31 @@ def test_cli_writes_decodable_mp4_with_wan_vae(wan_dir, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "use --seconds 1 or 2 (5 or 13 frames)" in lines[0]
     assert not (tmp_path / "bad.mp4").exists()
+
+
+@pytest.mark.parametrize("frames", [[0, 2], [1]])
+def test_retrieval_metrics_decode_retrieved_frames_in_place_with_a_causal_vae(wan_dir, frames):
+    """A backbone that returns the exact velocity towards the clip's own latents retrieves them
+    perfectly; the metric must then report the VAE's decode of those frames (PSNR far above any real
+    error). Decoding a later latent frame alone, as the first frame of a clip, would not match."""
+    from pfp.eval import retrieval_metrics
+    model = _model(wan_dir, "joint")
+    cfg = model.config
+    frames_px = cfg.clip_frames(2)                                      # 13 frames = 4 latent frames
+    torch.manual_seed(1)
+    hr = torch.rand(1, 3, frames_px, 32, 32) * 2 - 1
+    spec = cfg.clip_spec(2)
+    lr = torch.rand(1, 3, spec.lr_frames, *spec.lr_size) * 2 - 1
+    target = model.vae.encode(hr)[:, :, frames]
+
+    def exact_velocity(x, t, *args, **kwargs):
+        return (x - target) / t.view(-1, 1, 1, 1, 1)     # x0-prediction of the true frames
+    model.backbone.forward = exact_velocity
+    m = retrieval_metrics(model, hr, lr, frames, steps=3)
+    tf = cfg.vae_temporal
+    expect = sum(1 if j == 0 else tf for j in frames)
+    assert m["frames"].shape == (3, expect, 32, 32)
+    assert m["psnr"] > 60, m["psnr"]
+    lone = model.vae.decode(target[:, :, -1:])[0].clamp(-1, 1)        # the last frame decoded on its own
+    if frames[-1] > 0:
+        assert lone.shape[1] == 1 and (lone[:, 0] - m["frames"][:, -tf]).abs().max() > 1e-3
