@@ -47,3 +47,19 @@ def state_mismatch(expected: dict, found: dict) -> tuple[list, list, list]:
     wrong = [(k, tuple(found[k].shape), tuple(expected[k].shape))
              for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k].shape)]
     return missing, unexpected, wrong
+
+
+def describe_mismatch(missing: list, unexpected: list, wrong: list, show: int = 4) -> str:
+    """One line naming what :func:`state_mismatch` found (at most ``show`` names per kind), e.g.
+    ``1 with other shapes: w (checkpoint (8, 4), model (8, 5)); 2 missing from the checkpoint: a, b``."""
+    def few(names):
+        return ", ".join(names[:show]) + (f", ... (+{len(names) - show} more)" if len(names) > show else "")
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} with other shapes: "
+                     + few(sorted(f"{k} (checkpoint {have}, model {want})" for k, have, want in wrong)))
+    if missing:
+        parts.append(f"{len(missing)} missing from the checkpoint: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected in the checkpoint: {few(unexpected)}")
+    return "; ".join(parts)

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._io import save_safetensors_atomic, state_mismatch
+from ._io import describe_mismatch, save_safetensors_atomic, state_mismatch
 from pfp_kernels.conv import CausalConvState, causal_conv3d_act, project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
@@ -398,16 +398,9 @@ class MemoryCompressor(nn.Module):
         own = self.state_dict()
         expected = {k: v for k, v in own.items() if includes_pe or not k.startswith("patch_embed.")}
         missing, unexpected, mismatched = state_mismatch(expected, tensors)
-        wrong = sorted(f"{k}: checkpoint {have} vs model {want}" for k, have, want in mismatched)
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing from the checkpoint: {', '.join(missing)}")
-            if unexpected:
-                parts.append(f"unexpected in the checkpoint: {', '.join(unexpected)}")
-            if wrong:
-                parts.append(f"wrong shape: {'; '.join(wrong)}")
-            raise ValueError(f"checkpoint {path} does not fit this compressor ({' | '.join(parts)}). "
+        if missing or unexpected or mismatched:
+            raise ValueError(f"checkpoint {path} does not fit this compressor "
+                             f"({describe_mismatch(missing, unexpected, mismatched)}). "
                              f"checkpoint config: {meta.get('config', 'unknown')}; this compressor: "
                              f"{json.dumps(self.config())}")
         with torch.no_grad():

@@ -403,13 +403,13 @@ def test_checkpoint_from_another_config_names_the_tensors(tmp_path):
     make("4x4x2").save_checkpoint(path)
     other = make("2x2x8")     # stage 0 is (4,1,1) stride, kernel 5 in time
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match=r"wrong shape: stages\.0\.weight: checkpoint \(8, 4, 3, 3, 3\) vs model "
-                                         r"\(8, 4, 5, 3, 3\).*checkpoint config: .*4x4x2"):
+    with pytest.raises(ValueError, match=r"1 with other shapes: stages\.0\.weight \(checkpoint \(8, 4, 3, 3, 3\), model "
+                                         r"\(8, 4, 5, 3, 3\)\).*checkpoint config: .*4x4x2"):
         other.load_checkpoint(path)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())   # nothing loaded
-    with pytest.raises(ValueError, match=r"unexpected in the checkpoint: stages\.3\.bias, stages\.3\.weight"):
+    with pytest.raises(ValueError, match=r"2 unexpected in the checkpoint: stages\.3\.bias, stages\.3\.weight"):
         make("4x4x2", hidden=(8, 12, 16)).load_checkpoint(path)
-    with pytest.raises(ValueError, match=r"missing from the checkpoint: stages\.4\.bias, stages\.4\.weight"):
+    with pytest.raises(ValueError, match=r"2 missing from the checkpoint: stages\.4\.bias, stages\.4\.weight"):
         make("4x4x2", hidden=SMALL_HIDDEN + (24,)).load_checkpoint(path)
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._io import save_safetensors_atomic, state_mismatch
+from .._io import describe_mismatch, save_safetensors_atomic, state_mismatch
 
 WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "default.safetensors")
@@ -405,23 +405,12 @@ def load_state_checked(model: PFPModel, tensors: dict, source: str) -> None:
     """Copy tensors into the model; ValueError naming every missing / unexpected / misshapen tensor."""
     own = model.trainable_state_dict()
     missing, unexpected, mismatched = state_mismatch(own, tensors)
-    wrong = sorted(f"{k} (checkpoint {have}, model {want})" for k, have, want in mismatched)
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} with other shapes: {_few(wrong)}")
-        if missing:
-            parts.append(f"{len(missing)} missing: {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
-        raise ValueError(f"checkpoint {source} is from another config; tensors that do not fit: " + "; ".join(parts))
+    if missing or unexpected or mismatched:
+        raise ValueError(f"checkpoint {source} is from another config; tensors that do not fit: "
+                         + describe_mismatch(missing, unexpected, mismatched))
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
-
-
-def _few(names, n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def load_weights(path: Optional[str] = None, config: Optional[PFPConfig] = None,
