@@ -74,6 +74,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "pfp_common.h"
+
 namespace pfp {
 namespace {
 
@@ -84,23 +86,12 @@ using at::Tensor;
 // kernel family, pfp::_conv_cpu_last_plan() says what the last call on this thread ran.
 // ------------------------------------------------------------------------------------------------
 enum class PathMode : int { Auto = 0, Direct = 1, OneDNN = 2 };
-std::atomic<int> g_path_mode{0};
+RouteSwitch<3> g_path_mode("pfp::_conv_cpu_path", {"auto", "direct", "onednn"});
 thread_local std::string g_last_plan;
 
-PathMode path_mode() { return static_cast<PathMode>(g_path_mode.load()); }
+PathMode path_mode() { return static_cast<PathMode>(g_path_mode.get()); }
 
-std::string set_conv_cpu_path(c10::string_view mode) {
-  static const char* names[] = {"auto", "direct", "onednn"};
-  std::string previous = names[g_path_mode.load()];
-  for (int i = 0; i < 3; ++i) {
-    if (mode == names[i]) {
-      g_path_mode.store(i);
-      return previous;
-    }
-  }
-  TORCH_CHECK(false, "pfp::_conv_cpu_path: mode must be one of 'auto', 'direct', 'onednn'; got '",
-              std::string(mode), "'");
-}
+std::string set_conv_cpu_path(c10::string_view mode) { return g_path_mode.set(mode); }
 
 std::string last_conv_cpu_plan() { return g_last_plan; }
 

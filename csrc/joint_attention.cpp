@@ -37,6 +37,8 @@
 #include <string>
 #include <tuple>
 
+#include "pfp_common.h"
+
 // Fortran BLAS SGEMM (column-major). libtorch_cpu exports MKL's; weak, so a torch built without it
 // still loads this library, and the "segments" route runs instead.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
@@ -54,21 +56,10 @@ using Vec = at::vec::Vectorized<float>;
 // Route control, for tests and benchmarks.
 // ------------------------------------------------------------------------------------------------
 enum class Route : int { Auto = 0, Flash = 1, Segments = 2 };
-std::atomic<int> g_route{0};
+RouteSwitch<3> g_route("pfp::_attention_cpu_path", {"auto", "flash", "segments"});
 thread_local std::string g_last_route;
 
-std::string set_attention_cpu_path(c10::string_view mode) {
-  static const char* names[] = {"auto", "flash", "segments"};
-  std::string previous = names[g_route.load()];
-  for (int i = 0; i < 3; ++i) {
-    if (mode == names[i]) {
-      g_route.store(i);
-      return previous;
-    }
-  }
-  TORCH_CHECK(false, "pfp::_attention_cpu_path: mode must be one of 'auto', 'flash', 'segments'; got '",
-              std::string(mode), "'");
-}
+std::string set_attention_cpu_path(c10::string_view mode) { return g_route.set(mode); }
 
 std::string last_attention_cpu_route() { return g_last_route; }
 
@@ -404,7 +395,7 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
     ck = context_k->expand({batch, -1, -1, -1});  // batch 1 -> stride 0, no copy
     cv = context_v->expand({batch, -1, -1, -1});
   }
-  const Route forced = static_cast<Route>(g_route.load());
+  const Route forced = static_cast<Route>(g_route.get());
   bool flash = have_sgemm() && forced != Route::Segments && dim > 0;
   if (!flash) {
     TORCH_CHECK(forced != Route::Flash || dim == 0,
