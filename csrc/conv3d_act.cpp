@@ -183,7 +183,7 @@ uint64_t content_hash(const Tensor& t) {
           std::memcpy(&word, bytes + 4 * (i + l), 4);
           const uint32_t pos = static_cast<uint32_t>(i + l);
           a[l] += (word ^ 0x9E3779B9u) * (pos * 0x85EBCA6Bu | 1u);
-          b[l] += (word + 0x7F4A7C15u) * (pos * 0xC2B2AE35u + 0x27D4EB2Fu | 1u);
+          b[l] += (word + 0x7F4A7C15u) * ((pos * 0xC2B2AE35u + 0x27D4EB2Fu) | 1u);
         }
       }
       uint64_t h = 0;
