@@ -39,8 +39,12 @@ def main(run_dirs):
     except ImportError:
         print("matplotlib not installed: CSVs only")
         return
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
-    for ax, (name, steps, loss, _) in zip(axes[0], stages):
+    cols = min(6, len(stages))                      # panels wrap onto rows of six
+    rows_ = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.5 * rows_), squeeze=False)
+    for ax in axes.flat[len(stages):]:
+        ax.set_visible(False)
+    for ax, (name, steps, loss, _) in zip(axes.flat, stages):
         ax.plot(steps, loss, lw=0.6, alpha=0.4, label="logged")
         k = 10
         smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
