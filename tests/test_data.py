@@ -11,12 +11,7 @@ from pfp.data.synthetic import scene_returns
 from pfp.text import Storyboard, StoryboardError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # small ops: one thread is much faster on the shared 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
 av = pytest.importorskip("av", reason="PyAV is needed for the video folder tests")

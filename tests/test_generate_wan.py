@@ -18,12 +18,7 @@ STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
          {"start": 1, "end": 3, "prompt": "a white square on a green background"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # tiny ops: one thread is much faster on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
 @pytest.fixture(scope="module")

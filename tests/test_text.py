@@ -9,12 +9,7 @@ from pfp.text import (Shot, Storyboard, StoryboardError, TextTokens, TinyTextEnc
                       prompt_schedule)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # tiny ops: one thread is much faster on the shared 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
 BOARD = [
