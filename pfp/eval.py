@@ -136,16 +136,18 @@ def scene_fidelity(video: Tensor, scene, tol: float = 0.2, min_sprite_fraction: 
     c1 = torch.tensor(COLOURS[scene.colour], dtype=torch.float64)
     c2 = torch.tensor(COLOURS[scene.colour2 if scene.kind != "solid" else scene.colour], dtype=torch.float64)
     seg = c2 - c1
-    u = ((px - c1) @ seg / seg.dot(seg).clamp(min=1e-12)).clamp(0, 1)
-    d_bg = (px - (c1 + u[:, None] * seg)).norm(dim=1)
-    dist = [d_bg]
+
+    def to_background(points):              # RGB distance of [..., 3] points to the segment c1-c2
+        u = ((points - c1) @ seg / seg.dot(seg).clamp(min=1e-12)).clamp(0, 1)
+        return (points - (c1 + u[..., None] * seg)).norm(dim=-1)
+
+    dist = [to_background(px)]
     recalls = []
     for sp in scene.sprites:
         c = torch.tensor(COLOURS[sp.colour], dtype=torch.float64)
         d = (px - c).norm(dim=1)
         dist.append(d)
-        w = ((c - c1) @ seg / seg.dot(seg).clamp(min=1e-12)).clamp(0, 1)
-        if float((c - (c1 + w * seg)).norm()) > 2 * tol:
+        if float(to_background(c)) > 2 * tol:
             recalls.append(float((d < tol).double().mean()) >= min_sprite_fraction)
     palette = float((torch.stack(dist).min(dim=0).values < tol).double().mean())
     return {"palette": palette, "sprites": (sum(recalls) / len(recalls)) if recalls else None}
