@@ -176,3 +176,43 @@ def test_cli_synthetic_size_ranges(tmp_path, capsys):
     args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))
     ds = _dataset(args, build_model().config)
     assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5)
+
+
+def _captured_history(cfg, history_noise, monkeypatch):
+    """The HR history that finetune_loss hands to the compressor, and the clip it came from."""
+    model = build_model(cfg)
+    batch = _batch(_dataset(TrainArgs(clip_seconds=2.0), cfg), step_generator(0, 0, 0, "data"), 3)
+    seen = []
+    real_forward = model.compressor.forward
+    monkeypatch.setattr(model.compressor, "forward", lambda hr, lr: seen.append(hr) or real_forward(hr, lr))
+    lm = _LossModule(model, "finetune", ObjectiveConfig(history_noise=history_noise), cfg.chunk_latent_frames,
+                     torch.device("cpu"), None)
+    for step in range(8):                                   # until a step draws a history (n > 0)
+        lm(batch, step_generator(0, step, 0))
+        if seen:
+            hist = seen[0]
+            clip = model.vae.encode(batch["hr"])[:, :, :hist.shape[2]]
+            return hist, clip
+    raise AssertionError("no step drew a history")
+
+
+def test_history_noise_noises_each_sample_within_the_level(monkeypatch):
+    cfg = tiny_config()
+    clean, clip = _captured_history(cfg, 0.0, monkeypatch)
+    torch.testing.assert_close(clean, clip, rtol=0, atol=0)  # off: the real history, untouched
+    noisy, clip = _captured_history(cfg, 0.5, monkeypatch)
+    noise_part = (noisy - clip).flatten(1)
+    # (1 - u) x + u n  =>  noisy - x = u (n - x): per sample a level u in (0, 0.5], different per sample
+    levels = (noise_part.norm(dim=1) / (torch.randn_like(clip).flatten(1) - clip.flatten(1)).norm(dim=1))
+    assert (noise_part.abs().amax(dim=1) > 0).all(), "every sample's history is noised"
+    assert levels.max() < 0.75 and len(set(levels.round(decimals=3).tolist())) == levels.numel(), levels
+
+
+@pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--p-no-history", "-0.1"),
+                                        ("--p-uncond", "2"), ("--t-shift", "0")])
+def test_cli_rejects_out_of_range_objective_flags(tmp_path, capsys, flag, value):
+    from pfp.train.__main__ import main
+    assert main(["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag} must be") and "\n" not in err, err
+    assert not (tmp_path / "x").exists()

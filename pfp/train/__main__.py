@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="shift of the logit-normal training timesteps (>1 trains more at high noise)")
     p.add_argument("--p-no-history", type=float, default=d.p_no_history,
                    help="finetune: extra probability of a first chunk (no history)")
+    p.add_argument("--history-noise", type=float, default=d.history_noise,
+                   help="finetune: noise the history to a random level in [0, this] before compression, "
+                        "so the model learns to follow imperfect (generated) histories (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -74,6 +74,7 @@ class TrainArgs:
     p_uncond: float = 0.1
     t_shift: float = 1.0                 # training timesteps: shifted logit-normal (>1: noisier)
     p_no_history: float = 0.0
+    history_noise: float = 0.0           # finetune: history noised to a level ~ U(0, this) (exposure bias)
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
@@ -279,6 +280,12 @@ def train(args: TrainArgs) -> dict:
     """Run a training job; returns a summary (final step, last loss, samples/s)."""
     if args.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}")
+    for flag, value in (("p_uncond", args.p_uncond), ("p_no_history", args.p_no_history),
+                        ("history_noise", args.history_noise)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
+    if args.t_shift <= 0:
+        raise ValueError(f"--t-shift must be > 0, got {args.t_shift}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
@@ -336,7 +343,7 @@ def train(args: TrainArgs) -> dict:
     fsdp = world > 1 and args.fsdp
     chunk_latent = config.chunk_latent_frames
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
-                                p_no_history=args.p_no_history)
+                                p_no_history=args.p_no_history, history_noise=args.history_noise)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:

@@ -32,6 +32,7 @@ class ObjectiveConfig:
     max_retrieve: int = 4        # at most this many token frames in Omega (the paper: up to T/2)
     p_uncond: float = 0.1        # prompt dropped to "" (classifier-free guidance)
     p_no_history: float = 0.0    # finetune: extra chance of a first chunk (no context, text only)
+    history_noise: float = 0.0   # finetune: history noised to a level ~ U(0, this) before compression
 
 
 def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
@@ -69,6 +70,12 @@ def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor
     hr = vae.encode(batch["hr"].to(device=device, dtype=dtype))
     lr = vae.encode(batch["lr"].to(device=device, dtype=dtype))
     return hr, lr
+
+
+def _noised(x: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
+    """``(1 - level) x + level * noise`` with one level per sample (``level``: ``[B]``)."""
+    lv = level.to(x).view(-1, *([1] * (x.dim() - 1)))
+    return (1 - lv) * x + lv * torch.randn(x.shape, generator=generator).to(x)
 
 
 def _compress(model, hr: Tensor, lr: Tensor, dtype):
@@ -130,6 +137,13 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     The clip is cut after a random number n >= 0 of whole chunks: the first n chunks are the history
     (compressed, both branches), chunk n is the target, placed right after the history by RoPE.
     n = 0 trains the first chunk of a video, which has no context.
+
+    With ``cfg.history_noise = s > 0`` the history latents of each sample (both branches, one level
+    per sample) become ``(1 - u) x + u * noise`` with ``u ~ U(0, s)`` before compression. At
+    generation time the history is the model's own earlier chunks, never as clean as the real clips
+    it trains on; a history that is sometimes imperfect teaches the model to follow its gist instead
+    of copying every error forward (exposure bias). No random number is drawn when s = 0, so older
+    runs reproduce bit for bit.
     """
     hr, lr = encode_clip(model, batch, device)
     b, c, t, h, w = hr.shape
@@ -146,6 +160,10 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
         rt = model.compressor.rate.t
         hist = hr[:, :, : n * lc]
         lr_hist = lr[:, :, : -(-(n * lc) // rt)]
+        if cfg.history_noise > 0:
+            u = cfg.history_noise * torch.rand(b, generator=generator)
+            hist = _noised(hist, u, generator)
+            lr_hist = _noised(lr_hist, u, generator)
         ctx = _compress(model, hist, lr_hist, compute_dtype)
     ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
