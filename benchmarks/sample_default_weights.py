@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "benchmarks", "results", "default_weights")
 
-# the synthetic sizes stages 6-11 of pfp/weights/default.json trained on
+# the synthetic sizes stages 6-12 of pfp/weights/default.json trained on
 SPRITE_RADIUS, PATTERN_PERIOD = (0.16, 0.26), (0.35, 0.6)
 
 
@@ -114,8 +114,8 @@ def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, 
         return sum(vals) / len(vals)
 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
-             f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_eta "
-             f"{cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the fraction of pixels in the scene's "
+             f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_shift "
+             f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the fraction of pixels in the scene's "
              "colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels).", "",
              "| case | chunks | real palette | generated palette | real sprites | generated sprites |",
              "|---|---|---|---|---|---|"]
