@@ -116,6 +116,26 @@ class VideoPlan:
     shots: tuple[ShotPlan, ...]
 
 
+def sprite_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
+    """Signed distance in pixels (negative inside) from a sprite's outline, at offsets ``dx``, ``dy``
+    (broadcastable tensors, pixels, y down) from its centre; ``r`` is its radius in pixels. A pixel's
+    coverage is ``clamp(0.5 - distance, 0, 1)``."""
+    if shape == "circle":
+        return torch.sqrt(dx * dx + dy * dy) - r
+    if shape == "ring":
+        return (torch.sqrt(dx * dx + dy * dy) - 0.7 * r).abs() - 0.3 * r
+    if shape == "square":
+        return torch.maximum(dx.abs(), dy.abs()) - 0.85 * r
+    if shape == "diamond":
+        return (dx.abs() + dy.abs() - r) * (1 / math.sqrt(2))
+    if shape == "triangle":  # apex up, circumradius r
+        return torch.maximum(dy - 0.5 * r, 0.866 * dx.abs() - 0.5 * dy - 0.5 * r)
+    if shape == "cross":     # union of two bars
+        ax, ay = dx.abs(), dy.abs()
+        return torch.minimum(torch.maximum(ax - 0.3 * r, ay - r), torch.maximum(ay - 0.3 * r, ax - r))
+    raise ValueError(f"sprite shape {shape!r} is not one of {SHAPES}")
+
+
 def scene_returns(scene_ids: torch.Tensor) -> list[tuple[int, int]]:
     """``(last_frame_before, first_frame_back)`` for every shot whose scene was shown before (not
     counting the shot just before it, which is always another scene). ``scene_ids``: ``[T]`` ints."""
@@ -326,20 +346,7 @@ class SyntheticMultiShotVideos(Dataset):
             rows = (y0.view(n, 1) + torch.arange(ky)).view(n, ky, 1)
             dx = cols.float() + 0.5 - cx.float().view(n, 1, 1)  # [n, 1, kx]
             dy = rows.float() + 0.5 - cy.float().view(n, 1, 1)  # [n, ky, 1]
-            if sp.shape == "circle":
-                d = torch.sqrt(dx * dx + dy * dy) - r
-            elif sp.shape == "ring":
-                d = (torch.sqrt(dx * dx + dy * dy) - 0.7 * r).abs() - 0.3 * r
-            elif sp.shape == "square":
-                d = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r
-            elif sp.shape == "diamond":
-                d = (dx.abs() + dy.abs() - r) * (1 / math.sqrt(2))
-            elif sp.shape == "triangle":  # apex up, circumradius r
-                d = torch.maximum(dy - 0.5 * r, 0.866 * dx.abs() - 0.5 * dy - 0.5 * r)
-            else:  # cross: union of two bars
-                ax, ay = dx.abs(), dy.abs()
-                d = torch.minimum(torch.maximum(ax - 0.3 * r, ay - r), torch.maximum(ay - 0.3 * r, ax - r))
-            alpha = (0.5 - d).clamp_(0, 1)  # [n, ky, kx] coverage
+            alpha = (0.5 - sprite_distance(sp.shape, dx, dy, r)).clamp_(0, 1)  # [n, ky, kx] coverage
             colour = torch.tensor(COLOURS[sp.colour]) * 2 - 1
             idx = ((fidx * h + rows) * w + cols).reshape(-1)  # flat (frame, y, x) of each window pixel
             region = flat.index_select(1, idx)  # [3, n*ky*kx]
