@@ -10,10 +10,11 @@
   scene's last frame before it left and its first frame back. A model that remembers the scene
   continues it; one that only reads the prompt does not.
 - :func:`scene_fidelity`: whether a generated video looks like the synthetic scene its prompt
-  describes (its colours, its sprites) and not like noise; the real scene gives the ceiling.
+  describes (its colours, its sprites and their shapes) and not like noise; the real scene gives the ceiling.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -127,6 +128,11 @@ def scene_fidelity(video: Tensor, scene, tol: float = 0.2, min_sprite_fraction: 
     - ``"sprites"``: the fraction of the scene's sprites (those whose colour differs from the
       background's by more than ``2 * tol``) covering at least ``min_sprite_fraction`` of the pixels
       per frame, on average. None if the scene has no such sprite.
+    - ``"shape"``: how much the sprites present look like their shapes. In each frame where such a
+      sprite's colour covers at least ``min_sprite_fraction`` of the pixels, the pixels of its colour
+      (within ``tol``) are compared with the sprite's own shape at its size, placed where it overlaps
+      them best: intersection over union, mean over those (frame, sprite) pairs. A blob of the right
+      colour scores well under 1; None if no sprite is present in any frame.
     """
     from .data.synthetic import COLOURS
 
@@ -142,15 +148,43 @@ def scene_fidelity(video: Tensor, scene, tol: float = 0.2, min_sprite_fraction: 
         return (points - (c1 + u[..., None] * seg)).norm(dim=-1)
 
     dist = [to_background(px)]
-    recalls = []
+    recalls, ious = [], []
+    _, t, h, w = video.shape
     for sp in scene.sprites:
         c = torch.tensor(COLOURS[sp.colour], dtype=torch.float64)
         d = (px - c).norm(dim=1)
         dist.append(d)
         if float(to_background(c)) > 2 * tol:
-            recalls.append(float((d < tol).double().mean()) >= min_sprite_fraction)
+            mask = (d < tol).view(t, h, w)
+            recalls.append(float(mask.double().mean()) >= min_sprite_fraction)
+            present = mask.flatten(1).double().mean(dim=1) >= min_sprite_fraction
+            if present.any():
+                ious.extend(_best_shape_iou(mask[present], sp.shape, sp.radius * min(h, w)).tolist())
     palette = float((torch.stack(dist).min(dim=0).values < tol).double().mean())
-    return {"palette": palette, "sprites": (sum(recalls) / len(recalls)) if recalls else None}
+    return {"palette": palette, "sprites": (sum(recalls) / len(recalls)) if recalls else None,
+            "shape": (sum(ious) / len(ious)) if ious else None}
+
+
+def _best_shape_iou(mask: Tensor, shape: str, radius: float) -> Tensor:
+    """``[n]``: for each frame of ``mask [n, H, W]`` (bool), the best intersection over union with the
+    sprite ``shape`` of ``radius`` pixels over every placement on the pixel grid and the four
+    half-pixel centre offsets (the real sprite's centre is anywhere between pixel centres)."""
+    import torch.nn.functional as F
+
+    from .data.synthetic import sprite_distance
+
+    k = 2 * math.ceil(radius) + 3                            # odd, holds the sprite at any offset
+    grid = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    m = mask.double().unsqueeze(1)                           # [n, 1, H, W]
+    area = m.flatten(1).sum(dim=1)
+    best = torch.zeros(mask.shape[0], dtype=torch.float64)
+    for ox in (0.0, 0.5):
+        for oy in (0.0, 0.5):
+            template = (sprite_distance(shape, grid.view(1, k) - ox, grid.view(k, 1) - oy, radius) < 0).double()
+            inter = F.conv2d(m, template.view(1, 1, k, k), padding=k - 1).flatten(1)   # every placement
+            iou = inter / (area.view(-1, 1) + template.sum() - inter)
+            best = torch.maximum(best, iou.max(dim=1).values)
+    return best
 
 
 __all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]

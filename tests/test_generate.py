@@ -204,21 +204,52 @@ def test_scene_fidelity_scores_the_real_scene_high_and_noise_or_wrong_colours_lo
         scene, video = ds.plan(i).scenes[0], ds[i]["hr"]
         real = scene_fidelity(video, scene)
         assert real["palette"] > 0.85 and real["sprites"] in (None, 1.0), (scene, real)
+        assert real["shape"] is None or 0.6 < real["shape"] <= 1.0, (scene, real)
         assert scene_fidelity(torch.rand_like(video) * 2 - 1, scene)["palette"] < 0.4
     # a flat frame of the background colour: the whole palette, but none of the sprites
     scene = Scene("solid", "blue", "blue", 0.0, 0.5, (Sprite("circle", "red", 0.2, 0.5, 0.5, 0.0, 0.0),))
     blue = torch.tensor([0.15, 0.30, 0.90]).view(3, 1, 1, 1).expand(3, 2, 8, 8) * 2 - 1
-    assert scene_fidelity(blue, scene) == {"palette": 1.0, "sprites": 0.0}
+    assert scene_fidelity(blue, scene) == {"palette": 1.0, "sprites": 0.0, "shape": None}
     # the same frame with a red quarter: the sprite is there
     with_red = blue.clone()
     with_red[:, :, :4, :4] = torch.tensor([0.90, 0.12, 0.12]).view(3, 1, 1, 1) * 2 - 1
-    assert scene_fidelity(with_red, scene) == {"palette": 1.0, "sprites": 1.0}
+    got = scene_fidelity(with_red, scene)
+    assert (got["palette"], got["sprites"]) == (1.0, 1.0) and 0.0 < got["shape"] < 1.0, got
     # the wrong background colour
     assert scene_fidelity(blue, replace(scene, colour="yellow", colour2="yellow"))["palette"] == 0.0
     # a sprite in the background's colour cannot be told apart, so it is not counted
     assert scene_fidelity(blue, replace(scene, sprites=(replace(scene.sprites[0], colour="blue"),)))["sprites"] is None
     with pytest.raises(ValueError, match="video must be"):
         scene_fidelity(blue[0], scene)
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle", "diamond", "ring", "cross"])
+def test_scene_fidelity_shape_tells_a_sprite_from_a_blob_of_its_colour(shape):
+    from pfp.data import SyntheticMultiShotVideos
+    from pfp.data.synthetic import Scene, Sprite
+    from pfp.eval import scene_fidelity
+    # one sprite drawn by the dataset's own renderer, centred off the pixel grid
+    scene = Scene("solid", "blue", "blue", 0.0, 0.5, (Sprite(shape, "red", 0.25, 0.47, 0.53, 0.0, 0.0),))
+    video = torch.tensor([0.15, 0.30, 0.90]).view(3, 1, 1, 1).repeat(1, 2, 32, 32) * 2 - 1
+    SyntheticMultiShotVideos._draw_sprites(video, scene, torch.zeros(2))
+    drawn = scene_fidelity(video, scene)["shape"]
+    assert drawn > 0.85, drawn
+    # the same pixels averaged over 8x8 tokens (what a coarse model makes): a blob, scored lower
+    blocks = torch.nn.functional.avg_pool2d(video, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    blob = scene_fidelity(blocks, scene)["shape"]
+    assert blob is None or blob < drawn - 0.15, (drawn, blob)
+    # a disc of the sprite's colour: right for a circle, wrong for a ring, triangle or cross (a square
+    # or diamond of this size shares most of its pixels with the disc, so they are not asserted)
+    yy, xx = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    disc = video.clone()
+    disc[:, :, ((xx - 16) ** 2 + (yy - 16) ** 2) < 7.5 ** 2] = torch.tensor([0.90, 0.12, 0.12]).view(3, 1, 1) * 2 - 1
+    disc_score = scene_fidelity(disc, scene)["shape"]
+    if shape == "circle":
+        assert disc_score > 0.85, disc_score
+    elif shape in ("triangle", "cross"):
+        assert disc_score < drawn - 0.2, (drawn, disc_score)
+    elif shape == "ring":                   # the disc only fills the ring's small hole
+        assert disc_score < drawn - 0.05, (drawn, disc_score)
 
 
 def test_history_chunks_are_given_not_sampled(weights):
