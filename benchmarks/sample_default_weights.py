@@ -11,7 +11,7 @@ remembers of a real history.
   given the real first 2 s as history (``generate(..., history=...)``) and generates the last 2 s
   from that history and the storyboard, in 4-frame chunks;
 - ``quality.md``: :func:`pfp.eval.scene_fidelity` (palette: pixels in the scene's colours; sprites:
-  the prompted sprites present) of what the model generates against the real scenes, over held-out
+  the prompted sprites present; shape: how much the present ones look like their shapes) of what the model generates against the real scenes, over held-out
   synthetic videos (seed 999): the first chunk from its prompt alone, and the chunks after 2 s of
   real history.
 """
@@ -116,12 +116,15 @@ def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
              f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_shift "
              f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the fraction of pixels in the scene's "
-             "colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels).", "",
-             "| case | chunks | real palette | generated palette | real sprites | generated sprites |",
-             "|---|---|---|---|---|---|"]
+             "colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels); shape: IoU of a "
+             "present sprite's colour mask with its own shape, best placement.", "",
+             "| case | chunks | real palette | generated palette | real sprites | generated sprites | real shape | "
+             "generated shape |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, (real, gen) in cases.items():
         lines.append(f"| {name} | {len(gen)} | {mean(real, 'palette'):.3f} | {mean(gen, 'palette'):.3f} | "
-                     f"{mean(real, 'sprites'):.3f} | {mean(gen, 'sprites'):.3f} |")
+                     f"{mean(real, 'sprites'):.3f} | {mean(gen, 'sprites'):.3f} | {mean(real, 'shape'):.3f} | "
+                     f"{mean(gen, 'shape'):.3f} |")
     return "\n".join(lines) + "\n"
 
 
