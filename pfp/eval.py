@@ -10,7 +10,8 @@
   scene's last frame before it left and its first frame back. A model that remembers the scene
   continues it; one that only reads the prompt does not.
 - :func:`scene_fidelity`: whether a generated video looks like the synthetic scene its prompt
-  describes (its colours, its sprites and their shapes) and not like noise; the real scene gives the ceiling.
+  describes (its colours, its sprites and their shapes) and not like noise; the real scene gives
+  the ceiling.
 """
 from __future__ import annotations
 
