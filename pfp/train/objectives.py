@@ -72,12 +72,6 @@ def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor
     return hr, lr
 
 
-def _noised(x: Tensor, level: Tensor, generator: torch.Generator) -> Tensor:
-    """``(1 - level) x + level * noise`` with one level per sample (``level``: ``[B]``)."""
-    lv = level.to(x).view(-1, *([1] * (x.dim() - 1)))
-    return (1 - lv) * x + lv * torch.randn(x.shape, generator=generator).to(x)
-
-
 def _compress(model, hr: Tensor, lr: Tensor, dtype):
     """The compressor runs outside autocast: its pfp_kernels convs take the parameters' dtype, while
     autocast would turn only the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under
@@ -162,8 +156,8 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
         lr_hist = lr[:, :, : -(-(n * lc) // rt)]
         if cfg.history_noise > 0:
             u = cfg.history_noise * torch.rand(b, generator=generator)
-            hist = _noised(hist, u, generator)
-            lr_hist = _noised(lr_hist, u, generator)
+            hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
+            lr_hist = flow_pair(lr_hist, u, torch.randn(lr_hist.shape, generator=generator).to(lr_hist))[0]
         ctx = _compress(model, hist, lr_hist, compute_dtype)
     ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
