@@ -11,9 +11,9 @@ remembers of a real history.
   given the real first 2 s as history (``generate(..., history=...)``) and generates the last 2 s
   from that history and the storyboard, in 4-frame chunks;
 - ``quality.md``: :func:`pfp.eval.scene_fidelity` (palette: pixels in the scene's colours; sprites:
-  the prompted sprites present; shape: how much the present ones look like their shapes) of what the model generates against the real scenes, over held-out
-  synthetic videos (seed 999): the first chunk from its prompt alone, and the chunks after 2 s of
-  real history.
+  the prompted sprites present; shape: how much the present ones look like their shapes) of what
+  the model generates against the real scenes, over held-out synthetic videos (seed 999): the first
+  chunk from its prompt alone, and the chunks after 2 s of real history.
 """
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, 
 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
              f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_shift "
-             f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the fraction of pixels in the scene's "
-             "colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels); shape: IoU of a "
+             f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the "
+             "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels); shape: IoU of a "
              "present sprite's colour mask with its own shape, best placement.", "",
              "| case | chunks | real palette | generated palette | real sprites | generated sprites | real shape | "
              "generated shape |",
