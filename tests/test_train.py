@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pfp.train import ObjectiveConfig, TrainArgs, random_omega, step_generator, train
+from pfp.train.objectives import flow_loss
 from pfp.train.loop import _batch, _dataset, _LossModule
 from pfp.weights import build_model
 
@@ -209,10 +210,35 @@ def test_history_noise_noises_each_sample_within_the_level(monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--p-no-history", "-0.1"),
-                                        ("--p-uncond", "2"), ("--t-shift", "0")])
+                                        ("--p-uncond", "2"), ("--t-shift", "0"),
+                                        ("--t-weight-power", "-1"), ("--t-weight-power", "5")])
 def test_cli_rejects_out_of_range_objective_flags(tmp_path, capsys, flag, value):
     from pfp.train.__main__ import main
     assert main(["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} must be") and "\n" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_flow_loss_weights_each_sample_by_a_power_of_t():
+    g = torch.Generator().manual_seed(3)
+    v, target = torch.randn(5, 3, 2, 3, 4, generator=g), torch.randn(5, 3, 2, 3, 4, generator=g)
+    t = torch.tensor([0.01, 0.05, 0.3, 0.7, 1.0])
+    # power 0 is the plain velocity MSE, bit for bit (runs before the flag reproduce)
+    assert torch.equal(flow_loss(v, target, t, 0.0), torch.nn.functional.mse_loss(v, target))
+    per = (v.double() - target.double()).pow(2).flatten(1).mean(1)
+    for p in (1.0, 2.0):
+        want = (per * t.double().clamp_min(0.05).pow(p)).mean()
+        torch.testing.assert_close(flow_loss(v, target, t, p).double(), want, rtol=1e-6, atol=0)
+
+
+def test_t_weight_power_2_is_the_mse_of_the_implied_clean_latent():
+    # an x0-predicting backbone returns v = (x_t - x0_hat) / t; with the target noise - x0 the weighted
+    # velocity error is exactly the x0 error, whatever t (>= the clamp)
+    g = torch.Generator().manual_seed(4)
+    x0, noise, x0_hat = (torch.randn(4, 2, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.05, 0.2, 0.6, 0.99], dtype=torch.float64)
+    xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    v = (xt - x0_hat) / t.view(-1, 1, 1, 1, 1)
+    loss = flow_loss(v, noise - x0, t, 2.0)
+    torch.testing.assert_close(loss.double(), (x0_hat - x0).pow(2).mean(), rtol=1e-5, atol=0)

@@ -75,6 +75,7 @@ class TrainArgs:
     t_shift: float = 1.0                 # training timesteps: shifted logit-normal (>1: noisier)
     p_no_history: float = 0.0
     history_noise: float = 0.0           # finetune: history noised to a level ~ U(0, this) (exposure bias)
+    t_weight_power: float = 0.0          # per-sample loss weight max(t, 0.05) ** this (objectives.flow_loss)
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
@@ -286,6 +287,8 @@ def train(args: TrainArgs) -> dict:
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
     if args.t_shift <= 0:
         raise ValueError(f"--t-shift must be > 0, got {args.t_shift}")
+    if not 0.0 <= args.t_weight_power <= 4.0:
+        raise ValueError(f"--t-weight-power must be in [0, 4], got {args.t_weight_power}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
@@ -343,7 +346,8 @@ def train(args: TrainArgs) -> dict:
     fsdp = world > 1 and args.fsdp
     chunk_latent = config.chunk_latent_frames
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
-                                p_no_history=args.p_no_history, history_noise=args.history_noise)
+                                p_no_history=args.p_no_history, history_noise=args.history_noise,
+                                t_weight_power=args.t_weight_power)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:
