@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "benchmarks", "results", "default_weights")
 
-# the synthetic sizes stages 6-13 of pfp/weights/default.json trained on
+# the synthetic sizes stages 6-14 of pfp/weights/default.json trained on
 SPRITE_RADIUS, PATTERN_PERIOD = (0.16, 0.26), (0.35, 0.6)
 
 
@@ -116,8 +116,9 @@ def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
              f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_shift "
              f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the "
-             "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present (>= 1% of the pixels); shape: IoU of a "
-             "present sprite's colour mask with its own shape, best placement.", "",
+             "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present "
+             "(>= 1% of the pixels); shape: IoU of a present sprite's colour mask with its own shape, best "
+             "placement.", "",
              "| case | chunks | real palette | generated palette | real sprites | generated sprites | real shape | "
              "generated shape |",
              "|---|---|---|---|---|---|---|---|"]
