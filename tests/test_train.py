@@ -242,3 +242,17 @@ def test_t_weight_power_2_is_the_mse_of_the_implied_clean_latent():
     v = (xt - x0_hat) / t.view(-1, 1, 1, 1, 1)
     loss = flow_loss(v, noise - x0, t, 2.0)
     torch.testing.assert_close(loss.double(), (x0_hat - x0).pow(2).mean(), rtol=1e-5, atol=0)
+
+
+def test_the_loss_weight_floor_is_the_backbones_own_min_t():
+    # the weight max(t, min_t)^p must floor t where the x0 backbone's velocity divides by max(t, min_t),
+    # also when peft wraps the backbone for LoRA
+    from pfp.backbones.tiny_dit import TinyDiT
+    from pfp.train.loop import apply_lora
+    from pfp.train.objectives import _min_t
+    model = build_model(tiny_config())
+    model.backbone = TinyDiT(latent_channels=8, inner_dim=48, depth=1, num_heads=4, text_dim=16, freq_dim=32,
+                             prediction="x0", min_t=0.2)
+    assert _min_t(model.backbone) == 0.2
+    apply_lora(model, rank=2)
+    assert type(model.backbone).__name__ == "PeftModel" and _min_t(model.backbone) == 0.2

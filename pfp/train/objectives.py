@@ -66,6 +66,12 @@ def flow_loss(v: Tensor, target: Tensor, t: Tensor, t_weight_power: float = 0.0,
     return (per_sample * t.float().clamp_min(min_t).pow(t_weight_power)).mean()
 
 
+def _min_t(backbone) -> float:
+    """The floor an x0-predicting backbone puts under t when it turns x0 into a velocity; the loss
+    weight uses the same floor, so its weight and the backbone's division meet at the same t."""
+    return float(getattr(backbone, "min_t", 0.05))
+
+
 def random_omega(num_frames: int, batch: int, max_keep: int, generator: torch.Generator) -> Tensor:
     """``[B, k]`` sorted frame indices: a fresh random set per sample, k random in 1..max_keep.
 
@@ -140,7 +146,7 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     text, text_mask = model.encode_text(prompts)
     ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
     v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask)
-    return flow_loss(v, target, ts, cfg.t_weight_power)
+    return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
 def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
@@ -186,7 +192,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     prompts = _prompts(batch["storyboard"], [n * lc * tf / fps] * b, cfg.p_uncond, generator)
     text, text_mask = model.encode_text(prompts)
     v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask)
-    return flow_loss(v, target, ts, cfg.t_weight_power)
+    return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
 __all__ = ["ObjectiveConfig", "shifted_logit_normal", "flow_pair", "flow_loss", "random_omega", "pretrain_loss",
