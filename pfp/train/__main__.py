@@ -60,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="finetune: noise the history to a random level in [0, this] before compression, "
                         "so the model learns to follow imperfect (generated) histories (default %(default)s)")
     p.add_argument("--t-weight-power", type=float, default=d.t_weight_power,
-                   help="weight each sample's loss by max(t, 0.05) ** this: 0 = velocity MSE, 2 = MSE of the "
-                        "implied clean latent, which trains the noisy, scene-layout steps harder (default %(default)s)")
+                   help="weight each sample's loss by max(t, min_t) ** this (min_t: the backbone's floor, 0.05 "
+                        "for the tiny DiT): 0 = velocity MSE, 2 = MSE of the implied clean latent, which trains "
+                        "the noisy, scene-layout steps harder (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -75,7 +75,7 @@ class TrainArgs:
     t_shift: float = 1.0                 # training timesteps: shifted logit-normal (>1: noisier)
     p_no_history: float = 0.0
     history_noise: float = 0.0           # finetune: history noised to a level ~ U(0, this) (exposure bias)
-    t_weight_power: float = 0.0          # per-sample loss weight max(t, 0.05) ** this (objectives.flow_loss)
+    t_weight_power: float = 0.0          # per-sample loss weight max(t, backbone min_t) ** this (objectives.flow_loss)
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time

@@ -2,7 +2,8 @@
 
 Flow matching (rectified flow): ``x_t = (1 - t) x_0 + t * noise``; the backbone predicts the
 velocity ``noise - x_0``; the loss is its mean squared error, optionally weighted per sample by
-``max(t, 0.05) ** t_weight_power`` (see :func:`flow_loss`).
+``max(t, min_t) ** t_weight_power``, min_t being the backbone's own floor (0.05 for the tiny DiT;
+see :func:`flow_loss`).
 
 Timesteps and mask levels are shifted logit-normal: ``u = sigmoid(N(mean, std))`` then
 ``t = shift * u / (1 + (shift - 1) * u)``.
@@ -34,7 +35,7 @@ class ObjectiveConfig:
     p_uncond: float = 0.1        # prompt dropped to "" (classifier-free guidance)
     p_no_history: float = 0.0    # finetune: extra chance of a first chunk (no context, text only)
     history_noise: float = 0.0   # finetune: history noised to a level ~ U(0, this) before compression
-    t_weight_power: float = 0.0  # per-sample loss weight max(t, 0.05) ** this (2: the implied x0's MSE)
+    t_weight_power: float = 0.0  # per-sample loss weight max(t, backbone min_t) ** this (2: the implied x0's MSE)
 
 
 def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
@@ -49,7 +50,12 @@ def flow_pair(x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
     return (1 - tb) * x0 + tb * noise, noise - x0
 
 
-def flow_loss(v: Tensor, target: Tensor, t: Tensor, t_weight_power: float = 0.0, min_t: float = 0.05) -> Tensor:
+# the t floor of an x0-predicting backbone when it has none of its own (TinyDiTConfig's default)
+_DEFAULT_MIN_T = 0.05
+
+
+def flow_loss(v: Tensor, target: Tensor, t: Tensor, t_weight_power: float = 0.0,
+              min_t: float = _DEFAULT_MIN_T) -> Tensor:
     """Velocity MSE; with ``t_weight_power = p > 0`` each sample's mean is weighted by ``max(t, min_t) ** p``.
 
     v, target: ``[B, ...]``; t: ``[B]``. For a backbone that predicts the clean latent and returns
@@ -69,7 +75,7 @@ def flow_loss(v: Tensor, target: Tensor, t: Tensor, t_weight_power: float = 0.0,
 def _min_t(backbone) -> float:
     """The floor an x0-predicting backbone puts under t when it turns x0 into a velocity; the loss
     weight uses the same floor, so its weight and the backbone's division meet at the same t."""
-    return float(getattr(backbone, "min_t", 0.05))
+    return float(getattr(backbone, "min_t", _DEFAULT_MIN_T))
 
 
 def random_omega(num_frames: int, batch: int, max_keep: int, generator: torch.Generator) -> Tensor:
