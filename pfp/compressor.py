@@ -12,7 +12,8 @@ The high-res features go straight from the last stage (``hidden[-1]`` wide) into
 width: they never pass through the VAE's channel bottleneck. Token j of the context adds the
 HR stack's output frame j (which reads HR frames up to ``rt*j``, causally) and the LR latent
 frame j (the video at 1/rt fps, whose latent frame j ends on the same video frame when the VAE
-is causal). Tokens are ordered (t, h, w); their positions are documented in
+is causal; a model config with ``lr_phase = "end"`` feeds instead the last frame of each 1/rt
+interval, so that the newest history frame is in the context: see ``PFPConfig.video_spec``). Tokens are ordered (t, h, w); their positions are documented in
 :func:`pfp.rates.token_positions`.
 
 Initialisation: the HR projection (weight and bias) starts at zero, so a fresh compressor outputs

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pfp.data import (SyntheticMultiShotVideos, VideoFolderDataset, VideoSpec, collate, lr_frame_indices,
-                      resize_center_crop, to_low_res, write_video)
+                      resize_center_crop, to_low_res, to_low_res_part, write_video)
 from pfp.data.synthetic import scene_returns
 from pfp.text import Storyboard, StoryboardError
 
@@ -75,6 +75,33 @@ def test_lr_frame_indices_and_to_low_res():
         to_low_res(hr[:, :10], spec)
     with pytest.raises(ValueError, match="no low-res branch"):
         lr_frame_indices(VideoSpec(hr_size=8, hr_fps=8, hr_frames=3))
+
+
+@pytest.mark.parametrize("hr_fps,lr_fps,frames,want", [
+    (8, 4, 16, [1, 3, 5, 7, 9, 11, 13, 15]),          # the last frame of each pair
+    (8, 4, 15, [1, 3, 5, 7, 9, 11, 13]),              # frame 14 has no partner yet: no low-res frame
+    (24, 10, 12, [2, 4, 7, 9, 11]),                   # [0, 2.4) -> 2, [2.4, 4.8) -> 4, ...
+    (8, 8, 5, [0, 1, 2, 3, 4]),                       # same rate: both phases take every frame
+])
+def test_lr_phase_end_takes_the_last_frame_of_each_interval(hr_fps, lr_fps, frames, want):
+    spec = VideoSpec(hr_size=8, hr_fps=hr_fps, hr_frames=frames, lr_size=4, lr_fps=lr_fps, lr_phase="end")
+    assert spec.lr_frames == len(want)
+    assert lr_frame_indices(spec).tolist() == want
+    hr = torch.arange(frames, dtype=torch.float32).view(1, frames, 1, 1).expand(3, frames, 8, 8)
+    torch.testing.assert_close(to_low_res(hr, spec)[0, :, 0, 0], torch.tensor(want, dtype=torch.float32))
+    # generation feeds the low-res branch part by part: the parts must add up to the whole clip's
+    for cut in range(frames + 1):
+        parts = [to_low_res_part(hr[:, :cut], spec, 0), to_low_res_part(hr[:, cut:], spec, cut)]
+        torch.testing.assert_close(torch.cat(parts, dim=1), to_low_res(hr, spec), rtol=0, atol=0)
+
+
+def test_lr_phase_errors():
+    with pytest.raises(ValueError, match="lr_phase 'middle' is not valid; choose one of: start, end"):
+        VideoSpec(hr_size=8, hr_fps=8, hr_frames=4, lr_size=4, lr_fps=4, lr_phase="middle")
+    with pytest.raises(ValueError, match="use at least 3 frames"):
+        VideoSpec(hr_size=8, hr_fps=24, hr_frames=2, lr_size=4, lr_fps=10, lr_phase="end")
+    with pytest.raises(ValueError, match="lr_frames=9 .* holds at most 8"):
+        VideoSpec(hr_size=8, hr_fps=8, hr_frames=17, lr_size=4, lr_fps=4, lr_frames=9, lr_phase="end")
 
 
 def test_resize_center_crop():

@@ -1,4 +1,5 @@
 """Generation: the mp4, streaming inside generate, the sampler, and the CLI's bad-input cases."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -109,11 +110,11 @@ def test_generate_writes_decodable_mp4_with_expected_frames(weights, tmp_path):
     assert rows[0].startswith("chunk,denoise_s,decode_s,compress_s") and len(rows) == 4
 
 
-@pytest.mark.parametrize("mode", ["cached", "joint"])
-def test_streaming_inside_generate_matches_full_compression(mode):
+@pytest.mark.parametrize("mode,lr_phase", [("cached", "start"), ("joint", "start"), ("cached", "end")])
+def test_streaming_inside_generate_matches_full_compression(mode, lr_phase):
     from pfp.data import to_low_res
     torch.manual_seed(0)
-    model = build_model(tiny_config(mode))
+    model = build_model(dataclasses.replace(tiny_config(mode), lr_phase=lr_phase))
     with torch.no_grad():
         model.compressor.proj.weight.normal_(0, 0.1)
         model.backbone.proj_out.weight.normal_(0, 0.05)
@@ -124,6 +125,18 @@ def test_streaming_inside_generate_matches_full_compression(mode):
         # the low-res branch got, chunk by chunk, what training feeds it for the whole video
         lr_full = model.vae.encode(to_low_res(res.video[None], model.config.video_spec(12)))
     assert_stream_matches_full(model, res, mode, lr_full)
+
+
+def test_lr_phase_config_errors():
+    with pytest.raises(ValueError, match="config lr_phase 'last' is not valid; choose one of: start, end"):
+        dataclasses.replace(tiny_config(), lr_phase="last").check()
+    causal = dataclasses.replace(tiny_config(), lr_phase="end", chunk_frames=8,
+                                 vae={"kind": "patch", "spatial_factor": 4, "temporal_factor": 4})
+    with pytest.raises(ValueError, match="lr_phase 'end' needs a VAE with temporal factor 1"):
+        causal.check()
+    with pytest.raises(ValueError, match="clips of a multiple of 2 frames"):
+        dataclasses.replace(tiny_config(), lr_phase="end").video_spec(5)
+    assert dataclasses.replace(tiny_config(), lr_phase="end").video_spec(6).lr_frames == 3
 
 
 @pytest.mark.skipif(not os.path.isfile(DEFAULT_WEIGHTS), reason="built-in weights not shipped in this checkout")

@@ -56,6 +56,24 @@ def _fps(value: Any, name: str) -> float:
     return float(value)
 
 
+LR_PHASES = ("start", "end")
+
+
+def _lr_source(j: torch.Tensor, hr_fps: float, lr_fps: float, phase: str) -> torch.Tensor:
+    """High-res frame index that low-res frame(s) ``j`` show (see ``VideoSpec.lr_phase``)."""
+    r = hr_fps / lr_fps
+    if phase == "start":
+        return torch.floor(j * r + 1e-9).long()
+    return torch.ceil((j + 1) * r - 1e-9).long() - 1
+
+
+def _lr_source_count(hr_frames: int, hr_fps: float, lr_fps: float, phase: str) -> int:
+    """How many low-res frames have their source frame inside ``hr_frames`` high-res frames."""
+    if phase == "start":
+        return 1 + math.floor((hr_frames - 1) * lr_fps / hr_fps + 1e-9)
+    return math.floor(hr_frames * lr_fps / hr_fps + 1e-9)
+
+
 @dataclass(frozen=True)
 class VideoSpec:
     """Sizes and rates to feed the model: the high-res clip, and the low-res branch if any.
@@ -66,8 +84,14 @@ class VideoSpec:
         hr_frames: its frame count ``T`` (for a causal VAE with temporal factor 4: ``1 + 4k``).
         lr_size: ``(h, w)`` of the low-res video, or None for no low-res branch.
         lr_fps: its frame rate (at most ``hr_fps``); required with ``lr_size``.
-        lr_frames: its frame count; default ``1 + floor((hr_frames - 1) * lr_fps / hr_fps)``, i.e. all
-            low-res frames whose time falls inside the high-res clip.
+        lr_frames: its frame count; default: every low-res frame whose source frame
+            (:func:`lr_frame_indices`) lies inside the high-res clip, i.e.
+            ``1 + floor((hr_frames - 1) * lr_fps / hr_fps)`` for ``lr_phase="start"`` and
+            ``floor(hr_frames * lr_fps / hr_fps)`` for ``"end"``.
+        lr_phase: which high-res frame of its interval ``[j, j + 1) / lr_fps`` low-res frame ``j``
+            shows. ``"start"`` (default): the first, ``floor(j * hr_fps / lr_fps)`` (0, 2, 4, ... at
+            half the rate). ``"end"``: the last, ``ceil((j + 1) * hr_fps / lr_fps) - 1`` (1, 3, 5, ...),
+            so the newest frame of a history reaches the low-res branch at once.
 
     Sizes here are ``(height, width)``, like tensor shapes. :meth:`coerce` also accepts a dict, any
     object with these attribute names, or the compressor's what-to-feed plan (:meth:`from_plan`,
@@ -80,8 +104,11 @@ class VideoSpec:
     lr_size: tuple[int, int] | None = None
     lr_fps: float | None = None
     lr_frames: int | None = None
+    lr_phase: str = "start"
 
     def __post_init__(self):
+        if self.lr_phase not in LR_PHASES:
+            raise ValueError(f"VideoSpec: lr_phase {self.lr_phase!r} is not valid; choose one of: {', '.join(LR_PHASES)}")
         object.__setattr__(self, "hr_size", _size(self.hr_size, "hr_size"))
         object.__setattr__(self, "hr_fps", _fps(self.hr_fps, "hr_fps"))
         object.__setattr__(self, "hr_frames", _pos_int(self.hr_frames, "hr_frames"))
@@ -96,7 +123,11 @@ class VideoSpec:
         if lr_fps > self.hr_fps * (1 + 1e-9):
             raise ValueError(f"VideoSpec: lr_fps ({lr_fps}) must not exceed hr_fps ({self.hr_fps})")
         object.__setattr__(self, "lr_fps", lr_fps)
-        max_lr = 1 + math.floor((self.hr_frames - 1) * lr_fps / self.hr_fps + 1e-9)
+        max_lr = _lr_source_count(self.hr_frames, self.hr_fps, lr_fps, self.lr_phase)
+        if max_lr < 1:
+            raise ValueError(f"VideoSpec: {self.hr_frames} high-res frame(s) at {self.hr_fps} fps end before the first "
+                             f"low-res frame at {lr_fps} fps with lr_phase='end'; use at least "
+                             f"{math.ceil(self.hr_fps / lr_fps - 1e-9)} frames")
         if self.lr_frames is None:
             object.__setattr__(self, "lr_frames", max_lr)
         else:
@@ -118,7 +149,7 @@ class VideoSpec:
         ``lr_frames``."""
         (w, h), (lw, lh) = plan.hr_video_size, plan.lr_video_size
         return cls(hr_size=(h, w), hr_fps=plan.hr_fps, hr_frames=plan.hr_frames, lr_size=(lh, lw),
-                   lr_fps=plan.lr_fps, lr_frames=plan.lr_frames)
+                   lr_fps=plan.lr_fps, lr_frames=plan.lr_frames, lr_phase=getattr(plan, "lr_phase", "start"))
 
     @classmethod
     def coerce(cls, spec: Any) -> "VideoSpec":
@@ -162,12 +193,14 @@ def resize_center_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 def lr_frame_indices(spec: VideoSpec) -> torch.Tensor:
-    """High-res frame index for each low-res frame: low-res frame ``j`` (at ``j / lr_fps`` s) takes the
-    last high-res frame at or before that time, ``floor(j * hr_fps / lr_fps)``. ``[lr_frames]`` long."""
+    """High-res frame index for each low-res frame, ``[lr_frames]`` long. With ``spec.lr_phase =
+    "start"`` low-res frame ``j`` (at ``j / lr_fps`` s) takes the last high-res frame at or before that
+    time, ``floor(j * hr_fps / lr_fps)``; with ``"end"`` the last high-res frame before ``(j + 1) /
+    lr_fps`` s, ``ceil((j + 1) * hr_fps / lr_fps) - 1``."""
     if spec.lr_size is None:
         raise ValueError("spec has no low-res branch (lr_size is None)")
     j = torch.arange(spec.lr_frames, dtype=torch.float64)
-    idx = torch.floor(j * spec.hr_fps / spec.lr_fps + 1e-9).long()
+    idx = _lr_source(j, spec.hr_fps, spec.lr_fps, spec.lr_phase)
     return idx.clamp_(max=spec.hr_frames - 1)
 
 

@@ -38,6 +38,7 @@ class PFPConfig:
     rate: str = "2x2x2"                   # compression rate on top of the backbone's token grid
     compressor_hidden: tuple = (32, 64, 128)
     context_mode: str = "cached"
+    lr_phase: str = "start"               # which frame of each 1/rt interval the low-res branch sees
     vae: dict = field(default_factory=lambda: {"kind": "patch", "spatial_factor": 4, "temporal_factor": 1,
                                                "scale": 2.0})
     text: dict = field(default_factory=lambda: {"kind": "tiny", "dim": 64, "max_length": 24, "num_layers": 1})
@@ -112,10 +113,14 @@ class PFPConfig:
         """The :class:`pfp.data.VideoSpec` for a clip of ``frames`` video frames (HR + LR branch).
 
         ``frames`` must be valid for the VAE (``1 + tf*k``). The LR branch gets the video at 1/rt
-        fps (frames 0, rt, 2rt, ...) and exactly the frames that make ``ceil(L / rt)`` LR latent
-        frames for the clip's L HR latent frames: ``1 + tf*(ceil(L/rt) - 1)`` of them. Then LR latent
-        frame j ends on HR video frame ``rt*tf*j``, where HR token frame j's causal window ends.
-        ``size``: (H, W), default ``video_size``."""
+        fps and exactly the frames that make ``ceil(L / rt)`` LR latent frames for the clip's L HR
+        latent frames: ``1 + tf*(ceil(L/rt) - 1)`` of them. With ``lr_phase = "start"`` those are
+        frames 0, rt, 2rt, ...: LR latent frame j ends on HR video frame ``rt*tf*j``, where HR token
+        frame j's causal window ends, so the newest ``rt - 1`` frames of a history reach the context
+        only with the next chunk. With ``"end"`` (VAEs with tf = 1 only; ``frames`` a multiple of rt)
+        they are frames rt-1, 2rt-1, ...: LR frame j is the last frame of HR token frame j's stride
+        window, rt - 1 frames after its causal conv window ends, and the newest frame of a
+        history is in the context. ``size``: (H, W), default ``video_size``."""
         from pfp.data import VideoSpec
         from pfp.rates import parse_rate
         from pfp.vae import check_video_frames
@@ -124,8 +129,11 @@ class PFPConfig:
         tf = self.vae_temporal
         latent = check_video_frames(frames, tf, what="the clip")
         lr_frames = 1 + tf * (-(-latent // r.t) - 1)
-        return VideoSpec(hr_size=(h, w), hr_fps=self.fps, hr_frames=frames,
-                         lr_size=(h // r.h, w // r.w), lr_fps=self.fps / r.t, lr_frames=lr_frames)
+        if self.lr_phase == "end" and (tf != 1 or frames % r.t):
+            raise ValueError(f"config lr_phase 'end' needs a VAE with temporal factor 1 (this one: {tf}) and clips of "
+                             f"a multiple of {r.t} frames (rate {self.rate}; got {frames}); use lr_phase 'start'")
+        return VideoSpec(hr_size=(h, w), hr_fps=self.fps, hr_frames=frames, lr_size=(h // r.h, w // r.w),
+                         lr_fps=self.fps / r.t, lr_frames=lr_frames, lr_phase=self.lr_phase)
 
     def clip_spec(self, num_chunks: int, size: Optional[tuple] = None):
         """:meth:`video_spec` of ``num_chunks`` whole chunks (:meth:`clip_frames` frames)."""
@@ -139,6 +147,8 @@ class PFPConfig:
             check_component(name, getattr(self, name))
         if self.context_mode not in ("joint", "cached"):
             raise ValueError(f"config context_mode {self.context_mode!r} is not valid; choose one of: joint, cached")
+        if self.lr_phase not in ("start", "end"):
+            raise ValueError(f"config lr_phase {self.lr_phase!r} is not valid; choose one of: start, end")
         if not (isinstance(self.sample_eta, (int, float)) and 0.0 <= self.sample_eta <= 1.0):
             raise ValueError(f"config sample_eta {self.sample_eta!r} is not valid; use a number in [0, 1] "
                              "(0: deterministic Euler)")
@@ -152,6 +162,9 @@ class PFPConfig:
             why = f"rate {self.rate} compresses time by {r.t}" + (f" and the VAE by {tf}" if tf > 1 else "")
             raise ValueError(f"config chunk_frames={self.chunk_frames} is not a multiple of {step} ({why}); use "
                              f"{max(step, self.chunk_frames // step * step)} or {(self.chunk_frames // step + 1) * step}")
+        if self.lr_phase == "end" and tf != 1:
+            raise ValueError(f"config lr_phase 'end' needs a VAE with temporal factor 1, and this one has {tf} (its "
+                             "latent frames end on every tf-th video frame); use lr_phase 'start'")
         pad = 2 * r.h * self.vae_spatial, 2 * r.w * self.vae_spatial
         if h % pad[0] or w % pad[1]:
             raise ValueError(f"video_size {h}x{w} (HxW) does not fit rate {self.rate} with a {self.vae_spatial}x VAE "
