@@ -160,6 +160,8 @@ def token_positions(rate: RateLike, grid: Sequence[int], t_start: int = 0,
       ``rt*j-rt+1 .. rt*j`` that no earlier token covered (with a causal VAE and the LR video
       sampled at frames 0, rt, 2rt, ..., the LR latent j ends on that same frame), so
       ``t = rt*j - (rt-1)/2`` (token 0 sits at -(rt-1)/2: its cell reaches before the stream start).
+      A model config with ``lr_phase = "end"`` feeds the LR branch frame ``rt*j + rt - 1`` instead;
+      the positions stay these, and the model learns the offset.
 
     ``t_start`` is the index j of the first token (streams pass how many they already emitted).
     """
