@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "benchmarks", "results", "default_weights")
 
-# the synthetic sizes stages 6-15 of pfp/weights/default.json trained on
+# the synthetic sizes stages 6-16 of pfp/weights/default.json trained on
 SPRITE_RADIUS, PATTERN_PERIOD = (0.16, 0.26), (0.35, 0.6)
 
 
