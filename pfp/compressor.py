@@ -13,8 +13,8 @@ width: they never pass through the VAE's channel bottleneck. Token j of the cont
 HR stack's output frame j (which reads HR frames up to ``rt*j``, causally) and the LR latent
 frame j (the video at 1/rt fps, whose latent frame j ends on the same video frame when the VAE
 is causal; a model config with ``lr_phase = "end"`` feeds instead the last frame of each 1/rt
-interval, so that the newest history frame is in the context: see ``PFPConfig.video_spec``). Tokens are ordered (t, h, w); their positions are documented in
-:func:`pfp.rates.token_positions`.
+interval, so that the newest history frame is in the context: see ``PFPConfig.video_spec``).
+Tokens are ordered (t, h, w); their positions are documented in :func:`pfp.rates.token_positions`.
 
 Initialisation: the HR projection (weight and bias) starts at zero, so a fresh compressor outputs
 the LR branch alone, i.e. exactly what the backbone's patch embedding makes of the low-res video,

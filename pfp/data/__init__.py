@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "VideoSpec",
+    "LR_PHASES",
     "resize_center_crop",
     "lr_frame_indices",
     "to_low_res",

@@ -147,8 +147,9 @@ class PFPConfig:
             check_component(name, getattr(self, name))
         if self.context_mode not in ("joint", "cached"):
             raise ValueError(f"config context_mode {self.context_mode!r} is not valid; choose one of: joint, cached")
-        if self.lr_phase not in ("start", "end"):
-            raise ValueError(f"config lr_phase {self.lr_phase!r} is not valid; choose one of: start, end")
+        from pfp.data import LR_PHASES
+        if self.lr_phase not in LR_PHASES:
+            raise ValueError(f"config lr_phase {self.lr_phase!r} is not valid; choose one of: {', '.join(LR_PHASES)}")
         if not (isinstance(self.sample_eta, (int, float)) and 0.0 <= self.sample_eta <= 1.0):
             raise ValueError(f"config sample_eta {self.sample_eta!r} is not valid; use a number in [0, 1] "
                              "(0: deterministic Euler)")
