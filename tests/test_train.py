@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pfp.train import ObjectiveConfig, TrainArgs, random_omega, step_generator, train
-from pfp.train.objectives import flow_loss
+from pfp.train.objectives import flow_loss, shifted_logit_normal, training_timesteps
 from pfp.train.loop import _batch, _dataset, _LossModule
 from pfp.weights import build_model
 
@@ -211,13 +211,28 @@ def test_history_noise_noises_each_sample_within_the_level(monkeypatch):
 
 @pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--p-no-history", "-0.1"),
                                         ("--p-uncond", "2"), ("--t-shift", "0"),
-                                        ("--t-weight-power", "-1"), ("--t-weight-power", "5")])
+                                        ("--t-weight-power", "-1"), ("--t-weight-power", "5"),
+                                        ("--t-uniform", "1.5"), ("--t-uniform", "-0.5")])
 def test_cli_rejects_out_of_range_objective_flags(tmp_path, capsys, flag, value):
     from pfp.train.__main__ import main
     assert main(["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} must be") and "\n" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_training_timesteps_mix_in_uniform_ones():
+    n = 20000
+    # t_uniform = 0 draws exactly what the plain shifted logit-normal draws (older runs reproduce)
+    plain = training_timesteps(n, torch.Generator().manual_seed(5), ObjectiveConfig(t_shift=5.0))
+    assert torch.equal(plain, shifted_logit_normal((n,), torch.Generator().manual_seed(5), shift=5.0))
+    low = {}
+    for frac in (0.0, 0.5, 1.0):
+        t = training_timesteps(n, torch.Generator().manual_seed(6), ObjectiveConfig(t_shift=5.0, t_uniform=frac))
+        assert t.shape == (n,) and bool(((t >= 0) & (t <= 1)).all())
+        low[frac] = (t < 0.2).float().mean().item()
+    # shift 5 leaves ~0.1% of the samples below t = 0.2; uniform ones put 20% there
+    assert low[0.0] < 0.01 and abs(low[1.0] - 0.2) < 0.015 and abs(low[0.5] - 0.1 - low[0.0] / 2) < 0.015, low
 
 
 def test_flow_loss_weights_each_sample_by_a_power_of_t():

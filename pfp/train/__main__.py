@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight each sample's loss by max(t, min_t) ** this (min_t: the backbone's floor, 0.05 "
                         "for the tiny DiT): 0 = velocity MSE, 2 = MSE of the implied clean latent, which trains "
                         "the noisy, scene-layout steps harder (default %(default)s)")
+    p.add_argument("--t-uniform", type=float, default=d.t_uniform,
+                   help="fraction of training timesteps drawn uniform in (0, 1) instead of shifted logit-normal, "
+                        "so the nearly clean steps that draw fine detail get trained even at a large --t-shift "
+                        "(default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -76,6 +76,7 @@ class TrainArgs:
     p_no_history: float = 0.0
     history_noise: float = 0.0           # finetune: history noised to a level ~ U(0, this) (exposure bias)
     t_weight_power: float = 0.0          # per-sample loss weight max(t, backbone min_t) ** this (objectives.flow_loss)
+    t_uniform: float = 0.0               # fraction of training timesteps drawn uniform in (0, 1) instead
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
@@ -282,7 +283,7 @@ def train(args: TrainArgs) -> dict:
     if args.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}")
     for flag, value in (("p_uncond", args.p_uncond), ("p_no_history", args.p_no_history),
-                        ("history_noise", args.history_noise)):
+                        ("history_noise", args.history_noise), ("t_uniform", args.t_uniform)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
     if args.t_shift <= 0:
@@ -347,7 +348,7 @@ def train(args: TrainArgs) -> dict:
     chunk_latent = config.chunk_latent_frames
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                 p_no_history=args.p_no_history, history_noise=args.history_noise,
-                                t_weight_power=args.t_weight_power)
+                                t_weight_power=args.t_weight_power, t_uniform=args.t_uniform)
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:

@@ -6,7 +6,9 @@ velocity ``noise - x_0``; the loss is its mean squared error, optionally weighte
 see :func:`flow_loss`).
 
 Timesteps and mask levels are shifted logit-normal: ``u = sigmoid(N(mean, std))`` then
-``t = shift * u / (1 + (shift - 1) * u)``.
+``t = shift * u / (1 + (shift - 1) * u)``. A shift that trains the noisy, layout-deciding steps
+hard leaves almost no samples near t = 0 (shift 5: 0.1% below t = 0.2), where the last sampling steps
+draw the fine detail; ``t_uniform`` mixes in a fraction of uniform timesteps to cover them.
 
 Every random choice of a step comes from one ``torch.Generator`` seeded by (seed, step, rank), so a
 step is a pure function of its inputs and a resumed run is bit-identical to an uninterrupted one.
@@ -36,12 +38,23 @@ class ObjectiveConfig:
     p_no_history: float = 0.0    # finetune: extra chance of a first chunk (no context, text only)
     history_noise: float = 0.0   # finetune: history noised to a level ~ U(0, this) before compression
     t_weight_power: float = 0.0  # per-sample loss weight max(t, backbone min_t) ** this (2: the implied x0's MSE)
+    t_uniform: float = 0.0       # fraction of samples whose timestep is uniform in (0, 1) instead
 
 
 def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
                          shift: float = 1.0) -> Tensor:
     u = torch.sigmoid(mean + std * torch.randn(shape, generator=generator))
     return shift * u / (1 + (shift - 1) * u)
+
+
+def training_timesteps(batch: int, generator: torch.Generator, cfg: ObjectiveConfig) -> Tensor:
+    """``[batch]`` timesteps: shifted logit-normal, each replaced by a uniform one with probability
+    ``cfg.t_uniform``. No random number is drawn for the mixture when it is 0, so older runs reproduce."""
+    t = shifted_logit_normal((batch,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift)
+    if cfg.t_uniform > 0:
+        pick = torch.rand(batch, generator=generator) < cfg.t_uniform
+        t = torch.where(pick, torch.rand(batch, generator=generator), t)
+    return t
 
 
 def flow_pair(x0: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +154,7 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     lr_masked = (1 - llv) * lr + llv * lr_noise
 
     x0 = torch.gather(hr, 2, omega.to(hr.device).view(b, 1, -1, 1, 1).expand(b, c, -1, h, w))
-    ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
+    ts = training_timesteps(b, generator, cfg).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
     ph, pw = backbone.patch_size[1:]
@@ -190,7 +203,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
             lr_hist = flow_pair(lr_hist, u, torch.randn(lr_hist.shape, generator=generator).to(lr_hist))[0]
         ctx = _compress(model, hist, lr_hist, compute_dtype)
-    ts = shifted_logit_normal((b,), generator, cfg.t_mean, cfg.t_std, cfg.t_shift).to(device)
+    ts = training_timesteps(b, generator, cfg).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
     fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
@@ -201,5 +214,5 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
-__all__ = ["ObjectiveConfig", "shifted_logit_normal", "flow_pair", "flow_loss", "random_omega", "pretrain_loss",
+__all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega", "pretrain_loss",
            "finetune_loss", "encode_clip"]
