@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -42,7 +43,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--weights", default=None, help="default: the built-in weights")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--cfg", type=float, default=None, help="default: the config's sample_cfg")
     p.add_argument("--eval-videos", type=int, default=48, help="held-out videos for quality.md")
     a = p.parse_args(argv)
     model = load_weights(a.weights)
@@ -76,7 +77,17 @@ def main(argv=None):
     print(OUT)
 
 
-def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, given_seconds: float) -> str:
+def sampler_settings(cfg, with_cfg: bool = True) -> str:
+    """The config's sampler settings, as quality.md states them."""
+    parts = [f"sample_shift {cfg.sample_shift:g}", f"sample_eta {cfg.sample_eta:g}"]
+    if with_cfg:
+        parts.append(f"sample_cfg {cfg.sample_cfg:g}")
+    if cfg.sample_cfg_min_t > 0:
+        parts.append(f"sample_cfg_min_t {cfg.sample_cfg_min_t:g} (no guidance at t <= it)")
+    return ", ".join(parts)
+
+
+def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float) -> str:
     """Markdown table of scene fidelity, real against generated, on held-out synthetic videos."""
     from pfp.data import SyntheticMultiShotVideos
     from pfp.eval import scene_fidelity
@@ -114,8 +125,9 @@ def quality(model, n_videos: int, steps: int, cfg_scale: float, seconds: float, 
         return sum(vals) / len(vals)
 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
-             f"synthetic videos (seed 999), {steps} steps, CFG {cfg_scale:g}, the config's sample_shift "
-             f"{cfg.sample_shift:g} and sample_eta {cfg.sample_eta:g}; {time.time() - t0:.0f} s. palette: the "
+             f"synthetic videos (seed 999), {steps} steps, "
+             + (f"CFG {cfg_scale:g}, " if cfg_scale is not None else "")
+             + f"the config's {sampler_settings(cfg, cfg_scale is None)}; {time.time() - t0:.0f} s. palette: the "
              "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present "
              "(>= 1% of the pixels); shape: IoU of a present sprite's colour mask with its own shape, best "
              "placement.", "",

@@ -80,8 +80,8 @@ def chunk_plan(config, seconds: float) -> int:
 
 
 @torch.no_grad()
-def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
-             shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
+def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: Optional[float] = None,
+             cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
              size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
@@ -99,6 +99,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     ``vae.encode`` of its frames): those chunks are taken as given instead of sampled (decoded,
     compressed and cached exactly like sampled ones), and generation continues after them, so the
     result shows what the model remembers of that history. ``k`` must be < the number of chunks.
+
+    cfg, cfg_min_t, shift, eta: the sampler's settings (:func:`pfp.sampler.sample`); None takes the
+    model config's ``sample_cfg``, ``sample_cfg_min_t``, ``sample_shift`` and ``sample_eta``.
     """
     from tqdm import tqdm
 
@@ -128,6 +131,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
         history = history.to(device=device, dtype=torch.float32)
     shift = config.sample_shift if shift is None else shift
     eta = config.sample_eta if eta is None else eta
+    cfg = config.sample_cfg if cfg is None else cfg
+    cfg_min_t = config.sample_cfg_min_t if cfg_min_t is None else cfg_min_t
     generator = torch.Generator().manual_seed(int(seed))
     stream = compressor.stream(1)
     decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
@@ -157,7 +162,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 bar.update(steps)
             else:
                 x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
-                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, shift=shift, eta=eta, generator=generator,
+                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift, eta=eta, generator=generator,
                            t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
             t1 = time.perf_counter()
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
@@ -240,7 +245,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-sheet", default=None, help="also write a PNG of every frame (one row per chunk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=16, help="denoising steps per chunk (1-1000, default %(default)s)")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off; 0-50)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = off, 0-50 (default: the model's)")
+    p.add_argument("--cfg-min-t", type=float, default=None,
+                   help="no guidance at steps with t <= this, in [0, 1], 0 = guidance at every step "
+                        "(default: the model's)")
     p.add_argument("--shift", type=float, default=None, help="sampling timestep shift (default: the model's)")
     p.add_argument("--eta", type=float, default=None,
                    help="sampler stochasticity in [0, 1], 0 = deterministic Euler (default: the model's)")
@@ -264,8 +273,10 @@ def _check_args(ns, config) -> None:
         raise InputError("give --storyboard or --prompt, not both")
     if not 1 <= ns.steps <= 1000:
         raise InputError(f"--steps must be in 1..1000, got {ns.steps}")
-    if not (math.isfinite(ns.cfg) and 0 <= ns.cfg <= 50):
+    if ns.cfg is not None and not (math.isfinite(ns.cfg) and 0 <= ns.cfg <= 50):
         raise InputError(f"--cfg must be in [0, 50], got {ns.cfg}")
+    if ns.cfg_min_t is not None and not 0.0 <= ns.cfg_min_t <= 1.0:
+        raise InputError(f"--cfg-min-t must be in [0, 1] (0: guidance at every step), got {ns.cfg_min_t}")
     if ns.shift is not None and not (math.isfinite(ns.shift) and 0 < ns.shift <= 100):
         raise InputError(f"--shift must be in (0, 100], got {ns.shift}")
     if ns.eta is not None and not 0.0 <= ns.eta <= 1.0:
@@ -401,8 +412,8 @@ def main(argv=None) -> int:
         chunk_plan(config, seconds)
         upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
         t0 = time.perf_counter()
-        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, shift=ns.shift, eta=ns.eta,
-                          device=device, size=size, progress=not ns.quiet)
+        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_min_t=ns.cfg_min_t,
+                          shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet)
         write_mp4(result.video, ns.out, config.fps, upscale)
         if ns.contact_sheet:
             write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,

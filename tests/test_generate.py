@@ -97,6 +97,52 @@ def test_sampler_eta(weights):
             sample(model.backbone, shape, text, None, eta=bad, steps=1)
 
 
+def test_sampler_guidance_interval(weights):
+    """cfg_min_t: steps at t <= cfg_min_t run the conditional branch alone (batch B, not 2B)."""
+    from pfp.weights import load_weights
+    model = load_weights(weights)
+    text, mask = model.encode_text(["a red circle on a blue background"])
+    un, umask = model.encode_text([""])
+    shape = (1, model.backbone.latent_channels, 4, 8, 8)
+    kw = dict(uncond_text=un, text_mask=mask, uncond_text_mask=umask, steps=4, shift=1.0, eta=0.5, seed=3)
+    batches = []
+    hook = model.backbone.register_forward_pre_hook(lambda mod, args: batches.append(args[0].shape[0]))
+    try:
+        # the schedule is 1, 0.75, 0.5, 0.25 -> guided, guided, unguided, unguided
+        split = sample(model.backbone, shape, text, None, cfg=3.0, cfg_min_t=0.6, **kw)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 1, 1]
+    every = sample(model.backbone, shape, text, None, cfg=3.0, **kw)
+    assert torch.equal(every, sample(model.backbone, shape, text, None, cfg=3.0, cfg_min_t=0.0, **kw))
+    never = sample(model.backbone, shape, text, None, cfg=1.0, **kw)
+    torch.testing.assert_close(sample(model.backbone, shape, text, None, cfg=3.0, cfg_min_t=1.0, **kw), never,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(split, every, atol=1e-3) and not torch.allclose(split, never, atol=1e-3)
+    for bad in (-0.1, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="cfg_min_t must be in"):
+            sample(model.backbone, shape, text, None, cfg=3.0, cfg_min_t=bad, **kw)
+
+
+def test_generate_takes_the_sampler_settings_from_the_config(weights):
+    from pfp.weights import load_weights
+    model = load_weights(weights)
+    model.config = dataclasses.replace(model.config, sample_cfg=3.0, sample_cfg_min_t=0.7, sample_eta=0.5)
+    story = Storyboard.single("a red circle on a blue background", 1.0)
+    run = lambda **kw: generate(model, story, 1.0, steps=3, seed=2, progress=False, **kw).latents  # noqa: E731
+    default = run()  # 3 steps at the config's shift 3: t = 1, 0.86, 0.6 (the last one unguided)
+    assert torch.equal(default, run(cfg=3.0, cfg_min_t=0.7, eta=0.5))
+    assert not torch.equal(default, run(cfg_min_t=0.0)) and not torch.equal(default, run(cfg=2.0))
+
+
+@pytest.mark.parametrize("field,value,expect", [("sample_cfg", -1.0, "config sample_cfg -1.0 is not valid"),
+                                                ("sample_cfg", float("nan"), "config sample_cfg nan is not valid"),
+                                                ("sample_cfg_min_t", 1.5, "config sample_cfg_min_t 1.5 is not valid")])
+def test_sampler_config_errors(field, value, expect):
+    with pytest.raises(ValueError, match=expect):
+        dataclasses.replace(tiny_config(), **{field: value}).check()
+
+
 def test_generate_writes_decodable_mp4_with_expected_frames(weights, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(STORY))
     r = _run(["--checkpoint", weights, "--storyboard", "s.json", "--seconds", "1.5", "--steps", "2", "--out",
@@ -168,6 +214,7 @@ def _bad_cases(tmp_path, weights):
         (ck + ["--context-mode", "joint"], "context_mode"),
         (ck + ["--steps", "0"], "--steps"),
         (ck + ["--cfg", "-1"], "--cfg"),
+        (ck + ["--cfg-min-t", "1.5"], "--cfg-min-t must be in [0, 1]"),
         (ck + ["--eta", "1.5"], "--eta must be in [0, 1]"),
         (ck + ["--device", "tpu"], "--device"),
         (ck + ["--seed", "x"], "--seed"),

@@ -13,6 +13,7 @@ so the files store it once, under ``backbone.patch_embedding``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -46,6 +47,8 @@ class PFPConfig:
                                                "mlp_ratio": 3.0, "freq_dim": 64})
     sample_shift: float = 3.0             # sampling timestep shift (Wan's flow shift)
     sample_eta: float = 0.0               # sampler stochasticity (pfp.sampler.sample; 0: Euler ODE)
+    sample_cfg: float = 2.0               # classifier-free guidance scale (1: off)
+    sample_cfg_min_t: float = 0.0         # no guidance at steps with t <= this (0: guidance at every step)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -153,6 +156,12 @@ class PFPConfig:
         if not (isinstance(self.sample_eta, (int, float)) and 0.0 <= self.sample_eta <= 1.0):
             raise ValueError(f"config sample_eta {self.sample_eta!r} is not valid; use a number in [0, 1] "
                              "(0: deterministic Euler)")
+        if not (isinstance(self.sample_cfg, (int, float)) and math.isfinite(self.sample_cfg)
+                and 0.0 <= self.sample_cfg <= 50.0):
+            raise ValueError(f"config sample_cfg {self.sample_cfg!r} is not valid; use a number in [0, 50] (1: no guidance)")
+        if not (isinstance(self.sample_cfg_min_t, (int, float)) and 0.0 <= self.sample_cfg_min_t <= 1.0):
+            raise ValueError(f"config sample_cfg_min_t {self.sample_cfg_min_t!r} is not valid; use a number in [0, 1] "
+                             "(0: guidance at every step)")
         r = parse_rate(self.rate)
         h, w = self.video_size
         tf = self.vae_temporal
