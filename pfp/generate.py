@@ -162,8 +162,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 bar.update(steps)
             else:
                 x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
-                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift, eta=eta, generator=generator,
-                           t_start=float(k * lat_shape[2]), device=device, on_step=lambda i: bar.update(1))
+                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift,
+                           eta=eta, generator=generator, t_start=float(k * lat_shape[2]), device=device,
+                           on_step=lambda i: bar.update(1))
             t1 = time.perf_counter()
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
             t2 = time.perf_counter()

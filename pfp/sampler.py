@@ -70,8 +70,9 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
 
     text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
-    when ``cfg != 1``. cfg_min_t in [0, 1]: steps at ``t <= cfg_min_t`` are unguided. context: a ``pfp.Context`` (batch 1 or B), in cached mode also a ``ContextKV``
-    (then nothing is recomputed here), or None for the first chunk.
+    when ``cfg != 1``. cfg_min_t in [0, 1]: steps at ``t <= cfg_min_t`` are unguided. context: a
+    ``pfp.Context`` (batch 1 or B), in cached mode also a ``ContextKV`` (then nothing is recomputed
+    here), or None for the first chunk.
     t_start: token-grid time of the chunk's first frame (its RoPE position after the history).
     The initial noise (and with ``eta > 0`` each step's fresh noise) comes from ``generator`` or a
     CPU generator seeded with ``seed``.

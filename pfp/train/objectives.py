@@ -214,5 +214,5 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
-__all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega", "pretrain_loss",
-           "finetune_loss", "encode_clip"]
+__all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega",
+           "pretrain_loss", "finetune_loss", "encode_clip"]

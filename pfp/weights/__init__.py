@@ -158,7 +158,8 @@ class PFPConfig:
                              "(0: deterministic Euler)")
         if not (isinstance(self.sample_cfg, (int, float)) and math.isfinite(self.sample_cfg)
                 and 0.0 <= self.sample_cfg <= 50.0):
-            raise ValueError(f"config sample_cfg {self.sample_cfg!r} is not valid; use a number in [0, 50] (1: no guidance)")
+            raise ValueError(f"config sample_cfg {self.sample_cfg!r} is not valid; use a number in [0, 50] "
+                             "(1: no guidance)")
         if not (isinstance(self.sample_cfg_min_t, (int, float)) and 0.0 <= self.sample_cfg_min_t <= 1.0):
             raise ValueError(f"config sample_cfg_min_t {self.sample_cfg_min_t!r} is not valid; use a number in [0, 1] "
                              "(0: guidance at every step)")
