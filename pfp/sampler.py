@@ -99,9 +99,11 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     if cfg != 1.0:
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
     ts = timestep_schedule(steps, shift, device=device)
+    # decided once, on the host: reading t inside the loop would sync a GPU at every step
+    guided = [cfg != 1.0 and t > cfg_min_t for t in ts[:-1].tolist()]
     for i in range(steps):
         t = ts[i]
-        if cfg != 1.0 and float(t) > cfg_min_t:
+        if guided[i]:
             v = backbone(torch.cat([x, x]), t.expand(2 * b), pair, ctx, t_start=t_start, text_mask=pair_mask)
             v_cond, v_uncond = v.float().chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
