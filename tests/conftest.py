@@ -1,12 +1,16 @@
 import os
 
-# The Triton kernels run on CPU tensors only under the interpreter, and pfp_kernels reads this
-# flag at import time, so it is set before anything imports pfp_kernels.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The Triton kernels run on CPU tensors only under the interpreter, and pfp_kernels reads this
+# flag at import time, so it is set before anything imports pfp_kernels. On a machine with a GPU
+# the kernels run compiled instead (tests/test_cuda.py); the interpreter-only tests then skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Deterministic mode (the NaN poison below) needs a fixed cuBLAS workspace on CUDA.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture(autouse=True)
