@@ -35,6 +35,7 @@ The gradient through a returned lse is exact (it enters as ``delta = rowsum(dO*O
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from typing import Optional
 
@@ -177,29 +178,64 @@ def _merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, 
 # ----------------------------------------------------------------------------------------------
 # optional libraries
 # ----------------------------------------------------------------------------------------------
+# Which optional packages are installed, looked up once by find_spec (which does not import them).
+# torch.compile cannot trace an import, so while it traces, the backend choice answers from this
+# table and from imports already tried; the backend's op imports the package when it runs.
+_OPTIONAL_PACKAGES = ("flash_attn_interface", "flash_attn", "xformers")
+_INSTALLED = {name: importlib.util.find_spec(name) is not None for name in _OPTIONAL_PACKAGES}
+_imported: dict = {}          # module name -> module, for imports that succeeded
+_import_failures: dict = {}   # module name -> why the import failed
+
+
 def _import(name: str):
-    try:
-        return importlib.import_module(name), None
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        return None, f"{name} is not importable ({type(exc).__name__}: {exc})"
+    """(module, None) or (None, reason); each module is imported at most once."""
+    if name not in _imported and name not in _import_failures:
+        top = name.split(".")[0]
+        if not _INSTALLED.get(top, True):
+            _import_failures[name] = f"{top} is not installed"
+        else:
+            try:
+                _imported[name] = importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+                _import_failures[name] = f"{name} is not importable ({type(exc).__name__}: {exc})"
+    return _imported.get(name), _import_failures.get(name)
 
 
-def _flash_attn_function(device: torch.device):
-    """(flash_attn_func, None) or (None, reason): FA3 on sm_90, FA2 on other archs (FA3 is
-    Hopper-only: never on Ada sm_89)."""
+def _why_not_importable(name: str) -> Optional[str]:
+    """None if ``name`` imports (or, while torch.compile traces, is installed and has not failed)."""
+    top = name.split(".")[0]
+    if not _INSTALLED.get(top, True):
+        return f"{top} is not installed"
+    if torch.compiler.is_compiling():
+        return _import_failures.get(name)
+    return _import(name)[1]
+
+
+def _flash_attn_module(device: torch.device):
+    """(module name, None) or (None, reason): FA3 (flash_attn_interface) on sm_90, FA2 (flash_attn)
+    on other archs (FA3 is Hopper-only: never on Ada sm_89)."""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) == (9, 0):
-        mod, why3 = _import("flash_attn_interface")
-        if mod is not None:
-            return mod.flash_attn_func, None
+        why3 = _why_not_importable("flash_attn_interface")
+        if why3 is None:
+            return "flash_attn_interface", None
     else:
         why3 = f"FA3 is Hopper-only (sm_90), this GPU is sm_{major}{minor}"
-    mod, why2 = _import("flash_attn")
-    if mod is None:
+    why2 = _why_not_importable("flash_attn")
+    if why2 is not None:
         return None, f"{why3}; FA2: {why2}"
     if major < 8:
         return None, f"flash-attn 2 needs sm_80 or newer, this GPU is sm_{major}{minor}"
-    return mod.flash_attn_func, None
+    return "flash_attn", None
+
+
+def _flash_attn_function(device: torch.device):
+    """(flash_attn_func, None) or (None, reason)."""
+    name, why = _flash_attn_module(device)
+    if name is None:
+        return None, why
+    mod, why = _import(name)
+    return (mod.flash_attn_func, None) if mod is not None else (None, why)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +272,7 @@ def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tens
     if device.type != "cuda":
         reasons["flash_attn"] = f"flash-attn needs CUDA tensors, got {device.type}"
     else:
-        _, why = _flash_attn_function(device)
+        _, why = _flash_attn_module(device)
         if why is None:
             why = _dtype_reason(dtype, (torch.float16, torch.bfloat16))
         if why is None and (head_dim > 256 or head_dim % 8 != 0):
@@ -246,8 +282,10 @@ def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tens
     if device.type != "cuda":
         reasons["xformers"] = f"xformers needs CUDA tensors, got {device.type}"
     else:
-        mod, why = _import("xformers.ops.fmha")
-        if mod is not None and not hasattr(mod, "memory_efficient_attention_partial"):
+        why = _why_not_importable("xformers.ops.fmha")
+        # (while torch.compile traces, the version check waits for the op: it cannot import)
+        if (why is None and not torch.compiler.is_compiling()
+                and not hasattr(_import("xformers.ops.fmha")[0], "memory_efficient_attention_partial")):
             why = "this xformers has no memory_efficient_attention_partial (needs xformers >= 0.0.23)"
         if why is None:
             why = _dtype_reason(dtype, _KERNEL_DTYPES)
@@ -344,7 +382,10 @@ def _joint_attention_flash_attn_impl(q, k, v, context_k, context_v, scale):
 def _joint_attention_xformers_impl(q, k, v, context_k, context_v, scale):
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return _empty_result(q)
-    from xformers.ops import fmha
+    fmha, why = _import("xformers.ops.fmha")
+    if fmha is None or not hasattr(fmha, "memory_efficient_attention_partial"):
+        raise RuntimeError("joint_attention: xformers backend unavailable: " + (
+            why or "this xformers has no memory_efficient_attention_partial (needs xformers >= 0.0.23)"))
     parts = []
     for sk, sv in _segments(q, k, v, context_k, context_v):
         out, lse = fmha.memory_efficient_attention_partial(q, sk, sv, scale=scale)

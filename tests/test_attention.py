@@ -323,6 +323,22 @@ def test_torch_compile_fullgraph():
     _close(lse, want_lse, 2e-5, "compiled lse")
 
 
+def test_optional_backends_are_not_imported_while_torch_compile_traces(monkeypatch):
+    # Dynamo cannot trace an import (seen on an H100: fullgraph=True failed inside the flash-attn
+    # probe). While tracing, an installed package counts as available until an import has failed,
+    # and its op imports it when it runs; a missing one is reported without trying.
+    from pfp_kernels import attention
+    monkeypatch.setattr(attention, "_INSTALLED", {**attention._INSTALLED, "xformers": True, "flash_attn": False})
+    monkeypatch.setattr(attention, "_imported", {})
+    monkeypatch.setattr(attention, "_import_failures", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert attention._why_not_importable("xformers.ops.fmha") is None
+    assert attention._why_not_importable("flash_attn") == "flash_attn is not installed"
+    assert not attention._imported and not attention._import_failures  # nothing was imported
+    attention._import_failures["xformers.ops.fmha"] = "broken"
+    assert attention._why_not_importable("xformers.ops.fmha") == "broken"
+
+
 # ----------------------------------------------------------------------------------------------
 # backend choice and bad inputs
 # ----------------------------------------------------------------------------------------------
