@@ -82,6 +82,25 @@ def test_forward_shapes_and_batch1_context_broadcast(mode):
     torch.testing.assert_close(v[:1], v0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["joint", "cached"])
+def test_bf16_weights_run_and_track_fp32(mode):
+    # A model cast to bf16 (how a GPU user runs inference) takes bf16 inputs end to end.
+    m = _tiny(mode)
+    m16 = _tiny(mode).to(torch.bfloat16)
+    x = torch.randn(2, 8, 2, 4, 6)
+    ctx = _context(3, 1, 2, 48)
+    text = torch.randn(2, 5, 16)
+    t = torch.tensor([0.2, 0.9])
+    with torch.no_grad():
+        want = m(x, t, text, ctx, t_start=6)
+        ctx16 = _Ctx(ctx.tokens.bfloat16(), ctx.positions)
+        got = m16(x.bfloat16(), t, text.bfloat16(), m16.cache_context(ctx16) if mode == "cached" else ctx16,
+                  t_start=6)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 3e-2, err
+
+
 def test_context_changes_the_prediction_in_both_modes():
     x = torch.randn(1, 8, 2, 4, 6)
     text = torch.randn(1, 5, 16)

@@ -50,6 +50,16 @@ class TinyDiTConfig:
         return d
 
 
+class _FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever its parameters' dtype, as Wan's: the blocks feed their
+    norms fp32 activations, and a model cast to bf16 keeps bf16 norm weights."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
 class _Attention(nn.Module):
     def __init__(self, dim: int, kv_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -66,7 +76,7 @@ class _Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.attn1 = _Attention(dim, dim, eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm2 = _FP32LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.attn2 = _Attention(dim, dim, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
@@ -114,7 +124,9 @@ class TinyDiT(WanStyleBackbone):
         nn.init.zeros_(self.proj_out.bias)
 
     def embed_time(self, t: Tensor, extra: Tensor | None = None):
-        temb = self.time_embedder(sinusoidal_embedding(t * 1000.0, self.freq_dim))
+        # the sinusoid is built in fp32; a model cast to bf16/fp16 takes it in its own dtype
+        freq = sinusoidal_embedding(t * 1000.0, self.freq_dim).to(self.time_embedder[0].weight.dtype)
+        temb = self.time_embedder(freq)
         if extra is not None:
             temb = temb + extra
         mod = self.time_proj(nn.functional.silu(temb)).unflatten(-1, (6, -1))
