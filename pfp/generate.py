@@ -79,6 +79,14 @@ def chunk_plan(config, seconds: float) -> int:
     return int(round(n))
 
 
+def _clock(device: torch.device) -> float:
+    """Host time after the device's queued work: CUDA runs asynchronously, so the per-phase timings
+    (one sync per phase per chunk, none inside the sampler's steps) wait for it first."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: Optional[float] = None,
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
@@ -156,7 +164,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             bar.set_description(f"chunk {k + 1}/{n_chunks}")
             text, text_mask = encode(prompt)
             context = cache if backbone.context_mode == "cached" else stream.context
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             if k < n_given:
                 x = history[:, :, k * lat_shape[2]:(k + 1) * lat_shape[2]]
                 bar.update(steps)
@@ -165,16 +173,16 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                            uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift,
                            eta=eta, generator=generator, t_start=float(k * lat_shape[2]), device=device,
                            on_step=lambda i: bar.update(1))
-            t1 = time.perf_counter()
+            t1 = _clock(device)
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
-            t2 = time.perf_counter()
+            t2 = _clock(device)
             lr_video = to_low_res_part(frames, spec, start=frames_done)       # low res, low fps
             lr = lr_encoder.encode(lr_video)                                  # re-encoded (causally)
             frames_done += frames.shape[2]
             new = stream.append(x, lr)                                       # compresses only this chunk
             if backbone.context_mode == "cached":
                 cache = backbone.cache_context(new, cache)                   # K/V of the new tokens only
-            t3 = time.perf_counter()
+            t3 = _clock(device)
             timings.append({"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
                             "context_tokens": stream.num_tokens})
             videos.append(frames[0].float().cpu())

@@ -166,6 +166,8 @@ def test_streaming_inside_generate_matches_full_compression(mode, lr_phase):
         model.backbone.proj_out.weight.normal_(0, 0.05)
     res = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, cfg=2.0, progress=False)
     assert res.video.shape == (3, 12, 32, 32)
+    # sampling records no autograd graph (the weights require grad here)
+    assert not res.context.tokens.requires_grad and not res.latents.requires_grad
     assert res.prompts == [STORY[0]["prompt"], STORY[1]["prompt"], STORY[1]["prompt"]]
     with torch.no_grad():
         # the low-res branch got, chunk by chunk, what training feeds it for the whole video
