@@ -1,4 +1,5 @@
 """Training: a step lowers the loss, resume is bit-exact, 2-process gloo data parallelism agrees."""
+import dataclasses
 import math
 import os
 import socket
@@ -271,3 +272,20 @@ def test_the_loss_weight_floor_is_the_backbones_own_min_t():
     assert _min_t(model.backbone) == 0.2
     apply_lora(model, rank=2)
     assert type(model.backbone).__name__ == "PeftModel" and _min_t(model.backbone) == 0.2
+
+
+def test_several_data_workers_deliver_the_same_batches_in_step_order():
+    from pfp.train.loop import _batches
+    cfg = tiny_config()
+    args = TrainArgs(clip_seconds=1.0, batch_size=2, steps=7, seed=3)
+    dataset = _dataset(args, cfg)
+    want = list(_batches(dataset, dataclasses.replace(args, workers=0), 0, 2))
+    got = list(_batches(dataset, dataclasses.replace(args, workers=3), 0, 2))
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], torch.Tensor):
+                assert torch.equal(g[k], w[k]), k
+            else:
+                assert g[k] == w[k], k

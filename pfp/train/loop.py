@@ -226,7 +226,11 @@ class _StepBatches(torch.utils.data.IterableDataset):
         self.start, self.stop, self.batch_size = start, stop, batch_size
 
     def __iter__(self):
-        for step in range(self.start, self.stop):
+        # With N loader workers, worker i renders steps start+i, start+i+N, ...; the loader takes
+        # one batch from each worker in turn, so the steps still arrive in order.
+        info = torch.utils.data.get_worker_info()
+        first, every = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.start + first, self.stop, every):
             yield _batch(self.dataset, step_generator(self.seed, step, self.rank, "data"), self.batch_size)
 
 
@@ -234,7 +238,7 @@ def _batches(dataset, args: "TrainArgs", rank: int, start: int):
     src = _StepBatches(dataset, args.seed, rank, start, args.steps, args.batch_size)
     if args.workers <= 0:
         return iter(src)
-    loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=1, prefetch_factor=4,
+    loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=args.workers, prefetch_factor=4,
                                          persistent_workers=False)
     return iter(loader)
 
