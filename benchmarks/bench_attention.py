@@ -6,8 +6,9 @@ CPU: B=1, H=8, D=64, Nc=1365, Nq=Nk=585 (the paper's context of one chunk at sma
 fp32 and bf16. The baseline ``sdpa_concat`` is ``F.scaled_dot_product_attention(q, cat(ctx_k, k),
 cat(ctx_v, v))`` with the concatenation inside the timed call (the layout transposes are views).
 CUDA (skipped without a GPU): the paper's scale, B=1, H=24, D=128, Nc=5460, Nq=Nk=2340, bf16,
-in TFLOP/s (4*B*H*Nq*(Nc+Nk)*D flops per forward) against SDPA over the concatenation and
-flash-attn where installed.
+forward and forward+backward, in TFLOP/s (4*B*H*Nq*(Nc+Nk)*D flops per forward) against SDPA over
+the concatenation (PyTorch's choice, and each of its fused kernels forced) and flash-attn where
+installed, timed with CUDA events (benchmarks/_timing.py).
 
 Each section writes a markdown table to benchmarks/results/ when its benchmarks ran (not with
 --benchmark-disable): each backend's minimum and its ratio to the baseline measured in this run. On
@@ -116,11 +117,7 @@ def _tables():
     yield
     _write_table("cpu", "cpu_attention.md", CPU_SHAPE,
                  how=f"{CPU_INTERLEAVED_ROUNDS} rounds interleaved across the backends")
-    if _measured["cuda"]:
-        s = CUDA_SHAPE
-        flops = 4 * s["B"] * s["H"] * s["N"] * (s["Nc"] + s["N"]) * s["D"]
-        card = torch.cuda.get_device_name().replace(" ", "_")
-        _write_table("cuda", f"cuda_attention_{card}.md", CUDA_SHAPE, flops)
+    _write_cuda_table()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,23 +148,108 @@ def test_cpu_joint_attention(benchmark, impl, dtype):
 # ----------------------------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", [BASELINE, "triton", "flash_attn", "sdpa", "xformers"])
-def test_cuda_joint_attention(benchmark, impl):
+# SDPA over the concatenation with each of PyTorch's fused CUDA kernels forced: FlashAttention-2
+# (built into PyTorch), cuDNN's attention, and the memory-efficient (xformers-derived) kernel.
+SDPA_FORCED = {"sdpa_concat_flash": "FLASH_ATTENTION", "sdpa_concat_cudnn": "CUDNN_ATTENTION",
+               "sdpa_concat_efficient": "EFFICIENT_ATTENTION"}
+CUDA_FWD = (BASELINE, *SDPA_FORCED, "triton", "sdpa", "flash_attn", "xformers")
+CUDA_FWD_BWD = (BASELINE, *SDPA_FORCED, "triton", "flash_attn")
+
+
+def _cuda_runner(impl, inputs):
+    if impl in SDPA_FORCED:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, SDPA_FORCED[impl])
+
+        def forced():
+            with sdpa_kernel(backend):
+                return _sdpa_concat(*inputs)
+        return forced
+    return _runner(impl, inputs)
+
+
+def _cuda_contenders(names, inputs, backward=False):
+    """{name: callable} of the contenders that run these inputs, and {name: why not} of the rest."""
+    runnable, skipped = {}, {}
+    reasons = pk.attention_backends(*inputs)
+    want = _sdpa_concat(*inputs).float()
+    for name in names:
+        if name in reasons and reasons[name] is not None:
+            skipped[name] = reasons[name]
+            continue
+        fn = _cuda_runner(name, inputs)
+        try:
+            out = fn()
+        except RuntimeError as exc:  # a forced SDPA kernel that cannot take these inputs
+            skipped[name] = str(exc).strip().splitlines()[0][:160]
+            continue
+        err = ((out.float() - want).norm() / want.norm()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.3g} against sdpa_concat"
+        if backward:
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            fwd = _cuda_runner(name, leaves)
+            grad = torch.randn_like(inputs[0])
+            fn = (lambda fwd=fwd, leaves=leaves, grad=grad:
+                  torch.autograd.grad(fwd(), leaves, grad))
+        runnable[name] = fn
+    return runnable, skipped
+
+
+_cuda_skipped: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+def test_cuda_joint_attention(benchmark, direction):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the paper-scale CUDA benchmark needs a GPU")
+    from _timing import cuda_times
     inputs = _inputs(CUDA_SHAPE, torch.bfloat16, "cuda")
-    if impl != BASELINE:
-        why = pk.attention_backends(*inputs)[impl]
-        if why is not None:
-            pytest.skip(f"{impl}: {why}")
-    benchmark.group = "cuda bfloat16"
-    fn = _runner(impl, inputs)
+    backward = direction != "forward"
+    fns, skipped = _cuda_contenders(CUDA_FWD_BWD if backward else CUDA_FWD, inputs, backward)
+    _cuda_skipped.update(skipped)
+    benchmark.group = f"cuda bfloat16 {direction}"
+    benchmark.pedantic(lambda: (fns["triton"](), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=2)
+    if not getattr(benchmark, "disabled", False):
+        for impl, t in cuda_times(fns).items():
+            _measured["cuda"][(direction, impl)] = t
 
-    def timed():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
 
-    out = benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=3)
-    torch.testing.assert_close(out.float(), _sdpa_concat(*inputs).float(), atol=2e-2, rtol=0)
-    _record("cuda", ("bfloat16", impl), benchmark)
+def _write_cuda_table():
+    rows = _measured["cuda"]
+    if not rows:
+        return
+    s = CUDA_SHAPE
+    flops = 4 * s["B"] * s["H"] * s["N"] * (s["Nc"] + s["N"]) * s["D"]
+    import triton
+    lines = [f"# joint_attention on CUDA: {torch.cuda.get_device_name()}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, by `pytest benchmarks/bench_attention.py -k cuda "
+             "--benchmark-only`. Shape " + ", ".join(f"{k}={v}" for k, v in s.items())
+             + " (N = Nq = Nk; context batch 1), bf16. Each round times back-to-back calls between CUDA events "
+             "(about 20 ms per round), 20 rounds interleaved across the contenders; min (median). "
+             "Peak: the CUDA allocation during one call above what was allocated before it.", "",
+             "Contenders: `sdpa_concat` F.scaled_dot_product_attention over cat(context, target), the "
+             "concatenation timed, PyTorch's own kernel choice; `sdpa_concat_flash` / `_cudnn` / `_efficient` "
+             "the same with FlashAttention-2 (PyTorch's), cuDNN or the memory-efficient kernel forced; "
+             "`triton` pfp_kernels' fused kernel over the two segments (no concatenation); `sdpa` pfp_kernels' "
+             "split path (SDPA per segment + log-sum-exp merge); `flash_attn` the flash-attn package where installed.",
+             "", f"TFLOP/s: {flops / 1e9:.0f} GFLOP per forward (4 B H Nq (Nc+Nk) D), x 3.5 for forward + backward "
+             "(2.5 x the forward for the backward).", ""]
+    for direction in ("forward", "forward+backward"):
+        mine = {impl: v for (d, impl), v in rows.items() if d == direction}
+        if not mine:
+            continue
+        best_name = min((k for k in mine if k.startswith("sdpa_concat")), key=lambda k: mine[k][0])
+        best = mine[best_name][0]
+        work = flops * (3.5 if direction != "forward" else 1.0)
+        lines += [f"## {direction}", "", f"| backend | min ms (median) | vs {best_name} (fastest SDPA) | TFLOP/s | peak MiB |",
+                  "|---|---:|---:|---:|---:|"]
+        for impl, (tmin, tmed, peak) in sorted(mine.items(), key=lambda kv: kv[1][0]):
+            lines.append(f"| {impl} | {tmin * 1e3:.3f} ({tmed * 1e3:.3f}) | {best / tmin:.2f} | "
+                         f"{work / tmin / 1e12:.0f} | {peak:.0f} |")
+        lines.append("")
+    if _cuda_skipped:
+        lines += ["Not run here: " + "; ".join(f"`{k}`: {v}" for k, v in sorted(_cuda_skipped.items())) + "."]
+    card = torch.cuda.get_device_name().replace(" ", "_")
+    with open(os.path.join(RESULTS, f"cuda_attention_{card}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

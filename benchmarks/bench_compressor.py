@@ -318,15 +318,19 @@ def _write_cpu() -> None:
     (RESULTS / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
 
 
+def _ms2(v) -> str:
+    return f"{v * 1e3:.2f} ms"
+
+
 def _write_cuda(r: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = (f"# pfp.MemoryCompressor on CUDA\n\n{time.strftime('%Y-%m-%d %H:%M')}, {r['device']}, torch "
             f"{torch.__version__}, bf16, full 480p scale, rate {RATE}, inner dim {INNER}, impls: {r['impls']}.\n\n"
             "| what | time |\n| --- | --- |\n"
-            f"| full compression, 20 s (5460 tokens) | {_ms(r['min_s'])} (peak alloc {r['peak_alloc_mib']:.0f} MiB) |\n"
-            f"| append 1 s to 2 s of history | {_ms(r['append_2s_s'])} |\n"
-            f"| append 1 s to 20 s of history | {_ms(r['append_20s_s'])} |\n"
-            f"| full recompute of 21 s | {_ms(r['recompute_21s_s'])} |\n")
+            f"| full compression, 20 s (5460 tokens) | {_ms2(r['min_s'])} (peak alloc {r['peak_alloc_mib']:.0f} MiB) |\n"
+            f"| append 1 s to 2 s of history | {_ms2(r['append_2s_s'])} |\n"
+            f"| append 1 s to 20 s of history | {_ms2(r['append_20s_s'])} |\n"
+            f"| full recompute of 21 s | {_ms2(r['recompute_21s_s'])} |\n")
     (RESULTS / "cuda_compressor.md").write_text(text)
 
 

@@ -22,9 +22,10 @@ CPU at 1/4 spatial scale (H=15, W=26), fp32 and bf16:
 Streaming (CPU, fp32, the whole 4-stage causal stack through pfp_kernels.nn.CausalConv3dAct,
 impl="auto"): appending a 6-frame chunk after 120 frames of history vs after 12 frames, and
 vs recomputing the stack over all 126 frames from scratch.
-CUDA (skipped without a GPU): full scale, Triton bf16 vs cuDNN conv3d + SiLU.
+CUDA (skipped without a GPU): full scale, bf16: Triton against cuDNN conv3d + SiLU, the cuDNN conv
+alone, and torch.compile of the pair, in CUDA-event-timed rounds (benchmarks/_timing.py).
 
-Tables are written to benchmarks/results/cpu_conv.md and cuda_conv.md at the end of the module
+Tables are written to benchmarks/results/cpu_conv.md and cuda_conv_<card>.md at the end of the module
 when the benchmarks ran (not under --benchmark-disable).
 """
 from __future__ import annotations
@@ -210,29 +211,42 @@ def test_cpu_streaming(benchmark, case, threads):
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA: Triton bf16 vs cuDNN conv3d + SiLU at full scale
+# CUDA: Triton bf16 vs cuDNN at full scale
 # ----------------------------------------------------------------------------------------------
-CUDA_CASES = [(name, impl) for name, *_ in STAGES for impl in ("triton", "cudnn")]
+CUDA_IMPLS = ("triton", "cudnn_silu", "cudnn_conv", "compiled")
 
 
-@pytest.mark.parametrize("stage,impl", CUDA_CASES)
-def test_cuda_stage(benchmark, stage, impl):
+def _cuda_contenders(x, w, b, stride):
+    """triton: pfp_kernels' fused kernel. cudnn_silu: cuDNN conv3d (+bias) then SiLU, what eager
+    PyTorch runs. cudnn_conv: the cuDNN conv alone, no activation (a floor for any cuDNN-based
+    version). compiled: torch.compile of conv3d + SiLU (cuDNN conv, Inductor's fused epilogue)."""
+    torch.backends.cudnn.benchmark = True
+    eager = lambda: F.silu(F.conv3d(x, w, b, stride, 1))  # noqa: E731
+    compiled_fn = torch.compile(lambda x_, w_, b_: F.silu(F.conv3d(x_, w_, b_, stride, 1)))
+    return {"triton": lambda: pk.conv3d_act(x, w, b, stride, 1, impl="triton"),
+            "cudnn_silu": eager,
+            "cudnn_conv": lambda: F.conv3d(x, w, b, stride, 1),
+            "compiled": lambda: compiled_fn(x, w, b)}
+
+
+@pytest.mark.parametrize("stage", [name for name, *_ in STAGES])
+def test_cuda_stage(benchmark, stage):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the Triton-vs-cuDNN section needs a GPU")
+    from _timing import cuda_times
     _, cin, cout, stride, full = next(s for s in STAGES if s[0] == stage)
     x, w, b = _stage_inputs(cin, cout, full, torch.bfloat16, "cuda")
+    fns = _cuda_contenders(x, w, b, stride)
+    ref = fns["cudnn_silu"]().float()
+    got = fns["triton"]()
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"triton vs cuDNN: relative error {err:.3g}"
     benchmark.group = f"cuda {stage} bf16"
-    if impl == "triton":
-        fn = lambda: pk.conv3d_act(x, w, b, stride, 1, impl="triton")  # noqa: E731
-    else:
-        torch.backends.cudnn.benchmark = True
-        fn = lambda: F.silu(F.conv3d(x, w, b, stride, 1))  # noqa: E731
-
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=3)
-    _record("cuda", (stage, impl), benchmark)
+    benchmark.pedantic(lambda: (fns["triton"](), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=2)
+    if not getattr(benchmark, "disabled", False):
+        for impl, (tmin, tmed, peak) in cuda_times(fns).items():
+            _measured["cuda"][(stage, impl)] = (tmin, tmed, peak)
+        _notes[(stage, "cuda", "shape")] = (tuple(x.shape), tuple(got.shape), err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,18 +322,49 @@ def _write_cuda_table():
     m = _measured["cuda"]
     if not m:
         return
-    lines = ["# CUDA conv stages", ""] + _header(torch.cuda.get_device_name())
-    lines += ["Full scale, bf16, batch 1, channels-last-3d. Ratio: Triton time over cuDNN conv3d + SiLU.", "",
-              "| stage | triton ms | cuDNN+SiLU ms | triton/cuDNN |", "| --- | ---: | ---: | ---: |"]
-    for name, *_ in STAGES:
-        t, c = m.get((name, "triton")), m.get((name, "cudnn"))
-        if t is None and c is None:
+    lines = ["# CUDA conv stages", "",
+             f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {torch.cuda.get_device_name()}, torch "
+             f"{torch.__version__}, triton {_triton_version()}, by `pytest benchmarks/bench_conv.py -k cuda "
+             "--benchmark-only`. Full scale, bf16, batch 1, channels-last-3d, kernel 3, padding 1. Each round "
+             "times back-to-back calls between CUDA events (about 20 ms per round), 20 rounds interleaved across "
+             "the contenders; min (median). Peak: the CUDA allocation during one call above what was allocated "
+             "before it (the output included).", "",
+             "Contenders: `triton` pfp_kernels' fused conv + bias + SiLU; `cudnn_silu` F.silu(F.conv3d(...)) "
+             "(eager PyTorch: cuDNN, then a SiLU kernel); `cudnn_conv` the cuDNN conv alone (no activation: a floor "
+             "for any cuDNN-based version); `compiled` torch.compile of conv3d + SiLU. cudnn.benchmark on.", "",
+             "| stage | input -> output | triton ms | cudnn_silu ms | cudnn_conv ms | compiled ms | "
+             "cudnn_silu / triton | best baseline / triton | triton TFLOP/s | triton GB/s | peak MiB triton / cudnn_silu |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, cin, cout, stride, full in STAGES:
+        row = {impl: m.get((name, impl)) for impl in CUDA_IMPLS}
+        if row["triton"] is None:
             continue
-        lines.append(f"| {name} | {t * 1e3 if t else float('nan'):.3f} | {c * 1e3 if c else float('nan'):.3f} | "
-                     f"{(t / c) if (t and c) else float('nan'):.2f} |")
+        (xs, ys, _err) = _notes[(name, "cuda", "shape")]
+        flops = 2 * 27 * cin * cout * ys[2] * ys[3] * ys[4]
+        nbytes = 2 * (cin * xs[2] * xs[3] * xs[4] + cout * ys[2] * ys[3] * ys[4] + cout * cin * 27)
+        t = row["triton"][0]
+
+        def ms(v):
+            return f"{v[0] * 1e3:.3f} ({v[1] * 1e3:.3f})" if v else "n/a"
+        best = min(v[0] for k, v in row.items() if v and k != "triton")
+        lines.append(f"| {name} | {list(xs)} -> {list(ys)} | {ms(row['triton'])} | {ms(row['cudnn_silu'])} | "
+                     f"{ms(row['cudnn_conv'])} | {ms(row['compiled'])} | {row['cudnn_silu'][0] / t:.2f} | "
+                     f"{best / t:.2f} | {flops / t / 1e12:.0f} | {nbytes / t / 1e9:.0f} | "
+                     f"{row['triton'][2]:.0f} / {row['cudnn_silu'][2]:.0f} |")
+    lines += ["", "Ratios > 1: triton is faster. TFLOP/s counts 2 x 27 x Cin x Cout flops per output voxel; GB/s "
+              "counts the input, weight and output read or written once."]
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cuda_conv.md"), "w") as f:
+    card = torch.cuda.get_device_name().replace(" ", "_")
+    with open(os.path.join(RESULTS, f"cuda_conv_{card}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "n/a"
 
 
 @pytest.fixture(scope="module", autouse=True)

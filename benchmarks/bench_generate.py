@@ -6,8 +6,8 @@ compress / denoise / decode.
 - denoise: the sampler's steps for the chunk (batch 2 at the guided steps, 1 at the unguided ones);
 - decode: the VAE decode of the chunk.
 
-Run: ``python benchmarks/bench_generate.py [--threads N] [--runs 3]`` writes
-``benchmarks/results/generate_cpu.md`` (the command's total wall time includes Python start-up,
+Run: ``python benchmarks/bench_generate.py [--threads N] [--runs 3] [--device cpu|cuda]`` writes
+``benchmarks/results/generate_<device>.md`` (the command's total wall time includes Python start-up,
 imports and the mp4 encode). ``pytest benchmarks/bench_generate.py --benchmark-only`` times one
 chunk in-process.
 """
@@ -48,15 +48,22 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "generate_cpu.md"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default=None, help="default benchmarks/results/generate_<device>.md")
     a = p.parse_args(argv)
-    results = [run_cli([], a.threads) for _ in range(a.runs)]
+    a.out = a.out or os.path.join(ROOT, "benchmarks", "results", f"generate_{a.device}.md")
+    results = [run_cli(["--device", a.device], a.threads) for _ in range(a.runs)]
     best = min(results, key=lambda r: r[0])
     walls = sorted(r[0] for r in results)
     rows = best[1]
     threads = a.threads or "default: 1 for the built-in model"
-    lines = [f"# `python -m pfp.generate` (no arguments) on CPU ({os.cpu_count()} cores, threads {threads}, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
+    if a.device == "cuda":
+        import torch
+        where, what = f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "`--device cuda`"
+    else:
+        where, what = f"CPU ({os.cpu_count()} cores, threads {threads}", "no arguments"
+        where += ")"
+    lines = [f"# `python -m pfp.generate` ({what}) on {where}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
              f"Built-in model and storyboard: 4 s, 32x32, 8 fps, 8 chunks of 4 frames, 16 steps, {guidance()}. "
              f"Total wall time of the command over {a.runs} runs: {', '.join(f'{w:.1f}' for w in walls)} s "
              f"(best run below; includes start-up, imports, mp4 encode).", "",

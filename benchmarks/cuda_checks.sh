@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Everything only a GPU can show, in one run: the CUDA tests (Triton kernels compiled for the card,
+# bf16 included), then the CUDA benchmarks, which write their tables to benchmarks/results/
+# (the card's name in each). Each step has its own time limit, and a failed step does not stop
+# the next one.
+#
+#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor
+#                                                 context generate train (default: all, in that order),
+#                                                 sweep (the Triton config sweep; only when named)
+#
+# With OUT set, the log and a tarball of the CUDA results are copied there after every step.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRITON_INTERPRET=0
+LOG=${OUT:+$OUT/cuda_checks.log}
+LOG=${LOG:-/tmp/cuda_checks.log}
+: > "$LOG"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor context generate train)
+
+save() {
+    if [ -n "${OUT:-}" ]; then
+        tar czf "$OUT/cuda_results.tgz" benchmarks/results/*cuda* benchmarks/results/*CUDA* \
+            /tmp/pfp_cuda_junit.xml 2>/dev/null || true
+    fi
+}
+
+run() {  # run LIMIT_S NAME CMD...
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+    save
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+        env)
+            run 60 env bash -c 'nvidia-smi; python3 -c "import sys, torch, triton; print(sys.version); \
+print(torch.__version__, triton.__version__, torch.version.cuda, torch.backends.cudnn.version()); \
+print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python3 -m pfp_kernels.info' ;;
+        tests)
+            # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in parallel
+            run 200 tests python3 -m pytest tests/test_cuda.py -q -rs -n 8 -p no:cacheprovider \
+                --junitxml=/tmp/pfp_cuda_junit.xml ;;
+        attention)
+            run 120 attention python3 -m pytest benchmarks/bench_attention.py -k cuda --benchmark-only -q -rs \
+                -p no:cacheprovider ;;
+        conv)
+            run 150 conv python3 -m pytest benchmarks/bench_conv.py -k cuda --benchmark-only -q -rs -p no:cacheprovider ;;
+        compressor)
+            run 90 compressor python3 -m pytest benchmarks/bench_compressor.py -k cuda --benchmark-only -q -rs \
+                -p no:cacheprovider ;;
+        context)
+            run 120 context python3 benchmarks/bench_context_modes.py --device cuda --shape all ;;
+        sweep)
+            run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160 ;;
+        train)
+            run 100 train python3 benchmarks/bench_train.py --device cuda --workers 6 --threads 4 --steps 40 ;;
+        generate)
+            run 90 generate python3 benchmarks/bench_generate.py --device cuda --runs 3 ;;
+        *)
+            echo "unknown step $step (env tests attention conv compressor context train generate)" | tee -a "$LOG"
+            exit 2 ;;
+    esac
+done
