@@ -288,3 +288,14 @@ def test_picker_returns_table_entries_and_compressor_roles():
     assert tk.pick_config(64, 128, 60 * 30 * 52, torch.bfloat16, cpu) == roles["wide"]
     assert tk.pick_config(128, 256, 60 * 15 * 26, torch.bfloat16, cpu) == roles["wide"]
     assert tk.pick_config(256, 512, 60 * 8 * 13, torch.bfloat16, cpu) == roles["wide_small_m"]
+
+
+def test_picker_uses_the_hopper_table_on_sm90_only(monkeypatch):
+    cpu = torch.device("cpu")
+    hopper, portable = tk.CONV_CONFIGS["16bit_hopper"], tk.CONV_CONFIGS["16bit"]
+    for cap, roles in ((90, hopper), (89, portable), (80, portable)):
+        monkeypatch.setattr(tk, "_capability", lambda device, cap=cap: cap)
+        assert tk.pick_config(16, 64, 60 * 60 * 104, torch.bfloat16, cpu) == roles["narrow"]
+        assert tk.pick_config(64, 128, 60 * 30 * 52, torch.float16, cpu) == roles["wide"]
+        assert tk.pick_config(256, 512, 60 * 8 * 13, torch.bfloat16, cpu) == roles["wide_small_m"]
+        assert tk.pick_config(64, 128, 60 * 30 * 52, torch.float32, cpu) == tk.CONV_CONFIGS["fp32"]["all"]

@@ -241,7 +241,16 @@ class ConvConfig:
 # the RTX 4070's 99 KiB of shared memory. fp32 runs the ieee FMA path, whose dot operands live in
 # registers: one config for all shapes, with 8 warps over a 128x64 tile so that it does not spill.
 # Registers / shared memory of each on sm_90 and sm_89: tests/test_triton_aot_conv.py.
+# 16bit_hopper (sm_90, 227 KiB of shared memory per block): the best spill-free candidates of a
+# sweep on an H100 (benchmarks/results/cuda_sweep_NVIDIA_H100_80GB_HBM3.md, conv3d_act, bf16):
+# K blocks of 64 with 3 stages; stage times 0.148 -> 0.138 ms (narrow), 0.198 -> 0.145 and
+# 0.181 -> 0.142 ms (wide; 4 warps was faster still but spills), 0.167 -> 0.132 ms (wide_small_m).
 CONV_CONFIGS: dict[str, dict[str, ConvConfig]] = {
+    "16bit_hopper": {
+        "narrow": ConvConfig(128, 64, 16, 4, 3),
+        "wide": ConvConfig(128, 128, 64, 8, 3),
+        "wide_small_m": ConvConfig(64, 128, 64, 4, 3),
+    },
     "16bit": {
         "narrow": ConvConfig(128, 64, 16, 4, 4),
         "wide": ConvConfig(128, 128, 32, 8, 4),
@@ -255,8 +264,17 @@ CONV_CONFIGS: dict[str, dict[str, ConvConfig]] = {
 DEFAULT_SM_COUNT = 132  # H100 SXM; used when the device is not CUDA (the interpreter)
 
 
-def _precision_class(dtype: torch.dtype) -> str:
-    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+def _precision_class(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fp32"
+    return "16bit_hopper" if _capability(device) == 90 else "16bit"
+
+
+def _capability(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0  # the interpreter: the portable table
 
 
 def _sm_count(device: torch.device) -> int:
@@ -268,11 +286,13 @@ def _sm_count(device: torch.device) -> int:
 def pick_config(cin: int, cout: int, m: int, dtype: torch.dtype, device: torch.device) -> ConvConfig:
     """The config for a GEMM of M = m rows, N = cout, K = cin per tap (conv or projection).
 
-    Always an entry of ``CONV_CONFIGS[_precision_class(dtype)]``.
+    Always an entry of ``CONV_CONFIGS[_precision_class(dtype, device)]`` (Hopper GPUs have their
+    own 16-bit table).
     """
-    if _precision_class(dtype) == "fp32":
+    cls = _precision_class(dtype, device)
+    if cls == "fp32":
         return CONV_CONFIGS["fp32"]["all"]
-    table = CONV_CONFIGS["16bit"]
+    table = CONV_CONFIGS[cls]
     if cin <= 32 or cout <= 64:
         return table["narrow"]
     tiles = triton.cdiv(m, 128) * triton.cdiv(cout, 128)
