@@ -119,15 +119,19 @@ def sweep_conv(deadline, lines):
         print("\n".join(lines[-(len(times) + len(notes) + 5):]), flush=True)
 
 
+def _attention_inputs(seed: int):
+    """q, k, v [B, N, H, D] and a batch-1 context_k, context_v [1, Nc, H, D] of ATTN_SHAPE, bf16 on the GPU."""
+    s, g = ATTN_SHAPE, torch.Generator().manual_seed(seed)
+
+    def r(batch, n):
+        return torch.randn(batch, n, s["H"], s["D"], generator=g).cuda().bfloat16()
+    return r(s["B"], s["N"]), r(s["B"], s["N"]), r(s["B"], s["N"]), r(1, s["Nc"]), r(1, s["Nc"])
+
+
 def sweep_attention(deadline, lines):
     from pfp_kernels._triton import attention as ta
     s = ATTN_SHAPE
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).cuda().bfloat16()
-    q, k, v = r(s["B"], s["N"], s["H"], s["D"]), r(s["B"], s["N"], s["H"], s["D"]), r(s["B"], s["N"], s["H"], s["D"])
-    ck, cv = r(1, s["Nc"], s["H"], s["D"]), r(1, s["Nc"], s["H"], s["D"])
+    q, k, v, ck, cv = _attention_inputs(seed=0)
     flops = 4 * s["B"] * s["H"] * s["N"] * (s["Nc"] + s["N"]) * s["D"]
     ref_out = pk.joint_attention(q, k, v, ck, cv, impl="sdpa")
     go = torch.randn_like(q)
@@ -188,12 +192,7 @@ def sweep_sdpa_segments(lines):
     """The aten kernels that return the log-sum-exp the merge needs, per segment + merge."""
     from pfp_kernels.attention import _merge_segments, _segments
     s = ATTN_SHAPE
-    g = torch.Generator().manual_seed(1)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).cuda().bfloat16()
-    q, k, v = r(s["B"], s["N"], s["H"], s["D"]), r(s["B"], s["N"], s["H"], s["D"]), r(s["B"], s["N"], s["H"], s["D"])
-    ck, cv = r(1, s["Nc"], s["H"], s["D"]), r(1, s["Nc"], s["H"], s["D"])
+    q, k, v, ck, cv = _attention_inputs(seed=1)
     ref = pk.joint_attention(q, k, v, ck, cv, impl="triton")
     nq = q.shape[1]
 

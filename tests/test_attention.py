@@ -12,6 +12,8 @@ import pfp_kernels as pk
 from pfp_kernels import _dispatch, _extension
 from pfp_kernels.attention import joint_attention_reference
 
+from attention_cases import SHAPES
+
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float64: 1e-9}
 
@@ -46,18 +48,6 @@ def _close(got, want, tol, what):
     scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
     assert not torch.isnan(got).any(), f"{what}: NaN (an element was not written)"
     assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
-
-
-# (B, Nq, Nk, Nc, H, D, context batch): Nc = 0 and 1, Nq = 1, odd lengths past one block,
-# no context, batch-broadcast context, head dims 16..80 (80: a padded, masked head axis).
-SHAPES = [
-    (2, 19, 23, 37, 2, 32, 1),
-    (1, 1, 5, 1, 3, 16, None),
-    (2, 7, 9, 0, 1, 64, None),
-    (1, 5, 130, None, 2, 16, None),
-    (3, 67, 1, 70, 1, 80, 1),
-    (1, 9, 0, 11, 2, 16, None),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -18,6 +18,9 @@ import pfp_kernels as pk
 from pfp_kernels import _dispatch, conv
 from pfp_kernels.attention import joint_attention_reference
 
+from attention_cases import SHAPES as CPU_ATTN_SHAPES
+from conv_cases import make_activation
+
 _WHY_NOT = None
 if not torch.cuda.is_available():
     _WHY_NOT = "no CUDA device (torch.cuda.is_available() is False)"
@@ -77,17 +80,6 @@ def _weights(cout, cin, kernel, dtype, bias=True):
     return w, b
 
 
-def _layout(x, layout):
-    if layout == "cl3":
-        return x.contiguous(memory_format=CL3)
-    if layout == "contiguous":
-        return x.contiguous()
-    wide = torch.cat([x, torch.zeros_like(x)], dim=4)
-    out = wide[..., ::2]  # every other W column: neither contiguous nor channels-last-3d
-    assert not out.is_contiguous() and not out.is_contiguous(memory_format=CL3)
-    return out
-
-
 def test_outputs_are_poisoned():
     assert torch.isnan(torch.empty(64, device=DEV)).all()
 
@@ -98,14 +90,14 @@ def test_outputs_are_poisoned():
 # (B, Cin, Cout, T, H, W, kernel, stride, padding, activation, layout): odd sizes, size 1, and the
 # four compressor stages at a reduced frame count (the channel widths pick the real tile configs).
 CONV_CASES = [
-    (1, 3, 5, 5, 7, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1), "silu", "cl3"),
+    (1, 3, 5, 5, 7, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1), "silu", "channels_last"),
     (2, 16, 8, 4, 5, 5, (3, 1, 3), (2, 1, 3), (1, 0, 1), "silu", "contiguous"),
-    (1, 5, 17, 1, 1, 1, (1, 1, 1), (1, 1, 1), (0, 0, 0), None, "cl3"),
-    (1, 4, 3, 6, 5, 9, (1, 3, 1), (3, 2, 1), (0, 1, 0), "silu", "noncontig"),
-    (1, 16, 64, 8, 30, 52, (3, 3, 3), (2, 1, 1), (1, 1, 1), "silu", "cl3"),
-    (1, 64, 128, 4, 30, 52, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "cl3"),
-    (1, 128, 256, 3, 15, 26, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "cl3"),
-    (2, 256, 512, 2, 15, 26, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "cl3"),
+    (1, 5, 17, 1, 1, 1, (1, 1, 1), (1, 1, 1), (0, 0, 0), None, "channels_last"),
+    (1, 4, 3, 6, 5, 9, (1, 3, 1), (3, 2, 1), (0, 1, 0), "silu", "strided"),
+    (1, 16, 64, 8, 30, 52, (3, 3, 3), (2, 1, 1), (1, 1, 1), "silu", "channels_last"),
+    (1, 64, 128, 4, 30, 52, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "channels_last"),
+    (1, 128, 256, 3, 15, 26, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "channels_last"),
+    (2, 256, 512, 2, 15, 26, (3, 3, 3), (1, 2, 2), (1, 1, 1), "silu", "channels_last"),
 ]
 
 
@@ -113,7 +105,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"case{i}" for i in range(len(CONV_CASES))])
 def test_conv3d_act_matches_fp64_reference(case, dtype):
     b, cin, cout, t, h, w, kernel, stride, padding, act, layout = case
-    x = _layout(torch.randn(b, cin, t, h, w, device=DEV).to(dtype), layout)
+    x = make_activation((b, cin, t, h, w), dtype, layout, device=DEV)
     weight, bias = _weights(cout, cin, kernel, dtype)
     for impl in ("triton", "auto"):
         y = pk.conv3d_act(x, weight, bias, stride, padding, act, impl=impl)
@@ -151,14 +143,14 @@ def test_causal_streaming_equals_reference(kernel, stride, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("shape,cout,layout,with_bias,with_residual", [
-    ((2, 24, 3, 5, 7), 40, "cl3", True, True),
+    ((2, 24, 3, 5, 7), 40, "channels_last", True, True),
     ((1, 5, 1, 1, 1), 1, "contiguous", False, False),
-    ((1, 33, 2, 3, 5), 17, "noncontig", True, False),
-    ((1, 512, 4, 7, 13), 3072, "cl3", True, True),
+    ((1, 33, 2, 3, 5), 17, "strided", True, False),
+    ((1, 512, 4, 7, 13), 3072, "channels_last", True, True),
 ])
 def test_project_tokens_matches_fp64_reference(shape, cout, layout, with_bias, with_residual, dtype):
     b, c, t, h, w = shape
-    x = _layout(torch.randn(*shape, device=DEV).to(dtype), layout)
+    x = make_activation(shape, dtype, layout, device=DEV)
     weight = (torch.randn(cout, c, dtype=torch.float64) / c ** 0.5).to(DEV, dtype)
     bias = torch.randn(cout, device=DEV).to(dtype) if with_bias else None
     residual = torch.randn(b, t * h * w, cout, device=DEV).to(dtype) if with_residual else None
@@ -214,18 +206,9 @@ def test_opcheck_conv_ops():
 # ----------------------------------------------------------------------------------------------
 # joint_attention
 # ----------------------------------------------------------------------------------------------
-# (B, Nq, Nk, Nc, H, D, context batch): Nc = 0 and 1, Nq = 1, no context, Nk = 0, a
-# batch-broadcast context, head dims 16..128 (80: a padded head axis), lengths past many blocks.
-ATTN_SHAPES = [
-    (2, 19, 23, 37, 2, 32, 1),
-    (1, 1, 5, 1, 3, 16, None),
-    (2, 7, 9, 0, 1, 64, None),
-    (1, 5, 130, None, 2, 16, None),
-    (3, 67, 1, 70, 1, 80, 1),
-    (1, 9, 0, 11, 2, 16, None),
-    (1, 333, 333, 777, 3, 128, 1),
-    (2, 1000, 517, 1500, 2, 64, None),
-]
+# (B, Nq, Nk, Nc, H, D, context batch): the CPU tests' shapes, plus D = 128 and lengths past
+# many blocks.
+ATTN_SHAPES = CPU_ATTN_SHAPES + [(1, 333, 333, 777, 3, 128, 1), (2, 1000, 517, 1500, 2, 64, None)]
 
 
 def _attn_inputs(shape, dtype, requires_grad=False):
