@@ -91,7 +91,7 @@ def _machine(device):
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def _write_table(device, path, shape, flops=None, how="30 rounds"):
+def _write_table(device, path, shape, how="30 rounds"):
     rows = _measured[device]
     if not rows:
         return
@@ -101,13 +101,11 @@ def _write_table(device, path, shape, flops=None, how="30 rounds"):
              + ", ".join(f"{k}={v}" for k, v in shape.items())
              + f" (N = Nq = Nk; context batch 1). Baseline `{BASELINE}`: SDPA over cat(context, target), "
              f"the concatenation timed. Ratio = baseline min / backend min over {how} (> 1: faster).", "",
-             "| dtype | backend | min ms | ratio vs sdpa_concat |" + (" TFLOP/s |" if flops else ""),
-             "|---|---|---|---|" + ("---|" if flops else "")]
+             "| dtype | backend | min ms | ratio vs sdpa_concat |", "|---|---|---|---|"]
     for (dtype, impl), t in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE, kv[0][1])):
         base = rows.get((dtype, BASELINE))
         ratio = f"{base / t:.2f}" if base else "n/a"
-        extra = f" {flops / t / 1e12:.1f} |" if flops else ""
-        lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |{extra}")
+        lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |")
     with open(os.path.join(RESULTS, path), "w") as f:
         f.write("\n".join(lines) + "\n")
 
