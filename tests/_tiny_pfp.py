@@ -14,6 +14,30 @@ def tiny_config(context_mode: str = "cached", inner_dim: int = 32) -> PFPConfig:
     )
 
 
+def fixed_batch_losses(mode: str, device: str = "cpu", autocast_dtype=None, steps: int = 8) -> list:
+    """Losses of ``steps`` AdamW steps of the tiny model on one fixed batch, with the same Omega,
+    noise and t every step (so a working training step must lower them)."""
+    import torch
+
+    from pfp.train import ObjectiveConfig, TrainArgs, step_generator
+    from pfp.train.loop import _batch, _dataset, _LossModule
+    from pfp.weights import build_model
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg).to(device)
+    batch = _batch(_dataset(TrainArgs(clip_seconds=1.0), cfg), step_generator(0, 0, 0, "data"), 2)
+    lm = _LossModule(model, mode, ObjectiveConfig(), 4, torch.device(device), autocast_dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = lm(batch, step_generator(0, 0, 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def write_config(path, config: PFPConfig) -> str:
     with open(path, "w") as f:
         json.dump(config.to_dict(), f)

@@ -19,7 +19,7 @@ from pfp_kernels import _dispatch, conv
 from pfp_kernels.attention import joint_attention_reference
 
 from attention_cases import SHAPES as CPU_ATTN_SHAPES
-from conv_cases import make_activation
+from conv_cases import make_activation, poisoned_outputs
 
 _WHY_NOT = None
 if not torch.cuda.is_available():
@@ -34,16 +34,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY_NOT is not None, reason=s
 
 @pytest.fixture(autouse=True)
 def _poisoned():
-    """NaN-filled torch.empty on the GPU. warn_only: some CUDA ops the training and generation
-    tests reach (SDPA's backward, scatter/index ops) have no deterministic kernel, and here only
-    the poison is wanted, not bit-reproducibility."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-    torch.utils.deterministic.fill_uninitialized_memory = old[2]
+    """NaN-filled torch.empty on the GPU. conv_cases.poisoned_outputs is warn_only: some CUDA ops
+    the training and generation tests reach (SDPA's backward, scatter/index ops) have no
+    deterministic kernel, and here only the poison is wanted, not bit-reproducibility."""
+    with poisoned_outputs():
+        yield
+
 
 DEV = "cuda"
 CL3 = torch.channels_last_3d
@@ -344,24 +340,8 @@ def test_compressor_stream_on_cuda_matches_the_cpu_reference():
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_bf16_autocast_training_step_on_cuda_lowers_the_loss(mode):
-    from pfp.train import ObjectiveConfig, TrainArgs, step_generator
-    from pfp.train.loop import _batch, _dataset, _LossModule
-    from pfp.weights import build_model
-
-    from _tiny_pfp import tiny_config
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model = build_model(cfg).to(DEV)
-    batch = _batch(_dataset(TrainArgs(clip_seconds=1.0), cfg), step_generator(0, 0, 0, "data"), 2)
-    lm = _LossModule(model, mode, ObjectiveConfig(), 4, torch.device(DEV), torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = lm(batch, step_generator(0, 0, 0))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    from _tiny_pfp import fixed_batch_losses
+    losses = fixed_batch_losses(mode, DEV, torch.bfloat16)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
