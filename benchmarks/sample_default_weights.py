@@ -45,9 +45,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--cfg", type=float, default=None, help="default: the config's sample_cfg")
     p.add_argument("--eval-videos", type=int, default=48, help="held-out videos for quality.md")
+    p.add_argument("--eval-seed", type=int, default=999,
+                   help="data seed of the held-out videos (999: quality.md's set; 998 and 997: the others)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="print the quality table and write nothing (for comparing weights)")
+    p.add_argument("--drift-only", action="store_true",
+                   help="print how far the chunks after a real history drift from the real ones; write nothing")
     a = p.parse_args(argv)
     model = load_weights(a.weights)
     cfg = model.config
+    if a.quality_only or a.drift_only:
+        if a.quality_only:
+            print(quality(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed))
+        if a.drift_only:
+            print(drift(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed))
+        return
     os.makedirs(OUT, exist_ok=True)
 
     res = generate(model, Storyboard.from_list(BUILTIN_STORYBOARD), 4.0, seed=0, steps=a.steps, cfg=a.cfg,
@@ -70,7 +82,7 @@ def main(argv=None):
             rows += [item["hr"], out.video]
     write_contact_sheet(torch.cat(rows, dim=1), os.path.join(OUT, "contact_sheet_continuation.png"),
                         frames_per_row=frames, upscale=2)
-    table = quality(model, a.eval_videos, a.steps, a.cfg, seconds, given_seconds)
+    table = quality(model, a.eval_videos, a.steps, a.cfg, seconds, given_seconds, seed=a.eval_seed)
     with open(os.path.join(OUT, "quality.md"), "w") as f:
         f.write(table)
     print(table)
@@ -87,8 +99,10 @@ def sampler_settings(cfg, with_cfg: bool = True) -> str:
     return ", ".join(parts)
 
 
-def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float) -> str:
-    """Markdown table of scene fidelity, real against generated, on held-out synthetic videos."""
+def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
+            seed: int = 999) -> str:
+    """Markdown table of scene fidelity, real against generated, on held-out synthetic videos (their
+    data seed: 999 for the README's table; 998 and 997 are the other held-out sets)."""
     from pfp.data import SyntheticMultiShotVideos
     from pfp.eval import scene_fidelity
     from pfp.generate import generate
@@ -97,7 +111,7 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
     cfg = model.config
     frames, per = int(seconds * cfg.fps), cfg.chunk_frames
     given = int(given_seconds * cfg.fps)
-    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=999, sprite_radius=SPRITE_RADIUS,
+    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=seed, sprite_radius=SPRITE_RADIUS,
                                     pattern_period=PATTERN_PERIOD)
     cases = {"first chunk, prompt only": ([], []), f"chunks after {given_seconds:g} s of real history": ([], [])}
     t0 = time.time()
@@ -125,7 +139,7 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
         return sum(vals) / len(vals)
 
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
-             f"synthetic videos (seed 999), {steps} steps, "
+             f"synthetic videos (seed {seed}), {steps} steps, "
              + (f"CFG {cfg_scale:g}, " if cfg_scale is not None else "")
              + f"the config's {sampler_settings(cfg, cfg_scale is None)}; {time.time() - t0:.0f} s. palette: the "
              "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present "
@@ -139,6 +153,41 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
                      f"{mean(real, 'sprites'):.3f} | {mean(gen, 'sprites'):.3f} | {mean(real, 'shape'):.3f} | "
                      f"{mean(gen, 'shape'):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def drift(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
+          seed: int = 999) -> str:
+    """Latent MSE of each generated chunk after a real history against the real chunk, where the
+    history's last scene goes on uncut to that chunk's end (the scenes move deterministically, so an
+    exact memory could come close to 0). Later chunks have fewer such cases."""
+    from pfp.data import SyntheticMultiShotVideos
+    from pfp.generate import generate
+
+    cfg = model.config
+    frames, per, lat_per = int(seconds * cfg.fps), cfg.chunk_frames, cfg.chunk_latent_frames
+    given = int(given_seconds * cfg.fps) // per * per
+    n_given = given // per * lat_per
+    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=seed, sprite_radius=SPRITE_RADIUS,
+                                    pattern_period=PATTERN_PERIOD)
+    errors = [[] for _ in range((frames - given) // per)]
+    with torch.no_grad():
+        for i in range(n_videos):
+            item = data[i]
+            scene_at = item["scene_ids"]
+            if int(scene_at[given]) != int(scene_at[given - 1]):
+                continue                                    # a cut right after the history
+            latents = model.vae.encode(item["hr"][None])
+            out = generate(model, item["storyboard"], seconds, seed=i, steps=steps, cfg=cfg_scale, progress=False,
+                           history=latents[:, :, :n_given])
+            for k, errs in enumerate(errors):
+                if bool((scene_at[given - 1:given + (k + 1) * per] == scene_at[given - 1]).all()):
+                    a, b = n_given + k * lat_per, n_given + (k + 1) * lat_per
+                    errs.append(((out.latents[:, :, a:b] - latents[:, :, a:b]) ** 2).mean().item())
+    counted = " / ".join(str(len(e)) for e in errors)
+    mse = " / ".join(f"{sum(e) / len(e):.3f}" if e else "-" for e in errors)
+    return (f"Drift after {given_seconds:g} s of real history ({n_videos} held-out videos, seed {seed}, {steps} steps): "
+            f"latent MSE of generated chunks 1..{len(errors)} against the real ones, over the chunks whose "
+            f"scene goes on uncut from the history ({counted} of them): {mse}\n")
 
 
 if __name__ == "__main__":
