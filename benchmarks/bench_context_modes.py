@@ -2,7 +2,8 @@
 
 Two shapes:
 
-- ``tiny``: the built-in model's backbone (inner 128, 4 blocks, 4 heads), a 32x32 chunk of 4 frames
+- ``tiny``: the built-in model's backbone as stage 16 shipped it (inner 128, 4 blocks, 4 heads; the
+  built-in weights now have 8 blocks), a 32x32 chunk of 4 frames
   (64 target tokens) after 20 s of history at 8 fps (rate 1x1x2: 80 x 4 x 4 = 1280 context tokens),
   16 steps, CFG (batch 2).
 - ``wan5b-layer``: one Wan-2.2-5B-shaped block (inner 3072 = 24 heads x 128, FFN 14336, text
