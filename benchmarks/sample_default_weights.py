@@ -6,14 +6,18 @@ remembers of a real history.
 
 - ``contact_sheet_builtin_storyboard.png``: ``python -m pfp.generate`` with no arguments (built-in
   storyboard, seed 0), one row per chunk;
-- ``contact_sheet_continuation.png``: three held-out synthetic videos (seed 999, never trained on;
-  the sizes of the training data), two rows each: the real 4 s, then the model's video when it is
+- ``contact_sheet_continuation.png``: the first three held-out synthetic videos (seed 999 unless
+  ``--eval-seed``, never trained on; the sizes of the training data), two rows each: the real 4 s, then the model's video when it is
   given the real first 2 s as history (``generate(..., history=...)``) and generates the last 2 s
   from that history and the storyboard, in 4-frame chunks;
 - ``quality.md``: :func:`pfp.eval.scene_fidelity` (palette: pixels in the scene's colours; sprites:
   the prompted sprites present; shape: how much the present ones look like their shapes) of what
   the model generates against the real scenes, over held-out synthetic videos (seed 999): the first
-  chunk from its prompt alone, and the chunks after 2 s of real history.
+  chunk from its prompt alone, and the chunks after 2 s of real history. The continuations of the
+  contact sheet are the first three of these, made once.
+
+``--quality-only`` / ``--drift-only`` print the quality table / the drift after a real history
+(:func:`drift`) for ``--eval-seed`` and write nothing: for comparing candidate weights.
 """
 from __future__ import annotations
 
@@ -35,7 +39,6 @@ SPRITE_RADIUS, PATTERN_PERIOD = (0.16, 0.26), (0.35, 0.6)
 
 
 def main(argv=None):
-    from pfp.data import SyntheticMultiShotVideos
     from pfp.generate import BUILTIN_STORYBOARD, generate, write_contact_sheet
     from pfp.text import Storyboard
     from pfp.weights import load_weights
@@ -55,10 +58,11 @@ def main(argv=None):
     model = load_weights(a.weights)
     cfg = model.config
     if a.quality_only or a.drift_only:
+        conts = continuations(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed)
         if a.quality_only:
-            print(quality(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed))
+            print(quality(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed, conts=conts))
         if a.drift_only:
-            print(drift(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed))
+            print(drift(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed, conts=conts))
         return
     os.makedirs(OUT, exist_ok=True)
 
@@ -68,23 +72,15 @@ def main(argv=None):
                         frames_per_row=cfg.chunk_frames, upscale=4)
 
     seconds, given_seconds = 4.0, 2.0
-    frames = int(seconds * cfg.fps)
-    data = SyntheticMultiShotVideos(3, cfg.video_spec(frames), seed=999, sprite_radius=SPRITE_RADIUS,
-                                    pattern_period=PATTERN_PERIOD)
-    rows = []
-    with torch.no_grad():
-        for i in range(len(data)):
-            item = data[i]
-            latents = model.vae.encode(item["hr"][None])
-            n_given = int(given_seconds * cfg.fps) // cfg.chunk_frames * cfg.chunk_latent_frames
-            out = generate(model, item["storyboard"], seconds, seed=i, steps=a.steps, cfg=a.cfg, progress=False,
-                           history=latents[:, :, :n_given])
-            rows += [item["hr"], out.video]
+    t0 = time.time()
+    conts = continuations(model, a.eval_videos, a.steps, a.cfg, seconds, given_seconds, seed=a.eval_seed)
+    rows = [v for item, _, _, out in conts[:3] for v in (item["hr"], out.video)]
     write_contact_sheet(torch.cat(rows, dim=1), os.path.join(OUT, "contact_sheet_continuation.png"),
-                        frames_per_row=frames, upscale=2)
-    table = quality(model, a.eval_videos, a.steps, a.cfg, seconds, given_seconds, seed=a.eval_seed)
+                        frames_per_row=int(seconds * cfg.fps), upscale=2)
+    table = quality(model, a.eval_videos, a.steps, a.cfg, seconds, given_seconds, seed=a.eval_seed, conts=conts)
     with open(os.path.join(OUT, "quality.md"), "w") as f:
         f.write(table)
+    print(f"generated and scored in {time.time() - t0:.0f} s")
     print(table)
     print(OUT)
 
@@ -99,11 +95,35 @@ def sampler_settings(cfg, with_cfg: bool = True) -> str:
     return ", ".join(parts)
 
 
-def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
-            seed: int = 999) -> str:
-    """Markdown table of scene fidelity, real against generated, on held-out synthetic videos (their
-    data seed: 999 for the README's table; 998 and 997 are the other held-out sets)."""
+def continuations(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float,
+                  given_seconds: float, seed: int = 999) -> list:
+    """``(item, plan, latents, out)`` per held-out video (data seed ``seed``): the real clip, its
+    plan, its latents, and what ``generate`` makes after the clip's real first ``given_seconds``
+    (seed i for video i). :func:`quality` and :func:`drift` both score these."""
     from pfp.data import SyntheticMultiShotVideos
+    from pfp.generate import generate
+
+    cfg = model.config
+    frames, per = int(seconds * cfg.fps), cfg.chunk_frames
+    n_given = int(given_seconds * cfg.fps) // per * cfg.chunk_latent_frames
+    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=seed, sprite_radius=SPRITE_RADIUS,
+                                    pattern_period=PATTERN_PERIOD)
+    rows = []
+    with torch.no_grad():
+        for i in range(n_videos):
+            item = data[i]
+            latents = model.vae.encode(item["hr"][None])
+            out = generate(model, item["storyboard"], seconds, seed=i, steps=steps, cfg=cfg_scale, progress=False,
+                           history=latents[:, :, :n_given])
+            rows.append((item, data.plan(i), latents, out))
+    return rows
+
+
+def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
+            seed: int = 999, conts: Optional[list] = None) -> str:
+    """Markdown table of scene fidelity, real against generated, on held-out synthetic videos (their
+    data seed: 999 for the README's table; 998 and 997 are the other held-out sets). ``conts``:
+    :func:`continuations` of the same arguments, if already made."""
     from pfp.eval import scene_fidelity
     from pfp.generate import generate
     from pfp.text import Storyboard
@@ -111,13 +131,11 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
     cfg = model.config
     frames, per = int(seconds * cfg.fps), cfg.chunk_frames
     given = int(given_seconds * cfg.fps)
-    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=seed, sprite_radius=SPRITE_RADIUS,
-                                    pattern_period=PATTERN_PERIOD)
     cases = {"first chunk, prompt only": ([], []), f"chunks after {given_seconds:g} s of real history": ([], [])}
-    t0 = time.time()
+    if conts is None:
+        conts = continuations(model, n_videos, steps, cfg_scale, seconds, given_seconds, seed)
     with torch.no_grad():
-        for i in range(n_videos):
-            item, plan = data[i], data.plan(i)
+        for i, (item, plan, _, cont) in enumerate(conts):
             scene_at = item["scene_ids"]
             real, gen = cases["first chunk, prompt only"]
             scene = plan.scenes[int(scene_at[0])]
@@ -126,9 +144,7 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
             real.append(scene_fidelity(item["hr"][:, :per], scene))
             gen.append(scene_fidelity(out.video, scene))
             real, gen = cases[f"chunks after {given_seconds:g} s of real history"]
-            latents = model.vae.encode(item["hr"][None])
-            out = generate(model, item["storyboard"], seconds, seed=i, steps=steps, cfg=cfg_scale, progress=False,
-                           history=latents[:, :, :given // per * cfg.chunk_latent_frames])
+            out = cont
             for f0 in range(given, frames, per):
                 scene = plan.scenes[int(scene_at[f0])]     # the storyboard's scene at the chunk's start
                 real.append(scene_fidelity(item["hr"][:, f0:f0 + per], scene))
@@ -141,7 +157,7 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
     lines = [f"Scene fidelity of the built-in weights (`pfp.eval.scene_fidelity`, tol 0.2) on {n_videos} held-out "
              f"synthetic videos (seed {seed}), {steps} steps, "
              + (f"CFG {cfg_scale:g}, " if cfg_scale is not None else "")
-             + f"the config's {sampler_settings(cfg, cfg_scale is None)}; {time.time() - t0:.0f} s. palette: the "
+             + f"the config's {sampler_settings(cfg, cfg_scale is None)}. palette: the "
              "fraction of pixels in the scene's colours; sprites: the fraction of prompted sprites present "
              "(>= 1% of the pixels); shape: IoU of a present sprite's colour mask with its own shape, best "
              "placement.", "",
@@ -156,33 +172,26 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
 
 
 def drift(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
-          seed: int = 999) -> str:
+          seed: int = 999, conts: Optional[list] = None) -> str:
     """Latent MSE of each generated chunk after a real history against the real chunk, where the
     history's last scene goes on uncut to that chunk's end (the scenes move deterministically, so an
-    exact memory could come close to 0). Later chunks have fewer such cases."""
-    from pfp.data import SyntheticMultiShotVideos
-    from pfp.generate import generate
-
+    exact memory could come close to 0). Later chunks have fewer such cases. ``conts``:
+    :func:`continuations` of the same arguments, if already made."""
     cfg = model.config
     frames, per, lat_per = int(seconds * cfg.fps), cfg.chunk_frames, cfg.chunk_latent_frames
     given = int(given_seconds * cfg.fps) // per * per
     n_given = given // per * lat_per
-    data = SyntheticMultiShotVideos(n_videos, cfg.video_spec(frames), seed=seed, sprite_radius=SPRITE_RADIUS,
-                                    pattern_period=PATTERN_PERIOD)
+    if conts is None:
+        conts = continuations(model, n_videos, steps, cfg_scale, seconds, given_seconds, seed)
     errors = [[] for _ in range((frames - given) // per)]
-    with torch.no_grad():
-        for i in range(n_videos):
-            item = data[i]
-            scene_at = item["scene_ids"]
-            if int(scene_at[given]) != int(scene_at[given - 1]):
-                continue                                    # a cut right after the history
-            latents = model.vae.encode(item["hr"][None])
-            out = generate(model, item["storyboard"], seconds, seed=i, steps=steps, cfg=cfg_scale, progress=False,
-                           history=latents[:, :, :n_given])
-            for k, errs in enumerate(errors):
-                if bool((scene_at[given - 1:given + (k + 1) * per] == scene_at[given - 1]).all()):
-                    a, b = n_given + k * lat_per, n_given + (k + 1) * lat_per
-                    errs.append(((out.latents[:, :, a:b] - latents[:, :, a:b]) ** 2).mean().item())
+    for item, _, latents, out in conts:
+        scene_at = item["scene_ids"]
+        if int(scene_at[given]) != int(scene_at[given - 1]):
+            continue                                        # a cut right after the history
+        for k, errs in enumerate(errors):
+            if bool((scene_at[given - 1:given + (k + 1) * per] == scene_at[given - 1]).all()):
+                a, b = n_given + k * lat_per, n_given + (k + 1) * lat_per
+                errs.append(((out.latents[:, :, a:b] - latents[:, :, a:b]) ** 2).mean().item())
     counted = " / ".join(str(len(e)) for e in errors)
     mse = " / ".join(f"{sum(e) / len(e):.3f}" if e else "-" for e in errors)
     return (f"Drift after {given_seconds:g} s of real history ({n_videos} held-out videos, seed {seed}, {steps} steps): "
