@@ -19,7 +19,7 @@ from pfp_kernels import _dispatch, conv
 from pfp_kernels.attention import joint_attention_reference
 
 from attention_cases import SHAPES as CPU_ATTN_SHAPES
-from conv_cases import make_activation, poisoned_outputs
+from conv_cases import check_project_tokens, make_activation, poisoned_outputs
 
 _WHY_NOT = None
 if not torch.cuda.is_available():
@@ -145,15 +145,7 @@ def test_causal_streaming_equals_reference(kernel, stride, dtype):
     ((1, 512, 4, 7, 13), 3072, "channels_last", True, True),
 ])
 def test_project_tokens_matches_fp64_reference(shape, cout, layout, with_bias, with_residual, dtype):
-    b, c, t, h, w = shape
-    x = make_activation(shape, dtype, layout, device=DEV)
-    weight = (torch.randn(cout, c, dtype=torch.float64) / c ** 0.5).to(DEV, dtype)
-    bias = torch.randn(cout, device=DEV).to(dtype) if with_bias else None
-    residual = torch.randn(b, t * h * w, cout, device=DEV).to(dtype) if with_residual else None
-    y = pk.project_tokens(x, weight, bias, residual, impl="triton")
-    ref = conv.project_tokens_reference(_cpu64(x), _cpu64(weight), _cpu64(bias), _cpu64(residual))
-    assert y.is_contiguous()
-    _check(y, ref, dtype, "project_tokens")
+    check_project_tokens("triton", dtype, shape, cout, with_bias, with_residual, layout, device=DEV, compare=_check)
 
 
 def _grads(fn, leaves, grad_out):
