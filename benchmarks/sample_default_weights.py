@@ -144,11 +144,10 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
             real.append(scene_fidelity(item["hr"][:, :per], scene))
             gen.append(scene_fidelity(out.video, scene))
             real, gen = cases[f"chunks after {given_seconds:g} s of real history"]
-            out = cont
             for f0 in range(given, frames, per):
                 scene = plan.scenes[int(scene_at[f0])]     # the storyboard's scene at the chunk's start
                 real.append(scene_fidelity(item["hr"][:, f0:f0 + per], scene))
-                gen.append(scene_fidelity(out.video[:, f0:f0 + per], scene))
+                gen.append(scene_fidelity(cont.video[:, f0:f0 + per], scene))
 
     def mean(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
