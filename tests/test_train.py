@@ -168,29 +168,32 @@ def test_cli_synthetic_size_ranges(tmp_path, capsys):
     assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5)
 
 
-def _captured_history(cfg, history_noise, monkeypatch):
-    """The HR history that finetune_loss hands to the compressor, and the clip it came from."""
+def _captured_history(cfg, objective, monkeypatch, backbone_forward=None, batch_size=3):
+    """The HR and LR history that finetune_loss hands to the compressor for the target chunk (its last
+    call), the clip's own latents of the same length, and how many steps ran until one drew a history."""
     model = build_model(cfg)
-    batch = _batch(_dataset(TrainArgs(clip_seconds=2.0), cfg), step_generator(0, 0, 0, "data"), 3)
+    batch = _batch(_dataset(TrainArgs(clip_seconds=2.0), cfg), step_generator(0, 0, 0, "data"), batch_size)
     seen = []
     real_forward = model.compressor.forward
-    monkeypatch.setattr(model.compressor, "forward", lambda hr, lr: seen.append(hr) or real_forward(hr, lr))
-    lm = _LossModule(model, "finetune", ObjectiveConfig(history_noise=history_noise), cfg.chunk_latent_frames,
-                     torch.device("cpu"), None)
+    monkeypatch.setattr(model.compressor, "forward", lambda hr, lr: seen.append((hr, lr)) or real_forward(hr, lr))
+    if backbone_forward is not None:
+        monkeypatch.setattr(model.backbone, "forward", backbone_forward)
+    lm = _LossModule(model, "finetune", objective, cfg.chunk_latent_frames, torch.device("cpu"), None)
     for step in range(8):                                   # until a step draws a history (n > 0)
         lm(batch, step_generator(0, step, 0))
         if seen:
-            hist = seen[0]
+            hist, lr_hist = seen[-1]
             clip = model.vae.encode(batch["hr"])[:, :, :hist.shape[2]]
-            return hist, clip
+            lr_clip = model.vae.encode(batch["lr"])[:, :, :lr_hist.shape[2]]
+            return hist, lr_hist, clip, lr_clip, step + 1
     raise AssertionError("no step drew a history")
 
 
 def test_history_noise_noises_each_sample_within_the_level(monkeypatch):
     cfg = tiny_config()
-    clean, clip = _captured_history(cfg, 0.0, monkeypatch)
+    clean, _, clip, _, _ = _captured_history(cfg, ObjectiveConfig(), monkeypatch)
     torch.testing.assert_close(clean, clip, rtol=0, atol=0)  # off: the real history, untouched
-    noisy, clip = _captured_history(cfg, 0.5, monkeypatch)
+    noisy, _, clip, _, _ = _captured_history(cfg, ObjectiveConfig(history_noise=0.5), monkeypatch)
     noise_part = (noisy - clip).flatten(1)
     # (1 - u) x + u n  =>  noisy - x = u (n - x): per sample a level u in (0, 0.5], different per sample
     levels = (noise_part.norm(dim=1) / (torch.randn_like(clip).flatten(1) - clip.flatten(1)).norm(dim=1))
@@ -198,13 +201,54 @@ def test_history_noise_noises_each_sample_within_the_level(monkeypatch):
     assert levels.max() < 0.75 and len(set(levels.round(decimals=3).tolist())) == levels.numel(), levels
 
 
-@pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--p-no-history", "-0.1"),
+@pytest.mark.parametrize("lr_phase", ["start", "end"])
+def test_self_history_replaces_the_newest_chunk_with_the_models_estimate(monkeypatch, lr_phase):
+    # A stand-in backbone whose clean estimate is always 0.25 (v = (x - 0.25) / t): with
+    # self_history = 1 the newest history chunk must become exactly that, in both branches (the
+    # PatchVAE is exact, so 0.25 decodes, resizes and re-encodes to 0.25), the rest stays real.
+    cfg = dataclasses.replace(tiny_config(), lr_phase=lr_phase)
+    lc, rt = cfg.chunk_latent_frames, 2
+
+    def constant_estimate(x, t, *args, **kwargs):
+        return (x - 0.25) / t.view(-1, 1, 1, 1, 1)
+
+    hist, lr_hist, clip, lr_clip, _ = _captured_history(cfg, ObjectiveConfig(self_history=1.0), monkeypatch,
+                                                     constant_estimate)
+    assert hist.shape[2] % lc == 0 and hist.shape == clip.shape and lr_hist.shape == lr_clip.shape
+    torch.testing.assert_close(hist[:, :, :-lc], clip[:, :, :-lc], rtol=0, atol=0)
+    torch.testing.assert_close(hist[:, :, -lc:], torch.full_like(hist[:, :, -lc:], 0.25), rtol=0, atol=1e-6)
+    first_new = (hist.shape[2] - lc) // rt                  # LR frame j spans HR latent frames rt*j ..
+    torch.testing.assert_close(lr_hist[:, :, :first_new], lr_clip[:, :, :first_new], rtol=0, atol=1e-6)
+    torch.testing.assert_close(lr_hist[:, :, first_new:], torch.full_like(lr_hist[:, :, first_new:], 0.25),
+                               rtol=0, atol=1e-6)
+    # off (the default): the real history in both branches, and no estimate is made
+    calls = []
+    hist, lr_hist, clip, lr_clip, steps = _captured_history(
+        cfg, ObjectiveConfig(), monkeypatch, lambda x, t, *a, **k: calls.append(1) or constant_estimate(x, t))
+    assert len(calls) == steps, "one backbone call per step (the loss), no estimate"
+    torch.testing.assert_close(hist, clip, rtol=0, atol=0)
+    torch.testing.assert_close(lr_hist, lr_clip, rtol=0, atol=0)
+
+
+def test_self_history_picks_samples_at_its_rate(monkeypatch):
+    cfg = tiny_config()
+    lc = cfg.chunk_latent_frames
+    hist, _, clip, _, _ = _captured_history(cfg, ObjectiveConfig(self_history=0.5), monkeypatch,
+                                         lambda x, t, *a, **k: (x - 0.25) / t.view(-1, 1, 1, 1, 1), batch_size=16)
+    replaced = [bool((h[:, -lc:] - 0.25).abs().max() < 1e-6) for h in hist]
+    untouched = [bool(torch.equal(h, c)) for h, c in zip(hist, clip)]
+    assert all(r != u for r, u in zip(replaced, untouched)), "each sample is either replaced or real"
+    assert 0 < sum(replaced) < len(replaced), replaced      # both kinds (all alike: 2 in 65536)
+
+
+@pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--self-history", "1.2"),
+                                        ("--self-history-t", "0 0.5"), ("--self-history-t", "0.8 0.2"), ("--p-no-history", "-0.1"),
                                         ("--p-uncond", "2"), ("--t-shift", "0"),
                                         ("--t-weight-power", "-1"), ("--t-weight-power", "5"),
                                         ("--t-uniform", "1.5"), ("--t-uniform", "-0.5")])
 def test_cli_rejects_out_of_range_objective_flags(tmp_path, capsys, flag, value):
     from pfp.train.__main__ import main
-    assert main(["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", flag, value]) == 2
+    assert main(["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", flag, *value.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag} must be") and "\n" not in err, err
     assert not (tmp_path / "x").exists()

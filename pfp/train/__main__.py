@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of training timesteps drawn uniform in (0, 1) instead of shifted logit-normal, "
                         "so the nearly clean steps that draw fine detail get trained even at a large --t-shift "
                         "(default %(default)s)")
+    p.add_argument("--self-history", type=float, default=d.self_history,
+                   help="finetune: chance that a history's newest chunk is replaced by the model's own one-step "
+                        "estimate of it, so that it learns to correct its own errors instead of copying them "
+                        "into the next chunk (default %(default)s)")
+    p.add_argument("--self-history-t", type=float, nargs=2, default=d.self_history_t, metavar=("LO", "HI"),
+                   help="noise levels the --self-history estimates start from, uniform in [LO, HI]: higher "
+                        "gives rougher chunks (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data worker processes (0: none)")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -77,6 +77,8 @@ class TrainArgs:
     history_noise: float = 0.0           # finetune: history noised to a level ~ U(0, this) (exposure bias)
     t_weight_power: float = 0.0          # per-sample loss weight max(t, backbone min_t) ** this (objectives.flow_loss)
     t_uniform: float = 0.0               # fraction of training timesteps drawn uniform in (0, 1) instead
+    self_history: float = 0.0            # finetune: chance that a history's newest chunk is the model's own estimate
+    self_history_t: tuple = (0.2, 0.8)   # ... made in one step from that chunk noised to a level in this range
     threads: Optional[int] = None
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
@@ -287,9 +289,13 @@ def train(args: TrainArgs) -> dict:
     if args.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}")
     for flag, value in (("p_uncond", args.p_uncond), ("p_no_history", args.p_no_history),
-                        ("history_noise", args.history_noise), ("t_uniform", args.t_uniform)):
+                        ("history_noise", args.history_noise), ("t_uniform", args.t_uniform),
+                        ("self_history", args.self_history)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
+    lo, hi = args.self_history_t
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
     if args.t_shift <= 0:
         raise ValueError(f"--t-shift must be > 0, got {args.t_shift}")
     if not 0.0 <= args.t_weight_power <= 4.0:
@@ -352,7 +358,8 @@ def train(args: TrainArgs) -> dict:
     chunk_latent = config.chunk_latent_frames
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                 p_no_history=args.p_no_history, history_noise=args.history_noise,
-                                t_weight_power=args.t_weight_power, t_uniform=args.t_uniform)
+                                t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,
+                                self_history=args.self_history, self_history_t=tuple(args.self_history_t))
     loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
     runner: nn.Module = loss_module
     if world > 1:

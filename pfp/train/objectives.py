@@ -39,6 +39,8 @@ class ObjectiveConfig:
     history_noise: float = 0.0   # finetune: history noised to a level ~ U(0, this) before compression
     t_weight_power: float = 0.0  # per-sample loss weight max(t, backbone min_t) ** this (2: the implied x0's MSE)
     t_uniform: float = 0.0       # fraction of samples whose timestep is uniform in (0, 1) instead
+    self_history: float = 0.0    # finetune: chance that a history's newest chunk is the model's own estimate
+    self_history_t: tuple = (0.2, 0.8)  # ... made in one step from the real chunk noised to a level in this range
 
 
 def shifted_logit_normal(shape, generator: torch.Generator, mean: float = 0.0, std: float = 1.0,
@@ -182,6 +184,10 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     it trains on; a history that is sometimes imperfect teaches the model to follow its gist instead
     of copying every error forward (exposure bias). No random number is drawn when s = 0, so older
     runs reproduce bit for bit.
+
+    With ``cfg.self_history = p > 0`` each sample's newest history chunk is, with probability p,
+    replaced by the model's own estimate of it (:func:`_self_history`), before any history noise:
+    the errors the model really makes, where Gaussian noise is only a stand-in for them.
     """
     hr, lr = encode_clip(model, batch, device)
     b, c, t, h, w = hr.shape
@@ -198,6 +204,9 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
         rt = model.compressor.rate.t
         hist = hr[:, :, : n * lc]
         lr_hist = lr[:, :, : -(-(n * lc) // rt)]
+        if cfg.self_history > 0:
+            hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lr, batch, lc, generator, cfg,
+                                          compute_dtype)
         if cfg.history_noise > 0:
             u = cfg.history_noise * torch.rand(b, generator=generator)
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
@@ -212,6 +221,51 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     text, text_mask = model.encode_text(prompts)
     v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask)
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
+
+
+def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, batch: dict, lc: int,
+                  generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype) -> tuple[Tensor, Tensor]:
+    """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents, the
+    start of the clip's ``lr``) where for a random subset of the samples (each with probability
+    ``cfg.self_history``) the newest chunk is the model's own
+    one-step clean estimate of it: the real chunk noised to a level ``u ~ U(cfg.self_history_t)``,
+    denoised once given its own real history and prompt, without gradients.
+
+    Training on the real next chunk after such a history teaches the model to correct the errors
+    of its own chunks rather than carry them forward (scheduled sampling). A one-step estimate
+    costs one forward pass, where sampling a chunk takes a forward per step; its errors (blurred
+    shapes, washed-out colours) are the ones a sampled chunk has, larger the higher ``u``.
+
+    The LR branch sees the estimate as at generation: decoded, cut down by
+    :func:`pfp.data.to_low_res_part` and re-encoded."""
+    from pfp.data import to_low_res_part
+    b, j = hist.shape[0], hist.shape[2] // lc - 1          # j: the newest chunk
+    rt = model.compressor.rate.t
+    pick = torch.rand(b, generator=generator) < cfg.self_history
+    lo, hi = cfg.self_history_t
+    u = lo + (hi - lo) * torch.rand(b, generator=generator)
+    noise = torch.randn((b, hist.shape[1], lc, *hist.shape[3:]), generator=generator)
+    if not bool(pick.any()):
+        return hist, lr_hist
+    real = hist[:, :, j * lc:]
+    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
+    tf = getattr(model.vae, "temporal_factor", 1)
+    with torch.no_grad():
+        ctx = _compress(model, hist[:, :, : j * lc], lr[:, :, : -(-(j * lc) // rt)], compute_dtype) if j > 0 else None
+        ts = u.to(hist.device)
+        xu = flow_pair(real, ts, noise.to(real))[0]
+        text, text_mask = model.encode_text([sb.prompt_at(j * lc * tf / fps) for sb in batch["storyboard"]])
+        v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask)
+        estimate = (xu.float() - ts.view(b, 1, 1, 1, 1) * v.float()).to(real.dtype)
+        sel = pick.to(hist.device).view(b, 1, 1, 1, 1)
+        hist = torch.cat([hist[:, :, : j * lc], torch.where(sel, estimate, real)], dim=2)
+        frames = model.vae.decode(hist.float()).clamp(-1, 1)
+        spec = model.config.video_spec(batch["hr"].shape[2])
+        lr_new = model.vae.encode(to_low_res_part(frames, spec, start=0)).to(lr_hist.dtype)
+    if lr_new.shape != lr_hist.shape:
+        raise RuntimeError(f"self-history: the re-encoded LR history has shape {tuple(lr_new.shape)}, "
+                           f"the clip's {tuple(lr_hist.shape)}")
+    return hist, torch.where(sel, lr_new, lr_hist)
 
 
 __all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega",
