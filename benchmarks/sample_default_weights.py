@@ -54,15 +54,24 @@ def main(argv=None):
                    help="print the quality table and write nothing (for comparing weights)")
     p.add_argument("--drift-only", action="store_true",
                    help="print how far the chunks after a real history drift from the real ones; write nothing")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="--quality-only / --drift-only: length of the held-out videos; the first 2 s are the "
+                        "history, the rest is generated (default %(default)s)")
+    p.add_argument("--per-chunk", action="store_true",
+                   help="--quality-only: also a row per chunk after the history (how the scenes fade)")
     a = p.parse_args(argv)
     model = load_weights(a.weights)
     cfg = model.config
     if a.quality_only or a.drift_only:
-        conts = continuations(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed)
+        if a.seconds <= 2.0 or (a.seconds * cfg.fps) % cfg.chunk_frames:
+            p.error(f"--seconds must be more than the 2 s of history and whole {cfg.chunk_frames}-frame chunks "
+                    f"at {cfg.fps:g} fps, got {a.seconds:g}")
+        conts = continuations(model, a.eval_videos, a.steps, a.cfg, a.seconds, 2.0, seed=a.eval_seed)
         if a.quality_only:
-            print(quality(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed, conts=conts))
+            print(quality(model, a.eval_videos, a.steps, a.cfg, a.seconds, 2.0, seed=a.eval_seed, conts=conts,
+                          per_chunk=a.per_chunk))
         if a.drift_only:
-            print(drift(model, a.eval_videos, a.steps, a.cfg, 4.0, 2.0, seed=a.eval_seed, conts=conts))
+            print(drift(model, a.eval_videos, a.steps, a.cfg, a.seconds, 2.0, seed=a.eval_seed, conts=conts))
         return
     os.makedirs(OUT, exist_ok=True)
 
@@ -120,10 +129,11 @@ def continuations(model, n_videos: int, steps: int, cfg_scale: Optional[float], 
 
 
 def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds: float, given_seconds: float,
-            seed: int = 999, conts: Optional[list] = None) -> str:
+            seed: int = 999, conts: Optional[list] = None, per_chunk: bool = False) -> str:
     """Markdown table of scene fidelity, real against generated, on held-out synthetic videos (their
     data seed: 999 for the README's table; 998 and 997 are the other held-out sets). ``conts``:
-    :func:`continuations` of the same arguments, if already made."""
+    :func:`continuations` of the same arguments, if already made. ``per_chunk``: a row more for each
+    chunk after the history."""
     from pfp.eval import scene_fidelity
     from pfp.generate import generate
     from pfp.text import Storyboard
@@ -144,10 +154,15 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
             real.append(scene_fidelity(item["hr"][:, :per], scene))
             gen.append(scene_fidelity(out.video, scene))
             real, gen = cases[f"chunks after {given_seconds:g} s of real history"]
-            for f0 in range(given, frames, per):
+            for k, f0 in enumerate(range(given, frames, per)):
                 scene = plan.scenes[int(scene_at[f0])]     # the storyboard's scene at the chunk's start
-                real.append(scene_fidelity(item["hr"][:, f0:f0 + per], scene))
-                gen.append(scene_fidelity(cont.video[:, f0:f0 + per], scene))
+                pair = scene_fidelity(item["hr"][:, f0:f0 + per], scene), scene_fidelity(cont.video[:, f0:f0 + per], scene)
+                real.append(pair[0])
+                gen.append(pair[1])
+                if per_chunk:
+                    r, g = cases.setdefault(f"- chunk {k + 1} after the history", ([], []))
+                    r.append(pair[0])
+                    g.append(pair[1])
 
     def mean(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
