@@ -156,13 +156,14 @@ def quality(model, n_videos: int, steps: int, cfg_scale: Optional[float], second
             real, gen = cases[f"chunks after {given_seconds:g} s of real history"]
             for k, f0 in enumerate(range(given, frames, per)):
                 scene = plan.scenes[int(scene_at[f0])]     # the storyboard's scene at the chunk's start
-                pair = scene_fidelity(item["hr"][:, f0:f0 + per], scene), scene_fidelity(cont.video[:, f0:f0 + per], scene)
-                real.append(pair[0])
-                gen.append(pair[1])
+                real_fid = scene_fidelity(item["hr"][:, f0:f0 + per], scene)
+                gen_fid = scene_fidelity(cont.video[:, f0:f0 + per], scene)
+                real.append(real_fid)
+                gen.append(gen_fid)
                 if per_chunk:
                     r, g = cases.setdefault(f"- chunk {k + 1} after the history", ([], []))
-                    r.append(pair[0])
-                    g.append(pair[1])
+                    r.append(real_fid)
+                    g.append(gen_fid)
 
     def mean(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
