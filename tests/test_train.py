@@ -242,7 +242,8 @@ def test_self_history_picks_samples_at_its_rate(monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [("--history-noise", "1.5"), ("--self-history", "1.2"),
-                                        ("--self-history-t", "0 0.5"), ("--self-history-t", "0.8 0.2"), ("--p-no-history", "-0.1"),
+                                        ("--self-history-t", "0 0.5"), ("--self-history-t", "0.8 0.2"),
+                                        ("--p-no-history", "-0.1"),
                                         ("--p-uncond", "2"), ("--t-shift", "0"),
                                         ("--t-weight-power", "-1"), ("--t-weight-power", "5"),
                                         ("--t-uniform", "1.5"), ("--t-uniform", "-0.5")])

@@ -110,6 +110,18 @@ def _prompts(storyboards, times: Sequence[float], p_uncond: float, generator: to
     return ["" if d else sb.prompt_at(t) for sb, t, d in zip(storyboards, times, drop.tolist())]
 
 
+def _latent_time(model, batch: dict, frame) -> float:
+    """Seconds into the clip at HR latent frame ``frame`` (the storyboard's clock)."""
+    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
+    return frame * getattr(model.vae, "temporal_factor", 1) / fps
+
+
+def _lr_prefix(lr: Tensor, hr_frames: int, rt: int) -> Tensor:
+    """The LR latent frames that cover the first ``hr_frames`` HR latent frames (LR frame i spans
+    HR frames ``rt*i .. rt*i + rt - 1``)."""
+    return lr[:, :, : -(-hr_frames // rt)]
+
+
 def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """HR and LR latents of a collated batch (``"hr"`` ``[B, 3, T, H, W]``, ``"lr"`` low-res video)."""
     vae = model.vae
@@ -161,9 +173,8 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     xt, target = flow_pair(x0, ts, noise)
     ph, pw = backbone.patch_size[1:]
     positions = torch.stack([frame_positions(o.float(), h // ph, w // pw) for o in omega]).to(device)
-    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
-    tf = getattr(model.vae, "temporal_factor", 1)
-    prompts = _prompts(batch["storyboard"], [float(o[0]) * tf / fps for o in omega], cfg.p_uncond, generator)
+    prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, float(o[0])) for o in omega], cfg.p_uncond,
+                       generator)
     text, text_mask = model.encode_text(prompts)
     ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
     v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask)
@@ -203,7 +214,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     if n > 0:
         rt = model.compressor.rate.t
         hist = hr[:, :, : n * lc]
-        lr_hist = lr[:, :, : -(-(n * lc) // rt)]
+        lr_hist = _lr_prefix(lr, n * lc, rt)
         if cfg.self_history > 0:
             hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lr, batch, lc, generator, cfg,
                                           compute_dtype)
@@ -215,9 +226,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     ts = training_timesteps(b, generator, cfg).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
-    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
-    tf = getattr(model.vae, "temporal_factor", 1)
-    prompts = _prompts(batch["storyboard"], [n * lc * tf / fps] * b, cfg.p_uncond, generator)
+    prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, n * lc)] * b, cfg.p_uncond, generator)
     text, text_mask = model.encode_text(prompts)
     v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask)
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
@@ -227,9 +236,9 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
                   generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype) -> tuple[Tensor, Tensor]:
     """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents, the
     start of the clip's ``lr``) where for a random subset of the samples (each with probability
-    ``cfg.self_history``) the newest chunk is the model's own
-    one-step clean estimate of it: the real chunk noised to a level ``u ~ U(cfg.self_history_t)``,
-    denoised once given its own real history and prompt, without gradients.
+    ``cfg.self_history``) the newest chunk is the model's own one-step clean estimate of it: the
+    real chunk noised to a level ``u ~ U(cfg.self_history_t)``, denoised once given its own real
+    history and prompt, without gradients.
 
     Training on the real next chunk after such a history teaches the model to correct the errors
     of its own chunks rather than carry them forward (scheduled sampling). A one-step estimate
@@ -248,13 +257,12 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
     if not bool(pick.any()):
         return hist, lr_hist
     real = hist[:, :, j * lc:]
-    fps = float(batch["hr_fps"][0]) if torch.is_tensor(batch["hr_fps"]) else float(batch["hr_fps"])
-    tf = getattr(model.vae, "temporal_factor", 1)
     with torch.no_grad():
-        ctx = _compress(model, hist[:, :, : j * lc], lr[:, :, : -(-(j * lc) // rt)], compute_dtype) if j > 0 else None
+        ctx = _compress(model, hist[:, :, : j * lc], _lr_prefix(lr, j * lc, rt), compute_dtype) if j > 0 else None
         ts = u.to(hist.device)
         xu = flow_pair(real, ts, noise.to(real))[0]
-        text, text_mask = model.encode_text([sb.prompt_at(j * lc * tf / fps) for sb in batch["storyboard"]])
+        when = _latent_time(model, batch, j * lc)
+        text, text_mask = model.encode_text([sb.prompt_at(when) for sb in batch["storyboard"]])
         v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask)
         estimate = (xu.float() - ts.view(b, 1, 1, 1, 1) * v.float()).to(real.dtype)
         sel = pick.to(hist.device).view(b, 1, 1, 1, 1)
