@@ -7,9 +7,10 @@ remembers of a real history.
 - ``contact_sheet_builtin_storyboard.png``: ``python -m pfp.generate`` with no arguments (built-in
   storyboard, seed 0), one row per chunk;
 - ``contact_sheet_continuation.png``: the first three held-out synthetic videos (seed 999 unless
-  ``--eval-seed``, never trained on; the sizes of the training data), two rows each: the real 4 s, then the model's video when it is
-  given the real first 2 s as history (``generate(..., history=...)``) and generates the last 2 s
-  from that history and the storyboard, in 4-frame chunks;
+  ``--eval-seed``, never trained on; the sizes of the training data), two rows each: the real 4 s,
+  then the model's video when it is given the real first 2 s as history
+  (``generate(..., history=...)``) and generates the last 2 s from that history and the
+  storyboard, in 4-frame chunks;
 - ``quality.md``: :func:`pfp.eval.scene_fidelity` (palette: pixels in the scene's colours; sprites:
   the prompted sprites present; shape: how much the present ones look like their shapes) of what
   the model generates against the real scenes, over held-out synthetic videos (seed 999): the first
@@ -54,15 +55,20 @@ def main(argv=None):
                    help="print the quality table and write nothing (for comparing weights)")
     p.add_argument("--drift-only", action="store_true",
                    help="print how far the chunks after a real history drift from the real ones; write nothing")
-    p.add_argument("--seconds", type=float, default=4.0,
+    p.add_argument("--seconds", type=float, default=None,
                    help="--quality-only / --drift-only: length of the held-out videos; the first 2 s are the "
-                        "history, the rest is generated (default %(default)s)")
+                        "history, the rest is generated (default 4; the written files are always 4 s)")
     p.add_argument("--per-chunk", action="store_true",
                    help="--quality-only: also a row per chunk after the history (how the scenes fade)")
     a = p.parse_args(argv)
     model = load_weights(a.weights)
     cfg = model.config
+    if a.per_chunk and not a.quality_only:
+        p.error("--per-chunk adds rows to the table of --quality-only; give that too")
+    if a.seconds is not None and not (a.quality_only or a.drift_only):
+        p.error("--seconds goes with --quality-only / --drift-only (the written files are always 4 s)")
     if a.quality_only or a.drift_only:
+        a.seconds = 4.0 if a.seconds is None else a.seconds
         if a.seconds <= 2.0 or (a.seconds * cfg.fps) % cfg.chunk_frames:
             p.error(f"--seconds must be more than the 2 s of history and whole {cfg.chunk_frames}-frame chunks "
                     f"at {cfg.fps:g} fps, got {a.seconds:g}")
@@ -209,8 +215,8 @@ def drift(model, n_videos: int, steps: int, cfg_scale: Optional[float], seconds:
                 errs.append(((out.latents[:, :, a:b] - latents[:, :, a:b]) ** 2).mean().item())
     counted = " / ".join(str(len(e)) for e in errors)
     mse = " / ".join(f"{sum(e) / len(e):.3f}" if e else "-" for e in errors)
-    return (f"Drift after {given_seconds:g} s of real history ({n_videos} held-out videos, seed {seed}, {steps} steps): "
-            f"latent MSE of generated chunks 1..{len(errors)} against the real ones, over the chunks whose "
+    return (f"Drift after {given_seconds:g} s of real history ({n_videos} held-out videos, seed {seed}, "
+            f"{steps} steps): latent MSE of generated chunks 1..{len(errors)} against the real ones, over the chunks whose "
             f"scene goes on uncut from the history ({counted} of them): {mse}\n")
 
 
