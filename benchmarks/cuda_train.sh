@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU fine-tuning stages of the built-in weights, each for a fixed wall-clock budget on one card;
 # brings back the exported weights and loss logs.
-#   stage17: two siblings side by side, from the stage-16 weights, same data and schedule:
+#   stage17: two siblings side by side, from the stage-16 weights (INIT, default
+#            runs/default_finetune16/finetune16.safetensors, the chain's stage-16 export in
+#            pfp/weights/default.json; the built-in weights are stage 17 now), same data and schedule:
 #            same   - the built-in model (4 blocks), as stage 16 trained it but at batch 256;
 #            grown8 - the same model grown to 8 blocks (benchmarks/grow_tiny_dit.py: the new
 #                     blocks start as the identity).
@@ -30,12 +32,13 @@ logs=$work/logs
 rm -rf "$work" && mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$work" logs' EXIT   # also when a step fails
 t0=$SECONDS
-stage16=(--config benchmarks/results/default_weights/stage16_config.json --init pfp/weights/default.safetensors)
+stage16_weights=${INIT:-runs/default_finetune16/finetune16.safetensors}
+stage16=(--config benchmarks/results/default_weights/stage16_config.json --init "$stage16_weights")
 case $stage in
     stage17)
         names=(same grown8)
         workers=${WORKERS:-$(( $(nproc) / 2 - 2 ))}
-        python3 benchmarks/grow_tiny_dit.py --depth 8 --out "$work/grown8" > /dev/null || exit 1
+        python3 benchmarks/grow_tiny_dit.py --weights "$stage16_weights" --depth 8 --out "$work/grown8" > /dev/null || exit 1
         cp "$work/grown8_config.json" "$logs/"
         declare -A model=([same]="${stage16[*]}"
                           [grown8]="--config $work/grown8_config.json --init $work/grown8.safetensors")
