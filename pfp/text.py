@@ -33,6 +33,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from pfp._cli import UsageError
+
 __all__ = [
     "Shot",
     "Storyboard",
@@ -48,7 +50,7 @@ __all__ = [
 _TIME_EPS = 1e-9
 
 
-class StoryboardError(ValueError):
+class StoryboardError(UsageError):
     """A storyboard that cannot be used; the message names the entry and the reason."""
 
 
@@ -150,6 +152,8 @@ class Storyboard:
                 text = f.read()
         except OSError as e:
             raise StoryboardError(f"{path}: cannot read storyboard: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:  # a ValueError, not an OSError: raised by read(), not open()
+            raise StoryboardError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
             return cls.from_json(text)
         except StoryboardError as e:

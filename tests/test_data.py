@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch.utils.data import DataLoader
 from pfp.data import (SyntheticMultiShotVideos, VideoFolderDataset, VideoSpec, collate, lr_frame_indices,
                       resize_center_crop, to_low_res, to_low_res_part, write_video)
 from pfp.data.synthetic import scene_returns
+from pfp.data.video_folder import read_clip
 from pfp.text import Storyboard, StoryboardError
 
 
@@ -331,28 +333,188 @@ def test_video_folder_errors(tmp_path):
         VideoFolderDataset(tmp_path, spec)
     with pytest.raises(ValueError, match="is not a directory"):
         VideoFolderDataset(tmp_path / "nope", spec)
+    # one good video, so that a bad one beside it is skipped by default and an error with on_bad="error"
+    _write_pair(tmp_path, "good", _index_video(12), 10, [{"start": 0, "end": 1, "prompt": "a"}])
+    lonely = tmp_path / "lonely.mp4"
+
+    def skipped_reason():
+        ds = VideoFolderDataset(tmp_path, spec)
+        assert ds.paths == [str(tmp_path / "good.mp4")] and len(ds.storyboards) == 1
+        assert [path for path, _ in ds.skipped] == [str(lonely)]
+        return ds.skipped[0][1]
+
     # a video without its storyboard: names the json it expected
-    write_video(tmp_path / "lonely.mp4", _index_video(5), 10)
+    write_video(lonely, _index_video(5), 10)
+    assert re.match(r"missing storyboard .*lonely.json", skipped_reason())
     with pytest.raises(ValueError, match=r"lonely.mp4: missing storyboard .*lonely.json"):
-        VideoFolderDataset(tmp_path, spec)
+        VideoFolderDataset(tmp_path, spec, on_bad="error")
     # a malformed storyboard: names the file and the entry
     (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}, {"start": 2}]))
-    with pytest.raises(StoryboardError, match=r"lonely.json: storyboard entry 1: missing key\(s\) 'end', 'prompt'"):
-        VideoFolderDataset(tmp_path, spec)
+    assert re.match(r"bad storyboard: .*lonely.json: storyboard entry 1: missing key", skipped_reason())
+    with pytest.raises(ValueError, match=r"lonely.json: storyboard entry 1: missing key\(s\) 'end', 'prompt'"):
+        VideoFolderDataset(tmp_path, spec, on_bad="error")
     (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}]))
-    # too short: 5 frames at 10 fps cannot give 10 frames at 10 fps
+    # too short: 5 frames at 10 fps cannot give 10 frames at 10 fps (frame 9 is at 0.9 s, the video
+    # ends at 0.5 s); found when the dataset is built, no longer when the item is read
+    assert skipped_reason() == "too short: 0.500 s, a clip of 10 frames at 10 fps needs more than 0.900 s"
+    with pytest.raises(ValueError, match=r"lonely.mp4: too short: 0.500 s"):
+        VideoFolderDataset(tmp_path, spec, on_bad="error")
+    # read_clip itself still says so, for callers that read clips directly
     with pytest.raises(RuntimeError, match=r"lonely.mp4: video too short: a clip of 10 frames at 10 fps"):
-        VideoFolderDataset(tmp_path, spec)[0]
+        read_clip(str(lonely), start=0, fps=10, num_frames=10, size=(16, 16))
+    # a fixed clip_start counts: 12 frames at 10 fps hold a 10-frame clip from 0 s but not from 0.5 s
+    with pytest.raises(ValueError, match=r"no usable video .*good.mp4: too short: 1.200 s, .* from 0.5 s "
+                                         r"needs more than 1.400 s"):
+        VideoFolderDataset(tmp_path, spec, clip_start=0.5)
     # unreadable: not a video at all
-    (tmp_path / "lonely.mp4").write_bytes(b"this is not a video" * 10)
+    lonely.write_bytes(b"this is not a video" * 10)
+    assert skipped_reason().startswith("cannot open: ")
     with pytest.raises(RuntimeError, match=r"lonely.mp4: cannot (open|decode) video"):
-        VideoFolderDataset(tmp_path, spec)[0]
+        read_clip(str(lonely), start=0, fps=10, num_frames=10, size=(16, 16))
     with pytest.raises(ValueError, match="clip_start"):
         VideoFolderDataset(tmp_path, spec, clip_start="middle")
     with pytest.raises(ValueError, match="clip_start"):
         VideoFolderDataset(tmp_path, spec, clip_start=-1.0)
+    with pytest.raises(ValueError, match=r"on_bad must be one of 'skip', 'error', got 'ignore'"):
+        VideoFolderDataset(tmp_path, spec, on_bad="ignore")
     with pytest.raises(IndexError, match="out of range"):
         VideoFolderDataset(tmp_path, spec)[1]
+
+
+def _noise_video(n, h=16, w=16, seed=0):
+    """Noise compresses badly, so most of the file is frame data (a corruption lands in frames)."""
+    return torch.rand(3, n, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _corrupt_frame_data(path):
+    """Overwrite the middle third of an mp4's frame data (its mdat box) with 0xff bytes. write_video's
+    mp4s keep the index (moov) after the data, so the file still opens and its metadata is intact:
+    only decoding the frames finds the damage."""
+    data = bytearray(path.read_bytes())
+    mdat, moov = data.find(b"mdat"), data.find(b"moov")
+    assert 0 < mdat < moov, "expected the frame data before the index"
+    a, b = mdat + 4 + (moov - mdat) // 3, mdat + 4 + 2 * (moov - mdat) // 3
+    data[a:b] = b"\xff" * (b - a)
+    path.write_bytes(bytes(data))
+
+
+def _bad_video_folder(folder, good=("good_a", "good_b")):
+    """Videos for a spec of 10 frames at 10 fps: the ``good`` ones (20 frames) and five bad ones,
+    in sorted order: corrupt frame data, garbage second half, random bytes, one frame, too short.
+    Returns {file name: the start of its skip reason}."""
+    board = [{"start": 0, "end": 2, "prompt": "noise"}]
+    for name in good:
+        _write_pair(folder, name, _noise_video(20), 10, board)
+    _write_pair(folder, "bad_corrupt_data", _noise_video(20, seed=1), 10, board)
+    _corrupt_frame_data(folder / "bad_corrupt_data.mp4")
+    _write_pair(folder, "bad_garbage_half", _noise_video(20, seed=2), 10, board)
+    data = (folder / "bad_garbage_half.mp4").read_bytes()
+    (folder / "bad_garbage_half.mp4").write_bytes(data[:len(data) // 2] + bytes(range(256)) * (len(data) // 512 + 1))
+    (folder / "bad_random.mp4").write_bytes(torch.randint(0, 256, (3000,), generator=torch.Generator()
+                                                          .manual_seed(3), dtype=torch.uint8).numpy().tobytes())
+    (folder / "bad_random.json").write_text(json.dumps(board))
+    _write_pair(folder, "bad_single_frame", _noise_video(1), 10, board)
+    _write_pair(folder, "bad_too_short", _noise_video(5), 10, board)
+    return {"bad_corrupt_data.mp4": "cannot decode: ", "bad_garbage_half.mp4": "cannot open: ",
+            "bad_random.mp4": "cannot open: ", "bad_single_frame.mp4": "too short: a single frame",
+            "bad_too_short.mp4": "too short: 0.500 s, a clip of 10 frames at 10 fps needs more than 0.900 s"}
+
+
+BAD_SPEC = dict(hr_size=16, hr_fps=10, hr_frames=10)
+
+
+def test_video_folder_skips_bad_videos_when_built(tmp_path, capsys):
+    bad = _bad_video_folder(tmp_path)
+    # the corrupt-data file passes any look at its metadata; reading its clip fails (mid-training,
+    # before this check existed)
+    with av.open(str(tmp_path / "bad_corrupt_data.mp4")) as container:
+        assert container.streams.video[0].frames == 20
+    with pytest.raises(RuntimeError, match="bad_corrupt_data.mp4: cannot decode video"):
+        read_clip(str(tmp_path / "bad_corrupt_data.mp4"), start=0, fps=10, num_frames=10, size=(16, 16))
+
+    ds = VideoFolderDataset(tmp_path, BAD_SPEC, progress=True)
+    assert "checking videos" in capsys.readouterr().err  # the tqdm bar, on stderr
+    assert ds.paths == [str(tmp_path / "good_a.mp4"), str(tmp_path / "good_b.mp4")]
+    assert len(ds) == len(ds.storyboards) == 2
+    assert [os.path.basename(path) for path, _ in ds.skipped] == sorted(bad)
+    for path, reason in ds.skipped:
+        assert reason.startswith(bad[os.path.basename(path)]), (path, reason)
+        assert "\n" not in reason
+    assert "(after 3 frames)" in dict(ds.skipped)[str(tmp_path / "bad_corrupt_data.mp4")]
+    for i in range(len(ds)):
+        assert ds[i]["hr"].shape == (3, 10, 16, 16)
+    report = ds.skip_report()
+    assert report == ("skipped 5 of 7 videos: bad_corrupt_data.mp4 (cannot decode), bad_garbage_half.mp4 "
+                      "(cannot open), bad_random.mp4 (cannot open), bad_single_frame.mp4 (too short: a single "
+                      "frame), +1 more")
+    # random starts come from the measured durations and always fit
+    ds_random = VideoFolderDataset(tmp_path, BAD_SPEC, clip_start="random")
+    for _ in range(5):
+        item = ds_random[0]
+        assert 0 <= item["start_seconds"] < 1.0 and item["hr"].shape == (3, 10, 16, 16)
+    # nothing skipped: no report
+    clean = tmp_path / "clean"
+    _write_pair(clean, "only", _noise_video(20), 10, [{"start": 0, "end": 2, "prompt": "noise"}])
+    ds_clean = VideoFolderDataset(clean, BAD_SPEC)
+    assert ds_clean.skipped == [] and ds_clean.skip_report() is None
+
+
+def test_video_folder_single_frame_is_too_short_for_any_longer_clip(tmp_path):
+    _write_pair(tmp_path, "good", _noise_video(20), 10, [{"start": 0, "end": 2, "prompt": "noise"}])
+    _write_pair(tmp_path, "still", _noise_video(1), 10, [{"start": 0, "end": 2, "prompt": "noise"}])
+    # 2 frames at 40 fps span 0.025 s, less than the 0.1 s one 10 fps frame is shown: the time rule
+    # alone would accept the still; a clip of it would be one image repeated
+    ds = VideoFolderDataset(tmp_path, dict(hr_size=16, hr_fps=40, hr_frames=2))
+    assert [os.path.basename(p) for p in ds.paths] == ["good.mp4"]
+    assert ds.skipped == [(str(tmp_path / "still.mp4"), "too short: a single frame, a clip needs 2 frames")]
+    # a one-frame clip is what a one-frame video holds
+    ds_one = VideoFolderDataset(tmp_path, dict(hr_size=16, hr_fps=40, hr_frames=1))
+    assert len(ds_one) == 2 and ds_one.skipped == []
+    assert ds_one[1]["hr"].shape == (3, 1, 16, 16)
+
+
+def test_video_folder_on_bad_error_is_one_line(tmp_path):
+    _bad_video_folder(tmp_path)
+    with pytest.raises(ValueError) as info:
+        VideoFolderDataset(tmp_path, BAD_SPEC, on_bad="error")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"VideoFolderDataset: 5 of 7 videos under {str(tmp_path)!r} are unusable: "
+                              "bad_corrupt_data.mp4: cannot decode: ")
+    assert "bad_garbage_half.mp4: cannot open: " in message and "bad_random.mp4: cannot open: " in message
+    assert message.endswith("; +2 more; pass on_bad='skip' to skip them")
+
+
+def test_video_folder_of_only_bad_videos_fails_in_one_line(tmp_path):
+    _bad_video_folder(tmp_path, good=())
+    for on_bad in ("skip", "error"):
+        with pytest.raises(ValueError) as info:
+            VideoFolderDataset(tmp_path, BAD_SPEC, on_bad=on_bad)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"VideoFolderDataset: no usable video under {str(tmp_path)!r} (5 found, all "
+                                  "unusable): bad_corrupt_data.mp4: cannot decode: ")
+        assert message.endswith("; +2 more")
+
+
+def test_storyboard_not_utf8_names_the_file(tmp_path):
+    board = [{"start": 0, "end": 2, "prompt": "café"}]
+    # é is one byte in latin-1 (0xe9), which cannot start a UTF-8 sequence followed by '"'
+    (tmp_path / "latin.json").write_bytes(json.dumps(board, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(StoryboardError, match=r"latin.json: not UTF-8 text \(invalid .* at byte \d+\)$"):
+        Storyboard.load(tmp_path / "latin.json")
+    # and in a folder: the video is skipped with that reason, or named in the error
+    _write_pair(tmp_path, "good", _noise_video(20), 10, board)
+    write_video(tmp_path / "latin.mp4", _noise_video(20), 10)
+    ds = VideoFolderDataset(tmp_path, BAD_SPEC)
+    assert [os.path.basename(p) for p in ds.paths] == ["good.mp4"]
+    (path, reason), = ds.skipped
+    assert path == str(tmp_path / "latin.mp4")
+    assert re.fullmatch(r"bad storyboard: .*latin.json: not UTF-8 text \(.*\)", reason)
+    assert ds.skip_report() == "skipped 1 of 2 videos: latin.mp4 (bad storyboard)"
+    with pytest.raises(ValueError, match=r"^VideoFolderDataset: 1 of 2 videos under .* is unusable: latin.mp4: "
+                                         r"bad storyboard: .*latin.json: not UTF-8 text [^\n]*$"):
+        VideoFolderDataset(tmp_path, BAD_SPEC, on_bad="error")
 
 
 def test_write_video_is_atomic_and_checks_args(tmp_path, monkeypatch):

@@ -12,13 +12,17 @@ Each item is one clip of ``spec.hr_frames`` frames at ``spec.hr_fps``, starting 
 - ``"lr"`` is made from ``"hr"`` by :func:`pfp.data.to_low_res`, the same function generation uses;
 - the storyboard is re-timed to the clip (:meth:`pfp.text.Storyboard.window`).
 
+Every video is decoded once when the dataset is built, so a corrupt, too short or storyboard-less
+video is skipped (or reported) then, not found halfway through training.
+
 Decoding uses PyAV (``pip install av``).
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
+import sys
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -41,27 +45,65 @@ def _import_av():
     return av
 
 
-def _probe(path: str) -> tuple[float | None, float | None]:
-    """``(duration_seconds, native_fps)`` from the container's metadata; None where unknown."""
+class _BadVideo(RuntimeError):
+    """A video the dataset cannot use: the message is ``"{path}: {reason}"``, ``reason`` one line;
+    ``short``, a few words for summaries, defaults to the reason up to its first colon."""
+
+    def __init__(self, path: str, reason: str, short: str | None = None):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+        self.short = short or reason.split(":", 1)[0]
+
+
+class _VideoScan(NamedTuple):
+    duration: float  # seconds from the stream's start to the end of the last frame's display
+    native_fps: float | None  # None where the container gives no rate
+    frames: int  # frames that decoded with a timestamp
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception's text: FFmpeg's own message without the file name PyAV
+    appends (the callers name the file), else ``str(error)``, else the exception's type."""
+    text = getattr(error, "strerror", None) or str(error)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _scan(path: str) -> _VideoScan:
+    """Decode every frame of ``path``'s first video stream once and measure how long it is.
+
+    Frames are decoded but not converted to pixels, so this costs about one decode of the file.
+    Decoding everything, not just reading the header, is what catches a file whose header is fine
+    but whose data is corrupt or cut short (a cut-short file measures shorter than its metadata).
+    The duration follows :func:`read_clip`: the last frame's time plus one frame period, counted
+    from the stream's first timestamp. Raises a RuntimeError naming the file (:class:`_BadVideo`)."""
     av = _import_av()
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise RuntimeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / 1_000_000
-            else:
-                duration = None
-            return duration, fps
-    except RuntimeError:
-        raise
+        container = av.open(path)
     except Exception as e:
-        raise RuntimeError(f"{path}: cannot open video: {e}") from None
+        raise _BadVideo(path, f"cannot open: {_one_line(e)}") from None
+    frames, last_time = 0, None
+    with container:
+        if not container.streams.video:
+            raise _BadVideo(path, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        base = float(stream.start_time * stream.time_base) if stream.start_time is not None \
+            and stream.time_base is not None else 0.0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue  # read_clip cannot place it either
+                frames += 1
+                last_time = frame.time if last_time is None else max(last_time, frame.time)
+        except Exception as e:
+            raise _BadVideo(path, f"cannot decode: {_one_line(e)} (after {frames} frames)") from None
+    if last_time is None:
+        raise _BadVideo(path, "cannot decode: no video frames")
+    native_fps = float(rate) if rate else None
+    frame_period = 1.0 / native_fps if native_fps else 0.0
+    return _VideoScan(last_time + frame_period - base, native_fps, frames)
 
 
 def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
@@ -138,6 +180,18 @@ def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tup
     return arr.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
+class _Unusable(NamedTuple):
+    """One video left out of the dataset, and why."""
+    path: str
+    reason: str  # one line, for errors and :attr:`VideoFolderDataset.skipped`
+    short: str  # a few words, for :meth:`VideoFolderDataset.skip_report`
+
+
+_ON_BAD = ("skip", "error")
+_LISTED_IN_ERRORS = 3  # unusable videos named in full in an error message, before "+N more"
+_LISTED_IN_REPORT = 4  # named briefly in skip_report()
+
+
 class VideoFolderDataset(Dataset):
     """Clips of real videos with their storyboards, at the sizes and rates the model needs.
 
@@ -148,16 +202,31 @@ class VideoFolderDataset(Dataset):
             and frame count, and the low-res branch's size and fps if used.
         clip_start: ``"first"`` (clip starts at 0 s), ``"random"`` (uniform over the start times that
             fit, from torch's global RNG, which DataLoader workers seed per worker), or a number of seconds.
+        on_bad: what to do with unusable videos: ``"skip"`` them (listed in :attr:`skipped`, summed
+            up by :meth:`skip_report`) or raise an ``"error"`` (a ValueError naming them).
+        progress: show a tqdm bar (on stderr) while the videos are checked.
 
-    Construction lists the videos and loads every storyboard, so missing or malformed storyboards fail
-    at once with the file named. Unreadable and too-short videos fail when their item is read, with
-    the file named (a RuntimeError).
+    Construction checks every video once, before any item is read, so bad data shows up when the
+    dataset is built and never halfway through training. A video is unusable when its storyboard is
+    missing or malformed, when it does not open or its frames do not all decode (the whole stream is
+    decoded), or when it is too short for one clip of ``spec.hr_frames`` frames at ``spec.hr_fps``
+    from the first start ``clip_start`` allows (measured from the decoded frames, the same way
+    :func:`read_clip` measures; a single-frame video is too short for any clip of more than one
+    frame). If no usable video is left, construction fails with a ValueError either way.
+
+    Attributes:
+        paths, storyboards: the usable videos and their storyboards, in sorted path order.
+        skipped: ``(path, reason)`` for each video left out with ``on_bad="skip"``; ``reason`` is one
+            line, e.g. ``"cannot decode: Invalid data found when processing input (after 3 frames)"``,
+            ``"too short: 0.500 s, a clip of 10 frames at 10 fps needs more than 0.900 s"``,
+            ``"missing storyboard <path>.json ..."``, ``"bad storyboard: <path>.json: ..."``.
 
     Items (see :mod:`pfp.data`): ``hr``, ``lr``, ``storyboard``, ``hr_fps``, ``lr_fps``, ``source``
     (the video path), ``start_seconds`` (the clip's start in the video).
     """
 
-    def __init__(self, root: str | os.PathLike, spec: Any, *, clip_start: str | float = "first"):
+    def __init__(self, root: str | os.PathLike, spec: Any, *, clip_start: str | float = "first",
+                 on_bad: str = "skip", progress: bool = False):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise ValueError(f"VideoFolderDataset: root {root!r} is not a directory")
@@ -170,6 +239,8 @@ class VideoFolderDataset(Dataset):
                 or not math.isfinite(clip_start) or clip_start < 0:
             raise ValueError(f"clip_start must be 'first', 'random' or seconds >= 0, got {clip_start!r}")
         self.clip_start = clip_start
+        if not isinstance(on_bad, str) or on_bad not in _ON_BAD:
+            raise ValueError(f"on_bad must be one of {', '.join(map(repr, _ON_BAD))}, got {on_bad!r}")
         paths = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -178,35 +249,94 @@ class VideoFolderDataset(Dataset):
                     paths.append(os.path.join(dirpath, name))
         if not paths:
             raise ValueError(f"VideoFolderDataset: no videos ({', '.join(VIDEO_EXTENSIONS)}) under {root!r}")
-        self.paths = paths
-        self.storyboards = []
-        for p in paths:
-            sb_path = os.path.splitext(p)[0] + ".json"
-            if not os.path.isfile(sb_path):
-                raise ValueError(f"{p}: missing storyboard {sb_path} (a JSON list of {{start, end, prompt}})")
+        self._num_found = len(paths)
+
+        from tqdm import tqdm
+
+        self.paths: list[str] = []
+        self.storyboards: list[Storyboard] = []
+        self._scans: list[_VideoScan] = []  # measured once here; _start picks random starts from them
+        unusable: list[_Unusable] = []
+        for path in tqdm(paths, desc="checking videos", unit="video", disable=not progress,
+                         file=sys.stderr, dynamic_ncols=True):
             try:
-                self.storyboards.append(Storyboard.load(sb_path))
-            except StoryboardError as e:
-                raise StoryboardError(str(e)) from None
-        self._probe_cache: dict[int, tuple[float | None, float | None]] = {}
+                storyboard, scan = self._check(path)
+            except _BadVideo as e:
+                unusable.append(_Unusable(path, e.reason, e.short))
+                continue
+            self.paths.append(path)
+            self.storyboards.append(storyboard)
+            self._scans.append(scan)
+        self._unusable = unusable
+        self.skipped: list[tuple[str, str]] = [(u.path, u.reason) for u in unusable]
+
+        if not self.paths:
+            raise ValueError(f"VideoFolderDataset: no usable video under {root!r} ({len(paths)} found, all unusable): "
+                             f"{self._list_unusable()}")
+        if unusable and on_bad == "error":
+            are = "is" if len(unusable) == 1 else "are"
+            raise ValueError(f"VideoFolderDataset: {len(unusable)} of {len(paths)} videos under {root!r} {are} "
+                             f"unusable: {self._list_unusable()}; pass on_bad='skip' to skip them")
+
+    def _first_start(self) -> float:
+        """The earliest start ``clip_start`` can pick: every usable video must fit a clip from here."""
+        return float(self.clip_start) if not isinstance(self.clip_start, str) else 0.0
+
+    def _check(self, path: str) -> tuple[Storyboard, _VideoScan]:
+        """The storyboard and measurements of one video; raises _BadVideo if it is unusable."""
+        storyboard_path = os.path.splitext(path)[0] + ".json"
+        if not os.path.isfile(storyboard_path):
+            raise _BadVideo(path, f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})",
+                            "missing storyboard")
+        try:
+            storyboard = Storyboard.load(storyboard_path)  # its errors start with storyboard_path
+        except StoryboardError as e:
+            raise _BadVideo(path, f"bad storyboard: {_one_line(e)}") from None
+        scan = _scan(path)
+        spec, start = self.spec, self._first_start()
+        if spec.hr_frames > 1 and scan.frames == 1:
+            # one frame is a still image: its display time is only the container's nominal rate
+            raise _BadVideo(path, f"too short: a single frame, a clip needs {spec.hr_frames} frames",
+                            "too short: a single frame")
+        # read_clip's rule: the clip's last frame time must fall before the video ends
+        last_frame_time = start + (spec.hr_frames - 1) / spec.hr_fps
+        if not last_frame_time < scan.duration - _EPS:
+            from_start = f" from {start:g} s" if start else ""
+            raise _BadVideo(
+                path, f"too short: {scan.duration:.3f} s, a clip of {spec.hr_frames} frames at {spec.hr_fps:g} fps"
+                f"{from_start} needs more than {last_frame_time:.3f} s",
+                f"too short: {scan.duration:.2f} s, needs > {last_frame_time:.2f} s")
+        return storyboard, scan
+
+    def _name(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def _list_unusable(self) -> str:
+        """``"a.mp4: reason; b.mp4: reason; +N more"``: the first few in full, for error messages."""
+        listed = [f"{self._name(u.path)}: {u.reason}" for u in self._unusable[:_LISTED_IN_ERRORS]]
+        more = len(self._unusable) - _LISTED_IN_ERRORS
+        return "; ".join(listed + ([f"+{more} more"] if more > 0 else []))
+
+    def skip_report(self) -> Optional[str]:
+        """None if no video was skipped, else one line naming the first few skipped and why, e.g.
+        ``"skipped 2 of 5 videos: a.mp4 (cannot decode), b.mp4 (too short: 0.50 s, needs > 0.90 s)"``."""
+        if not self._unusable:
+            return None
+        listed = [f"{self._name(u.path)} ({u.short})" for u in self._unusable[:_LISTED_IN_REPORT]]
+        more = len(self._unusable) - _LISTED_IN_REPORT
+        return (f"skipped {len(self._unusable)} of {self._num_found} videos: "
+                + ", ".join(listed + ([f"+{more} more"] if more > 0 else [])))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _start(self, index: int) -> float:
-        if not isinstance(self.clip_start, str):
-            return float(self.clip_start)
-        if self.clip_start == "first":
-            return 0.0
-        if index not in self._probe_cache:
-            self._probe_cache[index] = _probe(self.paths[index])
-        duration, native_fps = self._probe_cache[index]
-        if duration is None:
-            return 0.0  # unknown length: only the start is known to exist
-        span = duration - (self.spec.hr_frames - 1) / self.spec.hr_fps - (1.0 / native_fps if native_fps else 0.0)
-        if span < 0:
-            return 0.0  # read_clip reports it as too short
-        return float(torch.rand(()).item()) * span
+        if self.clip_start != "random":
+            return self._first_start()
+        # the measured duration from construction: every start in [0, span) fits read_clip's rule
+        duration = self._scans[index].duration
+        span = duration - (self.spec.hr_frames - 1) / self.spec.hr_fps - 2 * _EPS
+        return float(torch.rand(()).item()) * max(span, 0.0)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if isinstance(index, bool) or not isinstance(index, int) or not -len(self) <= index < len(self):
