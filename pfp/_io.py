@@ -3,23 +3,70 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
+
+
+def _temp_prefix(path) -> str:
+    """Temporary files of ``path`` are named ``.<name>.<host>.<pid>.tmp-*`` beside it, so a later
+    writer of the same path can tell which ones a killed process left behind."""
+    return f".{os.path.basename(os.fspath(path))}.{socket.gethostname()}.{os.getpid()}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list:
+    """Remove the temporary files of ``path`` that a killed writer left (same host, process gone);
+    returns their names. Files of live processes and of other hosts are kept."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    head = f".{os.path.basename(os.fspath(path))}.{socket.gethostname()}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(head):
+            continue
+        pid = name[len(head):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_target(path, suffix: str = ""):
     """Yield a temporary path beside ``path`` to write to; when the block finishes, the file gets
-    the mode a plain open() would give it (0666 less the umask; mkstemp makes 0600) and is renamed
-    over ``path`` in one step. If the block raises, the temporary file is removed, so neither a
-    partial file nor a stale temporary one is left behind."""
+    the mode a plain open() would give it (0666 less the umask; mkstemp makes 0600), is flushed to
+    disk and renamed over ``path`` in one step. If the block raises, the temporary file is removed;
+    one that a kill -9 left is removed by the next write of the same path
+    (:func:`remove_stale_temps`). So neither a partial file nor, for long, a stale one is left."""
+    remove_stale_temps(path)
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,7 +18,6 @@ a temporary file and renamed, so a failed run leaves no partial video.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -28,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
+
 BUILTIN_STORYBOARD = [
     {"start": 0.0, "end": 1.5, "prompt": "a red circle and a yellow square on a blue background"},
     {"start": 1.5, "end": 3.0, "prompt": "a white triangle on a green and black striped background"},
@@ -35,8 +36,7 @@ BUILTIN_STORYBOARD = [
 ]
 
 
-class InputError(ValueError):
-    """Bad user input: reported as one line, exit status 2."""
+InputError = UsageError  # bad user input: one line, exit status 2 (the name this module always raised)
 
 
 @dataclass
@@ -173,6 +173,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                            uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift,
                            eta=eta, generator=generator, t_start=float(k * lat_shape[2]), device=device,
                            on_step=lambda i: bar.update(1))
+                if not bool(torch.isfinite(x).all()):  # one host sync per chunk
+                    raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
+                                     f"written (check the weights, or lower --cfg / --shift)")
             t1 = _clock(device)
             frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
             t2 = _clock(device)
@@ -236,14 +239,8 @@ def write_contact_sheet(video: torch.Tensor, path: str, frames_per_row: int, ups
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pfp.generate", description=(
+def _parser() -> Parser:
+    p = Parser(prog="python -m pfp.generate", description=(
         "Generate a multi-shot video chunk by chunk from a storyboard. With no arguments the built-in "
         "tiny model renders the built-in storyboard on the CPU."))
     p.add_argument("--storyboard", help="JSON file: a list of {start, end, prompt} in seconds")
@@ -263,8 +260,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="sampler stochasticity in [0, 1], 0 = deterministic Euler (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
-    p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export, or a "
-                   "training checkpoint directory); default: the built-in model")
+    p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export), a "
+                   "training checkpoint folder, or a training run folder (its newest complete checkpoint); "
+                   "default: the built-in model")
     p.add_argument("--context-mode", choices=["joint", "cached"], default=None,
                    help="must match the checkpoint's (it is recorded there)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's training size)")
@@ -296,31 +294,44 @@ def _check_args(ns, config) -> None:
         raise InputError(f"--upscale must be in 1..32, got {ns.upscale}")
     if ns.threads is not None and ns.threads < 1:
         raise InputError(f"--threads must be >= 1, got {ns.threads}")
-    if not ns.out.lower().endswith(".mp4"):
-        raise InputError(f"--out must name an .mp4 file, got {ns.out!r}")
-    out_dir = os.path.dirname(os.path.abspath(ns.out))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"--out: directory {out_dir} does not exist")
+
+
+def _check_outputs(ns) -> None:
+    """Every file the run writes at its end, and what writing it needs, checked before it starts."""
+    check_output_file("--out", ns.out, (".mp4",))
+    check_module("--out", "av", "av")
     if ns.contact_sheet is not None:
-        if not ns.contact_sheet.lower().endswith(".png"):
-            raise InputError(f"--contact-sheet must name a .png file, got {ns.contact_sheet!r}")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(ns.contact_sheet))):
-            raise InputError(f"--contact-sheet: directory {os.path.dirname(os.path.abspath(ns.contact_sheet))} "
-                             f"does not exist")
+        check_output_file("--contact-sheet", ns.contact_sheet, (".png",))
+        check_module("--contact-sheet", "PIL", "pillow")
+    if ns.timings is not None:
+        check_output_file("--timings", ns.timings)
+    outputs = [os.path.abspath(p) for p in (ns.out, ns.contact_sheet, ns.timings) if p is not None]
+    if len(set(outputs)) < len(outputs):
+        raise InputError("--out, --contact-sheet and --timings must name different files")
+
+
+def _check_length(config, seconds: float, size: tuple, upscale: int) -> None:
+    """Refuse, up front, a video whose frames would not fit in memory: the whole video is kept as
+    float32 frames, and upscaled once more while it is written."""
+    n_chunks = chunk_plan(config, seconds)
+    h, w = size
+    per_frame = 3 * h * w * 4 * (1 + upscale * upscale)
+    frames = config.clip_frames(n_chunks)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit we can state
+        return
+    budget = memory // 2
+    if frames * per_frame > budget:
+        fit = max(1, budget // (per_frame * config.chunk_frames)) * config.chunk_frames / config.fps
+        raise InputError(f"--seconds {seconds:g} would make {frames} frames of {h}x{w} (x{upscale} when written), "
+                         f"about {frames * per_frame / 2 ** 30:.1f} GiB in memory; half this machine's "
+                         f"{memory / 2 ** 30:.0f} GiB holds at most --seconds {fit:g}")
 
 
 def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    return dev
+    check_device("--device", name)
+    return torch.device(name)
 
 
 def _parse_size(text: str, config) -> tuple:
@@ -351,14 +362,10 @@ def _load_model(ns):
         path = DEFAULT_WEIGHTS
     if not os.path.exists(path):
         raise InputError(f"--checkpoint {path} does not exist")
-    if os.path.isdir(path):  # a training checkpoint directory
-        import json
-        from safetensors.torch import load_file
-        state_path = os.path.join(path, "state.json")
-        if not os.path.isfile(state_path):
-            raise InputError(f"--checkpoint {path} is a directory without state.json (not a pfp.train checkpoint)")
-        with open(state_path) as f:
-            st = json.load(f)
+    if os.path.isdir(path):  # a training checkpoint folder, or a run folder: its newest complete one
+        from pfp.train.checkpoint import load_checkpoint, resolve_checkpoint
+        path = resolve_checkpoint(path)                     # checked against its manifest
+        tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
             raise InputError(f"--checkpoint {path} holds LoRA adapters; export merged weights with "
                              f"`python -m pfp.train ... --export FILE.safetensors` and pass that file")
@@ -367,7 +374,6 @@ def _load_model(ns):
             raise InputError(f"--context-mode {ns.context_mode} does not match the checkpoint's "
                              f"{config.context_mode!r} (each mode needs its own training)")
         model = build_model(config)
-        tensors = load_file(os.path.join(path, "model.safetensors"))
         try:
             load_state_checked(model, tensors, path)
         except ValueError as e:
@@ -385,73 +391,70 @@ def _load_model(ns):
 
 
 def main(argv=None) -> int:
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     ns = _parser().parse_args(argv)
-    try:
-        if ns.threads:
-            torch.set_num_threads(ns.threads)
-        if ns.out and not ns.out.lower().endswith(".mp4"):
-            raise InputError(f"--out must name an .mp4 file, got {ns.out!r}")
-        device = _device(ns.device)
-        from pfp.text import Storyboard, StoryboardError
-        if ns.storyboard and ns.prompt:
-            raise InputError("give --storyboard or --prompt, not both")
-        if ns.storyboard is not None:
-            if not os.path.isfile(ns.storyboard):
-                raise InputError(f"--storyboard {ns.storyboard}: no such file")
-            try:
-                storyboard = Storyboard.load(ns.storyboard)
-            except StoryboardError as e:
-                raise InputError(str(e)) from None
-        elif ns.prompt is not None:
-            if not ns.prompt.strip():
-                raise InputError("--prompt is empty")
-            storyboard = Storyboard.single(ns.prompt, ns.seconds if ns.seconds and ns.seconds > 0 else 2.0)
-        else:
-            storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
-        model = _load_model(ns)
-        config = model.config
-        if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
-            # a small model's ops are too small to split: one thread is faster, and far faster when
-            # other processes share the cores (OpenMP threads then wait on each other)
-            torch.set_num_threads(1)
-        _check_args(ns, config)
-        size = _parse_size(ns.size, config) if ns.size else tuple(config.video_size)
-        seconds = ns.seconds if ns.seconds is not None else (
-            storyboard.duration if ns.prompt is None else 2.0)
-        chunk_plan(config, seconds)
-        upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
-        t0 = time.perf_counter()
-        result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_min_t=ns.cfg_min_t,
-                          shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet)
-        write_mp4(result.video, ns.out, config.fps, upscale)
-        if ns.contact_sheet:
-            write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,
-                                lead=config.vae_temporal - 1)
-        total = time.perf_counter() - t0
-        if ns.timings:
-            import csv
-            with open(ns.timings, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=list(result.timings[0]))
-                wr.writeheader()
-                wr.writerows(result.timings)
-        den = sum(t["denoise_s"] for t in result.timings)
-        dec = sum(t["decode_s"] for t in result.timings)
-        com = sum(t["compress_s"] for t in result.timings)
-        print(f"wrote {ns.out}: {result.video.shape[1]} frames, {size[0]}x{size[1]} (x{upscale}) at "
-              f"{config.fps:g} fps, {len(result.timings)} chunks in {total:.1f} s "
-              f"(denoise {den:.1f} s, decode {dec:.2f} s, compress {com:.2f} s)")
-        return 0
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, ValueError) as e:
-        if os.environ.get("PFP_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
-        return 1
+    if ns.threads is not None and ns.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {ns.threads}")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    device = _device(ns.device)
+    _check_outputs(ns)
+    from pfp.text import Storyboard
+    if ns.storyboard and ns.prompt:
+        raise InputError("give --storyboard or --prompt, not both")
+    if ns.storyboard is not None:
+        if not os.path.isfile(ns.storyboard):
+            raise InputError(f"--storyboard {ns.storyboard}: no such file")
+        storyboard = Storyboard.load(ns.storyboard)
+    elif ns.prompt is not None:
+        if not ns.prompt.strip():
+            raise InputError("--prompt is empty")
+        storyboard = Storyboard.single(ns.prompt, ns.seconds if ns.seconds and ns.seconds > 0 else 2.0)
+    else:
+        storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
+    model = _load_model(ns)
+    config = model.config
+    if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        # a small model's ops are too small to split: one thread is faster, and far faster when
+        # other processes share the cores (OpenMP threads then wait on each other)
+        torch.set_num_threads(1)
+    _check_args(ns, config)
+    size = _parse_size(ns.size, config) if ns.size else tuple(config.video_size)
+    seconds = ns.seconds if ns.seconds is not None else (
+        storyboard.duration if ns.prompt is None else 2.0)
+    upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
+    _check_length(config, seconds, size, upscale)
+    t0 = time.perf_counter()
+    result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_min_t=ns.cfg_min_t,
+                      shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet)
+    write_mp4(result.video, ns.out, config.fps, upscale)
+    if ns.contact_sheet:
+        write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,
+                            lead=config.vae_temporal - 1)
+    total = time.perf_counter() - t0
+    if ns.timings:
+        _write_timings(result.timings, ns.timings)
+    den = sum(t["denoise_s"] for t in result.timings)
+    dec = sum(t["decode_s"] for t in result.timings)
+    com = sum(t["compress_s"] for t in result.timings)
+    print(f"wrote {ns.out}: {result.video.shape[1]} frames, {size[0]}x{size[1]} (x{upscale}) at "
+          f"{config.fps:g} fps, {len(result.timings)} chunks in {total:.1f} s "
+          f"(denoise {den:.1f} s, decode {dec:.2f} s, compress {com:.2f} s)")
+    return 0
+
+
+def _write_timings(timings: list, path: str) -> None:
+    import csv
+
+    from pfp._io import atomic_target
+    with atomic_target(path, ".csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(timings[0]))
+            wr.writeheader()
+            wr.writerows(timings)
 
 
 if __name__ == "__main__":

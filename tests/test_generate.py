@@ -232,7 +232,7 @@ def test_bad_input_exits_with_one_line_and_no_file(weights, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
         assert expect in lines[0], (args, lines[0])
         assert "Traceback" not in r.stderr and not r.stdout.strip()
-        leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".mp4") or f.startswith(".tmp-")]
+        leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".mp4") or ".tmp-" in f]
         assert not leftovers, (args, leftovers)
 
 

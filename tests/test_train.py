@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from pfp.train import ObjectiveConfig, TrainArgs, random_omega, step_generator, train
 from pfp.train.objectives import flow_loss, shifted_logit_normal, training_timesteps
+from pfp.train.checkpoint import latest_checkpoint
 from pfp.train.loop import _batch, _dataset, _LossModule
 from pfp.weights import build_model
 
@@ -48,12 +49,12 @@ def test_resume_is_bit_exact(tmp_path):
     b.steps, b.resume = 4, True
     train(b)
     for name in ("model.safetensors", "optimizer.safetensors"):
-        ta = load_file(tmp_path / "a" / "checkpoint" / name)
-        tb = load_file(tmp_path / "b" / "checkpoint" / name)
+        ta = load_file(os.path.join(latest_checkpoint(tmp_path / "a"), name))
+        tb = load_file(os.path.join(latest_checkpoint(tmp_path / "b"), name))
         assert ta.keys() == tb.keys()
         for k in ta:
             assert torch.equal(ta[k], tb[k]), (name, k)
-    assert any("lora_" in k for k in load_file(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    assert any("lora_" in k for k in load_file(os.path.join(latest_checkpoint(tmp_path / "a"), "model.safetensors")))
     with open(tmp_path / "a" / "loss.csv") as fa, open(tmp_path / "b" / "loss.csv") as fb:
         rows_a = [r.split(",")[:2] for r in fa.read().splitlines()]
         rows_b = [r.split(",")[:2] for r in fb.read().splitlines()]
@@ -105,7 +106,7 @@ def test_two_gloo_processes_agree(tmp_path):
     b1 = _batch(_dataset(args, tiny_config()), step_generator(0, 0, 1, "data"), 2)
     assert not torch.equal(b0["hr"], b1["hr"])
     # ... and the weights moved away from the initialisation, identically, and were saved by rank 0
-    saved = load_file(tmp_path / "ddp" / "checkpoint" / "model.safetensors")
+    saved = load_file(os.path.join(latest_checkpoint(tmp_path / "ddp"), "model.safetensors"))
     for k, v in saved.items():
         assert torch.equal(v, r0["state"][k]), k
 
@@ -117,8 +118,8 @@ def test_fsdp2_two_gloo_processes_match_ddp(tmp_path):
     mp.spawn(_worker, args=(_free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
     fsdp = _args(tmp_path, tmp_path / "fsdp", mode="pretrain", steps=2, save_every=2, fsdp=True)
     mp.spawn(_worker, args=(_free_port(), fsdp, str(tmp_path)), nprocs=2, join=True)
-    a = load_file(tmp_path / "ddp" / "checkpoint" / "model.safetensors")
-    b = load_file(tmp_path / "fsdp" / "checkpoint" / "model.safetensors")
+    a = load_file(os.path.join(latest_checkpoint(tmp_path / "ddp"), "model.safetensors"))
+    b = load_file(os.path.join(latest_checkpoint(tmp_path / "fsdp"), "model.safetensors"))
     assert a.keys() == b.keys()
     init = build_model(tiny_config()).trainable_state_dict()
     moved = 0

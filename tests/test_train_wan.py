@@ -1,10 +1,12 @@
 """The training CLI with a config that names a local Wan VAE and a local UMT5 text encoder."""
 import json
+import os
 
 import pytest
 from safetensors.torch import load_file
 
 from pfp.train.__main__ import main
+from pfp.train.checkpoint import latest_checkpoint
 from pfp.weights import PFPConfig, load_weights
 
 from _tiny_pfp import save_tiny_umt5, save_tiny_wan_vae, wan_config, write_config
@@ -31,7 +33,7 @@ def test_cli_pretrain_and_finetune_with_wan_vae_and_umt5(parts, tmp_path, capsys
     pre = tmp_path / "pre.safetensors"
     assert main(["pretrain", "--config", cfg, "--out", str(tmp_path / "pre"), "--export", str(pre), *COMMON]) == 0
     assert "done: step 1" in capsys.readouterr().out
-    saved = load_file(tmp_path / "pre" / "checkpoint" / "model.safetensors")
+    saved = load_file(os.path.join(latest_checkpoint(tmp_path / "pre"), "model.safetensors"))
     # the VAE and UMT5 come from their paths: neither checkpoints nor exports carry them
     assert not any(k.startswith(("_vae.", "text_encoder.")) for k in saved)
     assert any(k.startswith("backbone.") for k in saved) and any(k.startswith("compressor.") for k in saved)

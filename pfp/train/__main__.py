@@ -1,21 +1,21 @@
 """``python -m pfp.train pretrain|finetune [options]``; ``--help`` lists them."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
+
+from pfp._cli import Parser, run_cli
 
 from .loop import MODES, TrainArgs
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> Parser:
     d = TrainArgs()
-    p = argparse.ArgumentParser(prog="python -m pfp.train", description=(
+    p = Parser(prog="python -m pfp.train", description=(
         "pretrain: frame retrieval (random frame set, noise-as-mask, flow matching on the retrieved frames); "
         "finetune: next-chunk generation from the compressed history with LoRA on the backbone."))
     p.add_argument("mode", choices=MODES)
-    p.add_argument("--out", default=d.out, help="run directory: checkpoint/, loss.csv (default %(default)s)")
+    p.add_argument("--out", default=d.out, help="run folder: checkpoints/step-N/, loss.csv (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder of videos with JSON storyboards")
     p.add_argument("--clip-seconds", type=float, default=d.clip_seconds)
+    p.add_argument("--bad-data", default=d.bad_data, choices=["skip", "error"],
+                   help="video folder: unusable files (undecodable, too short, no storyboard) are checked before "
+                        "step 1 and skipped with a one-line report, or refused (default %(default)s)")
     p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic videos to draw from")
     p.add_argument("--sprite-radius", type=float, nargs=2, default=d.sprite_radius, metavar=("MIN", "MAX"),
                    help="synthetic data: sprite radius range, units of min(H, W) (default %(default)s)")
@@ -46,7 +49,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="synthetic data: stripe/checker period range, units of min(H, W) (default %(default)s)")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest complete checkpoint (step 0 if none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that already holds a run (deletes its checkpoints and loss.csv)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
+                   help="checkpoints kept in OUT/checkpoints; older ones are deleted after each save (default %(default)s)")
+    p.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite, metavar="N",
+                   help="skip up to N steps whose loss or gradient is NaN/Inf before stopping (default %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the backbone with FSDP2")
     p.add_argument("--export", default=None, help="write merged weights (.safetensors) here at the end")
     p.add_argument("--export-dtype", default=d.export_dtype, choices=["fp32", "bf16"])
@@ -85,30 +95,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    ns = _parser().parse_args(argv)
-    for name, lo in (("steps", 1), ("batch_size", 1), ("save_every", 1), ("log_every", 1)):
-        if getattr(ns, name) < lo:
-            print(f"error: --{name.replace('_', '-')} must be >= {lo}, got {getattr(ns, name)}", file=sys.stderr)
-            return 2
-    if ns.lr <= 0:
-        print(f"error: --lr must be > 0, got {ns.lr}", file=sys.stderr)
-        return 2
-    kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(ns, f.name)}
-    kwargs["progress"] = not ns.no_progress
-    args = TrainArgs(**kwargs)
-    from .loop import train
-    try:
-        summary = train(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        if os.environ.get("PFP_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        # bad input (config, paths, flag values) exits 2 like the flag checks above and like
-        # pfp.generate; a failure while training (RuntimeError: out of memory, NCCL, ...) exits 1
-        return 1 if isinstance(exc, RuntimeError) else 2
-    if summary["rank"] == 0:
-        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['samples_per_s']:.2f} samples/s")
-    return 0
+    def body() -> int:
+        ns = _parser().parse_args(argv)
+        kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(ns, f.name)}
+        kwargs["progress"] = not ns.no_progress
+        from .loop import train
+        summary = train(TrainArgs(**kwargs))  # checks every argument and path before any work
+        if summary["rank"] == 0:
+            print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, "
+                  f"{summary['samples_per_s']:.2f} samples/s")
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,9 +28,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pfp._cli import RunFailure, UsageError, check_device, check_number, check_output_file, check_writable_dir
 from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINTS, LEGACY_DIRS, load_checkpoint, read_optimizer_state, read_state, recover,
+                         resolve_checkpoint, restore_rng_state, save_checkpoint)
 from .objectives import ObjectiveConfig, finetune_loss, pretrain_loss
 
 MODES = ("pretrain", "finetune")
@@ -83,6 +85,10 @@ class TrainArgs:
     workers: int = 1                     # data processes (0: render clips in the training process)
     max_minutes: Optional[float] = None  # stop (checkpoint, export) after this much wall time
     until: Optional[int] = None          # stop (checkpoint, export) after this step; --steps stays the schedule horizon
+    keep_checkpoints: int = 2            # checkpoints kept in OUT/checkpoints (older ones deleted after each save)
+    overwrite: bool = False              # start again in an --out that already holds a run (deletes its checkpoints and log)
+    skip_nonfinite: int = 0              # steps with a non-finite loss or gradient skipped before the run stops
+    bad_data: str = "skip"               # a video folder's unusable files: "skip" (listed) or "error"
     progress: bool = True
 
 
@@ -201,7 +207,7 @@ def _plain_backbone(backbone):
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
-def _dataset(args: TrainArgs, config: PFPConfig):
+def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
     # whole chunks: K * chunk_frames frames, less tf - 1 with a causal VAE (1 + tf*k frames)
     num_chunks = max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
     spec = config.clip_spec(num_chunks)
@@ -211,7 +217,7 @@ def _dataset(args: TrainArgs, config: PFPConfig):
                                         sprite_radius=tuple(args.sprite_radius),
                                         pattern_period=tuple(args.pattern_period))
     from pfp.data import VideoFolderDataset
-    return VideoFolderDataset(args.data, spec)
+    return VideoFolderDataset(args.data, spec, on_bad=args.bad_data, progress=progress)
 
 
 def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
@@ -273,9 +279,8 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> 
                                    **{k: v.clone() for k, v in fill.items()}}, path)
         return
     if os.path.isdir(path):
-        tensors = load_checkpoint(path, restore_rng=False)[0]
-        with open(os.path.join(path, "state.json")) as f:
-            st = json.load(f)
+        path = resolve_checkpoint(path)
+        tensors, st = load_checkpoint(path, restore_rng=False)
         if st.get("lora"):
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
         load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
@@ -284,42 +289,179 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> 
         load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
 
 
+# ------------------------------------------------------------------------------------------------
+# checks before any work
+# ------------------------------------------------------------------------------------------------
+def check_train_args(args: TrainArgs) -> None:
+    """Every argument, path and optional dependency, checked before anything is built or written:
+    :class:`pfp._cli.UsageError` naming the flag and what it takes."""
+    if args.mode not in MODES:
+        raise UsageError(f"mode must be one of {MODES}, got {args.mode!r}")
+    for flag, value, lo in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                            ("--save-every", args.save_every, 1), ("--log-every", args.log_every, 1),
+                            ("--keep-checkpoints", args.keep_checkpoints, 1), ("--warmup", args.warmup, 0),
+                            ("--num-videos", args.num_videos, 1), ("--max-retrieve", args.max_retrieve, 1),
+                            ("--workers", args.workers, 0), ("--skip-nonfinite", args.skip_nonfinite, 0),
+                            ("--seed", args.seed, 0)):
+        check_number(flag, value, lo=lo, integer=True, allow_none=False)
+    if args.seed >= 2 ** 63:
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
+    for flag, value, lo in (("--threads", args.threads, 1), ("--until", args.until, 1),
+                            ("--lora-rank", args.lora_rank, 0)):
+        check_number(flag, value, lo=lo, integer=True)
+    check_number("--lr", args.lr, lo=0, lo_open=True, allow_none=False)
+    check_number("--lora-alpha", args.lora_alpha, lo=0, lo_open=True)
+    check_number("--clip-seconds", args.clip_seconds, lo=0, lo_open=True, hi=3600, allow_none=False)
+    check_number("--max-minutes", args.max_minutes, lo=0, lo_open=True)
+    check_number("--t-shift", args.t_shift, lo=0, lo_open=True, allow_none=False)
+    check_number("--t-weight-power", args.t_weight_power, lo=0, hi=4, allow_none=False)
+    for flag, value in (("--weight-decay", args.weight_decay), ("--grad-clip", args.grad_clip)):
+        check_number(flag, value, lo=0, allow_none=False)
+    for flag, value in (("--p-uncond", args.p_uncond), ("--p-no-history", args.p_no_history),
+                        ("--history-noise", args.history_noise), ("--t-uniform", args.t_uniform),
+                        ("--self-history", args.self_history)):
+        check_number(flag, value, lo=0, hi=1, allow_none=False)
+    lo, hi = args.self_history_t
+    for v in (lo, hi):
+        check_number("--self-history-t", v, lo=0, lo_open=True, hi=1, allow_none=False)
+    if not lo <= hi:
+        raise UsageError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
+    for flag, pair in (("--sprite-radius", args.sprite_radius), ("--pattern-period", args.pattern_period)):
+        for v in pair:
+            check_number(flag, v, allow_none=False)
+    for flag, value, choices in (("--precision", args.precision, ("auto", "bf16", "fp32")),
+                                 ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
+                                 ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
+                                 ("--bad-data", args.bad_data, ("skip", "error"))):
+        if value not in choices:
+            raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    if args.device != "auto":
+        check_device("--device", args.device)
+    if args.resume and args.overwrite:
+        raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
+    for flag, path in (("--config", args.config), ("--init", args.init)):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file or folder")
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise UsageError(f"--data must be 'synthetic' or a folder of videos, got {args.data!r} (no such folder)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder for the run")
+    check_writable_dir("--out", os.path.abspath(args.out), create=True)
+    if args.export is not None:
+        check_output_file("--export", args.export, (".safetensors",))
+
+
+def _run_files(out: str) -> list:
+    """What a run leaves in its folder (``--out``), of the names this module writes."""
+    return [name for name in (CHECKPOINTS, *LEGACY_DIRS, "loss.csv") if os.path.lexists(os.path.join(out, name))]
+
+
+def _prepare_run_dir(args: TrainArgs, rank: int, world: int) -> Optional[str]:
+    """Make ``--out`` ready and return the checkpoint to resume from (None: start at step 0).
+
+    A folder that holds a run is continued only with ``--resume``, or started again with
+    ``--overwrite``; anything else is refused, so a re-run never mixes into an old log or replaces
+    its checkpoints. With ``--resume``, rank 0 tidies what a crash left (:func:`recover`)."""
+    found = None
+    if rank == 0:
+        existing = _run_files(args.out)
+        if existing and not (args.resume or args.overwrite):
+            raise UsageError(f"--out {args.out} already holds a run ({', '.join(existing)}); pass --resume to "
+                             f"continue it or --overwrite to start it again")
+        if existing and args.overwrite:
+            for name in existing:
+                path = os.path.join(args.out, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        os.makedirs(args.out, exist_ok=True)
+        if args.resume:
+            found, notes = recover(args.out)
+            for note in notes:
+                print(f"resume: {note}", file=sys.stderr)
+            if found is None:
+                print(f"resume: no complete checkpoint in {args.out}; starting at step 0", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+        holder = [found]
+        dist.broadcast_object_list(holder, src=0)
+        found = holder[0]
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def _grad_norm(params: list, clip: float) -> torch.Tensor:
+    """The gradients' total norm, clipped to ``clip`` when > 0 (needed either way: a non-finite
+    norm means a step that must not be taken)."""
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+
+def _check_finite_model(model: nn.Module, what: str, world: int = 1) -> None:
+    """Nothing poisoned is written: every parameter must be finite (FSDP: every rank's shard)."""
+    names = [n for n, p in model.named_parameters()
+             if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    if world > 1:
+        import torch.distributed as dist
+        gathered = [None] * world
+        dist.all_gather_object(gathered, names)
+        names = sorted({n for part in gathered for n in part})
+    if names:
+        raise RunFailure(f"{what}: parameter {names[0]} holds NaN or Inf values; nothing was written "
+                         f"(lower --lr or --grad-clip)")
+
+
+class _LossLog:
+    """``loss.csv``: one header, then a row per logged step. On resume it is cut back to the
+    checkpoint's step first (rows after it, an unfinished last line, a second header), so the log
+    of a resumed run equals an uninterrupted run's in every column but the timings."""
+
+    HEADER = ["step", "loss", "lr", "samples_per_s", "elapsed_s"]
+
+    def __init__(self, path: str, start: int):
+        from pfp._io import atomic_target
+        rows = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                for row in csv.reader(f):
+                    if len(row) == len(self.HEADER) and row[0].isdigit() and int(row[0]) <= start:
+                        rows.append(row)
+        with atomic_target(path, ".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([self.HEADER, *rows])
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def sync(self) -> None:
+        """To disk before a checkpoint names a step, so the log never lags a saved checkpoint."""
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def train(args: TrainArgs) -> dict:
     """Run a training job; returns a summary (final step, last loss, samples/s)."""
-    if args.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {args.mode!r}")
-    for flag, value in (("p_uncond", args.p_uncond), ("p_no_history", args.p_no_history),
-                        ("history_noise", args.history_noise), ("t_uniform", args.t_uniform),
-                        ("self_history", args.self_history)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
-    lo, hi = args.self_history_t
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
-    if args.t_shift <= 0:
-        raise ValueError(f"--t-shift must be > 0, got {args.t_shift}")
-    if not 0.0 <= args.t_weight_power <= 4.0:
-        raise ValueError(f"--t-weight-power must be in [0, 4], got {args.t_weight_power}")
+    check_train_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     rank, world = _dist_setup(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.precision == "auto":
-        autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    elif args.precision == "bf16":
-        autocast_dtype = torch.bfloat16
-    elif args.precision == "fp32":
-        autocast_dtype = None
-    else:
-        raise ValueError(f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
+    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                      "fp32": None}[args.precision]
 
-    ckpt_dir = os.path.join(args.out, "checkpoint")
-    resume_state = None
-    if args.resume and os.path.isdir(ckpt_dir):
-        with open(os.path.join(ckpt_dir, "state.json")) as f:
-            resume_state = json.load(f)
+    resume_path = _prepare_run_dir(args, rank, world)
+    resume_state = read_state(resume_path) if resume_path is not None else None
+    if resume_state is not None:
         config = PFPConfig.from_dict(resume_state["config"])
     elif args.config:
         config = PFPConfig.load(args.config)
@@ -330,6 +472,10 @@ def train(args: TrainArgs) -> dict:
     if args.context_mode and resume_state is None:
         config.context_mode = args.context_mode
     config.check()
+    dataset = _dataset(args, config, progress=args.progress and rank == 0)   # every file checked before step 1
+    report = getattr(dataset, "skip_report", lambda: None)()
+    if report and rank == 0:
+        print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
 
     torch.manual_seed(args.seed)
     model = build_model(config)
@@ -344,15 +490,16 @@ def train(args: TrainArgs) -> dict:
         _plain_backbone(model.backbone).set_gradient_checkpointing(True)
     model.to(device)
 
-    start = 0
-    resume_tensors = None
+    start, skipped = 0, 0
     if resume_state is not None:
-        resume_tensors, st = load_checkpoint(ckpt_dir)  # model tensors; restores the RNG states
+        # the RNG states are restored last, right before the first step (below), so that nothing
+        # set up in between (model init, data loader seeds) draws from them
+        resume_tensors, st = load_checkpoint(resume_path, restore_rng=False, verify=False)
         missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
         bad = [k for k in missing if model.is_saved_key(k)]
         if bad or unexpected:
-            raise ValueError(f"checkpoint {ckpt_dir} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
-        start = st["step"]
+            raise ValueError(f"checkpoint {resume_path} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
+        start, skipped = st["step"], st.get("nonfinite_skipped", 0)
 
     fsdp = world > 1 and args.fsdp
     chunk_latent = config.chunk_latent_frames
@@ -385,27 +532,14 @@ def train(args: TrainArgs) -> dict:
         raise ValueError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     if resume_state is not None:
-        from .checkpoint import read_optimizer_state
-        opt_state = read_optimizer_state(ckpt_dir)
+        opt_state = read_optimizer_state(resume_path)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
 
-    dataset = _dataset(args, config)
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "loss.csv")
-    log_file = None
-    if rank == 0:
-        new = not (resume_state is not None and os.path.exists(log_path))
-        if not new:
-            _truncate_log(log_path, start)
-        log_file = open(log_path, "a", newline="")
-        writer = csv.writer(log_file)
-        if new:
-            writer.writerow(["step", "loss", "lr", "samples_per_s", "elapsed_s"])
-
+    log = _LossLog(os.path.join(args.out, "loss.csv"), start) if rank == 0 else None
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=start, disable=not (args.progress and rank == 0),
                desc=args.mode, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -413,9 +547,12 @@ def train(args: TrainArgs) -> dict:
     t_start = time.perf_counter()
     window_t, window_n, last_loss, sps = time.perf_counter(), 0, float("nan"), float("nan")
     elapsed_before = (resume_state or {}).get("elapsed_s", 0.0)
+    saved_step = start if resume_state is not None else None
     step = start - 1
     try:
         batches = _batches(dataset, args, rank, start)
+        if resume_path is not None:
+            restore_rng_state(resume_path, resume_state)
         last = args.steps if args.until is None else min(args.steps, args.until)
         for step in range(start, last):
             gen = step_generator(args.seed, step, rank)
@@ -425,25 +562,39 @@ def train(args: TrainArgs) -> dict:
             loss = runner(batch, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip and args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            last_loss = float(loss.detach())
+            grad_norm = _grad_norm(params, args.grad_clip)
+            # one host sync per step, as before: the loss (averaged over ranks) and whether every
+            # rank's loss and the synced gradients are finite
+            stats = torch.stack([loss.detach().float(), (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+                                 .float()]).cpu()
             if world > 1:
                 import torch.distributed as dist
-                lt = torch.tensor([last_loss], device=device)
-                dist.all_reduce(lt)
-                last_loss = float(lt) / world
-            window_n += args.batch_size * world
+                stats = stats.to(device)
+                dist.all_reduce(stats)
+                stats = stats.cpu() / world
+            last_loss, finite = float(stats[0]), bool(stats[1] == 1)
             done = step + 1
+            if finite:
+                optimizer.step()
+            else:
+                skipped += 1
+                what = "loss" if not math.isfinite(last_loss) else "gradient"
+                if skipped > args.skip_nonfinite:
+                    kept = f"step {saved_step}" if saved_step is not None else "none yet"
+                    raise RunFailure(f"non-finite {what} at step {done} (loss {last_loss}, gradient norm "
+                                     f"{float(grad_norm)}): stopped; newest checkpoint: {kept}, nothing after it "
+                                     f"was saved; lower --lr, or pass --skip-nonfinite N to skip up to N such steps")
+                optimizer.zero_grad(set_to_none=True)
+                bar.write(f"warning: non-finite {what} at step {done}: step skipped "
+                          f"({skipped} of at most {args.skip_nonfinite})", file=sys.stderr)
+            window_n += args.batch_size * world
             if done % args.log_every == 0 or done == last:
                 now = time.perf_counter()
                 sps = window_n / max(now - window_t, 1e-9)
                 window_t, window_n = now, 0
-                if log_file is not None:
-                    writer.writerow([done, f"{last_loss:.6f}", f"{_lr_at(step, args):.3g}", f"{sps:.3f}",
-                                     f"{elapsed_before + now - t_start:.1f}"])
-                    log_file.flush()
+                if log is not None:
+                    log.write([done, f"{last_loss:.6f}", f"{_lr_at(step, args):.3g}", f"{sps:.3f}",
+                               f"{elapsed_before + now - t_start:.1f}"])
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{sps:.2f}")
             bar.update(1)
             out_of_time = False
@@ -454,27 +605,23 @@ def train(args: TrainArgs) -> dict:
                     dist.all_reduce(flag)  # every rank stops at the same step
                 out_of_time = bool(flag.item() > 0)
             if done % args.save_every == 0 or done == last or out_of_time:
-                _save(model, optimizer, done, args, config, lora, ckpt_dir, rank, world,
-                      elapsed_before + time.perf_counter() - t_start)
+                if log is not None:
+                    log.sync()
+                _save(model, optimizer, done, args, config, lora, rank, world,
+                      elapsed_before + time.perf_counter() - t_start, skipped)
+                saved_step = done
             if out_of_time:
                 break
     finally:
         bar.close()
-        if log_file is not None:
-            log_file.close()
+        if log is not None:
+            log.close()
     if args.export and rank == 0:
+        _check_finite_model(model, f"--export {args.export}")
         export_weights(model, args.export, args, dtype=torch.bfloat16 if args.export_dtype == "bf16" else None)
     elapsed = time.perf_counter() - t_start
     return {"step": step + 1, "loss": last_loss, "samples_per_s": (step + 1 - start) * args.batch_size * world / max(elapsed, 1e-9),
             "rank": rank, "world": world, "model": model}
-
-
-def _truncate_log(path: str, step: int) -> None:
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(keep)
 
 
 def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
@@ -486,7 +633,8 @@ def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
     return {k: v for k, v in state.items() if model.is_saved_key(k)}
 
 
-def _save(model, optimizer, step, args, config, lora, ckpt_dir, rank, world, elapsed) -> None:
+def _save(model, optimizer, step, args, config, lora, rank, world, elapsed, skipped) -> None:
+    _check_finite_model(model, f"checkpoint of step {step}", world)
     state = _full_state(model, world, args.fsdp)
     opt = optimizer
     if world > 1 and args.fsdp:
@@ -494,9 +642,9 @@ def _save(model, optimizer, step, args, config, lora, ckpt_dir, rank, world, ela
         opt = get_optimizer_state_dict(model, optimizer,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_checkpoint(ckpt_dir, state, opt, step,
+        save_checkpoint(args.out, state, opt, step, keep=args.keep_checkpoints,
                         extra={"config": config.to_dict(), "args": asdict(args), "lora": lora,
-                               "elapsed_s": elapsed})
+                               "elapsed_s": elapsed, "nonfinite_skipped": skipped})
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
@@ -509,4 +657,4 @@ def export_weights(model: PFPModel, path: str, args: Optional[TrainArgs] = None,
     save_weights(model, path, dtype=dtype, extra=extra)
 
 
-__all__ = ["TrainArgs", "train", "apply_lora", "merge_lora", "export_weights", "step_generator", "MODES"]
+__all__ = ["TrainArgs", "train", "check_train_args", "apply_lora", "merge_lora", "export_weights", "step_generator", "MODES"]

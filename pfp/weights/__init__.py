@@ -71,9 +71,19 @@ class PFPConfig:
 
     @classmethod
     def load(cls, path: str) -> "PFPConfig":
-        with open(path) as f:
-            d = json.load(f)
-        return cls.from_dict(d.get("config", d))
+        """Read a config JSON file (or a file whose ``"config"`` key holds one); ValueError naming
+        the file if it is not readable JSON of that shape."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"config {path} is not readable JSON ({str(exc).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config {path} must hold a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d.get("config", d))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config {path}: {str(exc).splitlines()[0]}") from None
 
     # -- derived -----------------------------------------------------------------------------
     def vae_factors(self) -> tuple[int, int, int]:
@@ -421,17 +431,33 @@ def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
-    cfg = PFPConfig.from_dict(json.loads(meta["config"])) if "config" in meta else None
+    cfg = None
+    if "config" in meta:
+        try:
+            cfg = PFPConfig.from_dict(json.loads(meta["config"]))
+        except (TypeError, ValueError) as exc:  # truncated or hand-edited metadata
+            raise ValueError(f"checkpoint {path}: its config metadata is not a valid config "
+                             f"({str(exc).splitlines()[0]})") from None
     return tensors, cfg
 
 
 def load_state_checked(model: PFPModel, tensors: dict, source: str) -> None:
-    """Copy tensors into the model; ValueError naming every missing / unexpected / misshapen tensor."""
+    """Copy tensors into the model; ValueError naming every missing / unexpected / misshapen tensor,
+    or the first one whose values cannot be weights: a floating-point tensor of the model given as
+    integers or bools, or holding NaN/Inf (a diverged run's weights would only make black video)."""
     own = model.trainable_state_dict()
     missing, unexpected, mismatched = state_mismatch(own, tensors)
     if missing or unexpected or mismatched:
         raise ValueError(f"checkpoint {source} is from another config; tensors that do not fit: "
                          + describe_mismatch(missing, unexpected, mismatched))
+    for k, v in tensors.items():
+        if not own[k].is_floating_point():
+            continue
+        if not v.is_floating_point():
+            raise ValueError(f"checkpoint {source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; "
+                             f"weights must be floating point (float32, bfloat16 or float16)")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"checkpoint {source}: tensor {k} holds NaN or Inf values")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
