@@ -135,10 +135,12 @@ def check_writable_dir(flag: str, folder: str, create: bool = False) -> None:
 
 
 def check_module(flag: str, module: str, package: str) -> None:
-    """An optional dependency that ``flag`` needs is importable."""
-    import importlib.util
-    if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{flag} needs {package}: pip install {package}")
+    """An optional dependency that ``flag`` needs imports (the command needs it anyway, later)."""
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{flag} needs {package}: pip install {package}") from None
 
 
 __all__ = ["UsageError", "RunFailure", "Parser", "one_line", "run_cli", "check_number", "check_device",

@@ -15,6 +15,9 @@ s*j-(k-1) .. s*j; frames before 0 are zeros; T input frames give ceil(T/s) outpu
 """
 from __future__ import annotations
 
+import math
+import operator
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -34,10 +37,19 @@ CL3 = torch.channels_last_3d
 # argument checks (shared by every implementation so that errors read the same everywhere)
 # ----------------------------------------------------------------------------------------------
 def _triple(value: IntOr3, name: str, n: int = 3, minimum: int = 0) -> list[int]:
-    if isinstance(value, int):
-        out = [value] * n
+    def whole(v) -> int:
+        # no bools (True would mean 1) and no floats (2.5 would silently become 2)
+        if isinstance(v, bool):
+            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+        try:
+            return operator.index(v)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
+
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        out = [whole(value)] * n
     else:
-        out = [int(v) for v in value]
+        out = [whole(v) for v in value]
         if len(out) != n:
             raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
     if any(v < minimum for v in out):
@@ -69,6 +81,35 @@ def _check_conv_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str)
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"{op}: bias must match x in dtype and device; got {bias.dtype} on {bias.device}")
+
+
+def _device_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory on ``device`` (CPU: physical RAM), None where unknown."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (ValueError, OSError, AttributeError, RuntimeError, AssertionError):
+        pass
+    return None
+
+
+def _check_output_fits(op: str, x: Tensor, shape: Sequence[int]) -> None:
+    """Refuse an output larger than the device's whole memory with a message, before the
+    allocator is asked for it (large paddings or inputs make such shapes easily). Traces on the
+    meta device or under FakeTensorMode, which allocate nothing, are not limited, nor is code
+    that torch.compile traces (the check would break its graph)."""
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(x):
+        return
+    nbytes = math.prod(int(d) for d in shape) * x.element_size()
+    memory = _device_memory(x.device)
+    if memory is not None and nbytes > memory:
+        raise ValueError(f"{op}: the output {list(shape)} would take {nbytes / 2 ** 30:.1f} GiB, more than the "
+                         f"{memory / 2 ** 30:.1f} GiB of {x.device}; check the input size, stride and padding")
 
 
 def _out_hw(size: int, k: int, s: int, p: int, name: str) -> int:
@@ -323,8 +364,9 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     act = _check_activation(activation)
     if x.shape[2] == 0:
         raise ValueError("conv3d_act: x has an empty time dimension (T=0); a non-causal conv needs T >= 1")
-    for axis, name in enumerate("THW"):
-        _out_hw(x.shape[2 + axis], weight.shape[2 + axis], stride[axis], padding[axis], name)
+    out = [_out_hw(x.shape[2 + axis], weight.shape[2 + axis], stride[axis], padding[axis], name)
+           for axis, name in enumerate("THW")]
+    _check_output_fits("conv3d_act", x, [x.shape[0], weight.shape[0], *out])
     chosen = _choose("conv3d_act", impl, x.device)
     if chosen == "torch":
         return conv3d_act_reference(x, weight, bias, stride, padding, act)
@@ -398,8 +440,8 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     padding_hw = _triple(padding_hw, "padding_hw", n=2)
     act = _check_activation(activation)
     kt, kh, kw = weight.shape[2:]
-    _out_hw(x.shape[3], kh, stride[1], padding_hw[0], "H")
-    _out_hw(x.shape[4], kw, stride[2], padding_hw[1], "W")
+    ho = _out_hw(x.shape[3], kh, stride[1], padding_hw[0], "H")
+    wo = _out_hw(x.shape[4], kw, stride[2], padding_hw[1], "W")
     signature = _state_signature(x, weight, stride, padding_hw, act, layer_key)
     if state is not None:
         _check_state(state, signature)
@@ -410,6 +452,7 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     n = n0 + x.shape[2]
     j0, j1 = -(-n0 // st), -(-n // st)
     num_out = j1 - j0
+    _check_output_fits("causal_conv3d_act", x, [x.shape[0], weight.shape[0], num_out, ho, wo])
     # V index of stream frame g is g - (n0 - p).
     time_offset = st * j0 - (kt - 1) - (n0 - p)
 
