@@ -116,11 +116,11 @@ def step_dir_name(step: int) -> str:
     return f"step-{int(step):08d}"
 
 
-def _trash(path: str) -> None:
-    """Delete a folder by first renaming it into the trash (one atomic step, so a kill mid-delete
-    never leaves a half-deleted folder under a checkpoint's name), then removing it."""
-    parent = os.path.dirname(path)
-    trash = tempfile.mkdtemp(prefix=_TRASH_PREFIX, dir=parent)
+def _trash(path: str, root: str) -> None:
+    """Delete a folder by first renaming it into a trash folder under ``root`` (one atomic step, so
+    a kill mid-delete never leaves a half-deleted folder under a checkpoint's name, and
+    :func:`recover` finds the rest there), then removing it."""
+    trash = tempfile.mkdtemp(prefix=_TRASH_PREFIX, dir=root)
     target = os.path.join(trash, os.path.basename(path))
     os.rename(path, target)
     _after_op("trash", path)
@@ -188,14 +188,14 @@ def save_checkpoint(run_dir: str, model_state: dict, optimizer, step: int, extra
     if os.path.lexists(final):
         # a folder of the same step from an abandoned future of this run (resumed from an older
         # checkpoint because this one did not verify): the new one replaces it
-        _trash(final)
+        _trash(final, root)
     os.rename(tmp, final)
     _after_op("rename", final)
     _fsync(root)
     _after_op("fsync", root)
     older = [(s, p) for s, p in _candidates(run_dir) if s < step]
     for _, path in sorted(older, reverse=True)[keep - 1:]:
-        _trash(path)
+        _trash(path, root)
     return final
 
 

@@ -19,12 +19,14 @@ import csv
 import hashlib
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -356,6 +358,147 @@ def _run_files(out: str) -> list:
     return [name for name in (CHECKPOINTS, *LEGACY_DIRS, "loss.csv") if os.path.lexists(os.path.join(out, name))]
 
 
+def _find_resume_point(args: TrainArgs, rank: int, world: int) -> Optional[str]:
+    """The checkpoint to resume from (None: start at step 0), after checking what ``--out`` holds.
+
+    A folder that holds a run is continued only with ``--resume``, or started again with
+    ``--overwrite`` (its files are removed later, by :func:`_start_run_dir`, once the data and the
+    model have been checked); anything else is refused, so a re-run never mixes into an old log or
+    replaces its checkpoints. With ``--resume``, rank 0 tidies what a crash left (:func:`recover`)."""
+    found = None
+    if rank == 0:
+        existing = _run_files(args.out)
+        if existing and not (args.resume or args.overwrite):
+            raise UsageError(f"--out {args.out} already holds a run ({', '.join(existing)}); pass --resume to "
+                             f"continue it or --overwrite to start it again")
+        if args.resume and os.path.isdir(args.out):
+            found, notes = recover(args.out)
+            for note in notes:
+                print(f"resume: {note}", file=sys.stderr)
+        if args.resume and found is None:
+            print(f"resume: no complete checkpoint in {args.out}; starting at step 0", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+        holder = [found]
+        dist.broadcast_object_list(holder, src=0)
+        found = holder[0]
+    return found
+
+
+def _start_run_dir(args: TrainArgs) -> None:
+    """Make ``--out``, first removing the old run's files with ``--overwrite`` (rank 0)."""
+    if args.overwrite:
+        for name in _run_files(args.out):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(args.out, exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+def _lr_at(step: int, args: TrainArgs) -> float:
+    if args.warmup > 0 and step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == "cosine":
+        span = max(1, args.steps - args.warmup)
+        frac = min(1.0, (step - args.warmup) / span)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return args.lr
+
+
+def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> None:
+    if new_prefix:
+        # modules added since the init file was written keep their fresh initialisation
+        own = model.trainable_state_dict()
+        fill = {k: v for k, v in own.items() if k.startswith(new_prefix)}
+        if not fill:
+            raise ValueError(f"--init-new {new_prefix!r} names no tensor of this model")
+        tensors = read_weights(path)[0]
+        clash = sorted(k for k in fill if k in tensors)
+        if clash:
+            raise ValueError(f"--init-new {new_prefix!r}: {path} already has {clash[:3]}")
+        load_state_checked(model, {**{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
+                                   **{k: v.clone() for k, v in fill.items()}}, path)
+        return
+    if os.path.isdir(path):
+        path = resolve_checkpoint(path)
+        tensors, st = load_checkpoint(path, restore_rng=False)
+        if st.get("lora"):
+            raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
+        load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
+    else:
+        tensors, _ = read_weights(path)
+        load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks before any work
+# ------------------------------------------------------------------------------------------------
+def check_train_args(args: TrainArgs) -> None:
+    """Every argument, path and optional dependency, checked before anything is built or written:
+    :class:`pfp._cli.UsageError` naming the flag and what it takes."""
+    if args.mode not in MODES:
+        raise UsageError(f"mode must be one of {MODES}, got {args.mode!r}")
+    for flag, value, lo in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                            ("--save-every", args.save_every, 1), ("--log-every", args.log_every, 1),
+                            ("--keep-checkpoints", args.keep_checkpoints, 1), ("--warmup", args.warmup, 0),
+                            ("--num-videos", args.num_videos, 1), ("--max-retrieve", args.max_retrieve, 1),
+                            ("--workers", args.workers, 0), ("--skip-nonfinite", args.skip_nonfinite, 0),
+                            ("--seed", args.seed, 0)):
+        check_number(flag, value, lo=lo, integer=True, allow_none=False)
+    if args.seed >= 2 ** 63:
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
+    for flag, value, lo in (("--threads", args.threads, 1), ("--until", args.until, 1),
+                            ("--lora-rank", args.lora_rank, 0)):
+        check_number(flag, value, lo=lo, integer=True)
+    check_number("--lr", args.lr, lo=0, lo_open=True, allow_none=False)
+    check_number("--lora-alpha", args.lora_alpha, lo=0, lo_open=True)
+    check_number("--clip-seconds", args.clip_seconds, lo=0, lo_open=True, hi=3600, allow_none=False)
+    check_number("--max-minutes", args.max_minutes, lo=0, lo_open=True)
+    check_number("--t-shift", args.t_shift, lo=0, lo_open=True, allow_none=False)
+    check_number("--t-weight-power", args.t_weight_power, lo=0, hi=4, allow_none=False)
+    for flag, value in (("--weight-decay", args.weight_decay), ("--grad-clip", args.grad_clip)):
+        check_number(flag, value, lo=0, allow_none=False)
+    for flag, value in (("--p-uncond", args.p_uncond), ("--p-no-history", args.p_no_history),
+                        ("--history-noise", args.history_noise), ("--t-uniform", args.t_uniform),
+                        ("--self-history", args.self_history)):
+        check_number(flag, value, lo=0, hi=1, allow_none=False)
+    lo, hi = args.self_history_t
+    for v in (lo, hi):
+        check_number("--self-history-t", v, lo=0, lo_open=True, hi=1, allow_none=False)
+    if not lo <= hi:
+        raise UsageError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
+    for flag, pair in (("--sprite-radius", args.sprite_radius), ("--pattern-period", args.pattern_period)):
+        for v in pair:
+            check_number(flag, v, allow_none=False)
+    for flag, value, choices in (("--precision", args.precision, ("auto", "bf16", "fp32")),
+                                 ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
+                                 ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
+                                 ("--bad-data", args.bad_data, ("skip", "error"))):
+        if value not in choices:
+            raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    if args.device != "auto":
+        check_device("--device", args.device)
+    if args.resume and args.overwrite:
+        raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
+    for flag, path in (("--config", args.config), ("--init", args.init)):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file or folder")
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise UsageError(f"--data must be 'synthetic' or a folder of videos, got {args.data!r} (no such folder)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder for the run")
+    check_writable_dir("--out", os.path.abspath(args.out), create=True)
+    if args.export is not None:
+        check_output_file("--export", args.export, (".safetensors",))
+
+
+def _run_files(out: str) -> list:
+    """What a run leaves in its folder (``--out``), of the names this module writes."""
+    return [name for name in (CHECKPOINTS, *LEGACY_DIRS, "loss.csv") if os.path.lexists(os.path.join(out, name))]
+
+
 def _prepare_run_dir(args: TrainArgs, rank: int, world: int) -> Optional[str]:
     """Make ``--out`` ready and return the checkpoint to resume from (None: start at step 0).
 
@@ -459,7 +602,7 @@ def train(args: TrainArgs) -> dict:
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[args.precision]
 
-    resume_path = _prepare_run_dir(args, rank, world)
+    resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
     if resume_state is not None:
         config = PFPConfig.from_dict(resume_state["config"])
@@ -477,7 +620,11 @@ def train(args: TrainArgs) -> dict:
     if report and rank == 0:
         print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
 
+    # every RNG a checkpoint records starts from the seed, so a resumed run's states equal an
+    # uninterrupted run's (Python's and NumPy's would otherwise start from OS entropy)
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2 ** 32)
     model = build_model(config)
     if args.init and resume_state is None:
         _load_init(model, args.init, args.init_new)
@@ -539,6 +686,8 @@ def train(args: TrainArgs) -> dict:
         else:
             optimizer.load_state_dict(opt_state)
 
+    if rank == 0:
+        _start_run_dir(args)
     log = _LossLog(os.path.join(args.out, "loss.csv"), start) if rank == 0 else None
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=start, disable=not (args.progress and rank == 0),
