@@ -103,15 +103,15 @@ def check_device(flag: str, name: str) -> None:
         raise UsageError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
-def check_output_file(flag: str, path: str, suffixes: tuple = ()) -> None:
+def check_output_file(flag: str, path: str, suffixes: tuple = (), create_dirs: bool = False) -> None:
     """A file the command will write at the end: right suffix, not a folder, and its folder exists
-    and takes a new file (tried for real, since permission bits say nothing for root or read-only
-    mounts)."""
+    (or, with ``create_dirs``, can be made) and takes a new file (tried for real, since permission
+    bits say nothing for root or read-only mounts)."""
     if suffixes and not path.lower().endswith(suffixes):
         raise UsageError(f"{flag} must name a {' or '.join(suffixes)} file, got {path!r}")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; name a file")
-    check_writable_dir(flag, os.path.dirname(os.path.abspath(path)))
+    check_writable_dir(flag, os.path.dirname(os.path.abspath(path)), create=create_dirs)
 
 
 def check_writable_dir(flag: str, folder: str, create: bool = False) -> None:

@@ -350,7 +350,7 @@ def check_train_args(args: TrainArgs) -> None:
         raise UsageError(f"--out {args.out} is a file; name a folder for the run")
     check_writable_dir("--out", os.path.abspath(args.out), create=True)
     if args.export is not None:
-        check_output_file("--export", args.export, (".safetensors",))
+        check_output_file("--export", args.export, (".safetensors",), create_dirs=True)  # e.g. inside --out
 
 
 def _run_files(out: str) -> list:
@@ -491,7 +491,7 @@ def check_train_args(args: TrainArgs) -> None:
         raise UsageError(f"--out {args.out} is a file; name a folder for the run")
     check_writable_dir("--out", os.path.abspath(args.out), create=True)
     if args.export is not None:
-        check_output_file("--export", args.export, (".safetensors",))
+        check_output_file("--export", args.export, (".safetensors",), create_dirs=True)  # e.g. inside --out
 
 
 def _run_files(out: str) -> list:
