@@ -466,6 +466,28 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys,
     assert os.listdir(tmp_path) == []
 
 
+def test_train_damaged_inputs_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from pfp.train.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cut.json").write_text(json.dumps(tiny_config().to_dict())[:50])
+    weights = _weights_file(tmp_path, "w.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    for flags, named in ((["--config", "cut.json"], "config cut.json is not readable JSON"),
+                         (["--init", "w.safetensors"], "w.safetensors is not a readable safetensors file")):
+        assert main(["pretrain", "--out", "run", "--no-progress", "--steps", "1"] + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and named in err and "\n" not in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_error_raised_in_a_data_worker_is_reported_as_its_own_line():
+    from pfp._cli import one_line
+    exc = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                       "last):\n  File \"x.py\", line 1, in f\nRuntimeError: /data/a.mp4: cannot decode: bad data\n")
+    assert one_line(exc) == "RuntimeError: /data/a.mp4: cannot decode: bad data"
+
+
 def test_train_out_that_cannot_be_written_is_refused_up_front(tmp_path, capsys):
     from pfp.train.__main__ import main
     (tmp_path / "file").write_text("x")
