@@ -99,15 +99,14 @@ def denoise_chunk_one_layer(bb, ctx, x, text, steps):
     t0 = time.perf_counter()
     kv = None
     if bb.context_mode == "cached":
-        _, _, kv = bb._block(blk, ctx.tokens, None, mod_c, None, None, None, rope_c, None, None, False, True, frames)
+        _, _, kv = blk(ctx.tokens, None, mod_c, None, None, None, rope_c, None, None, False, True, frames)
     _sync(x)
     t1 = time.perf_counter()
     for _ in range(steps):
         if bb.context_mode == "cached":
-            bb._block(blk, None, ht, None, mod_t, txt, None, None, rope_t, kv, False, False, None)
+            blk(None, ht, None, mod_t, txt, None, None, rope_t, kv, False, False, None)
         else:
-            bb._block(blk, ctx.tokens.expand(b, -1, -1), ht, mod_c, mod_t, txt, None, rope_c, rope_t, None, True,
-                      True, frames)
+            blk(ctx.tokens.expand(b, -1, -1), ht, mod_c, mod_t, txt, None, rope_c, rope_t, None, True, True, frames)
     _sync(x)
     return t1 - t0, time.perf_counter() - t1
 

@@ -209,8 +209,13 @@ def test_wan_adapter_matches_diffusers_and_runs_both_modes():
     x = torch.randn(2, 4, 3, 6, 8)
     t = torch.tensor([0.3, 0.8])
     text = torch.randn(2, 5, 16)
+    # the backbone takes the transformer over (its blocks become WanStyleBlocks over the same
+    # parameters, state-dict names unchanged): the reference is a fresh diffusers model with its weights
+    from diffusers import WanTransformer3DModel
+    diffusers_model = WanTransformer3DModel.from_config(bb.transformer.config).eval()
+    diffusers_model.load_state_dict(bb.transformer.state_dict())
     with torch.no_grad():
-        ref = bb.transformer(x, t * 1000, text, return_dict=False)[0]
+        ref = diffusers_model(x, t * 1000, text, return_dict=False)[0]
         torch.testing.assert_close(bb(x, t, text), ref, atol=1e-5, rtol=1e-4)
         ctx = _context(2, 1, 2, 24)
         cached = bb(x, t, text, bb.cache_context(ctx), t_start=4)
@@ -297,3 +302,64 @@ def test_masked_training_step_gets_no_gradient_from_padding():
     bb(x, torch.tensor([0.3, 0.6]), torch.randn(2, 5, 16),
        Context(tokens, ctx.positions, mask), t_start=6).square().sum().backward()
     assert torch.all(tokens.grad[~mask] == 0) and tokens.grad[mask].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# blocks are real modules: hooks on them see every call
+# ----------------------------------------------------------------------------------------------
+def _tiny_backbones():
+    from pfp.backbones.tiny_dit import TinyDiT
+    yield "tiny", TinyDiT(latent_channels=4, inner_dim=24, depth=2, num_heads=2, text_dim=16, freq_dim=16)
+    try:
+        from pfp.backbones import WanBackbone
+        yield "wan", WanBackbone.from_config(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                             in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48,
+                                             num_layers=2, rope_max_seq_len=64)
+    except ImportError:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_every_block_call_goes_through_the_block_module(mode):
+    # what FSDP's fully_shard, diffusers' offload and casting hooks rely on: the backbone runs each
+    # block by calling it, in forward and in cache_context alike, with and without checkpointing
+    from pfp.backbones.wan_style import WanStyleBlock
+    for name, bb in _tiny_backbones():
+        bb.context_mode = mode
+        assert all(isinstance(blk, WanStyleBlock) for blk in bb.blocks), name
+        calls = []
+        for i, blk in enumerate(bb.blocks):
+            blk.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+        x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16)
+        ctx = _context(1, 1, 2, bb.inner_dim)
+        with torch.no_grad():
+            context = bb.cache_context(ctx) if mode == "cached" else ctx
+            assert calls == ([0, 1] if mode == "cached" else []), (name, calls)
+            calls.clear()
+            bb(x, t, text, context, t_start=4)
+        assert calls == [0, 1], (name, mode, calls)
+        calls.clear()
+        bb.set_gradient_checkpointing(True)
+        bb(x, t, text, ctx, t_start=4).square().mean().backward()   # recomputed blocks: called again
+        assert calls.count(0) == calls.count(1) == 2, (name, mode, calls)
+
+
+def test_diffusers_block_offload_hooks_fire_under_the_pfp_forward():
+    pytest.importorskip("diffusers")
+    from diffusers.hooks import apply_group_offloading
+    bb = dict(_tiny_backbones())["wan"].eval()
+    x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16)
+    ctx = _context(1, 1, 2, bb.inner_dim)
+    with torch.no_grad():
+        want = bb(x, t, text, bb.cache_context(ctx), t_start=4)
+    cpu = torch.device("cpu")
+    apply_group_offloading(bb.transformer, onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                           num_blocks_per_group=1)
+    onloads = []
+    for i, blk in enumerate(bb.blocks):                # count each block group's onloads
+        group = blk._diffusers_hook.get_hook("group_offloading").group
+        group.onload_ = lambda real=group.onload_, i=i: onloads.append(i) or real()
+    with torch.no_grad():
+        got = bb(x, t, text, bb.cache_context(ctx), t_start=4)
+    assert onloads == [0, 1, 0, 1]                   # cache_context, then the denoising forward
+    assert torch.equal(got, want)

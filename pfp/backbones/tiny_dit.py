@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .wan_style import WanStyleBackbone, check_context_mode, sinusoidal_embedding
+from .wan_style import WanStyleBackbone, WanStyleBlock, check_context_mode, sinusoidal_embedding
 
 
 @dataclass
@@ -71,16 +71,19 @@ class _Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
 
-class _Block(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.attn1 = _Attention(dim, dim, eps)
-        self.norm2 = _FP32LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.attn2 = _Attention(dim, dim, eps)
-        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+def _block(dim: int, num_heads: int, ffn_dim: int, eps: float = 1e-6) -> WanStyleBlock:
+    """A block with Wan's layout (diffusers ``WanTransformerBlock``, ``cross_attn_norm=True``). The
+    parts are made and registered in the order the tiny DiT always had (initialisation and the
+    optimizer's parameter order stay as they were)."""
+    return WanStyleBlock(
+        num_heads,
+        norm1=nn.LayerNorm(dim, eps=eps, elementwise_affine=False),
+        attn1=_Attention(dim, dim, eps),
+        norm2=_FP32LayerNorm(dim, eps=eps, elementwise_affine=True),
+        attn2=_Attention(dim, dim, eps),
+        norm3=nn.LayerNorm(dim, eps=eps, elementwise_affine=False),
+        ffn=nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)),
+        scale_shift_table=nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5))
 
 
 class TinyDiT(WanStyleBackbone):
@@ -111,7 +114,7 @@ class TinyDiT(WanStyleBackbone):
             self.text_pool = nn.Linear(cfg.text_dim, dim)
             nn.init.zeros_(self.text_pool.weight)
             nn.init.zeros_(self.text_pool.bias)
-        self.blocks = nn.ModuleList([_Block(dim, int(dim * cfg.mlp_ratio)) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([_block(dim, cfg.num_heads, int(dim * cfg.mlp_ratio)) for _ in range(cfg.depth)])
         self.norm_out = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         n_patch = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
         self.proj_out = nn.Linear(dim, cfg.latent_channels * n_patch)

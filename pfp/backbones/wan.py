@@ -20,11 +20,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .wan_style import WanStyleBackbone, check_context_mode
+from .wan_style import WanStyleBackbone, WanStyleBlock, check_context_mode
 
 
 class WanBackbone(WanStyleBackbone):
-    """PFP backbone over a ``diffusers.WanTransformer3DModel`` (Wan 2.1 / 2.2 T2V, TI2V)."""
+    """PFP backbone over a ``diffusers.WanTransformer3DModel`` (Wan 2.1 / 2.2 T2V, TI2V).
+
+    It takes the transformer over: its blocks become :class:`WanStyleBlock` modules over the same
+    parameters (state-dict names unchanged), so run it through this backbone, not its own forward."""
 
     lora_target_modules = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
@@ -35,6 +38,12 @@ class WanBackbone(WanStyleBackbone):
         cfg = transformer.config
         if getattr(cfg, "added_kv_proj_dim", None) is not None or getattr(cfg, "image_dim", None) is not None:
             raise ValueError("WanBackbone: image cross-attention (I2V, added_kv_proj_dim/image_dim) is not supported")
+        # Each block becomes a WanStyleBlock over the block's own modules (same names, same
+        # parameters), so the blocks' forward is what runs and hooks on them fire. The transformer
+        # is then driven through this backbone only: its own forward would call the new blocks
+        # with diffusers' arguments.
+        for i, blk in enumerate(transformer.blocks):
+            transformer.blocks[i] = WanStyleBlock.adopt(blk, int(cfg.num_attention_heads))
         self.transformer = transformer
         self.context_mode = check_context_mode(context_mode)
         self.num_heads = int(cfg.num_attention_heads)

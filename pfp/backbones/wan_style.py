@@ -4,7 +4,7 @@ A Wan-style backbone owns modules with Wan's names, so one forward serves both:
 
 - ``patch_embedding``: ``Conv3d(C_latent, inner, kernel=stride=patch_size)``, shared with the
   compressor's low-res branch;
-- ``blocks[i]`` with ``norm1``, ``attn1`` (``to_q``, ``to_k``, ``to_v``, ``norm_q``, ``norm_k``,
+- ``blocks[i]``, :class:`WanStyleBlock` modules, with ``norm1``, ``attn1`` (``to_q``, ``to_k``, ``to_v``, ``norm_q``, ``norm_k``,
   ``to_out[0]``), ``norm2``, ``attn2`` (text cross-attention, same names), ``norm3``, ``ffn`` and a
   ``scale_shift_table`` ``[1, 6, inner]`` added to the timestep modulation (adaLN);
 - ``norm_out``, ``proj_out`` and a head ``scale_shift_table`` ``[1, 2, inner]``;
@@ -144,10 +144,162 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def _modulation(scale_shift_table: Tensor, mod: Tensor):
+    # mod: [B, N or 1, 6, C] -> six [B, N or 1, C] tensors, fp32 (Wan keeps modulation in fp32)
+    e = scale_shift_table.float().unsqueeze(0) + mod.float()
+    return e.unbind(2)
+
+
+def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames,
+                              mask: Optional[Tensor] = None) -> Tensor:
+    """Context self-attention, causal over context token frames: a token of frame j sees every
+    context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all.
+
+    New tokens after a cache (generation) go frame by frame through joint_attention (cached K/V
+    as its context segment); a whole context at once uses one SDPA call with a block-causal mask.
+    With a token mask ``[Bc, offset + Nnew]`` (False = padding), one SDPA call whose mask also
+    drops the padded keys; a padded query still sees itself, so its (unused) output stays finite
+    while no real token ever reads it.
+    """
+    if mask is not None:
+        n_new = qc.shape[1]
+        frame_of = torch.zeros(n_new, dtype=torch.long, device=qc.device)
+        for i, (s, e) in enumerate(frames):
+            frame_of[s:e] = i
+        allowed = torch.ones(n_new, offset + n_new, dtype=torch.bool, device=qc.device)
+        allowed[:, offset:] = frame_of[None, :] <= frame_of[:, None]         # cached keys: all earlier
+        allowed = allowed[None] & mask[:, None, :]                             # [Bc, Nq, Nk]
+        self_key = torch.arange(n_new, device=qc.device) + offset
+        allowed[:, torch.arange(n_new, device=qc.device), self_key] = True
+        return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                              attn_mask=allowed[:, None]).transpose(1, 2)
+    if offset == 0 and len(frames) > 1:
+        # the whole context at once (training, first chunk): one masked SDPA call
+        frame_of = torch.zeros(qc.shape[1], dtype=torch.long, device=qc.device)
+        for i, (s, e) in enumerate(frames):
+            frame_of[s:e] = i
+        mask = frame_of[None, :] <= frame_of[:, None]  # [query, key]
+        return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
+    outs = []
+    for s, e in frames:
+        gs, ge = offset + s, offset + e
+        ck = k_all[:, :gs] if gs else None
+        cv = v_all[:, :gs] if gs else None
+        outs.append(pfp_kernels.joint_attention(qc[:, s:e], k_all[:, gs:ge], v_all[:, gs:ge],
+                                                context_k=ck, context_v=cv))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class WanStyleBlock(nn.Module):
+    """One Wan-style transformer block over two token streams: context and target.
+
+    It owns Wan's submodules under Wan's names (``norm1``, ``attn1``, ``attn2``, ``norm2``, ``ffn``,
+    ``norm3``, ``scale_shift_table``), so its state dict reads like a diffusers
+    ``WanTransformerBlock``'s, and its :meth:`forward` is what the backbone runs: hooks on the block
+    (FSDP's ``fully_shard``, diffusers' group offload, layerwise casting) wrap every call, from
+    :meth:`WanStyleBackbone.forward` and :meth:`WanStyleBackbone.cache_context` alike.
+    :meth:`adopt` builds one around a diffusers block's own modules (no copy).
+    """
+
+    PARTS = ("norm1", "attn1", "attn2", "norm2", "ffn", "norm3", "scale_shift_table")
+
+    def __init__(self, num_heads: int, **parts):
+        """parts: the modules named in :data:`PARTS`, and ``scale_shift_table`` ``[1, 6, inner]`` (a
+        Parameter added to the timestep modulation). They are registered in the order given, which
+        fixes the order of ``parameters()`` (and so of an optimizer's state)."""
+        super().__init__()
+        if set(parts) != set(self.PARTS):
+            raise ValueError(f"WanStyleBlock needs exactly {self.PARTS}, got {tuple(parts)}")
+        self.num_heads = num_heads
+        for name, part in parts.items():
+            setattr(self, name, part)
+
+    @classmethod
+    def adopt(cls, block: nn.Module, num_heads: int) -> "WanStyleBlock":
+        """A block over the modules and parameters of a diffusers ``WanTransformerBlock`` (shared, in
+        the same order, so the parameter order and the state dict's names stay diffusers')."""
+        return cls(num_heads, **dict(block.named_children()), scale_shift_table=block.scale_shift_table)
+
+    def _qkv(self, attn, x: Tensor, cos: Tensor, sin: Tensor):
+        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = attn.norm_k(attn.to_k(x)).unflatten(-1, (self.num_heads, -1))
+        v = attn.to_v(x).unflatten(-1, (self.num_heads, -1))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor]) -> Tensor:
+        attn = self.attn2
+        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = attn.norm_k(attn.to_k(text)).unflatten(-1, (self.num_heads, -1))
+        v = attn.to_v(text).unflatten(-1, (self.num_heads, -1))
+        if q.shape[0] != k.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        if text_mask is None:
+            o = pfp_kernels.joint_attention(q, k, v)
+        else:
+            mask = text_mask.bool()[:, None, None, :]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask).transpose(1, 2)
+        return attn.to_out[0](o.flatten(2))
+
+    def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
+                rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
+                ctx_mask: Optional[Tensor] = None):
+        """One block over the new context tokens hc ``[Bc, Nc, inner]`` and the target tokens ht
+        ``[B, Nt, inner]`` (either may be None).
+
+        mod_c, mod_t: timestep modulations ``[B, 1 or N, 6, inner]``; text ``[B or 1, L, inner]`` and
+            text_mask: the target's cross-attention (context tokens never read the text).
+        rope_c, rope_t: (cos, sin) of the two streams' positions.
+        prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None.
+        joint: targets and context attend to each other (all tokens); otherwise the context attends
+            to itself only, causally over token frames (``frames``: (start, end) of each frame in hc).
+        need_context_out: compute hc' (the last block's context output is never read).
+        ctx_mask: ``[Bc, N]`` bool over every context token of this block (cached, then new), False
+            for padding: no query reads a padded key. None: all real.
+        Returns (hc', ht', (K, V) of every context token of this block).
+        """
+        k_all = v_all = None
+        if hc is not None:
+            sh, sc, g, c_sh, c_sc, c_g = _modulation(self.scale_shift_table, mod_c)
+            xc = (self.norm1(hc.float()) * (1 + sc) + sh).type_as(hc)
+            qc, kc, vc = self._qkv(self.attn1, xc, *rope_c)
+            if prev_kv is not None:
+                k_all, v_all = torch.cat([prev_kv[0], kc], dim=1), torch.cat([prev_kv[1], vc], dim=1)
+            else:
+                k_all, v_all = kc, vc
+        elif prev_kv is not None:
+            k_all, v_all = prev_kv
+        if ht is not None:
+            t_sh, t_sc, t_g, t_c_sh, t_c_sc, t_c_g = _modulation(self.scale_shift_table, mod_t)
+            xt = (self.norm1(ht.float()) * (1 + t_sc) + t_sh).type_as(ht)
+            qt, kt, vt = self._qkv(self.attn1, xt, *rope_t)
+            ck, cv = k_all, v_all
+            if ck is not None and ck.dtype != qt.dtype:
+                ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
+            ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
+            ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
+            xt = self.norm2(ht.float()).type_as(ht)
+            ht = ht + self._cross_attention(xt, text, text_mask)
+            xt = (self.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
+            ht = (ht.float() + self.ffn(xt).float() * t_c_g).type_as(ht)
+        if hc is not None and need_context_out:
+            if joint:
+                oc = masked_joint_attention(qc, kt, vt, kc, vc, ctx_mask)
+            else:
+                offset = 0 if prev_kv is None else prev_kv[0].shape[1]
+                oc = _causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
+            hc = (hc.float() + self.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
+            xc = (self.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
+            hc = (hc.float() + self.ffn(xc).float() * c_g).type_as(hc)
+        return hc, ht, (k_all, v_all)
+
+
 class WanStyleBackbone(nn.Module):
     """Base class: a forward over noisy target latents, per-token timesteps, text and a Context.
 
-    Subclasses set ``patch_embedding``, ``blocks``, ``norm_out``, ``proj_out``, ``scale_shift_table``,
+    Subclasses set ``patch_embedding``, ``blocks`` (:class:`WanStyleBlock` modules), ``norm_out``,
+    ``proj_out``, ``scale_shift_table``,
     and the attributes ``num_heads``, ``patch_size``, ``latent_channels``, ``inner_dim``,
     ``rope_theta``, ``context_mode``; and implement :meth:`embed_time` and :meth:`embed_text`.
     """
@@ -184,126 +336,11 @@ class WanStyleBackbone(nn.Module):
         self.gradient_checkpointing = enabled
 
     # ---- pieces ------------------------------------------------------------------------------
-    def _qkv(self, attn, x: Tensor, cos: Tensor, sin: Tensor):
-        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
-        k = attn.norm_k(attn.to_k(x)).unflatten(-1, (self.num_heads, -1))
-        v = attn.to_v(x).unflatten(-1, (self.num_heads, -1))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def _cross_attention(self, attn, x: Tensor, text: Tensor, text_mask: Optional[Tensor]) -> Tensor:
-        q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
-        k = attn.norm_k(attn.to_k(text)).unflatten(-1, (self.num_heads, -1))
-        v = attn.to_v(text).unflatten(-1, (self.num_heads, -1))
-        if q.shape[0] != k.shape[0]:
-            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-        if text_mask is None:
-            o = pfp_kernels.joint_attention(q, k, v)
-        else:
-            mask = text_mask.bool()[:, None, None, :]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask).transpose(1, 2)
-        return attn.to_out[0](o.flatten(2))
-
-    @staticmethod
-    def _mods(blk, mod: Tensor):
-        # mod: [B, N or 1, 6, C] -> six [B, N or 1, C] tensors, fp32 (Wan keeps modulation in fp32)
-        e = blk.scale_shift_table.float().unsqueeze(0) + mod.float()
-        return e.unbind(2)
-
-    @staticmethod
-    def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames,
-                                  mask: Optional[Tensor] = None) -> Tensor:
-        """Context self-attention, causal over context token frames: a token of frame j sees every
-        context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all.
-
-        New tokens after a cache (generation) go frame by frame through joint_attention (cached K/V
-        as its context segment); a whole context at once uses one SDPA call with a block-causal mask.
-        With a token mask ``[Bc, offset + Nnew]`` (False = padding), one SDPA call whose mask also
-        drops the padded keys; a padded query still sees itself, so its (unused) output stays finite
-        while no real token ever reads it.
-        """
-        if mask is not None:
-            n_new = qc.shape[1]
-            frame_of = torch.zeros(n_new, dtype=torch.long, device=qc.device)
-            for i, (s, e) in enumerate(frames):
-                frame_of[s:e] = i
-            allowed = torch.ones(n_new, offset + n_new, dtype=torch.bool, device=qc.device)
-            allowed[:, offset:] = frame_of[None, :] <= frame_of[:, None]         # cached keys: all earlier
-            allowed = allowed[None] & mask[:, None, :]                             # [Bc, Nq, Nk]
-            self_key = torch.arange(n_new, device=qc.device) + offset
-            allowed[:, torch.arange(n_new, device=qc.device), self_key] = True
-            return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                                  attn_mask=allowed[:, None]).transpose(1, 2)
-        if offset == 0 and len(frames) > 1:
-            # the whole context at once (training, first chunk): one masked SDPA call
-            frame_of = torch.zeros(qc.shape[1], dtype=torch.long, device=qc.device)
-            for i, (s, e) in enumerate(frames):
-                frame_of[s:e] = i
-            mask = frame_of[None, :] <= frame_of[:, None]  # [query, key]
-            return F.scaled_dot_product_attention(qc.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                                  attn_mask=mask).transpose(1, 2)
-        outs = []
-        for s, e in frames:
-            gs, ge = offset + s, offset + e
-            ck = k_all[:, :gs] if gs else None
-            cv = v_all[:, :gs] if gs else None
-            outs.append(pfp_kernels.joint_attention(qc[:, s:e], k_all[:, gs:ge], v_all[:, gs:ge],
-                                                    context_k=ck, context_v=cv))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
-    def _block(self, blk, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
-               rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-               ctx_mask: Optional[Tensor] = None):
-        """One block over the new context tokens hc and the target tokens ht.
-
-        prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None.
-        joint: targets and context attend to each other (all tokens); otherwise the context attends
-            to itself only, causally over token frames (``frames``: (start, end) of each frame in hc).
-        ctx_mask: ``[Bc, N]`` bool over every context token of this block (cached, then new), False
-            for padding: no query reads a padded key. None: all real.
-        Returns (hc', ht', (K, V) of every context token of this block).
-        """
-        k_all = v_all = None
-        if hc is not None:
-            sh, sc, g, c_sh, c_sc, c_g = self._mods(blk, mod_c)
-            xc = (blk.norm1(hc.float()) * (1 + sc) + sh).type_as(hc)
-            qc, kc, vc = self._qkv(blk.attn1, xc, *rope_c)
-            if prev_kv is not None:
-                k_all, v_all = torch.cat([prev_kv[0], kc], dim=1), torch.cat([prev_kv[1], vc], dim=1)
-            else:
-                k_all, v_all = kc, vc
-        elif prev_kv is not None:
-            k_all, v_all = prev_kv
-        if ht is not None:
-            t_sh, t_sc, t_g, t_c_sh, t_c_sc, t_c_g = self._mods(blk, mod_t)
-            xt = (blk.norm1(ht.float()) * (1 + t_sc) + t_sh).type_as(ht)
-            qt, kt, vt = self._qkv(blk.attn1, xt, *rope_t)
-            ck, cv = k_all, v_all
-            if ck is not None and ck.dtype != qt.dtype:
-                ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
-            ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
-            ht = (ht.float() + blk.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
-            xt = blk.norm2(ht.float()).type_as(ht)
-            ht = ht + self._cross_attention(blk.attn2, xt, text, text_mask)
-            xt = (blk.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
-            ht = (ht.float() + blk.ffn(xt).float() * t_c_g).type_as(ht)
-        if hc is not None and need_context_out:
-            if joint:
-                oc = masked_joint_attention(qc, kt, vt, kc, vc, ctx_mask)
-            else:
-                offset = 0 if prev_kv is None else prev_kv[0].shape[1]
-                oc = self._causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
-            hc = (hc.float() + blk.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
-            xc = (blk.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
-            hc = (hc.float() + blk.ffn(xc).float() * c_g).type_as(hc)
-        return hc, ht, (k_all, v_all)
-
-    def _call_block(self, blk, *args):
-        # pfp_block: the block's own entry point when a wrapper must see the call (FSDP2, pfp.train)
-        fn = getattr(blk, "pfp_block", None) or (lambda *a: self._block(blk, *a))
+    def _call_block(self, blk: "WanStyleBlock", *args):
+        # through the block's __call__, so hooks on it (FSDP, offload, casting) see every call
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     def _context_modulation(self, like: Tensor) -> Tensor:
         t0 = torch.zeros(1, 1, device=like.device)
@@ -356,8 +393,8 @@ class WanStyleBackbone(nn.Module):
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             prev = (cache.keys[i], cache.values[i]) if cache is not None else None
-            hc, _, (k, v) = self._block(blk, hc, None, mod_c, None, None, None, rope_c, None, prev,
-                                        False, i < n - 1, frames, mask)
+            hc, _, (k, v) = blk(hc, None, mod_c, None, None, None, rope_c, None, prev, False, i < n - 1, frames,
+                                mask)
             keys.append(k)
             values.append(v)
         pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
@@ -451,6 +488,6 @@ def _frame_runs(positions: Tensor) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-__all__ = ["ContextKV", "WanStyleBackbone", "CONTEXT_MODES", "check_context_mode", "context_parts",
+__all__ = ["ContextKV", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
            "masked_joint_attention",
            "sinusoidal_embedding"]

@@ -658,16 +658,11 @@ def train(args: TrainArgs) -> dict:
     runner: nn.Module = loss_module
     if world > 1:
         if args.fsdp:
-            # FSDP2: each block is its own shard group. The shared Wan-style forward calls a block's
-            # submodules itself rather than blk.forward, so the block gets a "pfp_block" method that
-            # FSDP treats as a forward (it gathers the block's parameters around that call).
-            import functools
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-            bb = _plain_backbone(model.backbone)
-            for blk in bb.blocks:
-                blk.pfp_block = functools.partial(bb._block, blk)
+            # FSDP2: each block is its own shard group; the backbone calls the blocks themselves, so
+            # FSDP gathers a block's parameters around its forward
+            from torch.distributed.fsdp import fully_shard
+            for blk in _plain_backbone(model.backbone).blocks:
                 fully_shard(blk)
-                register_fsdp_forward_method(blk, "pfp_block")
             fully_shard(loss_module)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
