@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import describe_mismatch, save_safetensors_atomic, state_mismatch
-from pfp_kernels.conv import CausalConvState, causal_conv3d_act, project_tokens
+from pfp_kernels.conv import CausalConvState, project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
 from .rates import Rate, RateLike, parse_rate, stage_plan, token_grid, token_positions
@@ -348,7 +348,7 @@ class MemoryCompressor(nn.Module):
             raise self._lr_frames_error(t, lr_latent.shape[2])
         h = self._crop_hr(hr_latent, gh, gw)
         for stage in self.stages:
-            h = stage(h)
+            h, _ = stage(h)  # the whole history at once: no stream to continue
         tokens = self._fuse(h, self._crop_lr(lr_latent, gh, gw))
         positions = token_positions(self.rate, (gt, gh, gw), device=tokens.device)
         mask = None
@@ -492,9 +492,7 @@ class CompressorStream:
             for i, stage in enumerate(c.stages):
                 if h.shape[2] == 0:
                     break  # nothing reached this stage; its state is unchanged
-                h, self._states[i] = causal_conv3d_act(
-                    h, stage.weight, stage.bias, stage.stride, stage.padding_hw, stage.activation,
-                    state=self._states[i], impl=stage.impl, layer_key=id(stage))
+                h, self._states[i] = stage(h, self._states[i])
             self.hr_frames_seen += hr.shape[2]
             if h.shape[2] > 0:  # the last stage produced frames (an early break leaves 0)
                 self._hr_pending = h if self._hr_pending is None else torch.cat([self._hr_pending, h], dim=2)

@@ -381,8 +381,10 @@ class CausalConvState:
     frames: the last input frames still needed by future outputs, ``[B, Cin, P, H, W]`` with
         P <= kt - 1, or None when none are (start of stream, or stride > kernel).
     frames_seen: input frames consumed since the stream began.
-    signature: the layer and input geometry the state belongs to; a state is only valid for
-        the same layer (weight identity and shape), stride, padding, batch, H, W, dtype, device.
+    signature: the geometry the state belongs to; a state is only valid for a layer of the same
+        weight shape, stride, padding and activation, and inputs of the same batch, channels, H, W,
+        dtype and device. It is a value: it holds input frames, nothing of the weights, so any
+        layer of that geometry may continue it (e.g. two heads over one input stream).
     """
 
     frames: Optional[Tensor]
@@ -390,13 +392,12 @@ class CausalConvState:
     signature: tuple
 
 
-def _state_signature(x: Tensor, weight: Tensor, stride, padding_hw, act: str, layer_key) -> tuple:
-    return (layer_key if layer_key is not None else id(weight), tuple(weight.shape), tuple(stride),
-            tuple(padding_hw), act, x.shape[0], x.shape[1], x.shape[3], x.shape[4], x.dtype,
-            x.device)
+def _state_signature(x: Tensor, weight: Tensor, stride, padding_hw, act: str) -> tuple:
+    return (tuple(weight.shape), tuple(stride), tuple(padding_hw), act, x.shape[0], x.shape[1], x.shape[3],
+            x.shape[4], x.dtype, x.device)
 
 
-_SIG_FIELDS = ("layer", "weight shape", "stride", "padding_hw", "activation", "batch size",
+_SIG_FIELDS = ("weight shape", "stride", "padding_hw", "activation", "batch size",
                "channels", "H", "W", "dtype", "device")
 
 
@@ -405,17 +406,14 @@ def _check_state(state: CausalConvState, signature: tuple) -> None:
         raise ValueError(f"state must be a CausalConvState returned by causal_conv3d_act, got {type(state).__name__}")
     for field, have, want in zip(_SIG_FIELDS, state.signature, signature):
         if have != want:
-            if field == "layer":
-                raise ValueError("state belongs to another layer (a different weight tensor); "
-                                 "pass the state returned by this layer's previous call, or None to start")
             raise ValueError(f"state does not match this call: its {field} is {have!r}, the inputs' is "
                              f"{want!r}; pass state=None to start a new stream")
 
 
 def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOr3 = 1,
                       padding_hw: Union[int, Sequence[int]] = 0, activation: Optional[str] = "silu",
-                      state: Optional[CausalConvState] = None, impl: str = "auto",
-                      layer_key=None) -> tuple[Tensor, CausalConvState]:
+                      state: Optional[CausalConvState] = None, impl: str = "auto"
+                      ) -> tuple[Tensor, CausalConvState]:
     """Causal-in-time ``activation(conv3d(x) + bias)`` that streams.
 
     Output frame j reads input frames ``s*j-(kt-1) .. s*j`` (frames before the stream start are
@@ -429,7 +427,6 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
         weight: ``[Cout, Cin, kt, kh, kw]``; bias: ``[Cout]`` or None.
         stride: int or (t, h, w), >= 1. padding_hw: int or (h, w), >= 0.
         state: None to start a stream, else the state returned by this layer's previous call.
-        layer_key: optional identity for the state check (default: the weight tensor's identity).
 
     Returns:
         ``(y, state)``: y is ``[B, Cout, M, Ho, Wo]`` channels-last-3d; state holds at most
@@ -442,7 +439,7 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     kt, kh, kw = weight.shape[2:]
     ho = _out_hw(x.shape[3], kh, stride[1], padding_hw[0], "H")
     wo = _out_hw(x.shape[4], kw, stride[2], padding_hw[1], "W")
-    signature = _state_signature(x, weight, stride, padding_hw, act, layer_key)
+    signature = _state_signature(x, weight, stride, padding_hw, act)
     if state is not None:
         _check_state(state, signature)
     st = stride[0]

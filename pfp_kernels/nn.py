@@ -48,8 +48,10 @@ class Conv3dAct(nn.Module):
 class CausalConv3dAct(nn.Module):
     """Streaming causal ``activation(conv3d(x) + bias)``; see :func:`pfp_kernels.causal_conv3d_act`.
 
-    ``forward(x)`` treats x as a whole sequence (no state). ``step(x)`` appends x to the stream the
-    module owns and returns only the new output frames; ``reset()`` starts a new stream.
+    ``forward(x, state=None) -> (y, state)``: the stream state is a value the caller keeps and
+    passes back (None starts a stream), so the module holds no per-stream data and one module can
+    serve any number of streams. Fed chunk by chunk, the outputs concatenated over time equal one
+    call on the whole sequence.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOr3 = 3, stride: IntOr3 = 1,
@@ -64,22 +66,12 @@ class CausalConv3dAct(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *k, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         _init_conv_params(self.weight, self.bias)
-        self.state: Optional[_conv.CausalConvState] = None
 
-    def _call(self, x: Tensor, state):
-        # The module itself is the layer identity: the weight tensor may be replaced (e.g. .to()).
+    def forward(self, x: Tensor, state: Optional[_conv.CausalConvState] = None
+                ) -> tuple[Tensor, _conv.CausalConvState]:
+        """x ``[B, Cin, N, H, W]`` new frames (N may be 0) -> (new output frames, the state to pass next)."""
         return _conv.causal_conv3d_act(x, self.weight, self.bias, self.stride, self.padding_hw,
-                                       self.activation, state=state, impl=self.impl, layer_key=id(self))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._call(x, None)[0]
-
-    def step(self, x: Tensor) -> Tensor:
-        y, self.state = self._call(x, self.state)
-        return y
-
-    def reset(self) -> None:
-        self.state = None
+                                       self.activation, state=state, impl=self.impl)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "

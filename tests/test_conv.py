@@ -290,20 +290,28 @@ def test_nn_modules(impl):
     assert "stride=(1, 2, 2)" in repr(conv)
 
     causal = pnn.CausalConv3dAct(4, 8, 3, stride=(2, 1, 1), padding_hw=1, impl=impl)
-    whole = causal(x)
+    whole, _ = causal(x)
+    steps, state = [], None
     with torch.no_grad():
-        steps = [causal.step(x[:, :, i:j]) for i, j in ((0, 1), (1, 4), (4, 5))]
+        for i, j in ((0, 1), (1, 4), (4, 5)):
+            y, state = causal(x[:, :, i:j], state)
+            steps.append(y)
     torch.testing.assert_close(torch.cat(steps, 2), whole.detach(), rtol=1e-5, atol=1e-6)
-    assert causal.state.frames_seen == 5 and causal.state.frames.shape[2] <= 2
-    causal.reset()
-    assert causal.state is None
+    assert state.frames_seen == 5 and state.frames.shape[2] <= 2
+    # the state is a value: the module keeps nothing, so two streams through it never mix, and a
+    # state can be continued twice from the same point
+    assert not any(torch.is_tensor(v) for k, v in vars(causal).items() if not k.startswith("_"))
     with torch.no_grad():
-        torch.testing.assert_close(causal.step(x), whole.detach(), rtol=1e-5, atol=1e-6)
-    # the module is the layer identity: another module's state is rejected
-    other = pnn.CausalConv3dAct(4, 8, 3, stride=(2, 1, 1), padding_hw=1, impl=impl)
-    other.state = causal.state
-    with pytest.raises(ValueError, match="another layer"):
-        other.step(x)
+        _, half = causal(x[:, :, :2])
+        a, _ = causal(x[:, :, 2:], half)
+        causal(torch.randn_like(x), None)                       # another stream in between
+        b, _ = causal(x[:, :, 2:], half)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([causal(x[:, :, :2])[0], a], 2), whole.detach(), rtol=1e-5, atol=1e-6)
+    # a state of another geometry is refused, naming what differs
+    other = pnn.CausalConv3dAct(4, 8, 3, stride=(1, 1, 1), padding_hw=1, impl=impl)
+    with pytest.raises(ValueError, match="stride"):
+        other(x, state)
 
     proj = pnn.TokenProjection(8, 6, impl=impl)
     res = torch.randn(1, 5 * 3 * 4, 6)
@@ -357,19 +365,19 @@ def test_bad_state(impl):
     x = torch.randn(1, 4, 3, 5, 5)
     w = torch.randn(8, 4, 3, 3, 3)
     _, state = pk.causal_conv3d_act(x, w, padding_hw=1, impl=impl)
-    w2 = w.clone()
-    _bad(lambda: pk.causal_conv3d_act(x, w2, padding_hw=1, state=state, impl=impl), ValueError, "state", "another layer")
+    w2 = torch.randn(8, 4, 1, 3, 3)
+    _bad(lambda: pk.causal_conv3d_act(x, w2, padding_hw=1, state=state, impl=impl), ValueError, "state", "weight shape")
     _bad(lambda: pk.causal_conv3d_act(x[..., :4], w, padding_hw=1, state=state, impl=impl), ValueError, "state", "W")
     _bad(lambda: pk.causal_conv3d_act(torch.cat([x, x]), w, padding_hw=1, state=state, impl=impl),
          ValueError, "state", "batch size")
-    _bad(lambda: pk.causal_conv3d_act(x.double(), w.double(), padding_hw=1, state=state, impl=impl,
-                                      layer_key=id(w)), ValueError, "state", "dtype")
+    _bad(lambda: pk.causal_conv3d_act(x.double(), w.double(), padding_hw=1, state=state, impl=impl),
+         ValueError, "state", "dtype")
     _bad(lambda: pk.causal_conv3d_act(x, w, padding_hw=0, state=state, impl=impl), ValueError, "state", "padding_hw")
     _bad(lambda: pk.causal_conv3d_act(x, w, padding_hw=1, state="frames", impl=impl), ValueError, "state",
          "CausalConvState")
     # a state from another device: the same layer run on the meta device
-    _, meta_state = pk.causal_conv3d_act(x.to("meta"), w.to("meta"), padding_hw=1, impl="torch", layer_key=id(w))
-    _bad(lambda: pk.causal_conv3d_act(x, w, padding_hw=1, state=meta_state, impl=impl, layer_key=id(w)),
+    _, meta_state = pk.causal_conv3d_act(x.to("meta"), w.to("meta"), padding_hw=1, impl="torch")
+    _bad(lambda: pk.causal_conv3d_act(x, w, padding_hw=1, state=meta_state, impl=impl),
          ValueError, "state", "device")
     # an empty chunk is legal for the causal op: no output frames, state unchanged in length
     y, s2 = pk.causal_conv3d_act(x[:, :, :0], w, padding_hw=1, state=state, impl=impl)
