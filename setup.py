@@ -1,72 +1,116 @@
-"""Builds pfp_kernels._C, the C++ op library (TORCH_LIBRARY(pfp, ...) schemas + CPU kernels).
+"""Builds the C++ op libraries of pfp_kernels against the torch that is installed.
 
-The CPU ISA flags are chosen from what *this* machine's compiler and processor support,
-because ATen's at::vec::Vectorized only uses SIMD when CPU_CAPABILITY_* is defined.
-The chosen level is written to pfp_kernels/_build_config.py; at import the loader checks the
-running CPU supports it before loading the library, so a wheel moved to an older CPU
-falls back to the reference ops instead of dying with SIGILL.
+- ``pfp_kernels._C``: the op schemas (``TORCH_LIBRARY(pfp, ...)``), csrc/schemas.cpp.
+- ``pfp_kernels._cpu_avx512``, ``_cpu_avx2``, ``_cpu_generic``: the CPU kernels (every other
+  csrc/*.cpp), compiled once per instruction set. At import, pfp_kernels loads the best one the
+  running CPU supports (torch's own CPU capability check), so one build serves any x86-64 CPU.
+  ATen's ``at::vec::Vectorized`` only uses SIMD when ``CPU_CAPABILITY_*`` is defined, hence one
+  library per ISA rather than one compiled for the build machine. Each is a separate shared
+  library, and only one is loaded, so no inline function compiled for AVX-512 can be picked by
+  code that runs on a CPU without it.
 
-Override with PFP_CPU_ISA=generic|avx2|avx512 (e.g. generic for portable wheels).
+torch is imported only when the libraries are built, never to read the metadata: ``pip install
+--no-build-isolation .`` builds against the torch already installed, and an sdist needs no torch.
+Objects go to build/ in the source tree and ninja rebuilds only what changed, so installing twice
+(e.g. the README's two Quickstart lines) compiles once. ``PFP_CPU_ISAS=avx2,generic`` limits the
+variants built (``generic`` is always built, as the fallback; off x86-64 it is the only one).
 """
-import glob
 import os
+import platform
+import sys
+import sysconfig
 
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 ISA_FLAGS = {
-    "generic": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "generic": ["-DCPU_CAPABILITY=DEFAULT"],
 }
-ISA_NEEDS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"},
-             "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
+COMMON_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-parameter"]
+SCHEMAS = "csrc/schemas.cpp"
+KERNELS = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(ROOT, "csrc"))
+                 if f.endswith(".cpp") and f != "schemas.cpp")
 
 
-def _cpu_flags():
+def _isas() -> list:
+    asked = os.environ.get("PFP_CPU_ISAS", "")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["generic"]  # the AVX flags exist on x86-64 only
+    if not asked:
+        return list(ISA_FLAGS)
+    isas = [s.strip() for s in asked.split(",") if s.strip()]
+    bad = [s for s in isas if s not in ISA_FLAGS]
+    if bad:
+        raise SystemExit(f"PFP_CPU_ISAS: {bad} unknown; choose from {', '.join(ISA_FLAGS)}")
+    return sorted(set(isas) | {"generic"}, key=list(ISA_FLAGS).index)
+
+
+class _NeedsTorch(build_ext):
+    """build_ext without torch: enough to list the sources (an sdist), not to compile them."""
+
+    def run(self):
+        raise SystemExit("building pfp_kernels needs torch installed first, then "
+                         "`pip install --no-build-isolation .` so that the build uses that torch")
+
+
+def _torch_build_ext():
+    """torch's BuildExtension (ninja), imported when the build_ext command is first needed."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, include_paths, library_paths
+    except ImportError:
+        return _NeedsTorch
+
+    class BuildTorchOps(BuildExtension):
+        def finalize_options(self):
+            super().finalize_options()
+            # objects persist in the source tree, keyed by platform, Python and torch, so a second
+            # install rebuilds nothing (pip builds editable installs in a new temp folder each time)
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}-torch{torch.__version__}"
+            self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}")
+
+        def build_extension(self, ext):
+            isa = ext.name.rsplit("_", 1)[1] if "._cpu_" in ext.name else "generic"
+            ext.include_dirs = [*include_paths(), os.path.join(ROOT, "csrc")]
+            ext.library_dirs = library_paths()
+            ext.libraries = ["c10", "torch", "torch_cpu"]
+            ext.language = "c++"
+            ext.extra_compile_args = {"cxx": COMMON_FLAGS + ISA_FLAGS[isa]}
+            ext.extra_link_args = ["-fopenmp"]
+            # the kernel libraries compile the same sources with other flags: each gets its own
+            # object folder (and ninja file)
+            base = self.build_temp
+            self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = base
+
+    return BuildTorchOps.with_options(use_ninja=True)
 
 
-def _choose_isa():
-    forced = os.environ.get("PFP_CPU_ISA")
-    if forced:
-        if forced not in ISA_FLAGS:
-            raise SystemExit(f"PFP_CPU_ISA must be one of {sorted(ISA_FLAGS)}, got {forced!r}")
-        return forced
-    flags = _cpu_flags()
-    for isa in ("avx512", "avx2"):
-        if ISA_NEEDS[isa] <= flags:
-            return isa
-    return "generic"
+class _LazyCommands(dict):
+    """cmdclass whose values may be factories, called on first use (so reading the metadata never
+    imports torch)."""
 
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if not isinstance(value, type):
+            value = value()
+            self[name] = value
+        return value
 
-ISA = _choose_isa()
-with open(os.path.join(ROOT, "pfp_kernels", "_build_config.py"), "w") as f:
-    f.write("# Written by setup.py: the CPU ISA pfp_kernels._C was compiled for.\n")
-    f.write(f"CPU_ISA = {ISA!r}\n")
-    f.write(f"CPU_FLAGS_REQUIRED = {sorted(ISA_NEEDS[ISA])!r}\n")
+    def get(self, name, default=None):
+        return self[name] if name in self else default
 
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-parameter"] + ISA_FLAGS[ISA]
 
 setup(
-    ext_modules=[
-        CppExtension(
-            "pfp_kernels._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[Extension("pfp_kernels._C", [SCHEMAS])]
+    + [Extension(f"pfp_kernels._cpu_{isa}", KERNELS) for isa in _isas()],
+    cmdclass=_LazyCommands(build_ext=_torch_build_ext),
 )

@@ -420,6 +420,10 @@ TORCH_LIBRARY_FRAGMENT(pfp, m) {
   // "segments"; returns the previous mode) and read which route the last call on this thread ran.
   m.def("_attention_cpu_path(str mode) -> str", &set_attention_cpu_path);
   m.def("_attention_cpu_last_route() -> str", &last_attention_cpu_route);
+  // The CPU ISA the loaded kernels were compiled for ("generic", "avx2", "avx512"): pip builds
+  // one kernel library per ISA (setup.py) and loads one; this names it. It lives here, in a
+  // kernel file, since a translation unit of its own costs a full parse of the torch headers.
+  m.def("build_info() -> str", [] { return pfp::compiled_isa(); });
 }
 
 TORCH_LIBRARY_IMPL(pfp, CPU, m) { m.impl("joint_attention", &joint_attention_cpu); }

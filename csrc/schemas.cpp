@@ -1,10 +1,10 @@
-// Operator schemas of the pfp library. Kernels live beside this file (one file per op family)
-// and register with TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd are registered from
-// Python (pfp_kernels/conv.py, pfp_kernels/attention.py), and Triton kernels for CUDA are
-// separate Python custom ops (pfp::*_triton) because CUDA C++ cannot be built against a CPU torch.
+// Operator schemas of the pfp library. Kernels live beside this file (one file per op family) and
+// register with TORCH_LIBRARY_IMPL; pip builds them into one library per CPU ISA
+// (pfp_kernels._cpu_*, see setup.py), of which one is loaded. Fake (meta) kernels and autograd
+// are registered from Python (pfp_kernels/conv.py, pfp_kernels/attention.py), and Triton kernels
+// for CUDA are separate Python custom ops (pfp::*_triton), because CUDA C++ cannot be built
+// against a CPU torch.
 #include <torch/library.h>
-
-#include "pfp_common.h"
 
 TORCH_LIBRARY(pfp, m) {
   // Fused y = act(conv3d(x, weight) + bias). x: [B, Cin, T, H, W] (channels-last-3d preferred),
@@ -22,6 +22,4 @@ TORCH_LIBRARY(pfp, m) {
   // context_k/v may have batch 1 to serve a batch of B without a copy. Returns (out [B, Nq, H, D],
   // lse [B, H, Nq] float32, natural log).
   m.def("joint_attention(Tensor q, Tensor k, Tensor v, Tensor? context_k, Tensor? context_v, float scale) -> (Tensor, Tensor)");
-  // The CPU ISA this library was compiled for ("generic", "avx2", "avx512").
-  m.def("build_info() -> str", [] { return pfp::compiled_isa(); });
 }

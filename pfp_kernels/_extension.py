@@ -1,7 +1,12 @@
-"""Loads the C++ op library pfp_kernels._C (schemas + CPU kernels).
+"""Loads the C++ op libraries: ``pfp_kernels._C`` (the op schemas), then the one CPU kernel library
+(``_cpu_avx512``, ``_cpu_avx2`` or ``_cpu_generic``) that suits this CPU.
 
-If it cannot load (not built, built for a CPU ISA this machine lacks, ABI mismatch), importing
-pfp_kernels still works: a single warning is issued and every op falls back to its reference.
+The choice is torch's own: :func:`torch.backends.cpu.get_cpu_capability` (which honours
+``ATEN_CPU_CAPABILITY``). ``PFP_CPU_ISA=avx2`` (say) asks for a lower one, e.g. to compare them; a
+variant that was not built, or that this CPU cannot run, falls back to the next one down.
+
+If nothing can load (not built, an ABI mismatch), importing pfp_kernels still works: a single
+warning is issued and every op falls back to its reference.
 """
 from __future__ import annotations
 
@@ -11,45 +16,66 @@ import warnings
 
 import torch
 
+ISAS = ("avx512", "avx2", "generic")  # best first
+_FROM_TORCH = {"AVX512": "avx512", "AVX2": "avx2"}  # anything else (DEFAULT, other arches): generic
+
 LOADED: bool = False
+ISA: str = ""     # the kernel library that is loaded ("" when none is)
 REASON: str = ""  # why the C++ library is not loaded ("" when it is)
 
 
-def _missing_cpu_flags(required) -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in required if flag not in have]
-    except OSError:
-        pass
-    return []  # cannot tell (non-Linux): trust the build
+def _library(name: str):
+    spec = importlib.util.find_spec(f"pfp_kernels.{name}")
+    return spec.origin if spec is not None and spec.origin is not None else None
 
 
-def _load() -> tuple[bool, str]:
+def built_isas() -> list:
+    """The CPU kernel variants that were built, best first."""
+    return [isa for isa in ISAS if _library(f"_cpu_{isa}") is not None]
+
+
+def _candidates() -> list:
+    """The ISA variants this CPU can run, best first, capped by PFP_CPU_ISA."""
+    best = _FROM_TORCH.get(torch.backends.cpu.get_cpu_capability(), "generic")
+    usable = list(ISAS[ISAS.index(best):])
+    asked = os.environ.get("PFP_CPU_ISA", "")
+    if asked:
+        if asked not in ISAS:
+            raise ValueError(f"PFP_CPU_ISA must be one of {', '.join(ISAS)}, got {asked!r}")
+        usable = [isa for isa in usable if ISAS.index(isa) >= ISAS.index(asked)]
+    return usable
+
+
+def _load() -> tuple[bool, str, str]:
     if os.environ.get("PFP_DISABLE_CPP", "") not in ("", "0"):
-        return False, "disabled by PFP_DISABLE_CPP"
-    spec = importlib.util.find_spec("pfp_kernels._C")
-    if spec is None or spec.origin is None:
-        return False, ("pfp_kernels._C is not built; run `pip install --no-build-isolation -e .` "
-                       "(or `python setup.py build_ext --inplace`)")
+        return False, "", "disabled by PFP_DISABLE_CPP"
+    schemas = _library("_C")
+    if schemas is None:
+        return False, "", ("pfp_kernels._C is not built; run `pip install --no-build-isolation -e .` "
+                           "(or `python setup.py build_ext --inplace`)")
     try:
-        from . import _build_config
-        missing = _missing_cpu_flags(_build_config.CPU_FLAGS_REQUIRED)
-        if missing:
-            return False, (f"pfp_kernels._C was built for {_build_config.CPU_ISA} but this CPU lacks "
-                           f"{', '.join(missing)}; rebuild with PFP_CPU_ISA=generic")
-    except ImportError:
-        pass
-    try:
-        torch.ops.load_library(spec.origin)
+        torch.ops.load_library(schemas)
     except Exception as exc:  # noqa: BLE001 - any failure means "fall back"
-        return False, f"loading {spec.origin} failed: {exc}"
-    return True, ""
+        return False, "", f"loading {schemas} failed: {exc}"
+    tried = []
+    for isa in _candidates():
+        path = _library(f"_cpu_{isa}")
+        if path is None:
+            tried.append(f"{isa} not built")
+            continue
+        try:
+            torch.ops.load_library(path)
+        except Exception as exc:  # noqa: BLE001
+            tried.append(f"{isa}: {exc}")
+            continue
+        return True, isa, ""
+    return False, "", f"no CPU kernel library could load ({'; '.join(tried)})"
 
 
-LOADED, REASON = _load()
+try:
+    LOADED, ISA, REASON = _load()
+except ValueError as exc:  # a bad PFP_CPU_ISA
+    LOADED, ISA, REASON = False, "", str(exc)
 if not LOADED and not REASON.startswith("disabled"):
     # Module import runs once, so this warns once per process.
     warnings.warn(f"pfp_kernels: C++ kernels unavailable ({REASON}); using the reference ops.",

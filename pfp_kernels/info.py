@@ -20,7 +20,9 @@ def _devices() -> list[torch.device]:
 def report() -> str:
     lines = [f"pfp_kernels on torch {torch.__version__}"]
     if _extension.LOADED:
-        lines.append(f"C++ library: loaded (built for CPU ISA {torch.ops.pfp.build_info()})")
+        lines.append(f"C++ library: loaded, CPU kernels for {torch.ops.pfp.build_info()} (this CPU: "
+                     f"{torch.backends.cpu.get_cpu_capability()} per torch; built: "
+                     f"{', '.join(_extension.built_isas()) or 'none'}; PFP_CPU_ISA picks a lower one)")
     else:
         lines.append(f"C++ library: not loaded - {_extension.REASON}")
     lines.append("Triton: " + ("available" + (" (interpreter: TRITON_INTERPRET=1)" if _dispatch.TRITON_INTERPRET else "")

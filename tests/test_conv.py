@@ -458,6 +458,39 @@ def test_import_with_broken_extension_warns_once(tmp_path):
     assert "loading" in out.stdout and "failed" in out.stdout
 
 
+ISA_CHECK = """
+    import torch, torch.nn.functional as F
+    import pfp_kernels as pk
+    from pfp_kernels import _extension
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 7, 9, 11), (6, 5, 3, 3, 3), (6,)))
+    y = pk.conv3d_act(x, w, b, stride=(2, 1, 2), padding=1, impl="cpp")
+    ref = F.silu(F.conv3d(x.double(), w.double(), b.double(), (2, 1, 2), 1))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    q, k, v, ck, cv = (torch.randn(2, n, 3, 32, generator=g) for n in (13, 13, 13, 40, 40))
+    o = pk.joint_attention(q, k, v, ck, cv, impl="cpp")
+    ref = F.scaled_dot_product_attention(*(torch.cat(p, 1).transpose(1, 2).double() for p in ((q,), (ck, k), (cv, v))))
+    torch.testing.assert_close(o.double(), ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
+    print("ISA", _extension.ISA, torch.ops.pfp.build_info())
+"""
+
+
+@needs_cpp
+def test_every_built_cpu_variant_loads_and_matches_the_reference():
+    # one build carries kernels for several ISAs and picks one at import; each must work, not only
+    # the one this machine picks (PFP_CPU_ISA asks for a lower one)
+    built = _extension.built_isas()
+    assert "generic" in built, built
+    from pfp_kernels._extension import _FROM_TORCH
+    best = _FROM_TORCH.get(torch.backends.cpu.get_cpu_capability(), "generic")
+    for isa in built[built.index(best) if best in built else 0:]:
+        out = _run(ISA_CHECK, {"PFP_CPU_ISA": isa})
+        assert out.returncode == 0, (isa, out.stderr)
+        assert f"ISA {isa} {isa}" in out.stdout, (isa, out.stdout)
+    out = _run("import pfp_kernels", {"PFP_CPU_ISA": "sse9"})
+    assert "PFP_CPU_ISA must be one of avx512, avx2, generic" in out.stderr
+
+
 def test_info_cli():
     out = subprocess.run([sys.executable, "-m", "pfp_kernels.info"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, timeout=300)
