@@ -10,7 +10,7 @@ forward and forward+backward, in TFLOP/s (4*B*H*Nq*(Nc+Nk)*D flops per forward) 
 the concatenation (PyTorch's choice, and each of its fused kernels forced) and flash-attn where
 installed, timed with CUDA events (benchmarks/_timing.py).
 
-Each section writes a markdown table to benchmarks/results/ when its benchmarks ran (not with
+Each section writes a markdown table to the results folder (benchmarks/_results.py) when its benchmarks ran (not with
 --benchmark-disable): each backend's minimum and its ratio to the baseline measured in this run. On
 CPU the table's figures come from rounds interleaved across the contenders (benchmarks/_timing.py),
 so that load from neighbours on a shared VM hits them alike; pytest-benchmark's per-test figures
@@ -30,7 +30,7 @@ import pfp_kernels as pk
 
 from _timing import interleaved_mins
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from _results import results_dir
 CPU_SHAPE = dict(B=1, H=8, D=64, Nc=1365, N=585)
 CPU_IMPLS = ("sdpa_concat", "cpp", "cpp_segments", "sdpa")
 CPU_INTERLEAVED_ROUNDS = 40
@@ -95,7 +95,6 @@ def _write_table(device, path, shape, how="30 rounds"):
     rows = _measured[device]
     if not rows:
         return
-    os.makedirs(RESULTS, exist_ok=True)
     lines = [f"# joint_attention on {device.upper()}: {_machine(device)}", "",
              f"torch {torch.__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Shape "
              + ", ".join(f"{k}={v}" for k, v in shape.items())
@@ -106,7 +105,7 @@ def _write_table(device, path, shape, how="30 rounds"):
         base = rows.get((dtype, BASELINE))
         ratio = f"{base / t:.2f}" if base else "n/a"
         lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |")
-    with open(os.path.join(RESULTS, path), "w") as f:
+    with open(results_dir() / path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -249,5 +248,5 @@ def _write_cuda_table():
     if _cuda_skipped:
         lines += ["Not run here: " + "; ".join(f"`{k}`: {v}" for k, v in sorted(_cuda_skipped.items())) + "."]
     card = torch.cuda.get_device_name().replace(" ", "_")
-    with open(os.path.join(RESULTS, f"cuda_attention_{card}.md"), "w") as f:
+    with open(results_dir() / f"cuda_attention_{card}.md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -19,7 +19,7 @@ CPU (all under torch.no_grad, batch 1):
   from rounds that interleave the three measurements, so load drift hits them alike.
 CUDA: the same at full scale in bf16; skipped with the reason when no GPU is present.
 
-Results go to benchmarks/results/cpu_compressor.md (and cuda_compressor.md), with the
+Results go to cpu_compressor.md (and cuda_compressor.md) in the results folder (benchmarks/_results.py), with the
 pfp_kernels implementation that ran each op (impl="auto": the reference ops until the C++ /
 Triton kernels are built).
 """
@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 import pfp  # noqa: E402
 from pfp_kernels import conv as _conv  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+from _results import results_dir
 INNER, RATE, CHANNELS = 3072, "4x4x2", 16
 PLAN = pfp.plan_inputs((832, 480), fps=24, seconds=20, rate=RATE)
 HR_T, HR_H, HR_W = PLAN.hr_latent_shape[1:]       # 120, 60, 104
@@ -280,7 +280,6 @@ def _ms(v) -> str:
 def _write_cpu() -> None:
     if not any(k.startswith(("full/", "append/", "recompute/")) for k in _rows):
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [
         "# pfp.MemoryCompressor on CPU",
         "",
@@ -315,7 +314,7 @@ def _write_cpu() -> None:
         lines += ["", f"Interleaved rounds (min (median)): {inter}.",
                   f"Append at 20 s / append at 2 s: {rc['append_20s_over_2s']:.2f} (must be within 0.8-1.2). "
                   f"Full recompute of 21 s / append at 20 s: {rc['recompute_over_append']:.1f}x (must be >= 15x)."]
-    (RESULTS / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
+    (results_dir() / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
 
 
 def _ms2(v) -> str:
@@ -323,7 +322,6 @@ def _ms2(v) -> str:
 
 
 def _write_cuda(r: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     text = (f"# pfp.MemoryCompressor on CUDA\n\n{time.strftime('%Y-%m-%d %H:%M')}, {r['device']}, torch "
             f"{torch.__version__}, bf16, full 480p scale, rate {RATE}, inner dim {INNER}, impls: {r['impls']}.\n\n"
             "| what | time |\n| --- | --- |\n"
@@ -331,7 +329,7 @@ def _write_cuda(r: dict) -> None:
             f"| append 1 s to 2 s of history | {_ms2(r['append_2s_s'])} |\n"
             f"| append 1 s to 20 s of history | {_ms2(r['append_20s_s'])} |\n"
             f"| full recompute of 21 s | {_ms2(r['recompute_21s_s'])} |\n")
-    (RESULTS / "cuda_compressor.md").write_text(text)
+    (results_dir() / "cuda_compressor.md").write_text(text)
 
 
 @pytest.fixture(scope="module", autouse=True)

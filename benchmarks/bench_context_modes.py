@@ -21,7 +21,7 @@ inputs are built (the kernel's peak-RSS counter is reset through /proc/self/clea
 and inputs are excluded there too.
 
 Run: ``python benchmarks/bench_context_modes.py [--shape tiny|wan5b-layer|all] [--device cpu|cuda]``
-writes ``benchmarks/results/context_modes_<device>.md``; ``pytest benchmarks/bench_context_modes.py
+writes ``context_modes_<device>.md`` in the results folder (benchmarks/_results.py); ``pytest benchmarks/bench_context_modes.py
 --benchmark-only`` times one denoising step of each mode at the tiny shape.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ import sys
 import time
 
 import torch
+
+from _results import results_dir  # noqa: E402 - benchmarks/ is on sys.path (script dir or pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -240,7 +242,7 @@ def main(argv=None):
             pc = c["context_kv_s"] + 20 * c["per_step_s"]
             lines += ["", f"{c['shape']} at 20 steps per chunk (from the measured per-step times): joint {pj:.1f} s, "
                           f"cached {c['context_kv_s']:.1f} + 20 x {c['per_step_s']:.2f} = {pc:.1f} s ({pj / pc:.2f}x)."]
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"context_modes_{a.device}.md")
+    out = a.out or str(results_dir() / f"context_modes_{a.device}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

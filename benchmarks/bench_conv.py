@@ -25,7 +25,7 @@ vs recomputing the stack over all 126 frames from scratch.
 CUDA (skipped without a GPU): full scale, bf16: Triton against cuDNN conv3d + SiLU, the cuDNN conv
 alone, and torch.compile of the pair, in CUDA-event-timed rounds (benchmarks/_timing.py).
 
-Tables are written to benchmarks/results/cpu_conv.md and cuda_conv_<card>.md at the end of the module
+Tables are written to cpu_conv.md and cuda_conv_<card>.md in the results folder (benchmarks/_results.py) at the end of the module
 when the benchmarks ran (not under --benchmark-disable).
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pfp_kernels.nn import CausalConv3dAct
 
 from _timing import interleaved_mins
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from _results import results_dir
 CL3 = torch.channels_last_3d
 LATENT = dict(T=120, H=60, W=104)
 # (name, cin, cout, stride, (T, H, W) input at full scale)
@@ -310,8 +310,7 @@ def _write_cpu_table():
             r1 = f"{a120 / a12:.2f}" if a120 and a12 else "n/a"
             r2 = f"{rec / a120:.1f}" if a120 and rec else "n/a"
             lines.append(f"| {nt} | {ms(a120)} | {ms(a12)} | {r1} | {ms(rec)} | {r2} |")
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cpu_conv.md"), "w") as f:
+    with open(results_dir() / "cpu_conv.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -350,9 +349,8 @@ def _write_cuda_table():
                      f"{row['triton'][2]:.0f} / {row['cudnn_silu'][2]:.0f} |")
     lines += ["", "Ratios > 1: triton is faster. TFLOP/s counts 2 x 27 x Cin x Cout flops per output voxel; GB/s "
               "counts the input, weight and output read or written once."]
-    os.makedirs(RESULTS, exist_ok=True)
     card = torch.cuda.get_device_name().replace(" ", "_")
-    with open(os.path.join(RESULTS, f"cuda_conv_{card}.md"), "w") as f:
+    with open(results_dir() / f"cuda_conv_{card}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

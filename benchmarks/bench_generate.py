@@ -7,7 +7,7 @@ compress / denoise / decode.
 - decode: the VAE decode of the chunk.
 
 Run: ``python benchmarks/bench_generate.py [--threads N] [--runs 3] [--device cpu|cuda]`` writes
-``benchmarks/results/generate_<device>.md`` (the command's total wall time includes Python start-up,
+``generate_<device>.md`` in the results folder (benchmarks/_results.py) (the command's total wall time includes Python start-up,
 imports and the mp4 encode). ``pytest benchmarks/bench_generate.py --benchmark-only`` times one
 chunk in-process.
 """
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _results import results_dir  # noqa: E402 - benchmarks/ is on sys.path (script dir or pytest)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +51,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default=None, help="default benchmarks/results/generate_<device>.md")
+    p.add_argument("--out", default=None, help="default generate_<device>.md in the results folder (benchmarks/_results.py)")
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(ROOT, "benchmarks", "results", f"generate_{a.device}.md")
+    a.out = a.out or str(results_dir() / f"generate_{a.device}.md")
     results = [run_cli(["--device", a.device], a.threads) for _ in range(a.runs)]
     best = min(results, key=lambda r: r[0])
     walls = sorted(r[0] for r in results)

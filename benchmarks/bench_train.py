@@ -4,7 +4,7 @@
 mode at the batch size the built-in weights were trained with (pretrain 8, finetune 16; the
 synthetic data of stages 6-8 of ``pfp/weights/default.json``; data rendered in one worker
 process), and reports the median of the logged windows after the first (warm-up), from the run's
-``loss.csv``. Writes ``benchmarks/results/train_<device>.md`` (CUDA: bf16 autocast, pfp.train's default there).
+``loss.csv``. Writes ``train_<device>.md`` in the results folder (benchmarks/_results.py) (CUDA: bf16 autocast, pfp.train's default there).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _results import results_dir  # noqa: E402 - benchmarks/ is on sys.path (script dir or pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = {"pretrain": 8, "finetune": 16}
@@ -45,9 +47,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--workers", type=int, default=1, help="data worker processes")
-    p.add_argument("--out", default=None, help="default benchmarks/results/train_<device>.md")
+    p.add_argument("--out", default=None, help="default train_<device>.md in the results folder (benchmarks/_results.py)")
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(ROOT, "benchmarks", "results", f"train_{a.device}.md")
+    a.out = a.out or str(results_dir() / f"train_{a.device}.md")
     rows = [run(mode, t, a.steps, device=a.device, workers=a.workers) for t in a.threads for mode in ("pretrain", "finetune")]
     for r in rows:
         print(r, flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one run: the CUDA tests (Triton kernels compiled for the card,
-# bf16 included), then the CUDA benchmarks, which write their tables to benchmarks/results/
-# (the card's name in each). Each step has its own time limit, and a failed step does not stop
+# bf16 included), then the CUDA benchmarks, which write their tables to $PFP_BENCH_OUT (default
+# here: benchmarks/results/, since this script is how GPU figures get published; the card's name
+# is in each file). Each step has its own time limit, and a failed step does not stop
 # the next one.
 #
 #   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor
@@ -12,6 +13,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRITON_INTERPRET=0
+export PFP_BENCH_OUT=${PFP_BENCH_OUT:-$PWD/benchmarks/results}
 LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
@@ -20,7 +22,7 @@ steps=("$@")
 
 save() {
     if [ -n "${OUT:-}" ]; then
-        tar czf "$OUT/cuda_results.tgz" benchmarks/results/*cuda* benchmarks/results/*CUDA* \
+        tar czf "$OUT/cuda_results.tgz" "$PFP_BENCH_OUT"/*cuda* "$PFP_BENCH_OUT"/*CUDA* \
             /tmp/pfp_cuda_junit.xml 2>/dev/null || true
     fi
 }

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import results_dir  # noqa: E402
 from _timing import cuda_times  # noqa: E402
 
 import pfp_kernels as pk  # noqa: E402
@@ -263,7 +264,7 @@ def main(argv=None):
         sweep_conv(deadline, lines)
     lines.append(f"Sweep took {time.monotonic() - t0:.0f} s.")
     card = torch.cuda.get_device_name().replace(" ", "_")
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"cuda_sweep_{card}.md")
+    out = a.out or str(results_dir() / f"cuda_sweep_{card}.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}")
