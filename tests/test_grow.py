@@ -1,21 +1,12 @@
-"""benchmarks/grow_tiny_dit.py: a deeper model that starts out computing what the trained one did."""
-import importlib.util
+"""pfp.grow: a deeper model that starts out computing what the trained one did."""
 import os
 
 import pytest
 import torch
 
 from _tiny_pfp import tiny_config
+from pfp.grow import grow_weights
 from pfp.weights import build_model, load_weights, save_weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _grow_module():
-    spec = importlib.util.spec_from_file_location("grow_tiny_dit", os.path.join(ROOT, "benchmarks", "grow_tiny_dit.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _backbone_out(model, seed=0):
@@ -33,7 +24,7 @@ def test_grown_model_predicts_what_the_trained_one_did(tmp_path):
             p.copy_(torch.randn_like(p) * 0.2)
     src = str(tmp_path / "trained.safetensors")
     save_weights(model, src)
-    weights, config = _grow_module().grow(src, 3, str(tmp_path / "grown"))
+    weights, config = grow_weights(src, 3, str(tmp_path / "grown"))
     grown = load_weights(weights, config=None)
     assert len(grown.backbone.blocks) == 3 and os.path.isfile(config)
     torch.testing.assert_close(_backbone_out(grown), _backbone_out(model), rtol=1e-5, atol=1e-5)
@@ -50,5 +41,5 @@ def test_grow_refuses_a_shallower_depth(tmp_path):
     model = build_model(tiny_config())
     src = str(tmp_path / "w.safetensors")
     save_weights(model, src)
-    with pytest.raises(ValueError, match="--depth must exceed the weights' depth 1"):
-        _grow_module().grow(src, 1, str(tmp_path / "grown"))
+    with pytest.raises(ValueError, match="depth must exceed the weights' depth 1"):
+        grow_weights(src, 1, str(tmp_path / "grown"))
