@@ -1,0 +1,133 @@
+"""The model bundle: text encoder + backbone + compressor (+ VAE), built from a :class:`PFPConfig`.
+
+The compressor's low-res branch reuses the backbone's patch embedding (one module, two owners),
+so weights files store it once, under ``backbone.patch_embedding``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from torch import nn
+
+from .config import _DTYPES, PFPConfig, check_component
+
+
+class PFPModel(nn.Module):
+    """Text encoder + backbone + compressor (+ a parameter-free VAE), built from a :class:`PFPConfig`."""
+
+    def __init__(self, config: PFPConfig, backbone: Optional[nn.Module] = None, vae=None, text_encoder=None):
+        super().__init__()
+        from pfp.compressor import MemoryCompressor
+        self.config = config
+        self.text_encoder = text_encoder if text_encoder is not None else _build_text(config)
+        self._vae = vae if vae is not None else _build_vae(config)
+        self.backbone = backbone if backbone is not None else _build_backbone(
+            config, latent_channels=self._vae.latent_channels, text_dim=self.text_encoder.dim)
+        if self.backbone.latent_channels != self._vae.latent_channels:
+            raise ValueError(f"the backbone takes {self.backbone.latent_channels} latent channels but the VAE makes "
+                             f"{self._vae.latent_channels}; config dit and vae do not fit together")
+        self.compressor = MemoryCompressor(self.backbone.patch_embed, self.backbone.latent_channels,
+                                           self.backbone.inner_dim, rate=config.rate,
+                                           hidden=tuple(config.compressor_hidden))
+
+    def frozen_prefixes(self) -> tuple:
+        """State-dict prefixes of the parts loaded from their own local paths and never trained (a
+        ``"wan"`` VAE, a ``"umt5"`` text encoder). Weights files and checkpoints leave them out: the
+        config names where they come from."""
+        out = []
+        if any(True for _ in self._vae.parameters()):
+            out.append("_vae.")
+        if getattr(self.text_encoder, "frozen", False):
+            out.append("text_encoder.")
+        return tuple(out)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for prefix in self.frozen_prefixes():  # frozen parts stay in eval mode (no dropout)
+            getattr(self, prefix[:-1]).eval()
+        return self
+
+    @property
+    def vae(self):
+        return self._vae
+
+    @property
+    def context_mode(self) -> str:
+        return self.backbone.context_mode
+
+    def encode_text(self, prompts):
+        """prompts -> (states [B, L, D], mask [B, L])."""
+        out = self.text_encoder(list(prompts))
+        return out.tokens, out.mask
+
+    def trainable_state_dict(self) -> dict:
+        """State dict with the shared patch embedding stored once (under the backbone), without the
+        frozen parts loaded from their own paths (:meth:`frozen_prefixes`)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_saved_key(k)}
+
+    def is_saved_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs in weights files and checkpoints."""
+        return not key.startswith(("compressor.patch_embed.", *self.frozen_prefixes()))
+
+
+def _build_text(config: PFPConfig):
+    check_component("text", config.text)
+    t = dict(config.text)
+    kind = t.pop("kind", "tiny")
+    if kind == "umt5":
+        # {"kind": "umt5", "path": local dir, "tokenizer_path": ..., "max_length": 512, "dtype": "bf16"}
+        from pfp.text import UMT5TextEncoder
+        return UMT5TextEncoder.from_pretrained(t["path"], tokenizer_path=t.get("tokenizer_path"),
+                                               max_length=int(t.get("max_length", 512)),
+                                               dtype=_DTYPES[t["dtype"]] if "dtype" in t else None)
+    from pfp.text import TinyTextEncoder
+    return TinyTextEncoder(**t)
+
+
+def _build_vae(config: PFPConfig):
+    check_component("vae", config.vae)
+    v = dict(config.vae)
+    kind = v.pop("kind", "patch")
+    if kind == "wan":
+        # {"kind": "wan", "path": local diffusers AutoencoderKLWan dir (or pipeline dir), "dtype": "bf16"}
+        from pfp.vae import WanVAE
+        return WanVAE.from_pretrained(v["path"], subfolder=v.get("subfolder"),
+                                      dtype=_DTYPES[v["dtype"]] if "dtype" in v else None)
+    from pfp.vae import PatchVAE
+    return PatchVAE(**v)
+
+
+def _build_backbone(config: PFPConfig, latent_channels: int, text_dim: int):
+    from pfp.backbones import TinyDiT, TinyDiTConfig
+    check_component("dit", config.dit)
+    d = dict(config.dit)
+    kind = d.pop("kind", "tiny")
+    if kind == "wan":
+        # {"kind": "wan", "path": local diffusers dir, "subfolder": "transformer", "dtype": "bf16"}
+        # or {"kind": "wan", "config": {WanTransformer3DModel kwargs}} for a randomly initialised one
+        from pfp.backbones import WanBackbone
+        if "path" in d:
+            sub = d.get("subfolder")
+            if sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
+                sub = "transformer"
+            bb = WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=sub,
+                                             torch_dtype=_DTYPES[d.get("dtype", "fp32")])
+        else:
+            bb = WanBackbone.from_config(context_mode=config.context_mode, **d["config"])
+        wan_text = int(bb.transformer.config.text_dim)
+        if wan_text != text_dim:
+            raise ValueError(f"config dit (Wan) takes text states of width {wan_text} but the text encoder "
+                             f"makes {text_dim}; use a text encoder of that width")
+        return bb
+    return TinyDiT(TinyDiTConfig(latent_channels=latent_channels, text_dim=text_dim,
+                                 context_mode=config.context_mode, **d))
+
+
+def build_model(config: Optional[PFPConfig] = None) -> PFPModel:
+    config = config or PFPConfig()
+    config.check()
+    return PFPModel(config)
+
+
+__all__ = ["PFPModel", "build_model"]
