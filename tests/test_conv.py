@@ -447,9 +447,10 @@ def test_import_without_extension_disabled():
 
 
 def test_import_with_broken_extension_warns_once(tmp_path):
-    # A copy of the package whose _C is garbage: loading fails, import works, one warning.
+    # A copy of the package (wherever it is installed) whose _C is garbage: loading fails, import
+    # works, one warning.
     pkg = tmp_path / "pfp_kernels"
-    shutil.copytree(os.path.join(ROOT, "pfp_kernels"), pkg,
+    shutil.copytree(os.path.dirname(pk.__file__), pkg,
                     ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a shared library")
     out = _run(FALLBACK_CHECK, cwd=str(tmp_path), pythonpath=str(tmp_path))
