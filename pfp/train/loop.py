@@ -454,20 +454,8 @@ class _LossLog:
         self.file.close()
 
 
-def train(args: TrainArgs) -> dict:
-    """Run a training job; returns a summary (final step, last loss, samples/s)."""
-    check_train_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
-    rank, world = _dist_setup(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                      "fp32": None}[args.precision]
-
-    resume_path = _find_resume_point(args, rank, world)
-    resume_state = read_state(resume_path) if resume_path is not None else None
+def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
+    """The model config: the checkpoint's when resuming, else --config, --init's, or the default."""
     if resume_state is not None:
         config = PFPConfig.from_dict(resume_state["config"])
     elif args.config:
@@ -479,11 +467,13 @@ def train(args: TrainArgs) -> dict:
     if args.context_mode and resume_state is None:
         config.context_mode = args.context_mode
     config.check()
-    dataset = _dataset(args, config, progress=args.progress and rank == 0)   # every file checked before step 1
-    report = getattr(dataset, "skip_report", lambda: None)()
-    if report and rank == 0:
-        print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
+    return config
 
+
+def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Optional[str],
+                   resume_state: Optional[dict]) -> tuple[PFPModel, bool, int, int]:
+    """The model with its initial or resumed weights, LoRA and trainable flags, on ``device``.
+    Returns (model, lora, first step, non-finite steps skipped so far)."""
     # every RNG a checkpoint records starts from the seed, so a resumed run's states equal an
     # uninterrupted run's (Python's and NumPy's would otherwise start from OS entropy)
     torch.manual_seed(args.seed)
@@ -500,50 +490,112 @@ def train(args: TrainArgs) -> dict:
     if args.grad_checkpointing:
         _plain_backbone(model.backbone).set_gradient_checkpointing(True)
     model.to(device)
+    if resume_state is None:
+        return model, lora, 0, 0
+    # the RNG states are restored last, right before the first step (train), so that nothing set
+    # up in between (model init, data loader seeds) draws from them
+    resume_tensors, st = load_checkpoint(resume_path, restore_rng=False, verify=False)
+    missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
+    bad = [k for k in missing if model.is_saved_key(k)]
+    if bad or unexpected:
+        raise ValueError(f"checkpoint {resume_path} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
+    return model, lora, st["step"], st.get("nonfinite_skipped", 0)
 
-    start, skipped = 0, 0
-    if resume_state is not None:
-        # the RNG states are restored last, right before the first step (below), so that nothing
-        # set up in between (model init, data loader seeds) draws from them
-        resume_tensors, st = load_checkpoint(resume_path, restore_rng=False, verify=False)
-        missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
-        bad = [k for k in missing if model.is_saved_key(k)]
-        if bad or unexpected:
-            raise ValueError(f"checkpoint {resume_path} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
-        start, skipped = st["step"], st.get("nonfinite_skipped", 0)
 
-    fsdp = world > 1 and args.fsdp
-    chunk_latent = config.chunk_latent_frames
-    objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
-                                p_no_history=args.p_no_history, history_noise=args.history_noise,
-                                t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,
-                                self_history=args.self_history, self_history_t=tuple(args.self_history_t))
-    loss_module = _LossModule(model, args.mode, objective, chunk_latent, device, autocast_dtype)
-    runner: nn.Module = loss_module
-    if world > 1:
-        if args.fsdp:
-            # FSDP2: each block is its own shard group; the backbone calls the blocks themselves, so
-            # FSDP gathers a block's parameters around its forward
-            from torch.distributed.fsdp import fully_shard
-            for blk in _plain_backbone(model.backbone).blocks:
-                fully_shard(blk)
-            fully_shard(loss_module)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            runner = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-                         find_unused_parameters=True)
+def _distribute(loss_module: nn.Module, model: PFPModel, args: TrainArgs, device, world: int) -> nn.Module:
+    """What runs a step: the loss module itself, or under torchrun its DDP or FSDP2 form."""
+    if world <= 1:
+        return loss_module
+    if args.fsdp:
+        # FSDP2: each block is its own shard group; the backbone calls the blocks themselves, so
+        # FSDP gathers a block's parameters around its forward
+        from torch.distributed.fsdp import fully_shard
+        for blk in _plain_backbone(model.backbone).blocks:
+            fully_shard(blk)
+        fully_shard(loss_module)
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=True)
 
+
+def _make_optimizer(model: PFPModel, args: TrainArgs, resume_path: Optional[str], fsdp: bool):
+    """AdamW over the trainable parameters, with the checkpoint's state when resuming."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    if resume_state is not None:
+    if resume_path is not None:
         opt_state = read_optimizer_state(resume_path)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(opt_state)
+    return optimizer, params
+
+
+def _forward_backward(runner: nn.Module, optimizer, params: list, batch: dict, gen, args: TrainArgs,
+                      device, world: int) -> tuple[float, bool, torch.Tensor]:
+    """Loss and gradients of one step; returns (loss averaged over ranks, whether every rank's loss
+    and the synced gradients are finite, gradient norm). One host sync per step."""
+    loss = runner(batch, gen)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _grad_norm(params, args.grad_clip)
+    stats = torch.stack([loss.detach().float(), (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+                         .float()]).cpu()
+    if world > 1:
+        import torch.distributed as dist
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu() / world
+    return float(stats[0]), bool(stats[1] == 1), grad_norm
+
+
+def _out_of_time(args: TrainArgs, t_start: float, world: int) -> bool:
+    """--max-minutes is up (every rank stops at the same step)."""
+    if args.max_minutes is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t_start > 60 * args.max_minutes)])
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def train(args: TrainArgs) -> dict:
+    """Run a training job; returns a summary (final step, last loss, samples/s).
+
+    Phases: check every argument and path; find the checkpoint to resume from; the config; the
+    data (every file checked before step 1); the model and optimizer; then the steps, with
+    logging, non-finite guards and crash-safe checkpoints; the export."""
+    check_train_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    rank, world = _dist_setup(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                      "fp32": None}[args.precision]
+
+    resume_path = _find_resume_point(args, rank, world)
+    resume_state = read_state(resume_path) if resume_path is not None else None
+    config = _resolve_config(args, resume_state)
+    dataset = _dataset(args, config, progress=args.progress and rank == 0)   # every file checked before step 1
+    report = getattr(dataset, "skip_report", lambda: None)()
+    if report and rank == 0:
+        print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
+
+    model, lora, start, skipped = _build_trainee(args, config, device, resume_path, resume_state)
+    objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
+                                p_no_history=args.p_no_history, history_noise=args.history_noise,
+                                t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,
+                                self_history=args.self_history, self_history_t=tuple(args.self_history_t))
+    loss_module = _LossModule(model, args.mode, objective, config.chunk_latent_frames, device, autocast_dtype)
+    runner = _distribute(loss_module, model, args, device, world)
+    optimizer, params = _make_optimizer(model, args, resume_path, world > 1 and args.fsdp)
 
     if rank == 0:
         _start_run_dir(args)
@@ -567,20 +619,8 @@ def train(args: TrainArgs) -> dict:
             batch = next(batches)
             for g in optimizer.param_groups:
                 g["lr"] = _lr_at(step, args)
-            loss = runner(batch, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = _grad_norm(params, args.grad_clip)
-            # one host sync per step, as before: the loss (averaged over ranks) and whether every
-            # rank's loss and the synced gradients are finite
-            stats = torch.stack([loss.detach().float(), (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-                                 .float()]).cpu()
-            if world > 1:
-                import torch.distributed as dist
-                stats = stats.to(device)
-                dist.all_reduce(stats)
-                stats = stats.cpu() / world
-            last_loss, finite = float(stats[0]), bool(stats[1] == 1)
+            last_loss, finite, grad_norm = _forward_backward(runner, optimizer, params, batch, gen, args, device,
+                                                             world)
             done = step + 1
             if finite:
                 optimizer.step()
@@ -605,13 +645,7 @@ def train(args: TrainArgs) -> dict:
                                f"{elapsed_before + now - t_start:.1f}"])
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{sps:.2f}")
             bar.update(1)
-            out_of_time = False
-            if args.max_minutes is not None:
-                flag = torch.tensor([float(time.perf_counter() - t_start > 60 * args.max_minutes)])
-                if world > 1:
-                    import torch.distributed as dist
-                    dist.all_reduce(flag)  # every rank stops at the same step
-                out_of_time = bool(flag.item() > 0)
+            out_of_time = _out_of_time(args, t_start, world)
             if done % args.save_every == 0 or done == last or out_of_time:
                 if log is not None:
                     log.sync()
