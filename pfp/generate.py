@@ -87,6 +87,21 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _given_chunks(history: Optional[torch.Tensor], lat_shape: tuple, n_chunks: int, device) -> tuple:
+    """(history on ``device`` in fp32, how many whole chunks it holds); (None, 0) without one.
+    InputError unless it is ``[1, C, k*n, h, w]`` latents of 0 < k < n_chunks chunks."""
+    if history is None:
+        return None, 0
+    n = lat_shape[2]
+    if (not isinstance(history, torch.Tensor) or history.dim() != 5 or history.shape[0] != 1
+            or tuple(history.shape[1:2] + history.shape[3:]) != (lat_shape[1], *lat_shape[3:])
+            or history.shape[2] % n or not 0 < history.shape[2] // n < n_chunks):
+        raise InputError(f"history must be [1, {lat_shape[1]}, k*{n}, {lat_shape[3]}, {lat_shape[4]}] latents of "
+                         f"0 < k < {n_chunks} whole chunks, got "
+                         f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
+    return history.to(device=device, dtype=torch.float32), history.shape[2] // n
+
+
 @torch.no_grad()
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: Optional[float] = None,
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
@@ -126,17 +141,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     s = vae.spatial_factor
     lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
     spec = config.clip_spec(n_chunks, (h, w))       # the whole video, as training would feed it
-    n_given = 0
-    if history is not None:
-        n = lat_shape[2]
-        if (not isinstance(history, torch.Tensor) or history.dim() != 5 or history.shape[0] != 1
-                or tuple(history.shape[1:2] + history.shape[3:]) != (lat_shape[1], *lat_shape[3:])
-                or history.shape[2] % n or not 0 < history.shape[2] // n < n_chunks):
-            raise InputError(f"history must be [1, {lat_shape[1]}, k*{n}, {lat_shape[3]}, {lat_shape[4]}] latents of "
-                             f"0 < k < {n_chunks} whole chunks, got "
-                             f"{tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__}")
-        n_given = history.shape[2] // n
-        history = history.to(device=device, dtype=torch.float32)
+    history, n_given = _given_chunks(history, lat_shape, n_chunks, device)
     shift = config.sample_shift if shift is None else shift
     eta = config.sample_eta if eta is None else eta
     cfg = config.sample_cfg if cfg is None else cfg
