@@ -4,7 +4,7 @@ Each new block starts as the identity: the output projections of its self-attent
 cross-attention and its MLP are zero, so the residual stream passes through it unchanged and the
 grown model predicts exactly what the trained one did. Their inputs are not zero, so those
 projections receive gradients from the first step and the new blocks start learning at once.
-``benchmarks/grow_tiny_dit.py`` is the command the built-in weights' stage 17 used.
+``recipes/default_weights/grow_tiny_dit.py`` is the command the built-in weights' stage 17 used.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Copy the loss logs of the run that made the built-in weights to benchmarks/results/ and plot them.
 
-``python benchmarks/plot_loss_curves.py [NAME=]RUN [[NAME=]RUN ...]`` reads each run's ``loss.csv``
+``python recipes/default_weights/plot_loss_curves.py [NAME=]RUN [[NAME=]RUN ...]`` reads each run's ``loss.csv``
 (``RUN`` is a run directory written by ``python -m pfp.train``, or a loss CSV itself, e.g. one kept
-here from an earlier stage), writes ``benchmarks/results/default_weights_<NAME>_loss.csv`` (NAME
+here from an earlier stage), writes ``recipes/default_weights/results/loss/<NAME>_loss.csv`` (NAME
 defaults to the run directory's name) and one PNG with a panel per stage, in the order given
 (matplotlib; without it only the CSVs are written).
 """
@@ -13,8 +13,7 @@ import os
 import shutil
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "loss")
 
 
 def main(run_dirs):
@@ -24,7 +23,7 @@ def main(run_dirs):
         name, _, d = arg.rpartition("=")
         src = d if d.endswith(".csv") else os.path.join(d, "loss.csv")
         name = name or os.path.basename(os.path.normpath(d)).replace("default_", "")
-        dst = os.path.join(RESULTS, f"default_weights_{name}_loss.csv")
+        dst = os.path.join(RESULTS, f"{name}_loss.csv")
         if os.path.abspath(src) != os.path.abspath(dst):
             shutil.copyfile(src, dst)
         with open(src) as f:
@@ -55,7 +54,7 @@ def main(run_dirs):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out = os.path.join(RESULTS, "default_weights_loss.png")
+    out = os.path.join(RESULTS, "loss.png")
     fig.savefig(out, dpi=110)
     print(out)
 

@@ -1,6 +1,6 @@
 """Grow a trained TinyDiT deeper without changing what it computes (:mod:`pfp.grow`).
 
-``python benchmarks/grow_tiny_dit.py --depth 8 --out runs/grown8`` reads the built-in weights (or
+``python recipes/default_weights/grow_tiny_dit.py --depth 8 --out runs/grown8`` reads the built-in weights (or
 ``--weights``), appends blocks until the backbone has ``--depth`` of them, and writes
 ``runs/grown8.safetensors`` and ``runs/grown8_config.json``, ready for ``python -m pfp.train
 finetune --config runs/grown8_config.json --init runs/grown8.safetensors``. The built-in weights'

@@ -5,14 +5,14 @@
 #            runs/default_finetune16/finetune16.safetensors, the chain's stage-16 export in
 #            pfp/weights/default.json; the built-in weights are stage 17 now), same data and schedule:
 #            same   - the built-in model (4 blocks), as stage 16 trained it but at batch 256;
-#            grown8 - the same model grown to 8 blocks (benchmarks/grow_tiny_dit.py: the new
+#            grown8 - the same model grown to 8 blocks (recipes/default_weights/grow_tiny_dit.py: the new
 #                     blocks start as the identity).
 #   stage18: stage 17's grown8 (INIT, default runs/stage17/grown8.safetensors) grown to 12 blocks,
 #            alone, with all the CPU cores rendering its data.
 # The tiny model is launch- and data-bound on a GPU, so siblings share the card at little cost to
 # each; each gets its own share of the CPU cores for rendering the synthetic clips.
 #
-#   OUT=dir bash benchmarks/cuda_train.sh STAGE BUDGET_S
+#   OUT=dir bash recipes/default_weights/cuda_train.sh STAGE BUDGET_S
 #
 # A short probe of the runs (which also fills Triton's kernel cache) measures their step rate; the
 # main runs then get as many steps as fit the rest of the budget, so that their cosine schedules
@@ -21,11 +21,11 @@
 # at most 8 files.
 # DEVICE, BATCH and WORKERS override the defaults for a dry run on a CPU.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 [ "${DEVICE:-cuda}" = cuda ] && export TRITON_INTERPRET=0
-stage=${1:?usage: OUT=dir bash benchmarks/cuda_train.sh STAGE BUDGET_S}
-budget=${2:?usage: OUT=dir bash benchmarks/cuda_train.sh STAGE BUDGET_S}
+stage=${1:?usage: OUT=dir bash recipes/default_weights/cuda_train.sh STAGE BUDGET_S}
+budget=${2:?usage: OUT=dir bash recipes/default_weights/cuda_train.sh STAGE BUDGET_S}
 out=${OUT:?set OUT}
 work=/tmp/pfp_cuda_train
 logs=$work/logs
@@ -33,12 +33,12 @@ rm -rf "$work" && mkdir -p "$logs"
 trap 'tar czf "$out/logs.tgz" -C "$work" logs' EXIT   # also when a step fails
 t0=$SECONDS
 stage16_weights=${INIT:-runs/default_finetune16/finetune16.safetensors}
-stage16=(--config benchmarks/results/default_weights/stage16_config.json --init "$stage16_weights")
+stage16=(--config recipes/default_weights/results/stage16_config.json --init "$stage16_weights")
 case $stage in
     stage17)
         names=(same grown8)
         workers=${WORKERS:-$(( $(nproc) / 2 - 2 ))}
-        python3 benchmarks/grow_tiny_dit.py --weights "$stage16_weights" --depth 8 --out "$work/grown8" > /dev/null || exit 1
+        python3 recipes/default_weights/grow_tiny_dit.py --weights "$stage16_weights" --depth 8 --out "$work/grown8" > /dev/null || exit 1
         cp "$work/grown8_config.json" "$logs/"
         declare -A model=([same]="${stage16[*]}"
                           [grown8]="--config $work/grown8_config.json --init $work/grown8.safetensors")
@@ -46,7 +46,7 @@ case $stage in
     stage18)
         names=(grown12)
         workers=${WORKERS:-$(( $(nproc) - 3 ))}
-        python3 benchmarks/grow_tiny_dit.py --weights "${INIT:-runs/stage17/grown8.safetensors}" --depth 12 \
+        python3 recipes/default_weights/grow_tiny_dit.py --weights "${INIT:-runs/stage17/grown8.safetensors}" --depth 12 \
             --out "$work/grown12" > /dev/null || exit 1
         cp "$work/grown12_config.json" "$logs/"
         declare -A model=([grown12]="--config $work/grown12_config.json --init $work/grown12.safetensors")

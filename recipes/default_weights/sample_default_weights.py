@@ -1,8 +1,8 @@
 """Contact sheets of the built-in weights: what ``python -m pfp.generate`` makes, and what the model
 remembers of a real history.
 
-``python benchmarks/sample_default_weights.py [--weights W]`` writes, under
-``benchmarks/results/default_weights/``:
+``python recipes/default_weights/sample_default_weights.py [--weights W]`` writes, under
+``recipes/default_weights/results/``:
 
 - ``contact_sheet_builtin_storyboard.png``: ``python -m pfp.generate`` with no arguments (built-in
   storyboard, seed 0), one row per chunk;
@@ -30,10 +30,11 @@ from typing import Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-OUT = os.path.join(ROOT, "benchmarks", "results", "default_weights")
+OUT = os.path.join(HERE, "results")
 
 # the synthetic sizes stages 6-16 of pfp/weights/default.json trained on
 SPRITE_RADIUS, PATTERN_PERIOD = (0.16, 0.26), (0.35, 0.6)
