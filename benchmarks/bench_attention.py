@@ -19,7 +19,6 @@ are kept for its own report.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 
 import pytest
