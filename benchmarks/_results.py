@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "benchmarks" / "results"
 
 
-def results_dir(sub: str = "") -> Path:
-    """The output folder (made if missing), or its subfolder ``sub``."""
+def results_dir(area: str = "") -> Path:
+    """The output folder's subfolder for one area (``conv``, ``attention``, ``compressor``,
+    ``context_modes``, ``generate``, ``train``, ``sweeps``), made if missing."""
     base = Path(os.environ.get("PFP_BENCH_OUT") or ROOT / "bench-results")
     if not base.is_absolute():
         base = Path.cwd() / base
-    out = base / sub if sub else base
+    out = base / area if area else base
     out.mkdir(parents=True, exist_ok=True)
     return out

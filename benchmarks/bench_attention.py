@@ -104,7 +104,7 @@ def _write_table(device, path, shape, how="30 rounds"):
         base = rows.get((dtype, BASELINE))
         ratio = f"{base / t:.2f}" if base else "n/a"
         lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |")
-    with open(results_dir() / path, "w") as f:
+    with open(results_dir("attention") / path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -247,5 +247,5 @@ def _write_cuda_table():
     if _cuda_skipped:
         lines += ["Not run here: " + "; ".join(f"`{k}`: {v}" for k, v in sorted(_cuda_skipped.items())) + "."]
     card = torch.cuda.get_device_name().replace(" ", "_")
-    with open(results_dir() / f"cuda_attention_{card}.md", "w") as f:
+    with open(results_dir("attention") / f"cuda_attention_{card}.md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -314,7 +314,7 @@ def _write_cpu() -> None:
         lines += ["", f"Interleaved rounds (min (median)): {inter}.",
                   f"Append at 20 s / append at 2 s: {rc['append_20s_over_2s']:.2f} (must be within 0.8-1.2). "
                   f"Full recompute of 21 s / append at 20 s: {rc['recompute_over_append']:.1f}x (must be >= 15x)."]
-    (results_dir() / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
+    (results_dir("compressor") / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
 
 
 def _ms2(v) -> str:
@@ -329,7 +329,7 @@ def _write_cuda(r: dict) -> None:
             f"| append 1 s to 2 s of history | {_ms2(r['append_2s_s'])} |\n"
             f"| append 1 s to 20 s of history | {_ms2(r['append_20s_s'])} |\n"
             f"| full recompute of 21 s | {_ms2(r['recompute_21s_s'])} |\n")
-    (results_dir() / "cuda_compressor.md").write_text(text)
+    (results_dir("compressor") / "cuda_compressor.md").write_text(text)
 
 
 @pytest.fixture(scope="module", autouse=True)

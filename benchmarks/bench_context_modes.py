@@ -242,7 +242,7 @@ def main(argv=None):
             pc = c["context_kv_s"] + 20 * c["per_step_s"]
             lines += ["", f"{c['shape']} at 20 steps per chunk (from the measured per-step times): joint {pj:.1f} s, "
                           f"cached {c['context_kv_s']:.1f} + 20 x {c['per_step_s']:.2f} = {pc:.1f} s ({pj / pc:.2f}x)."]
-    out = a.out or str(results_dir() / f"context_modes_{a.device}.md")
+    out = a.out or str(results_dir("context_modes") / f"context_modes_{a.device}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -310,7 +310,7 @@ def _write_cpu_table():
             r1 = f"{a120 / a12:.2f}" if a120 and a12 else "n/a"
             r2 = f"{rec / a120:.1f}" if a120 and rec else "n/a"
             lines.append(f"| {nt} | {ms(a120)} | {ms(a12)} | {r1} | {ms(rec)} | {r2} |")
-    with open(results_dir() / "cpu_conv.md", "w") as f:
+    with open(results_dir("conv") / "cpu_conv.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -350,7 +350,7 @@ def _write_cuda_table():
     lines += ["", "Ratios > 1: triton is faster. TFLOP/s counts 2 x 27 x Cin x Cout flops per output voxel; GB/s "
               "counts the input, weight and output read or written once."]
     card = torch.cuda.get_device_name().replace(" ", "_")
-    with open(results_dir() / f"cuda_conv_{card}.md", "w") as f:
+    with open(results_dir("conv") / f"cuda_conv_{card}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

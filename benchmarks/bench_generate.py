@@ -53,7 +53,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default=None, help="default generate_<device>.md in the results folder (benchmarks/_results.py)")
     a = p.parse_args(argv)
-    a.out = a.out or str(results_dir() / f"generate_{a.device}.md")
+    a.out = a.out or str(results_dir("generate") / f"generate_{a.device}.md")
     results = [run_cli(["--device", a.device], a.threads) for _ in range(a.runs)]
     best = min(results, key=lambda r: r[0])
     walls = sorted(r[0] for r in results)

@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="data worker processes")
     p.add_argument("--out", default=None, help="default train_<device>.md in the results folder (benchmarks/_results.py)")
     a = p.parse_args(argv)
-    a.out = a.out or str(results_dir() / f"train_{a.device}.md")
+    a.out = a.out or str(results_dir("train") / f"train_{a.device}.md")
     rows = [run(mode, t, a.steps, device=a.device, workers=a.workers) for t in a.threads for mode in ("pretrain", "finetune")]
     for r in rows:
         print(r, flush=True)

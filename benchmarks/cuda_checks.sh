@@ -22,7 +22,7 @@ steps=("$@")
 
 save() {
     if [ -n "${OUT:-}" ]; then
-        tar czf "$OUT/cuda_results.tgz" "$PFP_BENCH_OUT"/*cuda* "$PFP_BENCH_OUT"/*CUDA* \
+        tar czf "$OUT/cuda_results.tgz" $(find "$PFP_BENCH_OUT" -iname '*cuda*' -type f) \
             /tmp/pfp_cuda_junit.xml 2>/dev/null || true
     fi
 }

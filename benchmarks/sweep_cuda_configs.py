@@ -264,7 +264,7 @@ def main(argv=None):
         sweep_conv(deadline, lines)
     lines.append(f"Sweep took {time.monotonic() - t0:.0f} s.")
     card = torch.cuda.get_device_name().replace(" ", "_")
-    out = a.out or str(results_dir() / f"cuda_sweep_{card}.md")
+    out = a.out or str(results_dir("sweeps") / f"cuda_sweep_{card}.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}")

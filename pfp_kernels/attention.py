@@ -360,7 +360,7 @@ def _cudnn_segment(qt: Tensor, kt: Tensor, vt: Tensor, scale: float):
     """cuDNN's attention with its log-sum-exp for fp16/bf16 ``[B, H, N, D]``, or None where it does
     not apply. On an H100 at the paper's shape it made this backend 2.7x faster than the
     memory-efficient kernel (0.56 vs 1.52 ms;
-    benchmarks/results/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md)."""
+    benchmarks/results/sweeps/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md)."""
     d = qt.shape[-1]
     if (qt.dtype not in (torch.float16, torch.bfloat16) or d % 8 or d > 128
             or not torch.backends.cuda.cudnn_sdp_enabled()):

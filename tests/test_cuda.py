@@ -257,7 +257,7 @@ def test_attention_gradients_match_fp64_reference(shape, dtype):
 
 
 def test_sdpa_backend_takes_cudnn_on_hopper():
-    # the fast per-segment path (benchmarks/results/cuda_sweep_*.md) must not fall back silently
+    # the fast per-segment path (benchmarks/results/sweeps/cuda_sweep_*.md) must not fall back silently
     from pfp_kernels.attention import _cudnn_segment
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("measured and checked on sm_90 (H100/H200) only")

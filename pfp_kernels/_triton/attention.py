@@ -279,7 +279,7 @@ def block_d_for(head_dim: int) -> int:
 MAX_FP32_HEAD_DIM = 128
 # bwd_dkdv at D=128 on Hopper: (64, 64, 8, 2) ran forward + backward at the paper's shape in 3.65 ms
 # on an H100 against 4.41 ms for (32, 64, 8, 2), triton 3.6
-# (benchmarks/results/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md). Faster candidates there, with
+# (benchmarks/results/sweeps/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md). Faster candidates there, with
 # 4 warps, spill registers under triton 3.9.
 _CONFIGS_16BIT = {
     "fwd": {64: Config(128, 64, 8, 3), 128: Config(128, 64, 8, 3), 256: Config(64, 32, 8, 2)},

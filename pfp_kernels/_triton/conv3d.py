@@ -242,7 +242,7 @@ class ConvConfig:
 # registers: one config for all shapes, with 8 warps over a 128x64 tile so that it does not spill.
 # Registers / shared memory of each on sm_90 and sm_89: tests/test_triton_aot_conv.py.
 # 16bit_hopper (sm_90, 227 KiB of shared memory per block): the best spill-free candidates of a
-# sweep on an H100 (conv3d_act, bf16; benchmarks/results/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md):
+# sweep on an H100 (conv3d_act, bf16; benchmarks/results/sweeps/cuda_sweep_NVIDIA_H100_80GB_HBM3_first.md):
 # K blocks of 64 with 3 stages; stage times 0.148 -> 0.138 ms (narrow), 0.198 -> 0.145 and
 # 0.181 -> 0.142 ms (wide; 4 warps was faster still but spills), 0.167 -> 0.132 ms (wide_small_m).
 CONV_CONFIGS: dict[str, dict[str, ConvConfig]] = {
