@@ -323,3 +323,23 @@ def test_several_data_workers_deliver_the_same_batches_in_step_order():
                 assert torch.equal(g[k], w[k]), k
             else:
                 assert g[k] == w[k], k
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_resume_bit_exact(tmp_path, fsdp):
+    # under torchrun rank 0 recovers the run folder and every rank resumes from the checkpoint it
+    # names: 2 steps + resume to 4 equals 4 steps, for DDP and for FSDP2
+    import torch.multiprocessing as mp
+    full = _args(tmp_path, tmp_path / "full", mode="pretrain", steps=4, save_every=2, fsdp=fsdp)
+    mp.spawn(_worker, args=(_free_port(), full, str(tmp_path)), nprocs=2, join=True)
+    part = _args(tmp_path, tmp_path / "part", mode="pretrain", steps=2, save_every=2, fsdp=fsdp)
+    mp.spawn(_worker, args=(_free_port(), part, str(tmp_path)), nprocs=2, join=True)
+    resumed = dataclasses.replace(part, steps=4, resume=True)
+    mp.spawn(_worker, args=(_free_port(), resumed, str(tmp_path)), nprocs=2, join=True)
+    a = load_file(os.path.join(latest_checkpoint(tmp_path / "full"), "model.safetensors"))
+    b = load_file(os.path.join(latest_checkpoint(tmp_path / "part"), "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with open(tmp_path / "full" / "loss.csv") as fa, open(tmp_path / "part" / "loss.csv") as fb:
+        assert [r.split(",")[:2] for r in fa.read().splitlines()] == [r.split(",")[:2] for r in fb.read().splitlines()]
