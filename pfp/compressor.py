@@ -301,7 +301,10 @@ class MemoryCompressor(nn.Module):
     def _lr_tokens(self, lr: Tensor, grid: tuple[int, int, int]) -> Tensor:
         # The layout is the patch embedding's business (the backbone's module); the token view
         # below is free when it writes channels-last, and project_tokens reads any strides.
-        out = self.patch_embed(lr)
+        # It runs in the backbone's dtype (e.g. a bf16 backbone beside an fp32 compressor); its
+        # tokens join the compressor's in the compressor's dtype (no copy when the two agree).
+        embed_dtype = next((p.dtype for p in self.patch_embed.parameters()), lr.dtype)
+        out = self.patch_embed(lr.to(embed_dtype)).to(self._param_ref().dtype)
         n = grid[0] * grid[1] * grid[2]
         if out.dim() == 5:
             if tuple(out.shape[1:]) != (self.inner_dim,) + tuple(grid):

@@ -363,3 +363,45 @@ def test_diffusers_block_offload_hooks_fire_under_the_pfp_forward():
         got = bb(x, t, text, bb.cache_context(ctx), t_start=4)
     assert onloads == [0, 1, 0, 1]                   # cache_context, then the denoising forward
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# reduced precision: weights in bf16/fp16, inputs in any float dtype
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_wan_loaded_in_reduced_precision_runs_every_path(tmp_path, dtype, tol):
+    # from_pretrained(torch_dtype=bf16) keeps diffusers' _keep_in_fp32_modules (the time embedder,
+    # the norms, the modulation tables) in fp32: the forward must mix them as diffusers does, take
+    # fp32 latents, text and context tokens, and the sampler must keep its latents in fp32
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    from pfp.sampler import sample
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2,
+                                  rope_max_seq_len=64)
+    with torch.no_grad():
+        model.proj_out.weight.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "wan")
+    ref = WanBackbone.from_pretrained(str(tmp_path / "wan")).eval()
+    low = WanBackbone.from_pretrained(str(tmp_path / "wan"), torch_dtype=dtype).eval()
+    assert low.compute_dtype == dtype
+    if dtype == torch.bfloat16:
+        assert low.transformer.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16)
+    ctx = _context(1, 1, 2, 24)
+    with torch.no_grad():
+        for mode in ("cached", "joint"):
+            ref.context_mode = low.context_mode = mode
+            c_ref = ref.cache_context(ctx) if mode == "cached" else ctx
+            c_low = low.cache_context(ctx) if mode == "cached" else ctx
+            want, got = ref(x, t, text, c_ref, t_start=4), low(x, t, text, c_low, t_start=4)
+            assert got.dtype == dtype
+            assert (got.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item()), mode
+            args = dict(uncond_text=torch.zeros_like(text[:1]), steps=3, cfg=2.0, seed=1, t_start=4)
+            want = sample(ref, (1, 4, 2, 4, 4), text[:1], c_ref, **args)
+            got = sample(low, (1, 4, 2, 4, 4), text[:1], c_low, **args)
+            assert got.dtype == torch.float32
+            assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item()), mode

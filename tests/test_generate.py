@@ -334,3 +334,21 @@ def test_history_chunks_are_given_not_sampled(weights):
     for bad in (free.latents, free.latents[:, :, :n - 1] if n > 1 else free.latents[:, :1, :n], free.latents[0]):
         with pytest.raises(InputError, match="history must be"):
             generate(model, story, 1.5, steps=2, progress=False, history=bad)
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_generate_with_a_reduced_precision_backbone(mode, dtype, tol):
+    # a bf16/fp16 backbone beside the fp32 compressor and VAE (what a memory plan stores): the
+    # shared patch embedding runs in the backbone's dtype, latents stay fp32, and the video stays
+    # close to the fp32 one
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mode))
+    with torch.no_grad():
+        model.compressor.proj.weight.normal_(0, 0.1)
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+    want = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, progress=False)
+    model.backbone.to(dtype)
+    got = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, progress=False)
+    assert got.latents.dtype == torch.float32 and got.video.dtype == torch.float32
+    assert (got.video - want.video).abs().max() <= tol

@@ -79,8 +79,9 @@ class WanBackbone(WanStyleBackbone):
         ce = self.transformer.condition_embedder
         shape = t.shape
         proj = ce.timesteps_proj(t.reshape(-1).float() * 1000.0)
-        dtype = next(ce.time_embedder.parameters()).dtype
-        temb = ce.time_embedder(proj.to(dtype))
+        # as diffusers: the time embedder may be kept in fp32 (its _keep_in_fp32_modules) while
+        # the rest is bf16, so its input takes its dtype and its output the model's
+        temb = ce.time_embedder(proj.to(next(ce.time_embedder.parameters()).dtype)).to(self.compute_dtype)
         mod = ce.time_proj(ce.act_fn(temb))
         return temb.reshape(*shape, -1), mod.reshape(*shape, 6, -1)
 

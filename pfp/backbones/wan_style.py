@@ -325,6 +325,13 @@ class WanStyleBackbone(nn.Module):
     def head_dim(self) -> int:
         return self.inner_dim // self.num_heads
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks run in: that of the weights (fp32, bf16 or fp16). Inputs of any
+        float dtype (fp32 latents from the sampler, fp32 context tokens from the compressor, the
+        text encoder's states) are cast to it on the way in."""
+        return self.patch_embedding.weight.dtype
+
     def token_grid(self, t: int, h: int, w: int) -> tuple[int, int, int]:
         """Token grid of a latent ``[*, *, t, h, w]``; raises if it does not divide the patch."""
         pt, ph, pw = self.patch_size
@@ -377,6 +384,7 @@ class WanStyleBackbone(nn.Module):
         if parts is None:
             return cache
         hc, pos_c, new_mask = parts
+        hc = hc.to(self.compute_dtype)
         if cache is not None and cache.batch_size != hc.shape[0]:
             raise ValueError(f"new context batch {hc.shape[0]} differs from the cache's {cache.batch_size}")
         mask = None
@@ -428,12 +436,14 @@ class WanStyleBackbone(nn.Module):
         rope_t = rope_cos_sin(positions.to(x.device), self.head_dim, self.rope_theta)
 
         ts = self._target_timesteps(timesteps, b, grid).to(x.device)
+        dtype = self.compute_dtype
+        text = text.to(dtype)
         pooled = self.pooled_text(text, text_mask) if hasattr(self, "pooled_text") else None
         if pooled is None:
             temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
         else:
             temb, mod_t = self.embed_time(ts, extra=pooled.expand(b, -1)[:, None, :])
-        ht = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        ht = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)
         txt = self.embed_text(text)
 
         hc = rope_c = mod_c = cached = frames = ctx_mask = None
@@ -449,6 +459,7 @@ class WanStyleBackbone(nn.Module):
             parts = context_parts(context)
             if parts is not None:
                 hc, pos_c, ctx_mask = parts
+                hc = hc.to(dtype)
                 if hc.shape[0] not in (1, b):
                     raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
                 if joint:
