@@ -198,7 +198,7 @@ COMPONENT_KINDS = {
     "dit": {
         "tiny": ((), tuple(f for f in ("inner_dim", "depth", "num_heads", "mlp_ratio", "freq_dim", "patch_size",
                                        "rope_theta", "prediction", "pooled_text", "min_t"))),
-        "wan": ((), ("path", "subfolder", "dtype", "config")),
+        "wan": ((), ("path", "subfolder", "dtype", "config", "mask_text_padding")),
     },
 }
 _PATH_WHAT = {

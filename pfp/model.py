@@ -112,9 +112,11 @@ def _build_backbone(config: PFPConfig, latent_channels: int, text_dim: int):
             if sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
                 sub = "transformer"
             bb = WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=sub,
-                                             torch_dtype=_DTYPES[d.get("dtype", "fp32")])
+                                             torch_dtype=_DTYPES[d.get("dtype", "fp32")],
+                                             mask_text_padding=bool(d.get("mask_text_padding", False)))
         else:
-            bb = WanBackbone.from_config(context_mode=config.context_mode, **d["config"])
+            bb = WanBackbone.from_config(context_mode=config.context_mode,
+                                         mask_text_padding=bool(d.get("mask_text_padding", False)), **d["config"])
         wan_text = int(bb.transformer.config.text_dim)
         if wan_text != text_dim:
             raise ValueError(f"config dit (Wan) takes text states of width {wan_text} but the text encoder "

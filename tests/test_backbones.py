@@ -405,3 +405,31 @@ def test_wan_loaded_in_reduced_precision_runs_every_path(tmp_path, dtype, tol):
             got = sample(low, (1, 4, 2, 4, 4), text[:1], c_low, **args)
             assert got.dtype == torch.float32
             assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item()), mode
+
+
+def test_wan_conditions_on_zero_padded_text_as_upstream_does():
+    # WanPipeline zero-pads the text states to max_length and passes no mask, so Wan attends to the
+    # pads; by default our adapter does the same even when the text encoder hands it a mask
+    # (UMT5TextEncoder does), and mask_text_padding=True is the named departure that skips them
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    torch.manual_seed(0)
+    bb = WanBackbone.from_config(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2,
+                                 rope_max_seq_len=64).eval()
+    with torch.no_grad():
+        bb.transformer.proj_out.weight.normal_(0, 0.05)
+    upstream = WanTransformer3DModel.from_config(bb.transformer.config).eval()
+    upstream.load_state_dict(bb.transformer.state_dict())
+    x, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8])
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :5], mask[1, :11] = True, True
+    text = torch.randn(2, 16, 16) * mask[..., None]                     # real tokens, then zeros
+    with torch.no_grad():
+        want = upstream(x, t * 1000, text, return_dict=False)[0]
+        torch.testing.assert_close(bb(x, t, text, text_mask=mask), want, atol=1e-5, rtol=1e-4)
+        bb.mask_text_padding = True
+        departed = bb(x, t, text, text_mask=mask)
+    assert (departed - want).abs().max() > 1e-3                         # the option does change it

@@ -33,7 +33,7 @@ class WanBackbone(WanStyleBackbone):
                            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                            "ffn.net.0.proj", "ffn.net.2")
 
-    def __init__(self, transformer: nn.Module, context_mode: str = "cached"):
+    def __init__(self, transformer: nn.Module, context_mode: str = "cached", mask_text_padding: bool = False):
         super().__init__()
         cfg = transformer.config
         if getattr(cfg, "added_kv_proj_dim", None) is not None or getattr(cfg, "image_dim", None) is not None:
@@ -45,6 +45,9 @@ class WanBackbone(WanStyleBackbone):
         for i, blk in enumerate(transformer.blocks):
             transformer.blocks[i] = WanStyleBlock.adopt(blk, int(cfg.num_attention_heads))
         self.transformer = transformer
+        # Wan's pipelines zero-pad the text states to 512 positions and pass no mask, so the model
+        # was trained attending to the pads; True skips them instead (a departure from upstream)
+        self.mask_text_padding = bool(mask_text_padding)
         self.context_mode = check_context_mode(context_mode)
         self.num_heads = int(cfg.num_attention_heads)
         self.inner_dim = int(cfg.num_attention_heads * cfg.attention_head_dim)
@@ -89,19 +92,19 @@ class WanBackbone(WanStyleBackbone):
         return self.transformer.condition_embedder.text_embedder(text)
 
     @classmethod
-    def from_config(cls, context_mode: str = "cached", **config) -> "WanBackbone":
+    def from_config(cls, context_mode: str = "cached", mask_text_padding: bool = False, **config) -> "WanBackbone":
         """Build a randomly initialised Wan transformer from config keys (e.g. a tiny one for tests)."""
         from diffusers import WanTransformer3DModel
-        return cls(WanTransformer3DModel(**config), context_mode=context_mode)
+        return cls(WanTransformer3DModel(**config), context_mode=context_mode, mask_text_padding=mask_text_padding)
 
     @classmethod
     def from_pretrained(cls, path: str, context_mode: str = "cached", subfolder: Optional[str] = None,
-                        torch_dtype: Optional[torch.dtype] = None) -> "WanBackbone":
+                        torch_dtype: Optional[torch.dtype] = None, mask_text_padding: bool = False) -> "WanBackbone":
         """Load a local diffusers checkpoint directory (never downloads)."""
         from diffusers import WanTransformer3DModel
         model = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype,
                                                       local_files_only=True)
-        return cls(model, context_mode=context_mode)
+        return cls(model, context_mode=context_mode, mask_text_padding=mask_text_padding)
 
 
 WAN22_5B_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,

@@ -305,6 +305,10 @@ class WanStyleBackbone(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    # Whether the target's text cross-attention skips padded text positions (text_mask). The tiny
+    # DiT trains that way; Wan was trained attending to its zero-padded 512 positions, so its
+    # adapter ignores the mask unless asked (WanBackbone(mask_text_padding=True)).
+    mask_text_padding: bool = True
 
     # ---- what subclasses provide -------------------------------------------------------------
     def embed_time(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -469,10 +473,11 @@ class WanStyleBackbone(nn.Module):
                 mod_c = self._context_modulation(x)
                 frames = _frame_runs(pos_c)
 
+        cross_mask = text_mask if self.mask_text_padding else None
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             prev = (cached.keys[i], cached.values[i]) if cached is not None else None
-            hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, text_mask, rope_c, rope_t, prev,
+            hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
                                          joint, i < n - 1, frames, ctx_mask)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
