@@ -1,4 +1,6 @@
 """Backbones: 3D RoPE from positions, the joint and cached context modes, the Wan adapter."""
+import math
+
 import pytest
 import torch
 
@@ -392,6 +394,14 @@ def test_wan_loaded_in_reduced_precision_runs_every_path(tmp_path, dtype, tol):
         assert low.transformer.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
     x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16)
     ctx = _context(1, 1, 2, 24)
+    # parity: diffusers' own forward in the same dtype, within one step of that dtype at the
+    # output's magnitude
+    upstream = WanTransformer3DModel.from_pretrained(str(tmp_path / "wan"), torch_dtype=dtype).eval()
+    with torch.no_grad():
+        want = upstream(x.to(dtype), t * 1000, text.to(dtype), return_dict=False)[0].float()
+        got = low(x, t, text).float()
+    one_step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(want.abs().max().item()))
+    assert (got - want).abs().max() <= one_step, ((got - want).abs().max(), one_step)
     with torch.no_grad():
         for mode in ("cached", "joint"):
             ref.context_mode = low.context_mode = mode
