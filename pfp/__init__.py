@@ -9,11 +9,12 @@ Memory compression (PFP section 3.2):
 - :func:`parse_rate` / :class:`Rate` - ``"HxWxT"`` compression rates; :data:`RATE_PRESETS`;
 - :func:`plan_inputs` - what to feed each branch for a given video, VAE, patch and rate.
 """
-from .compressor import CompressorStream, Context, MemoryCompressor, mix_contexts
+from .compressor import COMPRESSOR_KINDS, CompressorStream, Context, MemoryCompressor, mix_contexts
 from .rates import RATE_PRESETS, InputPlan, Rate, parse_rate, plan_inputs, token_positions
 
 __all__ = [
     "MemoryCompressor",
+    "COMPRESSOR_KINDS",
     "CompressorStream",
     "Context",
     "mix_contexts",

@@ -37,13 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from ._io import describe_mismatch, save_safetensors_atomic, state_mismatch
-from pfp_kernels.conv import CausalConvState, project_tokens
+from pfp_kernels.conv import project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
-from .rates import Rate, RateLike, parse_rate, stage_plan, token_grid, token_positions
+from .rates import Rate, RateLike, StageSpec, parse_rate, stage_plan, token_grid, token_positions
 
 CL3 = torch.channels_last_3d
 CHECKPOINT_FORMAT = "pfp.MemoryCompressor/1"
+# The compressors the paper compares (Table 1): the proposed dual branch, each branch alone, and a
+# FramePack-style large patchify of the high-res latent. All give the same token grid.
+COMPRESSOR_KINDS = ("pfp", "only_lr", "without_lr", "large_patchify")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +179,12 @@ class MemoryCompressor(nn.Module):
         patch_size: ``(pt, ph, pw)``; read from ``patch_embed`` when None.
         impl: pfp_kernels implementation for the convs and the projection (``"auto"``).
         zero_init: zero the HR projection (see the module docstring).
+        kind: which compressor (the paper's Table 1 rows, all on the same token grid):
+            ``"pfp"`` (proposed: HR conv stages + projection, with the LR tokens added),
+            ``"without_lr"`` (the HR branch alone), ``"only_lr"`` (the LR tokens alone: the HR
+            latent only sets the grid) or ``"large_patchify"`` (FramePack-style: one causal
+            patchify conv of the HR latent, kernel = stride = the token's HR footprint, straight
+            into ``inner_dim``; no LR branch).
 
     ``compressor(hr_latent, lr_latent)`` compresses a whole history; ``compressor.stream(B)``
     returns a :class:`CompressorStream` that compresses it chunk by chunk with the same result.
@@ -183,8 +192,11 @@ class MemoryCompressor(nn.Module):
 
     def __init__(self, patch_embed: nn.Module, latent_channels: int, inner_dim: int,
                  rate: RateLike = "4x4x2", hidden: Sequence[int] = (64, 128, 256, 512), *,
-                 patch_size=None, impl: str = "auto", zero_init: bool = True):
+                 patch_size=None, impl: str = "auto", zero_init: bool = True, kind: str = "pfp"):
         super().__init__()
+        if kind not in COMPRESSOR_KINDS:
+            raise ValueError(f"compressor kind {kind!r} is not valid; choose one of: {', '.join(COMPRESSOR_KINDS)}")
+        self.kind = kind
         if not isinstance(patch_embed, nn.Module):
             raise ValueError(f"patch_embed must be an nn.Module (the backbone's patchify), got {type(patch_embed).__name__}")
         if int(latent_channels) < 1 or int(inner_dim) < 1:
@@ -198,15 +210,24 @@ class MemoryCompressor(nn.Module):
                                  f"but latent_channels={self.latent_channels}, inner_dim={self.inner_dim}")
         self.hidden = tuple(int(c) for c in hidden)
         self.patch_embed = patch_embed
-        self.specs = stage_plan(self.rate, self.patch_size, self.latent_channels, self.hidden)
         ref = next(patch_embed.parameters(), None)
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        self.stages = nn.ModuleList(
-            CausalConv3dAct(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding_hw,
-                            activation="silu", impl=impl, **factory) for s in self.specs)
-        self.proj = TokenProjection(self.hidden[-1], self.inner_dim, impl=impl, **factory)
+        if kind in ("pfp", "without_lr"):
+            self.specs = stage_plan(self.rate, self.patch_size, self.latent_channels, self.hidden)
+            self.stages = nn.ModuleList(
+                CausalConv3dAct(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding_hw,
+                                activation="silu", impl=impl, **factory) for s in self.specs)
+            self.proj = TokenProjection(self.hidden[-1], self.inner_dim, impl=impl, **factory)
+        elif kind == "large_patchify":
+            foot = self.hr_factors
+            self.specs = [StageSpec(self.latent_channels, self.inner_dim, foot, foot, (0, 0))]
+            self.stages = nn.ModuleList([CausalConv3dAct(self.latent_channels, self.inner_dim, foot, foot, 0,
+                                                         activation=None, impl=impl, **factory)])
+            self.proj = None
+        else:  # only_lr
+            self.specs, self.stages, self.proj = [], nn.ModuleList(), None
         self.zero_init = bool(zero_init)
-        if self.zero_init:
+        if self.zero_init and kind == "pfp":  # the LR tokens carry the context from the first step
             with torch.no_grad():
                 self.proj.weight.zero_()
                 self.proj.bias.zero_()
@@ -221,8 +242,18 @@ class MemoryCompressor(nn.Module):
     def impl(self, value: str) -> None:
         for stage in self.stages:
             stage.impl = value
-        self.proj.impl = value
+        if self.proj is not None:
+            self.proj.impl = value
         self._impl = value
+
+    @property
+    def uses_hr(self) -> bool:
+        """Whether the HR latent's content reaches the tokens (``only_lr``: it sets the grid only)."""
+        return self.kind != "only_lr"
+
+    @property
+    def uses_lr(self) -> bool:
+        return self.kind in ("pfp", "only_lr")
 
     @property
     def hr_factors(self) -> tuple[int, int, int]:
@@ -231,15 +262,21 @@ class MemoryCompressor(nn.Module):
         return pt * self.rate.t, ph * self.rate.h, pw * self.rate.w
 
     def config(self) -> dict:
-        return {"rate": str(self.rate), "latent_channels": self.latent_channels, "inner_dim": self.inner_dim,
-                "hidden": list(self.hidden), "patch_size": list(self.patch_size)}
+        return {"kind": self.kind, "rate": str(self.rate), "latent_channels": self.latent_channels,
+                "inner_dim": self.inner_dim, "hidden": list(self.hidden), "patch_size": list(self.patch_size)}
 
     def extra_repr(self) -> str:
         strides = ", ".join(str(s.stride) for s in self.specs)
-        return f"rate={self.rate}, patch={self.patch_size}, strides=[{strides}], inner_dim={self.inner_dim}"
+        return (f"kind={self.kind}, rate={self.rate}, patch={self.patch_size}, strides=[{strides}], "
+                f"inner_dim={self.inner_dim}")
 
     def _param_ref(self) -> Tensor:
-        return self.proj.weight
+        """A parameter whose dtype and device are the compressor's own (the tokens')."""
+        if self.proj is not None:
+            return self.proj.weight
+        if len(self.stages):
+            return self.stages[0].weight
+        return next(self.patch_embed.parameters())
 
     # -- input checks --------------------------------------------------------------------------
     def expected_lr_shape(self, hr_shape: Sequence[int]) -> tuple[int, ...]:
@@ -317,9 +354,31 @@ class MemoryCompressor(nn.Module):
                            f"[B, {self.inner_dim}, {grid[0]}, {grid[1]}, {grid[2]}] or [B, {n}, {self.inner_dim}]")
 
     def _fuse(self, hr_feats: Tensor, lr: Tensor) -> Tensor:
+        """Tokens ``[B, t*h*w, inner]`` of the HR features ``[B, C', t, h, w]`` (C' is 0 for
+        ``only_lr``) and the cropped LR latent of the same t frames."""
         grid = tuple(hr_feats.shape[2:])
-        residual = self._lr_tokens(lr, grid)
+        if self.kind == "only_lr":
+            return self._lr_tokens(lr, grid)
+        if self.kind == "large_patchify":
+            return hr_feats.flatten(2).transpose(1, 2)
+        residual = self._lr_tokens(lr, grid) if self.kind == "pfp" else None
         return project_tokens(hr_feats, self.proj.weight, self.proj.bias, residual, impl=self.proj.impl)
+
+    def _hr_features(self, h: Tensor, states=None):
+        """The HR branch over cropped HR frames: ``(features, new states)``; the features of
+        ``only_lr`` have no channels, one frame per token frame (they only count)."""
+        if self.kind == "only_lr":
+            ft = self.hr_factors[0]
+            seen = 0 if states is None else states
+            n = -(-(seen + h.shape[2]) // ft) - (-(-seen // ft))
+            return h.new_zeros(h.shape[0], 0, n, h.shape[3] // self.hr_factors[1],
+                               h.shape[4] // self.hr_factors[2]), seen + h.shape[2]
+        states = list(states) if states is not None else [None] * len(self.stages)
+        for i, stage in enumerate(self.stages):
+            if h.shape[2] == 0:
+                break  # nothing reached this stage; its state is unchanged
+            h, states[i] = stage(h, states[i])
+        return h, states
 
     # -- whole history -------------------------------------------------------------------------
     def forward(self, hr_latent: Tensor, lr_latent: Tensor,
@@ -349,9 +408,7 @@ class MemoryCompressor(nn.Module):
         gt = -(-t // self.rate.t)
         if lr_latent.shape[2] != gt:
             raise self._lr_frames_error(t, lr_latent.shape[2])
-        h = self._crop_hr(hr_latent, gh, gw)
-        for stage in self.stages:
-            h, _ = stage(h)  # the whole history at once: no stream to continue
+        h, _ = self._hr_features(self._crop_hr(hr_latent, gh, gw))  # the whole history: no stream to continue
         tokens = self._fuse(h, self._crop_lr(lr_latent, gh, gw))
         positions = token_positions(self.rate, (gt, gh, gw), device=tokens.device)
         mask = None
@@ -433,7 +490,7 @@ class CompressorStream:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.compressor, self.batch_size = compressor, batch_size
-        self._states: list[Optional[CausalConvState]] = [None] * len(compressor.stages)
+        self._states = None   # the HR branch's: one CausalConvState per stage (only_lr: frames seen)
         self._hr_pending: Optional[Tensor] = None   # last-stage features without their LR frame yet
         self._lr_pending: Optional[Tensor] = None   # cropped LR frames without their HR features yet
         self._geometry: Optional[tuple] = None      # (hr H, W, lr H, W, grid h, w)
@@ -491,27 +548,26 @@ class CompressorStream:
             self._check_geometry(hr, lr)
         if hr is not None and hr.shape[2] > 0:
             gh, gw = self._geometry[4:]
-            h = c._crop_hr(hr, gh, gw)
-            for i, stage in enumerate(c.stages):
-                if h.shape[2] == 0:
-                    break  # nothing reached this stage; its state is unchanged
-                h, self._states[i] = stage(h, self._states[i])
+            h, self._states = c._hr_features(c._crop_hr(hr, gh, gw), self._states)
             self.hr_frames_seen += hr.shape[2]
             if h.shape[2] > 0:  # the last stage produced frames (an early break leaves 0)
                 self._hr_pending = h if self._hr_pending is None else torch.cat([self._hr_pending, h], dim=2)
         if lr is not None and lr.shape[2] > 0:
-            gh, gw = self._geometry[4:]
-            lr = c._crop_lr(lr, gh, gw)
-            self._lr_pending = lr if self._lr_pending is None else torch.cat([self._lr_pending, lr], dim=2)
             self.lr_frames_seen += lr.shape[2]
+            if c.uses_lr:  # the kinds without an LR branch keep none of it
+                gh, gw = self._geometry[4:]
+                lr = c._crop_lr(lr, gh, gw)
+                self._lr_pending = lr if self._lr_pending is None else torch.cat([self._lr_pending, lr], dim=2)
         n_hr = self._hr_pending.shape[2] if self._hr_pending is not None else 0
         n_lr = self._lr_pending.shape[2] if self._lr_pending is not None else 0
-        n = min(n_hr, n_lr)
+        n = min(n_hr, n_lr) if c.uses_lr else n_hr
         if n == 0:
             return _empty_context(self.batch_size, c.inner_dim, self._dtype, self._device)
-        hr_use, lr_use = self._hr_pending[:, :, :n], self._lr_pending[:, :, :n]
+        hr_use = self._hr_pending[:, :, :n]
+        lr_use = self._lr_pending[:, :, :n] if c.uses_lr else None
         self._hr_pending = self._hr_pending[:, :, n:] if n < n_hr else None
-        self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
+        if c.uses_lr:
+            self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
         tokens = c._fuse(hr_use, lr_use)
         gh, gw = self._geometry[4:]
         positions = token_positions(c.rate, (n, gh, gw), t_start=self.num_emitted_frames, device=tokens.device)
@@ -538,4 +594,4 @@ class CompressorStream:
                 f"lr_frames={self.lr_frames_seen}, tokens={self.num_tokens})")
 
 
-__all__ = ["Context", "mix_contexts", "MemoryCompressor", "CompressorStream", "CHECKPOINT_FORMAT"]
+__all__ = ["Context", "mix_contexts", "MemoryCompressor", "CompressorStream", "CHECKPOINT_FORMAT", "COMPRESSOR_KINDS"]

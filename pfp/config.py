@@ -26,6 +26,7 @@ class PFPConfig:
     chunk_frames: int = 4                 # video frames generated per chunk
     rate: str = "2x2x2"                   # compression rate on top of the backbone's token grid
     compressor_hidden: tuple = (32, 64, 128)
+    compressor_kind: str = "pfp"          # pfp | only_lr | without_lr | large_patchify (the paper's Table 1)
     context_mode: str = "cached"
     lr_phase: str = "start"               # which frame of each 1/rt interval the low-res branch sees
     vae: dict = field(default_factory=lambda: {"kind": "patch", "spatial_factor": 4, "temporal_factor": 1,
@@ -146,6 +147,10 @@ class PFPConfig:
         from pfp.rates import parse_rate, plan_inputs
         for name in ("vae", "text", "dit"):
             check_component(name, getattr(self, name))
+        from pfp.compressor import COMPRESSOR_KINDS
+        if self.compressor_kind not in COMPRESSOR_KINDS:
+            raise ValueError(f"config compressor_kind {self.compressor_kind!r} is not valid; choose one of: "
+                             f"{', '.join(COMPRESSOR_KINDS)}")
         if self.context_mode not in ("joint", "cached"):
             raise ValueError(f"config context_mode {self.context_mode!r} is not valid; choose one of: joint, cached")
         from pfp.data import LR_PHASES

@@ -159,10 +159,11 @@ def random_plan(rng, total, max_chunk):
     return sizes
 
 
+@pytest.mark.parametrize("kind", pfp.COMPRESSOR_KINDS)
 @pytest.mark.parametrize("rate,seed", [("4x4x2", 0), ("4x4x2", 1), ("2x2x8", 2), ("2x2x1", 3), ("2x2x4", 4)])
-def test_stream_equals_full_call_over_random_chunk_plans(rate, seed):
+def test_stream_equals_full_call_over_random_chunk_plans(rate, seed, kind):
     rng = random.Random(seed)
-    c = make(rate)
+    c = make(rate, kind=kind)
     r = c.rate
     t = rng.randint(1, 3 * r.t + 3)
     hr, lr = inputs(c, t, 2 * 2 * r.h + 1, 2 * 2 * r.w, batch=2)
@@ -445,3 +446,46 @@ def test_stream_and_full_call_agree_with_the_reference_for_each_impl(impl):
     parts = [stream.append(hr[:, :, :1], lr[:, :, :0]), stream.append(hr[:, :, 1:4], lr[:, :, :2]),
              stream.append(hr[:, :, 4:], lr[:, :, 2:])]
     assert rel_err(torch.cat([p.tokens for p in parts], 1), want) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's compressor variants (Table 1)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", pfp.COMPRESSOR_KINDS)
+def test_each_kind_reads_its_own_branches_on_the_same_token_grid(kind):
+    torch.manual_seed(0)
+    c = make("4x4x2", kind=kind)
+    hr, lr = inputs(c, 5, 17, 16, batch=2)
+    base = c(hr, lr)
+    pfp_ctx = make("4x4x2")(hr, lr)
+    assert base.tokens.shape == pfp_ctx.tokens.shape and torch.equal(base.positions, pfp_ctx.positions)
+    assert torch.isfinite(base.tokens).all()
+    with torch.no_grad():
+        other_hr = c(torch.randn_like(hr), lr).tokens
+        other_lr = c(hr, torch.randn_like(lr)).tokens
+    assert torch.equal(other_hr, base.tokens) != c.uses_hr, kind          # HR content matters iff used
+    assert torch.equal(other_lr, base.tokens) != c.uses_lr, kind          # LR content matters iff used
+    # every kind trains: a loss on its tokens reaches its own parameters
+    base.tokens.square().mean().backward()
+    own = [p for n, p in c.named_parameters() if not n.startswith("patch_embed.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own), kind
+    assert (c.patch_embed.weight.grad is not None) == c.uses_lr, kind
+    assert c.config()["kind"] == kind
+
+
+def test_large_patchify_is_one_causal_conv_with_the_tokens_footprint():
+    c = make("4x4x2", kind="large_patchify")
+    (stage,) = c.stages
+    assert tuple(stage.weight.shape) == (24, 4, 2, 8, 8) and stage.stride == [2, 8, 8] and stage.activation is None
+    hr, lr = inputs(c, 4, 16, 16, batch=1)
+    want = torch.nn.functional.conv3d(torch.nn.functional.pad(hr, (0, 0, 0, 0, 1, 0)), stage.weight, stage.bias,
+                                      stride=(2, 8, 8))                   # causal: one zero frame in front
+    torch.testing.assert_close(c(hr, lr).tokens, want.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_kind_and_a_checkpoint_of_another_kind(tmp_path):
+    with pytest.raises(ValueError, match="compressor kind 'framepack' is not valid; choose one of: pfp, only_lr"):
+        make(kind="framepack")
+    make(kind="without_lr").save_checkpoint(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match='"kind": "without_lr"'):
+        make(kind="large_patchify").load_checkpoint(tmp_path / "w.safetensors")

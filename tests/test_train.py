@@ -343,3 +343,19 @@ def test_two_gloo_processes_resume_bit_exact(tmp_path, fsdp):
         assert torch.equal(a[k], b[k]), k
     with open(tmp_path / "full" / "loss.csv") as fa, open(tmp_path / "part" / "loss.csv") as fb:
         assert [r.split(",")[:2] for r in fa.read().splitlines()] == [r.split(",")[:2] for r in fb.read().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["only_lr", "without_lr", "large_patchify"])
+def test_every_compressor_kind_pretrains_and_finetunes(tmp_path, kind):
+    # the paper's Table 1 variants train through the same commands, from the config
+    cfg = dataclasses.replace(tiny_config(), compressor_kind=kind)
+    path = write_config(tmp_path / f"{kind}.json", cfg)
+    out = train(_args(tmp_path, tmp_path / "pre", mode="pretrain", steps=2, config=path,
+                      export=str(tmp_path / "pre.safetensors")))
+    assert math.isfinite(out["loss"]) and out["model"].compressor.kind == kind
+    out = train(_args(tmp_path, tmp_path / "ft", mode="finetune", steps=2, lora_rank=4, config=path,
+                      init=str(tmp_path / "pre.safetensors")))
+    assert math.isfinite(out["loss"]) and out["model"].compressor.kind == kind
+    # a checkpoint of one kind is refused by a config of another, naming both
+    with pytest.raises(ValueError, match=f"holds a '{kind}' compressor but the config asks for 'pfp'"):
+        train(_args(tmp_path, tmp_path / "mismatch", mode="finetune", steps=1, init=str(tmp_path / "pre.safetensors")))

@@ -287,7 +287,10 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> 
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
         load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
     else:
-        tensors, _ = read_weights(path)
+        tensors, file_cfg = read_weights(path)
+        if file_cfg is not None and file_cfg.compressor_kind != model.config.compressor_kind:
+            raise ValueError(f"--init {path} holds a {file_cfg.compressor_kind!r} compressor but the config asks for "
+                             f"{model.config.compressor_kind!r}; use a config of the same compressor_kind")
         load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
 
 
