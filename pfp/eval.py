@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -189,3 +190,121 @@ def _best_shape_iou(mask: Tensor, shape: str, radius: float) -> Tensor:
 
 
 __all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m pfp.eval
+# ------------------------------------------------------------------------------------------------
+LPIPS_NOTE = "not computed: LPIPS needs the lpips package and its backbone's weights on this machine"
+
+
+def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optional[float] = None, frames: int = 3,
+                    steps: int = 16, seed: int = 0, progress: bool = False) -> list:
+    """The paper's Table 1 on a folder of videos: for each checkpoint, the mean PSNR/SSIM of
+    ``frames`` latent frames per video (picked at random, the same for every checkpoint),
+    regenerated from the compressed ``seconds`` of each video alone (default: 4 chunks).
+
+    Returns one dict per checkpoint: ``checkpoint``, ``variant`` (the compressor kind), ``rate``,
+    ``context_tokens`` (of one clip), ``psnr``, ``ssim``, ``lpips`` (None, see ``lpips_note``),
+    ``videos``, ``frames_per_video``. Unusable videos are listed once and skipped."""
+    import random
+    import sys
+
+    from tqdm import tqdm
+
+    from pfp.data import VideoFolderDataset
+    from pfp.generate import chunk_plan, load_model
+    models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]  # all checked first
+    rows, reported = [], False
+    for path, model in models:
+        config = model.config
+        n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
+        dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and not reported)
+        if dataset.skip_report() and not reported:
+            print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+        reported = True
+        latent_frames = n_chunks * config.chunk_latent_frames
+        h, w = config.video_size
+        s = config.vae_spatial
+        tokens = math.prod(model.compressor.token_grid((latent_frames, h // s, w // s)))
+        scores = []
+        for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
+            item = dataset[i]
+            picks = sorted(random.Random(seed * 100003 + i).sample(range(latent_frames), min(frames, latent_frames)))
+            m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
+                                  item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
+            scores.append((m["psnr"], m["ssim"]))
+        rows.append({"checkpoint": str(path), "variant": config.compressor_kind, "rate": config.rate,
+                     "context_tokens": tokens, "psnr": sum(p for p, _ in scores) / len(scores),
+                     "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,
+                     "videos": len(scores), "frames_per_video": min(frames, latent_frames)})
+    return rows
+
+
+def _lpips_cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _table_md(rows: list) -> str:
+    lines = ["| checkpoint | variant | rate | context tokens | PSNR | SSIM | LPIPS |", "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['checkpoint']} | {r['variant']} | {r['rate']} | {r['context_tokens']} | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.3f} | {_lpips_cell(r['lpips'])} |")
+    return "\n".join(lines) + f"\n\nLPIPS: {LPIPS_NOTE}.\n"
+
+
+def _parser():
+    from pfp._cli import Parser
+    p = Parser(prog="python -m pfp.eval", description="Evaluate PFP checkpoints.")
+    sub = p.add_subparsers(dest="command", metavar="retrieval")
+    r = sub.add_parser("retrieval", help="the paper's Table 1 (frame retrieval PSNR/SSIM) on a folder of videos")
+    r.error = p.error  # one line, exit 2, for the subcommand's errors too
+    r.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="weights files (pfp.train --export), checkpoint folders or run folders")
+    r.add_argument("--videos", required=True, help="a folder of videos, each with a <name>.json storyboard")
+    r.add_argument("--seconds", type=float, default=None, help="history compressed per video (default: 4 chunks)")
+    r.add_argument("--frames", type=int, default=3, help="latent frames retrieved per video (default %(default)s)")
+    r.add_argument("--steps", type=int, default=16, help="denoising steps per retrieval (default %(default)s)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
+    r.add_argument("--out", default=None, help="write the table as markdown to this .md file")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    import json
+
+    from pfp._cli import UsageError, check_number, check_output_file, run_cli
+
+    def body() -> int:
+        parser = _parser()
+        ns = parser.parse_args(argv)
+        if ns.command is None:
+            raise UsageError("give a command: retrieval (see --help)")
+        check_number("--frames", ns.frames, lo=1, integer=True, allow_none=False)
+        check_number("--steps", ns.steps, lo=1, hi=1000, integer=True, allow_none=False)
+        check_number("--seconds", ns.seconds, lo=0, lo_open=True, hi=3600)
+        if not os.path.isdir(ns.videos):
+            raise UsageError(f"--videos {ns.videos}: no such folder")
+        if ns.out is not None:
+            check_output_file("--out", ns.out, (".md",))
+        rows = retrieval_table(ns.checkpoints, ns.videos, seconds=ns.seconds, frames=ns.frames, steps=ns.steps,
+                               seed=ns.seed, progress=not ns.quiet)
+        if ns.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            print(_table_md(rows), end="")
+        if ns.out is not None:
+            from pfp._io import atomic_target
+            with atomic_target(ns.out, ".md") as tmp:
+                with open(tmp, "w") as f:
+                    f.write(_table_md(rows))
+        return 0
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

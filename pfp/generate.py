@@ -359,24 +359,31 @@ def _parse_size(text: str, config) -> tuple:
 
 
 def _load_model(ns):
+    return load_model(ns.checkpoint, ns.context_mode)
+
+
+def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, flag: str = "--checkpoint"):
+    """The model of a weights file (:func:`pfp.weights.save_weights`, e.g. ``pfp.train --export``),
+    a training checkpoint folder, or a run folder (its newest complete checkpoint); the built-in
+    model when ``path`` is None. Checked up front: a missing path, a damaged checkpoint, weights of
+    another config, LoRA adapters or another context mode each raise InputError naming ``flag``."""
     from pfp.weights import DEFAULT_WEIGHTS, PFPConfig, build_model, load_state_checked, load_weights, read_weights
-    path = ns.checkpoint
     if path is None:
         if not os.path.isfile(DEFAULT_WEIGHTS):
             raise InputError(f"the built-in weights {DEFAULT_WEIGHTS} are missing; reinstall pfp or pass --checkpoint")
         path = DEFAULT_WEIGHTS
     if not os.path.exists(path):
-        raise InputError(f"--checkpoint {path} does not exist")
+        raise InputError(f"{flag} {path} does not exist")
     if os.path.isdir(path):  # a training checkpoint folder, or a run folder: its newest complete one
         from pfp.train.checkpoint import load_checkpoint, resolve_checkpoint
         path = resolve_checkpoint(path)                     # checked against its manifest
         tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
-            raise InputError(f"--checkpoint {path} holds LoRA adapters; export merged weights with "
+            raise InputError(f"{flag} {path} holds LoRA adapters; export merged weights with "
                              f"`python -m pfp.train ... --export FILE.safetensors` and pass that file")
         config = PFPConfig.from_dict(st["config"])
-        if ns.context_mode and ns.context_mode != config.context_mode:
-            raise InputError(f"--context-mode {ns.context_mode} does not match the checkpoint's "
+        if context_mode and context_mode != config.context_mode:
+            raise InputError(f"--context-mode {context_mode} does not match the checkpoint's "
                              f"{config.context_mode!r} (each mode needs its own training)")
         model = build_model(config)
         try:
@@ -390,7 +397,7 @@ def _load_model(ns):
             # weights without a config: assume the built-in config; mismatches are named below
             file_cfg = PFPConfig.load(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), "default.json")) \
                 if os.path.isfile(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), "default.json")) else PFPConfig()
-        return load_weights(path, config=file_cfg, context_mode=ns.context_mode)
+        return load_weights(path, config=file_cfg, context_mode=context_mode)
     except ValueError as e:
         raise InputError(str(e)) from None
 

@@ -115,3 +115,26 @@ def assert_stream_matches_full(model, res, mode: str, lr_expected) -> None:
             kv = model.backbone.cache_context(full)
             for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def write_video_folder(root, good: int, corrupt: int, short: int):
+    """A folder of 32x32 8 fps videos with storyboards: ``good`` of 2 s, ``corrupt`` whose data after
+    the first third is random bytes, and ``short`` of 2 frames."""
+    import json
+    import os
+
+    import torch
+
+    from pfp.data.video_folder import write_video
+    root.mkdir()
+    story = json.dumps([{"start": 0, "end": 10, "prompt": "a red circle"}])
+    g = torch.Generator().manual_seed(0)
+    for i in range(good + corrupt + short):
+        frames = 2 if i >= good + corrupt else 16
+        path = root / f"v{i}.mp4"
+        write_video(path, torch.rand(3, frames, 32, 32, generator=g) * 2 - 1, 8.0)
+        (root / f"v{i}.json").write_text(story)
+        if good <= i < good + corrupt:         # a header that opens, data that does not decode
+            data = bytearray(path.read_bytes())
+            data[len(data) // 3:] = os.urandom(len(data) - len(data) // 3)
+            path.write_bytes(bytes(data))

@@ -20,7 +20,7 @@ from pfp.train import TrainArgs, train
 from pfp.train import checkpoint as ckpt
 from pfp.train.checkpoint import latest_checkpoint, recover, save_checkpoint
 
-from _tiny_pfp import tiny_config, write_config
+from _tiny_pfp import tiny_config, write_config, write_video_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -409,26 +409,10 @@ def test_generate_stops_on_nonfinite_latents_and_writes_nothing(tmp_path, monkey
 # ------------------------------------------------------------------------------------------------
 # bad data, found before step 1
 # ------------------------------------------------------------------------------------------------
-def _video_folder(root, good: int, corrupt: int, short: int):
-    from pfp.data.video_folder import write_video
-    root.mkdir()
-    story = json.dumps([{"start": 0, "end": 10, "prompt": "a red circle"}])
-    g = torch.Generator().manual_seed(0)
-    for i in range(good + corrupt + short):
-        frames = 2 if i >= good + corrupt else 16
-        path = root / f"v{i}.mp4"
-        write_video(path, torch.rand(3, frames, 32, 32, generator=g) * 2 - 1, 8.0)
-        (root / f"v{i}.json").write_text(story)
-        if good <= i < good + corrupt:         # a header that opens, data that does not decode
-            data = bytearray(path.read_bytes())
-            data[len(data) // 3:] = os.urandom(len(data) - len(data) // 3)
-            path.write_bytes(bytes(data))
-
-
 def test_bad_videos_are_reported_before_step_1_and_skipped_or_refused(tmp_path, capsys):
     from pfp.train.__main__ import main
     data = tmp_path / "videos"
-    _video_folder(data, good=2, corrupt=1, short=1)
+    write_video_folder(data, good=2, corrupt=1, short=1)
     cfg = write_config(tmp_path / "cfg.json", tiny_config())
     common = ["pretrain", "--config", cfg, "--data", str(data), "--steps", "1", "--batch-size", "1",
               "--clip-seconds", "1", "--workers", "0", "--no-progress", "--threads", "1"]

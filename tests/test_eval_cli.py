@@ -1,0 +1,54 @@
+"""python -m pfp.eval retrieval: the paper's Table 1 on a folder of videos, for any checkpoints."""
+import dataclasses
+import json
+import math
+import os
+
+from pfp.eval import main
+from pfp.weights import build_model, save_weights
+
+from _tiny_pfp import tiny_config, write_video_folder
+
+
+def _weights(tmp_path, kind):
+    model = build_model(dataclasses.replace(tiny_config(), compressor_kind=kind))
+    path = str(tmp_path / f"{kind}.safetensors")
+    save_weights(model, path)
+    return path
+
+
+def test_retrieval_prints_one_row_per_checkpoint(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    write_video_folder(videos, good=2, corrupt=1, short=0)
+    ckpts = [_weights(tmp_path, "pfp"), _weights(tmp_path, "only_lr")]
+    out = tmp_path / "table.md"
+    assert main(["retrieval", "--checkpoints", *ckpts, "--videos", str(videos), "--steps", "2", "--frames", "2",
+                 "--quiet", "--json", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["variant"] for r in rows] == ["pfp", "only_lr"] and [r["checkpoint"] for r in rows] == ckpts
+    for r in rows:
+        assert r["rate"] == "2x2x2" and r["videos"] == 2 and r["frames_per_video"] == 2
+        assert r["context_tokens"] == 2 * 4 * 4        # 4 chunks of 1 latent frame at 2x2x2, 32x32 px
+        assert math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 and r["lpips"] is None
+    assert "skipped 1 of 3 videos" in captured.err      # the corrupt one, listed once
+    table = out.read_text()
+    assert table.count("| 2x2x2 |") == 2 and "LPIPS: not computed" in table
+
+
+def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    write_video_folder(empty, good=0, corrupt=2, short=0)
+    ckpt = _weights(tmp_path, "pfp")
+    cases = [([], "give a command"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty)], "no usable video"),
+             (["retrieval", "--checkpoints", str(tmp_path / "missing.safetensors"), "--videos", str(empty)],
+              "--checkpoints"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(tmp_path / "nowhere")], "--videos"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--frames", "0"], "--frames"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--out", "t.txt"], "--out")]
+    for argv, named in cases:
+        assert main(argv + (["--quiet"] if argv else [])) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and named in err and "\n" not in err, (argv, err)
+    assert not os.path.exists("t.txt")
