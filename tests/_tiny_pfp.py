@@ -138,3 +138,22 @@ def write_video_folder(root, good: int, corrupt: int, short: int):
             data = bytearray(path.read_bytes())
             data[len(data) // 3:] = os.urandom(len(data) - len(data) // 3)
             path.write_bytes(bytes(data))
+
+
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
+"""A tiny diffusers WanTransformer3DModel config: inner 24, 2 blocks, 4 latent channels, text width 16."""
+
+
+def tiny_wan_backbone(context_mode: str = "cached"):
+    """A seeded tiny ``WanBackbone`` (:data:`TINY_WAN`) whose output projection is not zero, in eval
+    mode; skips without diffusers."""
+    import pytest
+    import torch
+    pytest.importorskip("diffusers")
+    from pfp.backbones import WanBackbone
+    torch.manual_seed(0)
+    bb = WanBackbone.from_config(context_mode=context_mode, **TINY_WAN)
+    with torch.no_grad():
+        bb.transformer.proj_out.weight.normal_(0, 0.05)
+    return bb.eval()

@@ -7,6 +7,8 @@ import torch
 from pfp.backbones import ContextKV, TinyDiT, apply_rope, grid_positions, rope_cos_sin
 from pfp.backbones.rope import rope_axis_dims
 
+from _tiny_pfp import tiny_wan_backbone
+
 
 class _Ctx:
     """A stand-in with Context's fields (tokens [B, N, C], positions [N, 3])."""
@@ -233,15 +235,7 @@ def test_wan_adapter_matches_diffusers_and_runs_both_modes():
 # ----------------------------------------------------------------------------------------------
 
 def _wan_bb(mode):
-    pytest.importorskip("diffusers")
-    from pfp.backbones import WanBackbone
-    torch.manual_seed(0)
-    bb = WanBackbone.from_config(context_mode=mode, patch_size=(1, 2, 2), num_attention_heads=2,
-                                 attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
-                                 ffn_dim=48, num_layers=2, rope_max_seq_len=64)
-    with torch.no_grad():
-        bb.transformer.proj_out.weight.normal_(0, 0.05)
-    return bb.eval()
+    return tiny_wan_backbone(mode)
 
 
 def _masked_vs_alone(bb, frames, path):
@@ -312,13 +306,9 @@ def test_masked_training_step_gets_no_gradient_from_padding():
 def _tiny_backbones():
     from pfp.backbones.tiny_dit import TinyDiT
     yield "tiny", TinyDiT(latent_channels=4, inner_dim=24, depth=2, num_heads=2, text_dim=16, freq_dim=16)
-    try:
-        from pfp.backbones import WanBackbone
-        yield "wan", WanBackbone.from_config(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                             in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48,
-                                             num_layers=2, rope_max_seq_len=64)
-    except ImportError:
-        pass
+    import importlib.util
+    if importlib.util.find_spec("diffusers") is not None:
+        yield "wan", tiny_wan_backbone()
 
 
 @pytest.mark.parametrize("mode", ["cached", "joint"])
@@ -380,13 +370,7 @@ def test_wan_loaded_in_reduced_precision_runs_every_path(tmp_path, dtype, tol):
 
     from pfp.backbones import WanBackbone
     from pfp.sampler import sample
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2,
-                                  rope_max_seq_len=64)
-    with torch.no_grad():
-        model.proj_out.weight.normal_(0, 0.05)
-    model.save_pretrained(tmp_path / "wan")
+    tiny_wan_backbone().transformer.save_pretrained(tmp_path / "wan")
     ref = WanBackbone.from_pretrained(str(tmp_path / "wan")).eval()
     low = WanBackbone.from_pretrained(str(tmp_path / "wan"), torch_dtype=dtype).eval()
     assert low.compute_dtype == dtype
@@ -421,16 +405,8 @@ def test_wan_conditions_on_zero_padded_text_as_upstream_does():
     # WanPipeline zero-pads the text states to max_length and passes no mask, so Wan attends to the
     # pads; by default our adapter does the same even when the text encoder hands it a mask
     # (UMT5TextEncoder does), and mask_text_padding=True is the named departure that skips them
-    pytest.importorskip("diffusers")
+    bb = tiny_wan_backbone()
     from diffusers import WanTransformer3DModel
-
-    from pfp.backbones import WanBackbone
-    torch.manual_seed(0)
-    bb = WanBackbone.from_config(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2,
-                                 rope_max_seq_len=64).eval()
-    with torch.no_grad():
-        bb.transformer.proj_out.weight.normal_(0, 0.05)
     upstream = WanTransformer3DModel.from_config(bb.transformer.config).eval()
     upstream.load_state_dict(bb.transformer.state_dict())
     x, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.3, 0.8])

@@ -11,7 +11,7 @@ from pfp.generate import InputError, chunk_plan, generate
 from pfp.text import Storyboard
 from pfp.weights import build_model, save_weights
 
-from _tiny_pfp import assert_stream_matches_full, save_tiny_wan_vae, wan_config
+from _tiny_pfp import assert_stream_matches_full, save_tiny_wan_vae, tiny_wan_backbone, wan_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
@@ -141,17 +141,10 @@ def test_retrieval_metrics_decode_retrieved_frames_in_place_with_a_causal_vae(wa
 def test_sampler_matches_diffusers_flow_match_euler_given_the_same_sigmas():
     # parity of the sampler (eta = 0) with diffusers' FlowMatchEulerDiscreteScheduler at the same
     # shift and the same linear sigmas, with CFG applied the same way, on a tiny Wan backbone
-    pytest.importorskip("diffusers")
+    bb = tiny_wan_backbone()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from pfp.backbones import WanBackbone
     from pfp.sampler import sample, timestep_schedule
-    torch.manual_seed(0)
-    bb = WanBackbone.from_config(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2,
-                                 rope_max_seq_len=64).eval()
-    with torch.no_grad():
-        bb.transformer.proj_out.weight.normal_(0, 0.05)
     shape, steps, shift, cfg = (1, 4, 2, 4, 4), 6, 3.0, 2.5
     text, uncond = torch.randn(1, 5, 16), torch.zeros(1, 5, 16)
     ours = sample(bb, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, seed=7)
