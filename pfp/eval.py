@@ -241,6 +241,53 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     return rows
 
 
+def consistency_table(checkpoints: Sequence[str], videos: str, *, history_seconds: Optional[float] = None,
+                      seconds: Optional[float] = None, steps: int = 16, seed: int = 0, progress: bool = False) -> list:
+    """Memory of scenes that return after a cut: each video's first ``history_seconds`` (default: 1
+    chunk) are given as real history, the rest of ``seconds`` (default: 4 chunks) is generated
+    following the video's storyboard, and every return of an earlier shot's prompt within the
+    generated part is scored by :func:`return_consistency` (PSNR, dB, between the scene's last
+    frame before it left and its first frame back). Higher: the model remembers the scene.
+
+    Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
+    (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``."""
+    import sys
+
+    from tqdm import tqdm
+
+    from pfp.data import VideoFolderDataset
+    from pfp.generate import chunk_plan, generate, load_model
+    models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]
+    rows = []
+    for path, model in models:
+        config = model.config
+        n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
+        n_given = chunk_plan(config, history_seconds if history_seconds is not None else config.chunk_seconds)
+        if not 0 < n_given < n_chunks:
+            raise ValueError(f"--history-seconds must leave at least one chunk to generate of --seconds "
+                             f"({n_chunks} chunks of {config.chunk_seconds:g} s)")
+        dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks))
+        if dataset.skip_report() and path == models[0][0]:
+            print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+        first_generated = config.clip_frames(n_given)        # video frames of the given history
+        scores, n_returns = [], 0
+        for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
+            item = dataset[i]
+            with torch.no_grad():
+                history = model.vae.encode(item["hr"][None])[:, :, :n_given * config.chunk_latent_frames]
+            out = generate(model, item["storyboard"], n_chunks * config.chunk_seconds, steps=steps, seed=seed,
+                           history=history, progress=False)
+            returns = [(a, b) for a, b in storyboard_returns(item["storyboard"], config.fps, out.video.shape[1])
+                       if b >= first_generated]
+            if returns:
+                scores.append(return_consistency(out.video, returns))
+                n_returns += len(returns)
+        rows.append({"checkpoint": str(path), "variant": config.compressor_kind, "rate": config.rate,
+                     "consistency_psnr": sum(scores) / len(scores) if scores else None,
+                     "videos_scored": len(scores), "returns": n_returns})
+    return rows
+
+
 def _lpips_cell(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -256,7 +303,7 @@ def _table_md(rows: list) -> str:
 def _parser():
     from pfp._cli import Parser
     p = Parser(prog="python -m pfp.eval", description="Evaluate PFP checkpoints.")
-    sub = p.add_subparsers(dest="command", metavar="retrieval")
+    sub = p.add_subparsers(dest="command", metavar="retrieval|consistency")
     r = sub.add_parser("retrieval", help="the paper's Table 1 (frame retrieval PSNR/SSIM) on a folder of videos")
     r.error = p.error  # one line, exit 2, for the subcommand's errors too
     r.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
@@ -269,6 +316,16 @@ def _parser():
     r.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     r.add_argument("--out", default=None, help="write the table as markdown to this .md file")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    c = sub.add_parser("consistency", help="memory of scenes that return after a cut, on generated continuations")
+    c.error = p.error
+    c.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT")
+    c.add_argument("--videos", required=True, help="a folder of videos with storyboards in which a prompt returns")
+    c.add_argument("--history-seconds", type=float, default=None, help="real history given (default: 1 chunk)")
+    c.add_argument("--seconds", type=float, default=None, help="history + generated length (default: 4 chunks)")
+    c.add_argument("--steps", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -281,12 +338,24 @@ def main(argv=None) -> int:
         parser = _parser()
         ns = parser.parse_args(argv)
         if ns.command is None:
-            raise UsageError("give a command: retrieval (see --help)")
-        check_number("--frames", ns.frames, lo=1, integer=True, allow_none=False)
+            raise UsageError("give a command: retrieval or consistency (see --help)")
         check_number("--steps", ns.steps, lo=1, hi=1000, integer=True, allow_none=False)
         check_number("--seconds", ns.seconds, lo=0, lo_open=True, hi=3600)
         if not os.path.isdir(ns.videos):
             raise UsageError(f"--videos {ns.videos}: no such folder")
+        if ns.command == "consistency":
+            check_number("--history-seconds", ns.history_seconds, lo=0, lo_open=True, hi=3600)
+            rows = consistency_table(ns.checkpoints, ns.videos, history_seconds=ns.history_seconds,
+                                     seconds=ns.seconds, steps=ns.steps, seed=ns.seed, progress=not ns.quiet)
+            for row in rows:
+                if ns.json:
+                    print(json.dumps(row))
+                else:
+                    score = "-" if row["consistency_psnr"] is None else f"{row['consistency_psnr']:.2f} dB"
+                    print(f"{row['checkpoint']}: {row['variant']} {row['rate']}, return consistency {score} "
+                          f"over {row['returns']} returns in {row['videos_scored']} videos")
+            return 0
+        check_number("--frames", ns.frames, lo=1, integer=True, allow_none=False)
         if ns.out is not None:
             check_output_file("--out", ns.out, (".md",))
         rows = retrieval_table(ns.checkpoints, ns.videos, seconds=ns.seconds, frames=ns.frames, steps=ns.steps,

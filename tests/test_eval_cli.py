@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+import torch
+
 from pfp.eval import main
 from pfp.weights import build_model, save_weights
 
@@ -11,7 +13,10 @@ from _tiny_pfp import tiny_config, write_video_folder
 
 
 def _weights(tmp_path, kind):
+    torch.manual_seed(0)
     model = build_model(dataclasses.replace(tiny_config(), compressor_kind=kind))
+    with torch.no_grad():  # not the zero-initialised output of an untrained model: frames that differ
+        model.backbone.proj_out.weight.normal_(0, 0.05)
     path = str(tmp_path / f"{kind}.safetensors")
     save_weights(model, path)
     return path
@@ -52,3 +57,28 @@ def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and named in err and "\n" not in err, (argv, err)
     assert not os.path.exists("t.txt")
+
+
+def test_consistency_scores_returns_in_the_generated_part(tmp_path, capsys):
+    # a storyboard whose shots come back (red, blue, red, blue over 2 s): with 0.5 s of real
+    # history, both returns fall in the generated part and are scored
+    videos = tmp_path / "videos"
+    write_video_folder(videos, good=2, corrupt=0, short=1)
+    story = [{"start": 0, "end": 0.5, "prompt": "red"}, {"start": 0.5, "end": 1.0, "prompt": "blue"},
+             {"start": 1.0, "end": 1.5, "prompt": "red"}, {"start": 1.5, "end": 2.0, "prompt": "blue"}]
+    for name in ("v0.json", "v1.json"):
+        (videos / name).write_text(json.dumps(story))
+    ckpts = [_weights(tmp_path, "pfp"), _weights(tmp_path, "without_lr")]
+    assert main(["consistency", "--checkpoints", *ckpts, "--videos", str(videos), "--steps", "2",
+                 "--history-seconds", "0.5", "--seconds", "2", "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["variant"] for r in rows] == ["pfp", "without_lr"]
+    for r in rows:
+        assert r["videos_scored"] == 2 and r["returns"] == 4 and math.isfinite(r["consistency_psnr"])
+    assert "skipped 1 of 3 videos" in captured.err
+    # no room to generate: refused in one line
+    assert main(["consistency", "--checkpoints", ckpts[0], "--videos", str(videos), "--history-seconds", "2",
+                 "--seconds", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --history-seconds must leave") and "\n" not in err
