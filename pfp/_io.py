@@ -7,6 +7,15 @@ import socket
 import tempfile
 
 
+def fsync_path(path) -> None:
+    """Flush a file or folder to disk (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _temp_prefix(path) -> str:
     """Temporary files of ``path`` are named ``.<name>.<host>.<pid>.tmp-*`` beside it, so a later
     writer of the same path can tell which ones a killed process left behind."""
@@ -62,11 +71,7 @@ def atomic_target(path, suffix: str = ""):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

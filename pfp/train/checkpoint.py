@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pfp._cli import UsageError
+from pfp._io import fsync_path as _fsync
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -90,15 +91,6 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------
-def _fsync(path: str) -> None:
-    """Flush a file or folder to disk (a folder's fsync makes the renames inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -274,15 +266,23 @@ def _verify_legacy(path: str) -> int:
     return step
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint of a run folder that verifies, or None. Changes nothing on disk."""
-    for step, path in sorted(_candidates(run_dir), reverse=True):
+def _newest_verified(run_dir: str, notes: Optional[list] = None) -> Optional[str]:
+    """The newest checkpoint folder of a run that verifies (None if none does); each one skipped
+    on the way is noted in ``notes``."""
+    for _, path in sorted(_candidates(run_dir), reverse=True):
         try:
             verify_checkpoint(path)
-        except CheckpointError:
+        except CheckpointError as exc:
+            if notes is not None:
+                notes.append(f"skipped {exc}")
             continue
         return path
     return None
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint of a run folder that verifies, or None. Changes nothing on disk."""
+    return _newest_verified(run_dir)
 
 
 def recover(run_dir: str) -> tuple[Optional[str], list[str]]:
@@ -298,14 +298,7 @@ def recover(run_dir: str) -> tuple[Optional[str], list[str]]:
             if name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
                 notes.append(f"removed {name} (an unfinished save or delete)")
-    for step, path in sorted(_candidates(run_dir), reverse=True):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as exc:
-            notes.append(f"skipped {exc}")
-            continue
-        return path, notes
-    return None, notes
+    return _newest_verified(run_dir, notes), notes
 
 
 def resolve_checkpoint(path: str) -> str:

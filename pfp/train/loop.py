@@ -281,8 +281,8 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> 
                                    **{k: v.clone() for k, v in fill.items()}}, path)
         return
     if os.path.isdir(path):
-        path = resolve_checkpoint(path)
-        tensors, st = load_checkpoint(path, restore_rng=False)
+        path = resolve_checkpoint(path)                                  # verified here, once
+        tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
         load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
