@@ -198,6 +198,18 @@ __all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboar
 LPIPS_NOTE = "not computed: LPIPS needs the lpips package and its backbone's weights on this machine"
 
 
+def _clips(config, videos: str, n_chunks: int, *, report: bool, progress: bool):
+    """The folder's usable videos as clips of ``n_chunks`` chunks for ``config``; with ``report``,
+    the unusable ones are listed on stderr (once per command, not per checkpoint)."""
+    import sys
+
+    from pfp.data import VideoFolderDataset
+    dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and report)
+    if report and dataset.skip_report():
+        print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+    return dataset
+
+
 def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optional[float] = None, frames: int = 3,
                     steps: int = 16, seed: int = 0, progress: bool = False) -> list:
     """The paper's Table 1 on a folder of videos: for each checkpoint, the mean PSNR/SSIM of
@@ -212,17 +224,13 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
 
     from tqdm import tqdm
 
-    from pfp.data import VideoFolderDataset
     from pfp.generate import chunk_plan, load_model
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]  # all checked first
-    rows, reported = [], False
-    for path, model in models:
+    rows = []
+    for k, (path, model) in enumerate(models):
         config = model.config
         n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
-        dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and not reported)
-        if dataset.skip_report() and not reported:
-            print(f"videos: {dataset.skip_report()}", file=sys.stderr)
-        reported = True
+        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress)
         latent_frames = n_chunks * config.chunk_latent_frames
         h, w = config.video_size
         s = config.vae_spatial
@@ -255,26 +263,23 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
 
     from tqdm import tqdm
 
-    from pfp.data import VideoFolderDataset
     from pfp.generate import chunk_plan, generate, load_model
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]
     rows = []
-    for path, model in models:
+    for k, (path, model) in enumerate(models):
         config = model.config
         n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
         n_given = chunk_plan(config, history_seconds if history_seconds is not None else config.chunk_seconds)
         if not 0 < n_given < n_chunks:
             raise ValueError(f"--history-seconds must leave at least one chunk to generate of --seconds "
                              f"({n_chunks} chunks of {config.chunk_seconds:g} s)")
-        dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks))
-        if dataset.skip_report() and path == models[0][0]:
-            print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress)
         first_generated = config.clip_frames(n_given)        # video frames of the given history
         scores, n_returns = [], 0
         for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
             item = dataset[i]
-            with torch.no_grad():
-                history = model.vae.encode(item["hr"][None])[:, :, :n_given * config.chunk_latent_frames]
+            with torch.no_grad():  # only the given frames: the VAE is causal, so their latents are the same
+                history = model.vae.encode(item["hr"][None, :, :first_generated])
             out = generate(model, item["storyboard"], n_chunks * config.chunk_seconds, steps=steps, seed=seed,
                            history=history, progress=False)
             returns = [(a, b) for a, b in storyboard_returns(item["storyboard"], config.fps, out.video.shape[1])
