@@ -57,9 +57,21 @@
 // and at::addmm_out accumulates into an output pre-filled with residual + bias (one pass), so the
 // residual add is the GEMM's beta=1 epilogue. bf16/fp16 run the GEMM in fp32 (this CPU has no
 // fast reduced-precision GEMM) and round once.
-#include <ATen/ATen.h>
+// Per-operator ATen headers instead of <ATen/ATen.h>: every translation unit is built once per
+// CPU instruction set, and the whole-ATen header costs several seconds of each compile.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 

@@ -23,8 +23,11 @@
 //   stride-0 expand), each returning its log-sum-exp; the two partial results are merged exactly in
 //   one fused pass: w = exp(lse_t - lse), out = o_c + w (o_t - o_c), lse = logaddexp(lse_c, lse_t).
 //   Runs when this torch exports no sgemm_ (the weak symbol below is then null), or when forced.
-#include <ATen/ATen.h>
+// Per-operator ATen headers (see conv3d_act.cpp).
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
