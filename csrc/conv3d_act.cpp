@@ -76,6 +76,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <atomic>
 #include <mutex>
@@ -145,9 +146,15 @@ bool parse_activation(const char* op, c10::string_view activation) {
               "'");
 }
 
+// The conv output length along one axis: the one place this formula is written in C++ (the Python
+// side's is pfp_kernels/conv/shapes.py). 0 or less when the input is too short.
+constexpr int64_t conv_out_len(int64_t size, int64_t k, int64_t s, int64_t p) {
+  return size + 2 * p >= k ? (size + 2 * p - k) / s + 1 : 0;
+}
+
 int64_t out_size(const char* op, int64_t size, int64_t k, int64_t s, int64_t p, const char* axis) {
-  int64_t out = (size + 2 * p - k) / s + 1;
-  TORCH_CHECK(size + 2 * p >= k && out > 0, op, ": input ", axis, "=", size,
+  int64_t out = conv_out_len(size, k, s, p);
+  TORCH_CHECK(out > 0, op, ": input ", axis, "=", size,
               " is too small for kernel ", k, " with padding ", p);
   return out;
 }
@@ -520,8 +527,158 @@ Tensor onednn_prepack_weight(const Tensor& w32, std::vector<int64_t> padding, at
 }
 
 // ------------------------------------------------------------------------------------------------
-// The shared driver: outputs [0, num_out) of the conv over V = [prev ; x]
+// The shared driver: outputs [0, num_out) of the conv over V = [prev ; x], in two steps.
+//   plan_conv:    shapes + cost model -> a ConvPlan (which kernel, which oneDNN layout). It reads no
+//                 tensor data, so pfp::_conv_cpu_plan can ask it about any shape.
+//   execute_conv: runs a ConvPlan on the tensors.
 // ------------------------------------------------------------------------------------------------
+
+// The cost model's inputs. The defaults were measured with benchmarks/bench_conv.py on the
+// compressor stage shapes on a 2-core AVX2 machine; pfp::_conv_cpu_costs replaces them for the
+// process (e.g. with figures measured on another CPU), and the planner takes them as an argument.
+struct ConvCosts {
+  double onednn_flops_per_ns = 50.0;    // oneDNN's conv throughput (~50 GFLOP/s)
+  double copy_ns_per_elem = 1.5;        // copying one output element
+  double boundary_slowdown = 1.3;       // gathered window: copy + a second oneDNN call
+  double onednn_min_flops_per_weight = 40.0;  // below this many FLOPs per weight element the
+                                              // direct kernel wins (oneDNN's per-call reorder and
+                                              // primitive lookup dominate tiny convs)
+  double short_append_frames = 8;       // appends of at most this many outputs after a state run
+                                        // as one oneDNN call over a gathered window
+  double prepack_min_elements = 512 * 1024;  // weights from this size are prepacked (and cached)
+};
+constexpr const char* kCostNames[] = {"onednn_flops_per_ns", "copy_ns_per_elem", "boundary_slowdown",
+                                      "onednn_min_flops_per_weight", "short_append_frames",
+                                      "prepack_min_elements"};
+constexpr size_t kNumCosts = sizeof(kCostNames) / sizeof(kCostNames[0]);
+static_assert(sizeof(ConvCosts) == kNumCosts * sizeof(double), "kCostNames must list every cost");
+
+std::mutex g_costs_mutex;
+ConvCosts g_costs;
+
+ConvCosts current_costs() {
+  std::lock_guard<std::mutex> lock(g_costs_mutex);
+  return g_costs;
+}
+
+// pfp::_conv_cpu_costs(costs): with an empty list, returns the current costs; otherwise sets them
+// (all six, in kCostNames order) and returns the previous ones.
+std::vector<double> conv_cpu_costs(at::ArrayRef<double> values) {
+  std::lock_guard<std::mutex> lock(g_costs_mutex);
+  auto* fields = reinterpret_cast<double*>(&g_costs);
+  std::vector<double> previous(fields, fields + kNumCosts);
+  if (values.empty()) return previous;
+  std::string names;
+  for (size_t i = 0; i < kNumCosts; ++i) names += std::string(i ? ", " : "") + kCostNames[i];
+  TORCH_CHECK(values.size() == kNumCosts, "pfp::_conv_cpu_costs: costs must hold ", kNumCosts,
+              " values (", names, "), got ", values.size());
+  for (size_t i = 0; i < kNumCosts; ++i)
+    TORCH_CHECK(values[i] > 0 && std::isfinite(values[i]), "pfp::_conv_cpu_costs: ", kCostNames[i],
+                " must be a finite number > 0, got ", values[i]);
+  std::copy(values.begin(), values.end(), fields);
+  return previous;
+}
+
+// The shape of one call, as the planner sees it.
+struct ConvShape {
+  Geometry g;
+  int64_t N;            // frames of x
+  int64_t P;            // frames of prev (0 without)
+  int64_t M;            // outputs to compute
+  int64_t time_offset;  // V index of output 0's first tap
+  at::ScalarType dtype;
+};
+
+enum class Layout { Direct, Window, Aligned, Copied };
+
+struct ConvPlan {
+  Layout layout = Layout::Direct;
+  bool convert = false;  // bf16/fp16 run oneDNN in fp32
+  int64_t nb = 0;        // outputs [0, nb) from a gathered window (Aligned, Copied)
+  // Aligned: oneDNN over x[x_skip:] with symmetric time padding pad_t gives to_full frames.
+  int64_t pad_t = 0, x_skip = 0, to_full = 0;
+  bool aligned_copies = false;  // its first M frames are copied out (B > 1)
+  // Copied: outputs [nb, M) from x[inner_first : inner_first + inner_len], per batch element.
+  int64_t inner_first = 0, inner_len = 0;
+
+  std::string describe(int64_t M) const {
+    std::ostringstream out;
+    switch (layout) {
+      case Layout::Direct: out << "direct[0," << M << ")"; return out.str();
+      case Layout::Window: out << "onednn-window[0," << M << ")"; break;
+      case Layout::Aligned:
+        out << "onednn-aligned(pad_t=" << pad_t << ",frames=" << to_full << ")";
+        if (aligned_copies) out << "+copy";
+        if (nb) out << "+gathered[0," << nb << ")";
+        break;
+      case Layout::Copied:
+        out << "onednn-copied[" << nb << "," << M << ")";
+        if (nb) out << "+gathered[0," << nb << ")";
+        break;
+    }
+    if (convert) out << " via fp32";
+    return out.str();
+  }
+};
+
+ConvPlan plan_conv(const ConvShape& s, bool onednn_available, PathMode mode, const ConvCosts& costs) {
+  const Geometry& g = s.g;
+  const int64_t N = s.N, P = s.P, M = s.M;
+  ConvPlan plan;
+  // Frames of V in front of x that output 0 sees (prev frames and stream-start zeros).
+  const int64_t front = P - s.time_offset;
+  // x index read by tap dt=0 of output m.
+  auto x_first = [&](int64_t m) { return s.time_offset - P + g.st * m; };
+  // Aligned layout: outputs that read a prev frame come from a gathered window (zeros in front
+  // are oneDNN's padding). Copied layout: every output whose window starts before x does.
+  const int64_t nb_aligned = (P > 0 && front > 0) ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
+  const int64_t nb_copied = front > 0 ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
+
+  const bool onednn_ok = s.dtype != at::kDouble && onednn_available && N > 0 && g.ph < g.kh &&
+                         g.pw < g.kw && front < g.kt && M > nb_aligned;
+  const double flops_per_frame = 2.0 * g.B * g.Ho * g.Wo * g.Cout * g.kt * g.kh * g.kw * g.Cin;
+  const double weight_elems = static_cast<double>(g.Cout) * g.Cin * g.kt * g.kh * g.kw;
+  bool use_onednn = onednn_ok && mode != PathMode::Direct;
+  const bool short_append = P > 0 && nb_copied > 0 && M - nb_copied <= costs.short_append_frames;
+  if (use_onednn && mode == PathMode::Auto) {
+    const int64_t onednn_frames = short_append ? M : M - nb_aligned;
+    use_onednn = flops_per_frame * onednn_frames > costs.onednn_min_flops_per_weight * weight_elems;
+  }
+  if (!use_onednn) return plan;
+  plan.convert = s.dtype != at::kFloat;
+  if (short_append) {
+    plan.layout = Layout::Window;
+    return plan;
+  }
+
+  plan.pad_t = std::max<int64_t>(front, 0);
+  plan.x_skip = std::max<int64_t>(-front, 0);
+  const int64_t n_aligned_in = N - plan.x_skip;
+  plan.to_full = conv_out_len(n_aligned_in, g.kt, g.st, plan.pad_t);
+  // Zero-copy when oneDNN's buffer, cut to M frames, is a dense channels-last tensor: B == 1, or
+  // no frames to cut. Otherwise its first M frames are copied out.
+  const bool aligned_ok = plan.to_full >= M && (plan.x_skip == 0 || g.B == 1);
+  plan.aligned_copies = g.B > 1 && (plan.to_full != M || nb_aligned > 0);
+  // Copied layout: outputs [nb_copied, M) from the x slice they read, which must lie inside x
+  // (always so in the causal op; the non-causal op reads its end padding and takes the aligned one).
+  plan.inner_first = x_first(nb_copied);
+  const int64_t inner_end = x_first(M - 1) + g.kt;
+  plan.inner_len = inner_end - plan.inner_first;
+  const bool copied_ok = M > nb_copied && plan.inner_first >= 0 && inner_end <= N;
+  TORCH_INTERNAL_ASSERT(aligned_ok || copied_ok, "pfp conv: no oneDNN layout for this call");
+
+  const double frame_ns = flops_per_frame / costs.onednn_flops_per_ns;
+  const double out_frame_elems = static_cast<double>(g.B) * g.Cout * g.Ho * g.Wo;
+  const double cost_aligned = (plan.to_full + costs.boundary_slowdown * nb_aligned) * frame_ns +
+                              (plan.aligned_copies ? out_frame_elems * M * costs.copy_ns_per_elem : 0.0);
+  const double cost_copied = (M - nb_copied + costs.boundary_slowdown * nb_copied) * frame_ns +
+                             out_frame_elems * (M - nb_copied) * costs.copy_ns_per_elem;
+  const bool aligned = aligned_ok && (!copied_ok || cost_aligned <= cost_copied);
+  plan.layout = aligned ? Layout::Aligned : Layout::Copied;
+  plan.nb = aligned ? nb_aligned : nb_copied;
+  return plan;
+}
+
 struct ConvCall {
   Tensor x;                    // channel stride 1
   std::optional<Tensor> prev;  // channel stride 1
@@ -534,74 +691,46 @@ struct ConvCall {
   int64_t num_out;
 };
 
-// Rough cost estimate (in ns) used to choose between the two oneDNN layouts. Calibrated on the
-// compressor stage shapes with benchmarks/bench_conv.py: oneDNN ~50 GFLOP/s on this 2-core AVX2
-// box, copying an output element ~1.5 ns.
-constexpr double kOneDnnFlopsPerNs = 50.0;
-constexpr double kCopyNsPerElem = 1.5;
-constexpr double kBoundarySlowdown = 1.3;  // gathered window: copy + a second oneDNN call
+Geometry geometry_of(at::IntArrayRef x, at::IntArrayRef w, const int64_t stride[3], int64_t ph, int64_t pw) {
+  Geometry g;
+  g.B = x[0];
+  g.Cin = x[1];
+  g.Cout = w[0];
+  g.kt = w[2];
+  g.kh = w[3];
+  g.kw = w[4];
+  g.st = stride[0];
+  g.sh = stride[1];
+  g.sw = stride[2];
+  g.ph = ph;
+  g.pw = pw;
+  g.H = x[3];
+  g.W = x[4];
+  g.Ho = conv_out_len(g.H, g.kh, g.sh, g.ph);
+  g.Wo = conv_out_len(g.W, g.kw, g.sw, g.pw);
+  return g;
+}
 
-Tensor run_conv(const ConvCall& c) {
+ConvShape shape_of(const ConvCall& c) {
+  return {geometry_of(c.x.sizes(), c.weight.sizes(), c.stride, c.ph, c.pw), c.x.size(2),
+          c.prev ? c.prev->size(2) : 0, c.num_out, c.time_offset, c.x.scalar_type()};
+}
+
+Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan, const ConvCosts& costs) {
   const Tensor& x = c.x;
   const auto& w = c.weight;
-  Geometry g;
-  g.B = x.size(0);
-  g.Cin = x.size(1);
-  g.Cout = w.size(0);
-  g.kt = w.size(2);
-  g.kh = w.size(3);
-  g.kw = w.size(4);
-  g.st = c.stride[0];
-  g.sh = c.stride[1];
-  g.sw = c.stride[2];
-  g.ph = c.ph;
-  g.pw = c.pw;
-  g.H = x.size(3);
-  g.W = x.size(4);
-  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
-  const int64_t N = x.size(2);
-  const int64_t P = c.prev ? c.prev->size(2) : 0;
-  const int64_t M = c.num_out;
+  const Geometry& g = s.g;
+  const int64_t N = s.N, P = s.P, M = s.M;
   const auto opts = x.options();
-  const auto dtype = x.scalar_type();
-
-  // Frames of V in front of x that output 0 sees (prev frames and stream-start zeros).
-  const int64_t front = P - c.time_offset;
-  // x index read by tap dt=0 of output m.
-  auto x_first = [&](int64_t m) { return c.time_offset - P + g.st * m; };
-  // Aligned layout: outputs that read a prev frame come from the direct kernel (zeros in front
-  // are oneDNN's padding). Copied layout: every output whose window starts before x does.
-  const int64_t nb_aligned = (P > 0 && front > 0) ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
-  const int64_t nb_copied = front > 0 ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
-
-  const bool onednn_ok = dtype != at::kDouble && onednn_usable() && N > 0 && g.ph < g.kh &&
-                         g.pw < g.kw && front < g.kt && M > nb_aligned;
-  const double flops_per_frame = 2.0 * g.B * g.Ho * g.Wo * g.Cout * g.kt * g.kh * g.kw * g.Cin;
-  const PathMode mode = path_mode();
-  bool use_onednn = onednn_ok && mode != PathMode::Direct;
-  // Short streaming appends after a state run every output through one oneDNN call over the
-  // gathered window (below), so all M outputs count as oneDNN work there.
-  constexpr int64_t kShortAppendFrames = 8;
-  const bool short_append = P > 0 && nb_copied > 0 && M - nb_copied <= kShortAppendFrames;
-  if (use_onednn && mode == PathMode::Auto) {
-    // For tiny convs oneDNN's per-call weight reorder and primitive lookup dominate.
-    const int64_t onednn_frames = short_append ? M : M - nb_aligned;
-    use_onednn = flops_per_frame * onednn_frames > 40.0 * static_cast<double>(w.numel());
-  }
-
-  std::ostringstream plan;
-  Tensor y;
-  if (!use_onednn) {
-    y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
+  if (plan.layout == Layout::Direct) {
+    Tensor y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
     direct_conv(g, x, c.prev, w, c.bias, c.silu, c.time_offset, y, 0, M);
-    plan << "direct[0," << M << ")";
-    g_last_plan = plan.str();
     return y;
   }
 
   // oneDNN computes in fp32; bf16/fp16 go through one conversion each way.
-  const bool convert = dtype != at::kFloat;
+  const bool convert = plan.convert;
+  const auto dtype = s.dtype;
   auto f32 = [&](const Tensor& t) { return convert ? t.to(at::kFloat) : t; };
   // oneDNN's blocked weight, prepacked once per weight and conv geometry (time padding, input
   // frames) instead of reordered on every call as the plain-weight op does. A weight prepacked for
@@ -610,8 +739,7 @@ Tensor run_conv(const ConvCall& c) {
     // Small weights go in plain: oneDNN's own per-call reorder of them is cheap, and on the
     // 64 -> 128 compressor stage the layout it picks that way ran ~20% faster than the one the
     // prepacking op picks (benchmarks/bench_conv.py, interleaved). Large weights are prepacked.
-    constexpr int64_t kPrepackMinElements = 512 * 1024;
-    if (w.numel() < kPrepackMinElements) return f32(w);
+    if (static_cast<double>(w.numel()) < costs.prepack_min_elements) return f32(w);
     std::ostringstream key;
     key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << pad_t << "," << g.ph
         << "," << g.pw << " in" << g.B << "," << g.Cin << "," << frames << "," << g.H << "," << g.W;
@@ -638,20 +766,17 @@ Tensor run_conv(const ConvCall& c) {
   };
   const int64_t no_time_pad[3] = {0, g.ph, g.pw};
 
-  // Short streaming appends (a few output frames after a state): one oneDNN call over the gathered
-  // window of [needed state frames ; chunk] is 2-4x faster than the boundary call plus the inner
-  // call below (two primitive runs on 1-3 frames each, measured on the compressor stages). The
-  // copy is at most kt-1 state frames plus the chunk (~2% of the conv's own time), bounded by the
-  // chunk, never by the history. Long chunks keep the split layouts, which copy nothing of x.
-  if (short_append) {
+  if (plan.layout == Layout::Window) {
+    // Short streaming appends (a few output frames after a state): one oneDNN call over the
+    // gathered window of [needed state frames ; chunk] is 2-4x faster than the boundary call plus
+    // the inner call (two primitive runs on 1-3 frames each, measured on the compressor stages).
+    // The copy is at most kt-1 state frames plus the chunk, bounded by the chunk, never by the
+    // history. Long chunks take the split layouts, which copy nothing of x.
     Tensor window = gather_window(M);
     Tensor out = onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu);
     if (convert) out = out.to(dtype);
-    y = out.contiguous(at::MemoryFormat::ChannelsLast3d);
+    Tensor y = out.contiguous(at::MemoryFormat::ChannelsLast3d);
     if (y.size(0) == 1 && y.stride(0) != y.numel()) y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts).copy_(y);
-    plan << "onednn-window[0," << M << ")";
-    if (convert) plan << " via fp32";
-    g_last_plan = plan.str();
     return y;
   }
 
@@ -664,40 +789,16 @@ Tensor run_conv(const ConvCall& c) {
     y.narrow(2, 0, nb).copy_(onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu));
   };
 
-  // Aligned layout: oneDNN over x (from the first frame any output reads) with symmetric time
-  // padding `front`, so that its output frame m is our output frame m.
-  const int64_t pad_t = std::max<int64_t>(front, 0);
-  const int64_t x_skip = std::max<int64_t>(-front, 0);
-  const int64_t n_aligned_in = N - x_skip;
-  const int64_t to_full =
-      n_aligned_in + 2 * pad_t >= g.kt ? (n_aligned_in + 2 * pad_t - g.kt) / g.st + 1 : 0;
-  // Zero-copy when oneDNN's buffer, cut to M frames, is a dense channels-last tensor: B == 1, or
-  // no frames to cut. Otherwise its first M frames are copied out.
-  const bool aligned_ok = to_full >= M && (x_skip == 0 || g.B == 1);
-  const bool aligned_copies = g.B > 1 && (to_full != M || nb_aligned > 0);
-  // Copied layout: outputs [nb_copied, M) from the x slice they read, which must lie inside x
-  // (always so in the causal op; the non-causal op reads its end padding and takes the aligned one).
-  const int64_t inner_first = x_first(nb_copied);
-  const int64_t inner_end = x_first(M - 1) + g.kt;
-  const bool copied_ok = M > nb_copied && inner_first >= 0 && inner_end <= N;
-  TORCH_INTERNAL_ASSERT(aligned_ok || copied_ok, "pfp conv: no oneDNN layout for this call");
-
-  const double frame_ns = flops_per_frame / kOneDnnFlopsPerNs;
-  const double out_frame_elems = static_cast<double>(g.B) * g.Cout * g.Ho * g.Wo;
-  const double cost_aligned = (to_full + kBoundarySlowdown * nb_aligned) * frame_ns +
-                              (aligned_copies ? out_frame_elems * M * kCopyNsPerElem : 0.0);
-  const double cost_copied = (M - nb_copied + kBoundarySlowdown * nb_copied) * frame_ns +
-                             out_frame_elems * (M - nb_copied) * kCopyNsPerElem;
-  const bool aligned = aligned_ok && (!copied_ok || cost_aligned <= cost_copied);
-
-  if (aligned) {
-    Tensor xs = x_skip ? x.narrow(2, x_skip, n_aligned_in) : x;
+  Tensor y;
+  if (plan.layout == Layout::Aligned) {
+    // oneDNN over x (from the first frame any output reads) with symmetric time padding, so that
+    // its output frame m is our output frame m.
+    Tensor xs = plan.x_skip ? x.narrow(2, plan.x_skip, N - plan.x_skip) : x;
     xs = f32(xs).contiguous(at::MemoryFormat::ChannelsLast3d);  // no-op: dense CL3 fp32
-    const int64_t padding[3] = {pad_t, g.ph, g.pw};
-    Tensor full = onednn_conv(xs, prepacked(pad_t, xs.size(2)), b32, padding, c.stride, c.silu);
+    const int64_t padding[3] = {plan.pad_t, g.ph, g.pw};
+    Tensor full = onednn_conv(xs, prepacked(plan.pad_t, xs.size(2)), b32, padding, c.stride, c.silu);
     if (convert) full = full.to(dtype);
-    const int64_t nb = nb_aligned;
-    if (to_full == M) {
+    if (plan.to_full == M) {
       y = full;
     } else if (g.B == 1) {
       // The first M frames of a batch-1 channels-last buffer are a dense channels-last tensor;
@@ -708,28 +809,49 @@ Tensor run_conv(const ConvCall& c) {
       y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
       y.copy_(full.narrow(2, 0, M));
     }
-    boundary(y, nb);
-    plan << "onednn-aligned(pad_t=" << pad_t << ",frames=" << to_full << ")";
-    if (aligned_copies) plan << "+copy";
-    if (nb) plan << "+gathered[0," << nb << ")";
-  } else {
-    const int64_t nb = nb_copied;
-    y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
-    boundary(y, nb);
-    const int64_t len = inner_end - inner_first;
-    for (int64_t b = 0; b < g.B; ++b) {
-      // One batch element's time slice of a channels-last tensor is dense: no input copy.
-      Tensor xb = f32(x.narrow(0, b, 1).narrow(2, inner_first, len))
-                      .contiguous(at::MemoryFormat::ChannelsLast3d);
-      Tensor yb = onednn_conv(xb, prepacked(0, len), b32, no_time_pad, c.stride, c.silu);
-      y.narrow(0, b, 1).narrow(2, nb, M - nb).copy_(yb);
-    }
-    plan << "onednn-copied[" << nb << "," << M << ")";
-    if (nb) plan << "+gathered[0," << nb << ")";
+    boundary(y, plan.nb);
+    return y;
   }
-  if (convert) plan << " via fp32";
-  g_last_plan = plan.str();
+
+  y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts);
+  boundary(y, plan.nb);
+  for (int64_t b = 0; b < g.B; ++b) {
+    // One batch element's time slice of a channels-last tensor is dense: no input copy.
+    Tensor xb = f32(x.narrow(0, b, 1).narrow(2, plan.inner_first, plan.inner_len))
+                    .contiguous(at::MemoryFormat::ChannelsLast3d);
+    Tensor yb = onednn_conv(xb, prepacked(0, plan.inner_len), b32, no_time_pad, c.stride, c.silu);
+    y.narrow(0, b, 1).narrow(2, plan.nb, M - plan.nb).copy_(yb);
+  }
   return y;
+}
+
+Tensor run_conv(const ConvCall& c) {
+  const ConvShape shape = shape_of(c);
+  const ConvCosts costs = current_costs();
+  const ConvPlan plan = plan_conv(shape, onednn_usable(), path_mode(), costs);
+  Tensor y = execute_conv(c, shape, plan, costs);
+  g_last_plan = plan.describe(shape.M);
+  return y;
+}
+
+// pfp::_conv_cpu_plan: the plan auto would run for a call of this shape under the current costs
+// (or the given ones), without running it, e.g. to see where a calibration moves the choices.
+std::string conv_cpu_plan(at::IntArrayRef x_shape, int64_t prev_frames, at::IntArrayRef weight_shape,
+                          at::IntArrayRef stride, at::IntArrayRef padding_hw, int64_t time_offset,
+                          int64_t num_out, at::ScalarType dtype, at::ArrayRef<double> costs) {
+  const char* op = "pfp::_conv_cpu_plan";
+  TORCH_CHECK(x_shape.size() == 5 && weight_shape.size() == 5 && stride.size() == 3 && padding_hw.size() == 2,
+              op, ": x_shape and weight_shape need 5 entries, stride 3 and padding_hw 2");
+  TORCH_CHECK(prev_frames >= 0 && num_out >= 1, op, ": prev_frames must be >= 0 and num_out >= 1");
+  ConvCosts given = current_costs();
+  if (!costs.empty()) {
+    TORCH_CHECK(costs.size() == kNumCosts, op, ": costs must hold ", kNumCosts, " values, got ", costs.size());
+    std::copy(costs.begin(), costs.end(), reinterpret_cast<double*>(&given));
+  }
+  const int64_t st[3] = {stride[0], stride[1], stride[2]};
+  ConvShape s{geometry_of(x_shape, weight_shape, st, padding_hw[0], padding_hw[1]), x_shape[2], prev_frames,
+              num_out, time_offset, dtype};
+  return plan_conv(s, onednn_usable(), path_mode(), given).describe(num_out);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -853,6 +975,10 @@ TORCH_LIBRARY_FRAGMENT(pfp, m) {
   // "onednn"; returns the previous mode) and read which plan the last call on this thread ran.
   m.def("_conv_cpu_path(str mode) -> str", &set_conv_cpu_path);
   m.def("_conv_cpu_last_plan() -> str", &last_conv_cpu_plan);
+  // The cost model's inputs (see ConvCosts): [] reads them, six values set them (returns the old).
+  m.def("_conv_cpu_costs(float[] costs) -> float[]", &conv_cpu_costs);
+  m.def("_conv_cpu_plan(int[] x_shape, int prev_frames, int[] weight_shape, int[] stride, int[] padding_hw, "
+        "int time_offset, int num_out, ScalarType dtype, float[] costs) -> str", &conv_cpu_plan);
 }
 
 TORCH_LIBRARY_IMPL(pfp, CPU, m) {
