@@ -87,11 +87,13 @@ def _macs(c: pfp.MemoryCompressor, hr_shape) -> float:
 
 def _impls(device: torch.device) -> str:
     names = []
-    for op in ("causal_conv3d_act", "project_tokens"):
+    x = torch.zeros(1, CHANNELS, 1, 2, 2, device=device)
+    for op in (_conv.CAUSAL_CONV3D_ACT, _conv.PROJECT_TOKENS):
+        w = torch.zeros(8, CHANNELS, 1, 1, 1, device=device)
         try:
-            names.append(f"{op}={_conv._choose(op, 'auto', device)}")
-        except Exception as exc:  # noqa: BLE001  (a private helper; report rather than fail)
-            names.append(f"{op}=? ({exc})")
+            names.append(f"{op.name}={op.choose('auto', x, w)}")
+        except RuntimeError as exc:
+            names.append(f"{op.name}=? ({exc})")
     return ", ".join(names)
 
 

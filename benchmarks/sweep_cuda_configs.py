@@ -4,7 +4,7 @@
     python benchmarks/sweep_cuda_configs.py [--budget-s 150] [--out results.md]
 
 The configs the kernels ship with live in one table each (``CONV_CONFIGS`` in
-pfp_kernels/_triton/conv3d.py, ``_CONFIGS_16BIT`` in pfp_kernels/_triton/attention.py); this script
+pfp_kernels/conv/triton.py, ``_CONFIGS_16BIT`` in pfp_kernels/attention/triton.py); this script
 patches the picker to try candidates through the public ops, checks each result against cuDNN or
 SDPA (relative error < 1e-2), and times it with CUDA events (benchmarks/_timing.py). A candidate
 that fails to compile (shared memory, registers) is listed with the error. Shapes: the four
@@ -27,8 +27,8 @@ from _timing import cuda_times  # noqa: E402
 
 import pfp_kernels as pk  # noqa: E402
 
-C = None  # filled in main: pfp_kernels._triton.conv3d.ConvConfig
-A = None  # pfp_kernels._triton.attention.Config
+C = None  # filled in main: pfp_kernels.conv.triton.ConvConfig
+A = None  # pfp_kernels.attention.triton.Config
 
 CONV_STAGES = [  # (name, cin, cout, stride, input T, H, W)
     ("16->64", 16, 64, (2, 1, 1), (120, 60, 104)),
@@ -71,7 +71,7 @@ def _err_line(exc):
 
 
 def sweep_conv(deadline, lines):
-    from pfp_kernels._triton import conv3d as tk
+    from pfp_kernels.conv import triton as tk
     torch.backends.cudnn.benchmark = True
     shipped_pick = tk.pick_config
     for name, cin, cout, stride, size in CONV_STAGES:
@@ -130,7 +130,7 @@ def _attention_inputs(seed: int):
 
 
 def sweep_attention(deadline, lines):
-    from pfp_kernels._triton import attention as ta
+    from pfp_kernels.attention import triton as ta
     s = ATTN_SHAPE
     q, k, v, ck, cv = _attention_inputs(seed=0)
     flops = 4 * s["B"] * s["H"] * s["N"] * (s["Nc"] + s["N"]) * s["D"]
@@ -191,7 +191,7 @@ def sweep_attention(deadline, lines):
 
 def sweep_sdpa_segments(lines):
     """The aten kernels that return the log-sum-exp the merge needs, per segment + merge."""
-    from pfp_kernels.attention import _merge_segments, _segments
+    from pfp_kernels.attention.backends import _merge_segments, _segments
     s = ATTN_SHAPE
     q, k, v, ck, cv = _attention_inputs(seed=1)
     ref = pk.joint_attention(q, k, v, ck, cv, impl="triton")
@@ -247,8 +247,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("sweep_cuda_configs: needs a CUDA device")
     import triton
-    from pfp_kernels._triton.attention import Config
-    from pfp_kernels._triton.conv3d import ConvConfig
+    from pfp_kernels.attention.triton import Config
+    from pfp_kernels.conv.triton import ConvConfig
     C, A = ConvConfig, Config
     t0 = time.monotonic()
     deadline = t0 + a.budget_s

@@ -5,7 +5,10 @@ Ops (each with C++ CPU, Triton CUDA and plain-PyTorch reference implementations)
 - :func:`conv3d_act`, :func:`causal_conv3d_act`, :func:`project_tokens`
 - :func:`joint_attention`, :func:`merge_attention`, :func:`attention_backends`
 
-``python -m pfp_kernels.info`` lists which implementations run on this machine and why not.
+Each op family is one folder (``conv/``, ``attention/``): API, shapes and checks, reference,
+autograd and Triton kernels; the C++ kernels are in ``csrc/``. Every op's implementations are
+records in one registry (``pfp_kernels._registry.OPS``), each saying why it cannot run given
+inputs; ``python -m pfp_kernels.info`` lists which run on this machine and why the others don't.
 """
 from . import _extension  # noqa: F401  (loads pfp_kernels._C, or warns once and falls back)
 from .attention import attention_backends, joint_attention, merge_attention

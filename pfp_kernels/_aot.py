@@ -138,7 +138,7 @@ def compile_in_subprocesses(jobs: Sequence[tuple], processes: int = 2) -> list[A
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = ("import json, sys; from pfp_kernels._triton.aot import _run_jobs; "
+    code = ("import json, sys; from pfp_kernels._aot import _run_jobs; "
             "print(json.dumps(_run_jobs(json.load(sys.stdin))))")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,13 +1,20 @@
-"""``python -m pfp_kernels.info``: which implementations of every op can run here, and why not."""
+"""``python -m pfp_kernels.info``: which implementations of every op can run here, and why not.
+
+Every op is printed the same way, from the one registry (``pfp_kernels._registry.OPS``): for each
+device, the op's probe inputs, then each implementation with "yes" (marked "auto" where
+``impl="auto"`` would pick it) or "no: <reason>". Reasons are input-aware, so for your own shapes
+ask the op itself: ``pfp_kernels.attention_backends(q, k, v, ...)`` or
+``pfp_kernels.conv.conv_impl_reasons(op, x, weight)``.
+"""
 from __future__ import annotations
 
 import sys
 
 import torch
 
-from . import _dispatch, _extension
-from .attention import attention_backends
-from .conv import conv_impl_reasons
+from . import _extension, _registry
+from . import attention as _attention  # noqa: F401  (registers its op)
+from . import conv as _conv  # noqa: F401  (registers its ops)
 
 
 def _devices() -> list[torch.device]:
@@ -17,7 +24,7 @@ def _devices() -> list[torch.device]:
     return devices
 
 
-def report() -> str:
+def _header() -> list[str]:
     lines = [f"pfp_kernels on torch {torch.__version__}"]
     if _extension.LOADED:
         lines.append(f"C++ library: loaded, CPU kernels for {torch.ops.pfp.build_info()} (this CPU: "
@@ -25,18 +32,29 @@ def report() -> str:
                      f"{', '.join(_extension.built_isas()) or 'none'}; PFP_CPU_ISA picks a lower one)")
     else:
         lines.append(f"C++ library: not loaded - {_extension.REASON}")
-    lines.append("Triton: " + ("available" + (" (interpreter: TRITON_INTERPRET=1)" if _dispatch.TRITON_INTERPRET else "")
-                               if _dispatch.TRITON_AVAILABLE else f"unavailable - {_dispatch.TRITON_REASON}"))
+    if _registry.TRITON_AVAILABLE:
+        lines.append("Triton: available" + (" (interpreter: TRITON_INTERPRET=1)" if _registry.TRITON_INTERPRET else ""))
+    else:
+        lines.append(f"Triton: unavailable - {_registry.TRITON_REASON}")
+    return lines
+
+
+def report() -> str:
+    lines = _header()
     for device in _devices():
         lines.append(f"\n[{device.type}]")
-        for op in ("conv3d_act", "causal_conv3d_act", "project_tokens"):
-            lines.append(f"  {op}")
-            for name, why in conv_impl_reasons(op, device).items():
-                lines.append(f"    {name:<10} {'yes' if why is None else 'no: ' + why}")
-        q = torch.zeros(1, 1, 1, 64, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-        lines.append("  joint_attention (fp16/64-dim probe on cuda, fp32 on cpu)")
-        for name, why in attention_backends(q, q, q, q, q).items():
-            lines.append(f"    {name:<10} {'yes' if why is None else 'no: ' + why}")
+        for op in _registry.OPS.values():
+            what, inputs = op.probe(device)
+            reasons = op.reasons(*inputs)
+            try:
+                auto = op.choose("auto", *inputs)
+            except RuntimeError:
+                auto = None
+            lines.append(f"  {op.name} ({what})")
+            for impl in op.impls:
+                why = reasons[impl.name]
+                verdict = ("yes" + (" (auto)" if impl.name == auto else "")) if why is None else "no: " + why
+                lines.append(f"    {impl.name:<10} {verdict}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import conv as _conv
+from .conv import shapes as _shapes
 
 IntOr3 = Union[int, Sequence[int]]
 
@@ -28,10 +29,10 @@ class Conv3dAct(nn.Module):
                  padding: IntOr3 = 0, bias: bool = True, activation: Optional[str] = "silu",
                  impl: str = "auto", device=None, dtype=None):
         super().__init__()
-        k = _conv._triple(kernel_size, "kernel_size", minimum=1)
-        self.stride = _conv._triple(stride, "stride", minimum=1)
-        self.padding = _conv._triple(padding, "padding")
-        _conv._check_activation(activation)
+        k = _shapes.triple(kernel_size, "kernel_size", minimum=1)
+        self.stride = _shapes.triple(stride, "stride", minimum=1)
+        self.padding = _shapes.triple(padding, "padding")
+        _shapes.check_activation(activation)
         self.activation, self.impl = activation, impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *k, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
@@ -58,10 +59,10 @@ class CausalConv3dAct(nn.Module):
                  padding_hw: Union[int, Sequence[int]] = 0, bias: bool = True,
                  activation: Optional[str] = "silu", impl: str = "auto", device=None, dtype=None):
         super().__init__()
-        k = _conv._triple(kernel_size, "kernel_size", minimum=1)
-        self.stride = _conv._triple(stride, "stride", minimum=1)
-        self.padding_hw = _conv._triple(padding_hw, "padding_hw", n=2)
-        _conv._check_activation(activation)
+        k = _shapes.triple(kernel_size, "kernel_size", minimum=1)
+        self.stride = _shapes.triple(stride, "stride", minimum=1)
+        self.padding_hw = _shapes.triple(padding_hw, "padding_hw", n=2)
+        _shapes.check_activation(activation)
         self.activation, self.impl = activation, impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *k, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None

@@ -145,6 +145,39 @@ def test_project_tokens(impl, cpu_path, dtype):
 # which C++ kernel runs (the plan is what the benchmark decided; here: each plan is reachable)
 # ----------------------------------------------------------------------------------------------
 @needs_cpp
+def test_cpp_plan_is_a_function_of_shapes_and_costs():
+    # pfp::_conv_cpu_plan asks the planner without running anything; it agrees with what a run
+    # reports, and the cost model's inputs move its choice (here: the tiny-conv threshold).
+    case = ConvCase(1, 8, 16, (0, 6, 7), (3, 3, 3), (1, 1, 1), (0, 1, 1), True, "silu")
+    g = torch.Generator().manual_seed(0)
+    w, b = make_params(case, torch.float32, generator=g)
+    x = make_activation((1, 8, 40, 6, 7), torch.float32, "channels_last", generator=g)
+    pk.causal_conv3d_act(x, w, b, 1, 1, impl="cpp")
+    ran = torch.ops.pfp._conv_cpu_last_plan()
+    asked = torch.ops.pfp._conv_cpu_plan(list(x.shape), 0, list(w.shape), [1, 1, 1], [1, 1], -2, 40,
+                                         torch.float32, [])
+    assert asked == ran, (asked, ran)
+    defaults = torch.ops.pfp._conv_cpu_costs([])
+    assert len(defaults) == 6 and all(v > 0 for v in defaults)
+    tiny_threshold = list(defaults)
+    tiny_threshold[3] = 1e12  # onednn_min_flops_per_weight: nothing counts as big enough for oneDNN
+    assert torch.ops.pfp._conv_cpu_plan(list(x.shape), 0, list(w.shape), [1, 1, 1], [1, 1], -2, 40,
+                                        torch.float32, tiny_threshold).startswith("direct")
+    previous = torch.ops.pfp._conv_cpu_costs(tiny_threshold)
+    try:
+        assert previous == defaults
+        pk.causal_conv3d_act(x, w, b, 1, 1, impl="cpp")
+        assert torch.ops.pfp._conv_cpu_last_plan().startswith("direct")
+    finally:
+        torch.ops.pfp._conv_cpu_costs(previous)
+    assert torch.ops.pfp._conv_cpu_costs([]) == defaults
+    with pytest.raises(RuntimeError, match="costs must hold 6 values"):
+        torch.ops.pfp._conv_cpu_costs([1.0])
+    with pytest.raises(RuntimeError, match="copy_ns_per_elem must be a finite number > 0"):
+        torch.ops.pfp._conv_cpu_costs([50.0, -1.0, 1.3, 40.0, 8.0, 1.0])
+
+
+@needs_cpp
 def test_cpp_plans_cover_both_layouts_and_boundary_frames():
     torch.ops.pfp._conv_cpu_path("onednn")
     try:

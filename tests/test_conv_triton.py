@@ -1,4 +1,4 @@
-"""The Triton conv kernels (pfp_kernels/_triton/conv3d.py) under TRITON_INTERPRET=1.
+"""The Triton conv kernels (pfp_kernels/conv/triton.py) under TRITON_INTERPRET=1.
 
 Small shapes, fp32 and fp16 only (bf16 tl.dot operands are garbage under the interpreter; the
 bf16 kernels are covered by the AOT compile test). Every output is poisoned: the kernels
@@ -14,20 +14,20 @@ import torch
 
 import pfp_kernels
 from pfp_kernels import conv
+from pfp_kernels.testing import assert_close
 
 pytest.importorskip("triton")
-_WHY_NOT = conv.conv_impl_reasons("conv3d_act", torch.device("cpu"))["triton"]
+_WHY_NOT = conv.conv_impl_reasons("conv3d_act", torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 1))["triton"]
 # every output is NaN-poisoned before each test's kernels write it (conftest.py)
 pytestmark = [pytest.mark.skipif(_WHY_NOT is not None, reason=f"triton cannot run on CPU here: {_WHY_NOT}"),
               pytest.mark.usefixtures("poison_uninitialised")]
 
 if _WHY_NOT is None:
-    from pfp_kernels._triton import conv3d as tk
+    from pfp_kernels.conv import triton as tk
 
 CL3 = torch.channels_last_3d
 # Tolerances against an fp64 reference computed from the same (rounded) inputs: fp32 accumulates
 # exactly in fp32; fp16 also rounds the output (2^-11 relative).
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
 def _weights(cout, cin, kernel, dtype, bias=True):
@@ -82,7 +82,7 @@ def test_conv3d_matches_fp64_reference(case, dtype):
     ref = conv.conv3d_act_reference(x.double(), weight.double(), _d(bias), list(stride), list(padding),
                                     act or "none")
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL3)
-    torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+    assert_close(y, ref, dtype)
 
 
 def test_every_config_is_correct(monkeypatch):
@@ -95,17 +95,17 @@ def test_every_config_is_correct(monkeypatch):
         weight, bias = _weights(70, 20, (2, 1, 2), dtype)
         y = tk.conv3d_act(x, weight, bias, [2, 1, 1], [1, 0, 1], "silu")
         ref = conv.conv3d_act_reference(x.double(), weight.double(), bias.double(), [2, 1, 1], [1, 0, 1], "silu")
-        torch.testing.assert_close(y.double(), ref, **TOL[dtype], msg=lambda m: f"{role} ({cls}) conv: {m}")
+        assert_close(y, ref, dtype, what=f"{role} ({cls}) conv")
         prev = torch.randn(2, 20, 2, 5, 7).to(dtype)
         y = tk.causal_conv3d_act(x, prev, weight, bias, [1, 1, 1], [0, 1], "silu", -1, 6)
         ref = conv.causal_conv3d_act_reference(x.double(), prev.double(), weight.double(), bias.double(),
                                                [1, 1, 1], [0, 1], "silu", -1, 6)
-        torch.testing.assert_close(y.double(), ref, **TOL[dtype], msg=lambda m: f"{role} ({cls}) causal: {m}")
+        assert_close(y, ref, dtype, what=f"{role} ({cls}) causal")
         pw, pb = torch.randn(70, 20).to(dtype), torch.randn(70).to(dtype)
         res = torch.randn(2, 175, 70).to(dtype)
         y = tk.project_tokens(x, pw, pb, res)
         ref = conv.project_tokens_reference(x.double(), pw.double(), pb.double(), res.double())
-        torch.testing.assert_close(y.double(), ref, **TOL[dtype], msg=lambda m: f"{role} ({cls}) project: {m}")
+        assert_close(y, ref, dtype, what=f"{role} ({cls}) project")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_causal_two_sources_match_reference(prev_frames, time_offset, num_out, s
     ref = conv.causal_conv3d_act_reference(x.double(), _d(prev), weight.double(), bias.double(), list(stride),
                                            [1, 1], "silu", time_offset, num_out)
     assert y.is_contiguous(memory_format=CL3) and y.shape == ref.shape
-    torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+    assert_close(y, ref, dtype)
 
 
 def _chunk_plans(total, rng):
@@ -152,7 +152,7 @@ def test_streaming_equals_one_call(kernel, stride):
     whole, _ = pfp_kernels.causal_conv3d_act(x, weight, bias, stride, 1, "silu", impl="triton")
     ref, _ = pfp_kernels.causal_conv3d_act(x.double(), weight.double(), bias.double(), stride, 1, "silu",
                                            impl="torch")
-    torch.testing.assert_close(whole.double(), ref, rtol=1e-5, atol=1e-5)
+    assert_close(whole, ref, torch.float32)
     for plan in _chunk_plans(total, rng):
         state, outs, start = None, [], 0
         for n in plan:
@@ -160,8 +160,7 @@ def test_streaming_equals_one_call(kernel, stride):
                                                      state=state, impl="triton")
             outs.append(y)
             start += n
-        torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"chunk plan {plan}: {m}")
+        assert_close(torch.cat(outs, dim=2), whole, kind="stream", what=f"chunk plan {plan}")
 
 
 def test_causal_no_output_frames():
@@ -192,7 +191,7 @@ def test_project_tokens_matches_fp64_reference(shape, cout, layout, with_bias, w
     y = pfp_kernels.project_tokens(x, weight, bias, residual, impl="triton")
     ref = conv.project_tokens_reference(x.double(), weight.double(), _d(bias), _d(residual))
     assert y.shape == (b, t * h * w, cout) and y.is_contiguous()
-    torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+    assert_close(y, ref, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +217,7 @@ def test_gradients_match_reference():
         def conv_fn(impl):
             return lambda x_, w_, b_: pfp_kernels.conv3d_act(x_, w_, b_, stride, 1, "silu", impl=impl)
         for got, want in zip(_seeded_grads(conv_fn("triton"), [x, w, b]), _seeded_grads(conv_fn("torch"), [x, w, b])):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert_close(got, want, kind="grad")
 
     # causal, with a prev (state frames) that needs a gradient too
     prev = torch.randn(1, 3, 2, 5, 5)
@@ -227,7 +226,7 @@ def test_gradients_match_reference():
         return lambda x_, p_, w_, b_: op(x_, p_, w_, b_, [1, 1, 1], [1, 1], "silu", 0, 4)
     for got, want in zip(_seeded_grads(causal_fn(torch.ops.pfp.causal_conv3d_act_triton), [x, prev, w, b]),
                          _seeded_grads(causal_fn(conv.causal_conv3d_act_reference), [x, prev, w, b])):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_close(got, want, kind="grad")
 
     pw, pb, res = torch.randn(6, 3), torch.randn(6), torch.randn(1, 100, 6)
 
@@ -235,7 +234,7 @@ def test_gradients_match_reference():
         return lambda h_, w_, b_, r_: pfp_kernels.project_tokens(h_, w_, b_, r_, impl=impl)
     for got, want in zip(_seeded_grads(proj_fn("triton"), [x, pw, pb, res]),
                          _seeded_grads(proj_fn("torch"), [x, pw, pb, res])):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_close(got, want, kind="grad")
 
 
 def test_opcheck_triton_ops():
@@ -257,7 +256,7 @@ def test_output_strides_match_fake_for_size_one_dims():
     for cout in (1, 4):
         w = torch.randn(cout, 3, 1, 1, 1)
         y = tk.conv3d_act(x, w, None, [1, 1, 1], [0, 0, 0], "none")
-        assert y.stride() == conv._conv3d_act_fake(x, w, None, [1, 1, 1], [0, 0, 0], "none").stride()
+        assert y.stride() == conv.autograd._conv3d_act_fake(x, w, None, [1, 1, 1], [0, 0, 0], "none").stride()
         torch.testing.assert_close(y, conv.conv3d_act_reference(x, w, None, [1, 1, 1], [0, 0, 0], "none"))
 
 

@@ -2,7 +2,7 @@
 
 The interpreter ignores hardware limits, so each (kernel, head dim, dtype) config the launcher
 chooses is compiled ahead of time for the H100 (sm_90) and the RTX 4070 (sm_89) with
-pfp_kernels/_triton/aot.py: no register spills on sm_90, shared memory within each card's
+pfp_kernels/_aot.py: no register spills on sm_90, shared memory within each card's
 per-block limit. Head dims 64, 128, 256 fill the head axis; 96 stands for the padded, masked
 ones (it uses the 128 config). Compiles run in a process pool: ptxas is the slow part.
 """
@@ -16,8 +16,8 @@ import torch
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler")
 
-from pfp_kernels._triton import attention as ta  # noqa: E402
-from pfp_kernels._triton.aot import SHARED_LIMIT, TARGETS  # noqa: E402
+from pfp_kernels.attention import triton as ta  # noqa: E402
+from pfp_kernels._aot import SHARED_LIMIT, TARGETS  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CASES = [(kernel, d, dt, cap) for kernel in ta.KERNELS for d in (64, 128, 256)
@@ -27,8 +27,8 @@ CASES += [(kernel, 96, "bf16", cap) for kernel in ta.KERNELS for cap in TARGETS.
 
 def _compile(case):
     import torch as _torch
-    from pfp_kernels._triton import attention as _ta
-    from pfp_kernels._triton.aot import compile_for
+    from pfp_kernels.attention import triton as _ta
+    from pfp_kernels._aot import compile_for
     kernel, head_dim, dtype, cap = case
     if kernel == "preprocess":
         t = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]

@@ -1,6 +1,6 @@
 """Every config the conv launchers can pick compiles for real GPUs, without a GPU.
 
-For each entry of pfp_kernels._triton.conv3d.CONV_CONFIGS, each dtype of its precision class
+For each entry of pfp_kernels.conv.triton.CONV_CONFIGS, each dtype of its precision class
 (fp16 and bf16, or fp32) and each kernel (conv, causal conv with a prev tensor, token projection):
 compile for sm_90 (H100) and sm_89 (RTX 4070), then check ptxas' report: no register spills on
 sm_90, and shared memory within each card's per-block limit. The interpreter ignores these
@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from pfp_kernels._triton import aot  # noqa: E402
-from pfp_kernels._triton import conv3d as tk  # noqa: E402
+from pfp_kernels import _aot as aot  # noqa: E402
+from pfp_kernels.conv import triton as tk  # noqa: E402
 
 DTYPES = {"16bit_hopper": ("fp16", "bf16"), "16bit": ("fp16", "bf16"), "fp32": ("fp32",)}
 # the Hopper table is only picked on sm_90 (its shared memory exceeds the RTX 4070's 99 KiB)
@@ -36,7 +36,7 @@ def reports():
     for kernel, dtype, cls, role in CASES:
         cfg = tk.CONV_CONFIGS[cls][role]
         for cap in CLASS_CAPABILITIES.get(cls, CAPABILITIES):
-            jobs.append(("pfp_kernels._triton.conv3d", "aot_spec",
+            jobs.append(("pfp_kernels.conv.triton", "aot_spec",
                          [kernel, dtype, [cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages]],
                          cap))
             keys.append((kernel, dtype, cls, role, cap))

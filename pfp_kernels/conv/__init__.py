@@ -1,343 +1,83 @@
 """Fused conv3d + bias + activation, its streaming causal form, and the token projection.
 
-Everything about these ops that is not a kernel lives here: argument checks, the plain-PyTorch
-references, the streaming state, registration (fake kernels and autograd) and the choice of
-implementation. Kernels:
+One folder holds the whole op family:
 
-- ``cpp``    csrc/conv3d_act.cpp (pfp::conv3d_act, pfp::causal_conv3d_act, pfp::project_tokens)
-- ``triton`` pfp_kernels/_triton/conv3d.py, wrapped here as the custom ops pfp::*_triton
-- ``torch``  the ``*_reference`` functions below
+- ``__init__.py``   the public API and the implementation registry entries (this file)
+- ``shapes.py``     output sizes (one formula), argument checks, the streaming state's geometry
+- ``reference.py``  plain-PyTorch references (``impl="torch"``; the tests compare with them)
+- ``autograd.py``   torch.library fake kernels and autograd for the C++ and Triton ops
+- ``triton.py``     the Triton kernels, launchers and config table (CUDA)
+- C++ CPU kernels:  csrc/conv3d_act.cpp (oneDNN or a direct kernel, chosen by a cost model)
 
 Layout: activations are ``[B, C, T, H, W]`` tensors; channels-last-3d is preferred and is what
-the kernels write, so stacked stages never relayout. Time convention for the causal form (see
+the kernels write, so stacked stages never relayout. Time convention of the causal form (see
 shared/design.md): output frame j of temporal kernel k and stride s reads input frames
 s*j-(k-1) .. s*j; frames before 0 are zeros; T input frames give ceil(T/s) outputs.
 """
 from __future__ import annotations
 
-import math
-import operator
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _dispatch, _extension
+from .. import _registry
+from .._registry import Impl, Op, dtype_why_not, register
+from . import autograd as _autograd  # noqa: F401  (registers fakes and autograd)
+from .reference import causal_conv3d_act_reference, conv3d_act_reference, project_tokens_reference
+from .shapes import (ACTIVATIONS, KERNEL_DTYPES, STATE_FIELDS, IntOr3, batch_item_span, check_activation,
+                     check_conv_args, check_output_fits, check_project_args, checked_out_len, state_signature,
+                     triple)
 
-IntOr3 = Union[int, Sequence[int]]
-ACTIVATIONS = ("silu", None)
-CONV_IMPLS = ("cpp", "triton", "torch")
 CL3 = torch.channels_last_3d
 
 
 # ----------------------------------------------------------------------------------------------
-# argument checks (shared by every implementation so that errors read the same everywhere)
+# implementations: why each cannot run given inputs (x or h, and the weight)
 # ----------------------------------------------------------------------------------------------
-def _triple(value: IntOr3, name: str, n: int = 3, minimum: int = 0) -> list[int]:
-    def whole(v) -> int:
-        # no bools (True would mean 1) and no floats (2.5 would silently become 2)
-        if isinstance(v, bool):
-            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
-        try:
-            return operator.index(v)
-        except TypeError:
-            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
-
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        out = [whole(value)] * n
-    else:
-        out = [whole(v) for v in value]
-        if len(out) != n:
-            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
-    if any(v < minimum for v in out):
-        raise ValueError(f"{name} must be >= {minimum} on every axis, got {tuple(out)}")
-    return out
+def _cpp(op: str):
+    def why_not(x: Tensor, weight: Tensor) -> Optional[str]:
+        return _registry.cpp_why_not(op, x.device) or dtype_why_not(x.dtype, KERNEL_DTYPES)
+    return Impl("cpp", ("cpu",), why_not, "csrc/conv3d_act.cpp")
 
 
-def _check_activation(activation: Optional[str]) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation or "none"
+def _triton_why_not(x: Tensor, weight: Tensor) -> Optional[str]:
+    why = _registry.triton_why_not(x.device, x.dtype) or dtype_why_not(x.dtype, KERNEL_DTYPES)
+    if why is None and x.numel() and batch_item_span(x) >= 2 ** 31:
+        why = (f"one batch item of the input spans {batch_item_span(x)} elements; the kernels index "
+               "within a batch item in int32 (< 2**31)")
+    return why
 
 
-def _check_conv_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str) -> None:
-    if x.dim() != 5:
-        raise ValueError(f"{op}: x must be 5-D [B, Cin, T, H, W], got shape {tuple(x.shape)}")
-    if weight.dim() != 5:
-        raise ValueError(f"{op}: weight must be 5-D [Cout, Cin, kt, kh, kw], got shape {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: x has {x.shape[1]} channels but weight expects Cin={weight.shape[1]} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"{op}: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
-    if weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"{op}: weight must match x in dtype and device; x is {x.dtype} on {x.device}, "
-                         f"weight is {weight.dtype} on {weight.device}")
-    if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"{op}: bias must match x in dtype and device; got {bias.dtype} on {bias.device}")
+_TRITON = Impl("triton", ("cuda", "cpu"), _triton_why_not, "pfp_kernels/conv/triton.py")
+_TORCH = Impl("torch", (), lambda x, weight: None, "pfp_kernels/conv/reference.py")
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch"), "default": ("triton", "torch")}
 
 
-def _device_memory(device: torch.device) -> Optional[int]:
-    """Bytes of memory on ``device`` (CPU: physical RAM), None where unknown."""
-    try:
-        if device.type == "cpu":
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-    except (ValueError, OSError, AttributeError, RuntimeError, AssertionError):
-        pass
-    return None
+def _probe(op: str):
+    def probe(device: torch.device):
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        x = torch.zeros(1, 16, 2, 4, 4, device=device, dtype=dtype)
+        w = torch.zeros(8 if op == "project_tokens" else 32, 16, *((1, 1, 1) if op == "project_tokens" else (3, 3, 3)),
+                        device=device, dtype=dtype)
+        return f"{str(dtype).replace('torch.', '')}, 16 channels", (x, w)
+    return probe
 
 
-def _check_output_fits(op: str, x: Tensor, shape: Sequence[int]) -> None:
-    """Refuse an output larger than the device's whole memory with a message, before the
-    allocator is asked for it (large paddings or inputs make such shapes easily). Traces on the
-    meta device or under FakeTensorMode, which allocate nothing, are not limited, nor is code
-    that torch.compile traces (the check would break its graph)."""
-    if torch.compiler.is_compiling() or x.device.type == "meta":
-        return
-    from torch._subclasses.fake_tensor import is_fake
-    if is_fake(x):
-        return
-    nbytes = math.prod(int(d) for d in shape) * x.element_size()
-    memory = _device_memory(x.device)
-    if memory is not None and nbytes > memory:
-        raise ValueError(f"{op}: the output {list(shape)} would take {nbytes / 2 ** 30:.1f} GiB, more than the "
-                         f"{memory / 2 ** 30:.1f} GiB of {x.device}; check the input size, stride and padding")
+def _op(name: str) -> Op:
+    return register(Op(name, (_cpp(name), _TRITON, _TORCH), _AUTO_ORDER, _probe(name)))
 
 
-def _out_hw(size: int, k: int, s: int, p: int, name: str) -> int:
-    out = (size + 2 * p - k) // s + 1
-    if out <= 0:
-        raise ValueError(f"input {name}={size} is too small for kernel {k} with padding {p}")
-    return out
+CONV3D_ACT = _op("conv3d_act")
+CAUSAL_CONV3D_ACT = _op("causal_conv3d_act")
+PROJECT_TOKENS = _op("project_tokens")
 
 
-# ----------------------------------------------------------------------------------------------
-# references (plain PyTorch; the tests compare every implementation with these in fp64)
-# ----------------------------------------------------------------------------------------------
-def _act(z: Tensor, activation: str) -> Tensor:
-    return F.silu(z) if activation == "silu" else z
-
-
-def conv3d_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
-                         padding: list[int], activation: str) -> Tensor:
-    y = _act(F.conv3d(x, weight, bias, stride, padding), activation)
-    return y.contiguous(memory_format=CL3)
-
-
-def _causal_window(x: Tensor, prev: Optional[Tensor], kt: int, st: int, time_offset: int,
-                   num_out: int) -> Tensor:
-    """The frames of V = [zeros ; prev ; x] that num_out outputs read (reference only: copies)."""
-    v = x if prev is None else torch.cat([prev, x], dim=2)
-    if time_offset < 0:
-        zeros = v.new_zeros(v.shape[0], v.shape[1], -time_offset, v.shape[3], v.shape[4])
-        v = torch.cat([zeros, v], dim=2)
-        time_offset = 0
-    return v[:, :, time_offset: time_offset + st * (num_out - 1) + kt]
-
-
-def causal_conv3d_act_reference(x: Tensor, prev: Optional[Tensor], weight: Tensor,
-                                bias: Optional[Tensor], stride: list[int], padding_hw: list[int],
-                                activation: str, time_offset: int, num_out: int) -> Tensor:
-    kt, kh, kw = weight.shape[2:]
-    if num_out == 0:
-        ho = _out_hw(x.shape[3], kh, stride[1], padding_hw[0], "H")
-        wo = _out_hw(x.shape[4], kw, stride[2], padding_hw[1], "W")
-        return x.new_empty(x.shape[0], weight.shape[0], 0, ho, wo).contiguous(memory_format=CL3)
-    window = _causal_window(x, prev, kt, stride[0], time_offset, num_out)
-    y = _act(F.conv3d(window, weight, bias, stride, [0] + list(padding_hw)), activation)
-    return y.contiguous(memory_format=CL3)
-
-
-def project_tokens_reference(h: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             residual: Optional[Tensor]) -> Tensor:
-    b, c = h.shape[:2]
-    tokens = h.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
-    y = F.linear(tokens, weight, bias)
-    return y + residual if residual is not None else y
-
-
-# ----------------------------------------------------------------------------------------------
-# registration: fake kernels + autograd for the C++ ops and the Triton custom ops
-# ----------------------------------------------------------------------------------------------
-def _conv_out_shape(x: Tensor, weight: Tensor, stride, padding) -> list[int]:
-    kt, kh, kw = weight.shape[2:]
-    return [x.shape[0], weight.shape[0],
-            (x.shape[2] + 2 * padding[0] - kt) // stride[0] + 1,
-            (x.shape[3] + 2 * padding[1] - kh) // stride[1] + 1,
-            (x.shape[4] + 2 * padding[2] - kw) // stride[2] + 1]
-
-
-def _conv3d_act_fake(x, weight, bias, stride, padding, activation):
-    return x.new_empty(_conv_out_shape(x, weight, stride, padding)).contiguous(memory_format=CL3)
-
-
-def _causal_conv3d_act_fake(x, prev, weight, bias, stride, padding_hw, activation, time_offset, num_out):
-    kt, kh, kw = weight.shape[2:]
-    shape = [x.shape[0], weight.shape[0], num_out,
-             (x.shape[3] + 2 * padding_hw[0] - kh) // stride[1] + 1,
-             (x.shape[4] + 2 * padding_hw[1] - kw) // stride[2] + 1]
-    return x.new_empty(shape).contiguous(memory_format=CL3)
-
-
-def _project_tokens_fake(h, weight, bias, residual):
-    return h.new_empty(h.shape[0], h.shape[2] * h.shape[3] * h.shape[4], weight.shape[0])
-
-
-def _act_backward(grad: Tensor, z: Tensor, activation: str) -> Tensor:
-    if activation != "silu":
-        return grad
-    sig = torch.sigmoid(z.float())
-    return (grad.float() * sig * (1 + z.float() * (1 - sig))).to(grad.dtype)
-
-
-def _setup_conv(ctx, inputs, output):
-    x, weight, bias, stride, padding, activation = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.stride, ctx.padding, ctx.activation = list(stride), list(padding), activation
-    ctx.has_bias = bias is not None
-
-
-def _grads_through_conv(grad, x_in, weight, bias, stride, padding, activation, mask):
-    z = torch.ops.aten.convolution(x_in, weight, bias, stride, padding, [1, 1, 1], False,
-                                   [0, 0, 0], 1)
-    grad_z = _act_backward(grad.to(z.dtype), z, activation)
-    bias_sizes = [weight.shape[0]] if bias is not None else None
-    return torch.ops.aten.convolution_backward(
-        grad_z, x_in, weight, bias_sizes, stride, padding, [1, 1, 1], False, [0, 0, 0], 1, mask)
-
-
-def _backward_conv(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = _grads_through_conv(grad, x, weight, bias, ctx.stride, ctx.padding, ctx.activation, mask)
-    return gx, gw, (gb if mask[2] else None), None, None, None
-
-
-def _setup_causal(ctx, inputs, output):
-    x, prev, weight, bias, stride, padding_hw, activation, time_offset, num_out = inputs
-    ctx.save_for_backward(x, prev, weight, bias)
-    ctx.stride, ctx.padding_hw, ctx.activation = list(stride), list(padding_hw), activation
-    ctx.time_offset, ctx.num_out = time_offset, num_out
-    ctx.has_prev, ctx.has_bias = prev is not None, bias is not None
-
-
-def _backward_causal(ctx, grad):
-    x, prev, weight, bias = ctx.saved_tensors
-    nones = (None,) * 5
-    if ctx.num_out == 0:
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        gp = torch.zeros_like(prev) if ctx.has_prev and ctx.needs_input_grad[1] else None
-        gw = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
-        gb = torch.zeros_like(bias) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (gx, gp, gw, gb) + nones
-    kt = weight.shape[2]
-    st = ctx.stride[0]
-    # Reference math: build V = [zeros ; prev ; x] explicitly, differentiate, then split.
-    p = prev.shape[2] if prev is not None else 0
-    lead = max(0, -ctx.time_offset)
-    start = max(0, ctx.time_offset)
-    window = _causal_window(x, prev, kt, st, ctx.time_offset, ctx.num_out)
-    mask = [True, ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
-    g_win, gw, gb = _grads_through_conv(grad, window, weight, bias, ctx.stride,
-                                        [0] + ctx.padding_hw, ctx.activation, mask)
-    # g_win covers V indices [start, start + window_len) of the zero-extended V; map back.
-    total = lead + p + x.shape[2]
-    g_full = g_win.new_zeros(g_win.shape[0], g_win.shape[1], total, g_win.shape[3], g_win.shape[4])
-    g_full[:, :, start: start + g_win.shape[2]] = g_win
-    g_full = g_full[:, :, lead:]
-    gp = g_full[:, :, :p] if ctx.has_prev and ctx.needs_input_grad[1] else None
-    gx = g_full[:, :, p:] if ctx.needs_input_grad[0] else None
-    return (gx, gp, gw if mask[1] else None, gb if mask[2] else None) + nones
-
-
-def _setup_project(ctx, inputs, output):
-    h, weight, bias, residual = inputs
-    ctx.save_for_backward(h, weight)
-    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
-
-
-def _backward_project(ctx, grad):
-    h, weight = ctx.saved_tensors
-    b, c, t, hh, ww = h.shape
-    gh = gw = gb = gr = None
-    if ctx.needs_input_grad[0]:
-        gh = (grad @ weight).reshape(b, t, hh, ww, c).permute(0, 4, 1, 2, 3)
-    if ctx.needs_input_grad[1]:
-        tokens = h.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
-        gw = (grad.reshape(-1, grad.shape[-1]).t() @ tokens.reshape(-1, c))
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-    if ctx.has_residual and ctx.needs_input_grad[3]:
-        gr = grad
-    return gh, gw, gb, gr
-
-
-def _register_fake_and_autograd(prefix: str) -> None:
-    """Register fake kernels and autograd for pfp::conv3d_act{prefix} etc."""
-    torch.library.register_fake(f"pfp::conv3d_act{prefix}")(_conv3d_act_fake)
-    torch.library.register_autograd(f"pfp::conv3d_act{prefix}", _backward_conv, setup_context=_setup_conv)
-    torch.library.register_fake(f"pfp::causal_conv3d_act{prefix}")(_causal_conv3d_act_fake)
-    torch.library.register_autograd(f"pfp::causal_conv3d_act{prefix}", _backward_causal,
-                                    setup_context=_setup_causal)
-    torch.library.register_fake(f"pfp::project_tokens{prefix}")(_project_tokens_fake)
-    torch.library.register_autograd(f"pfp::project_tokens{prefix}", _backward_project,
-                                    setup_context=_setup_project)
-
-
-if _extension.LOADED:
-    _register_fake_and_autograd("")
-
-
-# Triton kernels are Python custom ops (torch.library.triton_op breaks opcheck under the
-# interpreter). Their launchers live in pfp_kernels/_triton/conv3d.py and import triton lazily.
-if _dispatch.TRITON_AVAILABLE:
-    @torch.library.custom_op("pfp::conv3d_act_triton", mutates_args=())
-    def _conv3d_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
-                           padding: list[int], activation: str) -> Tensor:
-        from ._triton import conv3d as tk
-        return tk.conv3d_act(x, weight, bias, stride, padding, activation)
-
-    @torch.library.custom_op("pfp::causal_conv3d_act_triton", mutates_args=())
-    def _causal_conv3d_act_triton(x: Tensor, prev: Optional[Tensor], weight: Tensor,
-                                  bias: Optional[Tensor], stride: list[int], padding_hw: list[int],
-                                  activation: str, time_offset: int, num_out: int) -> Tensor:
-        from ._triton import conv3d as tk
-        return tk.causal_conv3d_act(x, prev, weight, bias, stride, padding_hw, activation,
-                                    time_offset, num_out)
-
-    @torch.library.custom_op("pfp::project_tokens_triton", mutates_args=())
-    def _project_tokens_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor],
-                               residual: Optional[Tensor]) -> Tensor:
-        from ._triton import conv3d as tk
-        return tk.project_tokens(h, weight, bias, residual)
-
-    _register_fake_and_autograd("_triton")
-
-
-# ----------------------------------------------------------------------------------------------
-# implementation choice
-# ----------------------------------------------------------------------------------------------
-def conv_impl_reasons(op: str, device: torch.device) -> dict[str, Optional[str]]:
-    """For each implementation of pfp::<op>: None if it can run on `device`, else why not."""
-    return {"cpp": _dispatch.cpp_why_not(op, device),
-            "triton": _dispatch.triton_why_not(device),
-            "torch": None}
-
-
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
-
-
-def _choose(op: str, impl: str, device: torch.device) -> str:
-    order = _AUTO_ORDER.get(device.type, ("triton", "torch"))
-    return _dispatch.resolve(op, impl, conv_impl_reasons(op, device), order)
+def conv_impl_reasons(op: str, x: Tensor, weight: Tensor) -> dict[str, Optional[str]]:
+    """For each implementation of pfp::<op> ("conv3d_act", "causal_conv3d_act" or
+    "project_tokens"): None if it can run on these inputs, else why not."""
+    return _registry.OPS[op].reasons(x, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,16 +98,16 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     Returns:
         ``[B, Cout, To, Ho, Wo]`` in channels-last-3d, dtype of x (accumulation in fp32).
     """
-    _check_conv_args(x, weight, bias, "conv3d_act")
-    stride = _triple(stride, "stride", minimum=1)
-    padding = _triple(padding, "padding")
-    act = _check_activation(activation)
+    check_conv_args(x, weight, bias, "conv3d_act")
+    stride = triple(stride, "stride", minimum=1)
+    padding = triple(padding, "padding")
+    act = check_activation(activation)
     if x.shape[2] == 0:
         raise ValueError("conv3d_act: x has an empty time dimension (T=0); a non-causal conv needs T >= 1")
-    out = [_out_hw(x.shape[2 + axis], weight.shape[2 + axis], stride[axis], padding[axis], name)
+    out = [checked_out_len(x.shape[2 + axis], weight.shape[2 + axis], stride[axis], padding[axis], name)
            for axis, name in enumerate("THW")]
-    _check_output_fits("conv3d_act", x, [x.shape[0], weight.shape[0], *out])
-    chosen = _choose("conv3d_act", impl, x.device)
+    check_output_fits("conv3d_act", x, [x.shape[0], weight.shape[0], *out])
+    chosen = CONV3D_ACT.choose(impl, x, weight)
     if chosen == "torch":
         return conv3d_act_reference(x, weight, bias, stride, padding, act)
     op = torch.ops.pfp.conv3d_act if chosen == "cpp" else torch.ops.pfp.conv3d_act_triton
@@ -392,19 +132,10 @@ class CausalConvState:
     signature: tuple
 
 
-def _state_signature(x: Tensor, weight: Tensor, stride, padding_hw, act: str) -> tuple:
-    return (tuple(weight.shape), tuple(stride), tuple(padding_hw), act, x.shape[0], x.shape[1], x.shape[3],
-            x.shape[4], x.dtype, x.device)
-
-
-_SIG_FIELDS = ("weight shape", "stride", "padding_hw", "activation", "batch size",
-               "channels", "H", "W", "dtype", "device")
-
-
 def _check_state(state: CausalConvState, signature: tuple) -> None:
     if not isinstance(state, CausalConvState):
         raise ValueError(f"state must be a CausalConvState returned by causal_conv3d_act, got {type(state).__name__}")
-    for field, have, want in zip(_SIG_FIELDS, state.signature, signature):
+    for field, have, want in zip(STATE_FIELDS, state.signature, signature):
         if have != want:
             raise ValueError(f"state does not match this call: its {field} is {have!r}, the inputs' is "
                              f"{want!r}; pass state=None to start a new stream")
@@ -432,14 +163,14 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
         ``(y, state)``: y is ``[B, Cout, M, Ho, Wo]`` channels-last-3d; state holds at most
         kt-1 input frames, so the cost of a call does not grow with history.
     """
-    _check_conv_args(x, weight, bias, "causal_conv3d_act")
-    stride = _triple(stride, "stride", minimum=1)
-    padding_hw = _triple(padding_hw, "padding_hw", n=2)
-    act = _check_activation(activation)
+    check_conv_args(x, weight, bias, "causal_conv3d_act")
+    stride = triple(stride, "stride", minimum=1)
+    padding_hw = triple(padding_hw, "padding_hw", n=2)
+    act = check_activation(activation)
     kt, kh, kw = weight.shape[2:]
-    ho = _out_hw(x.shape[3], kh, stride[1], padding_hw[0], "H")
-    wo = _out_hw(x.shape[4], kw, stride[2], padding_hw[1], "W")
-    signature = _state_signature(x, weight, stride, padding_hw, act)
+    ho = checked_out_len(x.shape[3], kh, stride[1], padding_hw[0], "H")
+    wo = checked_out_len(x.shape[4], kw, stride[2], padding_hw[1], "W")
+    signature = state_signature(x, weight, stride, padding_hw, act)
     if state is not None:
         _check_state(state, signature)
     st = stride[0]
@@ -449,11 +180,11 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     n = n0 + x.shape[2]
     j0, j1 = -(-n0 // st), -(-n // st)
     num_out = j1 - j0
-    _check_output_fits("causal_conv3d_act", x, [x.shape[0], weight.shape[0], num_out, ho, wo])
+    check_output_fits("causal_conv3d_act", x, [x.shape[0], weight.shape[0], num_out, ho, wo])
     # V index of stream frame g is g - (n0 - p).
     time_offset = st * j0 - (kt - 1) - (n0 - p)
 
-    chosen = _choose("causal_conv3d_act", impl, x.device)
+    chosen = CAUSAL_CONV3D_ACT.choose(impl, x, weight)
     if chosen == "torch":
         y = causal_conv3d_act_reference(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
     else:
@@ -483,29 +214,8 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     Returns:
         ``[B, T*H*W, Cout]`` tokens ordered (t, h, w), dtype of h.
     """
-    if h.dim() != 5:
-        raise ValueError(f"project_tokens: h must be 5-D [B, C, T, H, W], got shape {tuple(h.shape)}")
-    if weight.dim() == 5:
-        if tuple(weight.shape[2:]) != (1, 1, 1):
-            raise ValueError(f"project_tokens: a 5-D weight must be [Cout, C, 1, 1, 1], got {tuple(weight.shape)}")
-        weight = weight.flatten(1)
-    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
-        raise ValueError(f"project_tokens: weight must be [Cout, C={h.shape[1]}], got {tuple(weight.shape)}")
-    if weight.dtype != h.dtype or weight.device != h.device:
-        raise ValueError(f"project_tokens: weight must match h in dtype and device; h is {h.dtype} on "
-                         f"{h.device}, weight is {weight.dtype} on {weight.device}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != h.dtype or bias.device != h.device):
-        raise ValueError(f"project_tokens: bias must be [{weight.shape[0]}] with h's dtype and device, "
-                         f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    n_tok = h.shape[2] * h.shape[3] * h.shape[4]
-    if residual is not None:
-        want = (h.shape[0], n_tok, weight.shape[0])
-        if tuple(residual.shape) != want:
-            raise ValueError(f"project_tokens: residual must have shape {want}, got {tuple(residual.shape)}")
-        if residual.dtype != h.dtype or residual.device != h.device:
-            raise ValueError(f"project_tokens: residual must match h in dtype and device, got "
-                             f"{residual.dtype} on {residual.device}")
-    chosen = _choose("project_tokens", impl, h.device)
+    weight = check_project_args(h, weight, bias, residual)
+    chosen = PROJECT_TOKENS.choose(impl, h, weight)
     if chosen == "torch":
         return project_tokens_reference(h, weight, bias, residual)
     op = torch.ops.pfp.project_tokens if chosen == "cpp" else torch.ops.pfp.project_tokens_triton
@@ -514,4 +224,4 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 __all__ = ["conv3d_act", "causal_conv3d_act", "project_tokens", "CausalConvState",
            "conv3d_act_reference", "causal_conv3d_act_reference", "project_tokens_reference",
-           "conv_impl_reasons", "ACTIVATIONS", "CONV_IMPLS"]
+           "conv_impl_reasons", "ACTIVATIONS", "CONV3D_ACT", "CAUSAL_CONV3D_ACT", "PROJECT_TOKENS"]

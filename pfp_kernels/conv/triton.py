@@ -1,7 +1,8 @@
 """Triton kernels for pfp::conv3d_act, pfp::causal_conv3d_act and pfp::project_tokens.
 
-The ops' contracts (shapes, time convention, checks, autograd) live in pfp_kernels/conv.py; this
-module holds only the kernels, their launchers and the config table.
+The ops' contracts live beside it in pfp_kernels/conv/ (shapes.py: sizes and checks; autograd.py:
+fakes and backward; __init__.py: the API); this module holds only the kernels, their launchers
+and the config table.
 
 Design
 ------
@@ -60,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .shapes import batch_item_span, causal_out_shape, check_op_activation, conv_out_shape
 
 CL3 = torch.channels_last_3d
 
@@ -320,7 +323,7 @@ def _empty_cl3(shape: list[int], like: Tensor) -> Tensor:
 
 def _check_offsets(t: Tensor, name: str, op: str) -> None:
     # The kernels index within one batch item in int32 (the batch offset is int64).
-    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size > 0)
+    span = batch_item_span(t)
     if span >= 2 ** 31:
         raise ValueError(f"{op} (triton): one batch item of {name} spans {span} elements; the kernels "
                          f"index within a batch item in int32 (< 2**31); split the input")
@@ -375,11 +378,6 @@ def _launch_conv(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Option
     return out
 
 
-def _check_activation(activation: str, op: str) -> None:
-    if activation not in ("silu", "none"):
-        raise ValueError(f"{op} (triton): activation must be 'silu' or 'none', got {activation!r}")
-
-
 def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                padding: list[int], activation: str) -> Tensor:
     """``activation(conv3d(x, weight, bias, stride, padding))``, one kernel.
@@ -389,11 +387,8 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[i
     Returns ``[B, Cout, To, Ho, Wo]`` in channels-last-3d, x's dtype.
     """
     _check_dtype(x, "conv3d_act")
-    _check_activation(activation, "conv3d_act")
-    kt, kh, kw = weight.shape[2:]
-    shape = [x.shape[0], weight.shape[0]] + [
-        (x.shape[2 + i] + 2 * padding[i] - k) // stride[i] + 1 for i, k in enumerate((kt, kh, kw))]
-    out = _empty_cl3(shape, x)
+    check_op_activation(activation, "conv3d_act (triton)")
+    out = _empty_cl3(conv_out_shape(x.shape, weight.shape, stride, padding), x)
     # Non-causal = the two-source kernel with no prev (P = 0) and V frame -padding_t first.
     return _launch_conv(x, None, weight, bias, stride, padding[1], padding[2], -padding[0], out, activation)
 
@@ -408,7 +403,7 @@ def causal_conv3d_act(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: O
     formats (independently). Returns ``[B, Cout, num_out, Ho, Wo]`` channels-last-3d.
     """
     _check_dtype(x, "causal_conv3d_act")
-    _check_activation(activation, "causal_conv3d_act")
+    check_op_activation(activation, "causal_conv3d_act (triton)")
     if prev is not None and (prev.dtype != x.dtype or prev.device != x.device
                              or prev.shape[:2] != x.shape[:2] or prev.shape[3:] != x.shape[3:]):
         raise ValueError(f"causal_conv3d_act (triton): prev must be [B, Cin, P, H, W] matching x "
@@ -416,11 +411,7 @@ def causal_conv3d_act(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: O
                          f"({prev.dtype} on {prev.device})")
     if num_out < 0:
         raise ValueError(f"causal_conv3d_act (triton): num_out must be >= 0, got {num_out}")
-    kt, kh, kw = weight.shape[2:]
-    shape = [x.shape[0], weight.shape[0], num_out,
-             (x.shape[3] + 2 * padding_hw[0] - kh) // stride[1] + 1,
-             (x.shape[4] + 2 * padding_hw[1] - kw) // stride[2] + 1]
-    out = _empty_cl3(shape, x)
+    out = _empty_cl3(causal_out_shape(x.shape, weight.shape, stride, padding_hw, num_out), x)
     return _launch_conv(x, prev, weight, bias, stride, padding_hw[0], padding_hw[1], time_offset,
                         out, activation)
 
@@ -461,7 +452,7 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
 
 
 # ----------------------------------------------------------------------------------------------
-# AOT compile specs (for tests/test_triton_aot_conv.py; see pfp_kernels/_triton/aot.py)
+# AOT compile specs (for tests/test_triton_aot_conv.py; see pfp_kernels/_aot.py)
 # ----------------------------------------------------------------------------------------------
 _TRITON_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 _TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

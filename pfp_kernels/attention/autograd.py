@@ -1,0 +1,156 @@
+"""Registration of the joint_attention ops with torch.library: fake kernels and autograd for the C++
+op ``pfp::joint_attention`` and the Python backends ``pfp::joint_attention_{sdpa,flash_attn,
+xformers,triton}``.
+
+Every backend saves (out, lse) and shares one backward: the Triton backward kernels on CUDA (and
+for the Triton backend under the interpreter), elsewhere a per-segment math backward. The gradient
+through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from .._registry import TRITON_AVAILABLE
+from .backends import (_joint_attention_flash_attn_impl, _joint_attention_sdpa_impl,
+                       _joint_attention_xformers_impl)
+from .reference import lse_dtype
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_HEAD_DIM = 256
+MAX_TRITON_FP32_HEAD_DIM = 128
+
+
+def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, scale):
+    """Per-segment backward from the saved (out, lse), materialising one segment's scores."""
+    acc = lse_dtype(q.dtype)
+    qf, do = q.to(acc), grad_out.to(acc)
+    lse = lse.to(acc)
+    delta = (do * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Nq]
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    b = q.shape[0]
+    dq = torch.zeros_like(qf)
+    grads = []
+    for seg_k, seg_v in ((context_k, context_v), (k, v)):
+        if seg_k is None:
+            grads.append((None, None))
+            continue
+        kf = seg_k.to(acc).expand(b, -1, -1, -1)
+        vf = seg_v.to(acc).expand(b, -1, -1, -1)
+        p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale - lse.unsqueeze(-1))
+        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta.unsqueeze(-1))
+        dq += torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+        dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale
+        if seg_k.shape[0] != b:  # broadcast context: sum over the query batches it served
+            dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+        grads.append((dk.to(seg_k.dtype), dv.to(seg_v.dtype)))
+    (dck, dcv), (dk, dv) = grads
+    return dq.to(q.dtype), dk, dv, dck, dcv
+
+
+def _triton_backward_ok(q: Tensor) -> bool:
+    max_d = MAX_TRITON_FP32_HEAD_DIM if q.dtype == torch.float32 else MAX_TRITON_HEAD_DIM
+    return (q.device.type == "cuda" and TRITON_AVAILABLE and q.dtype in KERNEL_DTYPES
+            and q.shape[-1] <= max_d)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, context_k, context_v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, context_k, context_v, out, lse)
+    ctx.scale = scale
+
+
+def _make_backward(always_triton: bool):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, context_k, context_v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if always_triton or _triton_backward_ok(q):
+            # Through an op, so that torch.compile / AOT autograd can trace the backward.
+            dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
+                grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
+            if context_k is None:
+                dck = dcv = None
+        else:
+            dq, dk, dv, dck, dcv = _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v,
+                                                  out, lse, ctx.scale)
+        return dq, dk, dv, dck, dcv, None
+    return backward
+
+
+def _empty_context_grad(q: Tensor) -> Tensor:
+    return q.new_empty(1, 0, q.shape[2], q.shape[3])
+
+
+def _fake(q, k, v, context_k, context_v, scale):
+    return (q.new_empty(q.shape),
+            q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=lse_dtype(q.dtype)))
+
+
+def _register(name: str, always_triton: bool = False) -> None:
+    torch.library.register_fake(name)(_fake)
+    torch.library.register_autograd(name, _make_backward(always_triton), setup_context=_setup_context)
+
+
+if _extension.LOADED:
+    _register("pfp::joint_attention")
+
+
+@torch.library.custom_op("pfp::joint_attention_sdpa", mutates_args=())
+def _joint_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                          context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale)
+
+
+@torch.library.custom_op("pfp::joint_attention_flash_attn", mutates_args=())
+def _joint_attention_flash_attn(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return _joint_attention_flash_attn_impl(q, k, v, context_k, context_v, scale)
+
+
+@torch.library.custom_op("pfp::joint_attention_xformers", mutates_args=())
+def _joint_attention_xformers(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                              context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return _joint_attention_xformers_impl(q, k, v, context_k, context_v, scale)
+
+
+for _name in ("sdpa", "flash_attn", "xformers"):
+    _register(f"pfp::joint_attention_{_name}")
+
+
+# Triton kernels are a Python custom op (torch.library.triton_op breaks opcheck under the
+# interpreter); the launcher module imports triton, so it is imported lazily.
+if TRITON_AVAILABLE:
+    @torch.library.custom_op("pfp::joint_attention_triton", mutates_args=())
+    def _joint_attention_triton(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+        from . import triton as tk
+        return tk.joint_attention_fwd(q, k, v, context_k, context_v, scale)
+
+    @torch.library.custom_op("pfp::joint_attention_triton_backward", mutates_args=())
+    def _joint_attention_triton_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor,
+                                         k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                         context_v: Optional[Tensor], out: Tensor, lse: Tensor,
+                                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(dq, dk, dv, dcontext_k, dcontext_v); without context the last two are empty."""
+        from . import triton as tk
+        dq, dk, dv, dck, dcv = tk.joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k,
+                                                      context_v, out, lse, scale)
+        if dck is None:
+            dck, dcv = _empty_context_grad(q), _empty_context_grad(q)
+        return dq, dk, dv, dck, dcv
+
+    @torch.library.register_fake("pfp::joint_attention_triton_backward")
+    def _joint_attention_triton_backward_fake(grad_out, grad_lse, q, k, v, context_k, context_v, out,
+                                              lse, scale):
+        def like(t):
+            return t.new_empty(t.shape) if t is not None else _empty_context_grad(q)
+        return like(q), like(k), like(v), like(context_k), like(context_v)
+
+    _register("pfp::joint_attention_triton", always_triton=True)

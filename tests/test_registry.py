@@ -1,0 +1,79 @@
+"""The one registry of op implementations (pfp_kernels._registry): every op is described the same
+way, reasons depend on the inputs, and choices and refusals read the same for every op."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pfp_kernels as pk
+from pfp_kernels import _registry, conv
+from pfp_kernels.testing import assert_close, tolerance
+
+
+def test_every_op_is_registered_with_a_probe_and_a_default_order():
+    assert set(_registry.OPS) == {"conv3d_act", "causal_conv3d_act", "project_tokens", "joint_attention"}
+    for op in _registry.OPS.values():
+        assert op.names[-1] == "torch", op.name  # the reference is always the last resort
+        what, inputs = op.probe(torch.device("cpu"))
+        reasons = op.reasons(*inputs)
+        assert set(reasons) == set(op.names) and reasons["torch"] is None
+        assert op.choose("auto", *inputs) in op.auto_order["cpu"]
+
+
+def test_reasons_look_at_the_inputs_not_only_the_device():
+    x = torch.zeros(1, 4, 2, 3, 3)
+    w = torch.zeros(8, 4, 1, 1, 1)
+    int_x = x.to(torch.int32)
+    reasons = conv.conv_impl_reasons("conv3d_act", int_x, w.to(torch.int32))
+    assert "dtype int32 not supported" in reasons["triton"] or "Triton" in reasons["triton"]
+    if _registry.TRITON_AVAILABLE and _registry.TRITON_INTERPRET:
+        # the interpreter's bf16 tl.dot is wrong: refused for bf16 inputs only
+        assert conv.conv_impl_reasons("conv3d_act", x, w)["triton"] is None
+        assert "bf16" in conv.conv_impl_reasons("conv3d_act", x.bfloat16(), w.bfloat16())["triton"]
+    q = torch.zeros(1, 2, 1, 16)
+    assert pk.attention_backends(q, q, q)["sdpa"] is None
+    wide = torch.zeros(1, 2, 1, 300)
+    if _registry.TRITON_AVAILABLE and _registry.TRITON_INTERPRET:
+        assert "head dim 300" in pk.attention_backends(wide, wide, wide)["triton"]
+    assert "CUDA" in pk.attention_backends(q, q, q)["flash_attn"]
+
+
+def test_choose_names_the_choices_and_the_reasons():
+    op = _registry.OPS["conv3d_act"]
+    x, w = torch.zeros(1, 4, 2, 3, 3), torch.zeros(8, 4, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'cpp', 'triton', 'torch'\)"):
+        op.choose("cudnn", x, w)
+    if not _registry.TRITON_INTERPRET:
+        with pytest.raises(RuntimeError, match="impl='triton' cannot run these inputs: Triton runs CPU"):
+            op.choose("triton", x, w)
+    none_can = _registry.Op("demo", (_registry.Impl("a", ("cpu",), lambda t: "too big"),),
+                            {"default": ("a",)})
+    with pytest.raises(RuntimeError, match=r"demo: no implementation can run these inputs \(a: too big\)"):
+        none_can.choose("auto", x)
+    assert "runs on CUDA tensors only" in _registry.Op(
+        "demo", (_registry.Impl("a", ("cuda",), lambda t: None),), {"default": ("a",)}).reasons(x)["a"]
+
+
+def test_register_refuses_an_order_naming_unknown_impls():
+    with pytest.raises(ValueError, match="unknown implementations"):
+        _registry.register(_registry.Op("demo", (_registry.Impl("a", (), lambda t: None),),
+                                        {"default": ("a", "b")}))
+    assert "demo" not in _registry.OPS
+
+
+def test_the_tolerance_rule():
+    ref = torch.tensor([0.5, -2.0, 4.0], dtype=torch.float64)
+    tol = tolerance(torch.float32)
+    assert_close(ref + 3.9 * tol, ref, torch.float32)  # within tol * max(1, 4)
+    with pytest.raises(AssertionError, match="max error"):
+        assert_close(ref + 4.1 * tol, ref, torch.float32)
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(torch.tensor([float("nan"), 0.0, 0.0]), ref)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(ref[:2], ref)
+    small = torch.tensor([1e-3], dtype=torch.float64)
+    assert_close(small * (1 + 0.5 * tolerance(torch.float32, "stream")), small, torch.float32, kind="stream")
+    with pytest.raises(AssertionError):  # stream tolerances are relative to the values themselves
+        assert_close(small * (1 + 2 * tolerance(torch.float32, "stream")), small, torch.float32, kind="stream")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tolerance(torch.float32, "loose")
