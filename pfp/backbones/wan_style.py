@@ -495,8 +495,18 @@ class WanStyleBackbone(nn.Module):
 
 
 def _frame_runs(positions: Tensor) -> list:
-    """(start, end) of each run of context tokens sharing a token-frame time (positions ordered in t)."""
-    t = positions[:, 0]
+    """(start, end) of each run of context tokens sharing a token-frame time (positions ordered in t).
+
+    Positions are host-side structure, read eagerly: a real positions tensor is read even while a
+    FakeTensorMode traces the rest (pfp.memory traces full-size models that way)."""
+    from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+    if not is_fake(positions):
+        with unset_fake_temporarily():
+            return _runs_of(positions[:, 0])
+    return _runs_of(positions[:, 0])
+
+
+def _runs_of(t: Tensor) -> list:
     if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
         raise ValueError("context tokens must be ordered by time (Context.positions[:, 0] non-decreasing)")
     change = torch.nonzero(t[1:] != t[:-1]).flatten().tolist()
