@@ -656,12 +656,15 @@ ConvPlan plan_conv(const ConvShape& s, bool onednn_available, PathMode mode, con
   const int64_t nb_aligned = (P > 0 && front > 0) ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
   const int64_t nb_copied = front > 0 ? std::min<int64_t>(M, (front + g.st - 1) / g.st) : 0;
 
+  const bool short_append = P > 0 && nb_copied > 0 && M - nb_copied <= costs.short_append_frames;
+  // The window layout computes every output from one gathered window, so a short append whose
+  // outputs all read state frames (M == nb, e.g. one output after a state) still runs on oneDNN;
+  // the split layouts need an output whose window lies in x (M > nb_aligned).
   const bool onednn_ok = s.dtype != at::kDouble && onednn_available && N > 0 && g.ph < g.kh &&
-                         g.pw < g.kw && front < g.kt && M > nb_aligned;
+                         g.pw < g.kw && front < g.kt && (short_append || M > nb_aligned);
   const double flops_per_frame = 2.0 * g.B * g.Ho * g.Wo * g.Cout * g.kt * g.kh * g.kw * g.Cin;
   const double weight_elems = static_cast<double>(g.Cout) * g.Cin * g.kt * g.kh * g.kw;
   bool use_onednn = onednn_ok && mode != PathMode::Direct;
-  const bool short_append = P > 0 && nb_copied > 0 && M - nb_copied <= costs.short_append_frames;
   if (use_onednn && mode == PathMode::Auto) {
     const int64_t onednn_frames = short_append ? M : M - nb_aligned;
     use_onednn = flops_per_frame * onednn_frames > costs.onednn_min_flops_per_weight * weight_elems;
