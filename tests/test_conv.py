@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import pfp_kernels as pk
+from pfp_kernels.testing import assert_close
 from pfp_kernels import _extension, conv as C, nn as pnn
 
 from conv_cases import (ConvCase, assert_close_to_reference, assert_dense_channels_last, causal_reference,
@@ -193,6 +194,12 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
         assert plans[0].startswith("onednn-aligned") and "gathered" not in plans[0], plans
         assert plans[1] == "onednn-window[0,3)", plans  # short append: one call over [state ; chunk]
         assert plans[2].startswith("onednn-aligned") and "+gathered[0,2)" in plans[2], plans
+        # one frame after a state: its only output reads state frames, and still runs as one window
+        whole, _ = pk.causal_conv3d_act(x, w, b, 1, 1, impl="torch")
+        _, state1 = pk.causal_conv3d_act(x[:, :, :39], w, b, 1, 1, impl="cpp")
+        last, _ = pk.causal_conv3d_act(x[:, :, 39:], w, b, 1, 1, state=state1, impl="cpp")
+        assert torch.ops.pfp._conv_cpu_last_plan() == "onednn-window[0,1)", torch.ops.pfp._conv_cpu_last_plan()
+        assert_close(last, whole[:, :, 39:], torch.float32)
         # batch > 1, a longer chunk after state: the copied layout (inner outputs from x's slice)
         x2 = make_activation((2, 8, 52, 6, 7), torch.float32, "channels_last", generator=g)
         _, state = pk.causal_conv3d_act(x2[:, :, :40], w, b, 1, 1, impl="cpp")
