@@ -583,21 +583,32 @@ ConvCosts current_costs() {
   return g_costs;
 }
 
+// The six costs of a list (kCostNames order), each checked finite and > 0; both ops below read
+// costs through it, so a list one accepts the other accepts too.
+ConvCosts costs_from(const char* op, at::ArrayRef<double> values) {
+  std::string names;
+  for (size_t i = 0; i < kNumCosts; ++i) names += std::string(i ? ", " : "") + kCostNames[i];
+  TORCH_CHECK(values.size() == kNumCosts, op, ": costs must hold ", kNumCosts, " values (", names, "), got ",
+              values.size());
+  for (size_t i = 0; i < kNumCosts; ++i)
+    TORCH_CHECK(values[i] > 0 && std::isfinite(values[i]), op, ": ", kCostNames[i],
+                " must be a finite number > 0, got ", values[i]);
+  ConvCosts costs;
+  std::copy(values.begin(), values.end(), reinterpret_cast<double*>(&costs));
+  return costs;
+}
+
+std::vector<double> costs_list(const ConvCosts& costs) {
+  const auto* fields = reinterpret_cast<const double*>(&costs);
+  return std::vector<double>(fields, fields + kNumCosts);
+}
+
 // pfp::_conv_cpu_costs(costs): with an empty list, returns the current costs; otherwise sets them
 // (all six, in kCostNames order) and returns the previous ones.
 std::vector<double> conv_cpu_costs(at::ArrayRef<double> values) {
   std::lock_guard<std::mutex> lock(g_costs_mutex);
-  auto* fields = reinterpret_cast<double*>(&g_costs);
-  std::vector<double> previous(fields, fields + kNumCosts);
-  if (values.empty()) return previous;
-  std::string names;
-  for (size_t i = 0; i < kNumCosts; ++i) names += std::string(i ? ", " : "") + kCostNames[i];
-  TORCH_CHECK(values.size() == kNumCosts, "pfp::_conv_cpu_costs: costs must hold ", kNumCosts,
-              " values (", names, "), got ", values.size());
-  for (size_t i = 0; i < kNumCosts; ++i)
-    TORCH_CHECK(values[i] > 0 && std::isfinite(values[i]), "pfp::_conv_cpu_costs: ", kCostNames[i],
-                " must be a finite number > 0, got ", values[i]);
-  std::copy(values.begin(), values.end(), fields);
+  std::vector<double> previous = costs_list(g_costs);
+  if (!values.empty()) g_costs = costs_from("pfp::_conv_cpu_costs", values);
   return previous;
 }
 
@@ -868,11 +879,7 @@ std::string conv_cpu_plan(at::IntArrayRef x_shape, int64_t prev_frames, at::IntA
   TORCH_CHECK(x_shape.size() == 5 && weight_shape.size() == 5 && stride.size() == 3 && padding_hw.size() == 2,
               op, ": x_shape and weight_shape need 5 entries, stride 3 and padding_hw 2");
   TORCH_CHECK(prev_frames >= 0 && num_out >= 1, op, ": prev_frames must be >= 0 and num_out >= 1");
-  ConvCosts given = current_costs();
-  if (!costs.empty()) {
-    TORCH_CHECK(costs.size() == kNumCosts, op, ": costs must hold ", kNumCosts, " values, got ", costs.size());
-    std::copy(costs.begin(), costs.end(), reinterpret_cast<double*>(&given));
-  }
+  const ConvCosts given = costs.empty() ? current_costs() : costs_from(op, costs);
   const int64_t st[3] = {stride[0], stride[1], stride[2]};
   ConvShape s{geometry_of(x_shape, weight_shape, st, padding_hw[0], padding_hw[1]), x_shape[2], prev_frames,
               num_out, time_offset, dtype};

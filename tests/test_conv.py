@@ -176,6 +176,9 @@ def test_cpp_plan_is_a_function_of_shapes_and_costs():
         torch.ops.pfp._conv_cpu_costs([1.0])
     with pytest.raises(RuntimeError, match="copy_ns_per_elem must be a finite number > 0"):
         torch.ops.pfp._conv_cpu_costs([50.0, -1.0, 1.3, 40.0, 8.0, 1.0])
+    with pytest.raises(RuntimeError, match="_conv_cpu_plan: copy_ns_per_elem must be a finite number > 0"):
+        torch.ops.pfp._conv_cpu_plan(list(x.shape), 0, list(w.shape), [1, 1, 1], [1, 1], -2, 40, torch.float32,
+                                     [50.0, 0.0, 1.3, 40.0, 8.0, 1.0])
 
 
 @needs_cpp
