@@ -46,11 +46,11 @@ import json
 import math
 import re
 import sys
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-import weakref
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -394,22 +394,18 @@ def estimate(trace: Trace, choices: dict, budget: int, steps: int = 20) -> Plan:
            transformer_gpu}
     vae = {"vae": trace.vae}
     text_gpu = {"text_encoder": trace.text} if choices["text"] == "gpu" else {}
-    phases = []
-    if choices["text"] == "cpu":
-        phases.append(phase("text", {**always, **(vae if not swap else {}), **dit}, 0))
-    else:
-        # "free": the encoder comes in for the storyboard's prompts before anything else is loaded
-        text_parts = {"text_encoder": trace.text} if choices["text"] == "free" else {
-            **always, **text_gpu, **dit, **(vae if not swap else {})}
-        phases.append(phase("text", text_parts, trace.transient["text"]))
-    phases.append(phase("compress", {**always, **text_gpu, **dit, **(vae if not swap else {})},
-                        trace.transient["compress"]))
+    # what is on the GPU while the transformer runs, and while the VAE decodes
+    with_dit = {**always, **text_gpu, **dit, **({} if swap else vae)}
+    with_vae = {**always, **text_gpu, **vae, **({} if swap else dit)}
+    # "free": the encoder comes in for the storyboard's prompts before anything else is loaded;
+    # "cpu": the prompts are encoded off the GPU
+    text_parts = {"text_encoder": trace.text} if choices["text"] == "free" else with_dit
     kv_transient = trace.transient["context_kv"] * (0.5 if choices["kv"] == "fp8" else 1.0)
-    phases.append(phase("context_kv", {**always, **text_gpu, **dit, **(vae if not swap else {})},
-                        kv_transient + upcast))
-    phases.append(phase("denoise", {**always, **text_gpu, **dit, **(vae if not swap else {})},
-                        trace.transient["denoise"] + upcast))
-    phases.append(phase("decode", {**always, **text_gpu, **vae, **({} if swap else dit)}, trace.transient["decode"]))
+    phases = [phase("text", text_parts, 0 if choices["text"] == "cpu" else trace.transient["text"]),
+              phase("compress", with_dit, trace.transient["compress"]),
+              phase("context_kv", with_dit, kv_transient + upcast),
+              phase("denoise", with_dit, trace.transient["denoise"] + upcast),
+              phase("decode", with_vae, trace.transient["decode"])]
 
     by_name = {p.name: p for p in phases}
     hidden = 0.0

@@ -149,13 +149,3 @@ def dtype_why_not(dtype: torch.dtype, allowed: tuple) -> Optional[str]:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         return f"dtype {str(dtype).replace('torch.', '')} not supported (supports {names})"
     return None
-
-
-def first_reason(*checks: Callable[[], Optional[str]]) -> Optional[str]:
-    """The first non-None reason of ``checks``, evaluated in order (later ones may assume the
-    earlier ones passed)."""
-    for check in checks:
-        why = check()
-        if why is not None:
-            return why
-    return None

@@ -62,13 +62,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .shapes import batch_item_span, causal_out_shape, check_op_activation, conv_out_shape
+from .shapes import KERNEL_DTYPES, batch_item_span, causal_out_shape, check_op_activation, conv_out_shape
 
 CL3 = torch.channels_last_3d
 
 # fp32 tl.dot precision (see the module docstring).
 FP32_DOT_PRECISION = "ieee"
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DTYPES = KERNEL_DTYPES  # fp32, fp16, bf16, and fp64 for checks (shapes.py)
 
 
 # ----------------------------------------------------------------------------------------------
