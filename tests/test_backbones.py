@@ -137,6 +137,34 @@ def test_cached_kv_equals_on_the_fly_and_incremental_equals_full():
     torch.testing.assert_close(kv.positions, inc.positions)
 
 
+def test_fp8_context_kv_halves_the_cache_and_stays_close():
+    # per-token, per-head scales: a one-shot fp8 cache is the full one rounded to 3 mantissa bits,
+    # an incremental one (new tokens attending to rounded old ones) stays within the same bound,
+    # and the velocity read through it stays close
+    from pfp.backbones.wan_style import FP8_KV_DTYPE
+    m = _tiny("cached").eval()
+    x, t, text = torch.randn(2, 8, 2, 4, 4), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 16)
+    ctx = _context(3, 2, 2, 48)
+    first, rest = _Ctx(ctx.tokens[:, :8], ctx.positions[:8]), _Ctx(ctx.tokens[:, 8:], ctx.positions[8:])
+    with torch.no_grad():
+        full = m.cache_context(ctx)
+        once = m.cache_context(ctx, kv_storage="fp8")
+        grown = m.cache_context(rest, m.cache_context(first, kv_storage="fp8"))
+        assert grown.is_fp8 and grown.keys[0].dtype == FP8_KV_DTYPE and grown.num_tokens == full.num_tokens
+        assert once.nbytes() < 0.5 * full.nbytes()   # 1 byte per value + one fp32 scale per 12 values, vs 4
+        for cache in (once, grown):
+            for i in range(len(full.keys)):
+                for got, want in zip(cache.layer(i, torch.float32), (full.keys[i], full.values[i])):
+                    bound = 2.0 ** -4 * want.abs().amax(dim=-1, keepdim=True) * (1.05 if cache is once else 1.5)
+                    assert bool(((got - want).abs() <= bound).all()), i
+        want = m(x, t, text, full, t_start=6)
+        got = m(x, t, text, grown, t_start=6)
+    err = (got - want).abs().max()
+    assert 0 < err <= 0.02 * want.abs().max(), err
+    with pytest.raises(ValueError, match="kv_storage must be 'native' or 'fp8'"):
+        m.cache_context(ctx, kv_storage="int8")
+
+
 def test_cached_context_is_causal_and_text_free():
     m = _tiny("cached")
     ctx = _context(3, 1, 2, 48)

@@ -45,6 +45,17 @@ from .rope import apply_rope, grid_positions, rope_cos_sin
 CONTEXT_MODES = ("joint", "cached")
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [B, N, H, D]`` -> (float8 values, fp32 scales ``[B, N, H, 1]``): one scale per token and
+    head, so appending tokens never rescales the ones already stored."""
+    scale = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / _FP8_MAX
+    return (x.float() / scale).to(FP8_KV_DTYPE), scale
+
+
 @dataclass
 class ContextKV:
     """Per-layer keys/values of a context for ``context_mode="cached"``.
@@ -53,12 +64,17 @@ class ContextKV:
     ``Bc`` is 1 (one history shared by the whole batch) or the batch size.
     mask: ``[Bc, Nc]`` bool, True where a context token is real (from ``Context.mask``), or None
     when all are.
+    key_scales, value_scales: with keys/values stored in float8 (:meth:`to_fp8`, half the bytes of
+    bf16), fp32 ``[Bc, Nc, heads, 1]`` per layer, one per token and head; None when stored plain.
+    Read a layer through :meth:`layer`, which upcasts one layer at a time.
     """
 
     keys: list
     values: list
     positions: Tensor
     mask: Optional[Tensor] = None
+    key_scales: Optional[list] = None
+    value_scales: Optional[list] = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +83,31 @@ class ContextKV:
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.key_scales is not None
+
+    def layer(self, i: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(K, V) of block i in ``dtype`` (upcast from float8 when stored so)."""
+        if not self.is_fp8:
+            return self.keys[i], self.values[i]
+        return ((self.keys[i].float() * self.key_scales[i]).to(dtype),
+                (self.values[i].float() * self.value_scales[i]).to(dtype))
+
+    def to_fp8(self) -> "ContextKV":
+        """The same cache with K/V stored in float8 e4m3 and per-token, per-head fp32 scales."""
+        if self.is_fp8:
+            return self
+        kq = [_quantize_fp8(k) for k in self.keys]
+        vq = [_quantize_fp8(v) for v in self.values]
+        return ContextKV([k for k, _ in kq], [v for v, _ in vq], self.positions, self.mask,
+                         [s for _, s in kq], [s for _, s in vq])
+
+    def nbytes(self) -> int:
+        """Bytes held by the K/V (and scales) of every layer."""
+        parts = self.keys + self.values + (self.key_scales or []) + (self.value_scales or [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def check_context_mode(mode: str) -> str:
@@ -375,7 +416,8 @@ class WanStyleBackbone(nn.Module):
 
     # ---- public forward ----------------------------------------------------------------------
     @torch.no_grad()
-    def cache_context(self, context, cache: Optional[ContextKV] = None) -> Optional[ContextKV]:
+    def cache_context(self, context, cache: Optional[ContextKV] = None, kv_storage: str = "native"
+                      ) -> Optional[ContextKV]:
         """Per-layer K/V of a clean context for ``context_mode="cached"``.
 
         Context tokens run at timestep 0 without text and attend only to context tokens of the same
@@ -383,10 +425,16 @@ class WanStyleBackbone(nn.Module):
         and only the new tokens of ``context`` (e.g. what ``CompressorStream.append`` returned) are
         computed, attending to the cached ones. Returns the extended cache (None while empty).
         Computed once per chunk, then reused by every denoising step and both CFG branches.
+
+        kv_storage: ``"native"`` (the compute dtype) or ``"fp8"`` (float8 e4m3 with per-token,
+        per-head scales: half of bf16's bytes, upcast one layer at a time when read). A cache already
+        in fp8 stays so.
         """
+        if kv_storage not in ("native", "fp8"):
+            raise ValueError(f"kv_storage must be 'native' or 'fp8', got {kv_storage!r}")
         parts = context_parts(context)
         if parts is None:
-            return cache
+            return cache.to_fp8() if cache is not None and kv_storage == "fp8" else cache
         hc, pos_c, new_mask = parts
         hc = hc.to(self.compute_dtype)
         if cache is not None and cache.batch_size != hc.shape[0]:
@@ -401,16 +449,30 @@ class WanStyleBackbone(nn.Module):
         rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
         mod_c = self._context_modulation(hc)
         frames = _frame_runs(pos_c)
-        keys, values = [], []
+        fp8 = kv_storage == "fp8" or (cache is not None and cache.is_fp8)
+        n_old = cache.num_tokens if cache is not None else 0
+        keys, values, k_scales, v_scales = [], [], [], []
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            prev = (cache.keys[i], cache.values[i]) if cache is not None else None
+            prev = cache.layer(i, hc.dtype) if cache is not None else None
             hc, _, (k, v) = blk(hc, None, mod_c, None, None, None, rope_c, None, prev, False, i < n - 1, frames,
                                 mask)
+            if fp8:  # store only the new tokens' K/V quantized; the old ones stay as they were stored
+                (kq, ks), (vq, vs) = _quantize_fp8(k[:, n_old:]), _quantize_fp8(v[:, n_old:])
+                if cache is not None and cache.is_fp8:
+                    kq, ks = torch.cat([cache.keys[i], kq], 1), torch.cat([cache.key_scales[i], ks], 1)
+                    vq, vs = torch.cat([cache.values[i], vq], 1), torch.cat([cache.value_scales[i], vs], 1)
+                elif cache is not None:
+                    (kq0, ks0), (vq0, vs0) = _quantize_fp8(cache.keys[i]), _quantize_fp8(cache.values[i])
+                    kq, ks = torch.cat([kq0, kq], 1), torch.cat([ks0, ks], 1)
+                    vq, vs = torch.cat([vq0, vq], 1), torch.cat([vs0, vs], 1)
+                k, v = kq, vq
+                k_scales.append(ks)
+                v_scales.append(vs)
             keys.append(k)
             values.append(v)
         pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
-        return ContextKV(keys, values, pos_all, mask)
+        return ContextKV(keys, values, pos_all, mask, k_scales if fp8 else None, v_scales if fp8 else None)
 
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
@@ -476,7 +538,7 @@ class WanStyleBackbone(nn.Module):
         cross_mask = text_mask if self.mask_text_padding else None
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            prev = (cached.keys[i], cached.values[i]) if cached is not None else None
+            prev = cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
                                          joint, i < n - 1, frames, ctx_mask)
 
@@ -514,6 +576,6 @@ def _runs_of(t: Tensor) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-__all__ = ["ContextKV", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
+__all__ = ["ContextKV", "FP8_KV_DTYPE", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
            "masked_joint_attention",
            "sinusoidal_embedding"]
