@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +49,8 @@ class GenerationResult:
     prompts: list
     timings: list = field(default_factory=list)   # per chunk: compress / denoise / decode seconds
     context_cache: object = None              # final ContextKV (cached mode)
+    plan: Optional[dict] = None               # the memory plan's choices that ran (None: all on the device)
+    bytes_moved: int = 0                      # host-to-device bytes the plan's moves cost
 
 
 def chunk_plan(config, seconds: float) -> int:
@@ -105,7 +108,8 @@ def _given_chunks(history: Optional[torch.Tensor], lat_shape: tuple, n_chunks: i
 @torch.no_grad()
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: Optional[float] = None,
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
-             size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None) -> GenerationResult:
+             size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None,
+             memory_budget=None, plan=None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -125,6 +129,15 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
 
     cfg, cfg_min_t, shift, eta: the sampler's settings (:func:`pfp.sampler.sample`); None takes the
     model config's ``sample_cfg``, ``sample_cfg_min_t``, ``sample_shift`` and ``sample_eta``.
+
+    memory_budget: a device memory budget (bytes, or a size such as ``"12GiB"``): :mod:`pfp.memory`
+    traces this model (no weights read, nothing allocated) and picks the fastest plan that keeps
+    every phase of a chunk within it; ValueError naming the smallest budget that fits when none
+    does. plan: a :class:`pfp.memory.Plan`, its ``choices`` dict (``{"offload": "block", ...}``) or a
+    :class:`pfp.offload.Placement` of this model, carried out as given. Either runs the model through a :class:`pfp.offload.Placement`: parts move
+    on and off the device between phases, and at the end every part is back on the host (CPU);
+    without them the whole model moves to ``device`` and stays there. The result's ``plan`` is the
+    choices that ran and ``bytes_moved`` the host-to-device bytes they cost.
     """
     from tqdm import tqdm
 
@@ -132,12 +145,31 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     from pfp.sampler import sample
     from pfp.vae import decode_stream, encode_stream
 
+    from pfp.offload import Placement
+
     config = model.config
     device = torch.device(device)
-    model = model.to(device).eval()
-    backbone, compressor, vae = model.backbone, model.compressor, model.vae
     n_chunks = chunk_plan(config, seconds)
     h, w = size or tuple(config.video_size)
+    if memory_budget is not None and plan is None:
+        from pfp.memory import parse_bytes, plan_model
+        budget = memory_budget if isinstance(memory_budget, int) else parse_bytes(memory_budget, "memory_budget")
+        plan = plan_model(model, budget, seconds=seconds, size=(h, w), steps=steps, cfg=cfg)
+        if not plan.fits:
+            raise InputError(f"memory_budget {memory_budget} is too small for this model: no plan fits; the "
+                             f"smallest needs {plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_bytes} bytes)")
+    choices = None if plan is None else dict(getattr(plan, "choices", plan))
+    model.eval()
+    if isinstance(plan, Placement):
+        if plan.model is not model or plan.device != device:
+            raise ValueError("plan: a Placement must be of this model and for this device")
+        placement = plan
+    else:
+        placement = Placement(model, device, choices) if choices is not None else None
+    if placement is None:
+        model.to(device)
+    backbone, compressor, vae = model.backbone, model.compressor, model.vae
+    kv_storage = placement.choices["kv"] if placement is not None else "native"
     s = vae.spatial_factor
     lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
     spec = config.clip_spec(n_chunks, (h, w))       # the whole video, as training would feed it
@@ -150,15 +182,17 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     stream = compressor.stream(1)
     decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
     cache = None
-    text_cache: dict = {}
-
-    def encode(prompt):
-        if prompt not in text_cache:
-            text_cache[prompt] = model.encode_text([prompt])
-        return text_cache[prompt]
-
-    uncond, uncond_mask = encode("")
     chunk_seconds = config.chunk_frames / config.fps
+    # every prompt is encoded once, up front, so the text encoder can leave the device after
+    text_cache: dict = {}
+    with placement.text() if placement is not None else nullcontext():
+        for prompt in ["", *(storyboard.prompt_at(k * chunk_seconds) for k in range(n_chunks))]:
+            if prompt not in text_cache:
+                states, mask = model.encode_text([prompt])
+                text_cache[prompt] = (states.to(device), None if mask is None else mask.to(device))
+    uncond, uncond_mask = text_cache[""]
+    in_transformer = placement.transformer if placement is not None else nullcontext
+    in_decode = placement.decode if placement is not None else nullcontext
     prompts, timings, videos, latents, lr_latents = [], [], [], [], []
     frames_done = 0
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -167,29 +201,32 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             prompt = storyboard.prompt_at(k * chunk_seconds)
             prompts.append(prompt)
             bar.set_description(f"chunk {k + 1}/{n_chunks}")
-            text, text_mask = encode(prompt)
+            text, text_mask = text_cache[prompt]
             context = cache if backbone.context_mode == "cached" else stream.context
             t0 = _clock(device)
             if k < n_given:
                 x = history[:, :, k * lat_shape[2]:(k + 1) * lat_shape[2]]
                 bar.update(steps)
             else:
-                x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
-                           uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, shift=shift,
-                           eta=eta, generator=generator, t_start=float(k * lat_shape[2]), device=device,
-                           on_step=lambda i: bar.update(1))
+                with in_transformer():
+                    x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
+                               uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t,
+                               shift=shift, eta=eta, generator=generator, t_start=float(k * lat_shape[2]),
+                               device=device, on_step=lambda i: bar.update(1))
                 if not bool(torch.isfinite(x).all()):  # one host sync per chunk
                     raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
                                      f"written (check the weights, or lower --cfg / --shift)")
             t1 = _clock(device)
-            frames = decoder.decode(x).clamp(-1, 1)                           # [1, 3, F, H, W]
-            t2 = _clock(device)
-            lr_video = to_low_res_part(frames, spec, start=frames_done)       # low res, low fps
-            lr = lr_encoder.encode(lr_video)                                  # re-encoded (causally)
+            with in_decode():
+                frames = decoder.decode(x).clamp(-1, 1)                       # [1, 3, F, H, W]
+                t2 = _clock(device)
+                lr_video = to_low_res_part(frames, spec, start=frames_done)   # low res, low fps
+                lr = lr_encoder.encode(lr_video)                              # re-encoded (causally)
             frames_done += frames.shape[2]
-            new = stream.append(x, lr)                                       # compresses only this chunk
-            if backbone.context_mode == "cached":
-                cache = backbone.cache_context(new, cache)                   # K/V of the new tokens only
+            with in_transformer():
+                new = stream.append(x, lr)                                   # compresses only this chunk
+                if backbone.context_mode == "cached":                        # K/V of the new tokens only
+                    cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
             t3 = _clock(device)
             timings.append({"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
                             "context_tokens": stream.num_tokens})
@@ -198,8 +235,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             lr_latents.append(lr.cpu())
     finally:
         bar.close()
+        if placement is not None:
+            placement.close()
     return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), torch.cat(lr_latents, dim=2),
-                            stream.context, prompts, timings, cache)
+                            stream.context, prompts, timings, cache, choices,
+                            placement.bytes_moved if placement is not None else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,6 +315,10 @@ def _parser() -> Parser:
                    "(default: to at least 128 px)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 20 M parameters, else torch's default)")
+    p.add_argument("--vram", default=None, help="device memory budget with a unit, e.g. 12GiB: the memory "
+                   "planner (python -m pfp.memory) picks where each part lives so every phase fits")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (with --vram: the one chosen; "
+                   "without: everything resident) and exit without generating")
     p.add_argument("--timings", default=None, help="write per-chunk compress/denoise/decode seconds (CSV)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -413,7 +457,15 @@ def _main(argv) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = _device(ns.device)
-    _check_outputs(ns)
+    budget = None
+    if ns.vram is not None:
+        from pfp.memory import parse_bytes
+        try:
+            budget = parse_bytes(ns.vram, "--vram")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    if not ns.plan:
+        _check_outputs(ns)
     from pfp.text import Storyboard
     if ns.storyboard and ns.prompt:
         raise InputError("give --storyboard or --prompt, not both")
@@ -439,9 +491,23 @@ def _main(argv) -> int:
         storyboard.duration if ns.prompt is None else 2.0)
     upscale = ns.upscale or max(1, math.ceil(128 / min(size)))
     _check_length(config, seconds, size, upscale)
+    plan = None
+    if budget is not None or ns.plan:
+        from pfp.memory import GIB, plan_model
+        plan = plan_model(model, budget, seconds, size, ns.steps, ns.cfg)  # no budget: the plain run's
+        if not plan.fits:
+            raise InputError(f"--vram {ns.vram} is too small for this model: no plan fits; the smallest needs "
+                             f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
+        if ns.plan:
+            print(f"{seconds:g} s at {size[0]}x{size[1]}: {plan.context_tokens} context tokens at the longest "
+                  f"history, {plan.target_tokens} target tokens per chunk"
+                  + (f"; budget {ns.vram}" if budget is not None else "; no budget (everything resident)"))
+            print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
+            print(plan.table())
+            return 0
     t0 = time.perf_counter()
     result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_min_t=ns.cfg_min_t,
-                      shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet)
+                      shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet, plan=plan)
     write_mp4(result.video, ns.out, config.fps, upscale)
     if ns.contact_sheet:
         write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,

@@ -22,15 +22,15 @@ workspaces (``ALLOWANCE_BYTES``) and the caching allocator's rounding and fragme
 
 The choices, and the plan it picks: every combination of
 
-- ``weights``: ``bf16``, or ``fp8`` (the transformer's linear weights stored in float8, upcast per
-  layer as they run: diffusers' layerwise casting);
+- ``weights``: ``native`` (as loaded: bf16 for the presets), or ``fp8`` (the blocks' linear weights
+  stored in float8, upcast per layer as they run: diffusers' layerwise casting);
 - ``offload``: ``none``, or ``block`` (the transformer's blocks on the CPU, each brought in before it
   runs with the next one prefetched on a side stream: diffusers' block-level group offload);
 - ``swap``: the VAE off the GPU while the transformer runs, and the transformer off it while the
   VAE decodes;
 - ``text``: ``gpu`` (the encoder resident), ``free`` (on the GPU for the storyboard's prompts, which
   are encoded once, then freed) or ``cpu``;
-- ``kv``: the context K/V in ``bf16`` or ``fp8``;
+- ``kv``: the context K/V in ``native`` dtype or ``fp8`` (per-token, per-head scales);
 
 is estimated, and the one that fits with the least estimated time lost to the choices themselves
 (transfers at ``PCIE_BYTES_PER_S``, fp8 upcasts at ``HBM_BYTES_PER_S``; half a prefetched block's
@@ -56,11 +56,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pfp.offload import PLAN_VALUES, check_choices
+
 GIB = 1 << 30
 ALLOWANCE_BYTES = 768 << 20      # CUDA context (~500 MiB with torch's kernels loaded) + cuBLAS workspaces
 ALLOWANCE_FRACTION = 0.05        # allocator rounding and fragmentation, of everything else
 PCIE_BYTES_PER_S = 25e9          # host <-> device, pinned memory, PCIe 4 x16 in practice
-HBM_BYTES_PER_S = 1e12           # on-device reads + writes (fp8 -> bf16 upcasts)
+HBM_BYTES_PER_S = 1e12           # on-device reads + writes (fp8 -> native upcasts)
 PHASES = ("text", "compress", "context_kv", "denoise", "decode")
 
 
@@ -146,13 +148,17 @@ class Trace:
     target_tokens: int
     context_tokens: int
     transformer: int              # all transformer weights
-    transformer_linear: int       # of which the blocks' linear weights (what fp8 halves)
+    transformer_linear: int       # of which the blocks' linear weights (what fp8 stores in one byte each)
+    transformer_linear_fp8: int   # those weights' bytes in fp8
     largest_block: int
+    largest_linear: int           # one linear weight, native (what layerwise casting upcasts at a time)
     blocks: int                   # all block weights (what block offload moves)
     vae: int
     text: int
     compressor: int               # its own weights (the patch embedding is the transformer's)
+    layers: int
     kv: int                       # the context K/V of the whole history, all layers
+    kv_fp8: int                   # the same in fp8, scales included
     vae_cache: int                # the VAE's causal cache between chunks
     transient: dict               # phase -> traced peak of what the phase creates
 
@@ -202,11 +208,12 @@ def _nbytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _linear_bytes(module: nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
+def _linear_bytes(module: nn.Module, largest: bool = False) -> int:
+    sizes = [m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear)]
+    return (max(sizes, default=0)) if largest else sum(sizes)
 
 
-def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.bfloat16) -> Trace:
+def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.bfloat16, cfg_batch: int = 2) -> Trace:
     """Trace one chunk of preset ``p`` after ``history_seconds`` of history, in ``dtype``, under
     FakeTensorMode (seconds on a CPU; nothing is allocated)."""
     from diffusers import AutoencoderKLWan
@@ -216,8 +223,6 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
     from pfp.backbones import WanBackbone
     from pfp.compressor import MemoryCompressor
     from pfp.vae import WanVAE
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     previous = torch.get_default_dtype()
     # Token positions are real (tiny) tensors: the backbone reads them to find the context's frames.
@@ -231,68 +236,105 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
                                           rate=p.rate, hidden=p.compressor_hidden)
         finally:
             torch.set_default_dtype(previous)
-        s, tf = vae.spatial_factor, vae.temporal_factor
-        h, w = p.video_size[0] // s, p.video_size[1] // s
-        n = p.chunk_frames // tf
-        c = backbone.latent_channels
-        chunk = torch.randn(1, c, n, h, w, dtype=dtype)
-        target_tokens = math.prod(backbone.token_grid(n, h, w))
-        history_chunks = max(0, int(round(history_seconds * p.fps / p.chunk_frames)))
-
-        # the context: the history's tokens, as the stream makes them, plus one chunk's new ones
-        hist_t = history_chunks * n
-        context_tokens = (math.prod(compressor.token_grid((hist_t, h, w))) if hist_t else 0)
-        new_tokens = math.prod(compressor.token_grid((hist_t + n, h, w))) - context_tokens
-        inner, layers = backbone.inner_dim, len(backbone.blocks)
-        heads, head_dim = backbone.num_heads, backbone.head_dim
-        elem = torch.tensor([], dtype=dtype).element_size()
-
-        transient = {}
         ids = torch.zeros(1, p.text_length, dtype=torch.long)
-        transient["text"] = _tracked_peak(lambda: text_model(input_ids=ids))
+        return _trace_parts(backbone, compressor, vae, text_model, lambda: text_model(input_ids=ids),
+                            (p.text_length, p.text["d_model"]), p.video_size, p.fps, p.chunk_frames,
+                            history_seconds, cfg_batch)
 
-        lr_chunk = torch.randn(compressor.expected_lr_shape(chunk.shape), dtype=dtype)
-        transient["compress"] = _tracked_peak(lambda: compressor.stream(1).append(chunk, lr_chunk))
 
-        from pfp.backbones.wan_style import ContextKV
-        from pfp.compressor import Context
+def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] = None, cfg_batch: int = 2) -> Trace:
+    """Trace one chunk of a built :class:`pfp.weights.PFPModel` after ``history_seconds`` of history,
+    at ``size`` (H, W; default the config's ``video_size``), under FakeTensorMode: its real modules
+    run on fake tensors, so no weight is read and nothing is allocated. Where the model's weights
+    are (CPU, a device, or parked by a :class:`pfp.offload.Placement`) does not matter."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    config = model.config
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        probe = model.text_encoder([""]).tokens
+        text_shape = (probe.shape[1], probe.shape[2])
+        return _trace_parts(model.backbone, model.compressor, model.vae, model.text_encoder,
+                            lambda: model.text_encoder([""]), text_shape, tuple(size or config.video_size),
+                            float(config.fps), int(config.chunk_frames), history_seconds, cfg_batch)
 
-        def fake_cache(tokens: int):
-            if tokens == 0:
-                return None
-            shape = (1, tokens, heads, head_dim)
-            with unset_fake_temporarily():
-                pos = torch.zeros(tokens, 3)
-            return ContextKV([torch.empty(shape, dtype=dtype) for _ in range(layers)],
-                             [torch.empty(shape, dtype=dtype) for _ in range(layers)], pos)
 
-        old = fake_cache(context_tokens)
-        t0 = float(hist_t)
-        with unset_fake_temporarily():
-            new_pos = torch.full((new_tokens, 3), t0)
-        new_ctx = Context(torch.randn(1, new_tokens, inner, dtype=dtype), new_pos)
+def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: tuple, video_size: tuple,
+                 fps: float, chunk_frames: int, history_seconds: float, cfg_batch: int) -> Trace:
+    """The phases of one chunk of these parts, traced; called under a FakeTensorMode."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from pfp.backbones.wan_style import ContextKV
+    from pfp.compressor import Context
+    from pfp.vae import decode_stream
+
+    dtype = backbone.compute_dtype
+    s, tf = vae.spatial_factor, vae.temporal_factor
+    h, w = video_size[0] // s, video_size[1] // s
+    n = chunk_frames // tf
+    c = backbone.latent_channels
+    chunk = torch.randn(1, c, n, h, w, dtype=compressor._param_ref().dtype)
+    target_tokens = math.prod(backbone.token_grid(n, h, w))
+    history_chunks = max(0, int(round(history_seconds * fps / chunk_frames)))
+
+    # the context: the history's tokens, as the stream makes them, plus one chunk's new ones
+    hist_t = history_chunks * n
+    context_tokens = (math.prod(compressor.token_grid((hist_t, h, w))) if hist_t else 0)
+    new_tokens = math.prod(compressor.token_grid((hist_t + n, h, w))) - context_tokens
+    inner, layers = backbone.inner_dim, len(backbone.blocks)
+    heads, head_dim = backbone.num_heads, backbone.head_dim
+    elem = torch.tensor([], dtype=dtype).element_size()
+
+    transient = {"text": _tracked_peak(run_text)}
+    lr_chunk = torch.randn(compressor.expected_lr_shape(chunk.shape), dtype=chunk.dtype)
+    transient["compress"] = _tracked_peak(lambda: compressor.stream(1).append(chunk, lr_chunk))
+
+    def positions(tokens: int, t: float = 0.0):
+        with unset_fake_temporarily():  # real: the backbone reads them eagerly
+            return torch.full((tokens, 3), t)
+
+    def fake_cache(tokens: int, fp8: bool = False):
+        if tokens == 0:
+            return None
+        shape, store = (1, tokens, heads, head_dim), (torch.float8_e4m3fn if fp8 else dtype)
+        kv = [[torch.empty(shape, dtype=store) for _ in range(layers)] for _ in range(2)]
+        scales = [[torch.empty(*shape[:3], 1) for _ in range(layers)] for _ in range(2)] if fp8 else [None, None]
+        return ContextKV(kv[0], kv[1], positions(tokens), None, scales[0], scales[1])
+
+    t0 = float(hist_t)
+    new_ctx = Context(torch.randn(1, new_tokens, inner, dtype=dtype), positions(new_tokens, t0))
+    if backbone.context_mode == "cached":
+        old, old8 = fake_cache(context_tokens), fake_cache(context_tokens, fp8=True)
         transient["context_kv"] = _tracked_peak(lambda: backbone.cache_context(new_ctx, old))
+        transient["context_kv_fp8"] = _tracked_peak(lambda: backbone.cache_context(new_ctx, old8, kv_storage="fp8"))
+        context = fake_cache(context_tokens + new_tokens)
+    else:  # joint mode: no cache; the context tokens go through every block at every step
+        transient["context_kv"] = transient["context_kv_fp8"] = 0
+        context = Context(torch.randn(1, context_tokens + new_tokens, inner, dtype=dtype),
+                          positions(context_tokens + new_tokens))
+    x = torch.randn(cfg_batch, c, n, h, w, dtype=dtype)
+    text = torch.randn(cfg_batch, *text_shape, dtype=dtype)
+    ts = torch.full((cfg_batch,), 0.5)
+    transient["denoise"] = _tracked_peak(lambda: backbone(x, ts, text, context, t_start=t0))
 
-        cache = fake_cache(context_tokens + new_tokens)
-        x = torch.randn(2, c, n, h, w, dtype=dtype)
-        text = torch.randn(2, p.text_length, p.text["d_model"], dtype=dtype)
-        ts = torch.full((2,), 0.5)
-        transient["denoise"] = _tracked_peak(lambda: backbone(x, ts, text, cache, t_start=t0))
+    decoder = decode_stream(vae)
+    decoder.decode(chunk)  # the first chunk fills the causal cache
+    cache_bytes = _decoder_cache_bytes(decoder)
+    transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk))
 
-        decoder = vae.decode_stream()
-        decoder.decode(chunk)  # the first chunk fills the causal cache
-        cache_bytes = _decoder_cache_bytes(decoder)
-        transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk))
-
-        blocks = list(backbone.blocks)
-        return Trace(
-            target_tokens=target_tokens, context_tokens=context_tokens + new_tokens,
-            transformer=_nbytes(backbone), transformer_linear=sum(_linear_bytes(b) for b in blocks),
-            largest_block=max(_nbytes(b) for b in blocks), blocks=sum(_nbytes(b) for b in blocks),
-            vae=_nbytes(vae), text=_nbytes(text_model),
-            compressor=_nbytes(compressor) - _nbytes(backbone.patch_embed),
-            kv=2 * layers * (context_tokens + new_tokens) * inner * elem,
-            vae_cache=cache_bytes, transient=transient)
+    blocks = list(backbone.blocks)
+    linear_numel = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
+    tokens = context_tokens + new_tokens
+    cached = backbone.context_mode == "cached"   # joint mode keeps no K/V between steps
+    return Trace(
+        target_tokens=target_tokens, context_tokens=tokens,
+        transformer=_nbytes(backbone), transformer_linear=sum(_linear_bytes(b) for b in blocks),
+        transformer_linear_fp8=linear_numel,
+        largest_block=max(_nbytes(b) for b in blocks), blocks=sum(_nbytes(b) for b in blocks),
+        largest_linear=max(_linear_bytes(b, largest=True) for b in blocks),
+        vae=_nbytes(vae), text=_nbytes(text_module),
+        compressor=_nbytes(compressor) - _nbytes(backbone.patch_embed),
+        layers=layers, kv=2 * layers * tokens * inner * elem if cached else 0,
+        kv_fp8=2 * layers * tokens * heads * (head_dim + 4) if cached else 0,  # fp8 values + an fp32 scale per token, head
+        vae_cache=cache_bytes, transient=transient)
 
 
 def _decoder_cache_bytes(decoder) -> int:
@@ -320,13 +362,7 @@ def _decoder_cache_bytes(decoder) -> int:
 # ------------------------------------------------------------------------------------------------
 # planning
 # ------------------------------------------------------------------------------------------------
-CHOICES = {
-    "weights": ("bf16", "fp8"),
-    "offload": ("none", "block"),
-    "swap": (False, True),
-    "text": ("gpu", "free", "cpu"),
-    "kv": ("bf16", "fp8"),
-}
+CHOICES = PLAN_VALUES  # one list of choices for the planner and the executor (pfp.offload)
 
 
 @dataclass
@@ -340,7 +376,7 @@ class PhaseEstimate:
 @dataclass
 class Plan:
     fits: bool
-    budget_bytes: int
+    budget_bytes: Optional[int]   # None: planned without a budget
     phases: list
     choices: dict
     bytes_moved_per_chunk: int
@@ -372,18 +408,22 @@ def _with_allowance(n: float) -> int:
     return int(ALLOWANCE_BYTES + n * (1 + ALLOWANCE_FRACTION))
 
 
-def estimate(trace: Trace, choices: dict, budget: int, steps: int = 20) -> Plan:
-    """The phases' peaks and the transfers of one plan."""
+def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20) -> Plan:
+    """The phases' peaks and the transfers of one plan (choices not given take the plain run's:
+    :data:`pfp.offload.PLAN_DEFAULTS`). ``budget=None``: fits anything."""
+    choices = check_choices(choices)
     fp8 = choices["weights"] == "fp8"
-    transformer = trace.transformer - (trace.transformer_linear // 2 if fp8 else 0)
+    transformer = trace.transformer - (trace.transformer_linear - trace.transformer_linear_fp8 if fp8 else 0)
     block_scale = transformer / trace.transformer  # fp8 shrinks the blocks too
     if choices["offload"] == "block":
         # the non-block parts, the running block and the prefetched next one
         transformer_gpu = int(transformer - trace.blocks * block_scale + 2 * trace.largest_block * block_scale)
     else:
         transformer_gpu = transformer
-    kv = trace.kv // 2 if choices["kv"] == "fp8" else trace.kv
-    upcast = trace.largest_block * block_scale if fp8 else 0  # one layer's bf16 copy at a time
+    kv_fp8 = choices["kv"] == "fp8"
+    kv = trace.kv_fp8 if kv_fp8 else trace.kv
+    upcast = trace.largest_linear if fp8 else 0          # one layer's native copy at a time
+    kv_upcast = 2 * trace.kv // max(1, trace.layers) if kv_fp8 else 0  # one layer's K and V, native
     swap = choices["swap"]
 
     def phase(name, parts: dict, transient: float) -> PhaseEstimate:
@@ -400,11 +440,11 @@ def estimate(trace: Trace, choices: dict, budget: int, steps: int = 20) -> Plan:
     # "free": the encoder comes in for the storyboard's prompts before anything else is loaded;
     # "cpu": the prompts are encoded off the GPU
     text_parts = {"text_encoder": trace.text} if choices["text"] == "free" else with_dit
-    kv_transient = trace.transient["context_kv"] * (0.5 if choices["kv"] == "fp8" else 1.0)
+    kv_transient = trace.transient["context_kv_fp8" if kv_fp8 else "context_kv"]
     phases = [phase("text", text_parts, 0 if choices["text"] == "cpu" else trace.transient["text"]),
               phase("compress", with_dit, trace.transient["compress"]),
               phase("context_kv", with_dit, kv_transient + upcast),
-              phase("denoise", with_dit, trace.transient["denoise"] + upcast),
+              phase("denoise", with_dit, trace.transient["denoise"] + upcast + kv_upcast),
               phase("decode", with_vae, trace.transient["decode"])]
 
     by_name = {p.name: p for p in phases}
@@ -419,11 +459,11 @@ def estimate(trace: Trace, choices: dict, budget: int, steps: int = 20) -> Plan:
         by_name["decode"].bytes_moved += trace.vae
     moved = sum(p.bytes_moved for p in phases)
     seconds = (moved - hidden) / PCIE_BYTES_PER_S
-    if fp8:
-        seconds += (steps + 1) * 3 * trace.transformer_linear / 2 / HBM_BYTES_PER_S  # read fp8, write+read bf16
-    if choices["kv"] == "fp8":
-        seconds += steps * 3 * trace.kv / 2 / HBM_BYTES_PER_S
-    fits = all(p.peak_bytes <= budget for p in phases)
+    if fp8:  # every pass reads the fp8 weights and writes and reads their native copies
+        seconds += (steps + 1) * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S
+    if kv_fp8:
+        seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
+    fits = budget is None or all(p.peak_bytes <= budget for p in phases)
     return Plan(fits, budget, phases, dict(choices), int(moved), round(seconds, 4), trace.context_tokens,
                 trace.target_tokens)
 
@@ -446,6 +486,21 @@ def choose(trace: Trace, budget: int, steps: int = 20) -> Plan:
     if fitting:
         return min(fitting, key=lambda p: (p.seconds_lost_per_chunk, _departures(p.choices), p.peak_bytes))
     return min(plans, key=lambda p: p.peak_bytes)
+
+
+def plan_model(model: nn.Module, budget: Optional[int], seconds: float, size: Optional[tuple] = None,
+               steps: int = 20, cfg: Optional[float] = None) -> Plan:
+    """The plan :func:`choose` picks for generating ``seconds`` of video with a built model: traced at
+    its longest history (all chunks but the last), CFG batch 2 unless ``cfg`` (or the config's
+    ``sample_cfg``) is 1. ``plan.fits`` is False when nothing fits ``budget``. ``budget=None``: the
+    plain run's estimate (everything resident, no budget)."""
+    config = model.config
+    chunk = config.chunk_frames / config.fps
+    cfg = config.sample_cfg if cfg is None else cfg
+    trace = trace_model(model, max(0.0, seconds - chunk), size, cfg_batch=1 if cfg == 1 else 2)
+    if budget is None:
+        return estimate(trace, {}, None, steps)
+    return choose(trace, budget, steps)
 
 
 # ------------------------------------------------------------------------------------------------

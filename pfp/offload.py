@@ -1,0 +1,281 @@
+"""Running a memory plan: where a :class:`pfp.weights.PFPModel`'s parts live in each phase of a chunk.
+
+:mod:`pfp.memory` picks the plan (its ``choices``); :class:`Placement` carries it out on a model:
+
+- ``weights="fp8"``: the blocks' linear layers are stored in float8 e4m3 and upcast to the compute
+  dtype one layer at a time as they run (diffusers' ``apply_layerwise_casting``, whose hooks sit on
+  the leaf layers and so fire under the PFP forward). One-way: the weights stay rounded to fp8.
+- ``offload="block"``: the backbone's blocks live on the host; hooks on each block (named, removable
+  forward hooks on the :class:`~pfp.backbones.wan_style.WanStyleBlock` the backbone calls) bring the
+  block in before it runs and drop it after, while the next block is copied in on a side CUDA
+  stream. The rest of the backbone (embeddings, head) stays on the device.
+  diffusers' block-level group offload is not used: it loads the non-block parts and learns its
+  prefetch order in the transformer's own ``forward``, which the PFP forward never calls.
+- ``swap``: the VAE is off the device while the backbone runs, and the backbone while the VAE runs.
+- ``text``: ``"gpu"`` (resident), ``"free"`` (on the device for the prompts, which
+  :func:`pfp.generate.generate` encodes once up front, then off it), or ``"cpu"`` (never on it).
+- ``kv``: ``"fp8"`` stores the context K/V in float8 (:meth:`ContextKV.to_fp8`); generate passes it to
+  :meth:`cache_context`.
+
+Moving a part keeps one host copy of each of its tensors (pinned when the device is CUDA) and
+points the parameter at a device copy while it is in, at the host copy while it is out. So a
+part moves in with one host-to-device copy and out with none, and the whole model never needs to
+fit twice. ``park_to="nan"`` (tests) points parked parts at NaN-filled host tensors instead, so a
+part used while it is meant to be away poisons the output instead of quietly running from the host.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native"}
+PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
+               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8")}
+
+
+def check_choices(choices: Optional[dict]) -> dict:
+    """A full choices dict (missing keys take :data:`PLAN_DEFAULTS`); ValueError naming a bad key or value."""
+    out = dict(PLAN_DEFAULTS)
+    for key, value in (choices or {}).items():
+        if key not in PLAN_VALUES:
+            raise ValueError(f"plan choice {key!r} is not one of: {', '.join(PLAN_VALUES)}")
+        if value not in PLAN_VALUES[key]:
+            raise ValueError(f"plan choice {key}={value!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, PLAN_VALUES[key]))}")
+        out[key] = value
+    return out
+
+
+def _tensors_of(modules: Iterable[nn.Module], exclude: Iterable[Tensor] = ()) -> list:
+    """The parameters and buffers of ``modules`` (recursively), each once, minus ``exclude``."""
+    seen, out = {id(t) for t in exclude}, []
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+class _HostCopy:
+    """Tensors (parameters and buffers), each with one host copy; either in (the module
+    holds a device copy) or parked (it holds the host copy, or NaN with ``park_to="nan"``)."""
+
+    def __init__(self, tensors: Iterable[Tensor], device: torch.device, park_to: str = "host"):
+        self.tensors = list(tensors)
+        self.device = device
+        self.park_to = park_to
+        pin = device.type == "cuda"
+        self.host = {}
+        for t in self.tensors:
+            h = t.detach().to("cpu")
+            self.host[id(t)] = h.pin_memory() if pin else h
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self.loaded = False
+        self.park()
+
+    def refresh(self) -> None:
+        """Take the tensors' current values as the host copies (after their dtype changed, e.g.
+        when layerwise casting stored them in fp8)."""
+        pin = self.device.type == "cuda"
+        for t in self.tensors:
+            h = t.detach().to("cpu")
+            self.host[id(t)] = h.pin_memory() if pin and not h.is_pinned() else h
+
+    def load(self, stream=None) -> int:
+        """Point every tensor at a fresh device copy; returns the bytes copied (0 when already in)."""
+        if self.loaded:
+            return 0
+        if stream is None:
+            for t in self.tensors:
+                t.data = self.host[id(t)].to(self.device, copy=True)
+        else:  # copies on the side stream; the compute stream may free them only after using them
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(stream):
+                for t in self.tensors:
+                    t.data = self.host[id(t)].to(self.device, non_blocking=True)
+                    t.data.record_stream(compute)
+        self.loaded = True
+        return self.nbytes
+
+    def park(self) -> None:
+        for t in self.tensors:
+            h = self.host[id(t)]
+            if self.park_to == "host" or not h.is_floating_point():
+                t.data = h
+            else:  # poisoned: a part used while it is meant to be away makes NaN, not quiet results
+                t.data = torch.full_like(h, float("nan"))
+        self.loaded = False
+
+
+class BlockOffload:
+    """Hooks that keep a backbone's blocks on the host except while they run, the next one
+    prefetched on a side stream (CUDA), so at most two blocks are on the device at once.
+
+    Registered as forward pre/post hooks on each block module (what the backbone calls, in
+    ``forward`` and ``cache_context`` alike); :meth:`remove` takes them off and brings every block in.
+    """
+
+    def __init__(self, blocks, device: torch.device, park_to: str = "host"):
+        self.blocks = list(blocks)
+        self.device = device
+        self.parts = [_HostCopy(_tensors_of([b]), device, park_to) for b in self.blocks]
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready = [None] * len(self.blocks)   # CUDA event: block i's prefetch is done
+        self.bytes_moved = 0
+        self.handles = []
+        for i, blk in enumerate(self.blocks):
+            self.handles.append(blk.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
+            self.handles.append(blk.register_forward_hook(lambda m, args, out, i=i: self._after(i)))
+
+    def _load(self, i: int, prefetch: bool) -> None:
+        part = self.parts[i]
+        if part.loaded:
+            return
+        if self.stream is None or not prefetch:
+            self.bytes_moved += part.load()
+            return
+        self.bytes_moved += part.load(self.stream)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.ready[i] = event
+
+    def _before(self, i: int) -> None:
+        self._load(i, prefetch=False)
+        if self.ready[i] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[i])
+            self.ready[i] = None
+        self._load((i + 1) % len(self.blocks), prefetch=True)
+
+    def _after(self, i: int) -> None:
+        self.parts[i].park()
+
+    def park_all(self) -> None:
+        for i, part in enumerate(self.parts):
+            part.park()
+            self.ready[i] = None
+
+    def refresh(self) -> None:
+        for part in self.parts:
+            part.refresh()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class Placement:
+    """A plan's ``choices`` carried out on a model for ``device``; see the module docstring.
+
+    Use the phases as context managers around what runs in them::
+
+        placement = Placement(model, "cuda", {"offload": "block", "swap": True})
+        with placement.text():        ...   # encode the prompts (on placement.text_device)
+        with placement.transformer(): ...   # compressor append, context K/V, denoising
+        with placement.decode():      ...   # VAE decode (and the low-res re-encode)
+        placement.close()                   # hooks off, every part back on the host
+
+    ``bytes_moved`` counts the host-to-device copies made so far.
+    """
+
+    def __init__(self, model: nn.Module, device, choices: Optional[dict] = None, *, park_to: str = "host"):
+        if park_to not in ("host", "nan"):
+            raise ValueError(f"park_to must be 'host' or 'nan', got {park_to!r}")
+        self.model = model
+        self.device = torch.device(device)
+        self.choices = check_choices(choices)
+        backbone = model.backbone
+        blocks = list(backbone.blocks)
+        if self.choices["weights"] == "fp8":
+            from diffusers.hooks import apply_layerwise_casting
+            for blk in blocks:  # linear layers only: "auto" skips the norms; tables stay as they are
+                apply_layerwise_casting(blk, storage_dtype=torch.float8_e4m3fn, compute_dtype=backbone.compute_dtype)
+        offload_blocks = self.choices["offload"] == "block"
+        block_tensors = _tensors_of(blocks)
+        backbone_tensors = _tensors_of([backbone])
+        # the backbone less its blocks (embeddings, head), with the compressor's own layers (it
+        # shares the patch embedding): all of it runs in the transformer phase
+        self._backbone = _HostCopy(_tensors_of([backbone], exclude=block_tensors)
+                                   + _tensors_of([model.compressor], exclude=backbone_tensors), self.device, park_to)
+        self._blocks = None if offload_blocks else _HostCopy(block_tensors, self.device, park_to)
+        self.blocks = BlockOffload(blocks, self.device, park_to) if offload_blocks else None
+        self._vae = _HostCopy(_tensors_of([model.vae] if isinstance(model.vae, nn.Module) else []),
+                              self.device, park_to)
+        self._text = None
+        if self.choices["text"] == "cpu":
+            model.text_encoder.to("cpu")
+        else:
+            self._text = _HostCopy(_tensors_of([model.text_encoder]), self.device, park_to)
+        self._bytes = 0
+        if self.choices["text"] == "gpu":
+            self._bytes += self._text.load()
+        if not self.choices["swap"]:
+            self._bytes += self._vae.load()
+            self._load_transformer()
+
+    @property
+    def bytes_moved(self) -> int:
+        """Host-to-device bytes copied so far (whole parts and offloaded blocks)."""
+        return self._bytes + (self.blocks.bytes_moved if self.blocks is not None else 0)
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoder runs: the device, or the CPU with ``text="cpu"``."""
+        return torch.device("cpu") if self.choices["text"] == "cpu" else self.device
+
+    def _load_transformer(self) -> None:
+        self._bytes += self._backbone.load()
+        if self._blocks is not None:
+            self._bytes += self._blocks.load()
+
+    def _park_transformer(self) -> None:
+        self._backbone.park()
+        if self._blocks is not None:
+            self._blocks.park()
+        if self.blocks is not None:
+            self.blocks.park_all()
+
+    @contextmanager
+    def text(self):
+        """Encoding the prompts. With ``text="free"`` the encoder is on the device only in here."""
+        if self.choices["text"] == "free":
+            self._bytes += self._text.load()
+        try:
+            yield
+        finally:
+            if self.choices["text"] == "free":
+                self._text.park()
+
+    @contextmanager
+    def transformer(self):
+        """The compressor's append, the context K/V and the denoising steps."""
+        if self.choices["swap"]:
+            self._vae.park()
+            self._load_transformer()
+        yield
+
+    @contextmanager
+    def decode(self):
+        """The VAE's decode and the low-res re-encode."""
+        if self.choices["swap"]:
+            self._park_transformer()
+            self._bytes += self._vae.load()
+        yield
+
+    def close(self) -> None:
+        """Takes the offload hooks off and leaves every part on the host (CPU). fp8 weights stay
+        stored in fp8 (diffusers' layerwise casting cannot be undone without reloading)."""
+        if self.blocks is not None:
+            self.blocks.remove()
+        parts = [self._backbone, self._blocks, self._vae, self._text] + (self.blocks.parts if self.blocks else [])
+        for part in parts:
+            if part is not None:
+                part.park_to = "host"
+                part.park()
+
+
+__all__ = ["Placement", "BlockOffload", "check_choices", "PLAN_DEFAULTS", "PLAN_VALUES"]
