@@ -6,7 +6,8 @@
 # the next one.
 #
 #   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor
-#                                                 context generate train (default: all, in that order),
+#                                                 context generate train memory (default: all, in
+#                                                 that order),
 #                                                 sweep (the Triton config sweep; only when named)
 #
 # With OUT set, the log and a tarball of the CUDA results are copied there after every step.
@@ -18,7 +19,7 @@ LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor context generate train)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor context generate train memory)
 
 save() {
     if [ -n "${OUT:-}" ]; then
@@ -64,8 +65,12 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             run 100 train python3 benchmarks/bench_train.py --device cuda --workers 6 --threads 4 --steps 40 ;;
         generate)
             run 90 generate python3 benchmarks/bench_generate.py --device cuda --runs 3 ;;
+        memory)
+            # memory plans on the GPU, and a random-weight Wan 2.2 5B's measured phase peaks against
+            # the planner's (issue 23)
+            run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
         *)
-            echo "unknown step $step (env tests attention conv compressor context train generate)" | tee -a "$LOG"
+            echo "unknown step $step (env tests attention conv compressor context train generate memory)" | tee -a "$LOG"
             exit 2 ;;
     esac
 done

@@ -270,6 +270,11 @@ class MemoryCompressor(nn.Module):
         return (f"kind={self.kind}, rate={self.rate}, patch={self.patch_size}, strides=[{strides}], "
                 f"inner_dim={self.inner_dim}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the compressor takes its latents in and makes its tokens in (its own layers')."""
+        return self._param_ref().dtype
+
     def _param_ref(self) -> Tensor:
         """A parameter whose dtype and device are the compressor's own (the tokens')."""
         if self.proj is not None:

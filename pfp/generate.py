@@ -47,7 +47,8 @@ class GenerationResult:
     lr_latents: torch.Tensor                  # [1, C, T_lr, h', w'] what the low-res branch was fed
     context: object                           # the stream's final Context
     prompts: list
-    timings: list = field(default_factory=list)   # per chunk: compress / denoise / decode seconds
+    timings: list = field(default_factory=list)   # per chunk: compress / denoise / decode seconds (and,
+                                                  # on CUDA, each phase's peak allocated bytes)
     context_cache: object = None              # final ContextKV (cached mode)
     plan: Optional[dict] = None               # the memory plan's choices that ran (None: all on the device)
     bytes_moved: int = 0                      # host-to-device bytes the plan's moves cost
@@ -88,6 +89,16 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _peak(device: torch.device) -> Optional[int]:
+    """On CUDA, the most memory allocated since the last call (then reset), so each phase of a chunk
+    gets its own peak; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(peak)
 
 
 def _given_chunks(history: Optional[torch.Tensor], lat_shape: tuple, n_chunks: int, device) -> tuple:
@@ -204,6 +215,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             text, text_mask = text_cache[prompt]
             context = cache if backbone.context_mode == "cached" else stream.context
             t0 = _clock(device)
+            _peak(device)
             if k < n_given:
                 x = history[:, :, k * lat_shape[2]:(k + 1) * lat_shape[2]]
                 bar.update(steps)
@@ -217,19 +229,26 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                     raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
                                      f"written (check the weights, or lower --cfg / --shift)")
             t1 = _clock(device)
+            peaks = {"denoise": _peak(device)}
             with in_decode():
                 frames = decoder.decode(x).clamp(-1, 1)                       # [1, 3, F, H, W]
                 t2 = _clock(device)
+                peaks["decode"] = _peak(device)
                 lr_video = to_low_res_part(frames, spec, start=frames_done)   # low res, low fps
                 lr = lr_encoder.encode(lr_video)                              # re-encoded (causally)
             frames_done += frames.shape[2]
             with in_transformer():
-                new = stream.append(x, lr)                                   # compresses only this chunk
+                # only this chunk is compressed, in the compressor's dtype (the sampler's latents are fp32)
+                new = stream.append(x.to(compressor.dtype), lr.to(compressor.dtype))
                 if backbone.context_mode == "cached":                        # K/V of the new tokens only
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
             t3 = _clock(device)
-            timings.append({"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
-                            "context_tokens": stream.num_tokens})
+            peaks["compress"] = _peak(device)   # with the low-res re-encode: the VAE encoder's peak
+            row = {"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
+                   "context_tokens": stream.num_tokens}
+            if device.type == "cuda":  # each phase's peak of allocated device memory
+                row.update({f"{name}_peak_bytes": v for name, v in peaks.items()})
+            timings.append(row)
             videos.append(frames[0].float().cpu())
             latents.append(x.cpu())
             lr_latents.append(lr.cpu())

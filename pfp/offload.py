@@ -60,6 +60,11 @@ def _tensors_of(modules: Iterable[nn.Module], exclude: Iterable[Tensor] = ()) ->
     return out
 
 
+def _stored_in_fp8(blocks) -> bool:
+    """Whether a placement already stored these blocks' linear weights in fp8."""
+    return any(m.weight.dtype == torch.float8_e4m3fn for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
+
+
 class _HostCopy:
     """Tensors (parameters and buffers), each with one host copy; either in (the module
     holds a device copy) or parked (it holds the host copy, or NaN with ``park_to="nan"``)."""
@@ -190,7 +195,7 @@ class Placement:
         self.choices = check_choices(choices)
         backbone = model.backbone
         blocks = list(backbone.blocks)
-        if self.choices["weights"] == "fp8":
+        if self.choices["weights"] == "fp8" and not _stored_in_fp8(blocks):  # once: it is one-way
             from diffusers.hooks import apply_layerwise_casting
             for blk in blocks:  # linear layers only: "auto" skips the norms; tables stay as they are
                 apply_layerwise_casting(blk, storage_dtype=torch.float8_e4m3fn, compute_dtype=backbone.compute_dtype)

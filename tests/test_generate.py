@@ -221,6 +221,10 @@ def _bad_cases(tmp_path, weights):
         (ck + ["--device", "tpu"], "--device"),
         (ck + ["--seed", "x"], "--seed"),
         (ck + ["--out", "v.avi"], ".mp4"),
+        (ck + ["--vram", "12"], "--vram must be a positive size with a unit"),
+        (ck + ["--vram=-3GiB"], "--vram must be a positive size with a unit"),
+        (ck + ["--vram", "0GiB"], "--vram must be > 0"),
+        (ck + ["--vram", "64MiB"], "--vram 64MiB is too small for this model: no plan fits; the smallest needs"),
     ]
 
 
@@ -234,6 +238,14 @@ def test_bad_input_exits_with_one_line_and_no_file(weights, tmp_path):
         assert "Traceback" not in r.stderr and not r.stdout.strip()
         leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".mp4") or ".tmp-" in f]
         assert not leftovers, (args, leftovers)
+
+
+def test_plan_prints_the_plan_and_writes_nothing(weights, tmp_path):
+    r = _run(["--checkpoint", weights, "--seconds", "1.5", "--vram", "12GiB", "--plan"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "budget 12GiB" in r.stdout and "choices: weights=native, offload=none" in r.stdout
+    assert "| denoise |" in r.stdout and "| decode |" in r.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".mp4")]
 
 
 def test_eval_metrics(weights):
