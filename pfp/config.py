@@ -203,7 +203,8 @@ COMPONENT_KINDS = {
     "dit": {
         "tiny": ((), tuple(f for f in ("inner_dim", "depth", "num_heads", "mlp_ratio", "freq_dim", "patch_size",
                                        "rope_theta", "prediction", "pooled_text", "min_t"))),
-        "wan": ((), ("path", "subfolder", "dtype", "config", "mask_text_padding")),
+        "wan": ((), ("path", "subfolder", "dtype", "config", "mask_text_padding", "boundary", "subfolder_2",
+                     "lr_patch_embed")),
     },
 }
 _PATH_WHAT = {
@@ -269,6 +270,24 @@ def check_component(name: str, spec) -> None:
     if name == "dit" and kind == "wan" and ("path" in spec) == ("config" in spec):
         raise ValueError("config dit of kind 'wan' needs exactly one of 'path' (a local diffusers checkpoint) "
                          "or 'config' (WanTransformer3DModel keyword arguments)")
+    if name == "dit" and kind == "wan":
+        # two experts (Wan 2.2 A14B): "boundary" switches them by timestep
+        b = spec.get("boundary")
+        if b is not None and not (isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b < 1.0):
+            raise ValueError(f"config dit.boundary {b!r} is not valid; use a number in (0, 1), the timestep from "
+                             "which the high-noise expert denoises (Wan 2.2 A14B: 0.875 T2V, 0.9 I2V)")
+        for key in ("subfolder_2", "lr_patch_embed"):
+            if key in spec and b is None:
+                raise ValueError(f"config dit.{key} needs dit.boundary (it configures the second expert)")
+        if spec.get("lr_patch_embed", "high") not in ("high", "low"):
+            raise ValueError(f"config dit.lr_patch_embed {spec['lr_patch_embed']!r} is not valid; choose one of: "
+                             "high, low")
+        if b is not None and "path" in spec:
+            sub2 = spec.get("subfolder_2", "transformer_2")
+            cfg2 = os.path.join(spec["path"], sub2, "config.json")
+            if not os.path.isfile(cfg2):
+                raise ValueError(f"config dit.path {spec['path']!r} has no {sub2}/config.json: two experts "
+                                 f"(dit.boundary) need the second expert's folder (dit.subfolder_2)")
 
 
 def _component_dir(path: str, subfolder: Optional[str], default_sub: str) -> str:

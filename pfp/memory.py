@@ -291,13 +291,20 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: t
         with unset_fake_temporarily():  # real: the backbone reads them eagerly
             return torch.full((tokens, 3), t)
 
+    from pfp.backbones.experts import ExpertKV, ExpertPair
+    experts = 2 if isinstance(backbone, ExpertPair) else 1
+    layers //= experts   # per expert (ExpertPair.blocks lists both experts')
+
     def fake_cache(tokens: int, fp8: bool = False):
         if tokens == 0:
             return None
         shape, store = (1, tokens, heads, head_dim), (torch.float8_e4m3fn if fp8 else dtype)
-        kv = [[torch.empty(shape, dtype=store) for _ in range(layers)] for _ in range(2)]
-        scales = [[torch.empty(*shape[:3], 1) for _ in range(layers)] for _ in range(2)] if fp8 else [None, None]
-        return ContextKV(kv[0], kv[1], positions(tokens), None, scales[0], scales[1])
+
+        def one():
+            kv = [[torch.empty(shape, dtype=store) for _ in range(layers)] for _ in range(2)]
+            scales = [[torch.empty(*shape[:3], 1) for _ in range(layers)] for _ in range(2)] if fp8 else [None, None]
+            return ContextKV(kv[0], kv[1], positions(tokens), None, scales[0], scales[1])
+        return ExpertKV(one(), one()) if experts == 2 else one()
 
     t0 = float(hist_t)
     new_ctx = Context(torch.randn(1, new_tokens, inner, dtype=dtype), positions(new_tokens, t0))
@@ -313,7 +320,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: t
     x = torch.randn(cfg_batch, c, n, h, w, dtype=dtype)
     text = torch.randn(cfg_batch, *text_shape, dtype=dtype)
     ts = torch.full((cfg_batch,), 0.5)
-    transient["denoise"] = _tracked_peak(lambda: backbone(x, ts, text, context, t_start=t0))
+    net, net_context = backbone.route(1.0, context) if experts == 2 else (backbone, context)  # one step's expert
+    transient["denoise"] = _tracked_peak(lambda: net(x, ts, text, net_context, t_start=t0))
 
     decoder = decode_stream(vae)
     decoder.decode(chunk)  # the first chunk fills the causal cache
@@ -332,8 +340,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: t
         largest_linear=max(_linear_bytes(b, largest=True) for b in blocks),
         vae=_nbytes(vae), text=_nbytes(text_module),
         compressor=_nbytes(compressor) - _nbytes(backbone.patch_embed),
-        layers=layers, kv=2 * layers * tokens * inner * elem if cached else 0,
-        kv_fp8=2 * layers * tokens * heads * (head_dim + 4) if cached else 0,  # fp8 values + an fp32 scale per token, head
+        layers=layers * experts, kv=2 * experts * layers * tokens * inner * elem if cached else 0,
+        kv_fp8=2 * experts * layers * tokens * heads * (head_dim + 4) if cached else 0,  # + an fp32 scale per token, head
         vae_cache=cache_bytes, transient=transient)
 
 

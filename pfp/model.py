@@ -105,19 +105,26 @@ def _build_backbone(config: PFPConfig, latent_channels: int, text_dim: int):
     kind = d.pop("kind", "tiny")
     if kind == "wan":
         # {"kind": "wan", "path": local diffusers dir, "subfolder": "transformer", "dtype": "bf16"}
-        # or {"kind": "wan", "config": {WanTransformer3DModel kwargs}} for a randomly initialised one
+        # or {"kind": "wan", "config": {WanTransformer3DModel kwargs}} for a randomly initialised one;
+        # "boundary": t (+ "subfolder_2", "lr_patch_embed") adds Wan 2.2 A14B's low-noise expert
         from pfp.backbones import WanBackbone
-        if "path" in d:
-            sub = d.get("subfolder")
-            if sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
-                sub = "transformer"
-            bb = WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=sub,
-                                             torch_dtype=_DTYPES[d.get("dtype", "fp32")],
-                                             mask_text_padding=bool(d.get("mask_text_padding", False)))
-        else:
-            bb = WanBackbone.from_config(context_mode=config.context_mode,
-                                         mask_text_padding=bool(d.get("mask_text_padding", False)), **d["config"])
+        mask = bool(d.get("mask_text_padding", False))
+
+        def load(subfolder):
+            if "path" in d:
+                return WanBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=subfolder,
+                                                   torch_dtype=_DTYPES[d.get("dtype", "fp32")], mask_text_padding=mask)
+            return WanBackbone.from_config(context_mode=config.context_mode, mask_text_padding=mask, **d["config"])
+
+        sub = d.get("subfolder")
+        if "path" in d and sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
+            sub = "transformer"
+        bb = load(sub)
         wan_text = int(bb.transformer.config.text_dim)
+        if d.get("boundary") is not None:  # Wan 2.2 A14B: a second expert for the low-noise steps
+            from pfp.backbones.experts import ExpertPair
+            bb = ExpertPair(bb, load(d.get("subfolder_2", "transformer_2")), float(d["boundary"]),
+                            d.get("lr_patch_embed", "high"))
         if wan_text != text_dim:
             raise ValueError(f"config dit (Wan) takes text states of width {wan_text} but the text encoder "
                              f"makes {text_dim}; use a text encoder of that width")

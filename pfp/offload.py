@@ -124,10 +124,18 @@ class BlockOffload:
     ``forward`` and ``cache_context`` alike); :meth:`remove` takes them off and brings every block in.
     """
 
-    def __init__(self, blocks, device: torch.device, park_to: str = "host"):
+    def __init__(self, blocks, device: torch.device, park_to: str = "host", groups: Optional[list] = None):
+        """groups: the blocks as they run, one list per pass (two experts: one each); a block
+        prefetches the next of its own group, the last one the group's first. Default: one group."""
         self.blocks = list(blocks)
         self.device = device
         self.parts = [_HostCopy(_tensors_of([b]), device, park_to) for b in self.blocks]
+        index = {id(b): i for i, b in enumerate(self.blocks)}
+        self.next = list(range(1, len(self.blocks))) + [0]
+        for group in groups or [self.blocks]:
+            ids = [index[id(b)] for b in group]
+            for a, b in zip(ids, ids[1:] + ids[:1]):
+                self.next[a] = b
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready = [None] * len(self.blocks)   # CUDA event: block i's prefetch is done
         self.bytes_moved = 0
@@ -153,7 +161,7 @@ class BlockOffload:
         if self.ready[i] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[i])
             self.ready[i] = None
-        self._load((i + 1) % len(self.blocks), prefetch=True)
+        self._load(self.next[i], prefetch=True)
 
     def _after(self, i: int) -> None:
         self.parts[i].park()
@@ -207,7 +215,8 @@ class Placement:
         self._backbone = _HostCopy(_tensors_of([backbone], exclude=block_tensors)
                                    + _tensors_of([model.compressor], exclude=backbone_tensors), self.device, park_to)
         self._blocks = None if offload_blocks else _HostCopy(block_tensors, self.device, park_to)
-        self.blocks = BlockOffload(blocks, self.device, park_to) if offload_blocks else None
+        self.blocks = (BlockOffload(blocks, self.device, park_to, getattr(backbone, "block_groups", None))
+                       if offload_blocks else None)
         self._vae = _HostCopy(_tensors_of([model.vae] if isinstance(model.vae, nn.Module) else []),
                               self.device, park_to)
         self._text = None

@@ -17,7 +17,9 @@ propose): steps at ``t <= cfg_min_t`` run the conditional branch alone, batch B.
 the prompted objects at high noise; near t = 0 it only exaggerates the model's errors (on the
 built-in model it rounds the sprites' edges off).
 In ``"cached"`` context mode the context K/V are computed once per chunk, before the first step,
-and serve every step and both branches (batch-1 broadcast, no copy).
+and serve every step and both branches (batch-1 broadcast, no copy). A backbone with two experts
+(:class:`pfp.backbones.experts.ExpertPair`, Wan 2.2 A14B) runs each step on the expert its
+timestep selects (``t >= boundary``: the high-noise one), each with its own context K/V.
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     x = torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     b = shape[0]
+    from pfp.backbones.experts import ExpertKV
     from pfp.backbones.wan_style import ContextKV
-    if backbone.context_mode == "cached" and not isinstance(context, ContextKV):
+    if backbone.context_mode == "cached" and not isinstance(context, (ContextKV, ExpertKV)):
         ctx = backbone.cache_context(context)
     else:
         ctx = context
@@ -100,15 +103,18 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
     ts = timestep_schedule(steps, shift, device=device)
     # decided once, on the host: reading t inside the loop would sync a GPU at every step
-    guided = [cfg != 1.0 and t > cfg_min_t for t in ts[:-1].tolist()]
+    t_host = ts[:-1].tolist()
+    guided = [cfg != 1.0 and t > cfg_min_t for t in t_host]
+    route = getattr(backbone, "route", None)  # two experts (Wan 2.2 A14B): each step's own
     for i in range(steps):
         t = ts[i]
+        net, c = route(t_host[i], ctx) if route is not None else (backbone, ctx)
         if guided[i]:
-            v = backbone(torch.cat([x, x]), t.expand(2 * b), pair, ctx, t_start=t_start, text_mask=pair_mask)
+            v = net(torch.cat([x, x]), t.expand(2 * b), pair, c, t_start=t_start, text_mask=pair_mask)
             v_cond, v_uncond = v.float().chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
         else:
-            v = backbone(x, t.expand(b), txt, ctx, t_start=t_start, text_mask=mask).float()
+            v = net(x, t.expand(b), txt, c, t_start=t_start, text_mask=mask).float()
         if eta == 0.0:
             x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
         else:

@@ -1,0 +1,181 @@
+"""Two denoising experts switched by timestep: Wan 2.2 A14B.
+
+Wan 2.2's A14B models are two transformers of one architecture: the high-noise expert
+(diffusers' ``transformer``) denoises the steps with ``t >= boundary`` and the low-noise expert
+(``transformer_2``) the rest, ``boundary`` being ``WanPipeline``'s ``boundary_ratio`` (t in [0, 1]
+here, ``t * 1000`` there). :class:`ExpertPair` holds both as backbones and routes each call:
+
+- the sampler asks :meth:`ExpertPair.route` for one step's expert on the host (no device sync);
+- ``forward`` routes each sample by its own timestep (the largest of a per-frame or per-token
+  timestep), so training batches with mixed noise levels reach both experts;
+- ``cache_context`` keeps the context K/V of both experts, extended incrementally per chunk
+  (:class:`ExpertKV`); each expert reads its own.
+
+The compressor's low-res branch reuses one patch embedding: the expert named by
+``lr_patch_embed`` (default ``"high"``). LoRA targets the same module names in both experts, so
+peft gives each expert its own adapters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .wan_style import ContextKV, check_context_mode
+
+EXPERTS = ("high", "low")
+
+
+@dataclass
+class ExpertKV:
+    """Context K/V of an :class:`ExpertPair`: one :class:`ContextKV` (or None) per expert."""
+
+    high: Optional[ContextKV]
+    low: Optional[ContextKV]
+
+    def of(self, expert: str) -> Optional[ContextKV]:
+        return getattr(self, expert)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.high.num_tokens if self.high is not None else 0
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.high is not None and self.high.is_fp8
+
+    def nbytes(self) -> int:
+        return sum(kv.nbytes() for kv in (self.high, self.low) if kv is not None)
+
+
+class ExpertPair(nn.Module):
+    """Two backbones of one architecture: ``high`` for ``t >= boundary``, ``low`` below.
+
+    Both must share latent channels, width, heads, patch size and context mode. ``lr_patch_embed``
+    names the expert whose patch embedding the compressor's low-res branch uses.
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary: float, lr_patch_embed: str = "high"):
+        super().__init__()
+        if not (isinstance(boundary, (int, float)) and 0.0 < boundary < 1.0):
+            raise ValueError(f"boundary must be in (0, 1) (Wan 2.2 A14B's boundary_ratio, e.g. 0.875), got {boundary!r}")
+        if lr_patch_embed not in EXPERTS:
+            raise ValueError(f"lr_patch_embed must be one of {EXPERTS}, got {lr_patch_embed!r}")
+        for attr in ("latent_channels", "inner_dim", "num_heads", "patch_size", "context_mode"):
+            if getattr(high, attr) != getattr(low, attr):
+                raise ValueError(f"the two experts differ in {attr}: {getattr(high, attr)} vs {getattr(low, attr)}")
+        self.high, self.low = high, low
+        self.boundary = float(boundary)
+        self.lr_patch_embed = lr_patch_embed
+        self.lora_target_modules = getattr(high, "lora_target_modules", None)
+
+    # the attributes the compressor, the sampler and generate read, from the experts
+    @property
+    def context_mode(self) -> str:
+        return self.high.context_mode
+
+    @context_mode.setter
+    def context_mode(self, mode: str) -> None:
+        self.high.context_mode = self.low.context_mode = check_context_mode(mode)
+
+    latent_channels = property(lambda self: self.high.latent_channels)
+    inner_dim = property(lambda self: self.high.inner_dim)
+    num_heads = property(lambda self: self.high.num_heads)
+    head_dim = property(lambda self: self.high.head_dim)
+    patch_size = property(lambda self: self.high.patch_size)
+    compute_dtype = property(lambda self: self.high.compute_dtype)
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return getattr(self, self.lr_patch_embed).patch_embed
+
+    @property
+    def blocks(self) -> list:
+        """Both experts' blocks, the high-noise expert's first."""
+        return list(self.high.blocks) + list(self.low.blocks)
+
+    @property
+    def block_groups(self) -> list:
+        """The blocks as they run: one expert's, in order, per denoising call."""
+        return [list(self.high.blocks), list(self.low.blocks)]
+
+    def token_grid(self, t: int, h: int, w: int) -> tuple:
+        return self.high.token_grid(t, h, w)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.high.set_gradient_checkpointing(enabled)
+        self.low.set_gradient_checkpointing(enabled)
+
+    def expert_at(self, t: float) -> str:
+        """``"high"`` for ``t >= boundary``, else ``"low"`` (WanPipeline's rule)."""
+        return "high" if t >= self.boundary else "low"
+
+    def route(self, t: float, context=None):
+        """(expert module, its context) for a step at timestep ``t`` (a host float)."""
+        name = self.expert_at(float(t))
+        return getattr(self, name), (context.of(name) if isinstance(context, ExpertKV) else context)
+
+    @torch.no_grad()
+    def cache_context(self, context, cache: Optional[ExpertKV] = None, kv_storage: str = "native"):
+        """Each expert's K/V of the new context tokens after ``cache`` (see
+        :meth:`WanStyleBackbone.cache_context`); None while the context is empty."""
+        high = self.high.cache_context(context, cache.high if cache is not None else None, kv_storage=kv_storage)
+        if high is None:
+            return cache
+        low = self.low.cache_context(context, cache.low if cache is not None else None, kv_storage=kv_storage)
+        return ExpertKV(high, low)
+
+    def forward(self, x: Tensor, timesteps, text: Tensor, context=None, **kwargs) -> Tensor:
+        """Velocity, each sample from the expert of its timestep (the largest of its per-frame or
+        per-token timesteps). Arguments as :meth:`WanStyleBackbone.forward`; ``context`` may be an
+        :class:`ExpertKV`."""
+        b = x.shape[0]
+        ts = torch.as_tensor(timesteps, dtype=torch.float32)
+        per_sample = ts.reshape(ts.shape[0], -1).amax(1).expand(b) if ts.ndim else ts.expand(b)
+        high = (per_sample >= self.boundary).cpu()  # routing is host-side structure
+        if bool(high.all()) or not bool(high.any()):
+            name = "high" if bool(high.all()) else "low"
+            ctx = context.of(name) if isinstance(context, ExpertKV) else context
+            return getattr(self, name)(x, timesteps, text, ctx, **kwargs)
+        out = None
+        for name, rows in (("high", high), ("low", ~high)):
+            idx = torch.nonzero(rows).flatten().to(x.device)
+            ctx = context.of(name) if isinstance(context, ExpertKV) else context
+            part = getattr(self, name)(x[idx], _take(timesteps, idx, b), _take(text, idx, b), _take_ctx(ctx, idx, b),
+                                       **{k: _take(v, idx, b) if k in ("text_mask", "positions") else v
+                                          for k, v in kwargs.items()})
+            if out is None:
+                out = part.new_empty(x.shape)
+            out[idx] = part
+        return out
+
+
+def _take(value, idx: Tensor, batch: int):
+    """Rows ``idx`` of a per-sample argument (one whose first dimension is the batch)."""
+    if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch and batch > 1:
+        return value[idx.to(value.device)]
+    return value
+
+
+def _take_ctx(context, idx: Tensor, batch: int):
+    """The samples ``idx`` of a per-sample context (a batch-1 context serves every sample as it is)."""
+    if context is None or isinstance(context, ContextKV):
+        if context is not None and context.batch_size == batch and batch > 1:
+            i = idx.to(context.keys[0].device)
+            pick = lambda ts: None if ts is None else [t[i] for t in ts]  # noqa: E731
+            return ContextKV(pick(context.keys), pick(context.values), context.positions,
+                             None if context.mask is None else context.mask[i],
+                             pick(context.key_scales), pick(context.value_scales))
+        return context
+    tokens = context.tokens
+    if tokens.shape[0] == batch and batch > 1:
+        from pfp.compressor import Context
+        mask = getattr(context, "mask", None)
+        i = idx.to(tokens.device)
+        return Context(tokens[i], context.positions, None if mask is None else mask[i])
+    return context
+
+
+__all__ = ["ExpertPair", "ExpertKV", "EXPERTS"]

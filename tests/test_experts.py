@@ -1,0 +1,154 @@
+"""Two experts switched by timestep (Wan 2.2 A14B): pfp.backbones.experts.ExpertPair on tiny
+diffusers Wan transformers."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pfp.backbones.experts import ExpertKV, ExpertPair
+from pfp.compressor import Context
+from pfp.sampler import sample, timestep_schedule
+
+from _tiny_pfp import TINY_WAN, tiny_wan_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(boundary=0.6, mode="cached"):
+    high = tiny_wan_backbone(mode)
+    torch.manual_seed(1)
+    low = copy.deepcopy(high)
+    with torch.no_grad():   # a different expert: every weight moved
+        for p in low.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ExpertPair(high, low, boundary).eval()
+
+
+def _context(n_frames=2, dim=24):
+    t = torch.arange(n_frames, dtype=torch.float32).repeat_interleave(4)
+    pos = torch.stack([t, torch.tensor([0.5, 0.5, 2.5, 2.5] * n_frames), torch.tensor([0.5, 2.5] * 2 * n_frames)], 1)
+    return Context(torch.randn(1, 4 * n_frames, dim), pos)
+
+
+def _inputs():
+    torch.manual_seed(3)
+    return torch.randn(2, 4, 2, 4, 4), torch.randn(2, 5, 16)
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_each_step_runs_on_the_expert_of_its_timestep(mode):
+    # WanPipeline's rule: transformer (high noise) for t*1000 >= boundary_ratio*1000, else transformer_2
+    pair = _pair(0.6, mode)
+    ctx = _context()
+    calls = []
+    pair.high.blocks[0].register_forward_pre_hook(lambda m, a: calls.append("high"))
+    pair.low.blocks[0].register_forward_pre_hook(lambda m, a: calls.append("low"))
+    _, text = _inputs()
+    kv = pair.cache_context(ctx) if mode == "cached" else ctx
+    calls.clear()
+    steps = 6
+    got = sample(pair, (1, 4, 2, 4, 4), text[:1], kv, steps=steps, shift=3.0, seed=0, t_start=2)
+    ts = timestep_schedule(steps, 3.0)[:-1].tolist()
+    assert calls == ["high" if t >= 0.6 else "low" for t in ts]
+    assert "high" in calls and "low" in calls
+    # the same loop by hand, each step on its expert with that expert's own context K/V
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    full = timestep_schedule(steps, 3.0)
+    with torch.no_grad():
+        for i in range(steps):
+            net = pair.high if full[i] >= 0.6 else pair.low
+            c = (kv.high if net is pair.high else kv.low) if mode == "cached" else ctx
+            x = x + (full[i + 1] - full[i]) * net(x, full[i].expand(1), text[:1], c, t_start=2).float()
+    assert torch.equal(got, x)
+
+
+def test_identical_experts_are_one_backbone():
+    single = tiny_wan_backbone()
+    pair = ExpertPair(single, copy.deepcopy(single), 0.5).eval()
+    ctx = _context()
+    _, text = _inputs()
+    want = sample(single, (1, 4, 2, 4, 4), text[:1], single.cache_context(ctx), steps=4, seed=0, t_start=2)
+    got = sample(pair, (1, 4, 2, 4, 4), text[:1], pair.cache_context(ctx), steps=4, seed=0, t_start=2)
+    assert torch.equal(got, want)
+
+
+def test_forward_routes_each_sample_of_a_mixed_batch():
+    pair = _pair(0.5)
+    x, text = _inputs()
+    kv = pair.cache_context(_context())
+    t = torch.tensor([0.8, 0.2])
+    with torch.no_grad():
+        got = pair(x, t, text, kv, t_start=2)
+        want_high = pair.high(x[:1], t[:1], text[:1], kv.high, t_start=2)
+        want_low = pair.low(x[1:], t[1:], text[1:], kv.low, t_start=2)
+    assert torch.equal(got[:1], want_high) and torch.equal(got[1:], want_low)
+    # per-frame timesteps: a sample goes by its noisiest frame
+    with torch.no_grad():
+        got = pair(x, torch.tensor([[0.1, 0.7], [0.3, 0.2]]), text, kv, t_start=2)
+        want = pair.low(x[1:], torch.tensor([[0.3, 0.2]]), text[1:], kv.low, t_start=2)
+    assert torch.equal(got[1:], want)
+
+
+def test_expert_kv_grows_incrementally_per_expert():
+    pair = _pair()
+    ctx = _context(3)
+    first = Context(ctx.tokens[:, :4], ctx.positions[:4])
+    rest = Context(ctx.tokens[:, 4:], ctx.positions[4:])
+    with torch.no_grad():
+        whole = pair.cache_context(ctx)
+        grown = pair.cache_context(rest, pair.cache_context(first))
+    assert isinstance(grown, ExpertKV) and grown.num_tokens == 12
+    for name in ("high", "low"):
+        for a, b in zip(whole.of(name).keys + whole.of(name).values, grown.of(name).keys + grown.of(name).values):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(whole.high.keys[0], whole.low.keys[0])   # each expert its own K/V
+
+
+def test_a14b_config_builds_two_experts_with_lora_each_and_the_named_patch_embedding(tmp_path):
+    pytest.importorskip("peft")
+    from pfp.train.loop import apply_lora
+    from pfp.weights import PFPConfig, build_model
+    from _tiny_pfp import tiny_config
+    cfg = dataclasses.replace(tiny_config(), text={"kind": "tiny", "dim": 16, "max_length": 12, "num_layers": 0},
+                              vae={"kind": "patch", "spatial_factor": 1, "temporal_factor": 1},
+                              dit={"kind": "wan", "config": {**TINY_WAN, "in_channels": 3, "out_channels": 3},
+                                   "boundary": 0.875, "lr_patch_embed": "low"}, video_size=(8, 8))
+    model = build_model(cfg)
+    assert isinstance(model.backbone, ExpertPair) and model.backbone.boundary == 0.875
+    assert model.compressor.patch_embed is model.backbone.low.patch_embedding
+    apply_lora(model, rank=2)
+    names = [n for n, _ in model.backbone.named_parameters() if "lora_A" in n]
+    assert any(".high." in n for n in names) and any(".low." in n for n in names)
+    # the config round-trips through JSON
+    assert PFPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).dit["boundary"] == 0.875
+
+
+@pytest.mark.parametrize("dit,expect", [
+    ({"boundary": 1.5}, "dit.boundary 1.5 is not valid; use a number in \\(0, 1\\)"),
+    ({"subfolder_2": "t2"}, "dit.subfolder_2 needs dit.boundary"),
+    ({"boundary": 0.9, "lr_patch_embed": "mid"}, "dit.lr_patch_embed 'mid' is not valid; choose one of: high, low"),
+])
+def test_bad_expert_config_names_the_key(dit, expect):
+    from pfp.config import check_component
+    with pytest.raises(ValueError, match=expect):
+        check_component("dit", {"kind": "wan", "config": TINY_WAN, **dit})
+
+
+def test_a_folder_without_the_second_expert_is_refused(tmp_path):
+    from pfp.config import check_component
+    tiny_wan_backbone().transformer.save_pretrained(tmp_path / "transformer")
+    with pytest.raises(ValueError, match="has no transformer_2/config.json"):
+        check_component("dit", {"kind": "wan", "path": str(tmp_path), "boundary": 0.875})
+
+
+def test_block_offload_prefetches_within_the_running_expert():
+    from pfp.offload import BlockOffload
+    pair = _pair()
+    off = BlockOffload(pair.blocks, torch.device("cpu"), groups=pair.block_groups)
+    n = len(pair.high.blocks)
+    assert off.next[n - 1] == 0 and off.next[-1] == n       # each expert's last block wraps to its first
+    off.remove()
