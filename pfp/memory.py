@@ -76,6 +76,12 @@ WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4
                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                  patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
                  latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+WAN22_A14B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                              out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                              cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                              rope_max_seq_len=1024)   # each of A14B's two experts
+WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -95,11 +101,16 @@ class Preset:
     text: dict = field(default_factory=lambda: dict(UMT5_XXL))
     text_length: int = 512
     compressor_hidden: tuple = (64, 128, 256, 512)
+    experts: int = 1              # 2: a high-noise and a low-noise expert of this transformer (A14B)
+    boundary: float = 0.875       # the timestep from which the high-noise expert denoises
 
 
 PRESETS = {
     "wan22-ti2v-5b-480p": Preset("wan22-ti2v-5b-480p", (480, 832), 24.0, 24, "4x4x2"),
     "wan22-ti2v-5b-720p": Preset("wan22-ti2v-5b-720p", (704, 1280), 24.0, 24, "4x4x2"),
+    # Wan 2.2 T2V-A14B: two 14 B experts, Wan 2.1's 16-channel 8x VAE, 16 fps
+    "wan22-t2v-a14b-480p": Preset("wan22-t2v-a14b-480p", (480, 832), 16.0, 16, "4x4x2",
+                                  transformer=dict(WAN22_A14B_TRANSFORMER), vae=dict(WAN21_VAE), experts=2),
 }
 
 
@@ -161,6 +172,8 @@ class Trace:
     kv_fp8: int                   # the same in fp8, scales included
     vae_cache: int                # the VAE's causal cache between chunks
     transient: dict               # phase -> traced peak of what the phase creates
+    experts: int = 1              # 2: Wan 2.2 A14B's pair (the weights and K/V above are both experts')
+    expert: int = 0               # the larger expert's weights, less the patch embedding the compressor shares
 
 
 class _PeakMemory(TorchDispatchMode):
@@ -230,6 +243,10 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
         torch.set_default_dtype(dtype)  # modules are built in dtype without ever holding fp32 copies
         try:
             backbone = WanBackbone.from_config(context_mode="cached", **p.transformer)
+            if p.experts == 2:
+                from pfp.backbones.experts import ExpertPair
+                backbone = ExpertPair(backbone, WanBackbone.from_config(context_mode="cached", **p.transformer),
+                                      p.boundary)
             vae = WanVAE(AutoencoderKLWan(**p.vae))
             text_model = UMT5EncoderModel(UMT5Config(**p.text))
             compressor = MemoryCompressor(backbone.patch_embed, backbone.latent_channels, backbone.inner_dim,
@@ -342,7 +359,9 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: t
         compressor=_nbytes(compressor) - _nbytes(backbone.patch_embed),
         layers=layers * experts, kv=2 * experts * layers * tokens * inner * elem if cached else 0,
         kv_fp8=2 * experts * layers * tokens * heads * (head_dim + 4) if cached else 0,  # + an fp32 scale per token, head
-        vae_cache=cache_bytes, transient=transient)
+        vae_cache=cache_bytes, transient=transient, experts=experts,
+        expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
+                if experts == 2 else 0))
 
 
 def _decoder_cache_bytes(decoder) -> int:
@@ -423,9 +442,12 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     fp8 = choices["weights"] == "fp8"
     transformer = trace.transformer - (trace.transformer_linear - trace.transformer_linear_fp8 if fp8 else 0)
     block_scale = transformer / trace.transformer  # fp8 shrinks the blocks too
+    active = choices["experts"] == "active" and trace.experts == 2 and choices["offload"] != "block"
     if choices["offload"] == "block":
         # the non-block parts, the running block and the prefetched next one
         transformer_gpu = int(transformer - trace.blocks * block_scale + 2 * trace.largest_block * block_scale)
+    elif active:  # one expert on the device at a time
+        transformer_gpu = int(transformer - trace.expert * block_scale)
     else:
         transformer_gpu = transformer
     kv_fp8 = choices["kv"] == "fp8"
@@ -438,7 +460,8 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
         return PhaseEstimate(name, _with_allowance(sum(parts.values()) + transient), sorted(parts))
 
     always = {"compressor": trace.compressor, "vae_cache": trace.vae_cache, "context_kv": kv}
-    dit = {"transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if choices["offload"] == "block" else ""):
+    dit = {"transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if choices["offload"] == "block" else "")
+           + ("(one expert)" if active else ""):
            transformer_gpu}
     vae = {"vae": trace.vae}
     text_gpu = {"text_encoder": trace.text} if choices["text"] == "gpu" else {}
@@ -458,17 +481,22 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     by_name = {p.name: p for p in phases}
     hidden = 0.0
     if choices["offload"] == "block":
-        per_pass = int(trace.blocks * block_scale)
-        by_name["denoise"].bytes_moved += steps * per_pass   # every step's forward streams the blocks
+        per_pass = int(trace.blocks * block_scale)           # every expert's blocks
+        per_step = per_pass // trace.experts                 # a step runs one expert
+        by_name["denoise"].bytes_moved += steps * per_step   # every step's forward streams the blocks
         by_name["context_kv"].bytes_moved += per_pass        # and so does the new tokens' K/V pass
-        hidden += 0.5 * (steps + 1) * per_pass                # prefetch overlaps about half behind compute
+        hidden += 0.5 * (steps * per_step + per_pass)        # prefetch overlaps about half behind compute
+    if active:  # each chunk loads each expert once: the low-noise one for its steps, the high one for the K/V
+        by_name["denoise"].bytes_moved += int(trace.expert * block_scale)
+        by_name["context_kv"].bytes_moved += int(trace.expert * block_scale)
     if swap:  # each comes back once per chunk (a CPU copy stays, so nothing is copied out)
-        by_name["context_kv"].bytes_moved += transformer_gpu
+        by_name["context_kv"].bytes_moved += transformer_gpu - (int(trace.expert * block_scale) if active else 0)
         by_name["decode"].bytes_moved += trace.vae
     moved = sum(p.bytes_moved for p in phases)
     seconds = (moved - hidden) / PCIE_BYTES_PER_S
-    if fp8:  # every pass reads the fp8 weights and writes and reads their native copies
-        seconds += (steps + 1) * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S
+    if fp8:  # every pass reads the fp8 weights and writes and reads their native copies (a step: one expert's)
+        seconds += ((steps + trace.experts) / trace.experts
+                    * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S)
     if kv_fp8:
         seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
     fits = budget is None or all(p.peak_bytes <= budget for p in phases)
@@ -478,7 +506,10 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
 
 def all_plans(trace: Trace, budget: int, steps: int = 20) -> list:
     names = list(CHOICES)
-    return [estimate(trace, dict(zip(names, combo)), budget, steps) for combo in itertools.product(*CHOICES.values())]
+    combos = [dict(zip(names, combo)) for combo in itertools.product(*CHOICES.values())]
+    # experts="active" means something only for a pair, and not beside block offload
+    combos = [c for c in combos if c["experts"] == "both" or (trace.experts == 2 and c["offload"] != "block")]
+    return [estimate(trace, c, budget, steps) for c in combos]
 
 
 def _departures(choices: dict) -> int:

@@ -16,6 +16,10 @@
   :func:`pfp.generate.generate` encodes once up front, then off it), or ``"cpu"`` (never on it).
 - ``kv``: ``"fp8"`` stores the context K/V in float8 (:meth:`ContextKV.to_fp8`); generate passes it to
   :meth:`cache_context`.
+- ``experts``: with two experts (Wan 2.2 A14B, :class:`~pfp.backbones.experts.ExpertPair`),
+  ``"active"`` keeps only the running expert on the device: an expert hook moves the other one out
+  when the sampler switches, so each chunk loads each expert once. No effect on one backbone, or
+  with block offload (which already holds only two blocks).
 
 Moving a part keeps one host copy of each of its tensors (pinned when the device is CUDA) and
 points the parameter at a device copy while it is in, at the host copy while it is out. So a
@@ -31,9 +35,10 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native"}
+PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native",
+                 "experts": "both"}
 PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
-               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8")}
+               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active")}
 
 
 def check_choices(choices: Optional[dict]) -> dict:
@@ -210,11 +215,21 @@ class Placement:
         offload_blocks = self.choices["offload"] == "block"
         block_tensors = _tensors_of(blocks)
         backbone_tensors = _tensors_of([backbone])
+        # two experts, one on the device at a time: each moves whole (blocks, embeddings, head),
+        # but for the patch embedding the compressor shares, which stays with the backbone
+        self._experts, self._expert_hook, self._active = {}, None, None
+        if self.choices["experts"] == "active" and hasattr(backbone, "register_expert_hook") and not offload_blocks:
+            shared = _tensors_of([backbone.patch_embed])
+            self._experts = {name: _HostCopy(_tensors_of([getattr(backbone, name)], exclude=shared), self.device,
+                                             park_to) for name in ("high", "low")}
+            self._expert_hook = backbone.register_expert_hook(self._activate)
+        in_experts = [t for part in self._experts.values() for t in part.tensors]
         # the backbone less its blocks (embeddings, head), with the compressor's own layers (it
         # shares the patch embedding): all of it runs in the transformer phase
-        self._backbone = _HostCopy(_tensors_of([backbone], exclude=block_tensors)
+        self._backbone = _HostCopy(_tensors_of([backbone], exclude=block_tensors + in_experts)
                                    + _tensors_of([model.compressor], exclude=backbone_tensors), self.device, park_to)
-        self._blocks = None if offload_blocks else _HostCopy(block_tensors, self.device, park_to)
+        self._blocks = (None if offload_blocks or self._experts else
+                        _HostCopy(block_tensors, self.device, park_to))
         self.blocks = (BlockOffload(blocks, self.device, park_to, getattr(backbone, "block_groups", None))
                        if offload_blocks else None)
         self._vae = _HostCopy(_tensors_of([model.vae] if isinstance(model.vae, nn.Module) else []),
@@ -245,6 +260,7 @@ class Placement:
         self._bytes += self._backbone.load()
         if self._blocks is not None:
             self._bytes += self._blocks.load()
+        # with experts="active", an expert comes in when it is first used (_activate)
 
     def _park_transformer(self) -> None:
         self._backbone.park()
@@ -252,6 +268,19 @@ class Placement:
             self._blocks.park()
         if self.blocks is not None:
             self.blocks.park_all()
+        for part in self._experts.values():
+            part.park()
+        self._active = None
+
+    def _activate(self, name: str) -> None:
+        """Before an expert runs: the other one leaves the device, this one comes in."""
+        if self._active == name:
+            return
+        for other, part in self._experts.items():
+            if other != name:
+                part.park()
+        self._bytes += self._experts[name].load()
+        self._active = name
 
     @contextmanager
     def text(self):
@@ -285,7 +314,10 @@ class Placement:
         stored in fp8 (diffusers' layerwise casting cannot be undone without reloading)."""
         if self.blocks is not None:
             self.blocks.remove()
-        parts = [self._backbone, self._blocks, self._vae, self._text] + (self.blocks.parts if self.blocks else [])
+        if self._expert_hook is not None:
+            self._expert_hook.remove()
+        parts = ([self._backbone, self._blocks, self._vae, self._text] + (self.blocks.parts if self.blocks else [])
+                 + list(self._experts.values()))
         for part in parts:
             if part is not None:
                 part.park_to = "host"

@@ -152,3 +152,58 @@ def test_block_offload_prefetches_within_the_running_expert():
     n = len(pair.high.blocks)
     assert off.next[n - 1] == 0 and off.next[-1] == n       # each expert's last block wraps to its first
     off.remove()
+
+
+def _a14b_model(boundary=0.6):
+    from pfp.weights import build_model
+    from _tiny_pfp import tiny_config
+    cfg = dataclasses.replace(tiny_config(), dit={"kind": "wan", "config": {**TINY_WAN, "in_channels": 48,
+                                                                            "out_channels": 48},
+                                                  "boundary": boundary})
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_only_the_running_expert_is_on_the_device_and_the_video_is_the_same():
+    from pfp.generate import generate
+    from pfp.offload import Placement
+    from pfp.text import Storyboard
+    story = Storyboard.from_list([{"start": 0, "end": 2, "prompt": "a red circle"}])
+    model = _a14b_model()
+    want = generate(model, story, 2.0, steps=4, progress=False)
+    for choices in ({"experts": "active"}, {"experts": "active", "swap": True, "kv": "native"}):
+        placement = Placement(model, "cpu", choices, park_to="nan")   # the idle expert holds NaN
+        seen = []
+        handle = model.backbone.register_expert_hook(
+            lambda name: seen.append(sum(p.loaded for p in placement._experts.values())))
+        got = generate(model, story, 2.0, steps=4, progress=False, plan=placement)
+        handle.remove()
+        assert torch.equal(got.video, want.video), choices
+        assert max(seen) == 1                                   # never both experts in
+    # each chunk loads each expert once: the high one for its K/V and the next chunk's first steps,
+    # the low one for the last steps (and the first chunk, with no context, loads the high one first)
+    loads = []
+    placement = Placement(model, "cpu", {"experts": "active"})
+    for name, part in placement._experts.items():
+        real = part.load
+        part.load = lambda real=real, name=name: loads.append(name) or real()
+    generate(model, story, 2.0, steps=4, progress=False, plan=placement)
+    chunks = len(want.timings)
+    assert loads.count("high") == chunks + 1 and loads.count("low") == chunks
+
+
+def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it():
+    from pfp import memory
+    gib = 1 << 30
+    trace = memory.trace_preset(memory.preset("wan22-t2v-a14b-480p"), history_seconds=20)
+    assert trace.experts == 2 and abs(trace.expert / gib - 26.6) < 0.1       # 14.3 B parameters per expert, bf16
+    assert abs(trace.transformer / gib - 2 * 26.6) < 0.2
+    layers, inner = 80, 5120                                                  # both experts' K/V
+    assert trace.kv == 2 * layers * trace.context_tokens * inner * 2
+    whole = memory.choose(trace, 80 * gib)
+    assert whole.fits and whole.choices["experts"] == "both" and whole.choices["weights"] == "native"
+    one = memory.choose(trace, 32 * gib)
+    assert one.fits and one.choices["experts"] == "active", one.choices
+    assert one.bytes_moved_per_chunk >= 2 * trace.expert // 2                # each fp8 expert comes in once a chunk
+    for p in one.phases:
+        assert p.peak_bytes <= 32 * gib

@@ -17,6 +17,7 @@ peft gives each expert its own adapters.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,6 +71,21 @@ class ExpertPair(nn.Module):
         self.boundary = float(boundary)
         self.lr_patch_embed = lr_patch_embed
         self.lora_target_modules = getattr(high, "lora_target_modules", None)
+        self._expert_hooks: OrderedDict = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
+
+    def register_expert_hook(self, hook):
+        """``hook(name)`` runs before an expert (``"high"`` or ``"low"``) is used: before a step it
+        is routed to, and before its context K/V are computed (what moves an idle expert off the
+        device, :class:`pfp.offload.Placement`). Returns a handle whose ``remove()`` takes it off."""
+        from torch.utils.hooks import RemovableHandle
+        handle = RemovableHandle(self._expert_hooks)
+        self._expert_hooks[handle.id] = hook
+        return handle
+
+    def _use(self, name: str) -> nn.Module:
+        for hook in list(self._expert_hooks.values()):
+            hook(name)
+        return getattr(self, name)
 
     # the attributes the compressor, the sampler and generate read, from the experts
     @property
@@ -115,16 +131,20 @@ class ExpertPair(nn.Module):
     def route(self, t: float, context=None):
         """(expert module, its context) for a step at timestep ``t`` (a host float)."""
         name = self.expert_at(float(t))
-        return getattr(self, name), (context.of(name) if isinstance(context, ExpertKV) else context)
+        return self._use(name), (context.of(name) if isinstance(context, ExpertKV) else context)
 
     @torch.no_grad()
     def cache_context(self, context, cache: Optional[ExpertKV] = None, kv_storage: str = "native"):
         """Each expert's K/V of the new context tokens after ``cache`` (see
-        :meth:`WanStyleBackbone.cache_context`); None while the context is empty."""
-        high = self.high.cache_context(context, cache.high if cache is not None else None, kv_storage=kv_storage)
-        if high is None:
+        :meth:`WanStyleBackbone.cache_context`); None while the context is empty. The low-noise
+        expert goes first: a chunk's denoising ends on it, so with only one expert on the device
+        each chunk loads each expert once."""
+        from .wan_style import context_parts
+        if context_parts(context) is None:
             return cache
-        low = self.low.cache_context(context, cache.low if cache is not None else None, kv_storage=kv_storage)
+        low = self._use("low").cache_context(context, cache.low if cache is not None else None, kv_storage=kv_storage)
+        high = self._use("high").cache_context(context, cache.high if cache is not None else None,
+                                               kv_storage=kv_storage)
         return ExpertKV(high, low)
 
     def forward(self, x: Tensor, timesteps, text: Tensor, context=None, **kwargs) -> Tensor:
@@ -138,12 +158,12 @@ class ExpertPair(nn.Module):
         if bool(high.all()) or not bool(high.any()):
             name = "high" if bool(high.all()) else "low"
             ctx = context.of(name) if isinstance(context, ExpertKV) else context
-            return getattr(self, name)(x, timesteps, text, ctx, **kwargs)
+            return self._use(name)(x, timesteps, text, ctx, **kwargs)
         out = None
         for name, rows in (("high", high), ("low", ~high)):
             idx = torch.nonzero(rows).flatten().to(x.device)
             ctx = context.of(name) if isinstance(context, ExpertKV) else context
-            part = getattr(self, name)(x[idx], _take(timesteps, idx, b), _take(text, idx, b), _take_ctx(ctx, idx, b),
+            part = self._use(name)(x[idx], _take(timesteps, idx, b), _take(text, idx, b), _take_ctx(ctx, idx, b),
                                        **{k: _take(v, idx, b) if k in ("text_mask", "positions") else v
                                           for k, v in kwargs.items()})
             if out is None:
