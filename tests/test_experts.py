@@ -207,3 +207,32 @@ def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it():
     assert one.bytes_moved_per_chunk >= 2 * trace.expert // 2                # each fp8 expert comes in once a chunk
     for p in one.phases:
         assert p.peak_bytes <= 32 * gib
+
+
+def test_a14b_pretrains_finetunes_with_lora_exports_and_generates(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from pfp.generate import generate
+    from pfp.text import Storyboard
+    from pfp.train.__main__ import main
+    from pfp.weights import load_weights
+    from _tiny_pfp import tiny_config, write_config
+    cfg = dataclasses.replace(tiny_config(), dit={"kind": "wan", "config": {**TINY_WAN, "in_channels": 48,
+                                                                            "out_channels": 48, "text_dim": 16},
+                                                  "boundary": 0.5})
+    path = write_config(tmp_path / "cfg.json", cfg)
+    common = ["--steps", "2", "--batch-size", "2", "--clip-seconds", "1", "--workers", "0", "--no-progress",
+              "--threads", "1", "--save-every", "2"]
+    pre, ft = tmp_path / "pre.safetensors", tmp_path / "ft.safetensors"
+    assert main(["pretrain", "--config", path, "--out", str(tmp_path / "pre"), "--export", str(pre), *common]) == 0
+    assert main(["finetune", "--config", path, "--init", str(pre), "--lora-rank", "2", "--out", str(tmp_path / "ft"),
+                 "--export", str(ft), *common]) == 0
+    model = load_weights(str(ft))
+    assert isinstance(model.backbone, ExpertPair)
+    # both experts trained (their LoRA merged in): each differs from the pretrained one
+    before = load_weights(str(pre)).backbone
+    for name in ("high", "low"):
+        a = getattr(model.backbone, name).blocks[0].attn1.to_q.weight
+        b = getattr(before, name).blocks[0].attn1.to_q.weight
+        assert not torch.equal(a, b), name
+    res = generate(model, Storyboard.single("a red circle", 1.0), 1.0, steps=2, progress=False)
+    assert torch.isfinite(res.video).all()
