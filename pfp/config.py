@@ -38,6 +38,7 @@ class PFPConfig:
     sample_eta: float = 0.0               # sampler stochasticity (pfp.sampler.sample; 0: Euler ODE)
     sample_cfg: float = 2.0               # classifier-free guidance scale (1: off)
     sample_cfg_min_t: float = 0.0         # no guidance at steps with t <= this (0: guidance at every step)
+    sample_cfg_2: Optional[float] = None  # two experts: the low-noise expert's guidance (None: sample_cfg)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -163,6 +164,10 @@ class PFPConfig:
                 and 0.0 <= self.sample_cfg <= 50.0):
             raise ValueError(f"config sample_cfg {self.sample_cfg!r} is not valid; use a number in [0, 50] "
                              "(1: no guidance)")
+        if self.sample_cfg_2 is not None and not (isinstance(self.sample_cfg_2, (int, float))
+                                                   and math.isfinite(self.sample_cfg_2) and 0.0 <= self.sample_cfg_2 <= 50.0):
+            raise ValueError(f"config sample_cfg_2 {self.sample_cfg_2!r} is not valid; use a number in [0, 50] "
+                             "(the low-noise expert's guidance; null: sample_cfg)")
         if not (isinstance(self.sample_cfg_min_t, (int, float)) and 0.0 <= self.sample_cfg_min_t <= 1.0):
             raise ValueError(f"config sample_cfg_min_t {self.sample_cfg_min_t!r} is not valid; use a number in [0, 1] "
                              "(0: guidance at every step)")

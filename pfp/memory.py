@@ -528,15 +528,17 @@ def choose(trace: Trace, budget: int, steps: int = 20) -> Plan:
 
 
 def plan_model(model: nn.Module, budget: Optional[int], seconds: float, size: Optional[tuple] = None,
-               steps: int = 20, cfg: Optional[float] = None) -> Plan:
+               steps: int = 20, cfg: Optional[float] = None, cfg_2: Optional[float] = None) -> Plan:
     """The plan :func:`choose` picks for generating ``seconds`` of video with a built model: traced at
     its longest history (all chunks but the last), CFG batch 2 unless ``cfg`` (or the config's
-    ``sample_cfg``) is 1. ``plan.fits`` is False when nothing fits ``budget``. ``budget=None``: the
+    ``sample_cfg``), and with two experts ``cfg_2`` too, is 1. ``plan.fits`` is False when nothing fits ``budget``. ``budget=None``: the
     plain run's estimate (everything resident, no budget)."""
     config = model.config
     chunk = config.chunk_frames / config.fps
     cfg = config.sample_cfg if cfg is None else cfg
-    trace = trace_model(model, max(0.0, seconds - chunk), size, cfg_batch=1 if cfg == 1 else 2)
+    cfg_2 = (getattr(config, "sample_cfg_2", None) if cfg_2 is None else cfg_2)
+    guided = cfg != 1 or (cfg_2 is not None and cfg_2 != 1 and hasattr(model.backbone, "route"))
+    trace = trace_model(model, max(0.0, seconds - chunk), size, cfg_batch=2 if guided else 1)
     if budget is None:
         return estimate(trace, {}, None, steps)
     return choose(trace, budget, steps)

@@ -68,7 +68,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
            text_mask: Optional[Tensor] = None, uncond_text_mask: Optional[Tensor] = None,
            steps: int = 20, cfg: float = 1.0, cfg_min_t: float = 0.0, shift: float = 3.0, eta: float = 0.0,
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None, t_start: float = 0.0,
-           device=None, dtype=None, on_step: Optional[Callable[[int], None]] = None) -> Tensor:
+           device=None, dtype=None, on_step: Optional[Callable[[int], None]] = None,
+           cfg_2: Optional[float] = None, first_frame: Optional[Tensor] = None) -> Tensor:
     """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
 
     text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
@@ -79,6 +80,12 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     The initial noise (and with ``eta > 0`` each step's fresh noise) comes from ``generator`` or a
     CPU generator seeded with ``seed``.
     on_step(i) is called after each step (progress bars).
+    cfg_2: with two experts, the guidance of the low-noise expert's steps (WanPipeline's
+    ``guidance_scale_2``); None: ``cfg`` for every step.
+    first_frame: ``[B or 1, C, 1, H, W]`` a clean latent that the chunk's first latent frame is held
+    to (image-to-video, as Wan 2.2 TI2V does it: diffusers' ``WanImageToVideoPipeline`` with
+    ``expand_timesteps``): the model sees it in place of that frame at every step, its tokens at
+    timestep 0 and the others at t, and the result's first frame is it. Needs a patch of 1 frame.
     """
     if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
         raise ValueError(f"eta must be in [0, 1] (0: deterministic Euler), got {eta!r}")
@@ -86,12 +93,34 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
         raise ValueError(f"cfg_min_t must be in [0, 1] (0: guidance at every step), got {cfg_min_t!r}")
     device = torch.device(device) if device is not None else text.device
     dtype = dtype or torch.float32
-    if cfg != 1.0 and uncond_text is None:
+    route = getattr(backbone, "route", None)  # two experts (Wan 2.2 A14B): each step's own
+    t_host = timestep_schedule(steps, shift)[:-1].tolist()  # on the host: no device sync per step
+    scales = [cfg_2 if cfg_2 is not None and route is not None and backbone.expert_at(t) == "low" else cfg
+              for t in t_host]
+    if any(c != 1.0 for c in scales) and uncond_text is None:
         raise ValueError("cfg != 1 needs uncond_text (the empty prompt's text states)")
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     x = torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     b = shape[0]
+    held = None
+    if first_frame is not None:
+        want = (shape[1], 1, *shape[3:])
+        if not isinstance(first_frame, Tensor) or first_frame.dim() != 5 or tuple(first_frame.shape[1:]) != want \
+                or first_frame.shape[0] not in (1, b):
+            raise ValueError(f"first_frame must be [1 or {b}, {want[0]}, 1, {want[2]}, {want[3]}] latents, got "
+                             f"{tuple(first_frame.shape) if isinstance(first_frame, Tensor) else type(first_frame).__name__}")
+        if backbone.patch_size[0] != 1:
+            raise ValueError(f"first_frame needs a backbone whose patch spans 1 frame, got {backbone.patch_size}")
+        held = first_frame.to(device=device, dtype=dtype).expand(b, -1, -1, -1, -1)
+
+    def with_first(z: Tensor) -> Tensor:
+        return z if held is None else torch.cat([held.to(z.dtype), z[:, :, 1:]], dim=2)
+
+    def step_t(t: Tensor, n: int) -> Tensor:  # [n], or [n, T'] with the held frame's tokens clean
+        if held is None:
+            return t.expand(n)
+        return torch.cat([t.new_zeros(n, 1), t.expand(n, shape[2] - 1)], dim=1)
     from pfp.backbones.experts import ExpertKV
     from pfp.backbones.wan_style import ContextKV
     if backbone.context_mode == "cached" and not isinstance(context, (ContextKV, ExpertKV)):
@@ -99,22 +128,21 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     else:
         ctx = context
     txt, mask = text.expand(b, -1, -1), (None if text_mask is None else text_mask.expand(b, -1))
-    if cfg != 1.0:
+    if any(c != 1.0 for c in scales):
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
     ts = timestep_schedule(steps, shift, device=device)
     # decided once, on the host: reading t inside the loop would sync a GPU at every step
-    t_host = ts[:-1].tolist()
-    guided = [cfg != 1.0 and t > cfg_min_t for t in t_host]
-    route = getattr(backbone, "route", None)  # two experts (Wan 2.2 A14B): each step's own
+    guided = [scales[i] != 1.0 and t > cfg_min_t for i, t in enumerate(t_host)]
     for i in range(steps):
         t = ts[i]
         net, c = route(t_host[i], ctx) if route is not None else (backbone, ctx)
+        xin = with_first(x)
         if guided[i]:
-            v = net(torch.cat([x, x]), t.expand(2 * b), pair, c, t_start=t_start, text_mask=pair_mask)
+            v = net(torch.cat([xin, xin]), step_t(t, 2 * b), pair, c, t_start=t_start, text_mask=pair_mask)
             v_cond, v_uncond = v.float().chunk(2)
-            v = v_uncond + cfg * (v_cond - v_uncond)
+            v = v_uncond + scales[i] * (v_cond - v_uncond)
         else:
-            v = net(x, t.expand(b), txt, c, t_start=t_start, text_mask=mask).float()
+            v = net(xin, step_t(t, b), txt, c, t_start=t_start, text_mask=mask).float()
         if eta == 0.0:
             x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
         else:
@@ -124,7 +152,7 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
             x = ((1 - t_next) * x0 + t_next * ((1 - eta ** 2) ** 0.5 * eps + eta * z)).to(dtype)
         if on_step is not None:
             on_step(i)
-    return x
+    return with_first(x)
 
 
 __all__ = ["sample", "timestep_schedule", "shift_timesteps", "pair_text"]

@@ -66,6 +66,29 @@ def test_each_step_runs_on_the_expert_of_its_timestep(mode):
     assert torch.equal(got, x)
 
 
+def test_the_low_noise_expert_takes_its_own_guidance():
+    # WanPipeline's guidance_scale_2: the low-noise expert's steps use their own CFG scale
+    pair = _pair(0.6)
+    kv = pair.cache_context(_context())
+    _, text = _inputs()
+    uncond = torch.zeros_like(text[:1])
+    steps, cfg, cfg_2 = 5, 4.0, 1.5
+    got = sample(pair, (1, 4, 2, 4, 4), text[:1], kv, uncond_text=uncond, steps=steps, cfg=cfg, cfg_2=cfg_2,
+                 seed=0, t_start=2)
+    full = timestep_schedule(steps, 3.0)
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(steps):
+            high = float(full[i]) >= 0.6
+            net, c, scale = (pair.high, kv.high, cfg) if high else (pair.low, kv.low, cfg_2)
+            v = net(torch.cat([x, x]), full[i].expand(2), torch.cat([text[:1], uncond]), c, t_start=2).float()
+            vc, vu = v.chunk(2)
+            x = x + (full[i + 1] - full[i]) * (vu + scale * (vc - vu))
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-5)
+    plain = sample(pair, (1, 4, 2, 4, 4), text[:1], kv, uncond_text=uncond, steps=steps, cfg=cfg, seed=0, t_start=2)
+    assert not torch.equal(plain, got)
+
+
 def test_identical_experts_are_one_backbone():
     single = tiny_wan_backbone()
     pair = ExpertPair(single, copy.deepcopy(single), 0.5).eval()
