@@ -120,7 +120,8 @@ def _given_chunks(history: Optional[torch.Tensor], lat_shape: tuple, n_chunks: i
 def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 20, cfg: Optional[float] = None,
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
              size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None,
-             memory_budget=None, plan=None) -> GenerationResult:
+             memory_budget=None, plan=None, cfg_2: Optional[float] = None,
+             image: Optional[torch.Tensor] = None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -138,8 +139,13 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     compressed and cached exactly like sampled ones), and generation continues after them, so the
     result shows what the model remembers of that history. ``k`` must be < the number of chunks.
 
-    cfg, cfg_min_t, shift, eta: the sampler's settings (:func:`pfp.sampler.sample`); None takes the
-    model config's ``sample_cfg``, ``sample_cfg_min_t``, ``sample_shift`` and ``sample_eta``.
+    cfg, cfg_min_t, shift, eta, cfg_2: the sampler's settings (:func:`pfp.sampler.sample`); None takes
+    the model config's ``sample_cfg``, ``sample_cfg_min_t``, ``sample_shift``, ``sample_eta`` and
+    ``sample_cfg_2`` (the low-noise expert's guidance, with two experts).
+
+    image: optional ``[3, H, W]`` frame in [-1, 1] at the video's size: image-to-video, as Wan 2.2
+    TI2V does it. Its VAE latent is the first chunk's first latent frame, held there while the rest
+    is denoised (:func:`pfp.sampler.sample`'s ``first_frame``), so the video starts from it.
 
     memory_budget: a device memory budget (bytes, or a size such as ``"12GiB"``): :mod:`pfp.memory`
     traces this model (no weights read, nothing allocated) and picks the fastest plan that keeps
@@ -165,7 +171,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     if memory_budget is not None and plan is None:
         from pfp.memory import parse_bytes, plan_model
         budget = memory_budget if isinstance(memory_budget, int) else parse_bytes(memory_budget, "memory_budget")
-        plan = plan_model(model, budget, seconds=seconds, size=(h, w), steps=steps, cfg=cfg)
+        plan = plan_model(model, budget, seconds=seconds, size=(h, w), steps=steps, cfg=cfg, cfg_2=cfg_2)
         if not plan.fits:
             raise InputError(f"memory_budget {memory_budget} is too small for this model: no plan fits; the "
                              f"smallest needs {plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_bytes} bytes)")
@@ -189,6 +195,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     eta = config.sample_eta if eta is None else eta
     cfg = config.sample_cfg if cfg is None else cfg
     cfg_min_t = config.sample_cfg_min_t if cfg_min_t is None else cfg_min_t
+    cfg_2 = config.sample_cfg_2 if cfg_2 is None else cfg_2
     generator = torch.Generator().manual_seed(int(seed))
     stream = compressor.stream(1)
     decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
@@ -202,6 +209,15 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 states, mask = model.encode_text([prompt])
                 text_cache[prompt] = (states.to(device), None if mask is None else mask.to(device))
     uncond, uncond_mask = text_cache[""]
+    first_frame = None
+    if image is not None:
+        if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, h, w):
+            raise InputError(f"image must be a [3, {h}, {w}] frame in [-1, 1] (the video's size), got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        if n_given:
+            raise InputError("give image or history, not both: both set the video's start")
+        with placement.decode() if placement is not None else nullcontext():   # the VAE's phase
+            first_frame = vae.encode(image[None, :, None].to(device=device, dtype=torch.float32).clamp(-1, 1))
     in_transformer = placement.transformer if placement is not None else nullcontext
     in_decode = placement.decode if placement is not None else nullcontext
     prompts, timings, videos, latents, lr_latents = [], [], [], [], []
@@ -224,7 +240,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                     x = sample(backbone, lat_shape, text, context, uncond_text=uncond, text_mask=text_mask,
                                uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t,
                                shift=shift, eta=eta, generator=generator, t_start=float(k * lat_shape[2]),
-                               device=device, on_step=lambda i: bar.update(1))
+                               device=device, on_step=lambda i: bar.update(1), cfg_2=cfg_2,
+                               first_frame=first_frame if k == 0 else None)
                 if not bool(torch.isfinite(x).all()):  # one host sync per chunk
                     raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
                                      f"written (check the weights, or lower --cfg / --shift)")
@@ -317,6 +334,9 @@ def _parser() -> Parser:
     p.add_argument("--steps", type=int, default=16, help="denoising steps per chunk (1-1000, default %(default)s)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale, 1 = off, 0-50 (default: the model's)")
+    p.add_argument("--cfg-2", type=float, default=None,
+                   help="two experts (Wan 2.2 A14B): the low-noise expert's guidance, 0-50 (default: the model's "
+                        "sample_cfg_2, else --cfg)")
     p.add_argument("--cfg-min-t", type=float, default=None,
                    help="no guidance at steps with t <= this, in [0, 1], 0 = guidance at every step "
                         "(default: the model's)")
@@ -334,6 +354,8 @@ def _parser() -> Parser:
                    "(default: to at least 128 px)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 20 M parameters, else torch's default)")
+    p.add_argument("--image", default=None, help="a picture (PNG, JPEG, ...) the video starts from: "
+                   "image-to-video, as Wan 2.2 TI2V does it (center-cropped and resized to the video's size)")
     p.add_argument("--vram", default=None, help="device memory budget with a unit, e.g. 12GiB: the memory "
                    "planner (python -m pfp.memory) picks where each part lives so every phase fits")
     p.add_argument("--plan", action="store_true", help="print the memory plan (with --vram: the one chosen; "
@@ -350,6 +372,8 @@ def _check_args(ns, config) -> None:
         raise InputError(f"--steps must be in 1..1000, got {ns.steps}")
     if ns.cfg is not None and not (math.isfinite(ns.cfg) and 0 <= ns.cfg <= 50):
         raise InputError(f"--cfg must be in [0, 50], got {ns.cfg}")
+    if ns.cfg_2 is not None and not (math.isfinite(ns.cfg_2) and 0 <= ns.cfg_2 <= 50):
+        raise InputError(f"--cfg-2 must be in [0, 50], got {ns.cfg_2}")
     if ns.cfg_min_t is not None and not 0.0 <= ns.cfg_min_t <= 1.0:
         raise InputError(f"--cfg-min-t must be in [0, 1] (0: guidance at every step), got {ns.cfg_min_t}")
     if ns.shift is not None and not (math.isfinite(ns.shift) and 0 < ns.shift <= 100):
@@ -395,6 +419,30 @@ def _check_length(config, seconds: float, size: tuple, upscale: int) -> None:
         raise InputError(f"--seconds {seconds:g} would make {frames} frames of {h}x{w} (x{upscale} when written), "
                          f"about {frames * per_frame / 2 ** 30:.1f} GiB in memory; half this machine's "
                          f"{memory / 2 ** 30:.0f} GiB holds at most --seconds {fit:g}")
+
+
+def _open_image(path: str):
+    """The picture at ``path`` as RGB; InputError naming it when it is missing or not a picture."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise InputError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"--image {path} is not a picture PIL can read ({exc})") from None
+
+
+def _load_image(path: str, size: tuple) -> torch.Tensor:
+    """``[3, H, W]`` in [-1, 1]: the picture center-cropped to the video's aspect, then resized."""
+    from PIL import Image
+    im = _open_image(path)
+    h, w = size
+    scale = max(w / im.width, h / im.height)
+    cw, ch = round(w / scale), round(h / scale)
+    left, top = (im.width - cw) // 2, (im.height - ch) // 2
+    im = im.crop((left, top, left + cw, top + ch)).resize((w, h), Image.LANCZOS)
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def _device(name: str) -> torch.device:
@@ -485,6 +533,9 @@ def _main(argv) -> int:
             raise InputError(str(exc)) from None
     if not ns.plan:
         _check_outputs(ns)
+    if ns.image is not None:
+        check_module("--image", "PIL", "pillow")
+        _open_image(ns.image)   # readable, before any work
     from pfp.text import Storyboard
     if ns.storyboard and ns.prompt:
         raise InputError("give --storyboard or --prompt, not both")
@@ -513,7 +564,7 @@ def _main(argv) -> int:
     plan = None
     if budget is not None or ns.plan:
         from pfp.memory import GIB, plan_model
-        plan = plan_model(model, budget, seconds, size, ns.steps, ns.cfg)  # no budget: the plain run's
+        plan = plan_model(model, budget, seconds, size, ns.steps, ns.cfg, ns.cfg_2)  # no budget: the plain run's
         if not plan.fits:
             raise InputError(f"--vram {ns.vram} is too small for this model: no plan fits; the smallest needs "
                              f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
@@ -524,9 +575,11 @@ def _main(argv) -> int:
             print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
             print(plan.table())
             return 0
+    image = _load_image(ns.image, size) if ns.image is not None else None
     t0 = time.perf_counter()
-    result = generate(model, storyboard, seconds, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_min_t=ns.cfg_min_t,
-                      shift=ns.shift, eta=ns.eta, device=device, size=size, progress=not ns.quiet, plan=plan)
+    result = generate(model, storyboard, seconds, image=image, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_2=ns.cfg_2,
+                      cfg_min_t=ns.cfg_min_t, shift=ns.shift, eta=ns.eta, device=device, size=size,
+                      progress=not ns.quiet, plan=plan)
     write_mp4(result.video, ns.out, config.fps, upscale)
     if ns.contact_sheet:
         write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,

@@ -1,0 +1,108 @@
+"""Image-to-video as Wan 2.2 TI2V does it (diffusers' WanImageToVideoPipeline with expand_timesteps):
+the chunk's first latent frame is held to the image's latent, its tokens at timestep 0."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pfp.sampler import sample, timestep_schedule
+
+from _tiny_pfp import tiny_config, tiny_wan_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_per_frame_timesteps_match_diffusers_per_token_timesteps():
+    # WanImageToVideoPipeline(expand_timesteps=True) calls the transformer with one timestep per
+    # token: 0 on the first latent frame, t elsewhere; ours takes them per token frame
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+    bb = tiny_wan_backbone()
+    upstream = WanTransformer3DModel.from_config(bb.transformer.config).eval()
+    upstream.load_state_dict(bb.transformer.state_dict())
+    torch.manual_seed(0)
+    x, text = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 5, 16)
+    t = 0.7
+    mask = torch.ones(1, 1, 3, 4, 4)
+    mask[:, :, 0] = 0
+    per_token = (mask[0][0][:, ::2, ::2] * t * 1000).flatten().unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        want = upstream(x, per_token, text, return_dict=False)[0]
+        got = bb(x, torch.tensor([[0.0, t, t]]).expand(2, -1), text)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_the_first_frame_is_held_and_the_loop_is_the_pipelines():
+    bb = tiny_wan_backbone()
+    torch.manual_seed(1)
+    text, uncond = torch.randn(1, 5, 16), torch.zeros(1, 5, 16)
+    image = torch.randn(1, 4, 1, 4, 4)
+    steps, cfg = 4, 3.0
+    got = sample(bb, (1, 4, 3, 4, 4), text, None, uncond_text=uncond, steps=steps, cfg=cfg, seed=0,
+                 first_frame=image)
+    assert torch.equal(got[:, :, :1], image)
+    # the pipeline's loop: the model input holds the image in frame 0, the step moves all frames
+    ts = timestep_schedule(steps, 3.0)
+    x = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(steps):
+            xin = torch.cat([image, x[:, :, 1:]], 2)
+            tt = torch.tensor([[0.0, float(ts[i]), float(ts[i])]]).expand(2, -1)
+            v = bb(torch.cat([xin, xin]), tt, torch.cat([text, uncond])).float()
+            vc, vu = v.chunk(2)
+            x = x + (ts[i + 1] - ts[i]) * (vu + cfg * (vc - vu))
+    x = torch.cat([image, x[:, :, 1:]], 2)
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-5)
+    plain = sample(bb, (1, 4, 3, 4, 4), text, None, uncond_text=uncond, steps=steps, cfg=cfg, seed=0)
+    assert not torch.allclose(plain[:, :, 1:], got[:, :, 1:])   # the image conditions the other frames
+
+
+def test_bad_first_frame_names_the_shape():
+    bb = tiny_wan_backbone()
+    with pytest.raises(ValueError, match=r"first_frame must be \[1 or 1, 4, 1, 4, 4\] latents, got \(1, 4, 2, 4, 4\)"):
+        sample(bb, (1, 4, 3, 4, 4), torch.randn(1, 5, 16), steps=1, first_frame=torch.randn(1, 4, 2, 4, 4))
+
+
+def test_generate_starts_the_video_from_the_image():
+    from pfp.generate import InputError, generate
+    from pfp.text import Storyboard
+    from pfp.weights import build_model
+    torch.manual_seed(0)
+    model = build_model(tiny_config())   # the exact PatchVAE: the image comes back as it went in
+    story = Storyboard.single("a red circle on a blue background", 1.5)
+    image = torch.rand(3, 32, 32) * 2 - 1
+    res = generate(model, story, 1.5, steps=2, progress=False, image=image)
+    assert (res.video[:, 0] - image).abs().max() < 1e-5
+    plain = generate(model, story, 1.5, steps=2, progress=False)
+    assert (plain.video[:, 0] - image).abs().max() > 0.1
+    with pytest.raises(InputError, match=r"image must be a \[3, 32, 32\] frame"):
+        generate(model, story, 1.5, steps=2, progress=False, image=torch.zeros(3, 16, 16))
+
+
+def test_cli_image_to_video_and_its_bad_input(tmp_path):
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("av")
+    from PIL import Image
+    from pfp.weights import build_model, save_weights
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(build_model(tiny_config()), str(weights))
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "not.png").write_text("not a picture")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pfp.generate", "--checkpoint", str(weights), "--seconds", "1",
+                               "--steps", "2", "--quiet", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = run("--image", "red.png", "--out", "v.mp4")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "v.mp4").is_file()
+    for image, expect in (("missing.png", "--image missing.png: no such file"),
+                          ("not.png", "--image not.png is not a picture PIL can read")):
+        r = run("--image", image, "--out", "w.mp4")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert expect in lines[0] and not (tmp_path / "w.mp4").exists()
