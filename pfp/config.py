@@ -135,8 +135,23 @@ class PFPConfig:
         if self.lr_phase == "end" and (tf != 1 or frames % r.t):
             raise ValueError(f"config lr_phase 'end' needs a VAE with temporal factor 1 (this one: {tf}) and clips of "
                              f"a multiple of {r.t} frames (rate {self.rate}; got {frames}); use lr_phase 'start'")
-        return VideoSpec(hr_size=(h, w), hr_fps=self.fps, hr_frames=frames, lr_size=(h // r.h, w // r.w),
-                         lr_fps=self.fps / r.t, lr_frames=lr_frames, lr_phase=self.lr_phase)
+        used = self.lr_region((h, w))
+        return VideoSpec(hr_size=(h, w), hr_fps=self.fps, hr_frames=frames, lr_size=(used[0] // r.h, used[1] // r.w),
+                         lr_fps=self.fps / r.t, lr_frames=lr_frames, lr_phase=self.lr_phase,
+                         lr_crop=None if used == (h, w) else used)
+
+    def lr_region(self, size: Optional[tuple] = None) -> tuple:
+        """(H, W) pixels of the top-left region of a frame that the low-res branch sees, at 1/rate
+        size: the whole frame when that size is a whole number of VAE latents (the compressor then
+        reads the rows and columns its grid covers), else the region the grid covers (whole cells
+        of ``2 * rate`` latent rows and columns, patch 2), which is."""
+        from pfp.rates import parse_rate
+        r = parse_rate(self.rate)
+        h, w = size or self.video_size
+        if h % (r.h * self.vae_spatial) == 0 and w % (r.w * self.vae_spatial) == 0:
+            return (h, w)
+        cell_h, cell_w = 2 * r.h * self.vae_spatial, 2 * r.w * self.vae_spatial
+        return (h // cell_h * cell_h, w // cell_w * cell_w)
 
     def clip_spec(self, num_chunks: int, size: Optional[tuple] = None):
         """:meth:`video_spec` of ``num_chunks`` whole chunks (:meth:`clip_frames` frames)."""
@@ -175,7 +190,7 @@ class PFPConfig:
         h, w = self.video_size
         tf = self.vae_temporal
         plan_inputs((w, h), self.fps, self.chunk_seconds, self.rate, vae_spatial=self.vae_spatial,
-                    vae_temporal=tf, patch=(1, 2, 2))
+                    vae_temporal=tf, patch=(1, 2, 2))   # the VAE's and the grid's minimum sizes
         step = r.t * tf
         if self.chunk_frames % step or self.chunk_frames < step:
             why = f"rate {self.rate} compresses time by {r.t}" + (f" and the VAE by {tf}" if tf > 1 else "")
@@ -184,11 +199,11 @@ class PFPConfig:
         if self.lr_phase == "end" and tf != 1:
             raise ValueError(f"config lr_phase 'end' needs a VAE with temporal factor 1, and this one has {tf} (its "
                              "latent frames end on every tf-th video frame); use lr_phase 'start'")
-        pad = 2 * r.h * self.vae_spatial, 2 * r.w * self.vae_spatial
-        if h % pad[0] or w % pad[1]:
-            raise ValueError(f"video_size {h}x{w} (HxW) does not fit rate {self.rate} with a {self.vae_spatial}x VAE "
-                             f"and patch 2: height must be a multiple of {pad[0]} and width of {pad[1]}; use "
-                             f"{max(pad[0], h // pad[0] * pad[0])}x{max(pad[1], w // pad[1] * pad[1])}")
+        step = 2 * self.vae_spatial   # the DiT's 2x2 patches of the latent
+        if h % step or w % step:
+            raise ValueError(f"video_size {h}x{w} (HxW) does not fit the DiT's 2x2 patches of a {self.vae_spatial}x "
+                             f"VAE's latent: height and width must be multiples of {step}; use "
+                             f"{max(step, h // step * step)}x{max(step, w // step * step)}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -222,10 +222,12 @@ def plan_inputs(video_size: Sequence[int], fps: float, seconds: float, rate: Rat
     ``vae_spatial`` x ``vae_temporal`` gives ``ceil(F / vae_temporal)`` latent frames (equal to
     the causal ``1 + (F-1)//vae_temporal`` of Wan/Hunyuan). The LR branch gets frames
     0, rt, 2rt, ... of the video (``ceil(F/rt)`` frames at ``fps/rt``), resized to
-    ``(width/rw, height/rh)``; its latent frames match the HR token frames one to one.
+    ``(width/rw, height/rh)``; its latent frames match the HR token frames one to one. When that
+    size is not a whole number of latents, the LR video shows only the top-left region the token
+    grid covers (``hr_rows_cols_used``), at 1/rate size.
 
     Raises ValueError when the video cannot be encoded as planned (sizes not multiples of the
-    VAE factor, a low-res video size that is not a whole multiple of it, or a grid of 0 tokens).
+    VAE factor, or a grid of 0 tokens).
     """
     rate = parse_rate(rate)
     patch = tuple(int(p) for p in patch)
@@ -247,17 +249,15 @@ def plan_inputs(video_size: Sequence[int], fps: float, seconds: float, rate: Rat
         raise ValueError(f"a {width}x{height} video is too small for rate {rate} with patch {patch}: the HR "
                          f"latent {hr_latent[2]}x{hr_latent[3]} needs at least {patch[1] * rate.h}x"
                          f"{patch[2] * rate.w} rows x cols")
-    if (width % (rate.w * vae_spatial)) or (height % (rate.h * vae_spatial)):
-        raise ValueError(f"the low-res video for rate {rate} would be {width / rate.w:g}x{height / rate.h:g}, "
-                         f"not a multiple of the VAE's spatial factor {vae_spatial}; crop the video to "
-                         f"{width // (rate.w * vae_spatial) * rate.w * vae_spatial}x"
-                         f"{height // (rate.h * vae_spatial) * rate.h * vae_spatial} first")
-    lr_size = (width // rate.w, height // rate.h)
+    used = (grid[1] * patch[1] * rate.h, grid[2] * patch[2] * rate.w)   # latent rows x cols the grid covers
+    if width % (rate.w * vae_spatial) == 0 and height % (rate.h * vae_spatial) == 0:
+        lr_size = (width // rate.w, height // rate.h)          # the whole frame at 1/rate
+    else:  # not a whole number of latents at 1/rate: the region the grid covers, at 1/rate
+        lr_size = (used[1] * vae_spatial // rate.w, used[0] * vae_spatial // rate.h)
     lr_frames = -(-frames // rate.t)
     lr_latent = (int(latent_channels), -(-lr_frames // vae_temporal), lr_size[1] // vae_spatial,
                  lr_size[0] // vae_spatial)
     assert lr_latent[1] == grid[0], (lr_latent, grid)  # ceil(ceil(F/rt)/vt) == ceil(ceil(F/vt)/rt)
-    used = (grid[1] * patch[1] * rate.h, grid[2] * patch[2] * rate.w)
     return InputPlan(rate, patch, (width, height), float(fps), frames, hr_latent, used, lr_size,
                      float(fps) / rate.t, lr_frames, lr_latent, grid)
 

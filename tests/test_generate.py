@@ -175,6 +175,31 @@ def test_streaming_inside_generate_matches_full_compression(mode, lr_phase):
     assert_stream_matches_full(model, res, mode, lr_full)
 
 
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_a_frame_the_grid_does_not_divide_streams_exactly_over_the_region_it_covers(mode):
+    # 40x40 with the 4x patch VAE at 4x4x2: 1/4 of 40 px is not a whole number of latents, and the
+    # grid's cells are 32 px, so it covers the top-left 32x32; the HR branch reads those latent rows
+    # and columns and the LR branch sees that region at 1/4 size
+    from pfp.data import to_low_res
+    cfg = dataclasses.replace(tiny_config(mode), video_size=(40, 40), rate="4x4x2")
+    cfg.check()
+    spec = cfg.video_spec(12)
+    assert cfg.lr_region() == (32, 32) and spec.lr_crop == (32, 32) and spec.lr_size == (8, 8)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.compressor.proj.weight.normal_(0, 0.1)
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+    res = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, cfg=2.0, progress=False)
+    assert res.video.shape == (3, 12, 40, 40)
+    with torch.no_grad():
+        lr_full = model.vae.encode(to_low_res(res.video[None], spec))
+        # the crop is the region: the same as the low-res video of the cropped frames
+        cropped = to_low_res(res.video[None, :, :, :32, :32], dataclasses.replace(spec, hr_size=(32, 32), lr_crop=None))
+    assert torch.equal(model.vae.encode(cropped), lr_full)
+    assert_stream_matches_full(model, res, mode, lr_full)
+
+
 def test_lr_phase_config_errors():
     with pytest.raises(ValueError, match="config lr_phase 'last' is not valid; choose one of: start, end"):
         dataclasses.replace(tiny_config(), lr_phase="last").check()
@@ -211,7 +236,7 @@ def _bad_cases(tmp_path, weights):
         (ck + ["--storyboard", "broken.json"], "not valid JSON"),
         (ck + ["--storyboard", "noprompt.json"], "entry 0: missing key(s) 'prompt'"),
         (ck + ["--seconds", "1.3"], "use --seconds 1 or 1.5"),
-        (ck + ["--size", "40x40"], "use 32 or 48"),
+        (ck + ["--size", "36x36"], "use 32 or 40x32 or 40"),
         (["--checkpoint", "other.safetensors"], "backbone."),
         (ck + ["--context-mode", "joint"], "context_mode"),
         (ck + ["--steps", "0"], "--steps"),

@@ -89,6 +89,9 @@ class VideoSpec:
             (:func:`lr_frame_indices`) lies inside the high-res clip, i.e.
             ``1 + floor((hr_frames - 1) * lr_fps / hr_fps)`` for ``lr_phase="start"`` and
             ``floor(hr_frames * lr_fps / hr_fps)`` for ``"end"``.
+        lr_crop: ``(h, w)``: the low-res video shows only this top-left region of each frame (the
+            region the compressor's token grid covers when the frame does not divide into it: the
+            high-res branch reads the same rows and columns); None: the whole frame.
         lr_phase: which high-res frame of its interval ``[j, j + 1) / lr_fps`` low-res frame ``j``
             shows. ``"start"`` (default): the first, ``floor(j * hr_fps / lr_fps)`` (0, 2, 4, ... at
             half the rate). ``"end"``: the last, ``ceil((j + 1) * hr_fps / lr_fps) - 1`` (1, 3, 5, ...),
@@ -106,8 +109,14 @@ class VideoSpec:
     lr_fps: float | None = None
     lr_frames: int | None = None
     lr_phase: str = "start"
+    lr_crop: tuple[int, int] | None = None
 
     def __post_init__(self):
+        if self.lr_crop is not None:
+            crop = _size(self.lr_crop, "lr_crop")
+            if crop[0] > _size(self.hr_size, "hr_size")[0] or crop[1] > _size(self.hr_size, "hr_size")[1]:
+                raise ValueError(f"VideoSpec: lr_crop {crop} must fit in hr_size {tuple(self.hr_size)}")
+            object.__setattr__(self, "lr_crop", crop)
         if self.lr_phase not in LR_PHASES:
             raise ValueError(f"VideoSpec: lr_phase {self.lr_phase!r} is not valid; choose one of: {', '.join(LR_PHASES)}")
         object.__setattr__(self, "hr_size", _size(self.hr_size, "hr_size"))
@@ -207,14 +216,21 @@ def lr_frame_indices(spec: VideoSpec) -> torch.Tensor:
 
 def to_low_res(hr: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
     """The low-res branch's input from high-res frames: ``[..., 3, T, H, W]`` (``T = spec.hr_frames``)
-    -> ``[..., 3, spec.lr_frames, *spec.lr_size]``, temporally subsampled by :func:`lr_frame_indices`
-    and spatially by :func:`resize_center_crop`. The one definition both datasets and generation use."""
+    -> ``[..., 3, spec.lr_frames, *spec.lr_size]``, temporally subsampled by :func:`lr_frame_indices`,
+    cropped to ``spec.lr_crop`` and spatially resized by :func:`resize_center_crop`. The one definition both datasets and generation use."""
     spec = VideoSpec.coerce(spec)
     if hr.dim() < 4 or hr.shape[-3] != spec.hr_frames:
         raise ValueError(f"to_low_res: expected [..., 3, {spec.hr_frames}, H, W] high-res frames, "
                          f"got {tuple(hr.shape)}")
     frames = hr.index_select(-3, lr_frame_indices(spec).to(hr.device))
-    return resize_center_crop(frames, spec.lr_size)
+    return resize_center_crop(_lr_region(frames, spec), spec.lr_size)
+
+
+def _lr_region(frames: torch.Tensor, spec: VideoSpec) -> torch.Tensor:
+    """The top-left ``spec.lr_crop`` region of the frames (all of them without one)."""
+    if spec.lr_crop is None:
+        return frames
+    return frames[..., : spec.lr_crop[0], : spec.lr_crop[1]]
 
 
 def to_low_res_part(hr_part: torch.Tensor, spec: VideoSpec, start: int) -> torch.Tensor:
@@ -237,7 +253,7 @@ def to_low_res_part(hr_part: torch.Tensor, spec: VideoSpec, start: int) -> torch
     sel = idx[(idx >= start) & (idx < start + n)] - start
     if sel.numel() == 0:
         return hr_part.new_zeros(*hr_part.shape[:-3], 0, *spec.lr_size, dtype=torch.float32)
-    return resize_center_crop(hr_part.index_select(-3, sel.to(hr_part.device)), spec.lr_size)
+    return resize_center_crop(_lr_region(hr_part.index_select(-3, sel.to(hr_part.device)), spec), spec.lr_size)
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
