@@ -347,6 +347,12 @@ def _parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export), a "
                    "training checkpoint folder, or a training run folder (its newest complete checkpoint); "
                    "default: the built-in model")
+    p.add_argument("--config", default=None, help="a model config JSON, or a preset of a real model "
+                   "(wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p) with --model-dir; "
+                   "--checkpoint then holds that config's trained weights (without it: the pretrained "
+                   "model with an untrained compressor)")
+    p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder (transformer/, "
+                   "vae/, text_encoder/, tokenizer/); nothing is downloaded")
     p.add_argument("--context-mode", choices=["joint", "cached"], default=None,
                    help="must match the checkpoint's (it is recorded there)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's training size)")
@@ -458,19 +464,38 @@ def _parse_size(text: str, config) -> tuple:
     h, w = int(m.group(1)), int(m.group(2))
     from pfp.rates import parse_rate
     r = parse_rate(config.rate)
-    mh, mw = 2 * r.h * config.vae_spatial, 2 * r.w * config.vae_spatial
-    if h < mh or w < mw or h % mh or w % mw:
-        def near(v, m):
-            lo, hi = max(m, v // m * m), max(m, -(-v // m) * m)
+    step = 2 * config.vae_spatial                                  # the DiT's 2x2 patches of the latent
+    mh, mw = 2 * r.h * config.vae_spatial, 2 * r.w * config.vae_spatial   # one cell of the compressor's grid
+    if h < mh or w < mw or h % step or w % step:
+        def near(v, least):
+            lo, hi = max(least, v // step * step), max(least, -(-v // step) * step)
             return f"{lo}" if lo == hi else f"{lo} or {hi}"
-        raise InputError(f"--size {h}x{w} does not fit compression rate {config.rate} with this model's "
-                         f"{config.vae_spatial}x VAE and 2x2 patches: height must be a multiple of {mh} "
-                         f"(use {near(h, mh)}) and width of {mw} (use {near(w, mw)})")
+        raise InputError(f"--size {h}x{w} does not fit this model: with its {config.vae_spatial}x VAE and 2x2 "
+                         f"patches, height and width must be multiples of {step}, and at least {mh}x{mw} (one cell "
+                         f"of rate {config.rate}'s grid); use {near(h, mh)}x{near(w, mw)}")
     return h, w
 
 
 def _load_model(ns):
-    return load_model(ns.checkpoint, ns.context_mode)
+    if ns.config is None:
+        if ns.model_dir is not None:
+            raise InputError("--model-dir goes with a preset --config (e.g. --config wan22-ti2v-5b-480p)")
+        return load_model(ns.checkpoint, ns.context_mode)
+    from pfp.memory import config_from_arg
+    from pfp.weights import build_model, load_weights
+    try:
+        config = config_from_arg(ns.config, ns.model_dir)
+        if ns.context_mode:
+            config.context_mode = ns.context_mode
+        config.check()
+        if ns.checkpoint is not None:
+            if not os.path.isfile(ns.checkpoint):
+                raise ValueError(f"--checkpoint {ns.checkpoint}: with --config it must be a weights file "
+                                 f"(.safetensors from pfp.train --export) of that config")
+            return load_weights(ns.checkpoint, config=config)
+        return build_model(config).eval()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, flag: str = "--checkpoint"):
@@ -549,6 +574,9 @@ def _main(argv) -> int:
         storyboard = Storyboard.single(ns.prompt, ns.seconds if ns.seconds and ns.seconds > 0 else 2.0)
     else:
         storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
+    from pfp.memory import PRESETS
+    if ns.plan and ns.config in PRESETS and ns.model_dir is None:
+        return _plan_preset(ns, storyboard, budget)   # the preset's architecture: no folder, no weights
     model = _load_model(ns)
     config = model.config
     if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
@@ -569,11 +597,7 @@ def _main(argv) -> int:
             raise InputError(f"--vram {ns.vram} is too small for this model: no plan fits; the smallest needs "
                              f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
         if ns.plan:
-            print(f"{seconds:g} s at {size[0]}x{size[1]}: {plan.context_tokens} context tokens at the longest "
-                  f"history, {plan.target_tokens} target tokens per chunk"
-                  + (f"; budget {ns.vram}" if budget is not None else "; no budget (everything resident)"))
-            print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
-            print(plan.table())
+            _print_plan(plan, seconds, size, ns.vram)
             return 0
     image = _load_image(ns.image, size) if ns.image is not None else None
     t0 = time.perf_counter()
@@ -593,6 +617,31 @@ def _main(argv) -> int:
     print(f"wrote {ns.out}: {result.video.shape[1]} frames, {size[0]}x{size[1]} (x{upscale}) at "
           f"{config.fps:g} fps, {len(result.timings)} chunks in {total:.1f} s "
           f"(denoise {den:.1f} s, decode {dec:.2f} s, compress {com:.2f} s)")
+    return 0
+
+
+def _print_plan(plan, seconds: float, size: tuple, vram: Optional[str]) -> None:
+    print(f"{seconds:g} s at {size[0]}x{size[1]}: {plan.context_tokens} context tokens at the longest "
+          f"history, {plan.target_tokens} target tokens per chunk"
+          + (f"; budget {vram}" if vram is not None else "; no budget (everything resident)"))
+    print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
+    print(plan.table())
+
+
+def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
+    """``--plan`` for a preset without its folder: traced from the preset's architecture (the
+    planner needs no weights), at the preset's size and the storyboard's length."""
+    from pfp.memory import GIB, choose, estimate, preset, trace_preset
+    p = preset(ns.config)
+    seconds = ns.seconds if ns.seconds is not None else (storyboard.duration if ns.prompt is None else 2.0)
+    chunk = p.chunk_frames / p.fps
+    cfg = 5.0 if ns.cfg is None else ns.cfg   # the preset's sample_cfg
+    trace = trace_preset(p, max(0.0, seconds - chunk), cfg_batch=1 if cfg == 1 else 2)
+    plan = choose(trace, budget, ns.steps) if budget is not None else estimate(trace, {}, None, ns.steps)
+    if not plan.fits:
+        raise InputError(f"--vram {ns.vram} is too small for {p.name}: no plan fits; the smallest needs "
+                         f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
+    _print_plan(plan, seconds, p.video_size, ns.vram)
     return 0
 
 

@@ -44,6 +44,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import weakref
@@ -103,6 +104,44 @@ class Preset:
     compressor_hidden: tuple = (64, 128, 256, 512)
     experts: int = 1              # 2: a high-noise and a low-noise expert of this transformer (A14B)
     boundary: float = 0.875       # the timestep from which the high-noise expert denoises
+
+
+def preset_config(p: "Preset", model_dir: str):
+    """The :class:`pfp.config.PFPConfig` that runs preset ``p`` from a local diffusers pipeline folder
+    (``transformer/`` (and ``transformer_2/`` for two experts), ``vae/``, ``text_encoder/`` and
+    ``tokenizer/``), all in bf16, cached context, with Wan's sampling defaults (shift 5, CFG 5).
+    Nothing is downloaded; ``config.check()`` names what the folder lacks."""
+    from pfp.config import PFPConfig
+    dit = {"kind": "wan", "path": model_dir, "subfolder": "transformer", "dtype": "bf16"}
+    if p.experts == 2:
+        dit.update(boundary=p.boundary, subfolder_2="transformer_2")
+    return PFPConfig(video_size=tuple(p.video_size), fps=p.fps, chunk_frames=p.chunk_frames, rate=p.rate,
+                     compressor_hidden=tuple(p.compressor_hidden), context_mode="cached",
+                     vae={"kind": "wan", "path": model_dir, "subfolder": "vae", "dtype": "bf16"},
+                     text={"kind": "umt5", "path": model_dir, "max_length": p.text_length, "dtype": "bf16"},
+                     dit=dit, sample_shift=5.0, sample_cfg=5.0)
+
+
+def config_from_arg(value: str, model_dir: Optional[str], flag: str = "--config"):
+    """``--config``: a preset's name (with ``--model-dir``, :func:`preset_config`) or a config JSON
+    file. ValueError naming the flag: a preset without a folder, a folder that is not one, a
+    missing file."""
+    from pfp.config import PFPConfig
+    if value in PRESETS:
+        if not model_dir:
+            raise ValueError(f"{flag} {value} is a preset: it needs --model-dir DIR, a local diffusers pipeline "
+                             f"folder (transformer/, vae/, text_encoder/, tokenizer/); nothing is downloaded")
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"--model-dir {model_dir}: no such folder")
+        config = preset_config(PRESETS[value], model_dir)
+        config.check()
+        return config
+    if model_dir:
+        raise ValueError(f"--model-dir goes with a preset {flag} ({', '.join(PRESETS)}); a config file names its "
+                         f"own paths")
+    if not os.path.isfile(value):
+        raise ValueError(f"{flag} {value}: no such file, and not a preset ({', '.join(PRESETS)})")
+    return PFPConfig.load(value)
 
 
 PRESETS = {

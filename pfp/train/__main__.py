@@ -35,7 +35,10 @@ def _parser() -> Parser:
     p.add_argument("--init-new", default=None, metavar="PREFIX",
                    help="tensors under PREFIX may be absent from --init (modules added since; keep their init)")
     p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
-    p.add_argument("--config", default=None, help="model config JSON (default: the built-in tiny config)")
+    p.add_argument("--config", default=None, help="model config JSON, or a preset of a real model with "
+                   "--model-dir (wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p); default: the "
+                   "built-in tiny config")
+    p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder")
     p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder of videos with JSON storyboards")
     p.add_argument("--clip-seconds", type=float, default=d.clip_seconds)

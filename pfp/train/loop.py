@@ -61,7 +61,8 @@ class TrainArgs:
     freeze_text: bool = False            # keep the text encoder fixed even when the backbone trains fully
     init_new: Optional[str] = None       # --init may lack tensors under this prefix (new, freshly initialised modules)
     init: Optional[str] = None           # weights to start from (save_weights file or a checkpoint dir)
-    config: Optional[str] = None         # PFPConfig JSON (default: the built-in tiny config)
+    config: Optional[str] = None         # PFPConfig JSON or a preset (default: the built-in tiny config)
+    model_dir: Optional[str] = None      # a preset's local diffusers pipeline folder
     context_mode: Optional[str] = None   # override the config's
     data: str = "synthetic"              # "synthetic" or a folder of videos with JSON storyboards
     clip_seconds: float = 4.0
@@ -344,7 +345,14 @@ def check_train_args(args: TrainArgs) -> None:
         check_device("--device", args.device)
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
-    for flag, path in (("--config", args.config), ("--init", args.init)):
+    from pfp.memory import PRESETS
+    if args.config in PRESETS or args.model_dir is not None:
+        from pfp.memory import config_from_arg
+        try:
+            config_from_arg(args.config or "", args.model_dir)   # the preset's folder, checked up front
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    for flag, path in (("--config", None if args.config in PRESETS else args.config), ("--init", args.init)):
         if path is not None and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file or folder")
     if args.data != "synthetic" and not os.path.isdir(args.data):
@@ -462,7 +470,8 @@ def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
     if resume_state is not None:
         config = PFPConfig.from_dict(resume_state["config"])
     elif args.config:
-        config = PFPConfig.load(args.config)
+        from pfp.memory import config_from_arg
+        config = config_from_arg(args.config, args.model_dir)
     elif args.init and not os.path.isdir(args.init):
         config = read_weights(args.init)[1] or PFPConfig()
     else:
