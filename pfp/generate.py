@@ -353,6 +353,7 @@ def _parser() -> Parser:
                    "model with an untrained compressor)")
     p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder (transformer/, "
                    "vae/, text_encoder/, tokenizer/); nothing is downloaded")
+    p.add_argument("--rate", default=None, help="with --config: another compression rate, e.g. 2x2x2")
     p.add_argument("--context-mode", choices=["joint", "cached"], default=None,
                    help="must match the checkpoint's (it is recorded there)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's training size)")
@@ -478,13 +479,14 @@ def _parse_size(text: str, config) -> tuple:
 
 def _load_model(ns):
     if ns.config is None:
-        if ns.model_dir is not None:
-            raise InputError("--model-dir goes with a preset --config (e.g. --config wan22-ti2v-5b-480p)")
+        if ns.model_dir is not None or ns.rate is not None:
+            raise InputError(f"{'--model-dir' if ns.model_dir is not None else '--rate'} goes with --config (a "
+                             f"config file, or a preset such as wan22-ti2v-5b-480p)")
         return load_model(ns.checkpoint, ns.context_mode)
     from pfp.memory import config_from_arg
     from pfp.weights import build_model, load_weights
     try:
-        config = config_from_arg(ns.config, ns.model_dir)
+        config = config_from_arg(ns.config, ns.model_dir, ns.rate)
         if ns.context_mode:
             config.context_mode = ns.context_mode
         config.check()
@@ -632,7 +634,10 @@ def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
     """``--plan`` for a preset without its folder: traced from the preset's architecture (the
     planner needs no weights), at the preset's size and the storyboard's length."""
     from pfp.memory import GIB, choose, estimate, preset, trace_preset
-    p = preset(ns.config)
+    try:
+        p = preset(ns.config, ns.rate)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     seconds = ns.seconds if ns.seconds is not None else (storyboard.duration if ns.prompt is None else 2.0)
     chunk = p.chunk_frames / p.fps
     cfg = 5.0 if ns.cfg is None else ns.cfg   # the preset's sample_cfg

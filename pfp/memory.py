@@ -122,10 +122,10 @@ def preset_config(p: "Preset", model_dir: str):
                      dit=dit, sample_shift=5.0, sample_cfg=5.0)
 
 
-def config_from_arg(value: str, model_dir: Optional[str], flag: str = "--config"):
+def config_from_arg(value: str, model_dir: Optional[str], rate: Optional[str] = None, flag: str = "--config"):
     """``--config``: a preset's name (with ``--model-dir``, :func:`preset_config`) or a config JSON
-    file. ValueError naming the flag: a preset without a folder, a folder that is not one, a
-    missing file."""
+    file; ``rate`` (``--rate``) replaces its compression rate. ValueError naming the flag: a preset
+    without a folder, a folder that is not one, a missing file, a bad rate."""
     from pfp.config import PFPConfig
     if value in PRESETS:
         if not model_dir:
@@ -133,15 +133,23 @@ def config_from_arg(value: str, model_dir: Optional[str], flag: str = "--config"
                              f"folder (transformer/, vae/, text_encoder/, tokenizer/); nothing is downloaded")
         if not os.path.isdir(model_dir):
             raise ValueError(f"--model-dir {model_dir}: no such folder")
-        config = preset_config(PRESETS[value], model_dir)
-        config.check()
-        return config
-    if model_dir:
-        raise ValueError(f"--model-dir goes with a preset {flag} ({', '.join(PRESETS)}); a config file names its "
-                         f"own paths")
-    if not os.path.isfile(value):
-        raise ValueError(f"{flag} {value}: no such file, and not a preset ({', '.join(PRESETS)})")
-    return PFPConfig.load(value)
+        config = preset_config(preset(value, rate), model_dir)
+    else:
+        if model_dir:
+            raise ValueError(f"--model-dir goes with a preset {flag} ({', '.join(PRESETS)}); a config file names "
+                             f"its own paths")
+        if not os.path.isfile(value):
+            raise ValueError(f"{flag} {value}: no such file, and not a preset ({', '.join(PRESETS)})")
+        config = PFPConfig.load(value)
+        if rate is not None:
+            from pfp.rates import parse_rate
+            try:
+                parse_rate(rate)
+            except ValueError as exc:
+                raise ValueError(f"--rate {rate}: {exc}") from None
+            config.rate = rate
+    config.check()
+    return config
 
 
 PRESETS = {
@@ -159,7 +167,10 @@ def preset(name: str, rate: Optional[str] = None) -> Preset:
     p = PRESETS[name]
     if rate is not None:
         from pfp.rates import parse_rate
-        parse_rate(rate)
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise ValueError(f"--rate {rate}: {exc}") from None
         p = Preset(**{**asdict(p), "rate": rate, "video_size": tuple(p.video_size),
                       "compressor_hidden": tuple(p.compressor_hidden)})
     return p

@@ -50,7 +50,9 @@ def test_preset_bad_input_is_one_line(pipeline, tmp_path, module):
             (["--config", "wan22-ti2v-5b-480p"], "is a preset: it needs --model-dir DIR"),
             (["--config", "wan22-ti2v-5b-480p", "--model-dir", str(tmp_path / "none")], "no such folder"),
             (["--config", "wan22-ti2v-5b-480p", "--model-dir", str(tmp_path / "half")], "config vae.path"),
-            (["--model-dir", str(pipeline)], "--model-dir goes with a preset --config")):
+            (["--model-dir", str(pipeline)], "--model-dir goes with"),
+            (["--config", "wan22-ti2v-5b-480p", "--model-dir", str(pipeline), "--rate", "2x2x9"],
+             "--rate 2x2x9: rate t must be a power of two")):
         r = _run(module, *head, *args, cwd=tmp_path)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)

@@ -39,6 +39,7 @@ def _parser() -> Parser:
                    "--model-dir (wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p); default: the "
                    "built-in tiny config")
     p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder")
+    p.add_argument("--rate", default=None, help="with --config: another compression rate, e.g. 2x2x2")
     p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder of videos with JSON storyboards")
     p.add_argument("--clip-seconds", type=float, default=d.clip_seconds)

@@ -63,6 +63,7 @@ class TrainArgs:
     init: Optional[str] = None           # weights to start from (save_weights file or a checkpoint dir)
     config: Optional[str] = None         # PFPConfig JSON or a preset (default: the built-in tiny config)
     model_dir: Optional[str] = None      # a preset's local diffusers pipeline folder
+    rate: Optional[str] = None           # with config: another compression rate
     context_mode: Optional[str] = None   # override the config's
     data: str = "synthetic"              # "synthetic" or a folder of videos with JSON storyboards
     clip_seconds: float = 4.0
@@ -346,10 +347,12 @@ def check_train_args(args: TrainArgs) -> None:
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
     from pfp.memory import PRESETS
-    if args.config in PRESETS or args.model_dir is not None:
+    if args.rate is not None and args.config is None:
+        raise UsageError("--rate goes with --config (a config file, or a preset such as wan22-ti2v-5b-480p)")
+    if args.config in PRESETS or args.model_dir is not None or args.rate is not None:
         from pfp.memory import config_from_arg
         try:
-            config_from_arg(args.config or "", args.model_dir)   # the preset's folder, checked up front
+            config_from_arg(args.config or "", args.model_dir, args.rate)   # the folder and rate, up front
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     for flag, path in (("--config", None if args.config in PRESETS else args.config), ("--init", args.init)):
@@ -471,7 +474,7 @@ def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
         config = PFPConfig.from_dict(resume_state["config"])
     elif args.config:
         from pfp.memory import config_from_arg
-        config = config_from_arg(args.config, args.model_dir)
+        config = config_from_arg(args.config, args.model_dir, args.rate)
     elif args.init and not os.path.isdir(args.init):
         config = read_weights(args.init)[1] or PFPConfig()
     else:
