@@ -121,7 +121,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
              size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None,
              memory_budget=None, plan=None, cfg_2: Optional[float] = None,
-             image: Optional[torch.Tensor] = None) -> GenerationResult:
+             image: Optional[torch.Tensor] = None, sequence_parallel=None) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -146,6 +146,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     image: optional ``[3, H, W]`` frame in [-1, 1] at the video's size: image-to-video, as Wan 2.2
     TI2V does it. Its VAE latent is the first chunk's first latent frame, held there while the rest
     is denoised (:func:`pfp.sampler.sample`'s ``first_frame``), so the video starts from it.
+
+    sequence_parallel: a :class:`pfp.parallel.SequenceParallel` (every rank of its group calls
+    generate with the same arguments): each denoising step's target tokens are split over the
+    ranks, with an all-to-all over heads around self-attention, and each rank caches only its heads
+    of the context K/V. Every rank returns the same result.
 
     memory_budget: a device memory budget (bytes, or a size such as ``"12GiB"``): :mod:`pfp.memory`
     traces this model (no weights read, nothing allocated) and picks the fastest plan that keeps
@@ -223,6 +228,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     prompts, timings, videos, latents, lr_latents = [], [], [], [], []
     frames_done = 0
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+    if sequence_parallel is not None:
+        backbone.set_sequence_parallel(sequence_parallel)
     try:
         for k in range(n_chunks):
             prompt = storyboard.prompt_at(k * chunk_seconds)
@@ -271,6 +278,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             lr_latents.append(lr.cpu())
     finally:
         bar.close()
+        if sequence_parallel is not None:
+            backbone.set_sequence_parallel(None)
         if placement is not None:
             placement.close()
     return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), torch.cat(lr_latents, dim=2),
@@ -551,6 +560,10 @@ def _main(argv) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = _device(ns.device)
+    from pfp.parallel import init_from_env
+    sp = init_from_env()   # under torchrun with several ranks: sequence-parallel over them
+    if sp is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     budget = None
     if ns.vram is not None:
         from pfp.memory import parse_bytes
@@ -605,7 +618,9 @@ def _main(argv) -> int:
     t0 = time.perf_counter()
     result = generate(model, storyboard, seconds, image=image, seed=ns.seed, steps=ns.steps, cfg=ns.cfg, cfg_2=ns.cfg_2,
                       cfg_min_t=ns.cfg_min_t, shift=ns.shift, eta=ns.eta, device=device, size=size,
-                      progress=not ns.quiet, plan=plan)
+                      progress=not ns.quiet and (sp is None or sp.rank == 0), plan=plan, sequence_parallel=sp)
+    if sp is not None and sp.rank != 0:   # every rank holds the same video; rank 0 writes it
+        return 0
     write_mp4(result.video, ns.out, config.fps, upscale)
     if ns.contact_sheet:
         write_contact_sheet(result.video, ns.contact_sheet, config.chunk_frames, upscale,

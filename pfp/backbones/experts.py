@@ -124,6 +124,10 @@ class ExpertPair(nn.Module):
         self.high.set_gradient_checkpointing(enabled)
         self.low.set_gradient_checkpointing(enabled)
 
+    def set_sequence_parallel(self, sp) -> None:
+        self.high.set_sequence_parallel(sp)
+        self.low.set_sequence_parallel(sp)
+
     def expert_at(self, t: float) -> str:
         """``"high"`` for ``t >= boundary``, else ``"low"`` (WanPipeline's rule)."""
         return "high" if t >= self.boundary else "low"

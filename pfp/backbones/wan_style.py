@@ -283,9 +283,11 @@ class WanStyleBlock(nn.Module):
                                                attn_mask=mask).transpose(1, 2)
         return attn.to_out[0](o.flatten(2))
 
+    sp = None  # a pfp.parallel.SequenceParallel while the backbone runs sequence-parallel
+
     def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
                 rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-                ctx_mask: Optional[Tensor] = None):
+                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
         """One block over the new context tokens hc ``[Bc, Nc, inner]`` and the target tokens ht
         ``[B, Nt, inner]`` (either may be None).
 
@@ -298,13 +300,22 @@ class WanStyleBlock(nn.Module):
         need_context_out: compute hc' (the last block's context output is never read).
         ctx_mask: ``[Bc, N]`` bool over every context token of this block (cached, then new), False
             for padding: no query reads a padded key. None: all real.
+        sp_tokens: sequence-parallel (``self.sp``): ht is this rank's slice of ``sp_tokens`` target
+            tokens; context tokens are whole, and their K/V (prev_kv and the returned ones) hold only
+            this rank's heads.
         Returns (hc', ht', (K, V) of every context token of this block).
         """
+        sp = self.sp
+        heads = sp.heads(self.num_heads) if sp is not None else slice(None)
+        if sp is not None and prev_kv is not None and prev_kv[0].shape[2] == self.num_heads and sp.world > 1:
+            prev_kv = (prev_kv[0][:, :, heads], prev_kv[1][:, :, heads])  # a cache made before: its heads here
         k_all = v_all = None
         if hc is not None:
             sh, sc, g, c_sh, c_sc, c_g = _modulation(self.scale_shift_table, mod_c)
             xc = (self.norm1(hc.float()) * (1 + sc) + sh).type_as(hc)
             qc, kc, vc = self._qkv(self.attn1, xc, *rope_c)
+            if sp is not None:  # the context attends with this rank's heads only
+                qc, kc, vc = qc[:, :, heads], kc[:, :, heads], vc[:, :, heads]
             if prev_kv is not None:
                 k_all, v_all = torch.cat([prev_kv[0], kc], dim=1), torch.cat([prev_kv[1], vc], dim=1)
             else:
@@ -315,10 +326,14 @@ class WanStyleBlock(nn.Module):
             t_sh, t_sc, t_g, t_c_sh, t_c_sc, t_c_g = _modulation(self.scale_shift_table, mod_t)
             xt = (self.norm1(ht.float()) * (1 + t_sc) + t_sh).type_as(ht)
             qt, kt, vt = self._qkv(self.attn1, xt, *rope_t)
+            if sp is not None:  # this rank's tokens, every head -> every token, this rank's heads
+                qt, kt, vt = (sp.seq_to_heads(z, sp_tokens) for z in (qt, kt, vt))
             ck, cv = k_all, v_all
             if ck is not None and ck.dtype != qt.dtype:
                 ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
             ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
+            if sp is not None:
+                ot = sp.heads_to_seq(ot)
             ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = self.norm2(ht.float()).type_as(ht)
             ht = ht + self._cross_attention(xt, text, text_mask)
@@ -330,6 +345,8 @@ class WanStyleBlock(nn.Module):
             else:
                 offset = 0 if prev_kv is None else prev_kv[0].shape[1]
                 oc = _causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
+            if sp is not None:
+                oc = sp.gather_heads(oc)
             hc = (hc.float() + self.attn1.to_out[0](oc.flatten(2)).float() * g).type_as(hc)
             xc = (self.norm3(hc.float()) * (1 + c_sc) + c_sh).type_as(hc)
             hc = (hc.float() + self.ffn(xc).float() * c_g).type_as(hc)
@@ -386,6 +403,17 @@ class WanStyleBackbone(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
+
+    sequence_parallel = None  # a pfp.parallel.SequenceParallel, or None
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Split every forward's target tokens over ``sp``'s ranks (:mod:`pfp.parallel`), or stop
+        (None). Context K/V cached while it is set hold only this rank's heads. Inference only."""
+        if sp is not None:
+            sp.heads(self.num_heads)  # checks that the heads divide among the ranks
+        self.sequence_parallel = sp
+        for blk in self.blocks:
+            blk.sp = sp
 
     # ---- pieces ------------------------------------------------------------------------------
     def _call_block(self, blk: "WanStyleBlock", *args):
@@ -536,14 +564,22 @@ class WanStyleBackbone(nn.Module):
                 frames = _frame_runs(pos_c)
 
         cross_mask = text_mask if self.mask_text_padding else None
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's slice of the target tokens, with their angles and modulation
+            ht = sp.local(ht, 1)
+            rope_t = tuple(sp.local(z, -2) for z in rope_t)
+            if mod_t.shape[1] == nt:
+                mod_t, temb = sp.local(mod_t, 1), sp.local(temb, 1)
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             prev = cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
-                                         joint, i < n - 1, frames, ctx_mask)
+                                         joint, i < n - 1, frames, ctx_mask, nt if sp is not None else 0)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
+        if sp is not None:
+            out = sp.gather_seq(out, nt)
         pt, ph, pw = self.patch_size
         out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(b, -1, t, h, w)
