@@ -63,6 +63,7 @@ GIB = 1 << 30
 ALLOWANCE_BYTES = 768 << 20      # CUDA context (~500 MiB with torch's kernels loaded) + cuBLAS workspaces
 ALLOWANCE_FRACTION = 0.05        # allocator rounding and fragmentation, of everything else
 PCIE_BYTES_PER_S = 25e9          # host <-> device, pinned memory, PCIe 4 x16 in practice
+DEVICE_FLOPS = 4e14              # bf16 matmuls at about half an H100's peak (A14B's K/V rebuilds)
 HBM_BYTES_PER_S = 1e12           # on-device reads + writes (fp8 -> native upcasts)
 PHASES = ("text", "compress", "context_kv", "denoise", "decode")
 
@@ -502,6 +503,9 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
         transformer_gpu = transformer
     kv_fp8 = choices["kv"] == "fp8"
     kv = trace.kv_fp8 if kv_fp8 else trace.kv
+    switch = choices["expert_kv"] == "switch" and trace.experts == 2
+    if switch:  # one expert's K/V held; the other's rebuilt (whole) at each switch
+        kv //= 2
     upcast = trace.largest_linear if fp8 else 0          # one layer's native copy at a time
     kv_upcast = 2 * trace.kv // max(1, trace.layers) if kv_fp8 else 0  # one layer's K and V, native
     swap = choices["swap"]
@@ -522,10 +526,11 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     # "cpu": the prompts are encoded off the GPU
     text_parts = {"text_encoder": trace.text} if choices["text"] == "free" else with_dit
     kv_transient = trace.transient["context_kv_fp8" if kv_fp8 else "context_kv"]
+    rebuild = kv + kv_transient if switch else 0   # a whole expert's K/V built at the switch (the old dropped first)
     phases = [phase("text", text_parts, 0 if choices["text"] == "cpu" else trace.transient["text"]),
               phase("compress", with_dit, trace.transient["compress"]),
               phase("context_kv", with_dit, kv_transient + upcast),
-              phase("denoise", with_dit, trace.transient["denoise"] + upcast + kv_upcast),
+              phase("denoise", with_dit, max(trace.transient["denoise"] + kv_upcast, rebuild) + upcast),
               phase("decode", with_vae, trace.transient["decode"])]
 
     by_name = {p.name: p for p in phases}
@@ -549,6 +554,9 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
                     * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S)
     if kv_fp8:
         seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
+    if switch:  # two whole context passes per chunk, one per expert: 2 FLOPs per weight per token
+        expert_params = trace.expert / 2     # bf16 bytes -> parameters
+        seconds += 2 * 2 * expert_params * trace.context_tokens / DEVICE_FLOPS
     fits = budget is None or all(p.peak_bytes <= budget for p in phases)
     return Plan(fits, budget, phases, dict(choices), int(moved), round(seconds, 4), trace.context_tokens,
                 trace.target_tokens)
@@ -557,8 +565,9 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
 def all_plans(trace: Trace, budget: int, steps: int = 20) -> list:
     names = list(CHOICES)
     combos = [dict(zip(names, combo)) for combo in itertools.product(*CHOICES.values())]
-    # experts="active" means something only for a pair, and not beside block offload
+    # experts="active" means something only for a pair, and not beside block offload; expert_kv only for a pair
     combos = [c for c in combos if c["experts"] == "both" or (trace.experts == 2 and c["offload"] != "block")]
+    combos = [c for c in combos if c["expert_kv"] == "both" or trace.experts == 2]
     return [estimate(trace, c, budget, steps) for c in combos]
 
 

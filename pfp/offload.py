@@ -16,6 +16,9 @@
   :func:`pfp.generate.generate` encodes once up front, then off it), or ``"cpu"`` (never on it).
 - ``kv``: ``"fp8"`` stores the context K/V in float8 (:meth:`ContextKV.to_fp8`); generate passes it to
   :meth:`cache_context`.
+- ``expert_kv``: with two experts, ``"switch"`` holds only the running expert's context K/V and
+  rebuilds the other's from every context token when the sampler switches
+  (:meth:`~pfp.backbones.experts.ExpertPair.set_kv_policy`); ``"both"`` keeps both.
 - ``experts``: with two experts (Wan 2.2 A14B, :class:`~pfp.backbones.experts.ExpertPair`),
   ``"active"`` keeps only the running expert on the device: an expert hook moves the other one out
   when the sampler switches, so each chunk loads each expert once. No effect on one backbone, or
@@ -36,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native",
-                 "experts": "both"}
+                 "experts": "both", "expert_kv": "both"}
 PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
-               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active")}
+               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active"),
+               "expert_kv": ("both", "switch")}
 
 
 def check_choices(choices: Optional[dict]) -> dict:
@@ -218,6 +222,10 @@ class Placement:
         # two experts, one on the device at a time: each moves whole (blocks, embeddings, head),
         # but for the patch embedding the compressor shares, which stays with the backbone
         self._experts, self._expert_hook, self._active = {}, None, None
+        self._kv_policy = None
+        if hasattr(backbone, "set_kv_policy"):
+            self._kv_policy = backbone.kv_policy
+            backbone.set_kv_policy(self.choices["expert_kv"])
         if self.choices["experts"] == "active" and hasattr(backbone, "register_expert_hook") and not offload_blocks:
             shared = _tensors_of([backbone.patch_embed])
             self._experts = {name: _HostCopy(_tensors_of([getattr(backbone, name)], exclude=shared), self.device,
@@ -316,6 +324,8 @@ class Placement:
             self.blocks.remove()
         if self._expert_hook is not None:
             self._expert_hook.remove()
+        if self._kv_policy is not None:
+            self.model.backbone.set_kv_policy(self._kv_policy)
         parts = ([self._backbone, self._blocks, self._vae, self._text] + (self.blocks.parts if self.blocks else [])
                  + list(self._experts.values()))
         for part in parts:

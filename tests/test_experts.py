@@ -215,10 +215,16 @@ def test_only_the_running_expert_is_on_the_device_and_the_video_is_the_same():
     assert loads.count("high") == chunks + 1 and loads.count("low") == chunks
 
 
-def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it():
+@pytest.fixture(scope="module")
+def a14b_trace():
+    from pfp import memory
+    return memory.trace_preset(memory.preset("wan22-t2v-a14b-480p"), history_seconds=20)
+
+
+def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it(a14b_trace):
     from pfp import memory
     gib = 1 << 30
-    trace = memory.trace_preset(memory.preset("wan22-t2v-a14b-480p"), history_seconds=20)
+    trace = a14b_trace
     assert trace.experts == 2 and abs(trace.expert / gib - 26.6) < 0.1       # 14.3 B parameters per expert, bf16
     assert abs(trace.transformer / gib - 2 * 26.6) < 0.2
     layers, inner = 80, 5120                                                  # both experts' K/V
@@ -259,3 +265,33 @@ def test_a14b_pretrains_finetunes_with_lora_exports_and_generates(tmp_path, caps
         assert not torch.equal(a, b), name
     res = generate(model, Storyboard.single("a red circle", 1.0), 1.0, steps=2, progress=False)
     assert torch.isfinite(res.video).all()
+
+
+def test_switch_policy_holds_one_experts_kv_and_gives_the_same_video():
+    from pfp.generate import generate
+    from pfp.offload import Placement
+    from pfp.text import Storyboard
+    story = Storyboard.from_list([{"start": 0, "end": 3, "prompt": "a red circle"}])
+    model = _a14b_model()
+    want = generate(model, story, 3.0, steps=4, progress=False)
+    assert want.context_cache.high is not None and want.context_cache.low is not None
+    placement = Placement(model, "cpu", {"expert_kv": "switch"})
+    got = generate(model, story, 3.0, steps=4, progress=False, plan=placement)
+    assert model.backbone.kv_policy == "both"                       # the placement put it back
+    kv = got.context_cache
+    assert (kv.high is None) != (kv.low is None) and kv.context.tokens.shape[1] == kv.num_tokens
+    # rebuilding a whole expert's K/V in one pass equals extending it chunk by chunk, to rounding
+    torch.testing.assert_close(got.video, want.video, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_policy must be 'both' or 'switch'"):
+        model.backbone.set_kv_policy("one")
+
+
+def test_the_planner_can_hold_one_experts_kv(a14b_trace):
+    from pfp import memory
+    gib = 1 << 30
+    trace = a14b_trace
+    both = memory.estimate(trace, {"weights": "fp8", "experts": "active"}, None)
+    one = memory.estimate(trace, {"weights": "fp8", "experts": "active", "expert_kv": "switch"}, None)
+    # half the K/V stays resident; two whole context passes a chunk cost time
+    assert one.phases[1].peak_bytes < both.phases[1].peak_bytes - 2 * gib
+    assert one.seconds_lost_per_chunk > both.seconds_lost_per_chunk

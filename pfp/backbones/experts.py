@@ -31,17 +31,24 @@ EXPERTS = ("high", "low")
 
 @dataclass
 class ExpertKV:
-    """Context K/V of an :class:`ExpertPair`: one :class:`ContextKV` (or None) per expert."""
+    """Context K/V of an :class:`ExpertPair`: one :class:`ContextKV` (or None) per expert.
+
+    With the pair's ``kv_policy="switch"`` only the running expert's K/V are held; ``context``
+    keeps every context token so far, from which the other expert's K/V are rebuilt at the switch.
+    """
 
     high: Optional[ContextKV]
     low: Optional[ContextKV]
+    context: Optional[object] = None
+    kv_storage: str = "native"
 
     def of(self, expert: str) -> Optional[ContextKV]:
         return getattr(self, expert)
 
     @property
     def num_tokens(self) -> int:
-        return self.high.num_tokens if self.high is not None else 0
+        held = self.high if self.high is not None else self.low
+        return held.num_tokens if held is not None else 0
 
     @property
     def is_fp8(self) -> bool:
@@ -72,6 +79,15 @@ class ExpertPair(nn.Module):
         self.lr_patch_embed = lr_patch_embed
         self.lora_target_modules = getattr(high, "lora_target_modules", None)
         self._expert_hooks: OrderedDict = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
+        self.kv_policy = "both"
+
+    def set_kv_policy(self, policy: str) -> None:
+        """``"both"``: keep both experts' context K/V, each extended per chunk. ``"switch"``: keep only
+        the running expert's; the other's are rebuilt from every context token when the sampler
+        switches to it (half the K/V memory, two full context passes per chunk)."""
+        if policy not in ("both", "switch"):
+            raise ValueError(f"kv_policy must be 'both' or 'switch', got {policy!r}")
+        self.kv_policy = policy
 
     def register_expert_hook(self, hook):
         """``hook(name)`` runs before an expert (``"high"`` or ``"low"``) is used: before a step it
@@ -135,7 +151,13 @@ class ExpertPair(nn.Module):
     def route(self, t: float, context=None):
         """(expert module, its context) for a step at timestep ``t`` (a host float)."""
         name = self.expert_at(float(t))
-        return self._use(name), (context.of(name) if isinstance(context, ExpertKV) else context)
+        net = self._use(name)
+        if isinstance(context, ExpertKV):
+            if context.of(name) is None and context.context is not None:   # "switch": rebuild this one's
+                setattr(context, "low" if name == "high" else "high", None)    # the other's go first
+                setattr(context, name, net.cache_context(context.context, None, kv_storage=context.kv_storage))
+            return net, context.of(name)
+        return net, context
 
     @torch.no_grad()
     def cache_context(self, context, cache: Optional[ExpertKV] = None, kv_storage: str = "native"):
@@ -146,6 +168,15 @@ class ExpertPair(nn.Module):
         from .wan_style import context_parts
         if context_parts(context) is None:
             return cache
+        if self.kv_policy == "switch":
+            from pfp.compressor import mix_contexts
+            every = context if cache is None or cache.context is None else mix_contexts(cache.context, context)
+            # the expert held now is extended (the low-noise one, after a chunk); the other is rebuilt
+            # from `every` token when the sampler switches to it
+            name = "low" if cache is not None and cache.low is not None else "high"
+            held = self._use(name).cache_context(context, cache.of(name) if cache is not None else None,
+                                                 kv_storage=kv_storage)
+            return ExpertKV(held if name == "high" else None, held if name == "low" else None, every, kv_storage)
         low = self._use("low").cache_context(context, cache.low if cache is not None else None, kv_storage=kv_storage)
         high = self._use("high").cache_context(context, cache.high if cache is not None else None,
                                                kv_storage=kv_storage)
