@@ -91,14 +91,6 @@ class _HostCopy:
         self.loaded = False
         self.park()
 
-    def refresh(self) -> None:
-        """Take the tensors' current values as the host copies (after their dtype changed, e.g.
-        when layerwise casting stored them in fp8)."""
-        pin = self.device.type == "cuda"
-        for t in self.tensors:
-            h = t.detach().to("cpu")
-            self.host[id(t)] = h.pin_memory() if pin and not h.is_pinned() else h
-
     def load(self, stream=None) -> int:
         """Point every tensor at a fresh device copy; returns the bytes copied (0 when already in)."""
         if self.loaded:
@@ -179,10 +171,6 @@ class BlockOffload:
         for i, part in enumerate(self.parts):
             part.park()
             self.ready[i] = None
-
-    def refresh(self) -> None:
-        for part in self.parts:
-            part.refresh()
 
     def remove(self) -> None:
         for h in self.handles:
