@@ -31,7 +31,7 @@ from _timing import interleaved_mins
 
 from _results import results_dir
 CPU_SHAPE = dict(B=1, H=8, D=64, Nc=1365, N=585)
-CPU_IMPLS = ("sdpa_concat", "cpp", "cpp_segments", "sdpa")
+CPU_IMPLS = ("sdpa_concat", "cpp", "cpp_flash", "cpp_segments", "cpp_concat", "sdpa")
 CPU_INTERLEAVED_ROUNDS = 40
 CUDA_SHAPE = dict(B=1, H=24, D=128, Nc=5460, N=2340)
 BASELINE = "sdpa_concat"

@@ -1,7 +1,7 @@
 // CPU kernel of pfp::joint_attention: softmax attention of q over [context ; target] keys/values,
 // flash-attn layout [B, N, H, D], without building the concatenation.
 //
-// Two routes; pfp::_attention_cpu_path forces one (tests, benchmarks), and
+// Three routes; pfp::_attention_cpu_path forces one (tests, benchmarks), and
 // pfp::_attention_cpu_last_route says which one the last call on this thread ran.
 //
 // "flash" (the default): our own two-segment FlashAttention-2-style forward. at::parallel_for over
@@ -23,10 +23,15 @@
 //   stride-0 expand), each returning its log-sum-exp; the two partial results are merged exactly in
 //   one fused pass: w = exp(lse_t - lse), out = o_c + w (o_t - o_c), lse = logaddexp(lse_c, lse_t).
 //   Runs when this torch exports no sgemm_ (the weak symbol below is then null), or when forced.
+//
+// "concat": ATen's CPU flash kernel once over [context ; target], built by one copy of the keys and
+//   values (what SDPA over the concatenation does). The default for bf16 with both segments on
+//   CPUs with AMX-BF16, where ATen's kernel runs bf16 tiles and our fp32-SGEMM kernel loses.
 // Per-operator ATen headers (see conv3d_act.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -41,6 +46,10 @@
 #include <tuple>
 
 #include "pfp_common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 
 // Fortran BLAS SGEMM (column-major). libtorch_cpu exports MKL's; weak, so a torch built without it
 // still loads this library, and the "segments" route runs instead.
@@ -58,8 +67,8 @@ using Vec = at::vec::Vectorized<float>;
 // ------------------------------------------------------------------------------------------------
 // Route control, for tests and benchmarks.
 // ------------------------------------------------------------------------------------------------
-enum class Route : int { Auto = 0, Flash = 1, Segments = 2 };
-RouteSwitch<3> g_route("pfp::_attention_cpu_path", {"auto", "flash", "segments"});
+enum class Route : int { Auto = 0, Flash = 1, Segments = 2, Concat = 3 };
+RouteSwitch<4> g_route("pfp::_attention_cpu_path", {"auto", "flash", "segments", "concat"});
 thread_local std::string g_last_route;
 
 std::string set_attention_cpu_path(c10::string_view mode) { return g_route.set(mode); }
@@ -67,6 +76,22 @@ std::string set_attention_cpu_path(c10::string_view mode) { return g_route.set(m
 std::string last_attention_cpu_route() { return g_last_route; }
 
 bool have_sgemm() { return sgemm_ != nullptr; }
+
+// Whether the CPU has AMX with bf16 tiles (CPUID.(EAX=7,ECX=0):EDX bits 22 and 24), which ATen's
+// CPU flash-attention kernel uses for bf16 through oneDNN's brgemm: there one ATen call over the
+// concatenation beats our fp32-SGEMM kernel (bench_attention.py, AVX-512 + AMX machine: 0.46x).
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    return ((edx >> 22) & 1u) && ((edx >> 24) & 1u);
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
 
 // ------------------------------------------------------------------------------------------------
 // "segments" route
@@ -399,6 +424,21 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
     cv = context_v->expand({batch, -1, -1, -1});
   }
   const Route forced = static_cast<Route>(g_route.get());
+  // "concat": one ATen call over [context ; target] (a copy of the keys and values); the default
+  // for bf16 with both segments on an AMX CPU
+  const bool concat = forced == Route::Concat ||
+                      (forced == Route::Auto && q.scalar_type() == at::kBFloat16 && has_ctx && has_tgt &&
+                       cpu_has_amx_bf16());
+  if (concat) {
+    g_last_route = "concat";
+    if (!has_ctx || !has_tgt) {  // one segment: nothing to join
+      auto [out, lse] = has_ctx ? attend_segment(unit_stride_d(q), unit_stride_d(ck), unit_stride_d(cv), scale)
+                                : attend_segment(unit_stride_d(q), unit_stride_d(k), unit_stride_d(v), scale);
+      return {out.contiguous(), lse.contiguous()};
+    }
+    auto [out, lse] = attend_segment(unit_stride_d(q), at::cat({ck, k}, 1), at::cat({cv, v}, 1), scale);
+    return {out.contiguous(), lse.contiguous()};
+  }
   bool flash = have_sgemm() && forced != Route::Segments && dim > 0;
   if (!flash) {
     TORCH_CHECK(forced != Route::Flash || dim == 0,
@@ -420,7 +460,7 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
 
 TORCH_LIBRARY_FRAGMENT(pfp, m) {
   // Testing/benchmark knobs for the CPU attention kernel: force a route ("auto", "flash",
-  // "segments"; returns the previous mode) and read which route the last call on this thread ran.
+  // "segments", "concat"; returns the previous mode) and read which route the last call on this thread ran.
   m.def("_attention_cpu_path(str mode) -> str", &set_attention_cpu_path);
   m.def("_attention_cpu_last_route() -> str", &last_attention_cpu_route);
   // The CPU ISA the loaded kernels were compiled for ("generic", "avx2", "avx512"): pip builds

@@ -102,9 +102,10 @@ def test_empty_queries():
 
 # ----------------------------------------------------------------------------------------------
 # the C++ CPU kernel, each route forced: "flash" (our two-segment kernel, blocks of 128 queries x
-# 256 keys, query chunks of up to 64K/D) and "segments" (ATen's flash kernel per segment + merge)
+# 256 keys, query chunks of up to 64K/D), "segments" (ATen's flash kernel per segment + merge) and
+# "concat" (ATen's flash kernel over the concatenation)
 # ----------------------------------------------------------------------------------------------
-CPP_ROUTES = ["flash", "segments"]
+CPP_ROUTES = ["flash", "segments", "concat"]
 # Past one block in every direction and not a multiple of it: Nq 300 (one chunk = 2 x 128 + 44),
 # a key block straddling the context/target boundary (Nc 300 in [256, 512)), Nc = 0, Nk = 0 with a
 # long context, D 256 (two chunks of 150 queries), a single key, head dims not a multiple of the
@@ -177,12 +178,26 @@ def test_cpp_routes_broadcast_context_equals_per_batch(cpp_route):
         assert_close(lse[i:i + 1], one_lse, torch.float32, kind="stream", factor=0.1, what=f"batch {i} lse")
 
 
+def _cpu_has_amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not _extension.has_cpu_kernel("joint_attention"), reason="pfp_kernels._C is not loaded")
-def test_cpp_auto_route_is_the_flash_kernel():
+def test_cpp_auto_route_is_the_fastest_measured_for_this_cpu():
+    # our flash kernel, except bf16 with both segments on an AMX CPU, where ATen's kernel over the
+    # concatenation runs bf16 tiles (benchmarks/results/attention/cpu_attention_avx512_amx.md)
     previous = torch.ops.pfp._attention_cpu_path("auto")
     try:
         q, k, v, ck, cv = _inputs(1, 5, 4, 6, 2, 16, torch.bfloat16)
         torch.ops.pfp.joint_attention(q, k, v, ck, cv, 0.25)
+        assert torch.ops.pfp._attention_cpu_last_route() == ("concat" if _cpu_has_amx_bf16() else "flash")
+        torch.ops.pfp.joint_attention(q.float(), k.float(), v.float(), ck.float(), cv.float(), 0.25)
+        assert torch.ops.pfp._attention_cpu_last_route() == "flash"
+        torch.ops.pfp.joint_attention(q, k, v, None, None, 0.25)        # one segment: nothing to join
         assert torch.ops.pfp._attention_cpu_last_route() == "flash"
         with pytest.raises(RuntimeError, match="mode must be one of"):
             torch.ops.pfp._attention_cpu_path("fastest")

@@ -25,7 +25,9 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
 - ``cpp``         csrc/joint_attention.cpp (CPU): one FlashAttention-2-style pass of our own whose key
   loop walks the context blocks then the target blocks (fp32 SGEMMs on per-thread fp32 blocks,
   online softmax in fp32); where torch exports no ``sgemm_``, ATen's CPU flash kernel once per
-  segment with the merge fused into one pass. ``torch.ops.pfp._attention_cpu_path`` forces either.
+  segment with the merge fused into one pass; for bf16 with both segments on CPUs with AMX-BF16,
+  ATen's kernel once over the concatenation (its bf16 tiles beat our fp32 SGEMMs there).
+  ``torch.ops.pfp._attention_cpu_path`` forces any of "flash", "segments", "concat".
 - ``sdpa``        PyTorch's fused SDPA kernels with LSE once per segment + the merge in PyTorch
   (CPU: ``_scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel).
 - ``torch``       the reference (fp32/fp64 math, materialises the scores).
