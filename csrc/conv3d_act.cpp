@@ -232,11 +232,57 @@ std::mutex g_weight_cache_mutex;
 std::vector<WeightCacheEntry> g_weight_cache;  // most recently used last
 constexpr size_t kWeightCacheEntries = 32;
 
+// Inside pfp_kernels.frozen_weights() (pfp::_conv_cpu_frozen_weights), a weight whose storage,
+// shape, strides, dtype and version counter are unchanged is taken to hold the same bytes: its
+// content hash is looked up instead of recomputed (reading a 14 MB stage weight per streaming
+// append cost ~0.6 ms of a ~3 ms append). The caller promises what the version counter cannot
+// see: no writes through `w.data` while it is frozen. Off (the default), every call hashes.
+thread_local bool g_frozen_weights = false;
+
+bool set_frozen_weights(bool frozen) {
+  const bool previous = g_frozen_weights;
+  g_frozen_weights = frozen;
+  return previous;
+}
+
+// The storage is held by a weak reference: while the entry exists its StorageImpl's memory is not
+// freed, so a new storage can never take its address (a recycled data pointer alone would collide),
+// and an entry whose storage died is expired, never matched.
+struct IdentityEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  std::string layout;  // offset, sizes, strides, dtype, version
+  uint64_t hash;
+};
+std::vector<IdentityEntry> g_identity_cache;  // guarded by g_weight_cache_mutex; most recent last
+
+uint64_t weight_hash(const Tensor& weight) {
+  if (!g_frozen_weights) return content_hash(weight);
+  std::ostringstream layout;
+  const int64_t version = weight.is_inference() ? -1 : static_cast<int64_t>(weight._version());
+  layout << weight.storage_offset() << '|' << weight.sizes() << weight.strides() << weight.scalar_type() << "|v"
+         << version;
+  const std::string k = layout.str();
+  const c10::StorageImpl* impl = weight.storage().unsafeGetStorageImpl();
+  {
+    std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
+    for (const auto& e : g_identity_cache)
+      if (!e.storage.expired() && e.storage._unsafe_get_target() == impl && e.layout == k) return e.hash;
+  }
+  const uint64_t h = content_hash(weight);
+  std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
+  g_identity_cache.erase(std::remove_if(g_identity_cache.begin(), g_identity_cache.end(),
+                                        [](const IdentityEntry& e) { return e.storage.expired(); }),
+                         g_identity_cache.end());
+  if (g_identity_cache.size() >= 2 * kWeightCacheEntries) g_identity_cache.erase(g_identity_cache.begin());
+  g_identity_cache.push_back({weight.storage().getWeakStorageImpl(), k, h});
+  return h;
+}
+
 template <typename Factory>
 Tensor cached_from_weight(const Tensor& weight, const std::string& tag, Factory&& make) {
   std::ostringstream key;
   key << tag << '|' << weight.sizes() << weight.strides() << weight.scalar_type() << '|'
-      << content_hash(weight);
+      << weight_hash(weight);
   const std::string k = key.str();
   {
     std::lock_guard<std::mutex> lock(g_weight_cache_mutex);
@@ -1006,6 +1052,9 @@ TORCH_LIBRARY_FRAGMENT(pfp, m) {
   // Testing/benchmark knobs for the CPU conv kernels: force a kernel family ("auto", "direct",
   // "onednn"; returns the previous mode) and read which plan the last call on this thread ran.
   m.def("_conv_cpu_path(str mode) -> str", &set_conv_cpu_path);
+  // pfp_kernels.frozen_weights(): on this thread, weights whose storage and version are unchanged
+  // keep their content hash (returns the previous setting)
+  m.def("_conv_cpu_frozen_weights(bool frozen) -> bool", &set_frozen_weights);
   m.def("_conv_cpu_last_plan() -> str", &last_conv_cpu_plan);
   // The cost model's inputs (see ConvCosts): [] reads them, six values set them (returns the old).
   m.def("_conv_cpu_costs(float[] costs) -> float[]", &conv_cpu_costs);

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -230,6 +230,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     if sequence_parallel is not None:
         backbone.set_sequence_parallel(sequence_parallel)
+    import pfp_kernels
+    frozen = ExitStack()   # the weights do not change while generating: the conv kernels hash each once
+    frozen.enter_context(pfp_kernels.frozen_weights())
     try:
         for k in range(n_chunks):
             prompt = storyboard.prompt_at(k * chunk_seconds)
@@ -277,6 +280,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             latents.append(x.cpu())
             lr_latents.append(lr.cpu())
     finally:
+        frozen.close()
         bar.close()
         if sequence_parallel is not None:
             backbone.set_sequence_parallel(None)

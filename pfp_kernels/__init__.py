@@ -12,7 +12,7 @@ inputs; ``python -m pfp_kernels.info`` lists which run on this machine and why t
 """
 from . import _extension  # noqa: F401  (loads pfp_kernels._C, or warns once and falls back)
 from .attention import attention_backends, joint_attention, merge_attention
-from .conv import CausalConvState, causal_conv3d_act, conv3d_act, project_tokens
+from .conv import CausalConvState, causal_conv3d_act, conv3d_act, frozen_weights, project_tokens
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "causal_conv3d_act",
     "CausalConvState",
     "project_tokens",
+    "frozen_weights",
     "joint_attention",
     "merge_attention",
     "attention_backends",

@@ -251,6 +251,38 @@ def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
     check(wi)
 
 
+@needs_cpp
+@pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
+def test_frozen_weights_follow_versioned_updates_and_restore_the_setting(cpu_path):
+    """Inside pk.frozen_weights() the content hash is kept per (storage, shape, version): updates
+    that bump the version (in-place ops, load_state_dict), new tensors and recycled addresses are
+    still seen; the setting nests and is restored on exit, and outside it .data writes are seen."""
+    case = ConvCase(1, 8, 16, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "silu")
+    g = torch.Generator().manual_seed(12)
+    x = make_activation((1, 8, 5, 6, 7), torch.float32, "channels_last", generator=g)
+    w, b = make_params(case, torch.float32, generator=g)
+
+    def check(weight):
+        y = pk.conv3d_act(x, weight, b, 1, 1, impl="cpp")
+        ref = C.conv3d_act_reference(x.double(), weight.double(), b.double(), [1, 1, 1], [1, 1, 1], "silu")
+        assert_close_to_reference(y, ref, torch.float32, "frozen weight")
+
+    with pk.frozen_weights():
+        check(w)
+        with torch.no_grad():
+            w.mul_(-0.5)                    # a new version: seen
+        check(w)
+        with pk.frozen_weights(), torch.no_grad():   # nested; copy_ is an in-place op too
+            w.copy_(torch.randn_like(w) * 0.1)
+        check(w)
+        assert torch.ops.pfp._conv_cpu_frozen_weights(True) is True    # still frozen after the inner exit
+        for _ in range(20):                  # new tensors at recycled addresses (version 0 each time)
+            check(torch.randn_like(w) * 0.1)
+    assert torch.ops.pfp._conv_cpu_frozen_weights(False) is False      # restored
+    w.data[3, 2, 1, 1, 1] += 0.25            # outside: content-hashed again, so .data writes are seen
+    check(w)
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients, opcheck, torch.compile
 # ----------------------------------------------------------------------------------------------
