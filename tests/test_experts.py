@@ -295,3 +295,44 @@ def test_the_planner_can_hold_one_experts_kv(a14b_trace):
     # half the K/V stays resident; two whole context passes a chunk cost time
     assert one.phases[1].peak_bytes < both.phases[1].peak_bytes - 2 * gib
     assert one.seconds_lost_per_chunk > both.seconds_lost_per_chunk
+
+
+def test_two_experts_match_diffusers_wan_pipeline():
+    # upstream parity of the switch and the second guidance scale: diffusers' own WanPipeline with
+    # transformer, transformer_2 and boundary_ratio, run on the same noise, text states and sigmas
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    from _tiny_pfp import save_tiny_wan_vae
+    import tempfile
+    steps, shift, boundary, cfg, cfg_2 = 6, 3.0, 0.7, 3.0, 1.5
+
+    class SameSigmas(FlowMatchEulerDiscreteScheduler):   # WanPipeline passes only a step count
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
+                                  device=device)
+
+    torch.manual_seed(0)
+    upstream = [WanTransformer3DModel(**TINY_WAN).eval() for _ in range(2)]
+    with torch.no_grad():
+        for m in upstream:
+            m.proj_out.weight.normal_(0, 0.05)
+    ours = []
+    for m in upstream:
+        twin = WanTransformer3DModel.from_config(m.config).eval()
+        twin.load_state_dict(m.state_dict())
+        ours.append(WanBackbone(twin))
+    pair = ExpertPair(ours[0], ours[1], boundary).eval()
+    with tempfile.TemporaryDirectory() as d:
+        vae = save_tiny_wan_vae(f"{d}/vae")
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=SameSigmas(shift=shift),
+                       transformer=upstream[0], transformer_2=upstream[1], boundary_ratio=boundary)
+    text, uncond = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    shape = (1, 4, 2, 4, 4)
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    want = pipe(prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=32, width=32,
+                num_frames=5, num_inference_steps=steps, guidance_scale=cfg, guidance_scale_2=cfg_2,
+                output_type="latent").frames
+    got = sample(pair, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, cfg_2=cfg_2, seed=3)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
