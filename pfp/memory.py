@@ -1,11 +1,11 @@
 """Memory planner: where each part of a model lives so that every phase of a chunk fits a GPU budget.
 
-``python -m pfp.memory --config wan22-ti2v-5b-480p --vram 12GiB [--seconds S] [--history S]``
+``python -m pfp.memory --config wan22-ti2v-5b-480p --vram 12GiB [--history S] [--rate R] [--json]``
 
 How it estimates. The real modules (the diffusers Wan transformer and VAE, transformers' UMT5, our
-compressor) are built under ``FakeTensorMode`` (shapes and dtypes, no storage, no weights, no GPU),
-and each phase of one chunk runs through the real code under PyTorch's
-``torch.distributed._tools.mem_tracker.MemTracker``, which records the peak of the tensors the phase
+compressor; for :func:`trace_model`, a built model's own) run under ``FakeTensorMode`` (shapes and
+dtypes, no storage, no weights read, no GPU), and each phase of one chunk runs through the real
+code under :class:`_PeakMemory`, a dispatch mode that records the peak of the tensors the phase
 creates. A phase's peak on the GPU is then:
 
     allowance + the weights resident in that phase (per the plan) + what stays resident across
