@@ -106,3 +106,46 @@ def test_cli_image_to_video_and_its_bad_input(tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert expect in lines[0] and not (tmp_path / "w.mp4").exists()
+
+
+def test_matches_diffusers_wan_image_to_video_pipeline():
+    # upstream parity: diffusers' WanImageToVideoPipeline with expand_timesteps (Wan 2.2 TI2V) on the
+    # same image, noise, text states and sigmas
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    from pfp.vae import WanVAE
+    from _tiny_pfp import TINY_WAN
+    steps, shift, cfg = 5, 3.0, 2.5
+
+    class SameSigmas(FlowMatchEulerDiscreteScheduler):   # the pipeline passes only a step count
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
+                                  device=device)
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                           scale_factor_spatial=4, scale_factor_temporal=4, latents_mean=[0.05 * i for i in range(4)],
+                           latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+    upstream = WanTransformer3DModel(**TINY_WAN).eval()
+    with torch.no_grad():
+        upstream.proj_out.weight.normal_(0, 0.05)
+    twin = WanTransformer3DModel.from_config(upstream.config).eval()
+    twin.load_state_dict(upstream.state_dict())
+    ours = WanBackbone(twin)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=SameSigmas(shift=shift),
+                                   transformer=upstream, expand_timesteps=True)
+    picture = torch.rand(1, 3, 16, 16)                    # in [0, 1], as the pipeline takes tensors
+    image = picture * 2.0 - 1.0                            # its normalisation, ours in [-1, 1]
+    text, uncond = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    shape = (1, 4, 3, 4, 4)                               # 9 frames of 16x16
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    want = pipe(image=picture, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=16,
+                width=16, num_frames=9, num_inference_steps=steps, guidance_scale=cfg, output_type="latent").frames
+    with torch.no_grad():
+        first = WanVAE(vae).encode(image[:, :, None])
+    got = sample(ours, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, seed=4,
+                 first_frame=first)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
