@@ -55,7 +55,22 @@ def report() -> str:
                 why = reasons[impl.name]
                 verdict = ("yes" + (" (auto)" if impl.name == auto else "")) if why is None else "no: " + why
                 lines.append(f"    {impl.name:<10} {verdict}")
+            if device.type == "cpu" and op.name == "joint_attention":
+                lines += _cpu_attention_routes()
     return "\n".join(lines)
+
+
+def _cpu_attention_routes() -> list[str]:
+    """Which route the C++ CPU kernel takes here with a context segment, per dtype ("concat" on
+    CPUs with AMX-BF16 for bf16: ATen's kernel over the concatenation; else our "flash" kernel)."""
+    if not _extension.has_cpu_kernel("joint_attention"):
+        return []
+    routes = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q, ck = torch.zeros(1, 2, 1, 8, dtype=dtype), torch.zeros(1, 3, 1, 8, dtype=dtype)
+        torch.ops.pfp.joint_attention(q, q, q, ck, ck, 0.35)
+        routes.append(f"{str(dtype).replace('torch.', '')} {torch.ops.pfp._attention_cpu_last_route()}")
+    return [f"    cpp routes with a context: {', '.join(routes)}"]
 
 
 def main() -> int:

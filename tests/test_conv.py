@@ -579,5 +579,6 @@ def test_info_cli():
     assert "[cpu]" in text and "torch      yes" in text
     if HAS_CPP:
         assert "C++ library: loaded" in text and "cpp        yes" in text
+        assert "cpp routes with a context: float32 flash, bfloat16 " in text
     else:
         assert "cpp        no:" in text
