@@ -178,8 +178,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
         budget = memory_budget if isinstance(memory_budget, int) else parse_bytes(memory_budget, "memory_budget")
         plan = plan_model(model, budget, seconds=seconds, size=(h, w), steps=steps, cfg=cfg, cfg_2=cfg_2)
         if not plan.fits:
-            raise InputError(f"memory_budget {memory_budget} is too small for this model: no plan fits; the "
-                             f"smallest needs {plan.peak_bytes / 2 ** 30:.2f} GiB ({plan.peak_bytes} bytes)")
+            raise InputError(plan.too_small(f"memory_budget {memory_budget}", "this model"))
     choices = None if plan is None else dict(getattr(plan, "choices", plan))
     model.eval()
     if isinstance(plan, Placement):
@@ -610,11 +609,10 @@ def _main(argv) -> int:
     _check_length(config, seconds, size, upscale)
     plan = None
     if budget is not None or ns.plan:
-        from pfp.memory import GIB, plan_model
+        from pfp.memory import plan_model
         plan = plan_model(model, budget, seconds, size, ns.steps, ns.cfg, ns.cfg_2)  # no budget: the plain run's
         if not plan.fits:
-            raise InputError(f"--vram {ns.vram} is too small for this model: no plan fits; the smallest needs "
-                             f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
+            raise InputError(plan.too_small(f"--vram {ns.vram}", "this model"))
         if ns.plan:
             _print_plan(plan, seconds, size, ns.vram)
             return 0
@@ -645,14 +643,14 @@ def _print_plan(plan, seconds: float, size: tuple, vram: Optional[str]) -> None:
     print(f"{seconds:g} s at {size[0]}x{size[1]}: {plan.context_tokens} context tokens at the longest "
           f"history, {plan.target_tokens} target tokens per chunk"
           + (f"; budget {vram}" if vram is not None else "; no budget (everything resident)"))
-    print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
+    print(plan.choices_line())
     print(plan.table())
 
 
 def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
     """``--plan`` for a preset without its folder: traced from the preset's architecture (the
     planner needs no weights), at the preset's size and the storyboard's length."""
-    from pfp.memory import GIB, choose, estimate, preset, trace_preset
+    from pfp.memory import plan_trace, preset, trace_preset
     try:
         p = preset(ns.config, ns.rate)
     except ValueError as exc:
@@ -661,10 +659,9 @@ def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
     chunk = p.chunk_frames / p.fps
     cfg = 5.0 if ns.cfg is None else ns.cfg   # the preset's sample_cfg
     trace = trace_preset(p, max(0.0, seconds - chunk), cfg_batch=1 if cfg == 1 else 2)
-    plan = choose(trace, budget, ns.steps) if budget is not None else estimate(trace, {}, None, ns.steps)
+    plan = plan_trace(trace, budget, ns.steps)
     if not plan.fits:
-        raise InputError(f"--vram {ns.vram} is too small for {p.name}: no plan fits; the smallest needs "
-                         f"{plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes} bytes)")
+        raise InputError(plan.too_small(f"--vram {ns.vram}", p.name))
     _print_plan(plan, seconds, p.video_size, ns.vram)
     return 0
 

@@ -143,11 +143,7 @@ def config_from_arg(value: str, model_dir: Optional[str], rate: Optional[str] = 
             raise ValueError(f"{flag} {value}: no such file, and not a preset ({', '.join(PRESETS)})")
         config = PFPConfig.load(value)
         if rate is not None:
-            from pfp.rates import parse_rate
-            try:
-                parse_rate(rate)
-            except ValueError as exc:
-                raise ValueError(f"--rate {rate}: {exc}") from None
+            _check_rate(rate)
             config.rate = rate
     config.check()
     return config
@@ -162,16 +158,21 @@ PRESETS = {
 }
 
 
+def _check_rate(rate: str) -> None:
+    """ValueError naming ``--rate`` when it is not a compression rate."""
+    from pfp.rates import parse_rate
+    try:
+        parse_rate(rate)
+    except ValueError as exc:
+        raise ValueError(f"--rate {rate}: {exc}") from None
+
+
 def preset(name: str, rate: Optional[str] = None) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"--config {name!r} is not a preset; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
     if rate is not None:
-        from pfp.rates import parse_rate
-        try:
-            parse_rate(rate)
-        except ValueError as exc:
-            raise ValueError(f"--rate {rate}: {exc}") from None
+        _check_rate(rate)
         p = Preset(**{**asdict(p), "rate": rate, "video_size": tuple(p.video_size),
                       "compressor_hidden": tuple(p.compressor_hidden)})
     return p
@@ -305,9 +306,9 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
         finally:
             torch.set_default_dtype(previous)
         ids = torch.zeros(1, p.text_length, dtype=torch.long)
-        return _trace_parts(backbone, compressor, vae, text_model, lambda: text_model(input_ids=ids),
-                            (p.text_length, p.text["d_model"]), p.video_size, p.fps, p.chunk_frames,
-                            history_seconds, cfg_batch)
+        return _trace_parts(backbone, compressor, vae, text_model,
+                            lambda: text_model(input_ids=ids).last_hidden_state, p.video_size, p.fps,
+                            p.chunk_frames, history_seconds, cfg_batch)
 
 
 def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] = None, cfg_batch: int = 2) -> Trace:
@@ -318,16 +319,15 @@ def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] 
     from torch._subclasses.fake_tensor import FakeTensorMode
     config = model.config
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        probe = model.text_encoder([""]).tokens
-        text_shape = (probe.shape[1], probe.shape[2])
         return _trace_parts(model.backbone, model.compressor, model.vae, model.text_encoder,
-                            lambda: model.text_encoder([""]), text_shape, tuple(size or config.video_size),
+                            lambda: model.text_encoder([""]).tokens, tuple(size or config.video_size),
                             float(config.fps), int(config.chunk_frames), history_seconds, cfg_batch)
 
 
-def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: tuple, video_size: tuple,
+def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: tuple,
                  fps: float, chunk_frames: int, history_seconds: float, cfg_batch: int) -> Trace:
-    """The phases of one chunk of these parts, traced; called under a FakeTensorMode."""
+    """The phases of one chunk of these parts, traced; called under a FakeTensorMode. ``run_text``
+    encodes one prompt and returns its states ``[1, L, D]`` (whose shape the denoise step takes)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from pfp.backbones.wan_style import ContextKV
@@ -351,7 +351,9 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, text_shape: t
     heads, head_dim = backbone.num_heads, backbone.head_dim
     elem = torch.tensor([], dtype=dtype).element_size()
 
-    transient = {"text": _tracked_peak(run_text)}
+    text_states = []
+    transient = {"text": _tracked_peak(lambda: text_states.append(run_text()))}
+    text_shape = tuple(text_states.pop().shape[1:])
     lr_chunk = torch.randn(compressor.expected_lr_shape(chunk.shape), dtype=chunk.dtype)
     transient["compress"] = _tracked_peak(lambda: compressor.stream(1).append(chunk, lr_chunk))
 
@@ -473,6 +475,14 @@ class Plan:
                 "seconds_lost_per_chunk": self.seconds_lost_per_chunk,
                 "context_tokens": self.context_tokens, "target_tokens": self.target_tokens,
                 "allowance": {"fixed_bytes": ALLOWANCE_BYTES, "fraction": ALLOWANCE_FRACTION}}
+
+    def too_small(self, what: str, model: str) -> str:
+        """The one line refusing a budget that nothing fits (``what``: the flag and its value)."""
+        return (f"{what} is too small for {model}: no plan fits; the smallest needs "
+                f"{self.peak_bytes / GIB:.2f} GiB ({self.peak_bytes} bytes)")
+
+    def choices_line(self) -> str:
+        return "choices: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
 
     def table(self) -> str:
         lines = ["| phase | resident | peak | bytes moved per chunk |", "| --- | --- | ---: | ---: |"]
@@ -598,9 +608,12 @@ def plan_model(model: nn.Module, budget: Optional[int], seconds: float, size: Op
     cfg_2 = (getattr(config, "sample_cfg_2", None) if cfg_2 is None else cfg_2)
     guided = cfg != 1 or (cfg_2 is not None and cfg_2 != 1 and hasattr(model.backbone, "route"))
     trace = trace_model(model, max(0.0, seconds - chunk), size, cfg_batch=2 if guided else 1)
-    if budget is None:
-        return estimate(trace, {}, None, steps)
-    return choose(trace, budget, steps)
+    return plan_trace(trace, budget, steps)
+
+
+def plan_trace(trace: Trace, budget: Optional[int], steps: int = 20) -> Plan:
+    """:func:`choose` for ``budget``; with no budget, the plain run's estimate (everything resident)."""
+    return estimate(trace, {}, None, steps) if budget is None else choose(trace, budget, steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,15 +648,13 @@ def main(argv: Optional[list] = None) -> int:
         trace = trace_preset(p, args.history)
         plan = choose(trace, budget, args.steps)
         if not plan.fits:
-            need = plan.peak_bytes
-            raise UsageError(f"--vram {args.vram} is too small for {p.name}: no plan fits; the smallest needs "
-                             f"{need / GIB:.2f} GiB ({need} bytes)")
+            raise UsageError(plan.too_small(f"--vram {args.vram}", p.name))
         if args.json:
             print(json.dumps(plan.to_json()))
         else:
             print(f"{p.name}, rate {p.rate}, {args.history:g} s of history: {plan.context_tokens} context tokens, "
                   f"{plan.target_tokens} target tokens per chunk; budget {_gib(budget)}")
-            print("choices: " + ", ".join(f"{k}={v}" for k, v in plan.choices.items()))
+            print(plan.choices_line())
             print(plan.table())
             print(f"allowance in every peak: {ALLOWANCE_BYTES >> 20} MiB + {ALLOWANCE_FRACTION:.0%}; "
                   f"time lost to the choices ~{plan.seconds_lost_per_chunk:.2f} s per chunk (estimate)")

@@ -94,7 +94,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     device = torch.device(device) if device is not None else text.device
     dtype = dtype or torch.float32
     route = getattr(backbone, "route", None)  # two experts (Wan 2.2 A14B): each step's own
-    t_host = timestep_schedule(steps, shift)[:-1].tolist()  # on the host: no device sync per step
+    ts = timestep_schedule(steps, shift, device=device)
+    t_host = ts[:-1].tolist()  # read once, on the host: reading t inside the loop would sync at every step
     scales = [cfg_2 if cfg_2 is not None and route is not None and backbone.expert_at(t) == "low" else cfg
               for t in t_host]
     if any(c != 1.0 for c in scales) and uncond_text is None:
@@ -130,8 +131,6 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     txt, mask = text.expand(b, -1, -1), (None if text_mask is None else text_mask.expand(b, -1))
     if any(c != 1.0 for c in scales):
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
-    ts = timestep_schedule(steps, shift, device=device)
-    # decided once, on the host: reading t inside the loop would sync a GPU at every step
     guided = [scales[i] != 1.0 and t > cfg_min_t for i, t in enumerate(t_host)]
     for i in range(steps):
         t = ts[i]
