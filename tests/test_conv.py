@@ -222,22 +222,28 @@ def test_cpp_plans_cover_both_layouts_and_boundary_frames():
         torch.ops.pfp._conv_cpu_path("fastest")
 
 
-@needs_cpp
-@pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
-def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
-    """The C++ side caches weight-derived tensors (packed panels, oneDNN's blocked weight) by
-    content; an in-place update (also through .data, which has its own version counter), a fresh
-    tensor at a recycled address, or an inference tensor must never be served a stale copy."""
+def _weight_cache_case(seed: int, what: str):
+    """A weight and ``check(weight)``: the C++ conv with that weight against the fp64 reference, on
+    one fixed input (for the tests of the kernels' weight-derived caches)."""
     case = ConvCase(1, 8, 16, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "silu")
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     x = make_activation((1, 8, 5, 6, 7), torch.float32, "channels_last", generator=g)
     w, b = make_params(case, torch.float32, generator=g)
 
     def check(weight):
         y = pk.conv3d_act(x, weight, b, 1, 1, impl="cpp")
         ref = C.conv3d_act_reference(x.double(), weight.double(), b.double(), [1, 1, 1], [1, 1, 1], "silu")
-        assert_close_to_reference(y, ref, torch.float32, "cached weight")
+        assert_close_to_reference(y, ref, torch.float32, what)
+    return w, check
 
+
+@needs_cpp
+@pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
+def test_cached_weights_follow_in_place_updates_and_new_tensors(cpu_path):
+    """The C++ side caches weight-derived tensors (packed panels, oneDNN's blocked weight) by
+    content; an in-place update (also through .data, which has its own version counter), a fresh
+    tensor at a recycled address, or an inference tensor must never be served a stale copy."""
+    w, check = _weight_cache_case(11, "cached weight")
     check(w)
     with torch.no_grad():
         w.mul_(-0.5)       # same tensor, same storage, new version
@@ -257,16 +263,7 @@ def test_frozen_weights_follow_versioned_updates_and_restore_the_setting(cpu_pat
     """Inside pk.frozen_weights() the content hash is kept per (storage, shape, version): updates
     that bump the version (in-place ops, load_state_dict), new tensors and recycled addresses are
     still seen; the setting nests and is restored on exit, and outside it .data writes are seen."""
-    case = ConvCase(1, 8, 16, (5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1), True, "silu")
-    g = torch.Generator().manual_seed(12)
-    x = make_activation((1, 8, 5, 6, 7), torch.float32, "channels_last", generator=g)
-    w, b = make_params(case, torch.float32, generator=g)
-
-    def check(weight):
-        y = pk.conv3d_act(x, weight, b, 1, 1, impl="cpp")
-        ref = C.conv3d_act_reference(x.double(), weight.double(), b.double(), [1, 1, 1], [1, 1, 1], "silu")
-        assert_close_to_reference(y, ref, torch.float32, "frozen weight")
-
+    w, check = _weight_cache_case(12, "frozen weight")
     with pk.frozen_weights():
         check(w)
         with torch.no_grad():
