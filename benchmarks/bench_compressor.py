@@ -25,6 +25,7 @@ Triton kernels are built).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -207,14 +208,17 @@ def test_cpu_stream_ratios_interleaved(benchmark, stream_setup):
     """Append at 2 s, append at 20 s and a full 21 s recompute, interleaved round by round so
     that load from other processes drifts over all three alike; ratios of medians."""
     c, hr, lr, streams = stream_setup
-    times = {"append/2s": [], "append/20s": [], "recompute/21s": []}
+    import pfp_kernels
+    times = {"append/2s": [], "append/20s": [], "append/20s frozen": [], "recompute/21s": []}
 
     def one_round():
-        for s in (2, 20):
+        for key, s in (("append/2s", 2), ("append/20s", 20), ("append/20s frozen", 20)):
             fork, a, b = _fork(streams[s]), s * CHUNK_HR, s * CHUNK_LR
-            t0 = time.perf_counter()
-            fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
-            times[f"append/{s}s"].append(time.perf_counter() - t0)
+            # frozen: the conv kernels keep each weight's content hash (as pfp.generate runs them)
+            with pfp_kernels.frozen_weights() if key.endswith("frozen") else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
+                times[key].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         c(hr, lr)
         times["recompute/21s"].append(time.perf_counter() - t0)
@@ -228,10 +232,40 @@ def test_cpu_stream_ratios_interleaved(benchmark, stream_setup):
            "tokens": ctx.num_tokens, "impls": _impls(hr.device),
            "interleaved": {k: {"min_s": min(v), "median_s": med[k]} for k, v in times.items()},
            "append_20s_over_2s": med["append/20s"] / med["append/2s"],
-           "recompute_over_append": med["recompute/21s"] / med["append/20s"]}
+           "recompute_over_append": med["recompute/21s"] / med["append/20s"],
+           "recompute_over_frozen_append": med["recompute/21s"] / med["append/20s frozen"]}
     _rows["recompute/21s"] = row
     assert abs(row["append_20s_over_2s"] - 1) <= 0.2, row
     assert row["recompute_over_append"] >= 15, row
+
+
+def test_cpu_stream_quarter_width256_interleaved(benchmark):
+    """Issue 24's CPU case: the compressor at 1/4 scale with width 256, a 1 s append to 20 s of
+    history (plain, and inside pfp_kernels.frozen_weights()) against a full 21 s recompute,
+    interleaved; reported, not asserted (the goal is a recompute >= 15x an append)."""
+    import pfp_kernels
+    torch.manual_seed(0)
+    c = pfp.MemoryCompressor(nn.Conv3d(CHANNELS, 256, (1, 2, 2), (1, 2, 2)), CHANNELS, 256, RATE,
+                             zero_init=False).eval()
+    hr, lr = _inputs("quarter", torch.float32, frames=HR_T + CHUNK_HR)
+    base = _stream_with_history(c, 20, hr, lr)
+    a, b = 20 * CHUNK_HR, 20 * CHUNK_LR
+    times = {"append": [], "append frozen": [], "recompute": []}
+
+    def one_round():
+        for key in ("append", "append frozen"):
+            fork = _fork(base)
+            with pfp_kernels.frozen_weights() if key.endswith("frozen") else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
+                times[key].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        c(hr, lr)
+        times["recompute"].append(time.perf_counter() - t0)
+
+    with torch.no_grad():
+        benchmark.pedantic(one_round, rounds=30, iterations=1, warmup_rounds=2)
+    _rows["quarter256"] = {k: {"min_s": min(v), "median_s": statistics.median(v)} for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +314,7 @@ def _ms(v) -> str:
 
 
 def _write_cpu() -> None:
-    if not any(k.startswith(("full/", "append/", "recompute/")) for k in _rows):
+    if not any(k.startswith(("full/", "append/", "recompute/", "quarter256")) for k in _rows):
         return
     lines = [
         "# pfp.MemoryCompressor on CPU",
@@ -315,7 +349,15 @@ def _write_cpu() -> None:
         inter = ", ".join(f"{k} {_ms(v['min_s'])} ({_ms(v['median_s'])})" for k, v in rc["interleaved"].items())
         lines += ["", f"Interleaved rounds (min (median)): {inter}.",
                   f"Append at 20 s / append at 2 s: {rc['append_20s_over_2s']:.2f} (must be within 0.8-1.2). "
-                  f"Full recompute of 21 s / append at 20 s: {rc['recompute_over_append']:.1f}x (must be >= 15x)."]
+                  f"Full recompute of 21 s / append at 20 s: {rc['recompute_over_append']:.1f}x (must be >= 15x); "
+                  f"/ the append inside pfp_kernels.frozen_weights(): {rc['recompute_over_frozen_append']:.1f}x."]
+    q = _rows.get("quarter256")
+    if q:
+        med = {k: v["median_s"] for k, v in q.items()}
+        lines += ["", "1/4 scale, width 256 (issue 24's case), interleaved, min (median): "
+                  + ", ".join(f"{k} {_ms2(v['min_s'])} ({_ms2(v['median_s'])})" for k, v in q.items())
+                  + f". Recompute / append: {med['recompute'] / med['append']:.1f}x; / the append inside "
+                  f"pfp_kernels.frozen_weights(): {med['recompute'] / med['append frozen']:.1f}x (goal >= 15x)."]
     (results_dir("compressor") / "cpu_compressor.md").write_text("\n".join(lines) + "\n")
 
 
