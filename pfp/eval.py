@@ -198,27 +198,30 @@ __all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboar
 LPIPS_NOTE = "not computed: LPIPS needs the lpips package and its backbone's weights on this machine"
 
 
-def _clips(config, videos: str, n_chunks: int, *, report: bool, progress: bool):
+def _clips(config, videos: str, n_chunks: int, *, report: bool, progress: bool, storyboards: str = "required"):
     """The folder's usable videos as clips of ``n_chunks`` chunks for ``config``; with ``report``,
     the unusable ones are listed on stderr (once per command, not per checkpoint)."""
     import sys
 
     from pfp.data import VideoFolderDataset
-    dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and report)
+    dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and report,
+                                 storyboards=storyboards)
     if report and dataset.skip_report():
         print(f"videos: {dataset.skip_report()}", file=sys.stderr)
     return dataset
 
 
 def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optional[float] = None, frames: int = 3,
-                    steps: int = 16, seed: int = 0, progress: bool = False) -> list:
+                    clips_per_video: int = 1, steps: int = 16, seed: int = 0, progress: bool = False) -> list:
     """The paper's Table 1 on a folder of videos: for each checkpoint, the mean PSNR/SSIM of
-    ``frames`` latent frames per video (picked at random, the same for every checkpoint),
-    regenerated from the compressed ``seconds`` of each video alone (default: 4 chunks).
+    ``frames`` latent frames per clip (picked at random, the same for every checkpoint),
+    regenerated from the compressed ``seconds`` of the clip alone (default: 4 chunks). Each video
+    gives ``clips_per_video`` clips, spread evenly over it. Storyboards are optional (a video
+    without one is conditioned on the prompt ``"a video"``).
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant`` (the compressor kind), ``rate``,
     ``context_tokens`` (of one clip), ``psnr``, ``ssim``, ``lpips`` (None, see ``lpips_note``),
-    ``videos``, ``frames_per_video``. Unusable videos are listed once and skipped."""
+    ``videos``, ``clips``, ``frames_per_video`` (per clip). Unusable videos are listed once and skipped."""
     import random
     import sys
 
@@ -230,22 +233,27 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     for k, (path, model) in enumerate(models):
         config = model.config
         n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
-        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress)
+        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress, storyboards="optional")
         latent_frames = n_chunks * config.chunk_latent_frames
         h, w = config.video_size
         s = config.vae_spatial
         tokens = math.prod(model.compressor.token_grid((latent_frames, h // s, w // s)))
+        clips = [(i, start) for i in range(len(dataset)) for start in dataset.spread_starts(i, clips_per_video)]
         scores = []
-        for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
-            item = dataset[i]
-            picks = sorted(random.Random(seed * 100003 + i).sample(range(latent_frames), min(frames, latent_frames)))
+        for j, (i, start) in enumerate(tqdm(clips, desc=os.path.basename(str(path)), disable=not progress,
+                                            file=sys.stderr)):
+            item = dataset.get(i, start=start)
+            # clip j's frames: the same for every checkpoint (the first clip of video i keeps the
+            # seed it had before several clips per video existed)
+            rng = random.Random(seed * 100003 + i + 1000003 * (j - i * clips_per_video))
+            picks = sorted(rng.sample(range(latent_frames), min(frames, latent_frames)))
             m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
                                   item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
             scores.append((m["psnr"], m["ssim"]))
         rows.append({"checkpoint": str(path), "variant": config.compressor_kind, "rate": config.rate,
                      "context_tokens": tokens, "psnr": sum(p for p, _ in scores) / len(scores),
                      "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,
-                     "videos": len(scores), "frames_per_video": min(frames, latent_frames)})
+                     "videos": len(dataset), "clips": len(scores), "frames_per_video": min(frames, latent_frames)})
     return rows
 
 
@@ -313,9 +321,13 @@ def _parser():
     r.error = p.error  # one line, exit 2, for the subcommand's errors too
     r.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    help="weights files (pfp.train --export), checkpoint folders or run folders")
-    r.add_argument("--videos", required=True, help="a folder of videos, each with a <name>.json storyboard")
+    r.add_argument("--videos", required=True,
+                   help="a folder of videos (any PyAV decodes); a <name>.json storyboard beside one gives its "
+                        "prompt, else 'a video'")
     r.add_argument("--seconds", type=float, default=None, help="history compressed per video (default: 4 chunks)")
-    r.add_argument("--frames", type=int, default=3, help="latent frames retrieved per video (default %(default)s)")
+    r.add_argument("--frames", type=int, default=3, help="latent frames retrieved per clip (default %(default)s)")
+    r.add_argument("--clips-per-video", type=int, default=1,
+                   help="clips per video, spread evenly over it (default %(default)s)")
     r.add_argument("--steps", type=int, default=16, help="denoising steps per retrieval (default %(default)s)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
@@ -361,10 +373,12 @@ def main(argv=None) -> int:
                           f"over {row['returns']} returns in {row['videos_scored']} videos")
             return 0
         check_number("--frames", ns.frames, lo=1, integer=True, allow_none=False)
+        check_number("--clips-per-video", ns.clips_per_video, lo=1, hi=1000, integer=True, allow_none=False)
         if ns.out is not None:
             check_output_file("--out", ns.out, (".md",))
-        rows = retrieval_table(ns.checkpoints, ns.videos, seconds=ns.seconds, frames=ns.frames, steps=ns.steps,
-                               seed=ns.seed, progress=not ns.quiet)
+        rows = retrieval_table(ns.checkpoints, ns.videos, seconds=ns.seconds, frames=ns.frames,
+                               clips_per_video=ns.clips_per_video, steps=ns.steps, seed=ns.seed,
+                               progress=not ns.quiet)
         if ns.json:
             for row in rows:
                 print(json.dumps(row))

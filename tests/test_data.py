@@ -553,3 +553,81 @@ def test_video_spec_from_the_compressors_plan():
     assert spec == SPEC
     # and the low-res frames this module makes are the ones the plan describes: 0, rt, 2rt, ...
     assert lr_frame_indices(spec).tolist() == list(range(0, plan.hr_frames, plan.rate.t))
+
+
+def _ramp_video(n=4, h=32, w=64):
+    """Brightness rising left to right: a crop's mean level says where it was taken."""
+    ramp = torch.linspace(-0.9, 0.9, w).view(1, 1, 1, w)
+    return ramp.expand(3, n, h, w).contiguous()
+
+
+def test_read_clip_crop_places_and_zooms(tmp_path):
+    _write_pair(tmp_path, "ramp", _ramp_video(), 8, [{"start": 0, "end": 1, "prompt": "ramp"}], crf=0)
+    path = str(tmp_path / "ramp.mp4")
+    read = lambda crop: read_clip(path, start=0, fps=8, num_frames=2, size=(16, 16), crop=crop)  # noqa: E731
+    centre, left, right = read(None), read((1.0, 0.5, 0.0)), read((1.0, 0.5, 1.0))
+    assert torch.equal(centre, read((1.0, 0.5, 0.5)))
+    assert left.mean() < centre.mean() - 0.3 < right.mean() - 0.6     # a 16x32 cover, 16 columns kept
+    # zoom 2: a 32x64 cover, so the left edge crop spans a quarter of the ramp instead of half
+    assert read((2.0, 0.5, 0.0)).mean() < left.mean() - 0.2
+    for bad in ((0.5, 0.5, 0.5), (1.0, -0.1, 0.5), (1.0, 0.5, 1.5)):
+        with pytest.raises(ValueError, match="crop must be"):
+            read(bad)
+
+
+def test_video_folder_random_crops_come_from_the_generator(tmp_path):
+    _write_pair(tmp_path, "ramp", _ramp_video(n=24), 8, [{"start": 0, "end": 3, "prompt": "ramp"}], crf=0)
+    spec = dict(hr_size=16, hr_fps=8, hr_frames=4)
+    ds = VideoFolderDataset(tmp_path, spec, clip_start="random", crop="random", max_zoom=1.5)
+    items = [ds.get(0, torch.Generator().manual_seed(s)) for s in range(6)]
+    again = ds.get(0, torch.Generator().manual_seed(0))
+    assert torch.equal(again["hr"], items[0]["hr"]) and again["crop"] == items[0]["crop"]
+    assert again["start_seconds"] == items[0]["start_seconds"]
+    assert len({it["crop"] for it in items}) == 6 and len({it["start_seconds"] for it in items}) == 6
+    for it in items:
+        zoom, y, x = it["crop"]
+        assert 1.0 <= zoom <= 1.5 and 0.0 <= y <= 1.0 and 0.0 <= x <= 1.0
+        assert it["hr"].shape == (3, 4, 16, 16)
+        assert torch.equal(it["hr"], read_clip(str(tmp_path / "ramp.mp4"), start=it["start_seconds"], fps=8,
+                                               num_frames=4, size=(16, 16), crop=it["crop"]))
+    centre = VideoFolderDataset(tmp_path, spec)[0]
+    assert centre["crop"] == (1.0, 0.5, 0.5)
+    for kw, msg in ((dict(crop="middle"), "crop must be one of"), (dict(max_zoom=0.5), "max_zoom must be"),
+                    (dict(storyboards="maybe"), "storyboards must be one of"),
+                    (dict(default_prompt=" "), "default_prompt must be")):
+        with pytest.raises(ValueError, match=msg):
+            VideoFolderDataset(tmp_path, spec, **kw)
+
+
+def _write_mpeg(path, video, fps=25):
+    """An MPEG-1 program stream (.mpg), as old cameras and the Kivy examples ship."""
+    import av
+    import numpy as np
+    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    with av.open(str(path), "w", format="mpeg") as out:
+        stream = out.add_stream("mpeg1video", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = video.shape[3], video.shape[2], "yuv420p"
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_video_folder_storyboards_optional_and_mpg(tmp_path):
+    _write_mpeg(tmp_path / "old.mpg", _ramp_video(n=30, h=32, w=32))
+    _write_pair(tmp_path, "told", _index_video(30), 10, [{"start": 0, "end": 3, "prompt": "grey"}])
+    spec = dict(hr_size=16, hr_fps=10, hr_frames=10)
+    strict = VideoFolderDataset(tmp_path, spec)
+    assert [os.path.basename(p) for p in strict.paths] == ["told.mp4"]
+    assert strict.skipped[0][0].endswith("old.mpg") and "missing storyboard" in strict.skipped[0][1]
+    loose = VideoFolderDataset(tmp_path, spec, storyboards="optional", default_prompt="a street")
+    assert [os.path.basename(p) for p in loose.paths] == ["old.mpg", "told.mp4"] and not loose.skipped
+    board = loose.storyboards[0]
+    assert [s.prompt for s in board.shots] == ["a street"] and abs(board.duration - 1.2) < 0.05
+    assert loose.storyboards[1].shots[0].prompt == "grey"
+    assert loose[0]["hr"].shape == (3, 10, 16, 16)
+    # clips spread over a video: first at 0, last where a clip just fits
+    starts = loose.spread_starts(1, 3)
+    assert starts[0] == 0.0 and abs(starts[1] - starts[2] / 2) < 1e-9 and 2.1 - 0.01 < starts[2] < 2.1
+    assert _frame_numbers(loose.get(1, start=starts[2])["hr"]) == list(range(20, 30))

@@ -359,3 +359,44 @@ def test_every_compressor_kind_pretrains_and_finetunes(tmp_path, kind):
     # a checkpoint of one kind is refused by a config of another, naming both
     with pytest.raises(ValueError, match=f"holds a '{kind}' compressor but the config asks for 'pfp'"):
         train(_args(tmp_path, tmp_path / "mismatch", mode="finetune", steps=1, init=str(tmp_path / "pre.safetensors")))
+
+
+def test_init_skip_starts_the_compressor_afresh(tmp_path):
+    # Table 2's "Without Pretrain": finetune from a pretrained file but with a fresh compressor;
+    # also a compressor of another kind over a trained backbone
+    pre = tmp_path / "pre.safetensors"
+    train(_args(tmp_path, tmp_path / "pre", mode="pretrain", steps=2, export=str(pre)))
+    from pfp.weights import read_weights
+    tensors, _ = read_weights(str(pre))
+    from pfp.train.loop import _load_init
+    model = build_model(tiny_config())
+    fresh = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    _load_init(model, str(pre), skip_prefix="compressor.")
+    state = model.trainable_state_dict()
+    comp = [k for k in state if k.startswith("compressor.")]
+    assert comp and all(torch.equal(state[k], fresh[k]) for k in comp)
+    assert not all(torch.equal(tensors[k], fresh[k]) for k in comp)          # the file's were trained
+    assert all(torch.equal(state[k], tensors[k]) for k in state if k.startswith("backbone.blocks."))
+    kind = write_config(tmp_path / "lp.json", dataclasses.replace(tiny_config(), compressor_kind="large_patchify"))
+    out = train(_args(tmp_path, tmp_path / "lp", mode="pretrain", steps=1, config=kind, init=str(pre),
+                      init_skip="compressor."))
+    assert out["model"].compressor.kind == "large_patchify"
+    with pytest.raises(ValueError, match="--init-skip 'nothing.' names no tensor"):
+        train(_args(tmp_path, tmp_path / "x", mode="finetune", steps=1, init=str(pre), init_skip="nothing."))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init-skip", "compressor."], "--init-skip needs --init"),
+    (["--init", "w.safetensors", "--init-skip", "a.", "--init-new", "b."], "not both"),
+    (["--crop", "middle"], "argument --crop: invalid choice"),
+    (["--storyboards", "maybe"], "argument --storyboards: invalid choice"),
+])
+def test_cli_refuses_bad_init_and_data_flags(tmp_path, capsys, argv, message):
+    from pfp.train.__main__ import main
+    try:
+        rc = main(["finetune", "--out", str(tmp_path / "r"), *argv])
+    except SystemExit as e:   # argparse's own refusals
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,14 +1,16 @@
-"""A folder of real videos, each with a JSON storyboard beside it.
+"""A folder of real videos, each with a JSON storyboard beside it (or, where asked, without).
 
-Layout: ``root/**/name.mp4`` (or .webm, .mkv, .mov, .avi) and ``root/**/name.json``, the storyboard
-(format in :mod:`pfp.text`) with times in seconds from the start of the video.
+Layout: ``root/**/name.mp4`` (or any of :data:`VIDEO_EXTENSIONS`) and ``root/**/name.json``, the
+storyboard (format in :mod:`pfp.text`) with times in seconds from the start of the video. With
+``storyboards="optional"`` a video without one gets a single shot of ``default_prompt``.
 
 Each item is one clip of ``spec.hr_frames`` frames at ``spec.hr_fps``, starting at ``clip_start``:
 
 - frames are sampled at times ``start + i / hr_fps``; each takes the last decoded frame shown at
   that time (so a 30 fps source read at 24 fps skips frames, and a 12 fps source repeats them);
 - each frame is scaled to cover ``spec.hr_size`` (keeping the aspect ratio, area filter) and
-  center-cropped to it;
+  center-cropped to it; with ``crop="random"`` each clip is scaled by a further random zoom and
+  cropped at a random place instead (the same for all its frames);
 - ``"lr"`` is made from ``"hr"`` by :func:`pfp.data.to_low_res`, the same function generation uses;
 - the storyboard is re-timed to the clip (:meth:`pfp.text.Storyboard.window`).
 
@@ -33,7 +35,7 @@ from . import VideoSpec, to_low_res
 
 __all__ = ["VideoFolderDataset", "VIDEO_EXTENSIONS", "read_clip", "write_video"]
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".m4v")
 _EPS = 1e-6
 
 
@@ -106,12 +108,20 @@ def _scan(path: str) -> _VideoScan:
     return _VideoScan(last_time + frame_period - base, native_fps, frames)
 
 
-def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
+def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tuple[int, int],
+              crop: Optional[tuple[float, float, float]] = None) -> torch.Tensor:
     """Decode ``num_frames`` frames at ``fps`` from ``start`` seconds, each scaled to cover
-    ``size = (H, W)`` and center-cropped: ``[3, num_frames, H, W]`` float32 in ``[-1, 1]``.
-    Raises RuntimeError naming the file if it cannot be decoded or is too short."""
+    ``size = (H, W)`` and cropped to it: ``[3, num_frames, H, W]`` float32 in ``[-1, 1]``.
+
+    ``crop = (zoom, y, x)`` scales by ``zoom >= 1`` more than the cover scale and crops at fractions
+    ``y, x`` in ``[0, 1]`` of the room left (0: top/left edge, 1: bottom/right); None is
+    ``(1, 0.5, 0.5)``, the centre at the cover scale. Raises RuntimeError naming the file if it
+    cannot be decoded or is too short."""
     av = _import_av()
     h, w = size
+    zoom, crop_y, crop_x = (1.0, 0.5, 0.5) if crop is None else crop
+    if not (zoom >= 1.0 and 0.0 <= crop_y <= 1.0 and 0.0 <= crop_x <= 1.0):
+        raise ValueError(f"read_clip: crop must be (zoom >= 1, y in [0, 1], x in [0, 1]), got {crop!r}")
     picked: list[Any] = [None] * num_frames  # numpy HxWx3 uint8 per target
     try:
         with av.open(path) as container:
@@ -137,11 +147,14 @@ def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tup
                 if cached[0] is frame:
                     return cached[1]
                 if cover is None:
-                    scale = max(h / frame.height, w / frame.width)
+                    scale = max(h / frame.height, w / frame.width) * zoom
                     cover = (max(h, round(frame.height * scale)), max(w, round(frame.width * scale)))
                 arr = frame.reformat(width=cover[1], height=cover[0], format="rgb24",
                                      interpolation="AREA").to_ndarray()
-                top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
+                if crop is None:   # exactly the centre, as before crops could move
+                    top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
+                else:
+                    top, left = round(crop_y * (cover[0] - h)), round(crop_x * (cover[1] - w))
                 cached = (frame, arr[top:top + h, left:left + w])
                 return cached[1]
 
@@ -188,6 +201,8 @@ class _Unusable(NamedTuple):
 
 
 _ON_BAD = ("skip", "error")
+CROPS = ("center", "random")
+STORYBOARD_POLICIES = ("required", "optional")
 _LISTED_IN_ERRORS = 3  # unusable videos named in full in an error message, before "+N more"
 _LISTED_IN_REPORT = 4  # named briefly in skip_report()
 
@@ -205,6 +220,12 @@ class VideoFolderDataset(Dataset):
         on_bad: what to do with unusable videos: ``"skip"`` them (listed in :attr:`skipped`, summed
             up by :meth:`skip_report`) or raise an ``"error"`` (a ValueError naming them).
         progress: show a tqdm bar (on stderr) while the videos are checked.
+        crop: ``"center"`` (each frame scaled to cover ``spec.hr_size``, the middle kept) or
+            ``"random"`` (per clip: a further zoom uniform in ``[1, max_zoom]`` and a uniform place).
+        max_zoom: the largest random zoom (>= 1; 1 moves the crop only).
+        storyboards: ``"required"`` (a video without ``<stem>.json`` is unusable) or ``"optional"``
+            (it gets one shot of ``default_prompt``; for uses that ignore text, e.g. frame retrieval).
+        default_prompt: that shot's prompt.
 
     Construction checks every video once, before any item is read, so bad data shows up when the
     dataset is built and never halfway through training. A video is unusable when its storyboard is
@@ -222,11 +243,15 @@ class VideoFolderDataset(Dataset):
             ``"missing storyboard <path>.json ..."``, ``"bad storyboard: <path>.json: ..."``.
 
     Items (see :mod:`pfp.data`): ``hr``, ``lr``, ``storyboard``, ``hr_fps``, ``lr_fps``, ``source``
-    (the video path), ``start_seconds`` (the clip's start in the video).
+    (the video path), ``start_seconds`` (the clip's start in the video), ``crop`` (``(zoom, y, x)``,
+    see :func:`read_clip`). ``dataset[i]`` draws random starts and crops from torch's global RNG;
+    :meth:`get` takes a generator instead, so a training step's batch can be a pure function of
+    its seed.
     """
 
     def __init__(self, root: str | os.PathLike, spec: Any, *, clip_start: str | float = "first",
-                 on_bad: str = "skip", progress: bool = False):
+                 on_bad: str = "skip", progress: bool = False, crop: str = "center", max_zoom: float = 1.5,
+                 storyboards: str = "required", default_prompt: str = "a video"):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise ValueError(f"VideoFolderDataset: root {root!r} is not a directory")
@@ -241,6 +266,17 @@ class VideoFolderDataset(Dataset):
         self.clip_start = clip_start
         if not isinstance(on_bad, str) or on_bad not in _ON_BAD:
             raise ValueError(f"on_bad must be one of {', '.join(map(repr, _ON_BAD))}, got {on_bad!r}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(map(repr, CROPS))}, got {crop!r}")
+        if isinstance(max_zoom, bool) or not isinstance(max_zoom, (int, float)) or not 1.0 <= max_zoom < math.inf:
+            raise ValueError(f"max_zoom must be a finite number >= 1, got {max_zoom!r}")
+        if storyboards not in STORYBOARD_POLICIES:
+            raise ValueError(f"storyboards must be one of {', '.join(map(repr, STORYBOARD_POLICIES))}, "
+                             f"got {storyboards!r}")
+        if not isinstance(default_prompt, str) or not default_prompt.strip():
+            raise ValueError(f"default_prompt must be a non-empty string, got {default_prompt!r}")
+        self.crop, self.max_zoom = crop, float(max_zoom)
+        self.storyboard_policy, self.default_prompt = storyboards, default_prompt
         paths = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -285,14 +321,18 @@ class VideoFolderDataset(Dataset):
     def _check(self, path: str) -> tuple[Storyboard, _VideoScan]:
         """The storyboard and measurements of one video; raises _BadVideo if it is unusable."""
         storyboard_path = os.path.splitext(path)[0] + ".json"
-        if not os.path.isfile(storyboard_path):
+        storyboard = None
+        if os.path.isfile(storyboard_path):
+            try:
+                storyboard = Storyboard.load(storyboard_path)  # its errors start with storyboard_path
+            except StoryboardError as e:
+                raise _BadVideo(path, f"bad storyboard: {_one_line(e)}") from None
+        elif self.storyboard_policy == "required":
             raise _BadVideo(path, f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})",
                             "missing storyboard")
-        try:
-            storyboard = Storyboard.load(storyboard_path)  # its errors start with storyboard_path
-        except StoryboardError as e:
-            raise _BadVideo(path, f"bad storyboard: {_one_line(e)}") from None
         scan = _scan(path)
+        if storyboard is None:
+            storyboard = Storyboard.single(self.default_prompt, scan.duration)
         spec, start = self.spec, self._first_start()
         if spec.hr_frames > 1 and scan.frames == 1:
             # one frame is a still image: its display time is only the container's nominal rate
@@ -330,22 +370,43 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _start(self, index: int) -> float:
+    def _start(self, index: int, generator: Optional[torch.Generator]) -> float:
         if self.clip_start != "random":
             return self._first_start()
         # the measured duration from construction: every start in [0, span) fits read_clip's rule
         duration = self._scans[index].duration
         span = duration - (self.spec.hr_frames - 1) / self.spec.hr_fps - 2 * _EPS
-        return float(torch.rand(()).item()) * max(span, 0.0)
+        return float(torch.rand((), generator=generator).item()) * max(span, 0.0)
+
+    def _crop(self, generator: Optional[torch.Generator]) -> Optional[tuple[float, float, float]]:
+        if self.crop == "center":
+            return None
+        zoom, y, x = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        return (1.0 + zoom * (self.max_zoom - 1.0), y, x)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.get(index)
+
+    def spread_starts(self, index: int, n: int) -> list[float]:
+        """``n`` clip starts spread evenly over video ``index``: the first at the earliest start
+        ``clip_start`` allows, the last where a clip just fits (for evaluating several clips per
+        video)."""
+        first = self._first_start()
+        span = self._scans[index].duration - (self.spec.hr_frames - 1) / self.spec.hr_fps - 2 * _EPS - first
+        return [first + max(span, 0.0) * k / max(n - 1, 1) for k in range(n)]
+
+    def get(self, index: int, generator: Optional[torch.Generator] = None, *,
+            start: Optional[float] = None) -> dict[str, Any]:
+        """Item ``index``; its random start and crop (if any) come from ``generator`` (None: torch's
+        global RNG). ``start``: this start in seconds instead of ``clip_start``'s."""
         if isinstance(index, bool) or not isinstance(index, int) or not -len(self) <= index < len(self):
             raise IndexError(f"index {index!r} out of range for {len(self)} videos")
         index %= len(self)
         path = self.paths[index]
-        start = self._start(index)
+        start = self._start(index, generator) if start is None else float(start)
+        crop = self._crop(generator)
         spec = self.spec
-        hr = read_clip(path, start=start, fps=spec.hr_fps, num_frames=spec.hr_frames, size=spec.hr_size)
+        hr = read_clip(path, start=start, fps=spec.hr_fps, num_frames=spec.hr_frames, size=spec.hr_size, crop=crop)
         return {
             "hr": hr,
             "lr": to_low_res(hr, spec) if spec.lr_size is not None else None,
@@ -354,6 +415,7 @@ class VideoFolderDataset(Dataset):
             "lr_fps": spec.lr_fps,
             "source": path,
             "start_seconds": start,
+            "crop": crop if crop is not None else (1.0, 0.5, 0.5),
         }
 
 

@@ -32,6 +32,9 @@ def _parser() -> Parser:
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--freeze-compressor", action="store_true", help="finetune: keep the compressor fixed")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed")
+    p.add_argument("--init-skip", default=None, metavar="PREFIX",
+                   help="ignore --init's tensors under PREFIX: those modules start fresh (e.g. 'compressor.' "
+                        "finetunes without the pretrained compressor)")
     p.add_argument("--init-new", default=None, metavar="PREFIX",
                    help="tensors under PREFIX may be absent from --init (modules added since; keep their init)")
     p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
@@ -46,6 +49,13 @@ def _parser() -> Parser:
     p.add_argument("--bad-data", default=d.bad_data, choices=["skip", "error"],
                    help="video folder: unusable files (undecodable, too short, no storyboard) are checked before "
                         "step 1 and skipped with a one-line report, or refused (default %(default)s)")
+    p.add_argument("--crop", default=d.crop, choices=["random", "center"],
+                   help="video folder: each clip scaled by a random zoom in [1, 1.5] and cropped at a random place, "
+                        "or scaled to cover the video size and center-cropped (default %(default)s); clips "
+                        "start at random times either way")
+    p.add_argument("--storyboards", default=d.storyboards, choices=["required", "optional"],
+                   help="video folder: a video without <name>.json is unusable, or gets one shot of the prompt "
+                        "'a video' (default %(default)s)")
     p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic videos to draw from")
     p.add_argument("--sprite-radius", type=float, nargs=2, default=d.sprite_radius, metavar=("MIN", "MAX"),
                    help="synthetic data: sprite radius range, units of min(H, W) (default %(default)s)")

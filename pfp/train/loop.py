@@ -60,6 +60,7 @@ class TrainArgs:
     freeze_compressor: bool = False
     freeze_text: bool = False            # keep the text encoder fixed even when the backbone trains fully
     init_new: Optional[str] = None       # --init may lack tensors under this prefix (new, freshly initialised modules)
+    init_skip: Optional[str] = None      # --init's tensors under this prefix are ignored (e.g. "compressor.": no pretraining)
     init: Optional[str] = None           # weights to start from (save_weights file or a checkpoint dir)
     config: Optional[str] = None         # PFPConfig JSON or a preset (default: the built-in tiny config)
     model_dir: Optional[str] = None      # a preset's local diffusers pipeline folder
@@ -93,6 +94,8 @@ class TrainArgs:
     overwrite: bool = False              # start again in an --out that already holds a run (deletes its checkpoints and log)
     skip_nonfinite: int = 0              # steps with a non-finite loss or gradient skipped before the run stops
     bad_data: str = "skip"               # a video folder's unusable files: "skip" (listed) or "error"
+    crop: str = "random"                 # a video folder's crops: "random" (zoom and place per clip) or "center"
+    storyboards: str = "required"        # a video folder's storyboards: "required" or "optional" (one default shot)
     progress: bool = True
 
 
@@ -221,13 +224,21 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
                                         sprite_radius=tuple(args.sprite_radius),
                                         pattern_period=tuple(args.pattern_period))
     from pfp.data import VideoFolderDataset
-    return VideoFolderDataset(args.data, spec, on_bad=args.bad_data, progress=progress)
+    # a random time window and crop per clip, drawn from the step's generator (see _batch)
+    try:
+        return VideoFolderDataset(args.data, spec, clip_start="random", crop=args.crop, on_bad=args.bad_data,
+                                  storyboards=args.storyboards, progress=progress)
+    except ValueError as e:
+        if "missing storyboard" in str(e) and args.storyboards == "required":
+            raise ValueError(f"{e}; --storyboards optional trains on videos without one (prompt 'a video')") from None
+        raise
 
 
 def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
     from pfp.data import collate
     idx = torch.randint(0, len(dataset), (batch_size,), generator=generator).tolist()
-    return collate([dataset[i] for i in idx])
+    get = getattr(dataset, "get", None)  # datasets with random windows and crops draw them from the generator
+    return collate([get(i, generator) if get is not None else dataset[i] for i in idx])
 
 
 class _StepBatches(torch.utils.data.IterableDataset):
@@ -268,7 +279,25 @@ def _lr_at(step: int, args: TrainArgs) -> float:
     return args.lr
 
 
-def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None) -> None:
+def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
+    if skip_prefix:
+        # start these modules afresh: e.g. finetuning without the pretrained compressor (Table 2's
+        # "Without Pretrain"), or a compressor of another kind or rate over a trained backbone
+        own = model.trainable_state_dict()
+        fresh = {k: v.clone() for k, v in own.items() if k.startswith(skip_prefix)}
+        if os.path.isdir(path):
+            path = resolve_checkpoint(path)
+            tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
+            if st.get("lora"):
+                raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
+        else:
+            tensors = read_weights(path)[0]
+        if not fresh and not any(k.startswith(skip_prefix) for k in tensors):
+            raise ValueError(f"--init-skip {skip_prefix!r} names no tensor of this model or of {path}")
+        kept = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
+                if not k.startswith(skip_prefix)}
+        load_state_checked(model, {**kept, **fresh}, path)
+        return
     if new_prefix:
         # modules added since the init file was written keep their fresh initialisation
         own = model.trainable_state_dict()
@@ -339,11 +368,17 @@ def check_train_args(args: TrainArgs) -> None:
     for flag, value, choices in (("--precision", args.precision, ("auto", "bf16", "fp32")),
                                  ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
                                  ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
-                                 ("--bad-data", args.bad_data, ("skip", "error"))):
+                                 ("--bad-data", args.bad_data, ("skip", "error")),
+                                 ("--crop", args.crop, ("random", "center")),
+                                 ("--storyboards", args.storyboards, ("required", "optional"))):
         if value not in choices:
             raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if args.device != "auto":
         check_device("--device", args.device)
+    if (args.init_new or args.init_skip) and not args.init:
+        raise UsageError(f"{'--init-new' if args.init_new else '--init-skip'} needs --init (the weights it applies to)")
+    if args.init_new and args.init_skip:
+        raise UsageError("give --init-new (tensors --init lacks) or --init-skip (tensors of --init to ignore), not both")
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
     from pfp.memory import PRESETS
@@ -496,7 +531,7 @@ def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Opti
     np.random.seed(args.seed % 2 ** 32)
     model = build_model(config)
     if args.init and resume_state is None:
-        _load_init(model, args.init, args.init_new)
+        _load_init(model, args.init, args.init_new, args.init_skip)
     rank_lora = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
     lora = rank_lora > 0
     if lora:
