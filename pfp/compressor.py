@@ -61,11 +61,17 @@ class Context:
         centre of the region each token covers; shared by the whole batch).
     mask: ``[B, N]`` bool, True where a token is real, or None when every token is real. Set when
         the samples of a batch have histories of different lengths (padded tokens are False).
+    order: ``[N]`` float32, non-decreasing: when each token becomes available, in backbone token
+        frames (a compressor's token is available once the last frame it reads has arrived). In
+        ``context_mode="cached"`` a context token attends to the context tokens whose order is at
+        most its own, so tokens that arrive later never change earlier ones and a cache can grow
+        chunk by chunk. None: ``positions[:, 0]`` (one compressor's tokens, ordered by time).
     """
 
     tokens: Tensor
     positions: Tensor
     mask: Optional[Tensor] = None
+    order: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.tokens.dim() != 3:
@@ -77,6 +83,12 @@ class Context:
                                       or self.mask.dtype != torch.bool):
             raise ValueError(f"Context.mask must be a bool [B, N]={tuple(self.tokens.shape[:2])} tensor, got "
                              f"{self.mask.dtype} {tuple(self.mask.shape)}")
+        if self.order is not None and tuple(self.order.shape) != (n,):
+            raise ValueError(f"Context.order must be [N={n}], got shape {tuple(self.order.shape)}")
+
+    def order_keys(self) -> Tensor:
+        """``[N]`` float32: :attr:`order`, or ``positions[:, 0]`` where it is None."""
+        return (self.order if self.order is not None else self.positions[:, 0]).float()
 
     @property
     def batch_size(self) -> int:
@@ -102,10 +114,14 @@ class Context:
 
 
 def mix_contexts(*contexts: Context) -> Context:
-    """Concatenate contexts (e.g. from a 4x4x2 and a 2x2x8 compressor) along the tokens.
+    """Join contexts (e.g. from a 4x4x2 and a 2x2x8 compressor, or a compressed history and a
+    sliding window of recent frames) into one.
 
-    Each keeps its own positions, which share the backbone's coordinates, so RoPE places every
-    token correctly. The result's mask is None unless some input has one.
+    Each token keeps its own position (they share the backbone's coordinates, so RoPE places every
+    token correctly). Tokens are merged in :meth:`Context.order_keys` order, stably (on ties the
+    earlier argument's tokens first), so in ``context_mode="cached"`` the joined context streams
+    exactly: tokens that arrive in a later chunk come after every token of earlier chunks. The
+    result's mask is None unless some input has one.
     """
     if len(contexts) == 1 and isinstance(contexts[0], (list, tuple)):
         contexts = tuple(contexts[0])
@@ -123,12 +139,19 @@ def mix_contexts(*contexts: Context) -> Context:
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"mix_contexts: context {i} is {t.dtype} on {t.device}, context 0 is "
                              f"{first.dtype} on {first.device}")
+    if len(contexts) == 1:
+        return contexts[0]
     tokens = torch.cat([c.tokens for c in contexts], dim=1)
     positions = torch.cat([c.positions for c in contexts], dim=0)
+    order = torch.cat([c.order_keys().to(positions.device) for c in contexts])
     mask = None
     if any(c.mask is not None for c in contexts):
         mask = torch.cat([c.valid_mask() for c in contexts], dim=1)
-    return Context(tokens, positions, mask)
+    if order.numel() > 1 and bool((order[1:] < order[:-1]).any()):
+        perm = torch.sort(order, stable=True).indices
+        tokens, positions, order = tokens[:, perm.to(tokens.device)], positions[perm], order[perm]
+        mask = mask[:, perm.to(mask.device)] if mask is not None else None
+    return Context(tokens, positions, mask, order)
 
 
 def _empty_context(batch: int, width: int, dtype: torch.dtype, device: torch.device) -> Context:
@@ -185,6 +208,10 @@ class MemoryCompressor(nn.Module):
             latent only sets the grid) or ``"large_patchify"`` (FramePack-style: one causal
             patchify conv of the HR latent, kernel = stride = the token's HR footprint, straight
             into ``inner_dim``; no LR branch).
+        lr_phase: which frame of each 1/rt interval the LR latents are taken from (``"start"`` or
+            ``"end"``, as the data's :class:`pfp.data.VideoSpec`). It changes no tensor, only when a
+            token is available (:attr:`Context.order`): with ``"end"`` the LR latent of token j
+            arrives ``rt - 1`` frames after its HR frames.
 
     ``compressor(hr_latent, lr_latent)`` compresses a whole history; ``compressor.stream(B)``
     returns a :class:`CompressorStream` that compresses it chunk by chunk with the same result.
@@ -192,11 +219,14 @@ class MemoryCompressor(nn.Module):
 
     def __init__(self, patch_embed: nn.Module, latent_channels: int, inner_dim: int,
                  rate: RateLike = "4x4x2", hidden: Sequence[int] = (64, 128, 256, 512), *,
-                 patch_size=None, impl: str = "auto", zero_init: bool = True, kind: str = "pfp"):
+                 patch_size=None, impl: str = "auto", zero_init: bool = True, kind: str = "pfp",
+                 lr_phase: str = "start"):
         super().__init__()
         if kind not in COMPRESSOR_KINDS:
             raise ValueError(f"compressor kind {kind!r} is not valid; choose one of: {', '.join(COMPRESSOR_KINDS)}")
-        self.kind = kind
+        if lr_phase not in ("start", "end"):
+            raise ValueError(f"lr_phase {lr_phase!r} is not valid; choose one of: start, end")
+        self.kind, self.lr_phase = kind, lr_phase
         if not isinstance(patch_embed, nn.Module):
             raise ValueError(f"patch_embed must be an nn.Module (the backbone's patchify), got {type(patch_embed).__name__}")
         if int(latent_channels) < 1 or int(inner_dim) < 1:
@@ -254,6 +284,14 @@ class MemoryCompressor(nn.Module):
     @property
     def uses_lr(self) -> bool:
         return self.kind in ("pfp", "only_lr")
+
+    def token_order(self, t_frames: int, h: int, w: int, t_start: int = 0, device=None) -> Tensor:
+        """:attr:`Context.order` of the tokens of ``t_frames`` token frames from token frame
+        ``t_start`` on a ``h x w`` grid: token frame j is available at backbone frame ``rt*j`` (its
+        last HR frame), or ``rt*j + rt - 1`` when its LR latent comes from the interval's end."""
+        lag = self.rate.t - 1 if self.uses_lr and self.lr_phase == "end" else 0
+        j = torch.arange(t_start, t_start + t_frames, dtype=torch.float32, device=device)
+        return (self.rate.t * j + lag).repeat_interleave(h * w)
 
     @property
     def hr_factors(self) -> tuple[int, int, int]:
@@ -424,7 +462,7 @@ class MemoryCompressor(nn.Module):
             real_t = -(-frames // self.rate.t)  # [B]
             token_t = torch.arange(gt, device=tokens.device).repeat_interleave(gh * gw)
             mask = token_t[None, :] < real_t[:, None]
-        return Context(tokens, positions, mask)
+        return Context(tokens, positions, mask, self.token_order(gt, gh, gw, device=tokens.device))
 
     def token_grid(self, hr_latent_thw: Sequence[int]) -> tuple[int, int, int]:
         """``(t, h, w)`` context grid for an HR latent of ``(T, H, W)``."""
@@ -520,7 +558,8 @@ class CompressorStream:
             self._chunks = [torch.cat(self._chunks, dim=1)]
         gh, gw = self._geometry[4:]
         positions = token_positions(c.rate, (self.num_emitted_frames, gh, gw), device=self._device)
-        return Context(self._chunks[0], positions)
+        return Context(self._chunks[0], positions, None,
+                       c.token_order(self.num_emitted_frames, gh, gw, device=self._device))
 
     def _check_chunk(self, x: Optional[Tensor], name: str) -> Optional[Tensor]:
         if x is None:
@@ -576,9 +615,10 @@ class CompressorStream:
         tokens = c._fuse(hr_use, lr_use)
         gh, gw = self._geometry[4:]
         positions = token_positions(c.rate, (n, gh, gw), t_start=self.num_emitted_frames, device=tokens.device)
+        order = c.token_order(n, gh, gw, t_start=self.num_emitted_frames, device=tokens.device)
         self.num_emitted_frames += n
         self._chunks.append(tokens)
-        return Context(tokens, positions)
+        return Context(tokens, positions, None, order)
 
     def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
         c = self.compressor

@@ -34,6 +34,7 @@ class PFPConfig:
     text: dict = field(default_factory=lambda: {"kind": "tiny", "dim": 64, "max_length": 24, "num_layers": 1})
     dit: dict = field(default_factory=lambda: {"kind": "tiny", "inner_dim": 128, "depth": 4, "num_heads": 4,
                                                "mlp_ratio": 3.0, "freq_dim": 64})
+    sliding_window: int = 0               # newest history latent frames also given uncompressed (PFP 3.4; 0: off)
     sample_shift: float = 3.0             # sampling timestep shift (Wan's flow shift)
     sample_eta: float = 0.0               # sampler stochasticity (pfp.sampler.sample; 0: Euler ODE)
     sample_cfg: float = 2.0               # classifier-free guidance scale (1: off)
@@ -186,6 +187,10 @@ class PFPConfig:
         if not (isinstance(self.sample_cfg_min_t, (int, float)) and 0.0 <= self.sample_cfg_min_t <= 1.0):
             raise ValueError(f"config sample_cfg_min_t {self.sample_cfg_min_t!r} is not valid; use a number in [0, 1] "
                              "(0: guidance at every step)")
+        if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) \
+                or not 0 <= self.sliding_window <= 1024:
+            raise ValueError(f"config sliding_window {self.sliding_window!r} is not valid; use an int in [0, 1024] "
+                             "(the newest history latent frames given uncompressed beside the context; 0: off)")
         r = parse_rate(self.rate)
         h, w = self.video_size
         tf = self.vae_temporal

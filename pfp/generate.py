@@ -204,6 +204,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     stream = compressor.stream(1)
     decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
     cache = None
+    window = config.sliding_window   # newest latent frames given uncompressed beside the context (pfp.window)
+    recent = None                    # those frames, [1, C, <= window, h, w]
+    context = None                   # what the next chunk is conditioned on
     chunk_seconds = config.chunk_frames / config.fps
     # every prompt is encoded once, up front, so the text encoder can leave the device after
     text_cache: dict = {}
@@ -238,7 +241,6 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             prompts.append(prompt)
             bar.set_description(f"chunk {k + 1}/{n_chunks}")
             text, text_mask = text_cache[prompt]
-            context = cache if backbone.context_mode == "cached" else stream.context
             t0 = _clock(device)
             _peak(device)
             if k < n_given:
@@ -268,6 +270,15 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 new = stream.append(x.to(compressor.dtype), lr.to(compressor.dtype))
                 if backbone.context_mode == "cached":                        # K/V of the new tokens only
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
+                context = cache if backbone.context_mode == "cached" else stream.context
+                if window:   # rebuilt each chunk over the compressed history; `cache` never holds it
+                    from pfp.window import window_context, with_window
+                    recent = x if recent is None else torch.cat([recent, x], dim=2)[:, :, -window:]
+                    win = window_context(backbone, recent, window, history_frames=(k + 1) * lat_shape[2])
+                    if backbone.context_mode == "cached":
+                        context = backbone.cache_context(win, cache, kv_storage=kv_storage)
+                    else:
+                        context = with_window(context, win)
             t3 = _clock(device)
             peaks["compress"] = _peak(device)   # with the low-res re-encode: the VAE encoder's peak
             row = {"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,

@@ -29,7 +29,8 @@ class PFPModel(nn.Module):
                              f"{self._vae.latent_channels}; config dit and vae do not fit together")
         self.compressor = MemoryCompressor(self.backbone.patch_embed, self.backbone.latent_channels,
                                            self.backbone.inner_dim, rate=config.rate,
-                                           hidden=tuple(config.compressor_hidden), kind=config.compressor_kind)
+                                           hidden=tuple(config.compressor_hidden), kind=config.compressor_kind,
+                                           lr_phase=config.lr_phase)
 
     def frozen_prefixes(self) -> tuple:
         """State-dict prefixes of the parts loaded from their own local paths and never trained (a

@@ -282,20 +282,29 @@ def test_bf16_runs_and_keeps_dtype():
 # ----------------------------------------------------------------------------------------------
 # mixing
 # ----------------------------------------------------------------------------------------------
-def test_mixing_two_compressors_concatenates_with_own_positions():
+def test_mixing_two_compressors_merges_by_arrival_with_own_positions():
     pe = nn.Conv3d(4, 24, (1, 2, 2), (1, 2, 2))
     a = pfp.MemoryCompressor(pe, 4, 24, "4x4x2", SMALL_HIDDEN, zero_init=False)
     b = pfp.MemoryCompressor(pe, 4, 24, "2x2x8", SMALL_HIDDEN, zero_init=False)
     hr = torch.randn(2, 4, 16, 16, 16)
     ca = a(hr, torch.randn(*a.expected_lr_shape(hr.shape)))
     cb = b(hr, torch.randn(*b.expected_lr_shape(hr.shape)), hr_frames=[16, 8])
+    # token frame j of a rate-t compressor is available at backbone frame t*j
+    assert torch.equal(ca.order, (2.0 * torch.arange(8)).repeat_interleave(2 * 2))
+    assert torch.equal(cb.order, (8.0 * torch.arange(2)).repeat_interleave(4 * 4))
     mixed = pfp.mix_contexts(ca, cb)
     assert mixed.num_tokens == ca.num_tokens + cb.num_tokens == 8 * 2 * 2 + 2 * 4 * 4
-    assert torch.equal(mixed.tokens[:, :ca.num_tokens], ca.tokens)
-    assert torch.equal(mixed.positions, torch.cat([ca.positions, cb.positions]))
-    assert mixed.mask is not None and mixed.mask[:, :ca.num_tokens].all()
-    assert torch.equal(mixed.mask[:, ca.num_tokens:], cb.mask)
+    # every token keeps its own position and mask bit; ties keep the argument order
+    perm = torch.sort(torch.cat([ca.order, cb.order]), stable=True).indices
+    assert torch.equal(mixed.tokens, torch.cat([ca.tokens, cb.tokens], 1)[:, perm])
+    assert torch.equal(mixed.positions, torch.cat([ca.positions, cb.positions])[perm])
+    assert torch.equal(mixed.mask, torch.cat([torch.ones_like(ca.tokens[..., 0], dtype=torch.bool), cb.mask], 1)[:, perm])
+    assert torch.equal(mixed.order[:4], ca.order[:4]) and torch.equal(mixed.order[4:20], cb.order[:16])
+    assert bool((mixed.order[1:] >= mixed.order[:-1]).all())
     assert pfp.mix_contexts([ca, ca]).mask is None
+    with pfp.compressor.torch.no_grad():
+        lr_end = pfp.MemoryCompressor(pe, 4, 24, "4x4x2", SMALL_HIDDEN, lr_phase="end")
+        assert torch.equal(lr_end(hr, torch.randn(*a.expected_lr_shape(hr.shape))).order, ca.order + 1)
     with pytest.raises(ValueError, match="batch size"):
         pfp.mix_contexts(ca, pfp.Context(ca.tokens[:1], ca.positions))
 

@@ -222,14 +222,14 @@ def _take_ctx(context, idx: Tensor, batch: int):
             pick = lambda ts: None if ts is None else [t[i] for t in ts]  # noqa: E731
             return ContextKV(pick(context.keys), pick(context.values), context.positions,
                              None if context.mask is None else context.mask[i],
-                             pick(context.key_scales), pick(context.value_scales))
+                             pick(context.key_scales), pick(context.value_scales), context.order)
         return context
     tokens = context.tokens
     if tokens.shape[0] == batch and batch > 1:
         from pfp.compressor import Context
         mask = getattr(context, "mask", None)
         i = idx.to(tokens.device)
-        return Context(tokens[i], context.positions, None if mask is None else mask[i])
+        return Context(tokens[i], context.positions, None if mask is None else mask[i], getattr(context, "order", None))
     return context
 
 

@@ -67,6 +67,8 @@ class ContextKV:
     key_scales, value_scales: with keys/values stored in float8 (:meth:`to_fp8`, half the bytes of
     bf16), fp32 ``[Bc, Nc, heads, 1]`` per layer, one per token and head; None when stored plain.
     Read a layer through :meth:`layer`, which upcasts one layer at a time.
+    order: ``[Nc]`` the tokens' :attr:`pfp.Context.order` keys (None: ``positions[:, 0]``); tokens
+    added by a later :meth:`WanStyleBackbone.cache_context` must not come before the cached ones.
     """
 
     keys: list
@@ -75,6 +77,10 @@ class ContextKV:
     mask: Optional[Tensor] = None
     key_scales: Optional[list] = None
     value_scales: Optional[list] = None
+    order: Optional[Tensor] = None
+
+    def order_keys(self) -> Tensor:
+        return context_order(self, self.positions.shape[0])
 
     @property
     def num_tokens(self) -> int:
@@ -102,7 +108,7 @@ class ContextKV:
         kq = [_quantize_fp8(k) for k in self.keys]
         vq = [_quantize_fp8(v) for v in self.values]
         return ContextKV([k for k, _ in kq], [v for v, _ in vq], self.positions, self.mask,
-                         [s for _, s in kq], [s for _, s in vq])
+                         [s for _, s in kq], [s for _, s in vq], self.order)
 
     def nbytes(self) -> int:
         """Bytes held by the K/V (and scales) of every layer."""
@@ -114,6 +120,16 @@ def check_context_mode(mode: str) -> str:
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {mode!r}")
     return mode
+
+
+def context_order(context, n: int) -> Tensor:
+    """``[n]`` float32 order keys of a Context (:attr:`pfp.Context.order`, else its times)."""
+    order = getattr(context, "order", None)
+    if order is None:
+        return _host(lambda p: p[:, 0].float(), context.positions)
+    if tuple(order.shape) != (n,):
+        raise ValueError(f"Context.order must be [{n}], got {tuple(order.shape)}")
+    return _host(lambda o: o.float(), order)
 
 
 def context_parts(context) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
@@ -193,8 +209,9 @@ def _modulation(scale_shift_table: Tensor, mod: Tensor):
 
 def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames,
                               mask: Optional[Tensor] = None) -> Tensor:
-    """Context self-attention, causal over context token frames: a token of frame j sees every
-    context token of frames <= j. qc holds the new tokens, which start at ``offset`` in k_all.
+    """Context self-attention, causal over context token frames (runs of equal
+    :attr:`pfp.Context.order`): a token of frame j sees every context token of frames <= j. qc
+    holds the new tokens, which start at ``offset`` in k_all.
 
     New tokens after a cache (generation) go frame by frame through joint_attention (cached K/V
     as its context segment); a whole context at once uses one SDPA call with a block-causal mask.
@@ -476,7 +493,10 @@ class WanStyleBackbone(nn.Module):
                               new_mask if new_mask is not None else ones(hc.shape[1])], dim=1)
         rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
         mod_c = self._context_modulation(hc)
-        frames = _frame_runs(pos_c)
+        order = context_order(context, hc.shape[1])
+        frames = _frame_runs(order)
+        if cache is not None and cache.num_tokens:
+            _check_after(cache.order_keys(), order)
         fp8 = kv_storage == "fp8" or (cache is not None and cache.is_fp8)
         n_old = cache.num_tokens if cache is not None else 0
         keys, values, k_scales, v_scales = [], [], [], []
@@ -500,7 +520,9 @@ class WanStyleBackbone(nn.Module):
             keys.append(k)
             values.append(v)
         pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
-        return ContextKV(keys, values, pos_all, mask, k_scales if fp8 else None, v_scales if fp8 else None)
+        order_all = order if cache is None else _host(lambda o: torch.cat([o, order.to(o.device)]), cache.order_keys())
+        return ContextKV(keys, values, pos_all, mask, k_scales if fp8 else None, v_scales if fp8 else None,
+                         order_all)
 
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
@@ -561,7 +583,8 @@ class WanStyleBackbone(nn.Module):
                     ctx_mask = ctx_mask.expand(b, -1) if ctx_mask is not None else None
                 rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
                 mod_c = self._context_modulation(x)
-                frames = _frame_runs(pos_c)
+                # joint mode: every context token attends to all, so the order never matters there
+                frames = None if joint else _frame_runs(context_order(context, hc.shape[1]))
 
         cross_mask = text_mask if self.mask_text_padding else None
         sp = self.sequence_parallel
@@ -592,21 +615,36 @@ class WanStyleBackbone(nn.Module):
         return out
 
 
-def _frame_runs(positions: Tensor) -> list:
-    """(start, end) of each run of context tokens sharing a token-frame time (positions ordered in t).
-
-    Positions are host-side structure, read eagerly: a real positions tensor is read even while a
-    FakeTensorMode traces the rest (pfp.memory traces full-size models that way)."""
+def _host(fn, t: Tensor):
+    """``fn(t)`` on a real tensor even while a FakeTensorMode traces the rest: orders and positions
+    are host-side structure (pfp.memory traces full-size models that way)."""
     from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
-    if not is_fake(positions):
+    if not is_fake(t):
         with unset_fake_temporarily():
-            return _runs_of(positions[:, 0])
-    return _runs_of(positions[:, 0])
+            return fn(t)
+    return fn(t)
+
+
+def _frame_runs(order: Tensor) -> list:
+    """(start, end) of each run of context tokens sharing an order key (:attr:`pfp.Context.order`)."""
+    return _host(_runs_of, order)
+
+
+def _check_after(cached: Tensor, new: Tensor) -> None:
+    """New context tokens may not come before cached ones: their K/V would be missing from the
+    cached tokens' attention."""
+    def check(c):
+        if c.numel() and new.numel() and float(new.min()) < float(c.max()):
+            raise ValueError(f"new context tokens (order from {float(new.min()):g}) come before cached ones (order up to "
+                             f"{float(c.max()):g}); a cache grows only with tokens that arrive later: mix such "
+                             f"contexts before caching them (pfp.mix_contexts)")
+    _host(check, cached)
 
 
 def _runs_of(t: Tensor) -> list:
     if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
-        raise ValueError("context tokens must be ordered by time (Context.positions[:, 0] non-decreasing)")
+        raise ValueError("context tokens must be ordered (Context.order, else Context.positions[:, 0], "
+                         "non-decreasing); pfp.mix_contexts orders joined contexts")
     change = torch.nonzero(t[1:] != t[:-1]).flatten().tolist()
     bounds = [0] + [c + 1 for c in change] + [t.numel()]
     return list(zip(bounds[:-1], bounds[1:]))

@@ -138,6 +138,14 @@ def _compress(model, hr: Tensor, lr: Tensor, dtype):
         return model.compressor(hr.to(dtype), lr.to(dtype))
 
 
+def _with_window(model, backbone, ctx, hist: Tensor, dtype):
+    """The compressed history joined with its newest ``config.sliding_window`` latent frames,
+    uncompressed (:mod:`pfp.window`); outside autocast, like the compressor."""
+    from pfp.window import window_context, with_window
+    with torch.autocast(device_type=hist.device.type, enabled=False):
+        return with_window(ctx, window_context(backbone, hist.to(dtype), model.config.sliding_window))
+
+
 def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
                   device, compute_dtype=torch.float32) -> Tensor:
     """Frame retrieval (PFP 2.1 / 3.1).
@@ -223,6 +231,8 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
             lr_hist = flow_pair(lr_hist, u, torch.randn(lr_hist.shape, generator=generator).to(lr_hist))[0]
         ctx = _compress(model, hist, lr_hist, compute_dtype)
+        if model.config.sliding_window:
+            ctx = _with_window(model, backbone, ctx, hist, compute_dtype)
     ts = training_timesteps(b, generator, cfg).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
@@ -259,6 +269,8 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
     real = hist[:, :, j * lc:]
     with torch.no_grad():
         ctx = _compress(model, hist[:, :, : j * lc], _lr_prefix(lr, j * lc, rt), compute_dtype) if j > 0 else None
+        if j > 0 and model.config.sliding_window:
+            ctx = _with_window(model, backbone, ctx, hist[:, :, : j * lc], compute_dtype)
         ts = u.to(hist.device)
         xu = flow_pair(real, ts, noise.to(real))[0]
         when = _latent_time(model, batch, j * lc)
