@@ -27,6 +27,9 @@ class PFPConfig:
     rate: str = "2x2x2"                   # compression rate on top of the backbone's token grid
     compressor_hidden: tuple = (32, 64, 128)
     compressor_kind: str = "pfp"          # pfp | only_lr | without_lr | large_patchify (the paper's Table 1)
+    # more compressors whose contexts join the first one's (PFP 3.4, e.g. 4x4x2 + 2x2x8): a list of
+    # {"rate": "2x2x8", "kind": "pfp" (default), "hidden": [...] (default compressor_hidden)}
+    mix_compressors: list = field(default_factory=list)
     context_mode: str = "cached"
     lr_phase: str = "start"               # which frame of each 1/rt interval the low-res branch sees
     vae: dict = field(default_factory=lambda: {"kind": "patch", "spatial_factor": 4, "temporal_factor": 1,
@@ -45,7 +48,19 @@ class PFPConfig:
         d = asdict(self)
         d["video_size"] = list(self.video_size)
         d["compressor_hidden"] = list(self.compressor_hidden)
+        d["mix_compressors"] = [dict(m) for m in self.mix_compressors]
         return d
+
+    def branch_configs(self) -> list:
+        """One config per compressor: this one, then one per :attr:`mix_compressors` entry (its
+        rate, kind and widths in place of this one's). Each gives its compressor's data shapes
+        (:meth:`video_spec`: the low-res branch's size and frame rate follow the rate)."""
+        from dataclasses import replace
+        out = [self]
+        for m in self.mix_compressors:
+            out.append(replace(self, rate=m["rate"], compressor_kind=m.get("kind", "pfp"),
+                               compressor_hidden=tuple(m.get("hidden", self.compressor_hidden)), mix_compressors=[]))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "PFPConfig":
@@ -191,6 +206,26 @@ class PFPConfig:
                 or not 0 <= self.sliding_window <= 1024:
             raise ValueError(f"config sliding_window {self.sliding_window!r} is not valid; use an int in [0, 1024] "
                              "(the newest history latent frames given uncompressed beside the context; 0: off)")
+        if not isinstance(self.mix_compressors, (list, tuple)):
+            raise ValueError(f"config mix_compressors must be a list of {{rate, kind, hidden}} objects, got "
+                             f"{type(self.mix_compressors).__name__}")
+        for i, m in enumerate(self.mix_compressors):
+            where = f"config mix_compressors[{i}]"
+            if not isinstance(m, dict) or "rate" not in m or set(m) - {"rate", "kind", "hidden"}:
+                raise ValueError(f"{where} must be an object with 'rate' and optionally 'kind' and 'hidden', got {m!r}")
+            if m.get("kind", "pfp") not in COMPRESSOR_KINDS:
+                raise ValueError(f"{where}: kind {m.get('kind')!r} is not valid; choose one of: "
+                                 f"{', '.join(COMPRESSOR_KINDS)}")
+            hidden = m.get("hidden", self.compressor_hidden)
+            if not isinstance(hidden, (list, tuple)) or not hidden or not all(
+                    isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in hidden):
+                raise ValueError(f"{where}: hidden must be a list of positive ints, got {hidden!r}")
+        if self.mix_compressors:
+            for i, branch in enumerate(self.branch_configs()[1:]):
+                try:
+                    branch.check()
+                except ValueError as e:
+                    raise ValueError(f"config mix_compressors[{i}] (rate {branch.rate}): {e}") from None
         r = parse_rate(self.rate)
         h, w = self.video_size
         tf = self.vae_temporal

@@ -68,8 +68,8 @@ def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequenc
     vae, backbone = model.vae, model.backbone
     device = next(backbone.parameters()).device
     hr = vae.encode(hr_video.to(device))
-    lr = vae.encode(lr_video.to(device))
-    ctx = model.compressor(hr, lr)
+    lrs = [vae.encode(v.to(device)) for v in model.low_res_videos(hr_video, lr_video)]  # one per compressor
+    ctx = model.compress(hr, lrs)
     context = backbone.cache_context(ctx) if backbone.context_mode == "cached" else ctx
     idx = torch.as_tensor(list(frames), dtype=torch.long)
     if idx.numel() == 0 or idx.min() < 0 or idx.max() >= hr.shape[2]:
@@ -237,7 +237,7 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
         latent_frames = n_chunks * config.chunk_latent_frames
         h, w = config.video_size
         s = config.vae_spatial
-        tokens = math.prod(model.compressor.token_grid((latent_frames, h // s, w // s)))
+        tokens = sum(math.prod(c.token_grid((latent_frames, h // s, w // s))) for c in model.compressors)
         clips = [(i, start) for i in range(len(dataset)) for start in dataset.spread_starts(i, clips_per_video)]
         scores = []
         for j, (i, start) in enumerate(tqdm(clips, desc=os.path.basename(str(path)), disable=not progress,
@@ -250,7 +250,7 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
             m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
                                   item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
             scores.append((m["psnr"], m["ssim"]))
-        rows.append({"checkpoint": str(path), "variant": config.compressor_kind, "rate": config.rate,
+        rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "context_tokens": tokens, "psnr": sum(p for p, _ in scores) / len(scores),
                      "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,
                      "videos": len(dataset), "clips": len(scores), "frames_per_video": min(frames, latent_frames)})
@@ -295,10 +295,20 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
             if returns:
                 scores.append(return_consistency(out.video, returns))
                 n_returns += len(returns)
-        rows.append({"checkpoint": str(path), "variant": config.compressor_kind, "rate": config.rate,
+        rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "consistency_psnr": sum(scores) / len(scores) if scores else None,
                      "videos_scored": len(scores), "returns": n_returns})
     return rows
+
+
+def _variant(config) -> str:
+    """The compressor kind(s), ``+``-joined when several are mixed (``pfp+pfp``)."""
+    return "+".join(c.compressor_kind for c in config.branch_configs())
+
+
+def _rates(config) -> str:
+    """The compression rate(s), ``+``-joined when several are mixed (``4x4x2+2x2x8``)."""
+    return "+".join(c.rate for c in config.branch_configs())
 
 
 def _lpips_cell(value: Optional[float]) -> str:

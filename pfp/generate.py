@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from pfp.compressor import Context, mix_contexts
 from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
 
 BUILTIN_STORYBOARD = [
@@ -52,6 +53,7 @@ class GenerationResult:
     context_cache: object = None              # final ContextKV (cached mode)
     plan: Optional[dict] = None               # the memory plan's choices that ran (None: all on the device)
     bytes_moved: int = 0                      # host-to-device bytes the plan's moves cost
+    mix_lr_latents: list = field(default_factory=list)  # config.mix_compressors: what each one's low-res branch was fed
 
 
 def chunk_plan(config, seconds: float) -> int:
@@ -193,7 +195,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     kv_storage = placement.choices["kv"] if placement is not None else "native"
     s = vae.spatial_factor
     lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
-    spec = config.clip_spec(n_chunks, (h, w))       # the whole video, as training would feed it
+    # the whole video, as training would feed it: one low-res input per compressor (config.mix_compressors)
+    specs = [c.clip_spec(n_chunks, (h, w)) for c in config.branch_configs()]
     history, n_given = _given_chunks(history, lat_shape, n_chunks, device)
     shift = config.sample_shift if shift is None else shift
     eta = config.sample_eta if eta is None else eta
@@ -201,8 +204,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     cfg_min_t = config.sample_cfg_min_t if cfg_min_t is None else cfg_min_t
     cfg_2 = config.sample_cfg_2 if cfg_2 is None else cfg_2
     generator = torch.Generator().manual_seed(int(seed))
-    stream = compressor.stream(1)
-    decoder, lr_encoder = decode_stream(vae), encode_stream(vae)
+    streams = [c.stream(1) for c in model.compressors]
+    decoder, lr_encoders = decode_stream(vae), [encode_stream(vae) for _ in streams]
     cache = None
     window = config.sliding_window   # newest latent frames given uncompressed beside the context (pfp.window)
     recent = None                    # those frames, [1, C, <= window, h, w]
@@ -227,7 +230,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             first_frame = vae.encode(image[None, :, None].to(device=device, dtype=torch.float32).clamp(-1, 1))
     in_transformer = placement.transformer if placement is not None else nullcontext
     in_decode = placement.decode if placement is not None else nullcontext
-    prompts, timings, videos, latents, lr_latents = [], [], [], [], []
+    prompts, timings, videos, latents, lr_latents = [], [], [], [], [[] for _ in streams]
     frames_done = 0
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     if sequence_parallel is not None:
@@ -262,15 +265,16 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 frames = decoder.decode(x).clamp(-1, 1)                       # [1, 3, F, H, W]
                 t2 = _clock(device)
                 peaks["decode"] = _peak(device)
-                lr_video = to_low_res_part(frames, spec, start=frames_done)   # low res, low fps
-                lr = lr_encoder.encode(lr_video)                              # re-encoded (causally)
+                # low res, low fps, re-encoded causally: for each compressor at its own rate
+                lrs = [enc.encode(to_low_res_part(frames, sp, start=frames_done)) for enc, sp in zip(lr_encoders, specs)]
             frames_done += frames.shape[2]
             with in_transformer():
                 # only this chunk is compressed, in the compressor's dtype (the sampler's latents are fp32)
-                new = stream.append(x.to(compressor.dtype), lr.to(compressor.dtype))
+                new = mix_contexts([st.append(x.to(compressor.dtype), lr.to(compressor.dtype))
+                                    for st, lr in zip(streams, lrs)])
                 if backbone.context_mode == "cached":                        # K/V of the new tokens only
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
-                context = cache if backbone.context_mode == "cached" else stream.context
+                context = cache if backbone.context_mode == "cached" else _stream_context(streams)
                 if window:   # rebuilt each chunk over the compressed history; `cache` never holds it
                     from pfp.window import window_context, with_window
                     recent = x if recent is None else torch.cat([recent, x], dim=2)[:, :, -window:]
@@ -282,13 +286,14 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             t3 = _clock(device)
             peaks["compress"] = _peak(device)   # with the low-res re-encode: the VAE encoder's peak
             row = {"chunk": k, "denoise_s": t1 - t0, "decode_s": t2 - t1, "compress_s": t3 - t2,
-                   "context_tokens": stream.num_tokens}
+                   "context_tokens": sum(st.num_tokens for st in streams)}
             if device.type == "cuda":  # each phase's peak of allocated device memory
                 row.update({f"{name}_peak_bytes": v for name, v in peaks.items()})
             timings.append(row)
             videos.append(frames[0].float().cpu())
             latents.append(x.cpu())
-            lr_latents.append(lr.cpu())
+            for kept, lr in zip(lr_latents, lrs):
+                kept.append(lr.cpu())
     finally:
         frozen.close()
         bar.close()
@@ -296,9 +301,15 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             backbone.set_sequence_parallel(None)
         if placement is not None:
             placement.close()
-    return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), torch.cat(lr_latents, dim=2),
-                            stream.context, prompts, timings, cache, choices,
-                            placement.bytes_moved if placement is not None else 0)
+    lr_all = [torch.cat(kept, dim=2) for kept in lr_latents]
+    return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), lr_all[0],
+                            _stream_context(streams), prompts, timings, cache, choices,
+                            placement.bytes_moved if placement is not None else 0, lr_all[1:])
+
+
+def _stream_context(streams) -> "Context":
+    """Every token the compressor streams emitted so far, as one context (merged by arrival)."""
+    return mix_contexts([st.context for st in streams])
 
 
 # ------------------------------------------------------------------------------------------------

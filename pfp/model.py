@@ -27,10 +27,39 @@ class PFPModel(nn.Module):
         if self.backbone.latent_channels != self._vae.latent_channels:
             raise ValueError(f"the backbone takes {self.backbone.latent_channels} latent channels but the VAE makes "
                              f"{self._vae.latent_channels}; config dit and vae do not fit together")
-        self.compressor = MemoryCompressor(self.backbone.patch_embed, self.backbone.latent_channels,
-                                           self.backbone.inner_dim, rate=config.rate,
-                                           hidden=tuple(config.compressor_hidden), kind=config.compressor_kind,
-                                           lr_phase=config.lr_phase)
+        branches = [MemoryCompressor(self.backbone.patch_embed, self.backbone.latent_channels,
+                                     self.backbone.inner_dim, rate=c.rate, hidden=tuple(c.compressor_hidden),
+                                     kind=c.compressor_kind, lr_phase=c.lr_phase)
+                    for c in config.branch_configs()]
+        self.compressor = branches[0]
+        # config.mix_compressors: more compressors, each with its own low-res input, whose contexts
+        # join the first one's (pfp.mix_contexts); empty for one compressor
+        self.mix = nn.ModuleList(branches[1:])
+
+    @property
+    def compressors(self) -> list:
+        """Every compressor: :attr:`compressor`, then those of ``config.mix_compressors``."""
+        return [self.compressor, *self.mix]
+
+    def low_res_videos(self, hr_video, lr_video=None) -> list:
+        """The low-res branch input of every compressor for a clip ``[..., 3, T, H, W]`` (what
+        :func:`pfp.data.to_low_res` makes of it at each compressor's rate); ``lr_video``, when
+        given, is the first one's (the dataset's ``"lr"``)."""
+        from pfp.data import to_low_res
+        frames = hr_video.shape[-3]
+        size = tuple(hr_video.shape[-2:])
+        return [lr_video if i == 0 and lr_video is not None else to_low_res(hr_video, c.video_spec(frames, size))
+                for i, c in enumerate(self.config.branch_configs())]
+
+    def compress(self, hr_latent, lr_latents, hr_frames=None):
+        """The context of a whole history from every compressor: ``lr_latents`` holds one low-res
+        latent per compressor (:attr:`compressors` order); one compressor's context as it is, several
+        joined by :func:`pfp.mix_contexts`."""
+        from pfp.compressor import mix_contexts
+        comps = self.compressors
+        if len(lr_latents) != len(comps):
+            raise ValueError(f"compress needs one low-res latent per compressor ({len(comps)}), got {len(lr_latents)}")
+        return mix_contexts([c(hr_latent, lr, hr_frames) for c, lr in zip(comps, lr_latents)])
 
     def frozen_prefixes(self) -> tuple:
         """State-dict prefixes of the parts loaded from their own local paths and never trained (a
@@ -69,6 +98,8 @@ class PFPModel(nn.Module):
 
     def is_saved_key(self, key: str) -> bool:
         """Whether a state-dict key belongs in weights files and checkpoints."""
+        if key.startswith("mix.") and ".patch_embed." in key:   # the shared patch embedding, stored once
+            return False
         return not key.startswith(("compressor.patch_embed.", *self.frozen_prefixes()))
 
 

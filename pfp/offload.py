@@ -223,7 +223,7 @@ class Placement:
         # the backbone less its blocks (embeddings, head), with the compressor's own layers (it
         # shares the patch embedding): all of it runs in the transformer phase
         self._backbone = _HostCopy(_tensors_of([backbone], exclude=block_tensors + in_experts)
-                                   + _tensors_of([model.compressor], exclude=backbone_tensors), self.device, park_to)
+                                   + _tensors_of(model.compressors, exclude=backbone_tensors), self.device, park_to)
         self._blocks = (None if offload_blocks or self._experts else
                         _HostCopy(block_tensors, self.device, park_to))
         self.blocks = (BlockOffload(blocks, self.device, park_to, getattr(backbone, "block_groups", None))

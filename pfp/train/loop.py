@@ -202,9 +202,10 @@ def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
         for p in model.backbone.parameters():
             p.requires_grad_(True)
     if not (args.mode == "finetune" and args.freeze_compressor):
-        for n, p in model.compressor.named_parameters():
-            if not n.startswith("patch_embed."):
-                p.requires_grad_(True)
+        for comp in model.compressors:
+            for n, p in comp.named_parameters():
+                if not n.startswith("patch_embed."):
+                    p.requires_grad_(True)
 
 
 def _plain_backbone(backbone):
@@ -316,7 +317,7 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, ski
         tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
-        load_state_checked(model, {k: v for k, v in tensors.items() if not k.startswith("compressor.patch_embed.")}, path)
+        load_state_checked(model, {k: v for k, v in tensors.items() if model.is_saved_key(k)}, path)
     else:
         tensors, file_cfg = read_weights(path)
         if file_cfg is not None and file_cfg.compressor_kind != model.config.compressor_kind:

@@ -130,12 +130,23 @@ def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor
     return hr, lr
 
 
-def _compress(model, hr: Tensor, lr: Tensor, dtype):
-    """The compressor runs outside autocast: its pfp_kernels convs take the parameters' dtype, while
-    autocast would turn only the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under
-    autocast, casts the context tokens where it uses them."""
+def encode_low_res(model, batch: dict, lr: Tensor, device, dtype=torch.float32) -> list:
+    """The LR latents of every compressor (:attr:`pfp.model.PFPModel.compressors`): ``lr`` (the
+    batch's own, the first compressor's), then each mixed compressor's, made from the batch's HR
+    video at its rate."""
+    if not len(model.mix):
+        return [lr]
+    videos = model.low_res_videos(batch["hr"].to(device=device, dtype=dtype), batch["lr"])
+    return [lr] + [model.vae.encode(v.to(device=device, dtype=dtype)) for v in videos[1:]]
+
+
+def _compress(model, hr: Tensor, lrs, dtype):
+    """The context of every compressor (``lrs``: one LR latent each). The compressors run outside
+    autocast: their pfp_kernels convs take the parameters' dtype, while autocast would turn only
+    the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under autocast, casts the
+    context tokens where it uses them."""
     with torch.autocast(device_type=hr.device.type, enabled=False):
-        return model.compressor(hr.to(dtype), lr.to(dtype))
+        return model.compress(hr.to(dtype), [lr.to(dtype) for lr in lrs])
 
 
 def _with_window(model, backbone, ctx, hist: Tensor, dtype):
@@ -158,22 +169,23 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
        denoised conditioned on the context: flow-matching loss on them.
     """
     hr, lr = encode_clip(model, batch, device)
+    lrs = encode_low_res(model, batch, lr, device)
     b, c, t, h, w = hr.shape
-    rt = model.compressor.rate.t
     omega = random_omega(t, b, cfg.max_retrieve, generator)                       # [B, k]
     keep = torch.zeros(b, t, dtype=torch.bool).scatter_(1, omega, True)
     level = shifted_logit_normal((b, t), generator, cfg.mask_mean, cfg.mask_std, cfg.mask_shift)
     level = torch.where(keep, torch.zeros_like(level), level)
-    # a low-res frame j covers HR frames j*rt .. j*rt+rt-1: its level is the least masked of them
-    tl = lr.shape[2]
-    pad = tl * rt - t
-    lr_level = F.pad(level, (0, pad), value=1.0).view(b, tl, rt).min(dim=2).values
     hr_noise = torch.randn(hr.shape, generator=generator).to(hr)
-    lr_noise = torch.randn(lr.shape, generator=generator).to(lr)
+    lr_masked = []
+    for i, (comp, lr) in enumerate(zip(model.compressors, lrs)):
+        # a low-res frame j covers HR frames j*rt .. j*rt+rt-1: its level is the least masked of them
+        rt, tl = comp.rate.t, lr.shape[2]
+        lr_level = F.pad(level, (0, tl * rt - t), value=1.0).view(b, tl, rt).min(dim=2).values
+        lr_noise = torch.randn(lr.shape, generator=generator).to(lr)
+        llv = lr_level.to(lr).view(b, 1, tl, 1, 1)
+        lr_masked.append((1 - llv) * lr + llv * lr_noise)
     lv = level.to(hr).view(b, 1, t, 1, 1)
-    llv = lr_level.to(lr).view(b, 1, tl, 1, 1)
     hr_masked = (1 - lv) * hr + lv * hr_noise
-    lr_masked = (1 - llv) * lr + llv * lr_noise
 
     x0 = torch.gather(hr, 2, omega.to(hr.device).view(b, 1, -1, 1, 1).expand(b, c, -1, h, w))
     ts = training_timesteps(b, generator, cfg).to(device)
@@ -209,6 +221,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     the errors the model really makes, where Gaussian noise is only a stand-in for them.
     """
     hr, lr = encode_clip(model, batch, device)
+    lrs = encode_low_res(model, batch, lr, device)
     b, c, t, h, w = hr.shape
     lc = chunk_latent_frames
     n_max = t // lc - 1
@@ -220,16 +233,15 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     x0 = hr[:, :, n * lc:(n + 1) * lc]
     ctx = None
     if n > 0:
-        rt = model.compressor.rate.t
         hist = hr[:, :, : n * lc]
-        lr_hist = _lr_prefix(lr, n * lc, rt)
+        lr_hist = [_lr_prefix(lr, n * lc, comp.rate.t) for comp, lr in zip(model.compressors, lrs)]
         if cfg.self_history > 0:
-            hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lr, batch, lc, generator, cfg,
+            hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lrs, batch, lc, generator, cfg,
                                           compute_dtype)
         if cfg.history_noise > 0:
             u = cfg.history_noise * torch.rand(b, generator=generator)
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
-            lr_hist = flow_pair(lr_hist, u, torch.randn(lr_hist.shape, generator=generator).to(lr_hist))[0]
+            lr_hist = [flow_pair(x, u, torch.randn(x.shape, generator=generator).to(x))[0] for x in lr_hist]
         ctx = _compress(model, hist, lr_hist, compute_dtype)
         if model.config.sliding_window:
             ctx = _with_window(model, backbone, ctx, hist, compute_dtype)
@@ -242,10 +254,10 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
-def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, batch: dict, lc: int,
-                  generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype) -> tuple[Tensor, Tensor]:
-    """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents, the
-    start of the clip's ``lr``) where for a random subset of the samples (each with probability
+def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch: dict, lc: int,
+                  generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype) -> tuple[Tensor, list]:
+    """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents per
+    compressor, the starts of the clip's ``lrs``) where for a random subset of the samples (each with probability
     ``cfg.self_history``) the newest chunk is the model's own one-step clean estimate of it: the
     real chunk noised to a level ``u ~ U(cfg.self_history_t)``, denoised once given its own real
     history and prompt, without gradients.
@@ -259,7 +271,6 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
     :func:`pfp.data.to_low_res_part` and re-encoded."""
     from pfp.data import to_low_res_part
     b, j = hist.shape[0], hist.shape[2] // lc - 1          # j: the newest chunk
-    rt = model.compressor.rate.t
     pick = torch.rand(b, generator=generator) < cfg.self_history
     lo, hi = cfg.self_history_t
     u = lo + (hi - lo) * torch.rand(b, generator=generator)
@@ -268,7 +279,8 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
         return hist, lr_hist
     real = hist[:, :, j * lc:]
     with torch.no_grad():
-        ctx = _compress(model, hist[:, :, : j * lc], _lr_prefix(lr, j * lc, rt), compute_dtype) if j > 0 else None
+        ctx = _compress(model, hist[:, :, : j * lc], [_lr_prefix(lr, j * lc, comp.rate.t) for comp, lr
+                                                      in zip(model.compressors, lrs)], compute_dtype) if j > 0 else None
         if j > 0 and model.config.sliding_window:
             ctx = _with_window(model, backbone, ctx, hist[:, :, : j * lc], compute_dtype)
         ts = u.to(hist.device)
@@ -280,12 +292,15 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: Tensor, lr: Tensor, ba
         sel = pick.to(hist.device).view(b, 1, 1, 1, 1)
         hist = torch.cat([hist[:, :, : j * lc], torch.where(sel, estimate, real)], dim=2)
         frames = model.vae.decode(hist.float()).clamp(-1, 1)
-        spec = model.config.video_spec(batch["hr"].shape[2])
-        lr_new = model.vae.encode(to_low_res_part(frames, spec, start=0)).to(lr_hist.dtype)
-    if lr_new.shape != lr_hist.shape:
-        raise RuntimeError(f"self-history: the re-encoded LR history has shape {tuple(lr_new.shape)}, "
-                           f"the clip's {tuple(lr_hist.shape)}")
-    return hist, torch.where(sel, lr_new, lr_hist)
+        out = []
+        for branch, old in zip(model.config.branch_configs(), lr_hist):
+            spec = branch.video_spec(batch["hr"].shape[2])
+            lr_new = model.vae.encode(to_low_res_part(frames, spec, start=0)).to(old.dtype)
+            if lr_new.shape != old.shape:
+                raise RuntimeError(f"self-history: the re-encoded LR history has shape {tuple(lr_new.shape)}, "
+                                   f"the clip's {tuple(old.shape)}")
+            out.append(torch.where(sel, lr_new, old))
+    return hist, out
 
 
 __all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega",

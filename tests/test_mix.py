@@ -1,0 +1,128 @@
+"""Several compressors in one model (PFP 3.4, config mix_compressors): each with its own low-res
+input, their contexts merged by arrival. Streamed chunk by chunk it must equal one call over the
+whole history, in both context modes, with and without a sliding window."""
+import dataclasses
+
+import pytest
+import torch
+
+from pfp.config import PFPConfig
+from pfp.model import build_model
+from pfp.text import Storyboard
+from pfp.window import window_context, with_window
+
+from _tiny_pfp import tiny_config, write_config
+
+MIX = [{"rate": "2x2x4"}, {"rate": "4x4x2", "kind": "without_lr", "hidden": [8, 8]}]
+
+
+def _model(mode: str, window: int = 0):
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_config(mode), mix_compressors=MIX, sliding_window=window)).eval()
+    with torch.no_grad():   # no zero-initialised branch: every compressor must matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_mixed_config_builds_one_compressor_per_entry_and_saves_the_shared_patch_once(tmp_path):
+    model = _model("cached")
+    comps = model.compressors
+    assert [c.rate.t for c in comps] == [2, 4, 2] and [c.kind for c in comps] == ["pfp", "pfp", "without_lr"]
+    assert all(c.patch_embed is model.backbone.patch_embed for c in comps)
+    keys = model.trainable_state_dict()
+    assert any(k.startswith("mix.1.stages.") for k in keys) and not any(".patch_embed." in k for k in keys
+                                                                        if k.startswith("mix."))
+    from pfp.weights import load_weights, save_weights
+    save_weights(model, str(tmp_path / "w.safetensors"))
+    again = load_weights(str(tmp_path / "w.safetensors"))
+    assert again.config.mix_compressors == MIX
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(again.trainable_state_dict()[k], v), k
+    # the same file refuses a model without the mix (the extra compressors' tensors are named)
+    with pytest.raises(ValueError, match="mix.0"):
+        load_weights(str(tmp_path / "w.safetensors"), config=tiny_config())
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"kind": "pfp"}, "must be an object with 'rate'"),
+    ({"rate": "2x2x4", "width": 3}, "must be an object with 'rate'"),
+    ({"rate": "2x2x4", "kind": "tiny"}, "kind 'tiny' is not valid"),
+    ({"rate": "2x2x4", "hidden": [0]}, "hidden must be a list of positive ints"),
+    ({"rate": "2x2x8"}, r"mix_compressors\[0\] \(rate 2x2x8\): config chunk_frames=4 is not a multiple of 8"),
+])
+def test_bad_mix_entries_are_named(entry, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(tiny_config(), mix_compressors=[entry]).check()
+    with pytest.raises(ValueError, match="must be a list"):
+        dataclasses.replace(tiny_config(), mix_compressors={"rate": "2x2x4"}).check()
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+@pytest.mark.parametrize("window", [0, 3])
+def test_generate_streams_mixed_compressors_exactly(mode, window, monkeypatch):
+    """Each chunk's context as generate streams it equals one call over the latents before it:
+    every compressor over the whole history (with its own low-res latents, as training makes them),
+    merged, plus the window."""
+    import pfp.sampler
+    from pfp.data import to_low_res
+    from pfp.generate import generate
+    model = _model(mode, window)
+    seen = []
+    real_sample = pfp.sampler.sample
+    monkeypatch.setattr(pfp.sampler, "sample", lambda bb, shape, text, context=None, **kw:
+                        seen.append((kw["t_start"], context)) or real_sample(bb, shape, text, context, **kw))
+    res = generate(model, Storyboard.single("a red ball", 2.0), 2.0, steps=2, seed=3, progress=False)
+    assert len(seen) == 4 and len(res.mix_lr_latents) == 2
+    lrs = [res.lr_latents, *res.mix_lr_latents]
+    with torch.no_grad():
+        # what each low-res branch was fed equals training's encode of the whole video at its rate
+        for lr, branch in zip(lrs, model.config.branch_configs()):
+            want = model.vae.encode(to_low_res(res.video[None], branch.video_spec(res.video.shape[1])))
+            torch.testing.assert_close(lr, want, atol=1e-5, rtol=1e-5)
+        bb = model.backbone
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(1, bb.latent_channels, 4, 8, 8, generator=g)
+        text = torch.randn(1, 5, model.text_encoder.dim, generator=g)
+        for t_start, ctx in seen[1:]:
+            k = int(t_start)
+            hist = res.latents[:, :, :k]
+            full = model.compress(hist, [lr[:, :, :-(-k // c.rate.t)] for lr, c in zip(lrs, model.compressors)])
+            full = with_window(full, window_context(bb, hist, window))
+            assert bool((full.order[1:] >= full.order[:-1]).all())
+            if mode == "cached":
+                ref = bb.cache_context(full)
+                assert ctx.num_tokens == ref.num_tokens
+                for a, b in zip(ctx.keys + ctx.values, ref.keys + ref.values):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(ctx.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+                assert torch.equal(ctx.positions, full.positions) and torch.equal(ctx.order, full.order)
+            torch.testing.assert_close(bb(x, torch.tensor([0.5]), text, ctx, t_start=k),
+                                       bb(x, torch.tensor([0.5]), text, full, t_start=k), atol=1e-5, rtol=1e-5)
+        # every compressor's tokens are in the last context
+        per = [c(res.latents, lr) for c, lr in zip(model.compressors, lrs)]
+        assert res.context.num_tokens == sum(p.num_tokens for p in per) and all(p.num_tokens for p in per)
+
+
+def test_mixed_compressors_train_and_evaluate(tmp_path):
+    from pfp.eval import retrieval_table
+    from pfp.train import TrainArgs, train
+    from _tiny_pfp import write_video_folder
+    cfg = write_config(tmp_path / "mix.json", dataclasses.replace(tiny_config(), mix_compressors=MIX,
+                                                                  sliding_window=2))
+    common = dict(config=cfg, batch_size=2, clip_seconds=1.0, workers=0, progress=False, save_every=10,
+                  log_every=1, lr=1e-3, warmup=0)
+    pre = train(TrainArgs(out=str(tmp_path / "pre"), mode="pretrain", steps=2, export=str(tmp_path / "p.safetensors"),
+                          **common))
+    for comp in pre["model"].mix:   # each compressor trains
+        grads = [p.grad for n, p in comp.named_parameters() if not n.startswith("patch_embed.")]
+        assert grads and all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    ft = train(TrainArgs(out=str(tmp_path / "ft"), mode="finetune", steps=2, init=str(tmp_path / "p.safetensors"),
+                         self_history=1.0, history_noise=0.1, **common))
+    assert torch.isfinite(torch.tensor(ft["loss"]))
+    write_video_folder(tmp_path / "videos", good=1, corrupt=0, short=0)
+    row, = retrieval_table([str(tmp_path / "p.safetensors")], str(tmp_path / "videos"), steps=2, frames=2)
+    assert row["variant"] == "pfp+pfp+without_lr" and row["rate"] == "2x2x2+2x2x4+4x4x2"
+    # 4 chunks of 4 latent frames on a 4x4 token grid: 8*4 + 4*4 + 8*1 tokens
+    assert row["context_tokens"] == 8 * 4 + 4 * 4 + 8 * 1
