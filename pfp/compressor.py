@@ -66,12 +66,19 @@ class Context:
         ``context_mode="cached"`` a context token attends to the context tokens whose order is at
         most its own, so tokens that arrive later never change earlier ones and a cache can grow
         chunk by chunk. None: ``positions[:, 0]`` (one compressor's tokens, ordered by time).
+    features: ``[B, Nf, F]``, the compressor's penultimate features (its last conv stage, before the
+        projection into the backbone's width), one per HR token, for the backbone's cross-attention
+        over them (PFP 3.4, config ``cross_attention``); None when not kept. They are a set, not
+        tied to ``tokens``' order: a window's tokens have none.
+    feature_mask: ``[B, Nf]`` bool (False: padding), or None when every feature is real.
     """
 
     tokens: Tensor
     positions: Tensor
     mask: Optional[Tensor] = None
     order: Optional[Tensor] = None
+    features: Optional[Tensor] = None
+    feature_mask: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.tokens.dim() != 3:
@@ -85,6 +92,16 @@ class Context:
                              f"{self.mask.dtype} {tuple(self.mask.shape)}")
         if self.order is not None and tuple(self.order.shape) != (n,):
             raise ValueError(f"Context.order must be [N={n}], got shape {tuple(self.order.shape)}")
+        if self.features is not None:
+            if self.features.dim() != 3 or self.features.shape[0] != self.tokens.shape[0]:
+                raise ValueError(f"Context.features must be [B={self.tokens.shape[0]}, Nf, F], got shape "
+                                 f"{tuple(self.features.shape)}")
+            if self.feature_mask is not None and (tuple(self.feature_mask.shape) != tuple(self.features.shape[:2])
+                                                  or self.feature_mask.dtype != torch.bool):
+                raise ValueError(f"Context.feature_mask must be a bool [B, Nf]={tuple(self.features.shape[:2])} "
+                                 f"tensor, got {self.feature_mask.dtype} {tuple(self.feature_mask.shape)}")
+        elif self.feature_mask is not None:
+            raise ValueError("Context.feature_mask needs Context.features")
 
     def order_keys(self) -> Tensor:
         """``[N]`` float32: :attr:`order`, or ``positions[:, 0]`` where it is None."""
@@ -151,7 +168,18 @@ def mix_contexts(*contexts: Context) -> Context:
         perm = torch.sort(order, stable=True).indices
         tokens, positions, order = tokens[:, perm.to(tokens.device)], positions[perm], order[perm]
         mask = mask[:, perm.to(mask.device)] if mask is not None else None
-    return Context(tokens, positions, mask, order)
+    features = feature_mask = None
+    with_features = [c for c in contexts if c.features is not None]
+    if with_features:
+        widths = {c.features.shape[2] for c in with_features}
+        if len(widths) > 1:
+            raise ValueError(f"mix_contexts: contexts carry features of different widths {sorted(widths)}; "
+                             "cross-attention over them needs one width (the same last compressor stage)")
+        features = torch.cat([c.features for c in with_features], dim=1)
+        if any(c.feature_mask is not None for c in with_features):
+            feature_mask = torch.cat([c.feature_mask if c.feature_mask is not None else torch.ones(
+                c.features.shape[:2], dtype=torch.bool, device=c.features.device) for c in with_features], dim=1)
+    return Context(tokens, positions, mask, order, features, feature_mask)
 
 
 def _empty_context(batch: int, width: int, dtype: torch.dtype, device: torch.device) -> Context:
@@ -280,6 +308,14 @@ class MemoryCompressor(nn.Module):
     def uses_hr(self) -> bool:
         """Whether the HR latent's content reaches the tokens (``only_lr``: it sets the grid only)."""
         return self.kind != "only_lr"
+
+    @property
+    def has_features(self) -> bool:
+        """Whether its contexts carry penultimate features (kinds with conv stages and a projection)."""
+        return self.kind in ("pfp", "without_lr")
+
+    def _features(self, hr_feats: Tensor) -> Optional[Tensor]:
+        return hr_feats.flatten(2).transpose(1, 2) if self.has_features else None
 
     @property
     def uses_lr(self) -> bool:
@@ -462,16 +498,20 @@ class MemoryCompressor(nn.Module):
             real_t = -(-frames // self.rate.t)  # [B]
             token_t = torch.arange(gt, device=tokens.device).repeat_interleave(gh * gw)
             mask = token_t[None, :] < real_t[:, None]
-        return Context(tokens, positions, mask, self.token_order(gt, gh, gw, device=tokens.device))
+        features = self._features(h)
+        return Context(tokens, positions, mask, self.token_order(gt, gh, gw, device=tokens.device), features,
+                       mask if features is not None else None)
 
     def token_grid(self, hr_latent_thw: Sequence[int]) -> tuple[int, int, int]:
         """``(t, h, w)`` context grid for an HR latent of ``(T, H, W)``."""
         return token_grid(hr_latent_thw, self.rate, self.patch_size)
 
     # -- streaming -----------------------------------------------------------------------------
-    def stream(self, batch_size: int) -> "CompressorStream":
-        """Start compressing a history chunk by chunk; see :class:`CompressorStream`."""
-        return CompressorStream(self, batch_size)
+    def stream(self, batch_size: int, keep_features: bool = False) -> "CompressorStream":
+        """Start compressing a history chunk by chunk; see :class:`CompressorStream`.
+        ``keep_features``: :attr:`CompressorStream.context` also holds every emitted token's
+        penultimate features (for cross-attention over them; each append returns its own anyway)."""
+        return CompressorStream(self, batch_size, keep_features)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: Union[str, os.PathLike], include_patch_embed: bool = True) -> None:
@@ -529,7 +569,7 @@ class CompressorStream:
     The stream is tied to one batch size, and to the compressor's dtype and device.
     """
 
-    def __init__(self, compressor: MemoryCompressor, batch_size: int):
+    def __init__(self, compressor: MemoryCompressor, batch_size: int, keep_features: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.compressor, self.batch_size = compressor, batch_size
@@ -541,6 +581,8 @@ class CompressorStream:
         self.hr_frames_seen = 0
         self.lr_frames_seen = 0
         self.num_emitted_frames = 0                 # token-grid frames emitted so far
+        self.keep_features = bool(keep_features)
+        self._features: list = []                   # penultimate features of the emitted tokens, if kept
         ref = compressor._param_ref()
         self._dtype, self._device = ref.dtype, ref.device
 
@@ -558,8 +600,11 @@ class CompressorStream:
             self._chunks = [torch.cat(self._chunks, dim=1)]
         gh, gw = self._geometry[4:]
         positions = token_positions(c.rate, (self.num_emitted_frames, gh, gw), device=self._device)
+        if len(self._features) > 1:
+            self._features = [torch.cat(self._features, dim=1)]
         return Context(self._chunks[0], positions, None,
-                       c.token_order(self.num_emitted_frames, gh, gw, device=self._device))
+                       c.token_order(self.num_emitted_frames, gh, gw, device=self._device),
+                       self._features[0] if self._features else None)
 
     def _check_chunk(self, x: Optional[Tensor], name: str) -> Optional[Tensor]:
         if x is None:
@@ -618,7 +663,10 @@ class CompressorStream:
         order = c.token_order(n, gh, gw, t_start=self.num_emitted_frames, device=tokens.device)
         self.num_emitted_frames += n
         self._chunks.append(tokens)
-        return Context(tokens, positions, None, order)
+        features = c._features(hr_use)
+        if features is not None and self.keep_features:
+            self._features.append(features)
+        return Context(tokens, positions, None, order, features)
 
     def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
         c = self.compressor

@@ -38,6 +38,7 @@ class PFPConfig:
     dit: dict = field(default_factory=lambda: {"kind": "tiny", "inner_dim": 128, "depth": 4, "num_heads": 4,
                                                "mlp_ratio": 3.0, "freq_dim": 64})
     sliding_window: int = 0               # newest history latent frames also given uncompressed (PFP 3.4; 0: off)
+    cross_attention: bool = False         # every block also cross-attends to the compressor's penultimate features (PFP 3.4)
     sample_shift: float = 3.0             # sampling timestep shift (Wan's flow shift)
     sample_eta: float = 0.0               # sampler stochasticity (pfp.sampler.sample; 0: Euler ODE)
     sample_cfg: float = 2.0               # classifier-free guidance scale (1: off)
@@ -226,6 +227,18 @@ class PFPConfig:
                     branch.check()
                 except ValueError as e:
                     raise ValueError(f"config mix_compressors[{i}] (rate {branch.rate}): {e}") from None
+        if not isinstance(self.cross_attention, bool):
+            raise ValueError(f"config cross_attention {self.cross_attention!r} is not valid; use true or false")
+        if self.cross_attention:
+            branches = self.branch_configs()
+            plain = [c.compressor_kind for c in branches if c.compressor_kind not in ("pfp", "without_lr")]
+            if plain:
+                raise ValueError(f"config cross_attention needs compressors with conv stages (kind pfp or without_lr), "
+                                 f"got {plain[0]!r}: it attends to their last stage's features")
+            widths = sorted({int(c.compressor_hidden[-1]) for c in branches})
+            if len(widths) > 1:
+                raise ValueError(f"config cross_attention needs one width of the compressors' last stage, got {widths}; "
+                                 "give mix_compressors the same last hidden width")
         r = parse_rate(self.rate)
         h, w = self.video_size
         tf = self.vae_temporal

@@ -204,7 +204,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     cfg_min_t = config.sample_cfg_min_t if cfg_min_t is None else cfg_min_t
     cfg_2 = config.sample_cfg_2 if cfg_2 is None else cfg_2
     generator = torch.Generator().manual_seed(int(seed))
-    streams = [c.stream(1) for c in model.compressors]
+    streams = [c.stream(1, keep_features=config.cross_attention) for c in model.compressors]
     decoder, lr_encoders = decode_stream(vae), [encode_stream(vae) for _ in streams]
     cache = None
     window = config.sliding_window   # newest latent frames given uncompressed beside the context (pfp.window)

@@ -35,6 +35,10 @@ class PFPModel(nn.Module):
         # config.mix_compressors: more compressors, each with its own low-res input, whose contexts
         # join the first one's (pfp.mix_contexts); empty for one compressor
         self.mix = nn.ModuleList(branches[1:])
+        if config.cross_attention:   # PFP 3.4's cross-attention enhancement, zero-initialised
+            if not hasattr(self.backbone, "add_memory_attention"):
+                raise ValueError(f"config cross_attention: the {type(self.backbone).__name__} backbone cannot take it")
+            self.backbone.add_memory_attention(int(config.compressor_hidden[-1]))
 
     @property
     def compressors(self) -> list:

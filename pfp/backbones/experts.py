@@ -144,6 +144,13 @@ class ExpertPair(nn.Module):
         self.high.set_sequence_parallel(sp)
         self.low.set_sequence_parallel(sp)
 
+    def add_memory_attention(self, feature_dim: int) -> None:
+        """Each expert's blocks get their own cross-attention over the compressor's features."""
+        self.high.add_memory_attention(feature_dim)
+        self.low.add_memory_attention(feature_dim)
+
+    has_memory_attention = property(lambda self: self.high.has_memory_attention)
+
     def expert_at(self, t: float) -> str:
         """``"high"`` for ``t >= boundary``, else ``"low"`` (WanPipeline's rule)."""
         return "high" if t >= self.boundary else "low"
@@ -222,14 +229,19 @@ def _take_ctx(context, idx: Tensor, batch: int):
             pick = lambda ts: None if ts is None else [t[i] for t in ts]  # noqa: E731
             return ContextKV(pick(context.keys), pick(context.values), context.positions,
                              None if context.mask is None else context.mask[i],
-                             pick(context.key_scales), pick(context.value_scales), context.order)
+                             pick(context.key_scales), pick(context.value_scales), context.order,
+                             pick(context.memory_keys), pick(context.memory_values),
+                             None if context.memory_mask is None else context.memory_mask[i])
         return context
     tokens = context.tokens
     if tokens.shape[0] == batch and batch > 1:
         from pfp.compressor import Context
         mask = getattr(context, "mask", None)
         i = idx.to(tokens.device)
-        return Context(tokens[i], context.positions, None if mask is None else mask[i], getattr(context, "order", None))
+        features, fmask = getattr(context, "features", None), getattr(context, "feature_mask", None)
+        return Context(tokens[i], context.positions, None if mask is None else mask[i], getattr(context, "order", None),
+                       None if features is None else features[i.to(features.device)],
+                       None if fmask is None else fmask[i.to(fmask.device)])
     return context
 
 

@@ -78,9 +78,19 @@ class ContextKV:
     key_scales: Optional[list] = None
     value_scales: Optional[list] = None
     order: Optional[Tensor] = None
+    memory_keys: Optional[list] = None
+    memory_values: Optional[list] = None
+    memory_mask: Optional[Tensor] = None
 
     def order_keys(self) -> Tensor:
         return context_order(self, self.positions.shape[0])
+
+    def memory(self, i: int):
+        """(K, V, mask) of block i's cross-attention over the compressor's features
+        (:class:`MemoryAttention`), or None when the cache holds none."""
+        if self.memory_keys is None:
+            return None
+        return self.memory_keys[i], self.memory_values[i], self.memory_mask
 
     @property
     def num_tokens(self) -> int:
@@ -108,11 +118,13 @@ class ContextKV:
         kq = [_quantize_fp8(k) for k in self.keys]
         vq = [_quantize_fp8(v) for v in self.values]
         return ContextKV([k for k, _ in kq], [v for v, _ in vq], self.positions, self.mask,
-                         [s for _, s in kq], [s for _, s in vq], self.order)
+                         [s for _, s in kq], [s for _, s in vq], self.order, self.memory_keys, self.memory_values,
+                         self.memory_mask)
 
     def nbytes(self) -> int:
         """Bytes held by the K/V (and scales) of every layer."""
-        parts = self.keys + self.values + (self.key_scales or []) + (self.value_scales or [])
+        parts = (self.keys + self.values + (self.key_scales or []) + (self.value_scales or [])
+                 + (self.memory_keys or []) + (self.memory_values or []))
         return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -249,6 +261,47 @@ def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: 
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+class MemoryAttention(nn.Module):
+    """Cross-attention of a block's target tokens over the compressor's penultimate features
+    (PFP 3.4, "cross-attention enhancement", IP-Adapter style: decoupled from the text).
+
+    The query is the block's own text cross-attention query (``attn2``); keys and values are new
+    projections of the features ``[B, Nf, F]`` (one per history token, :attr:`pfp.Context.features`,
+    no positions: a set). The output projection starts at zero, so a model with it added predicts
+    exactly what it did before, and training moves it from there.
+    """
+
+    def __init__(self, feature_dim: int, inner_dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.to_k = nn.Linear(feature_dim, inner_dim, **factory)
+        self.to_v = nn.Linear(feature_dim, inner_dim, **factory)
+        self.norm_k = nn.RMSNorm(inner_dim, eps=eps, **factory)
+        self.to_out = nn.Linear(inner_dim, inner_dim, **factory)
+        with torch.no_grad():
+            self.to_out.weight.zero_()
+            self.to_out.bias.zero_()
+
+    def kv(self, features: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+        """Features ``[B, Nf, F]`` -> (K, V) ``[B, Nf, heads, inner/heads]``."""
+        k = self.norm_k(self.to_k(features)).unflatten(-1, (heads, -1))
+        return k, self.to_v(features).unflatten(-1, (heads, -1))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """q ``[B, Nq, H, D]``; k, v ``[B or 1, Nf, H, D]``; mask ``[B or 1, Nf]`` bool or None ->
+        ``[B, Nq, inner]``. A sample with no real feature gets zero."""
+        if k.shape[0] != q.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        if mask is None:
+            o = pfp_kernels.joint_attention(q, k, v.to(q.dtype) if v.dtype != q.dtype else v)
+        else:
+            m = mask.to(q.device).expand(q.shape[0], -1)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=m[:, None, None, :]).transpose(1, 2)
+            o = torch.where(m.any(1)[:, None, None, None], o, torch.zeros_like(o))   # all padded: no memory
+        return self.to_out(o.flatten(2))
+
+
 class WanStyleBlock(nn.Module):
     """One Wan-style transformer block over two token streams: context and target.
 
@@ -272,6 +325,8 @@ class WanStyleBlock(nn.Module):
         self.num_heads = num_heads
         for name, part in parts.items():
             setattr(self, name, part)
+        # cross-attention over the compressor's features: none until add_memory_attention()
+        self.register_module("memory_attn", None)
 
     @classmethod
     def adopt(cls, block: nn.Module, num_heads: int) -> "WanStyleBlock":
@@ -285,9 +340,17 @@ class WanStyleBlock(nn.Module):
         v = attn.to_v(x).unflatten(-1, (self.num_heads, -1))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor]) -> Tensor:
+    def add_memory_attention(self, feature_dim: int) -> None:
+        """Give this block a :class:`MemoryAttention` over compressor features of ``feature_dim``
+        channels (zero output: the block's outputs do not change)."""
+        ref = self.attn2.to_q.weight
+        inner = ref.shape[0]
+        self.memory_attn = MemoryAttention(feature_dim, inner, device=ref.device, dtype=ref.dtype)
+
+    def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], memory=None) -> Tensor:
         attn = self.attn2
         q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        extra = self.memory_attn(q, *memory) if memory is not None and self.memory_attn is not None else None
         k = attn.norm_k(attn.to_k(text)).unflatten(-1, (self.num_heads, -1))
         v = attn.to_v(text).unflatten(-1, (self.num_heads, -1))
         if q.shape[0] != k.shape[0]:
@@ -298,13 +361,14 @@ class WanStyleBlock(nn.Module):
             mask = text_mask.bool()[:, None, None, :]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask).transpose(1, 2)
-        return attn.to_out[0](o.flatten(2))
+        out = attn.to_out[0](o.flatten(2))
+        return out if extra is None else out + extra.to(out.dtype)
 
     sp = None  # a pfp.parallel.SequenceParallel while the backbone runs sequence-parallel
 
     def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
                 rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
+                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0, memory=None):
         """One block over the new context tokens hc ``[Bc, Nc, inner]`` and the target tokens ht
         ``[B, Nt, inner]`` (either may be None).
 
@@ -320,6 +384,8 @@ class WanStyleBlock(nn.Module):
         sp_tokens: sequence-parallel (``self.sp``): ht is this rank's slice of ``sp_tokens`` target
             tokens; context tokens are whole, and their K/V (prev_kv and the returned ones) hold only
             this rank's heads.
+        memory: (K, V, mask) of this block's :class:`MemoryAttention` over the compressor's
+            features, read by the target tokens beside the text; None: none.
         Returns (hc', ht', (K, V) of every context token of this block).
         """
         sp = self.sp
@@ -353,7 +419,7 @@ class WanStyleBlock(nn.Module):
                 ot = sp.heads_to_seq(ot)
             ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = self.norm2(ht.float()).type_as(ht)
-            ht = ht + self._cross_attention(xt, text, text_mask)
+            ht = ht + self._cross_attention(xt, text, text_mask, memory)
             xt = (self.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
             ht = (ht.float() + self.ffn(xt).float() * t_c_g).type_as(ht)
         if hc is not None and need_context_out:
@@ -432,6 +498,22 @@ class WanStyleBackbone(nn.Module):
         for blk in self.blocks:
             blk.sp = sp
 
+    def add_memory_attention(self, feature_dim: int) -> None:
+        """Cross-attention enhancement (PFP 3.4): every block's target tokens also attend to the
+        compressor's penultimate features (:class:`MemoryAttention`, zero-initialised, so the
+        backbone's predictions are unchanged until it trains)."""
+        for blk in self.blocks:
+            blk.add_memory_attention(feature_dim)
+
+    @property
+    def has_memory_attention(self) -> bool:
+        return len(self.blocks) > 0 and self.blocks[0].memory_attn is not None
+
+    def _memory_kv(self, features: Tensor, mask: Optional[Tensor]) -> list:
+        """Per block, (K, V) of the features for its MemoryAttention."""
+        dtype = self.compute_dtype
+        return [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
+
     # ---- pieces ------------------------------------------------------------------------------
     def _call_block(self, blk: "WanStyleBlock", *args):
         # through the block's __call__, so hooks on it (FSDP, offload, casting) see every call
@@ -481,6 +563,7 @@ class WanStyleBackbone(nn.Module):
         if parts is None:
             return cache.to_fp8() if cache is not None and kv_storage == "fp8" else cache
         hc, pos_c, new_mask = parts
+        memory = self._cache_memory(context, cache)
         hc = hc.to(self.compute_dtype)
         if cache is not None and cache.batch_size != hc.shape[0]:
             raise ValueError(f"new context batch {hc.shape[0]} differs from the cache's {cache.batch_size}")
@@ -522,7 +605,29 @@ class WanStyleBackbone(nn.Module):
         pos_all = pos_c if cache is None else torch.cat([cache.positions, pos_c.to(cache.positions)])
         order_all = order if cache is None else _host(lambda o: torch.cat([o, order.to(o.device)]), cache.order_keys())
         return ContextKV(keys, values, pos_all, mask, k_scales if fp8 else None, v_scales if fp8 else None,
-                         order_all)
+                         order_all, *memory)
+
+    def _cache_memory(self, context, cache: Optional[ContextKV]) -> tuple:
+        """(keys, values, mask) of the MemoryAttention cache after adding ``context``'s features:
+        the cache's own, extended by the new features' K/V (projections per feature, so growing it
+        chunk by chunk equals one call); (None, None, None) without memory attention."""
+        old = (cache.memory_keys, cache.memory_values, cache.memory_mask) if cache is not None else (None,) * 3
+        features = getattr(context, "features", None)
+        if not self.has_memory_attention or features is None or features.shape[1] == 0:
+            return old
+        kv = self._memory_kv(features, None)
+        new_mask = getattr(context, "feature_mask", None)
+        if old[0] is None:
+            return [k for k, _ in kv], [v for _, v in kv], new_mask
+        if old[0][0].shape[0] != features.shape[0]:
+            raise ValueError(f"new context batch {features.shape[0]} differs from the cache's {old[0][0].shape[0]}")
+        mask = None
+        if new_mask is not None or old[2] is not None:
+            ones = lambda n: torch.ones(features.shape[0], n, dtype=torch.bool, device=features.device)  # noqa: E731
+            mask = torch.cat([old[2] if old[2] is not None else ones(old[0][0].shape[1]),
+                              new_mask if new_mask is not None else ones(features.shape[1])], dim=1)
+        return ([torch.cat([a, k], 1) for a, (k, _) in zip(old[0], kv)],
+                [torch.cat([a, v], 1) for a, (_, v) in zip(old[1], kv)], mask)
 
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
@@ -563,8 +668,11 @@ class WanStyleBackbone(nn.Module):
         txt = self.embed_text(text)
 
         hc = rope_c = mod_c = cached = frames = ctx_mask = None
+        memory = None    # per block (K, V, mask) of the MemoryAttention over the compressor's features
         joint = self.context_mode == "joint"
         if isinstance(context, ContextKV):
+            if context.memory_keys is not None and self.has_memory_attention:
+                memory = [context.memory(i) for i in range(len(self.blocks))]
             if joint:
                 raise ValueError("a ContextKV is only valid with context_mode='cached'")
             cached = context if context.num_tokens else None
@@ -585,6 +693,12 @@ class WanStyleBackbone(nn.Module):
                 mod_c = self._context_modulation(x)
                 # joint mode: every context token attends to all, so the order never matters there
                 frames = None if joint else _frame_runs(context_order(context, hc.shape[1]))
+            features = getattr(context, "features", None)
+            if self.has_memory_attention and features is not None and features.shape[1]:
+                if features.shape[0] not in (1, b):
+                    raise ValueError(f"context features batch must be 1 or {b}, got {features.shape[0]}")
+                fmask = getattr(context, "feature_mask", None)
+                memory = [(k, v, fmask) for k, v in self._memory_kv(features, fmask)]
 
         cross_mask = text_mask if self.mask_text_padding else None
         sp = self.sequence_parallel
@@ -597,7 +711,8 @@ class WanStyleBackbone(nn.Module):
         for i, blk in enumerate(self.blocks):
             prev = cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
-                                         joint, i < n - 1, frames, ctx_mask, nt if sp is not None else 0)
+                                         joint, i < n - 1, frames, ctx_mask, nt if sp is not None else 0,
+                                         memory[i] if memory is not None else None)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
@@ -650,6 +765,6 @@ def _runs_of(t: Tensor) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-__all__ = ["ContextKV", "FP8_KV_DTYPE", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
+__all__ = ["ContextKV", "FP8_KV_DTYPE", "MemoryAttention", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
            "masked_joint_attention",
            "sinusoidal_embedding"]

@@ -33,10 +33,11 @@ def _parser() -> Parser:
     p.add_argument("--freeze-compressor", action="store_true", help="finetune: keep the compressor fixed")
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder fixed")
     p.add_argument("--init-skip", default=None, metavar="PREFIX",
-                   help="ignore --init's tensors under PREFIX: those modules start fresh (e.g. 'compressor.' "
-                        "finetunes without the pretrained compressor)")
+                   help="ignore --init's tensors under PREFIX (or matching a glob): those modules start fresh "
+                        "(e.g. 'compressor.' finetunes without the pretrained compressor)")
     p.add_argument("--init-new", default=None, metavar="PREFIX",
-                   help="tensors under PREFIX may be absent from --init (modules added since; keep their init)")
+                   help="tensors under PREFIX (or matching a glob, e.g. 'backbone.blocks.*.memory_attn.*' for "
+                        "cross_attention) may be absent from --init (modules added since; keep their init)")
     p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
     p.add_argument("--config", default=None, help="model config JSON, or a preset of a real model with "
                    "--model-dir (wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p); default: the "

@@ -196,7 +196,9 @@ def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
         p.requires_grad_(train_text)
     if lora:
         for n, p in model.backbone.named_parameters():
-            if "lora_" in n:
+            # LoRA adapters, and the cross-attention over the compressor's features (new modules,
+            # trained whole as IP-Adapter trains its own)
+            if "lora_" in n or ".memory_attn." in n:
                 p.requires_grad_(True)
     else:
         for p in model.backbone.parameters():
@@ -280,12 +282,19 @@ def _lr_at(step: int, args: TrainArgs) -> float:
     return args.lr
 
 
+def _matches(key: str, pattern: str) -> bool:
+    """A tensor name under a prefix (``"compressor."``), or matching a glob with ``*``, ``?`` or
+    ``[`` (``"backbone.blocks.*.memory_attn.*"``)."""
+    import fnmatch
+    return fnmatch.fnmatchcase(key, pattern) if any(c in pattern for c in "*?[") else key.startswith(pattern)
+
+
 def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
     if skip_prefix:
         # start these modules afresh: e.g. finetuning without the pretrained compressor (Table 2's
         # "Without Pretrain"), or a compressor of another kind or rate over a trained backbone
         own = model.trainable_state_dict()
-        fresh = {k: v.clone() for k, v in own.items() if k.startswith(skip_prefix)}
+        fresh = {k: v.clone() for k, v in own.items() if _matches(k, skip_prefix)}
         if os.path.isdir(path):
             path = resolve_checkpoint(path)
             tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
@@ -293,16 +302,16 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, ski
                 raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
         else:
             tensors = read_weights(path)[0]
-        if not fresh and not any(k.startswith(skip_prefix) for k in tensors):
+        if not fresh and not any(_matches(k, skip_prefix) for k in tensors):
             raise ValueError(f"--init-skip {skip_prefix!r} names no tensor of this model or of {path}")
         kept = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-                if not k.startswith(skip_prefix)}
+                if not _matches(k, skip_prefix)}
         load_state_checked(model, {**kept, **fresh}, path)
         return
     if new_prefix:
         # modules added since the init file was written keep their fresh initialisation
         own = model.trainable_state_dict()
-        fill = {k: v for k, v in own.items() if k.startswith(new_prefix)}
+        fill = {k: v for k, v in own.items() if _matches(k, new_prefix)}
         if not fill:
             raise ValueError(f"--init-new {new_prefix!r} names no tensor of this model")
         tensors = read_weights(path)[0]
