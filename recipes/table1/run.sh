@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The paper's Table 1 at toy scale on real video: train every compressor variant with the same
+# budget by frame-retrieval pretraining, then score each on held-out clips.
+#
+#   SRC=folder-with-the-source-videos bash recipes/table1/run.sh [clips|init|train|eval|all]
+#
+#   bash recipes/table1/run.sh table2     # Table 2's "Without Pretrain" on synthetic scene returns
+#
+# Environment: OUT (default runs/table1), STEPS (optimizer steps per variant, default 500), JOBS
+# (variants trained at once, default 2), THREADS (torch threads per run, default 1); table2:
+# PRE_STEPS and FT_STEPS (default 300 each).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+HERE=recipes/table1
+OUT=${OUT:-runs/table1}
+STEPS=${STEPS:-500}
+JOBS=${JOBS:-2}
+THREADS=${THREADS:-1}
+stage=${1:-all}
+mkdir -p "$OUT"
+
+if [[ $stage == clips || $stage == all ]]; then
+  : "${SRC:?set SRC to the folder holding bikes.mp4, cityCC0.mpg, bigbuckbunny.mp4 and carphone_pristine.mp4}"
+  python $HERE/prepare_clips.py --out "$OUT/clips" --heldout-whole carphone_pristine.mp4 \
+    "$SRC/bikes.mp4" "$SRC/cityCC0.mpg" "$SRC/bigbuckbunny.mp4" "$SRC/carphone_pristine.mp4"
+fi
+
+if [[ $stage == init || $stage == all ]]; then
+  python $HERE/make_init.py --out "$OUT/init.safetensors" --depth 4
+fi
+
+train_one() {  # $1: a config in $HERE/configs
+  local name; name=$(basename "$1" .json)
+  python -m pfp.train pretrain --config "$1" --init "$OUT/init.safetensors" --init-skip compressor. \
+    --data "$OUT/clips/train" --storyboards optional --clip-seconds 2 \
+    --steps "$STEPS" --batch-size 8 --lr 5e-4 --warmup 20 --lr-schedule cosine --seed 0 \
+    --threads "$THREADS" --workers 1 --save-every 100 --log-every 10 --no-progress \
+    --out "$OUT/runs/$name" --overwrite --export-dtype bf16 --export "$OUT/checkpoints/$name.safetensors" \
+    > "$OUT/runs/$name.log" 2>&1
+  echo "$name: $(tail -n 1 "$OUT/runs/$name.log")"
+}
+export -f train_one
+export OUT STEPS THREADS
+
+if [[ $stage == train || $stage == all ]]; then
+  mkdir -p "$OUT/runs" "$OUT/checkpoints"
+  ls $HERE/configs/*.json | xargs -P "$JOBS" -I{} bash -c 'train_one {}'
+fi
+
+if [[ $stage == eval || $stage == all ]]; then
+  python -m pfp.eval retrieval --checkpoints "$OUT"/checkpoints/*.safetensors --videos "$OUT/clips/heldout" \
+    --seconds 2 --clips-per-video 3 --frames 3 --steps 16 --seed 0 --quiet --json --out "$OUT/table1.md" \
+    > "$OUT/table1.jsonl"
+  cat "$OUT/table1.md"
+fi
+
+if [[ $stage == table2 ]]; then
+  # Both arms start from the built-in model's backbone with a fresh compressor; one pretrains it by
+  # frame retrieval first, the other finetunes it directly. Same finetune budget; scored on held-out
+  # synthetic videos whose scenes return after a cut.
+  T2=$OUT/table2
+  PRE_STEPS=${PRE_STEPS:-300}
+  FT_STEPS=${FT_STEPS:-300}
+  mkdir -p "$T2"
+  synth=(--sprite-radius 0.16 0.26 --pattern-period 0.35 0.6 --threads "$THREADS" --workers 1 --no-progress
+         --batch-size 8 --lr 5e-4 --warmup 20 --lr-schedule cosine --save-every 100 --log-every 10 --overwrite)
+  python -m pfp.train pretrain --init pfp/weights/default.safetensors --init-skip compressor. \
+    --steps "$PRE_STEPS" --seed 0 --out "$T2/pre" --export "$T2/pre.safetensors" "${synth[@]}" > "$T2/pre.log" 2>&1
+  python -m pfp.train finetune --init "$T2/pre.safetensors" --lora-rank 0 --p-no-history 0.2 \
+    --steps "$FT_STEPS" --seed 1 --out "$T2/with" --export "$T2/with_pretrain.safetensors" "${synth[@]}" \
+    > "$T2/with.log" 2>&1 &
+  python -m pfp.train finetune --init pfp/weights/default.safetensors --init-skip compressor. --lora-rank 0 \
+    --p-no-history 0.2 --steps "$FT_STEPS" --seed 1 --out "$T2/without" \
+    --export "$T2/without_pretrain.safetensors" "${synth[@]}" > "$T2/without.log" 2>&1
+  wait
+  python $HERE/synthetic_returns.py --out "$T2/videos" --videos 24 --seconds 6 --seed 999
+  python -m pfp.eval consistency --checkpoints "$T2/with_pretrain.safetensors" "$T2/without_pretrain.safetensors" \
+    --videos "$T2/videos" --history-seconds 2 --seconds 6 --steps 16 --seed 0 --quiet --json | tee "$T2/table2.jsonl"
+fi
