@@ -220,8 +220,10 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     without one is conditioned on the prompt ``"a video"``).
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant`` (the compressor kind), ``rate``,
-    ``context_tokens`` (of one clip), ``psnr``, ``ssim``, ``lpips`` (None, see ``lpips_note``),
-    ``videos``, ``clips``, ``frames_per_video`` (per clip). Unusable videos are listed once and skipped."""
+    ``context_tokens`` (of one clip), ``psnr``, ``psnr_sem`` (its standard error over the clips;
+    None for one clip), ``ssim``, ``lpips`` (None, see ``lpips_note``), ``videos``, ``clips``,
+    ``frames_per_video`` (per clip), ``psnr_per_clip`` (the same clips, in the same order, for every
+    checkpoint: compare two checkpoints clip by clip). Unusable videos are listed once and skipped."""
     import random
     import sys
 
@@ -250,10 +252,14 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
             m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
                                   item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
             scores.append((m["psnr"], m["ssim"]))
+        psnrs = [p for p, _ in scores]
+        mean = sum(psnrs) / len(psnrs)
+        sem = (sum((p - mean) ** 2 for p in psnrs) / (len(psnrs) - 1) / len(psnrs)) ** 0.5 if len(psnrs) > 1 else None
         rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
-                     "context_tokens": tokens, "psnr": sum(p for p, _ in scores) / len(scores),
+                     "context_tokens": tokens, "psnr": mean, "psnr_sem": sem,
                      "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,
-                     "videos": len(dataset), "clips": len(scores), "frames_per_video": min(frames, latent_frames)})
+                     "videos": len(dataset), "clips": len(scores), "frames_per_video": min(frames, latent_frames),
+                     "psnr_per_clip": psnrs})
     return rows
 
 
@@ -318,7 +324,8 @@ def _lpips_cell(value: Optional[float]) -> str:
 def _table_md(rows: list) -> str:
     lines = ["| checkpoint | variant | rate | context tokens | PSNR | SSIM | LPIPS |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['checkpoint']} | {r['variant']} | {r['rate']} | {r['context_tokens']} | {r['psnr']:.2f} | "
+        sem = f" ± {r['psnr_sem']:.2f}" if r.get("psnr_sem") is not None else ""
+        lines.append(f"| {r['checkpoint']} | {r['variant']} | {r['rate']} | {r['context_tokens']} | {r['psnr']:.2f}{sem} | "
                      f"{r['ssim']:.3f} | {_lpips_cell(r['lpips'])} |")
     return "\n".join(lines) + f"\n\nLPIPS: {LPIPS_NOTE}.\n"
 

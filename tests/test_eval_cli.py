@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 
 import torch
 
@@ -28,14 +29,17 @@ def test_retrieval_prints_one_row_per_checkpoint(tmp_path, capsys):
     ckpts = [_weights(tmp_path, "pfp"), _weights(tmp_path, "only_lr")]
     out = tmp_path / "table.md"
     assert main(["retrieval", "--checkpoints", *ckpts, "--videos", str(videos), "--steps", "2", "--frames", "2",
-                 "--quiet", "--json", "--out", str(out)]) == 0
+                 "--clips-per-video", "2", "--quiet", "--json", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["variant"] for r in rows] == ["pfp", "only_lr"] and [r["checkpoint"] for r in rows] == ckpts
     for r in rows:
-        assert r["rate"] == "2x2x2" and r["videos"] == 2 and r["frames_per_video"] == 2
+        assert r["rate"] == "2x2x2" and r["videos"] == 2 and r["clips"] == 4 and r["frames_per_video"] == 2
         assert r["context_tokens"] == 2 * 4 * 4        # 4 chunks of 1 latent frame at 2x2x2, 32x32 px
         assert math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 and r["lpips"] is None
+        per = r["psnr_per_clip"]
+        assert len(per) == 4 and abs(sum(per) / 4 - r["psnr"]) < 1e-9 and len(set(per)) == 4
+        assert r["psnr_sem"] > 0 and abs(r["psnr_sem"] - statistics.stdev(per) / 2) < 1e-9
     assert "skipped 1 of 3 videos" in captured.err      # the corrupt one, listed once
     table = out.read_text()
     assert table.count("| 2x2x2 |") == 2 and "LPIPS: not computed" in table
@@ -51,6 +55,8 @@ def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
               "--checkpoints"),
              (["retrieval", "--checkpoints", ckpt, "--videos", str(tmp_path / "nowhere")], "--videos"),
              (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--frames", "0"], "--frames"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--clips-per-video", "0"],
+              "--clips-per-video"),
              (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--out", "t.txt"], "--out")]
     for argv, named in cases:
         assert main(argv + (["--quiet"] if argv else [])) == 2, argv
