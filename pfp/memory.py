@@ -49,7 +49,7 @@ import re
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -321,13 +321,18 @@ def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] 
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         return _trace_parts(model.backbone, model.compressor, model.vae, model.text_encoder,
                             lambda: model.text_encoder([""]).tokens, tuple(size or config.video_size),
-                            float(config.fps), int(config.chunk_frames), history_seconds, cfg_batch)
+                            float(config.fps), int(config.chunk_frames), history_seconds, cfg_batch,
+                            mix=list(model.mix), window=config.sliding_window)
 
 
 def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: tuple,
-                 fps: float, chunk_frames: int, history_seconds: float, cfg_batch: int) -> Trace:
+                 fps: float, chunk_frames: int, history_seconds: float, cfg_batch: int,
+                 mix: Sequence = (), window: int = 0) -> Trace:
     """The phases of one chunk of these parts, traced; called under a FakeTensorMode. ``run_text``
-    encodes one prompt and returns its states ``[1, L, D]`` (whose shape the denoise step takes)."""
+    encodes one prompt and returns its states ``[1, L, D]`` (whose shape the denoise step takes).
+    ``mix``: more compressors whose tokens join the context; ``window``: latent frames of the
+    sliding window (pfp.window), whose tokens join it too; the cross-attention's per-block K/V of
+    the compressor features count with the context K/V."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from pfp.backbones.wan_style import ContextKV
@@ -345,8 +350,15 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
 
     # the context: the history's tokens, as the stream makes them, plus one chunk's new ones
     hist_t = history_chunks * n
-    context_tokens = (math.prod(compressor.token_grid((hist_t, h, w))) if hist_t else 0)
-    new_tokens = math.prod(compressor.token_grid((hist_t + n, h, w))) - context_tokens
+    comps = [compressor, *mix]
+    context_tokens = sum(math.prod(c.token_grid((hist_t, h, w))) for c in comps) if hist_t else 0
+    new_tokens = sum(math.prod(c.token_grid((hist_t + n, h, w))) for c in comps) - context_tokens
+    if window:   # rebuilt each chunk over the history, beside the compressed tokens
+        pt = backbone.patch_size[0]
+        new_tokens += math.prod(backbone.token_grid(min(window, hist_t + n) // pt * pt, h, w))
+    # cross-attention over the compressor features: one K and V per feature (HR token) and block
+    features = (sum(math.prod(c.token_grid((hist_t + n, h, w))) for c in comps if c.has_features)
+                if getattr(backbone, "has_memory_attention", False) else 0)
     inner, layers = backbone.inner_dim, len(backbone.blocks)
     heads, head_dim = backbone.num_heads, backbone.head_dim
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -409,9 +421,10 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         largest_block=max(_nbytes(b) for b in blocks), blocks=sum(_nbytes(b) for b in blocks),
         largest_linear=max(_linear_bytes(b, largest=True) for b in blocks),
         vae=_nbytes(vae), text=_nbytes(text_module),
-        compressor=_nbytes(compressor) - _nbytes(backbone.patch_embed),
-        layers=layers * experts, kv=2 * experts * layers * tokens * inner * elem if cached else 0,
-        kv_fp8=2 * experts * layers * tokens * heads * (head_dim + 4) if cached else 0,  # + an fp32 scale per token, head
+        compressor=sum(_nbytes(c) - _nbytes(backbone.patch_embed) for c in comps),
+        layers=layers * experts, kv=2 * experts * layers * (tokens + features) * inner * elem if cached else 0,
+        # + an fp32 scale per token and head; the features' K/V stay in the compute dtype
+        kv_fp8=2 * experts * layers * (tokens * heads * (head_dim + 4) + features * inner * elem) if cached else 0,
         vae_cache=cache_bytes, transient=transient, experts=experts,
         expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
                 if experts == 2 else 0))

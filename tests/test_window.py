@@ -207,3 +207,19 @@ def test_finetune_trains_through_the_window(monkeypatch):
                           cfg.chunk_latent_frames, torch.device("cpu"))
     assert contexts[-1].num_tokens == ctx.num_tokens - 32
     assert abs(plain.item() - loss.item()) > 1e-6
+
+
+def test_the_planner_counts_the_window_mix_and_feature_kv():
+    """trace_model's context grows by the window's tokens and the mixed compressors' tokens, and
+    its K/V by the cross-attention's per-block K/V of the features."""
+    from pfp.memory import trace_model
+    base = dataclasses.replace(tiny_config("cached"))
+    plain = trace_model(build_model(base), history_seconds=1.0)
+    window = trace_model(build_model(dataclasses.replace(base, sliding_window=3)), history_seconds=1.0)
+    assert window.context_tokens == plain.context_tokens + 3 * 16          # 3 frames of a 4x4 token grid
+    mixed = trace_model(build_model(dataclasses.replace(base, mix_compressors=[{"rate": "2x2x4"}])), history_seconds=1.0)
+    assert mixed.context_tokens == plain.context_tokens + 3 * 4            # 12 latent frames at 2x2x4
+    assert mixed.compressor > plain.compressor
+    xattn = trace_model(build_model(dataclasses.replace(base, cross_attention=True)), history_seconds=1.0)
+    layers, inner = 1, 32
+    assert xattn.kv == plain.kv + 2 * layers * plain.context_tokens * inner * 4   # fp32 K and V per feature
