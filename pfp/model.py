@@ -63,7 +63,8 @@ class PFPModel(nn.Module):
         comps = self.compressors
         if len(lr_latents) != len(comps):
             raise ValueError(f"compress needs one low-res latent per compressor ({len(comps)}), got {len(lr_latents)}")
-        return mix_contexts([c(hr_latent, lr, hr_frames) for c, lr in zip(comps, lr_latents)])
+        args = () if hr_frames is None else (hr_frames,)
+        return mix_contexts([c(hr_latent, lr, *args) for c, lr in zip(comps, lr_latents)])
 
     def frozen_prefixes(self) -> tuple:
         """State-dict prefixes of the parts loaded from their own local paths and never trained (a
