@@ -49,7 +49,7 @@ fi
 
 if [[ $stage == eval || $stage == all ]]; then
   python -m pfp.eval retrieval --checkpoints "$OUT"/checkpoints/*.safetensors --videos "$OUT/clips/heldout" \
-    --seconds 2 --clips-per-video 3 --frames 3 --steps 16 --seed 0 --quiet --json --out "$OUT/table1.md" \
+    --seconds 2 --clips-per-video 6 --frames 3 --steps 16 --seed 0 --quiet --json --out "$OUT/table1.md" \
     > "$OUT/table1.jsonl"
   cat "$OUT/table1.md"
 fi
