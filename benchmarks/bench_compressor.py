@@ -103,7 +103,20 @@ def _fork(stream: pfp.CompressorStream) -> pfp.CompressorStream:
     other = copy.copy(stream)
     other._states = list(stream._states)
     other._chunks = list(stream._chunks)
+    other._features = list(stream._features)
     return other
+
+
+def _time_append(times: list, base: pfp.CompressorStream, hr, lr, a: int, b: int, frozen: bool) -> None:
+    """Append HR frames ``a:a+CHUNK_HR`` and LR frames ``b:b+CHUNK_LR`` to a fork of ``base`` and
+    record the seconds; ``frozen``: inside ``pfp_kernels.frozen_weights()`` (as pfp.generate runs
+    it: the conv kernels keep each weight's content hash)."""
+    import pfp_kernels
+    fork = _fork(base)
+    with pfp_kernels.frozen_weights() if frozen else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
+        times.append(time.perf_counter() - t0)
 
 
 def _stream_with_history(c, seconds: int, hr, lr) -> pfp.CompressorStream:
@@ -208,17 +221,11 @@ def test_cpu_stream_ratios_interleaved(benchmark, stream_setup):
     """Append at 2 s, append at 20 s and a full 21 s recompute, interleaved round by round so
     that load from other processes drifts over all three alike; ratios of medians."""
     c, hr, lr, streams = stream_setup
-    import pfp_kernels
     times = {"append/2s": [], "append/20s": [], "append/20s frozen": [], "recompute/21s": []}
 
     def one_round():
         for key, s in (("append/2s", 2), ("append/20s", 20), ("append/20s frozen", 20)):
-            fork, a, b = _fork(streams[s]), s * CHUNK_HR, s * CHUNK_LR
-            # frozen: the conv kernels keep each weight's content hash (as pfp.generate runs them)
-            with pfp_kernels.frozen_weights() if key.endswith("frozen") else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
-                times[key].append(time.perf_counter() - t0)
+            _time_append(times[key], streams[s], hr, lr, s * CHUNK_HR, s * CHUNK_LR, key.endswith("frozen"))
         t0 = time.perf_counter()
         c(hr, lr)
         times["recompute/21s"].append(time.perf_counter() - t0)
@@ -243,7 +250,6 @@ def test_cpu_stream_quarter_width256_interleaved(benchmark):
     """Issue 24's CPU case: the compressor at 1/4 scale with width 256, a 1 s append to 20 s of
     history (plain, and inside pfp_kernels.frozen_weights()) against a full 21 s recompute,
     interleaved; reported, not asserted (the goal is a recompute >= 15x an append)."""
-    import pfp_kernels
     torch.manual_seed(0)
     c = pfp.MemoryCompressor(nn.Conv3d(CHANNELS, 256, (1, 2, 2), (1, 2, 2)), CHANNELS, 256, RATE,
                              zero_init=False).eval()
@@ -254,11 +260,7 @@ def test_cpu_stream_quarter_width256_interleaved(benchmark):
 
     def one_round():
         for key in ("append", "append frozen"):
-            fork = _fork(base)
-            with pfp_kernels.frozen_weights() if key.endswith("frozen") else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                fork.append(hr[:, :, a: a + CHUNK_HR], lr[:, :, b: b + CHUNK_LR])
-                times[key].append(time.perf_counter() - t0)
+            _time_append(times[key], base, hr, lr, a, b, key.endswith("frozen"))
         t0 = time.perf_counter()
         c(hr, lr)
         times["recompute"].append(time.perf_counter() - t0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from typing import Optional, Sequence
 
 import torch
@@ -240,21 +241,21 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
         h, w = config.video_size
         s = config.vae_spatial
         tokens = sum(math.prod(c.token_grid((latent_frames, h // s, w // s))) for c in model.compressors)
-        clips = [(i, start) for i in range(len(dataset)) for start in dataset.spread_starts(i, clips_per_video)]
+        clips = [(i, c, start) for i in range(len(dataset))
+                 for c, start in enumerate(dataset.spread_starts(i, clips_per_video))]
         scores = []
-        for j, (i, start) in enumerate(tqdm(clips, desc=os.path.basename(str(path)), disable=not progress,
-                                            file=sys.stderr)):
+        for i, c, start in tqdm(clips, desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
             item = dataset.get(i, start=start)
-            # clip j's frames: the same for every checkpoint (the first clip of video i keeps the
+            # clip c of video i: the same frames for every checkpoint (a video's first clip keeps the
             # seed it had before several clips per video existed)
-            rng = random.Random(seed * 100003 + i + 1000003 * (j - i * clips_per_video))
+            rng = random.Random(seed * 100003 + i + 1000003 * c)
             picks = sorted(rng.sample(range(latent_frames), min(frames, latent_frames)))
             m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
                                   item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
             scores.append((m["psnr"], m["ssim"]))
         psnrs = [p for p, _ in scores]
-        mean = sum(psnrs) / len(psnrs)
-        sem = (sum((p - mean) ** 2 for p in psnrs) / (len(psnrs) - 1) / len(psnrs)) ** 0.5 if len(psnrs) > 1 else None
+        mean = statistics.fmean(psnrs)
+        sem = statistics.stdev(psnrs) / len(psnrs) ** 0.5 if len(psnrs) > 1 else None
         rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "context_tokens": tokens, "psnr": mean, "psnr_sem": sem,
                      "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,

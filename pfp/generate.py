@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from pfp.compressor import Context, mix_contexts
+from pfp.compressor import mix_contexts
 from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
 
 BUILTIN_STORYBOARD = [
@@ -168,6 +168,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     from pfp.data import to_low_res_part
     from pfp.sampler import sample
     from pfp.vae import decode_stream, encode_stream
+    from pfp.window import window_context, with_window
 
     from pfp.offload import Placement
 
@@ -276,7 +277,6 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
                 context = cache if backbone.context_mode == "cached" else _stream_context(streams)
                 if window:   # rebuilt each chunk over the compressed history; `cache` never holds it
-                    from pfp.window import window_context, with_window
                     recent = x if recent is None else torch.cat([recent, x], dim=2)[:, :, -window:]
                     win = window_context(backbone, recent, window, history_frames=(k + 1) * lat_shape[2])
                     if backbone.context_mode == "cached":
@@ -307,7 +307,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                             placement.bytes_moved if placement is not None else 0, lr_all[1:])
 
 
-def _stream_context(streams) -> "Context":
+def _stream_context(streams):
     """Every token the compressor streams emitted so far, as one context (merged by arrival)."""
     return mix_contexts([st.context for st in streams])
 

@@ -103,9 +103,10 @@ class PFPModel(nn.Module):
 
     def is_saved_key(self, key: str) -> bool:
         """Whether a state-dict key belongs in weights files and checkpoints."""
-        if key.startswith("mix.") and ".patch_embed." in key:   # the shared patch embedding, stored once
+        # every compressor's patch embedding is the backbone's, stored once, under the backbone
+        if key.startswith(("compressor.", "mix.")) and ".patch_embed." in key:
             return False
-        return not key.startswith(("compressor.patch_embed.", *self.frozen_prefixes()))
+        return not key.startswith(self.frozen_prefixes())
 
 
 def _build_text(config: PFPConfig):

@@ -509,7 +509,7 @@ class WanStyleBackbone(nn.Module):
     def has_memory_attention(self) -> bool:
         return len(self.blocks) > 0 and self.blocks[0].memory_attn is not None
 
-    def _memory_kv(self, features: Tensor, mask: Optional[Tensor]) -> list:
+    def _memory_kv(self, features: Tensor) -> list:
         """Per block, (K, V) of the features for its MemoryAttention."""
         dtype = self.compute_dtype
         return [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
@@ -615,7 +615,7 @@ class WanStyleBackbone(nn.Module):
         features = getattr(context, "features", None)
         if not self.has_memory_attention or features is None or features.shape[1] == 0:
             return old
-        kv = self._memory_kv(features, None)
+        kv = self._memory_kv(features)
         new_mask = getattr(context, "feature_mask", None)
         if old[0] is None:
             return [k for k, _ in kv], [v for _, v in kv], new_mask
@@ -698,7 +698,7 @@ class WanStyleBackbone(nn.Module):
                 if features.shape[0] not in (1, b):
                     raise ValueError(f"context features batch must be 1 or {b}, got {features.shape[0]}")
                 fmask = getattr(context, "feature_mask", None)
-                memory = [(k, v, fmask) for k, v in self._memory_kv(features, fmask)]
+                memory = [(k, v, fmask) for k, v in self._memory_kv(features)]
 
         cross_mask = text_mask if self.mask_text_padding else None
         sp = self.sequence_parallel

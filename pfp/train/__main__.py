@@ -6,7 +6,7 @@ import sys
 
 from pfp._cli import Parser, run_cli
 
-from .loop import MODES, TrainArgs
+from .loop import CROPS, MODES, STORYBOARD_POLICIES, TrainArgs
 
 
 def _parser() -> Parser:
@@ -50,11 +50,11 @@ def _parser() -> Parser:
     p.add_argument("--bad-data", default=d.bad_data, choices=["skip", "error"],
                    help="video folder: unusable files (undecodable, too short, no storyboard) are checked before "
                         "step 1 and skipped with a one-line report, or refused (default %(default)s)")
-    p.add_argument("--crop", default=d.crop, choices=["random", "center"],
+    p.add_argument("--crop", default=d.crop, choices=CROPS,
                    help="video folder: each clip scaled by a random zoom in [1, 1.5] and cropped at a random place, "
                         "or scaled to cover the video size and center-cropped (default %(default)s); clips "
                         "start at random times either way")
-    p.add_argument("--storyboards", default=d.storyboards, choices=["required", "optional"],
+    p.add_argument("--storyboards", default=d.storyboards, choices=STORYBOARD_POLICIES,
                    help="video folder: a video without <name>.json is unusable, or gets one shot of the prompt "
                         "'a video' (default %(default)s)")
     p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic videos to draw from")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pfp._cli import RunFailure, UsageError, check_device, check_number, check_output_file, check_writable_dir
+from pfp.data.video_folder import CROPS, STORYBOARD_POLICIES
 from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
 
 from .checkpoint import (CHECKPOINTS, LEGACY_DIRS, load_checkpoint, read_optimizer_state, read_state, recover,
@@ -289,50 +290,45 @@ def _matches(key: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(key, pattern) if any(c in pattern for c in "*?[") else key.startswith(pattern)
 
 
-def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
-    if skip_prefix:
-        # start these modules afresh: e.g. finetuning without the pretrained compressor (Table 2's
-        # "Without Pretrain"), or a compressor of another kind or rate over a trained backbone
-        own = model.trainable_state_dict()
-        fresh = {k: v.clone() for k, v in own.items() if _matches(k, skip_prefix)}
-        if os.path.isdir(path):
-            path = resolve_checkpoint(path)
-            tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
-            if st.get("lora"):
-                raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
-        else:
-            tensors = read_weights(path)[0]
-        if not fresh and not any(_matches(k, skip_prefix) for k in tensors):
-            raise ValueError(f"--init-skip {skip_prefix!r} names no tensor of this model or of {path}")
-        kept = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()
-                if not _matches(k, skip_prefix)}
-        load_state_checked(model, {**kept, **fresh}, path)
-        return
-    if new_prefix:
-        # modules added since the init file was written keep their fresh initialisation
-        own = model.trainable_state_dict()
-        fill = {k: v for k, v in own.items() if _matches(k, new_prefix)}
-        if not fill:
-            raise ValueError(f"--init-new {new_prefix!r} names no tensor of this model")
-        tensors = read_weights(path)[0]
-        clash = sorted(k for k in fill if k in tensors)
-        if clash:
-            raise ValueError(f"--init-new {new_prefix!r}: {path} already has {clash[:3]}")
-        load_state_checked(model, {**{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()},
-                                   **{k: v.clone() for k, v in fill.items()}}, path)
-        return
+def _init_tensors(model: PFPModel, path: str) -> tuple:
+    """(path, tensors, the file's config or None) of ``--init``: a weights file (floating tensors
+    in fp32), or a checkpoint folder (verified once; its tensors as the model saves them)."""
     if os.path.isdir(path):
         path = resolve_checkpoint(path)                                  # verified here, once
         tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
-        load_state_checked(model, {k: v for k, v in tensors.items() if model.is_saved_key(k)}, path)
-    else:
-        tensors, file_cfg = read_weights(path)
-        if file_cfg is not None and file_cfg.compressor_kind != model.config.compressor_kind:
-            raise ValueError(f"--init {path} holds a {file_cfg.compressor_kind!r} compressor but the config asks for "
-                             f"{model.config.compressor_kind!r}; use a config of the same compressor_kind")
-        load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+        return path, {k: v for k, v in tensors.items() if model.is_saved_key(k)}, None
+    tensors, file_cfg = read_weights(path)
+    return path, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, file_cfg
+
+
+def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
+    path, tensors, file_cfg = _init_tensors(model, path)
+    own = model.trainable_state_dict()
+    if skip_prefix:
+        # start these modules afresh: e.g. finetuning without the pretrained compressor (Table 2's
+        # "Without Pretrain"), or a compressor of another kind or rate over a trained backbone
+        fresh = {k: v.clone() for k, v in own.items() if _matches(k, skip_prefix)}
+        if not fresh and not any(_matches(k, skip_prefix) for k in tensors):
+            raise ValueError(f"--init-skip {skip_prefix!r} names no tensor of this model or of {path}")
+        kept = {k: v for k, v in tensors.items() if not _matches(k, skip_prefix)}
+        load_state_checked(model, {**kept, **fresh}, path)
+        return
+    if new_prefix:
+        # modules added since the init file was written keep their fresh initialisation
+        fill = {k: v.clone() for k, v in own.items() if _matches(k, new_prefix)}
+        if not fill:
+            raise ValueError(f"--init-new {new_prefix!r} names no tensor of this model")
+        clash = sorted(k for k in fill if k in tensors)
+        if clash:
+            raise ValueError(f"--init-new {new_prefix!r}: {path} already has {clash[:3]}")
+        load_state_checked(model, {**tensors, **fill}, path)
+        return
+    if file_cfg is not None and file_cfg.compressor_kind != model.config.compressor_kind:
+        raise ValueError(f"--init {path} holds a {file_cfg.compressor_kind!r} compressor but the config asks for "
+                         f"{model.config.compressor_kind!r}; use a config of the same compressor_kind")
+    load_state_checked(model, tensors, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,8 +375,8 @@ def check_train_args(args: TrainArgs) -> None:
                                  ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
                                  ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
                                  ("--bad-data", args.bad_data, ("skip", "error")),
-                                 ("--crop", args.crop, ("random", "center")),
-                                 ("--storyboards", args.storyboards, ("required", "optional"))):
+                                 ("--crop", args.crop, CROPS),
+                                 ("--storyboards", args.storyboards, STORYBOARD_POLICIES)):
         if value not in choices:
             raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if args.device != "auto":
