@@ -4,8 +4,9 @@ Each op is an :class:`Op`: its implementations as :class:`Impl` records, the ord
 tries them per device type, and a probe (small example inputs) for ``python -m pfp_kernels.info``.
 An ``Impl`` says which device types it can ever run on and, through ``why_not(*inputs)``, why it
 cannot run *these* inputs (dtype, head dim, size, a missing library...), or None when it can.
-``Op.choose`` takes the first implementation of the auto order that can run, or checks a forced
-one, and every refusal names the implementation and its reason.
+``Op.choose`` checks a forced implementation, or for ``auto`` takes the measured fastest of those
+that can run (``_tuning``: a shipped table, the user's cache, or timing on first use), else the
+first of the static order that can; every refusal names the implementation and its reason.
 
 The ``why_not`` functions must stay cheap and traceable by torch.compile: no imports or
 dispatcher queries while tracing (see ``_extension.CPU_KERNELS`` and the attention module's table
@@ -19,7 +20,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import _extension
+from . import _extension, _tuning
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -55,6 +56,9 @@ class Impl:
 class Op:
     """An op's implementations, its ``impl="auto"`` order per device type, and an info probe.
 
+    tuned: per device type, the implementations ``auto`` times against each other when the API
+    passes a :class:`_tuning.TuneCall` (the stock kernels among them, so a measured ``auto`` is never
+    slower than the stock kernel it knows). Empty: the static order alone.
     probe(device) returns ``(description, inputs)``: small inputs on ``device`` that show which
     implementations can run there (``info`` prints the reasons for them).
     """
@@ -63,6 +67,7 @@ class Op:
     impls: tuple[Impl, ...]
     auto_order: Mapping[str, tuple[str, ...]]
     probe: Optional[Callable[[torch.device], tuple[str, tuple]]] = field(default=None, compare=False)
+    tuned: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -80,10 +85,11 @@ class Op:
                 out[impl.name] = impl.why_not(*inputs)
         return out
 
-    def choose(self, impl: str, *inputs) -> str:
+    def choose(self, impl: str, *inputs, tune: Optional[_tuning.TuneCall] = None) -> str:
         """The implementation to run: ``impl`` itself if it can run these inputs, or for "auto" the
-        first in this device's auto order that can. Raises ValueError for an unknown name and
-        RuntimeError (with every reason) when none can."""
+        measured fastest of ``tuned`` that can (when ``tune`` is given and two or more can), else the
+        first in this device's auto order that can. Raises
+        ValueError for an unknown name and RuntimeError (with every reason) when none can."""
         names = self.names
         if impl != "auto" and impl not in names:
             raise ValueError(f"{self.name}: impl must be one of {('auto',) + names}, got {impl!r}")
@@ -93,7 +99,14 @@ class Op:
             if why is not None:
                 raise RuntimeError(f"{self.name}: impl={impl!r} cannot run these inputs: {why}")
             return impl
-        order = self.auto_order.get(inputs[0].device.type, self.auto_order["default"])
+        device = inputs[0].device.type
+        if tune is not None and device in self.tuned:
+            runnable = [name for name in self.tuned[device] if reasons[name] is None]
+            if len(runnable) > 1:
+                best = _tuning.lookup_or_measure(self.name, runnable, inputs, tune)
+                if best is not None:
+                    return best
+        order = self.auto_order.get(device, self.auto_order["default"])
         for name in order:
             if reasons[name] is None:
                 return name
@@ -107,7 +120,7 @@ OPS: dict[str, Op] = {}
 def register(op: Op) -> Op:
     if "default" not in op.auto_order:
         raise ValueError(f"{op.name}: auto_order needs a 'default' entry")
-    for order in op.auto_order.values():
+    for order in (*op.auto_order.values(), *op.tuned.values()):
         unknown = set(order) - set(op.names)
         if unknown:
             raise ValueError(f"{op.name}: auto_order names unknown implementations {sorted(unknown)}")

@@ -1,5 +1,12 @@
 """``python -m pfp_kernels.info``: which implementations of every op can run here, and why not.
 
+``--table`` prints ``auto``'s measured choices for this machine's devices (shipped and cached;
+``pfp_kernels._tuning``), and ``--tune`` first re-times the standard shapes below on every device
+here and writes them to the cache: on CUDA the paper's attention (B=1 and 2, H=24, D=128,
+Nq=Nk=2340, Nc=0/1000/5460/20000, bf16, forward and forward+backward) and the compressor's four
+conv stages at 480p; on CPU the same at the benchmarks' CPU scale (H=8, D=64, Nq=Nk=585; conv
+stages at 1/4 spatial scale), fp32 and bf16.
+
 Every op is printed the same way, from the one registry (``pfp_kernels._registry.OPS``): for each
 device, the op's probe inputs, then each implementation with "yes" (marked "auto" where
 ``impl="auto"`` would pick it) or "no: <reason>". Reasons are input-aware, so for your own shapes
@@ -8,11 +15,13 @@ ask the op itself: ``pfp_kernels.attention_backends(q, k, v, ...)`` or
 """
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Callable, Iterator
 
 import torch
 
-from . import _extension, _registry
+from . import _extension, _registry, _tuning
 from . import attention as _attention  # noqa: F401  (registers its op)
 from . import conv as _conv  # noqa: F401  (registers its ops)
 
@@ -73,8 +82,81 @@ def _cpu_attention_routes() -> list[str]:
     return [f"    cpp routes with a context: {', '.join(routes)}"]
 
 
-def main() -> int:
+# ----------------------------------------------------------------------------------------------
+# the standard shapes --tune measures
+# ----------------------------------------------------------------------------------------------
+CONV_STAGES = ((16, 64, (2, 1, 1), (120, 60, 104)), (64, 128, (1, 2, 2), (60, 60, 104)),
+               (128, 256, (1, 2, 2), (60, 30, 52)), (256, 512, (1, 2, 2), (60, 15, 26)))
+
+
+def tuning_cases(device: torch.device) -> Iterator[tuple[str, Callable[[], object]]]:
+    """(label, call) pairs: each call runs one op with ``impl="auto"`` so that it is re-timed."""
+    from . import attention, conv
+    cuda = device.type == "cuda"
+    dtypes = (torch.bfloat16,) if cuda else (torch.float32, torch.bfloat16)
+    h, d, n = (24, 128, 2340) if cuda else (8, 64, 585)
+    contexts = (0, 1000, 5460, 20000) if cuda else (0, 1365, 5460)
+    batches = (1, 2) if cuda else (1,)
+    for dtype in dtypes:
+        for b in batches:
+            for nc in contexts:
+                for grad in (False, True):
+                    def call(b=b, nc=nc, grad=grad, dtype=dtype):
+                        q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype).requires_grad_(grad)
+                                   for _ in range(3))
+                        ck = cv = None
+                        if nc:
+                            ck, cv = (torch.randn(1, nc, h, d, device=device, dtype=dtype).requires_grad_(grad)
+                                      for _ in range(2))
+                        with _tuning.refreshing():
+                            attention.joint_attention(q, k, v, ck, cv)
+                    yield (f"joint_attention {_tuning.dtype_name(dtype)} B={b} H={h} D={d} Nq=Nk={n} Nc={nc} "
+                           f"{'fwd+bwd' if grad else 'fwd'}"), call
+        scale = 1 if cuda else 4
+        for cin, cout, stride, (t, hh, ww) in CONV_STAGES:
+            def call(cin=cin, cout=cout, stride=stride, t=t, hh=hh, ww=ww, dtype=dtype):
+                x = torch.randn(1, cin, t, hh // scale, ww // scale, device=device, dtype=dtype)
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+                w = torch.randn(cout, cin, 3, 3, 3, device=device, dtype=dtype) * 0.05
+                bias = torch.zeros(cout, device=device, dtype=dtype)
+                with _tuning.refreshing():
+                    conv.conv3d_act(x, w, bias, stride, 1)
+            yield (f"conv3d_act {_tuning.dtype_name(dtype)} {cin}->{cout} stride {stride} "
+                   f"[{t}, {hh // scale}, {ww // scale}]"), call
+
+
+def table_report(devices: list[torch.device]) -> str:
+    names = {_tuning.device_name(device) for device in devices}
+    entries = [e for e in _tuning.TABLE.entries() if e.device in names]
+    lines = [f"auto's measured choices for {', '.join(sorted(names))} (cache: {_tuning.cache_path()}; "
+             f"timing on first use {'on' if _tuning.autotune_enabled() else 'off'}, "
+             f"{_tuning.AUTOTUNE_ENV})"]
+    if not entries:
+        lines.append("  none yet: the first call of each shape is timed (or run --tune)")
+    for e in sorted(entries, key=lambda e: (e.device, e.op, e.dtype, e.mode, repr(e.bucket))):
+        times = ", ".join(f"{k} {v:.3f}" for k, v in sorted(e.ms.items(), key=lambda kv: kv[1]))
+        lines.append(f"  {e.op} {e.dtype} {e.mode} {list(e.bucket)}: {e.impl}  (ms: {times}; {e.source})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pfp_kernels.info",
+                                     description="Which implementations of every op can run here, and why not.")
+    parser.add_argument("--table", action="store_true", help="also print auto's measured choices for this machine")
+    parser.add_argument("--tune", action="store_true",
+                        help="re-time the standard shapes on every device here, save them, print the table")
+    args = parser.parse_args(argv)
     print(report())
+    devices = _devices()
+    if args.tune:
+        cases = [(device, label, call) for device in devices for label, call in tuning_cases(device)]
+        print(f"\ntuning {len(cases)} cases (each timed on this machine; results go to {_tuning.cache_path()})")
+        for i, (device, label, call) in enumerate(cases, 1):
+            print(f"  [{i}/{len(cases)}] {device.type}: {label}", flush=True)
+            call()
+    if args.table or args.tune:
+        print()
+        print(table_report(devices))
     return 0
 
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -9,6 +10,11 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# auto's measured choice (pfp_kernels._tuning) would time candidates on first use and write a cache
+# in the home folder: the tests take the static order, except the tuning tests, which turn it on
+# with their own cache file.
+os.environ.setdefault("PFP_KERNELS_AUTOTUNE", "0")
+os.environ.setdefault("PFP_KERNELS_CACHE", os.path.join(tempfile.mkdtemp(prefix="pfp-tuning-"), "tuning.json"))
 # Deterministic mode (the NaN poison below) needs a fixed cuBLAS workspace on CUDA.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

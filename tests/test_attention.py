@@ -276,7 +276,7 @@ def test_gradient_without_lse_output():
 # registration: opcheck every op, torch.compile once
 # ----------------------------------------------------------------------------------------------
 def _ops_here():
-    ops = ["joint_attention_sdpa"]
+    ops = ["joint_attention_sdpa", "joint_attention_sdpa_concat"]
     if _extension.has_cpu_kernel("joint_attention"):
         ops.append("joint_attention")
     if _registry.TRITON_AVAILABLE and _registry.TRITON_INTERPRET:

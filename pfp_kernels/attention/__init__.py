@@ -20,7 +20,8 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
 - ``flash_attn``  flash-attn when installed (CUDA): FA3 (``flash_attn_interface``) on sm_90,
   FA2 elsewhere (never FA3 on Ada); one call per segment with its LSE, then the exact merge.
 - ``triton``      triton.py: one FlashAttention-style pass over both
-  segments, forward and backward kernels (head dim <= 256 in fp16/bf16, <= 128 in fp32).
+  segments, forward and backward kernels (head dim <= 256 in fp16/bf16, <= 128 in fp32). It never
+  builds the concatenation, so it takes the least memory.
 - ``xformers``    xformers when installed (CUDA): partial attention per segment + exact merge.
 - ``cpp``         csrc/joint_attention.cpp (CPU): one FlashAttention-2-style pass of our own whose key
   loop walks the context blocks then the target blocks (fp32 SGEMMs on per-thread fp32 blocks,
@@ -29,11 +30,19 @@ Backends (``attention_backends`` says which can run given inputs, and why not):
   ATen's kernel once over the concatenation (its bf16 tiles beat our fp32 SGEMMs there).
   ``torch.ops.pfp._attention_cpu_path`` forces any of "flash", "segments", "concat".
 - ``sdpa``        PyTorch's fused SDPA kernels with LSE once per segment + the merge in PyTorch
-  (CPU: ``_scaled_dot_product_flash_attention_for_cpu``; CUDA: the memory-efficient kernel).
+  (CPU: ``_scaled_dot_product_flash_attention_for_cpu``; CUDA: cuDNN, else memory-efficient).
+- ``sdpa_concat`` the stock way: ``F.scaled_dot_product_attention`` over ``cat(context, target)``,
+  PyTorch's kernel choice and its own backward (the concatenation is a copy each call).
 - ``torch``       the reference (fp32/fp64 math, materialises the scores).
 
-``impl="auto"`` order: CUDA ``flash_attn, triton, xformers, sdpa, torch``; CPU ``cpp, sdpa, torch``
-(benchmarks/bench_attention.py measures cpp and sdpa against SDPA over the concatenation).
+``impl="auto"`` times the runnable candidates (CUDA: ``flash_attn, triton, xformers, sdpa,
+sdpa_concat``; CPU: ``cpp, sdpa, sdpa_concat``) once per device, dtype, mode (forward, or forward +
+backward when inputs require grad) and shape bucket, and keeps the fastest (``pfp_kernels._tuning``:
+a shipped table for measured cards, the user's cache, timing on first use). Where nothing is
+measured or measuring is off (``PFP_KERNELS_AUTOTUNE=0``, torch.compile tracing), the static order is
+CUDA ``flash_attn, sdpa_concat, triton, xformers, sdpa, torch`` (sdpa_concat ahead of triton from
+the H100 measurements: 0.79x forward, 0.41x forward + backward for triton) and CPU
+``cpp, sdpa, sdpa_concat, torch``.
 
 Backward: every backend saves (out, lse) and shares one backward: the Triton backward kernels on
 CUDA (and for the Triton backend under the interpreter), elsewhere a per-segment math backward.
@@ -48,13 +57,14 @@ from torch import Tensor
 
 from .. import _registry
 from .._registry import Impl, Op, dtype_why_not, register
+from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers the ops, fakes and autograd)
 from .autograd import KERNEL_DTYPES, MAX_TRITON_FP32_HEAD_DIM, MAX_TRITON_HEAD_DIM
-from .backends import _flash_attn_module, _import, _why_not_importable
+from .backends import _flash_attn_module, _import, _why_not_importable, joint_attention_sdpa_concat
 from .checks import check_inputs, scale_or_default
 from .reference import joint_attention_reference, merge_attention
 
-ATTENTION_BACKENDS = ("flash_attn", "triton", "xformers", "cpp", "sdpa", "torch")
+ATTENTION_BACKENDS = ("flash_attn", "triton", "xformers", "cpp", "sdpa", "sdpa_concat", "torch")
 # Asked once: the dispatcher query inside cpp_why_not is not traceable by torch.compile.
 _CPP_WHY_NOT_ON_CPU = _registry.cpp_why_not("joint_attention", torch.device("cpu"))
 
@@ -119,10 +129,13 @@ JOINT_ATTENTION = register(Op(
      Impl("xformers", ("cuda",), _xformers_why_not, "xformers.ops.fmha"),
      Impl("cpp", ("cpu",), _cpp_why_not, "csrc/joint_attention.cpp"),
      Impl("sdpa", ("cpu", "cuda"), _sdpa_why_not, "pfp_kernels/attention/backends.py"),
+     Impl("sdpa_concat", ("cpu", "cuda"), _sdpa_why_not, "F.scaled_dot_product_attention over the concatenation"),
      Impl("torch", (), lambda *inputs: None, "pfp_kernels/attention/reference.py")),
-    {"cuda": ("flash_attn", "triton", "xformers", "sdpa", "torch"), "cpu": ("cpp", "sdpa", "torch"),
-     "default": ("triton", "sdpa", "torch")},
+    {"cuda": ("flash_attn", "sdpa_concat", "triton", "xformers", "sdpa", "torch"),
+     "cpu": ("cpp", "sdpa", "sdpa_concat", "torch"), "default": ("triton", "sdpa", "torch")},
     _probe,
+    tuned={"cuda": ("flash_attn", "triton", "xformers", "sdpa", "sdpa_concat"),
+           "cpu": ("cpp", "sdpa", "sdpa_concat")},
 ))
 
 
@@ -137,7 +150,30 @@ def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tens
 
 
 _OPS = {"cpp": "joint_attention", "triton": "joint_attention_triton", "sdpa": "joint_attention_sdpa",
-        "flash_attn": "joint_attention_flash_attn", "xformers": "joint_attention_xformers"}
+        "sdpa_concat": "joint_attention_sdpa_concat", "flash_attn": "joint_attention_flash_attn",
+        "xformers": "joint_attention_xformers"}
+
+
+def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: bool):
+    """out, or (out, lse) with ``return_lse``, from implementation ``name``."""
+    if name == "torch":
+        out, lse = joint_attention_reference(q, k, v, context_k, context_v, scale)
+    elif name == "sdpa_concat" and not return_lse:
+        return joint_attention_sdpa_concat(q, k, v, context_k, context_v, scale)
+    else:
+        out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale)
+    return (out, lse) if return_lse else out
+
+
+def _tune_call(q, k, v, context_k, context_v, scale: float) -> TuneCall:
+    """The measured choice's key and runner: B, H, D exact, the lengths rounded up to powers of
+    two, and whether one context serves several query batches."""
+    b, nq, h, d = q.shape
+    nc = context_k.shape[1] if context_k is not None else 0
+    shared = int(context_k is not None and context_k.shape[0] == 1 and b > 1)
+    bucket = (b, h, d, pow2(nq), pow2(k.shape[1]), pow2(nc), shared)
+    grad_inputs = tuple(t for t in (q, k, v, context_k, context_v) if t is not None and t.requires_grad)
+    return TuneCall(bucket, lambda name: _run(name, q, k, v, context_k, context_v, scale, False), grad_inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,9 +190,10 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
         context_k, context_v: ``[B or 1, Nc, H, D]`` or None. Batch 1 serves all B query batches
             without a copy. Nc may be 0; Nc + Nk must be >= 1.
         scale: softmax scale, default ``1/sqrt(D)``.
-        impl: ``"auto"`` or one of ``flash_attn, triton, xformers, cpp, sdpa, torch`` (see the
-            module docstring and :func:`attention_backends`). A forced backend that cannot run
-            these inputs raises RuntimeError with its reason.
+        impl: ``"auto"`` (the measured fastest; see the module docstring) or one of
+            ``flash_attn, triton, xformers, cpp, sdpa, sdpa_concat, torch`` (see
+            :func:`attention_backends`). A forced backend that cannot run these inputs raises
+            RuntimeError with its reason.
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:
@@ -165,13 +202,10 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
         :func:`merge_attention`. Differentiable in q, k, v, context_k, context_v.
     """
     check_inputs(q, k, v, context_k, context_v)
-    chosen = JOINT_ATTENTION.choose(impl, q, k, v, context_k, context_v)
     scale = scale_or_default(scale, q.shape[-1])
-    if chosen == "torch":
-        out, lse = joint_attention_reference(q, k, v, context_k, context_v, scale)
-    else:
-        out, lse = getattr(torch.ops.pfp, _OPS[chosen])(q, k, v, context_k, context_v, scale)
-    return (out, lse) if return_lse else out
+    tune = _tune_call(q, k, v, context_k, context_v, scale) if impl == "auto" else None
+    chosen = JOINT_ATTENTION.choose(impl, q, k, v, context_k, context_v, tune=tune)
+    return _run(chosen, q, k, v, context_k, context_v, scale, return_lse)
 
 
 __all__ = ["joint_attention", "merge_attention", "attention_backends", "joint_attention_reference",

@@ -1,6 +1,7 @@
 """Registration of the joint_attention ops with torch.library: fake kernels and autograd for the C++
-op ``pfp::joint_attention`` and the Python backends ``pfp::joint_attention_{sdpa,flash_attn,
-xformers,triton}``.
+op ``pfp::joint_attention`` and the Python backends ``pfp::joint_attention_{sdpa,sdpa_concat,
+flash_attn,xformers,triton}`` (``sdpa_concat`` is an op only for callers that want the lse; without
+it the API calls SDPA over the concatenation directly and keeps PyTorch's own backward).
 
 Every backend saves (out, lse) and shares one backward: the Triton backward kernels on CUDA (and
 for the Triton backend under the interpreter), elsewhere a per-segment math backward. The gradient
@@ -15,8 +16,8 @@ from torch import Tensor
 
 from .. import _extension
 from .._registry import TRITON_AVAILABLE
-from .backends import (_joint_attention_flash_attn_impl, _joint_attention_sdpa_impl,
-                       _joint_attention_xformers_impl)
+from .backends import (_joint_attention_flash_attn_impl, _joint_attention_sdpa_concat_impl,
+                       _joint_attention_sdpa_impl, _joint_attention_xformers_impl)
 from .reference import lse_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -108,6 +109,12 @@ def _joint_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[T
     return _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale)
 
 
+@torch.library.custom_op("pfp::joint_attention_sdpa_concat", mutates_args=())
+def _joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                 context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    return _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale)
+
+
 @torch.library.custom_op("pfp::joint_attention_flash_attn", mutates_args=())
 def _joint_attention_flash_attn(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
                                 context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
@@ -120,7 +127,7 @@ def _joint_attention_xformers(q: Tensor, k: Tensor, v: Tensor, context_k: Option
     return _joint_attention_xformers_impl(q, k, v, context_k, context_v, scale)
 
 
-for _name in ("sdpa", "flash_attn", "xformers"):
+for _name in ("sdpa", "sdpa_concat", "flash_attn", "xformers"):
     _register(f"pfp::joint_attention_{_name}")
 
 

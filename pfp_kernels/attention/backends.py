@@ -144,6 +144,39 @@ def _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale):
                             for sk, sv in _segments(q, k, v, context_k, context_v)])
 
 
+def _concatenated(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor], context_v: Optional[Tensor]):
+    """``[context ; target]`` keys and values, the context expanded to q's batch (a copy)."""
+    if context_k is None:
+        return k, v
+    b = q.shape[0]
+    return (torch.cat([context_k.expand(b, -1, -1, -1), k], dim=1),
+            torch.cat([context_v.expand(b, -1, -1, -1), v], dim=1))
+
+
+def joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
+                                context_v: Optional[Tensor], scale: float) -> Tensor:
+    """The stock way: ``F.scaled_dot_product_attention`` over the concatenation, PyTorch's kernel
+    choice (cuDNN or FlashAttention-2 on CUDA) and its own backward. Differentiable as it stands."""
+    if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
+        return q.new_empty(q.shape)
+    keys, values = _concatenated(q, k, v, context_k, context_v)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale):
+    """(out, lse) over the concatenation, for callers that want the log-sum-exp (an op with the
+    shared backward; without the lse, :func:`joint_attention_sdpa_concat` keeps PyTorch's)."""
+    if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
+        return _empty_result(q)
+    if q.device.type == "cpu":
+        q, k, v, context_k, context_v = map(_unit_stride_d, (q, k, v, context_k, context_v))
+    keys, values = _concatenated(q, k, v, context_k, context_v)
+    out, lse = _sdpa_segment(q, keys, values, scale)
+    return out.contiguous(), lse.contiguous()
+
+
 def _joint_attention_flash_attn_impl(q, k, v, context_k, context_v, scale):
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return _empty_result(q)

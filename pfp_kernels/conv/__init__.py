@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import _registry
 from .._registry import Impl, Op, dtype_why_not, register
+from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers fakes and autograd)
 from .reference import causal_conv3d_act_reference, conv3d_act_reference, project_tokens_reference
 from .shapes import (ACTIVATIONS, KERNEL_DTYPES, STATE_FIELDS, IntOr3, batch_item_span, check_activation,
@@ -78,6 +79,20 @@ def _triton_why_not(x: Tensor, weight: Tensor) -> Optional[str]:
 _TRITON = Impl("triton", ("cuda", "cpu"), _triton_why_not, "pfp_kernels/conv/triton.py")
 _TORCH = Impl("torch", (), lambda x, weight: None, "pfp_kernels/conv/reference.py")
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch"), "default": ("triton", "torch")}
+# What auto times against each other: ours and the stock eager one (cuDNN or oneDNN conv, then SiLU).
+_TUNED = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+def conv_bucket(weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                activation: Optional[str], outputs: int) -> tuple:
+    """auto's shape key for a conv: the layer's geometry exactly, the number of output positions
+    (batch included) rounded up to a power of two."""
+    return (*weight_shape, *stride, *padding, activation or "none", pow2(outputs))
+
+
+def _tune_call(bucket: tuple, run, *inputs: Optional[Tensor]) -> TuneCall:
+    grad_inputs = tuple(t for t in inputs if t is not None and t.requires_grad)
+    return TuneCall(bucket, run, grad_inputs)
 
 
 def _probe(op: str):
@@ -91,7 +106,7 @@ def _probe(op: str):
 
 
 def _op(name: str) -> Op:
-    return register(Op(name, (_cpp(name), _TRITON, _TORCH), _AUTO_ORDER, _probe(name)))
+    return register(Op(name, (_cpp(name), _TRITON, _TORCH), _AUTO_ORDER, _probe(name), _TUNED))
 
 
 CONV3D_ACT = _op("conv3d_act")
@@ -118,7 +133,8 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         bias: ``[Cout]`` or None.
         stride, padding: int or (t, h, w); stride >= 1, padding >= 0 (zeros, symmetric).
         activation: ``"silu"`` or None.
-        impl: ``"auto"`` (fastest available for the device), ``"cpp"``, ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (the measured fastest of ours and the stock eager conv + SiLU for this
+            device, dtype and shape; see ``pfp_kernels._tuning``), ``"cpp"``, ``"triton"`` or ``"torch"``.
 
     Returns:
         ``[B, Cout, To, Ho, Wo]`` in channels-last-3d, dtype of x (accumulation in fp32).
@@ -132,11 +148,18 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     out = [checked_out_len(x.shape[2 + axis], weight.shape[2 + axis], stride[axis], padding[axis], name)
            for axis, name in enumerate("THW")]
     check_output_fits("conv3d_act", x, [x.shape[0], weight.shape[0], *out])
-    chosen = CONV3D_ACT.choose(impl, x, weight)
-    if chosen == "torch":
-        return conv3d_act_reference(x, weight, bias, stride, padding, act)
-    op = torch.ops.pfp.conv3d_act if chosen == "cpp" else torch.ops.pfp.conv3d_act_triton
-    return op(x, weight, bias, stride, padding, act)
+
+    def run(name: str) -> Tensor:
+        if name == "torch":
+            return conv3d_act_reference(x, weight, bias, stride, padding, act)
+        op = torch.ops.pfp.conv3d_act if name == "cpp" else torch.ops.pfp.conv3d_act_triton
+        return op(x, weight, bias, stride, padding, act)
+
+    tune = None
+    if impl == "auto":
+        bucket = conv_bucket(weight.shape, stride, padding, act, x.shape[0] * out[0] * out[1] * out[2])
+        tune = _tune_call(bucket, run, x, weight, bias)
+    return run(CONV3D_ACT.choose(impl, x, weight, tune=tune))
 
 
 @dataclass(eq=False)
@@ -209,12 +232,17 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     # V index of stream frame g is g - (n0 - p).
     time_offset = st * j0 - (kt - 1) - (n0 - p)
 
-    chosen = CAUSAL_CONV3D_ACT.choose(impl, x, weight)
-    if chosen == "torch":
-        y = causal_conv3d_act_reference(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
-    else:
-        op = torch.ops.pfp.causal_conv3d_act if chosen == "cpp" else torch.ops.pfp.causal_conv3d_act_triton
-        y = op(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
+    def run(name: str) -> Tensor:
+        if name == "torch":
+            return causal_conv3d_act_reference(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
+        op = torch.ops.pfp.causal_conv3d_act if name == "cpp" else torch.ops.pfp.causal_conv3d_act_triton
+        return op(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
+
+    tune = None
+    if impl == "auto" and num_out > 0:  # the key also says whether a state is read
+        bucket = (*conv_bucket(weight.shape, stride, padding_hw, act, x.shape[0] * num_out * ho * wo), int(p > 0))
+        tune = _tune_call(bucket, run, x, prev, weight, bias)
+    y = run(CAUSAL_CONV3D_ACT.choose(impl, x, weight, tune=tune))
 
     # Keep stream frames [first frame of the next output, n); bounded by kt - 1 frames.
     keep_from = min(max(st * j1 - (kt - 1), 0), n)
@@ -240,11 +268,19 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         ``[B, T*H*W, Cout]`` tokens ordered (t, h, w), dtype of h.
     """
     weight = check_project_args(h, weight, bias, residual)
-    chosen = PROJECT_TOKENS.choose(impl, h, weight)
-    if chosen == "torch":
-        return project_tokens_reference(h, weight, bias, residual)
-    op = torch.ops.pfp.project_tokens if chosen == "cpp" else torch.ops.pfp.project_tokens_triton
-    return op(h, weight, bias, residual)
+
+    def run(name: str) -> Tensor:
+        if name == "torch":
+            return project_tokens_reference(h, weight, bias, residual)
+        op = torch.ops.pfp.project_tokens if name == "cpp" else torch.ops.pfp.project_tokens_triton
+        return op(h, weight, bias, residual)
+
+    tune = None
+    if impl == "auto":
+        tokens = h.shape[0] * h.shape[2] * h.shape[3] * h.shape[4]
+        tune = _tune_call((weight.shape[0], weight.shape[1], pow2(tokens), int(residual is not None)),
+                          run, h, weight, bias, residual)
+    return run(PROJECT_TOKENS.choose(impl, h, weight, tune=tune))
 
 
 __all__ = ["conv3d_act", "causal_conv3d_act", "project_tokens", "CausalConvState", "frozen_weights",

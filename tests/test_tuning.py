@@ -1,0 +1,195 @@
+"""auto's measured choice (pfp_kernels._tuning): lookup, timing on first use, the cache file, the
+shipped table, and the cases where nothing may be timed. conftest.py turns timing off for the
+other tests; these turn it on with a cache file of their own."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import pfp_kernels as pk
+from pfp_kernels import _tuning, attention, conv
+from pfp_kernels.testing import assert_close
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """Timing on, an empty cache file of this test's own, a fresh table."""
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    table = _tuning.Table()
+    monkeypatch.setattr(_tuning, "TABLE", table)
+    return table
+
+
+def _attention_inputs(requires_grad=False, nc=9):
+    def r(*shape):
+        return torch.randn(*shape).requires_grad_(requires_grad)
+    return r(1, 7, 2, 16), r(1, 5, 2, 16), r(1, 5, 2, 16), r(1, nc, 2, 16), r(1, nc, 2, 16)
+
+
+def _key(inputs, mode="fwd"):
+    q, k, v, ck, cv = inputs
+    call = attention._tune_call(q, k, v, ck, cv, 0.25)
+    return ("joint_attention", _tuning.device_name(q.device), "float32", mode, call.bucket)
+
+
+def _count_measures(monkeypatch):
+    calls = []
+    real = _tuning.measure
+
+    def counting(candidates, *args, **kwargs):
+        calls.append(tuple(candidates))
+        return real(candidates, *args, **kwargs)
+    monkeypatch.setattr(_tuning, "measure", counting)
+    return calls
+
+
+def _runnable(inputs):
+    reasons = pk.attention_backends(*inputs)
+    return [n for n in attention.JOINT_ATTENTION.tuned["cpu"] if reasons[n] is None]
+
+
+def test_first_call_times_the_candidates_and_later_calls_reuse_the_choice(tuning, monkeypatch):
+    inputs = _attention_inputs()
+    calls = _count_measures(monkeypatch)
+    out = pk.joint_attention(*inputs)
+    assert calls == [tuple(_runnable(inputs))]
+    entry = tuning.get(_key(inputs))
+    assert entry is not None and entry.impl == min(entry.ms, key=entry.ms.get)
+    assert set(entry.ms) == set(_runnable(inputs)) and all(t > 0 for t in entry.ms.values())
+    # the result is the chosen backend's, and the same shape bucket is not timed again
+    forced = pk.joint_attention(*inputs, impl=entry.impl)
+    torch.testing.assert_close(out, forced, rtol=0, atol=0)
+    pk.joint_attention(*_attention_inputs(nc=12))  # 12 rounds up to 16 like 9: same bucket
+    assert len(calls) == 1
+    # the cache file holds it, so a new process (a fresh table) does not time it either
+    saved = json.loads(open(_tuning.cache_path()).read())
+    assert [e["impl"] for e in saved["entries"]] == [entry.impl]
+    monkeypatch.setattr(_tuning, "TABLE", _tuning.Table())
+    pk.joint_attention(*inputs)
+    assert len(calls) == 1
+
+
+def test_forward_and_backward_are_keyed_apart(tuning, monkeypatch):
+    calls = _count_measures(monkeypatch)
+    inputs = _attention_inputs(requires_grad=True)
+    out = pk.joint_attention(*inputs)
+    assert len(calls) == 1 and tuning.get(_key(inputs, "fwd+bwd")) is not None
+    assert tuning.get(_key(inputs, "fwd")) is None
+    grads = torch.autograd.grad(out.sum(), inputs)
+    want = torch.autograd.grad(attention.joint_attention_reference(*inputs)[0].sum(), inputs)
+    for g, w in zip(grads, want):
+        assert_close(g, w, torch.float32, kind="grad", what="auto after timing")
+    with torch.no_grad():
+        pk.joint_attention(*inputs)
+    assert len(calls) == 2 and tuning.get(_key(inputs, "fwd")) is not None
+
+
+def test_a_cached_choice_is_followed_and_one_that_cannot_run_is_not(tuning, monkeypatch):
+    inputs = _attention_inputs()
+    key = _key(inputs)
+    for impl in _runnable(inputs):
+        tuning.put(_tuning.Entry(*key, impl, {impl: 1.0}, "test"), save=False)
+        assert attention.JOINT_ATTENTION.choose("auto", *inputs, tune=attention._tune_call(*inputs, 0.25)) == impl
+    # an entry naming a backend that cannot run here (flash_attn needs CUDA) is timed over
+    calls = _count_measures(monkeypatch)
+    tuning.put(_tuning.Entry(*key, "flash_attn", {"flash_attn": 0.1}, "test"), save=False)
+    chosen = attention.JOINT_ATTENTION.choose("auto", *inputs, tune=attention._tune_call(*inputs, 0.25))
+    assert chosen in _runnable(inputs) and len(calls) == 1
+
+
+def test_nothing_is_timed_when_off_while_compiling_or_on_fake_tensors(tuning, monkeypatch):
+    calls = _count_measures(monkeypatch)
+    inputs = _attention_inputs()
+    static = next(n for n in attention.JOINT_ATTENTION.auto_order["cpu"] if pk.attention_backends(*inputs)[n] is None)
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "0")
+    assert attention.JOINT_ATTENTION.choose("auto", *inputs, tune=attention._tune_call(*inputs, 0.25)) == static
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in inputs]
+        assert pk.joint_attention(*fake).shape == inputs[0].shape
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert attention.JOINT_ATTENTION.choose("auto", *inputs, tune=attention._tune_call(*inputs, 0.25)) == static
+    assert calls == [] and not tuning.local
+
+
+def test_refreshing_times_a_known_key_again_even_when_timing_is_off(tuning, monkeypatch):
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "0")
+    calls = _count_measures(monkeypatch)
+    inputs = _attention_inputs()
+    tuning.put(_tuning.Entry(*_key(inputs), "sdpa", {"sdpa": 1.0}, "test"), save=False)
+    with _tuning.refreshing():
+        pk.joint_attention(*inputs)
+    assert len(calls) == 1 and tuning.get(_key(inputs)).source.startswith("measured")
+
+
+def test_a_candidate_that_fails_is_left_out(tuning, monkeypatch):
+    x = torch.randn(1, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(4, 3, 3, 3, 3)
+    real = torch.ops.pfp.conv3d_act
+
+    class Broken:
+        def __call__(self, *args):
+            raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(torch.ops.pfp, "conv3d_act", Broken())
+    y = pk.conv3d_act(x, w, None, 1, 1)
+    (entry,) = tuning.local.values()
+    assert entry.impl == "torch" and set(entry.ms) == {"torch"}
+    monkeypatch.setattr(torch.ops.pfp, "conv3d_act", real)
+    assert_close(y, conv.conv3d_act_reference(x, w, None, [1, 1, 1], [1, 1, 1], "silu"), torch.float32)
+
+
+def test_conv_ops_time_their_candidates_and_match_the_reference(tuning):
+    x = torch.randn(2, 3, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(4, 3, 3, 3, 3), torch.randn(4)
+    y = pk.conv3d_act(x, w, b, (2, 1, 1), 1)
+    assert_close(y, conv.conv3d_act_reference(x, w, b, [2, 1, 1], [1, 1, 1], "silu"), torch.float32)
+    y1, state = pk.causal_conv3d_act(x[:, :, :3], w, b, (2, 1, 1), 1)
+    y2, _ = pk.causal_conv3d_act(x[:, :, 3:], w, b, (2, 1, 1), 1, state=state)
+    whole, _ = pk.causal_conv3d_act(x, w, b, (2, 1, 1), 1, impl="torch")
+    assert_close(torch.cat([y1, y2], dim=2), whole, torch.float32)
+    h = torch.randn(2, 4, 3, 2, 2).contiguous(memory_format=torch.channels_last_3d)
+    wp = torch.randn(5, 4)
+    assert_close(pk.project_tokens(h, wp), conv.project_tokens_reference(h, wp, None, None), torch.float32)
+    ops = sorted(e.op for e in tuning.local.values())
+    assert ops == ["causal_conv3d_act", "causal_conv3d_act", "conv3d_act", "project_tokens"]  # with and without state
+    assert all(set(e.ms) == {"cpp", "torch"} for e in tuning.local.values())
+
+
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tuning, monkeypatch):
+    path = _tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="not a tuning table"):
+        out = pk.joint_attention(*_attention_inputs())
+    assert out.isfinite().all()
+    assert len(json.loads(path.read_text())["entries"]) == 1  # rewritten whole
+
+
+def test_shipped_table_keys_match_the_keys_the_ops_build():
+    shipped = _tuning._read_table(_tuning.SHIPPED_TABLE, "shipped table")
+    assert shipped, "the package ships measured entries"
+    for entry in shipped.values():
+        op = pk._registry.OPS[entry.op]
+        assert entry.impl in op.names and entry.impl == min(entry.ms, key=entry.ms.get), entry
+        assert entry.source and entry.mode in ("fwd", "fwd+bwd")
+    # the H100 entries' buckets are what the ops compute for the measured shapes
+    m = torch.empty(1, 2340, 24, 128, device="meta", dtype=torch.bfloat16)
+    c = torch.empty(1, 5460, 24, 128, device="meta", dtype=torch.bfloat16)
+    att = attention._tune_call(m, m, m, c, c, 0.1).bucket
+    stage = conv.conv_bucket((64, 16, 3, 3, 3), (2, 1, 1), (1, 1, 1), "silu", 60 * 60 * 104)
+    buckets = {(e.op, e.bucket) for e in shipped.values() if e.device == "NVIDIA H100 80GB HBM3"}
+    assert ("joint_attention", att) in buckets and ("conv3d_act", stage) in buckets
+
+
+def test_info_table_and_tune_print_the_choices(tuning, monkeypatch, capsys):
+    from pfp_kernels import info
+    monkeypatch.setattr(info, "tuning_cases", lambda device: iter([
+        ("tiny attention", lambda: pk.joint_attention(*_attention_inputs()))]))
+    assert info.main(["--tune"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] cpu: tiny attention" in out and "joint_attention float32 fwd" in out
+    assert info.main(["--table"]) == 0
+    assert "measured" in capsys.readouterr().out
