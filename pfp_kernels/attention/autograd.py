@@ -4,8 +4,9 @@ flash_attn,xformers,triton}`` (``sdpa_concat`` is an op only for callers that wa
 it the API calls SDPA over the concatenation directly and keeps PyTorch's own backward).
 
 Every backend saves (out, lse) and shares one backward: the Triton backward kernels on CUDA (and
-for the Triton backend under the interpreter), elsewhere a per-segment math backward. The gradient
-through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
+for the Triton backend under the interpreter); on CPU ATen's flash-attention backward once over the
+concatenation; elsewhere, and for a gradient through the returned lse, a per-segment math backward.
+The gradient through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
 """
 from __future__ import annotations
 
@@ -54,6 +55,46 @@ def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, 
     return dq.to(q.dtype), dk, dv, dck, dcv
 
 
+def _lse_grad_is_zero(grad_lse: Optional[Tensor]) -> bool:
+    """True when no gradient flows through the returned lse (autograd hands zeros when the lse was
+    not used). Only asked of plain tensors: a traced (fake or functional) one answers False."""
+    if grad_lse is None:
+        return True
+    if type(grad_lse) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return not bool(grad_lse.any())
+
+
+def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale):
+    """ATen's CPU flash-attention backward once over ``[context ; target]``: the saved (out, lse)
+    are those of softmax attention over the concatenation, whichever backend made them. On the
+    AVX-512 + AMX Xeon it was 1.2-3.0x faster forward + backward than the math backward
+    (benchmarks/results/tuning/cpu_tuning_avx512_amx.md, where sdpa_concat ran it). Not for a
+    gradient through the lse, which it has no input for."""
+    b, nc = q.shape[0], context_k.shape[1] if context_k is not None else 0
+    keys, values = k, v
+    if context_k is not None:
+        keys = torch.cat([context_k.expand(b, -1, -1, -1), k], dim=1)
+        values = torch.cat([context_v.expand(b, -1, -1, -1), v], dim=1)
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (ATen assumes unit-stride D)
+    dq, dkk, dvv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        unit(grad_out).transpose(1, 2), unit(q).transpose(1, 2), unit(keys).transpose(1, 2),
+        unit(values).transpose(1, 2), unit(out).transpose(1, 2), lse.float().contiguous(), 0.0, False, scale=scale)
+    dq, dkk, dvv = dq.transpose(1, 2), dkk.transpose(1, 2), dvv.transpose(1, 2)
+    dk, dv = dkk[:, nc:], dvv[:, nc:]
+    dck = dcv = None
+    if context_k is not None:
+        dck, dcv = dkk[:, :nc], dvv[:, :nc]
+        if context_k.shape[0] != b:  # broadcast context: sum over the query batches it served
+            dck, dcv = dck.sum(0, keepdim=True), dcv.sum(0, keepdim=True)
+    return dq, dk, dv, dck, dcv
+
+
+def _aten_cpu_backward_ok(q: Tensor, k: Tensor, grad_lse: Optional[Tensor]) -> bool:
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.numel() > 0 and k.shape[-1] > 0
+            and _lse_grad_is_zero(grad_lse))
+
+
 def _triton_backward_ok(q: Tensor) -> bool:
     max_d = MAX_TRITON_FP32_HEAD_DIM if q.dtype == torch.float32 else MAX_TRITON_HEAD_DIM
     return (q.device.type == "cuda" and TRITON_AVAILABLE and q.dtype in KERNEL_DTYPES
@@ -72,7 +113,9 @@ def _make_backward(always_triton: bool):
         q, k, v, context_k, context_v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if always_triton or _triton_backward_ok(q):
+        if not always_triton and _aten_cpu_backward_ok(q, k, grad_lse):
+            dq, dk, dv, dck, dcv = _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, ctx.scale)
+        elif always_triton or _triton_backward_ok(q):
             # Through an op, so that torch.compile / AOT autograd can trace the backward.
             dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
                 grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
