@@ -422,3 +422,99 @@ def test_dtype_and_device_mismatch():
         pk.joint_attention(q, k.to("meta"), v, ck, cv)
     with pytest.raises(ValueError, match="floating point"):
         pk.joint_attention(*(t.to(torch.int32) for t in (q, k, v)))
+
+
+# ----------------------------------------------------------------------------------------------
+# context_mask: padded histories in one batch
+# ----------------------------------------------------------------------------------------------
+def _masks(b, nc, cb, g):
+    """A random [B, Nc] mask with one sample fully masked and one unmasked (when B allows), and
+    the broadcast [1, Nc] form."""
+    mask = torch.rand(b, nc, generator=g) > 0.4
+    if b > 1:
+        mask[1] = False
+    mask[0] = True
+    return [mask, mask[:1]] if cb == 1 or b == 1 else [mask]
+
+
+def _masked_backends(dtype, mask_inputs):
+    return [n for n, why in pk.attention_backends(*mask_inputs).items() if why is None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[3]], ids=lambda s: "x".join(map(str, s)))
+def test_context_mask_matches_fp64_reference_and_gathered_keys(shape, dtype):
+    b, nq, nk, nc, h, d, cb = shape
+    g = torch.Generator().manual_seed(1)
+    low = _inputs(b, nq, nk, nc, h, d, dtype, cb)
+    q, k, v, ck, cv = (t.double() for t in low)  # the reference sees the rounded inputs
+    for mask in _masks(b, nc, cb, g):
+        want, want_lse = joint_attention_reference(q, k, v, ck, cv, 0.3, mask)
+        # the reference itself: a masked key is absent (attention over the gathered valid keys)
+        for i in range(b):
+            valid = torch.nonzero(mask[min(i, mask.shape[0] - 1)]).flatten()
+            cki, cvi = ck[min(i, ck.shape[0] - 1)][None, valid], cv[min(i, cv.shape[0] - 1)][None, valid]
+            if nk == 0 and valid.numel() == 0:
+                assert (want[i] == 0).all() and torch.isneginf(want_lse[i]).all()
+                continue
+            gathered, gathered_lse = joint_attention_reference(q[i:i + 1], k[i:i + 1], v[i:i + 1], cki, cvi, 0.3)
+            torch.testing.assert_close(want[i:i + 1], gathered)
+            torch.testing.assert_close(want_lse[i:i + 1], gathered_lse)
+        backends = _masked_backends(dtype, (*low, mask))
+        assert {"sdpa_concat", "torch"} <= set(backends) and "cpp" not in backends
+        for impl in backends:
+            out, lse = pk.joint_attention(*low, context_mask=mask, scale=0.3, impl=impl, return_lse=True)
+            assert_close(out, want, dtype, what=f"{impl} masked out")
+            finite = torch.isfinite(want_lse)
+            assert torch.equal(torch.isfinite(lse), finite), impl
+            _lse_close(lse[finite], want_lse[finite], dtype, f"{impl} masked lse")
+            plain = pk.joint_attention(*low, context_mask=mask, scale=0.3, impl=impl)
+            assert_close(plain, want, dtype, what=f"{impl} masked out, no lse")
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7, 2, 16, 1), (2, 4, 0, 6, 1, 16, None)], ids=lambda s: "x".join(map(str, s)))
+def test_context_mask_gradients_match_fp64_reference(shape, with_lse):
+    b, nq, nk, nc, h, d, cb = shape
+    inputs = _inputs(b, nq, nk, nc, h, d, torch.float64, cb)
+    (mask, *_) = _masks(b, nc, cb, torch.Generator().manual_seed(2))
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    out, lse = joint_attention_reference(*ref_in, 0.25, mask)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    loss = lambda o, l: (o.double() * go).sum() + ((l.double().nan_to_num(0, 0, 0) * gl).sum() if with_lse else 0)  # noqa: E731
+    want = torch.autograd.grad(loss(out, lse), ref_in)
+    for impl in _masked_backends(torch.float32, [t.float() for t in inputs] + [mask]):
+        if impl == "torch":
+            continue
+        ins = [t.detach().float().requires_grad_() for t in inputs]
+        o, l = pk.joint_attention(*ins, context_mask=mask, scale=0.25, impl=impl, return_lse=True)
+        got = torch.autograd.grad(loss(o, l), ins)
+        for name, gt, w in zip(("q", "k", "v", "context_k", "context_v"), got, want):
+            assert gt.isfinite().all(), f"{impl} d{name}"
+            assert_close(gt, w, torch.float32, kind="grad", what=f"{impl} masked d{name}")
+
+
+def test_context_mask_all_true_equals_no_mask_and_ops_pass_opcheck():
+    q, k, v, ck, cv = _inputs(2, 5, 3, 4, 2, 16, torch.float32, ctx_batch=1, requires_grad=True)
+    ones = torch.ones(1, 4, dtype=torch.bool)
+    for impl in ("sdpa", "sdpa_concat"):
+        torch.testing.assert_close(pk.joint_attention(q, k, v, ck, cv, context_mask=ones, impl=impl),
+                                   pk.joint_attention(q, k, v, ck, cv, impl=impl))
+        mask = torch.tensor([[True, False, True, True], [False, False, False, False]])
+        torch.library.opcheck(getattr(torch.ops.pfp, f"joint_attention_{impl}"), (q, k, v, ck, cv, 0.25, mask))
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.ones(2, 4), "must be a bool tensor"),
+    (torch.ones(3, 4, dtype=torch.bool), r"must be \[1 or 2, Nc=4\]"),
+    (torch.ones(2, 5, dtype=torch.bool), r"must be \[1 or 2, Nc=4\]"),
+    (torch.ones(4, dtype=torch.bool), r"must be \[1 or 2, Nc=4\]"),
+])
+def test_bad_context_mask(mask, match):
+    q, k, v, ck, cv = _inputs(2, 3, 3, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        pk.joint_attention(q, k, v, ck, cv, context_mask=mask)
+    with pytest.raises(ValueError, match="without a context"):
+        pk.joint_attention(q, k, v, context_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="cpp.*takes no context_mask"):
+        pk.joint_attention(q, k, v, ck, cv, context_mask=torch.ones(2, 4, dtype=torch.bool), impl="cpp")

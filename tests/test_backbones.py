@@ -270,7 +270,8 @@ def _masked_vs_alone(bb, frames, path):
     """Run a batch whose sample b has ``frames[b]`` real context token frames (of 3, padded), and each
     sample alone with only its real tokens; ``path``: "context" (a Context into forward) or "cache"
     (cache_context, then forward with the ContextKV). fp32 (the backbones keep the adaLN modulation
-    in fp32 whatever the dtype), so a tight fp32 tolerance: grouping changes only batch sizes."""
+    in fp32 whatever the dtype), so a tight fp32 tolerance: the padded batch takes one masked
+    attention call where each sample alone takes an unmasked one."""
     from pfp.compressor import Context
     b, per = len(frames), 2                                  # 1x2 context tokens per token frame
     base = _context(3, 1, 2, bb.inner_dim, batch=b)

@@ -171,38 +171,14 @@ def masked_joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[
     takes part only if ``context_mask[b, j]`` (target keys always do).
 
     q, k, v: ``[B, Nq, H, D]``, ``[B, Nk, H, D]``; context_k/v: ``[Bc, Nc, H, D]`` with Bc 1 or B;
-    context_mask: ``[Bc, Nc]`` bool or None. The kernel has no key mask, so samples are grouped by
-    identical mask rows and each group attends over its valid context keys only (gathered), which
-    is exact: a masked key is absent, not down-weighted. A sample with no valid key attends to the
-    targets alone. One group with every key valid is a single plain call.
+    context_mask: ``[Bc, Nc]`` bool or None. One call with the op's key mask: a masked key is
+    absent, not down-weighted, and a sample with no valid key attends to the targets alone. No
+    host synchronisation; without a mask the op may pick any backend, with one those that take it.
     """
     if context_k is None or context_mask is None:
         return pfp_kernels.joint_attention(q, k, v, context_k=context_k, context_v=context_v)
-    b = q.shape[0]
-    if context_mask.shape[0] not in (1, b) or context_k.shape[0] not in (1, b):
-        raise ValueError(f"context batch must be 1 or {b}, got keys {context_k.shape[0]}, mask {context_mask.shape[0]}")
-    rows, group_of = torch.unique(context_mask.expand(b, -1), dim=0, return_inverse=True)
-    outs, order = [], []
-    for g in range(rows.shape[0]):
-        idx = torch.nonzero(group_of == g).flatten()
-        valid = torch.nonzero(rows[g]).flatten()
-        whole = idx.numel() == b
-        qg, kg, vg = (q, k, v) if whole else (q[idx], k[idx], v[idx])
-        if valid.numel() == 0:
-            ckg = cvg = None
-        else:
-            ck, cv = context_k, context_v
-            if ck.shape[0] != 1 and not whole:
-                ck, cv = ck[idx], cv[idx]
-            if valid.numel() != ck.shape[1]:
-                ck, cv = ck.index_select(1, valid), cv.index_select(1, valid)
-            ckg, cvg = ck, cv
-        outs.append(pfp_kernels.joint_attention(qg, kg, vg, context_k=ckg, context_v=cvg))
-        order.append(idx)
-    if len(outs) == 1:
-        return outs[0]
-    out = torch.cat(outs, dim=0)
-    return out[torch.argsort(torch.cat(order))]
+    return pfp_kernels.joint_attention(q, k, v, context_k=context_k, context_v=context_v,
+                                       context_mask=context_mask)
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -72,9 +72,14 @@ _CPP_WHY_NOT_ON_CPU = _registry.cpp_why_not("joint_attention", torch.device("cpu
 # ----------------------------------------------------------------------------------------------
 # backends: why each cannot run given inputs (q, k, v, context_k, context_v, already checked)
 # ----------------------------------------------------------------------------------------------
-def _triton_why_not(q, k, v, context_k, context_v) -> Optional[str]:
+_NO_MASK = "takes no context_mask (sdpa_concat, sdpa on CPU, and torch do)"
+
+
+def _triton_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     head_dim = q.shape[-1]
     why = _registry.triton_why_not(q.device, q.dtype) or dtype_why_not(q.dtype, KERNEL_DTYPES)
+    if why is None and context_mask is not None:
+        why = "the Triton kernels " + _NO_MASK
     if why is None and not 1 <= head_dim <= MAX_TRITON_HEAD_DIM:
         why = f"head dim {head_dim} not supported (1..{MAX_TRITON_HEAD_DIM})"
     if why is None and q.dtype == torch.float32 and head_dim > MAX_TRITON_FP32_HEAD_DIM:
@@ -83,9 +88,11 @@ def _triton_why_not(q, k, v, context_k, context_v) -> Optional[str]:
     return why
 
 
-def _flash_attn_why_not(q, k, v, context_k, context_v) -> Optional[str]:
+def _flash_attn_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     head_dim = q.shape[-1]
     _, why = _flash_attn_module(q.device)
+    if why is None and context_mask is not None:
+        why = "this backend " + _NO_MASK
     if why is None:
         why = dtype_why_not(q.dtype, (torch.float16, torch.bfloat16))
     if why is None and (head_dim > 256 or head_dim % 8 != 0):
@@ -93,8 +100,10 @@ def _flash_attn_why_not(q, k, v, context_k, context_v) -> Optional[str]:
     return why
 
 
-def _xformers_why_not(q, k, v, context_k, context_v) -> Optional[str]:
+def _xformers_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     why = _why_not_importable("xformers.ops.fmha")
+    if why is None and context_mask is not None:
+        why = "this backend " + _NO_MASK
     # (while torch.compile traces, the version check waits for the op: it cannot import)
     if (why is None and not torch.compiler.is_compiling()
             and not hasattr(_import("xformers.ops.fmha")[0], "memory_efficient_attention_partial")):
@@ -102,17 +111,26 @@ def _xformers_why_not(q, k, v, context_k, context_v) -> Optional[str]:
     return why or dtype_why_not(q.dtype, KERNEL_DTYPES)
 
 
-def _cpp_why_not(q, k, v, context_k, context_v) -> Optional[str]:
+def _cpp_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     why = _CPP_WHY_NOT_ON_CPU if q.device.type == "cpu" else _registry.cpp_why_not("joint_attention", q.device)
+    if why is None and context_mask is not None:
+        why = "the C++ kernel " + _NO_MASK
     return why or dtype_why_not(q.dtype, KERNEL_DTYPES)
 
 
-def _sdpa_why_not(q, k, v, context_k, context_v) -> Optional[str]:
+def _sdpa_concat_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     if q.device.type == "cpu":
         return dtype_why_not(q.dtype, KERNEL_DTYPES + (torch.float64,))
     why = dtype_why_not(q.dtype, KERNEL_DTYPES)
     if why is None and q.shape[-1] > 256:
         why = f"head dim {q.shape[-1]} not supported by the fused SDPA kernels (at most 256)"
+    return why
+
+
+def _sdpa_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
+    why = _sdpa_concat_why_not(q, k, v, context_k, context_v)
+    if why is None and context_mask is not None and q.device.type != "cpu":
+        why = "takes a context_mask on CPU only (sdpa_concat takes one on CUDA)"
     return why
 
 
@@ -129,7 +147,7 @@ JOINT_ATTENTION = register(Op(
      Impl("xformers", ("cuda",), _xformers_why_not, "xformers.ops.fmha"),
      Impl("cpp", ("cpu",), _cpp_why_not, "csrc/joint_attention.cpp"),
      Impl("sdpa", ("cpu", "cuda"), _sdpa_why_not, "pfp_kernels/attention/backends.py"),
-     Impl("sdpa_concat", ("cpu", "cuda"), _sdpa_why_not, "F.scaled_dot_product_attention over the concatenation"),
+     Impl("sdpa_concat", ("cpu", "cuda"), _sdpa_concat_why_not, "F.scaled_dot_product_attention over the concatenation"),
      Impl("torch", (), lambda *inputs: None, "pfp_kernels/attention/reference.py")),
     {"cuda": ("flash_attn", "sdpa_concat", "triton", "xformers", "sdpa", "torch"),
      "cpu": ("cpp", "sdpa", "sdpa_concat", "torch"), "default": ("triton", "sdpa", "torch")},
@@ -140,13 +158,14 @@ JOINT_ATTENTION = register(Op(
 
 
 def attention_backends(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor] = None,
-                       context_v: Optional[Tensor] = None) -> dict[str, Optional[str]]:
+                       context_v: Optional[Tensor] = None,
+                       context_mask: Optional[Tensor] = None) -> dict[str, Optional[str]]:
     """For each backend: None if it can run these inputs, else the reason it cannot.
 
     Raises ValueError for inputs no backend accepts (shape, dtype or device mismatch).
     """
-    check_inputs(q, k, v, context_k, context_v)
-    return JOINT_ATTENTION.reasons(q, k, v, context_k, context_v)
+    check_inputs(q, k, v, context_k, context_v, context_mask)
+    return JOINT_ATTENTION.reasons(q, k, v, context_k, context_v, context_mask)
 
 
 _OPS = {"cpp": "joint_attention", "triton": "joint_attention_triton", "sdpa": "joint_attention_sdpa",
@@ -154,34 +173,37 @@ _OPS = {"cpp": "joint_attention", "triton": "joint_attention_triton", "sdpa": "j
         "xformers": "joint_attention_xformers"}
 
 
-def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: bool):
+def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: bool, context_mask=None):
     """out, or (out, lse) with ``return_lse``, from implementation ``name``."""
     if name == "torch":
-        out, lse = joint_attention_reference(q, k, v, context_k, context_v, scale)
+        out, lse = joint_attention_reference(q, k, v, context_k, context_v, scale, context_mask)
     elif name == "sdpa_concat" and not return_lse:
-        return joint_attention_sdpa_concat(q, k, v, context_k, context_v, scale)
+        return joint_attention_sdpa_concat(q, k, v, context_k, context_v, scale, context_mask)
+    elif context_mask is not None:  # only the Python ops take one (the backends' reasons say so)
+        out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale, context_mask)
     else:
         out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale)
     return (out, lse) if return_lse else out
 
 
-def _tune_call(q, k, v, context_k, context_v, scale: float) -> TuneCall:
+def _tune_call(q, k, v, context_k, context_v, scale: float, context_mask=None) -> TuneCall:
     """The measured choice's key and runner: B, H, D exact, the lengths rounded up to powers of
-    two, and whether one context serves several query batches."""
+    two, whether one context serves several query batches, and (only when given) a key mask."""
     b, nq, h, d = q.shape
     nc = context_k.shape[1] if context_k is not None else 0
     shared = int(context_k is not None and context_k.shape[0] == 1 and b > 1)
-    bucket = (b, h, d, pow2(nq), pow2(k.shape[1]), pow2(nc), shared)
+    bucket = (b, h, d, pow2(nq), pow2(k.shape[1]), pow2(nc), shared) + (("masked",) if context_mask is not None else ())
     grad_inputs = tuple(t for t in (q, k, v, context_k, context_v) if t is not None and t.requires_grad)
-    return TuneCall(bucket, lambda name: _run(name, q, k, v, context_k, context_v, scale, False), grad_inputs)
+    return TuneCall(bucket, lambda name: _run(name, q, k, v, context_k, context_v, scale, False, context_mask),
+                    grad_inputs)
 
 
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor] = None,
-                    context_v: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                    impl: str = "auto", return_lse: bool = False):
+                    context_v: Optional[Tensor] = None, *, context_mask: Optional[Tensor] = None,
+                    scale: Optional[float] = None, impl: str = "auto", return_lse: bool = False):
     """Softmax attention of q over the keys/values ``[context ; target]``, never concatenated.
 
     Args:
@@ -189,6 +211,11 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
         k, v: ``[B, Nk, H, D]`` target keys and values.
         context_k, context_v: ``[B or 1, Nc, H, D]`` or None. Batch 1 serves all B query batches
             without a copy. Nc may be 0; Nc + Nk must be >= 1.
+        context_mask: ``[B or 1, Nc]`` bool or None: context key j takes part for sample b only
+            where ``context_mask[b, j]`` (padding in a batch of histories of different lengths;
+            target keys always take part). A masked key is absent, not down-weighted; a query left
+            with no key gets out 0 and lse -inf. No host synchronisation. Taken by ``sdpa_concat``,
+            ``sdpa`` (CPU) and ``torch``; the others say so in their reasons.
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (the measured fastest; see the module docstring) or one of
             ``flash_attn, triton, xformers, cpp, sdpa, sdpa_concat, torch`` (see
@@ -201,11 +228,14 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
         ``[B, H, Nq]`` (float32; float64 for float64 inputs; natural log), ready for
         :func:`merge_attention`. Differentiable in q, k, v, context_k, context_v.
     """
-    check_inputs(q, k, v, context_k, context_v)
+    check_inputs(q, k, v, context_k, context_v, context_mask)
     scale = scale_or_default(scale, q.shape[-1])
-    tune = _tune_call(q, k, v, context_k, context_v, scale) if impl == "auto" else None
-    chosen = JOINT_ATTENTION.choose(impl, q, k, v, context_k, context_v, tune=tune)
-    return _run(chosen, q, k, v, context_k, context_v, scale, return_lse)
+    tune = _tune_call(q, k, v, context_k, context_v, scale, context_mask) if impl == "auto" else None
+    chosen = JOINT_ATTENTION.choose(impl, q, k, v, context_k, context_v, context_mask, tune=tune)
+    if return_lse and context_mask is not None and q.device.type != "cpu" and chosen != "torch":
+        raise ValueError("joint_attention: return_lse=True with a context_mask runs on CPU, or with "
+                         "impl='torch' (the fused CUDA kernels that take a mask return no lse here)")
+    return _run(chosen, q, k, v, context_k, context_v, scale, return_lse, context_mask)
 
 
 __all__ = ["joint_attention", "merge_attention", "attention_backends", "joint_attention_reference",

@@ -19,18 +19,21 @@ from .. import _extension
 from .._registry import TRITON_AVAILABLE
 from .backends import (_joint_attention_flash_attn_impl, _joint_attention_sdpa_concat_impl,
                        _joint_attention_sdpa_impl, _joint_attention_xformers_impl)
-from .reference import lse_dtype
+from .backends import additive_mask
+from .reference import key_mask, lse_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
 MAX_TRITON_FP32_HEAD_DIM = 128
 
 
-def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, scale):
-    """Per-segment backward from the saved (out, lse), materialising one segment's scores."""
+def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, scale, context_mask=None):
+    """Per-segment backward from the saved (out, lse), materialising one segment's scores. Masked
+    context keys get probability 0; a query with no key (lse -inf) passes no gradient."""
     acc = lse_dtype(q.dtype)
     qf, do = q.to(acc), grad_out.to(acc)
     lse = lse.to(acc)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # exp(s - inf) = 0: no key, no gradient
     delta = (do * out.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Nq]
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc)
@@ -44,6 +47,8 @@ def _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, 
         kf = seg_k.to(acc).expand(b, -1, -1, -1)
         vf = seg_v.to(acc).expand(b, -1, -1, -1)
         p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale - lse.unsqueeze(-1))
+        if seg_k is context_k and context_mask is not None:
+            p = p.masked_fill(~context_mask.expand(b, -1)[:, None, None, :], 0.0)
         dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
         ds = p * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta.unsqueeze(-1))
         dq += torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
@@ -65,7 +70,7 @@ def _lse_grad_is_zero(grad_lse: Optional[Tensor]) -> bool:
     return not bool(grad_lse.any())
 
 
-def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale):
+def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale, context_mask=None):
     """ATen's CPU flash-attention backward once over ``[context ; target]``: the saved (out, lse)
     are those of softmax attention over the concatenation, whichever backend made them. On the
     AVX-512 + AMX Xeon it was 1.2-3.0x faster forward + backward than the math backward
@@ -77,9 +82,13 @@ def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale)
         keys = torch.cat([context_k.expand(b, -1, -1, -1), k], dim=1)
         values = torch.cat([context_v.expand(b, -1, -1, -1), v], dim=1)
     unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (ATen assumes unit-stride D)
+    keep = key_mask(q, k, context_mask)
+    mask = None if keep is None else additive_mask(keep, q.dtype)
+    # A query with no key: our lse is -inf, ATen's forward would have said 0 (its P is then 0).
+    lse = lse.float().masked_fill(torch.isneginf(lse), 0.0).contiguous()
     dq, dkk, dvv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         unit(grad_out).transpose(1, 2), unit(q).transpose(1, 2), unit(keys).transpose(1, 2),
-        unit(values).transpose(1, 2), unit(out).transpose(1, 2), lse.float().contiguous(), 0.0, False, scale=scale)
+        unit(values).transpose(1, 2), unit(out).transpose(1, 2), lse, 0.0, False, attn_mask=mask, scale=scale)
     dq, dkk, dvv = dq.transpose(1, 2), dkk.transpose(1, 2), dvv.transpose(1, 2)
     dk, dv = dkk[:, nc:], dvv[:, nc:]
     dck = dcv = None
@@ -102,20 +111,23 @@ def _triton_backward_ok(q: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, context_k, context_v, scale = inputs
+    q, k, v, context_k, context_v, scale, *mask = inputs  # the Python ops take a context_mask last
     out, lse = output
-    ctx.save_for_backward(q, k, v, context_k, context_v, out, lse)
+    ctx.save_for_backward(q, k, v, context_k, context_v, out, lse, *mask)
     ctx.scale = scale
+    ctx.takes_mask = bool(mask)
 
 
 def _make_backward(always_triton: bool):
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, context_k, context_v, out, lse = ctx.saved_tensors
+        q, k, v, context_k, context_v, out, lse, *mask = ctx.saved_tensors
+        mask = mask[0] if mask else None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if not always_triton and _aten_cpu_backward_ok(q, k, grad_lse):
-            dq, dk, dv, dck, dcv = _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, ctx.scale)
-        elif always_triton or _triton_backward_ok(q):
+            dq, dk, dv, dck, dcv = _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse,
+                                                      ctx.scale, mask)
+        elif mask is None and (always_triton or _triton_backward_ok(q)):
             # Through an op, so that torch.compile / AOT autograd can trace the backward.
             dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
                 grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
@@ -123,8 +135,8 @@ def _make_backward(always_triton: bool):
                 dck = dcv = None
         else:
             dq, dk, dv, dck, dcv = _backward_math(grad_out, grad_lse, q, k, v, context_k, context_v,
-                                                  out, lse, ctx.scale)
-        return dq, dk, dv, dck, dcv, None
+                                                  out, lse, ctx.scale, mask)
+        return (dq, dk, dv, dck, dcv, None) + ((None,) if ctx.takes_mask else ())
     return backward
 
 
@@ -132,7 +144,7 @@ def _empty_context_grad(q: Tensor) -> Tensor:
     return q.new_empty(1, 0, q.shape[2], q.shape[3])
 
 
-def _fake(q, k, v, context_k, context_v, scale):
+def _fake(q, k, v, context_k, context_v, scale, context_mask=None):
     return (q.new_empty(q.shape),
             q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=lse_dtype(q.dtype)))
 
@@ -148,14 +160,16 @@ if _extension.LOADED:
 
 @torch.library.custom_op("pfp::joint_attention_sdpa", mutates_args=())
 def _joint_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
-                          context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
-    return _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale)
+                          context_v: Optional[Tensor], scale: float,
+                          context_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale, context_mask)
 
 
 @torch.library.custom_op("pfp::joint_attention_sdpa_concat", mutates_args=())
 def _joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
-                                 context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
-    return _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale)
+                                 context_v: Optional[Tensor], scale: float,
+                                 context_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale, context_mask)
 
 
 @torch.library.custom_op("pfp::joint_attention_flash_attn", mutates_args=())

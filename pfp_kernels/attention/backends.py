@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import _merge, lse_dtype
+from .reference import _merge, key_mask, lse_dtype
 
 # Which optional packages are installed, looked up once by find_spec (which does not import them).
 # torch.compile cannot trace an import, so while it traces, the backend choice answers from this
@@ -74,14 +74,17 @@ def _flash_attn_function(device: torch.device):
     return (mod.flash_attn_func, None) if mod is not None else (None, why)
 
 
-def _segments(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor], context_v: Optional[Tensor]):
-    """Non-empty key/value segments, the context expanded (stride 0, no copy) to q's batch."""
+def _segments(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor], context_v: Optional[Tensor],
+              context_mask: Optional[Tensor] = None):
+    """Non-empty (keys, values, key mask or None) segments, the context expanded (stride 0, no
+    copy) to q's batch."""
     segs = []
     if context_k is not None and context_k.shape[1] > 0:
         b = q.shape[0]
-        segs.append((context_k.expand(b, -1, -1, -1), context_v.expand(b, -1, -1, -1)))
+        keep = None if context_mask is None else context_mask.expand(b, -1)
+        segs.append((context_k.expand(b, -1, -1, -1), context_v.expand(b, -1, -1, -1), keep))
     if k.shape[1] > 0:
-        segs.append((k, v))
+        segs.append((k, v, None))
     return segs
 
 
@@ -97,11 +100,24 @@ def _empty_result(q: Tensor):
             q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=lse_dtype(q.dtype)))
 
 
-def _sdpa_segment(q: Tensor, k: Tensor, v: Tensor, scale: float):
+def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, N]`` bool (True = attend) -> ``[B, 1, 1, N]`` 0 / -inf in ``dtype`` (ATen's CPU flash
+    kernel takes a mask only in the query's dtype)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None]
+
+
+def _sdpa_segment(q: Tensor, k: Tensor, v: Tensor, scale: float, keep: Optional[Tensor] = None):
+    """(out, lse) of q over one key segment; ``keep [B, N]`` bool masks keys (CPU only). A query
+    whose keys are all masked gets out 0 and lse -inf, so the merge leaves it to the other segment."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # views, [B, H, N, D]
     if q.device.type == "cpu":
+        mask = None if keep is None else additive_mask(keep, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False,
-                                                                            scale=scale)
+                                                                            attn_mask=mask, scale=scale)
+        if keep is not None:  # ATen gives lse 0 to a query with no key: -inf says "nothing here"
+            lse = lse.masked_fill(~keep.any(-1)[:, None, None], float("-inf"))
+    elif keep is not None:
+        raise RuntimeError("joint_attention: the sdpa backend takes a key mask on CPU only")
     else:
         out = _cudnn_segment(qt, kt, vt, scale)
         if out is not None:
@@ -135,13 +151,13 @@ def _unit_stride_d(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale):
+def _joint_attention_sdpa_impl(q, k, v, context_k, context_v, scale, context_mask=None):
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return _empty_result(q)
     if q.device.type == "cpu":  # before the context's batch expand, so it stays one copy
         q, k, v, context_k, context_v = map(_unit_stride_d, (q, k, v, context_k, context_v))
-    return _merge_segments([_sdpa_segment(q, sk, sv, scale)
-                            for sk, sv in _segments(q, k, v, context_k, context_v)])
+    return _merge_segments([_sdpa_segment(q, sk, sv, scale, keep)
+                            for sk, sv, keep in _segments(q, k, v, context_k, context_v, context_mask)])
 
 
 def _concatenated(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor], context_v: Optional[Tensor]):
@@ -154,18 +170,22 @@ def _concatenated(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor], 
 
 
 def joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
-                                context_v: Optional[Tensor], scale: float) -> Tensor:
+                                context_v: Optional[Tensor], scale: float,
+                                context_mask: Optional[Tensor] = None) -> Tensor:
     """The stock way: ``F.scaled_dot_product_attention`` over the concatenation, PyTorch's kernel
-    choice (cuDNN or FlashAttention-2 on CUDA) and its own backward. Differentiable as it stands."""
+    choice (cuDNN or FlashAttention-2 on CUDA) and its own backward, with the key mask as its
+    ``attn_mask``. Differentiable as it stands."""
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return q.new_empty(q.shape)
     keys, values = _concatenated(q, k, v, context_k, context_v)
+    keep = key_mask(q, k, context_mask)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale)
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
+        attn_mask=None if keep is None else keep[:, None, None, :])
     return out.transpose(1, 2).contiguous()
 
 
-def _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale):
+def _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale, context_mask=None):
     """(out, lse) over the concatenation, for callers that want the log-sum-exp (an op with the
     shared backward; without the lse, :func:`joint_attention_sdpa_concat` keeps PyTorch's)."""
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
@@ -173,7 +193,7 @@ def _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale):
     if q.device.type == "cpu":
         q, k, v, context_k, context_v = map(_unit_stride_d, (q, k, v, context_k, context_v))
     keys, values = _concatenated(q, k, v, context_k, context_v)
-    out, lse = _sdpa_segment(q, keys, values, scale)
+    out, lse = _sdpa_segment(q, keys, values, scale, key_mask(q, k, context_mask))
     return out.contiguous(), lse.contiguous()
 
 
@@ -184,7 +204,7 @@ def _joint_attention_flash_attn_impl(q, k, v, context_k, context_v, scale):
     if fa is None:
         raise RuntimeError(f"joint_attention: flash_attn backend unavailable: {why}")
     parts = []
-    for sk, sv in _segments(q, k, v, context_k, context_v):
+    for sk, sv, _ in _segments(q, k, v, context_k, context_v):
         res = fa(q, sk, sv, softmax_scale=scale, causal=False, return_attn_probs=True)
         parts.append((res[0], res[1].float()))  # FA2: (out, lse, probs); FA3: (out, lse)
     return _merge_segments(parts)
@@ -198,7 +218,7 @@ def _joint_attention_xformers_impl(q, k, v, context_k, context_v, scale):
         raise RuntimeError("joint_attention: xformers backend unavailable: " + (
             why or "this xformers has no memory_efficient_attention_partial (needs xformers >= 0.0.23)"))
     parts = []
-    for sk, sv in _segments(q, k, v, context_k, context_v):
+    for sk, sv, _ in _segments(q, k, v, context_k, context_v):
         out, lse = fmha.memory_efficient_attention_partial(q, sk, sv, scale=scale)
         parts.append((out.to(q.dtype), lse.float()[..., : q.shape[1]]))
     return _merge_segments(parts)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
-                  context_v: Optional[Tensor]) -> None:
+                 context_v: Optional[Tensor], context_mask: Optional[Tensor] = None) -> None:
     op = "joint_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -59,6 +60,17 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
     if not q.dtype.is_floating_point:
         raise ValueError(f"{op}: inputs must be floating point (float16, bfloat16, float32, float64), "
                          f"got {q.dtype}")
+    if context_mask is not None:
+        if context_k is None:
+            raise ValueError(f"{op}: context_mask was given without a context (context_k is None)")
+        if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
+            raise ValueError(f"{op}: context_mask must be a bool tensor [B or 1, Nc] (True = attend), got "
+                             f"{getattr(context_mask, 'dtype', type(context_mask).__name__)}")
+        if context_mask.dim() != 2 or context_mask.shape[0] not in (1, b) or context_mask.shape[1] != context_k.shape[1]:
+            raise ValueError(f"{op}: context_mask must be [1 or {b}, Nc={context_k.shape[1]}], got "
+                             f"{tuple(context_mask.shape)}")
+        if context_mask.device != q.device:
+            raise ValueError(f"{op}: context_mask is on {context_mask.device} but q is on {q.device}")
     n_keys = k.shape[1] + (context_k.shape[1] if context_k is not None else 0)
     if n_keys == 0 and q.shape[1] > 0:
         raise ValueError(f"{op}: there are no keys (Nk=0 and no context); softmax over nothing is undefined")

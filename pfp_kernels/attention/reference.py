@@ -15,19 +15,34 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def key_mask(q: Tensor, k: Tensor, context_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``[B, Nc + Nk]`` bool over ``[context ; target]`` keys (targets always True), or None."""
+    if context_mask is None:
+        return None
+    b = q.shape[0]
+    return torch.cat([context_mask.expand(b, -1), context_mask.new_ones(b, k.shape[1])], dim=1)
+
+
 def joint_attention_reference(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor] = None,
-                              context_v: Optional[Tensor] = None, scale: Optional[float] = None):
+                              context_v: Optional[Tensor] = None, scale: Optional[float] = None,
+                              context_mask: Optional[Tensor] = None):
     """Softmax attention of q over cat(context, target), materialised. ``(out, lse)``: out
-    ``[B, Nq, H, D]`` in q's dtype, lse ``[B, H, Nq]`` (fp32, or fp64 for fp64 inputs)."""
+    ``[B, Nq, H, D]`` in q's dtype, lse ``[B, H, Nq]`` (fp32, or fp64 for fp64 inputs).
+    ``context_mask [B or 1, Nc]`` (True = attend) leaves masked context keys out; a query left
+    with no key at all gets out 0 and lse -inf."""
     scale = scale_or_default(scale, q.shape[-1])
+    keep = key_mask(q, k, context_mask)
     if context_k is not None:
         b = q.shape[0]
         k = torch.cat([context_k.expand(b, -1, -1, -1), k], dim=1)
         v = torch.cat([context_v.expand(b, -1, -1, -1), v], dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
+    if keep is not None:
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.to(acc))
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row with no key: -inf - -inf
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(acc))
     return out.to(q.dtype).contiguous(), lse
 
 
