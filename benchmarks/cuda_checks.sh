@@ -5,7 +5,7 @@
 # is in each file). Each step has its own time limit, and a failed step does not stop
 # the next one.
 #
-#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor
+#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests tune attention conv compressor
 #                                                 context generate train memory (default: all, in
 #                                                 that order),
 #                                                 sweep (the Triton config sweep; only when named)
@@ -19,7 +19,7 @@ LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor context generate train memory)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context generate train memory)
 
 save() {
     if [ -n "${OUT:-}" ]; then
@@ -49,6 +49,14 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in parallel
             run 200 tests python3 -m pytest tests/test_cuda.py -q -rs -n 8 -p no:cacheprovider \
                 --junitxml=/tmp/pfp_cuda_junit.xml ;;
+        tune)
+            # auto's measured choices on this card (issue 24): the paper's attention at B=1 and 2,
+            # Nc=0/1000/5460/20000, forward and forward+backward, and the 480p conv stages; each
+            # line lists every candidate's time, the stock SDPA over the concatenation among them.
+            # Into a cache file of its own, which the later steps' auto then uses.
+            mkdir -p "$PFP_BENCH_OUT/tuning"
+            export PFP_KERNELS_CACHE="$PFP_BENCH_OUT/tuning/cuda_tuning.json"
+            run 150 tune python3 -m pfp_kernels.info --tune --device cuda ;;
         attention)
             run 120 attention python3 -m pytest benchmarks/bench_attention.py -k cuda --benchmark-only -q -rs \
                 -p no:cacheprovider ;;
@@ -70,7 +78,7 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             # the planner's (issue 23)
             run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
         *)
-            echo "unknown step $step (env tests attention conv compressor context train generate memory)" | tee -a "$LOG"
+            echo "unknown step $step (env tests tune attention conv compressor context train generate memory)" | tee -a "$LOG"
             exit 2 ;;
     esac
 done

@@ -145,9 +145,15 @@ def main(argv=None) -> int:
     parser.add_argument("--table", action="store_true", help="also print auto's measured choices for this machine")
     parser.add_argument("--tune", action="store_true",
                         help="re-time the standard shapes on every device here, save them, print the table")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="the devices --tune and --table cover (default: all here)")
     args = parser.parse_args(argv)
+    devices = [d for d in _devices() if args.device in ("all", d.type)]
+    if not devices:
+        print(f"python -m pfp_kernels.info: --device {args.device}: no such device here (have: "
+              f"{', '.join(d.type for d in _devices())})", file=sys.stderr)
+        return 2
     print(report())
-    devices = _devices()
     if args.tune:
         cases = [(device, label, call) for device in devices for label, call in tuning_cases(device)]
         print(f"\ntuning {len(cases)} cases (each timed on this machine; results go to {_tuning.cache_path()})")

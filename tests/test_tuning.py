@@ -193,3 +193,12 @@ def test_info_table_and_tune_print_the_choices(tuning, monkeypatch, capsys):
     assert "[1/1] cpu: tiny attention" in out and "joint_attention float32 fwd" in out
     assert info.main(["--table"]) == 0
     assert "measured" in capsys.readouterr().out
+
+
+def test_info_refuses_a_device_that_is_not_here(capsys):
+    from pfp_kernels import info
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert info.main(["--table", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda" in err
