@@ -69,7 +69,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
            steps: int = 20, cfg: float = 1.0, cfg_min_t: float = 0.0, shift: float = 3.0, eta: float = 0.0,
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None, t_start: float = 0.0,
            device=None, dtype=None, on_step: Optional[Callable[[int], None]] = None,
-           cfg_2: Optional[float] = None, first_frame: Optional[Tensor] = None) -> Tensor:
+           cfg_2: Optional[float] = None, first_frame: Optional[Tensor] = None,
+           condition: Optional[Tensor] = None, image: Optional[Tensor] = None) -> Tensor:
     """Denoise one chunk of latents ``shape = [B, C, T, H, W]``.
 
     text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
@@ -86,6 +87,9 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     to (image-to-video, as Wan 2.2 TI2V does it: diffusers' ``WanImageToVideoPipeline`` with
     ``expand_timesteps``): the model sees it in place of that frame at every step, its tokens at
     timestep 0 and the others at t, and the result's first frame is it. Needs a patch of 1 frame.
+    condition, image: what a Wan 2.1 I2V backbone reads beside the noisy latent (its forward's
+    ``condition=`` and ``image=``; :func:`pfp.i2v.wan_i2v_condition` builds the condition as
+    ``WanImageToVideoPipeline`` does), the same for both guidance branches, at every step.
     """
     if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
         raise ValueError(f"eta must be in [0, 1] (0: deterministic Euler), got {eta!r}")
@@ -132,16 +136,23 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     if any(c != 1.0 for c in scales):
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
     guided = [scales[i] != 1.0 and t > cfg_min_t for i, t in enumerate(t_host)]
+    extra, extra_pair = {}, {}  # the backbone's condition / image, for b and for the guided 2b batch
+    for name, value in (("condition", condition), ("image", image)):
+        if value is not None:
+            value = value.to(device)
+            extra[name] = value
+            extra_pair[name] = value if value.shape[0] == 1 else torch.cat([value, value])
     for i in range(steps):
         t = ts[i]
         net, c = route(t_host[i], ctx) if route is not None else (backbone, ctx)
         xin = with_first(x)
         if guided[i]:
-            v = net(torch.cat([xin, xin]), step_t(t, 2 * b), pair, c, t_start=t_start, text_mask=pair_mask)
+            v = net(torch.cat([xin, xin]), step_t(t, 2 * b), pair, c, t_start=t_start, text_mask=pair_mask,
+                    **extra_pair)
             v_cond, v_uncond = v.float().chunk(2)
             v = v_uncond + scales[i] * (v_cond - v_uncond)
         else:
-            v = net(xin, step_t(t, b), txt, c, t_start=t_start, text_mask=mask).float()
+            v = net(xin, step_t(t, b), txt, c, t_start=t_start, text_mask=mask, **extra).float()
         if eta == 0.0:
             x = (x.float() + (ts[i + 1] - t) * v).to(dtype)
         else:

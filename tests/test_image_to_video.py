@@ -2,6 +2,8 @@
 the chunk's first latent frame is held to the image's latent, its tokens at timestep 0."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -148,4 +150,127 @@ def test_matches_diffusers_wan_image_to_video_pipeline():
         first = WanVAE(vae).encode(image[:, :, None])
     got = sample(ours, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, seed=4,
                  first_frame=first)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.1 I2V: [latent ; mask ; image latent] input and an image cross-attention
+# ----------------------------------------------------------------------------------------------
+TINY_WAN_I2V = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12,
+                    out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=24, added_kv_proj_dim=16)
+
+
+def _tiny_i2v_pair():
+    """A tiny random Wan 2.1 I2V transformer (weights not near zero, so every part shows) and our
+    backbone over a twin of it."""
+    from diffusers import WanTransformer3DModel
+    from pfp.backbones import WanBackbone
+    torch.manual_seed(0)
+    upstream = WanTransformer3DModel(**TINY_WAN_I2V).eval()
+    with torch.no_grad():
+        for p in upstream.parameters():
+            p.normal_(0, 0.2)
+    twin = WanTransformer3DModel.from_config(upstream.config).eval()
+    twin.load_state_dict(upstream.state_dict())
+    return upstream, WanBackbone(twin)
+
+
+def test_wan_i2v_backbone_matches_diffusers_forward_in_both_context_modes():
+    pytest.importorskip("diffusers")
+    from pfp.compressor import Context
+    upstream, ours = _tiny_i2v_pair()
+    x, cond, t = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 8, 3, 4, 4), torch.rand(2)
+    text, image = torch.randn(2, 512, 16), torch.randn(1, 7, 24)   # diffusers splits image | 512 text tokens
+    with torch.no_grad():
+        want = upstream(torch.cat([x, cond], 1), t * 1000, text, encoder_hidden_states_image=image.expand(2, -1, -1),
+                        return_dict=False)[0]
+        got = ours(x, t, text, None, condition=cond, image=image)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        # without the image the output changes: the image cross-attention is live
+        assert not torch.allclose(ours(x, t, text, None, condition=cond, image=image * 0), got)
+        # a context reads neither image nor condition: cached and joint modes agree with each other
+        ctx = Context(torch.randn(1, 6, 16), torch.tensor([[t_, 0, c] for t_ in range(3) for c in range(2)]))
+        cached = ours(x, t, text, ours.cache_context(ctx), condition=cond, image=image, t_start=3)
+        assert not torch.allclose(cached, got)
+        ours.context_mode = "joint"
+        joint = ours(x, t, text, ctx, condition=cond, image=image, t_start=3)
+        ours.context_mode = "cached"
+        assert joint.shape == cached.shape and torch.isfinite(joint).all()
+
+
+def test_wan_i2v_compressor_branch_patchifies_the_latent_with_a_zero_condition():
+    pytest.importorskip("diffusers")
+    _, ours = _tiny_i2v_pair()
+    lr = torch.randn(1, 4, 2, 4, 4)
+    patch = ours.patch_embed
+    assert patch.patch_size == (1, 2, 2) and patch is ours.patch_embed   # one wrapper, kept
+    with torch.no_grad():
+        want = ours.patch_embedding(torch.cat([lr, torch.zeros(1, 8, 2, 4, 4)], 1))
+        torch.testing.assert_close(patch(lr), want)
+    assert set(ours.state_dict()) == {"transformer." + k for k in ours.transformer.state_dict()}  # named once
+
+
+def test_wan_i2v_inputs_are_checked():
+    pytest.importorskip("diffusers")
+    _, ours = _tiny_i2v_pair()
+    x, text = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 512, 16)
+    cond, image = torch.randn(1, 8, 3, 4, 4), torch.randn(1, 7, 24)
+    with pytest.raises(ValueError, match="takes 8 condition channels"):
+        ours(x, torch.rand(1), text, image=image)
+    with pytest.raises(ValueError, match=r"condition must be \[1 or 1, 8, 3, 4, 4\]"):
+        ours(x, torch.rand(1), text, condition=cond[:, :4], image=image)
+    with pytest.raises(ValueError, match="pass image="):
+        ours(x, torch.rand(1), text, condition=cond)
+    plain = tiny_wan_backbone()
+    with pytest.raises(ValueError, match="takes no condition"):
+        plain(x, torch.rand(1), torch.randn(1, 5, 16), condition=cond)
+    with pytest.raises(ValueError, match="no image cross-attention"):
+        plain(x, torch.rand(1), torch.randn(1, 5, 16), image=image)
+
+
+def test_wan_i2v_sampling_matches_diffusers_wan_image_to_video_pipeline():
+    # upstream parity: WanImageToVideoPipeline (Wan 2.1 I2V: [latent ; mask ; image latent] input,
+    # image cross-attention) on the same picture, image states, noise, text states and sigmas
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from pfp.i2v import wan_i2v_condition
+    from pfp.vae import WanVAE
+    steps, shift, cfg = 4, 3.0, 2.5
+
+    class SameSigmas(FlowMatchEulerDiscreteScheduler):   # the pipeline passes only a step count
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
+                                  device=device)
+    upstream, ours = _tiny_i2v_pair()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                           scale_factor_spatial=4, scale_factor_temporal=4, latents_mean=[0.05 * i for i in range(4)],
+                           latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+    image_states = torch.randn(1, 7, 24)
+
+    class ImageEncoder(torch.nn.Module):   # stands in for CLIP: the pipeline reads hidden_states[-2]
+        def __init__(self):
+            super().__init__()
+            self.device, self.dtype = torch.device("cpu"), torch.float32   # what the pipeline asks of a model
+
+        def forward(self, pixel_values=None, output_hidden_states=True):
+            return SimpleNamespace(hidden_states=(image_states, torch.zeros_like(image_states)))
+
+    def image_processor(images, return_tensors="pt"):
+        from transformers import BatchFeature
+        return BatchFeature({"pixel_values": torch.zeros(1, 3, 4, 4)})
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=SameSigmas(shift=shift),
+                                   transformer=upstream, image_encoder=ImageEncoder(), image_processor=image_processor)
+    picture = torch.rand(1, 3, 16, 16)
+    text, uncond = torch.randn(1, 512, 16), torch.randn(1, 512, 16)
+    shape = (1, 4, 3, 4, 4)                               # 9 frames of 16x16
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    want = pipe(image=picture, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=16, width=16, num_frames=9, num_inference_steps=steps,
+                guidance_scale=cfg, output_type="latent").frames
+    with torch.no_grad():
+        condition = wan_i2v_condition(WanVAE(vae), picture * 2.0 - 1.0, 9)
+    assert condition.shape == (1, 8, 3, 4, 4) and torch.equal(condition[:, :4, 0], torch.ones(1, 4, 4, 4))
+    got = sample(ours, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, seed=4,
+                 condition=condition, image=image_states)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)

@@ -11,7 +11,11 @@ It runs the shared Wan-style forward of :mod:`pfp.backbones.wan_style` on the mo
 (patch embedding, condition embedder, blocks, output head), so with no context it computes what
 the diffusers forward computes (the tests check this), while adding the compressed context in
 "joint" or "cached" mode, per-token timesteps and RoPE from explicit positions.
-Wan's I2V image cross-attention (``added_kv_proj_dim``) is not supported.
+Wan 2.1 I2V transformers (``image_dim``, ``added_kv_proj_dim``, 36 input channels for 16 output
+ones) run too: the forward then takes ``condition=`` (the 20 channels after the latent's: the
+first-frame mask and the image latent, as ``WanImageToVideoPipeline`` builds them) and ``image=``
+(the image encoder's states), and the compressor's low-res branch patchifies through the latent
+channels' weights only (:class:`~pfp.backbones.wan_style.LatentPatchEmbed`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from .wan_style import WanStyleBackbone, WanStyleBlock, check_context_mode
 
 
 class WanBackbone(WanStyleBackbone):
-    """PFP backbone over a ``diffusers.WanTransformer3DModel`` (Wan 2.1 / 2.2 T2V, TI2V).
+    """PFP backbone over a ``diffusers.WanTransformer3DModel`` (Wan 2.1 / 2.2 T2V, TI2V, Wan 2.1 I2V).
 
     It takes the transformer over: its blocks become :class:`WanStyleBlock` modules over the same
     parameters (state-dict names unchanged), so run it through this backbone, not its own forward."""
@@ -36,8 +40,13 @@ class WanBackbone(WanStyleBackbone):
     def __init__(self, transformer: nn.Module, context_mode: str = "cached", mask_text_padding: bool = False):
         super().__init__()
         cfg = transformer.config
-        if getattr(cfg, "added_kv_proj_dim", None) is not None or getattr(cfg, "image_dim", None) is not None:
-            raise ValueError("WanBackbone: image cross-attention (I2V, added_kv_proj_dim/image_dim) is not supported")
+        image_dim, added_kv = getattr(cfg, "image_dim", None), getattr(cfg, "added_kv_proj_dim", None)
+        if (image_dim is None) != (added_kv is None):
+            raise ValueError(f"WanBackbone: an image cross-attention needs both image_dim and added_kv_proj_dim "
+                             f"(Wan 2.1 I2V), got image_dim={image_dim}, added_kv_proj_dim={added_kv}")
+        if getattr(cfg, "pos_embed_seq_len", None) is not None:
+            raise ValueError("WanBackbone: pos_embed_seq_len (Wan FLF2V's two-image embedding) is not supported")
+        self.takes_image = image_dim is not None
         # Each block becomes a WanStyleBlock over the block's own modules (same names, same
         # parameters), so the blocks' forward is what runs and hooks on them fire. The transformer
         # is then driven through this backbone only: its own forward would call the new blocks
@@ -51,11 +60,15 @@ class WanBackbone(WanStyleBackbone):
         self.context_mode = check_context_mode(context_mode)
         self.num_heads = int(cfg.num_attention_heads)
         self.inner_dim = int(cfg.num_attention_heads * cfg.attention_head_dim)
-        self.latent_channels = int(cfg.in_channels)
+        out_channels = int(cfg.out_channels or cfg.in_channels)
+        self.latent_channels = out_channels
+        # Wan 2.1 I2V reads [latent ; condition] and predicts the latent's velocity only
+        self.condition_channels = int(cfg.in_channels) - out_channels
         self.patch_size = tuple(int(p) for p in cfg.patch_size)
         self.rope_theta = 10000.0
-        if (cfg.out_channels or cfg.in_channels) != cfg.in_channels:
-            raise ValueError("WanBackbone: out_channels must equal in_channels (velocity of the same latent)")
+        if self.condition_channels < 0:
+            raise ValueError(f"WanBackbone: in_channels ({cfg.in_channels}) must be at least out_channels "
+                             f"({out_channels}): the velocity is of the latent, the rest of the input is condition")
 
     # the modules the shared forward reads, under Wan's names
     @property
@@ -90,6 +103,9 @@ class WanBackbone(WanStyleBackbone):
 
     def embed_text(self, text: Tensor) -> Tensor:
         return self.transformer.condition_embedder.text_embedder(text)
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        return self.transformer.condition_embedder.image_embedder(image)
 
     @classmethod
     def from_config(cls, context_mode: str = "cached", mask_text_padding: bool = False, **config) -> "WanBackbone":

@@ -323,7 +323,8 @@ class WanStyleBlock(nn.Module):
         inner = ref.shape[0]
         self.memory_attn = MemoryAttention(feature_dim, inner, device=ref.device, dtype=ref.dtype)
 
-    def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], memory=None) -> Tensor:
+    def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], memory=None,
+                         image: Optional[Tensor] = None) -> Tensor:
         attn = self.attn2
         q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
         extra = self.memory_attn(q, *memory) if memory is not None and self.memory_attn is not None else None
@@ -337,14 +338,27 @@ class WanStyleBlock(nn.Module):
             mask = text_mask.bool()[:, None, None, :]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask).transpose(1, 2)
-        out = attn.to_out[0](o.flatten(2))
+        o = o.flatten(2)
+        if image is not None:  # Wan I2V: the image tokens through their own K/V, summed before to_out
+            o = o + self._image_attention(q, image).flatten(2).type_as(o)
+        out = attn.to_out[0](o)
         return out if extra is None else out + extra.to(out.dtype)
+
+    def _image_attention(self, q: Tensor, image: Tensor) -> Tensor:
+        """Wan 2.1 I2V's image cross-attention: q ``[B, Nq, H, D]`` over the embedded image tokens
+        ``[B or 1, Ni, inner]`` through ``attn2``'s ``add_k_proj``, ``norm_added_k``, ``add_v_proj``."""
+        attn = self.attn2
+        k = attn.norm_added_k(attn.add_k_proj(image)).unflatten(-1, (self.num_heads, -1))
+        v = attn.add_v_proj(image).unflatten(-1, (self.num_heads, -1))
+        if q.shape[0] != k.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        return pfp_kernels.joint_attention(q, k, v)
 
     sp = None  # a pfp.parallel.SequenceParallel while the backbone runs sequence-parallel
 
     def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], mod_c, mod_t, text, text_mask,
                 rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0, memory=None):
+                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0, memory=None, image=None):
         """One block over the new context tokens hc ``[Bc, Nc, inner]`` and the target tokens ht
         ``[B, Nt, inner]`` (either may be None).
 
@@ -362,6 +376,8 @@ class WanStyleBlock(nn.Module):
             this rank's heads.
         memory: (K, V, mask) of this block's :class:`MemoryAttention` over the compressor's
             features, read by the target tokens beside the text; None: none.
+        image: ``[B or 1, Ni, inner]`` embedded image tokens (Wan 2.1 I2V), read by the target tokens
+            through ``attn2``'s added K/V beside the text; None: none.
         Returns (hc', ht', (K, V) of every context token of this block).
         """
         sp = self.sp
@@ -395,7 +411,7 @@ class WanStyleBlock(nn.Module):
                 ot = sp.heads_to_seq(ot)
             ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = self.norm2(ht.float()).type_as(ht)
-            ht = ht + self._cross_attention(xt, text, text_mask, memory)
+            ht = ht + self._cross_attention(xt, text, text_mask, memory, image)
             xt = (self.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
             ht = (ht.float() + self.ffn(xt).float() * t_c_g).type_as(ht)
         if hc is not None and need_context_out:
@@ -439,8 +455,16 @@ class WanStyleBackbone(nn.Module):
     # ---- the interface the compressor and the sampler use ------------------------------------
     @property
     def patch_embed(self) -> nn.Module:
-        """The patch embedding, shared with the compressor's low-res branch."""
-        return self.patch_embedding
+        """The patch embedding, shared with the compressor's low-res branch (for a model with
+        condition channels, a :class:`LatentPatchEmbed` over it: the latent with a zero condition)."""
+        if not self.condition_channels:
+            return self.patch_embedding
+        wrapper = self.__dict__.get("_latent_patch_embed")
+        if wrapper is None or wrapper.conv is not self.patch_embedding:
+            # kept out of the module tree, so the state dict names the conv once
+            wrapper = LatentPatchEmbed(self.patch_embedding, self.latent_channels)
+            self.__dict__["_latent_patch_embed"] = wrapper
+        return wrapper
 
     @property
     def head_dim(self) -> int:
@@ -605,9 +629,16 @@ class WanStyleBackbone(nn.Module):
         return ([torch.cat([a, k], 1) for a, (k, _) in zip(old[0], kv)],
                 [torch.cat([a, v], 1) for a, (_, v) in zip(old[1], kv)], mask)
 
+    condition_channels = 0  # input channels after the latent's (Wan 2.1 I2V: 4 mask + 16 image latent)
+    takes_image = False     # the blocks have an image cross-attention (Wan 2.1 I2V)
+
+    def embed_image(self, image: Tensor) -> Tensor:
+        raise ValueError(f"{type(self).__name__} takes no image tokens (no image cross-attention)")
+
     def forward(self, x: Tensor, timesteps: Tensor, text: Tensor, context=None, *,
                 positions: Optional[Tensor] = None, t_start: float = 0.0,
-                text_mask: Optional[Tensor] = None) -> Tensor:
+                text_mask: Optional[Tensor] = None, condition: Optional[Tensor] = None,
+                image: Optional[Tensor] = None) -> Tensor:
         """Velocity for noisy target latents.
 
         x: ``[B, C, T, H, W]`` noisy latents (flow matching: ``x_t = (1 - t) x_0 + t * noise``).
@@ -621,6 +652,12 @@ class WanStyleBackbone(nn.Module):
             one it gets alone with only its real tokens (a sample with none: as with no context).
         positions: target token positions ``[Nt, 3]`` or ``[B, Nt, 3]`` (per sample); default the
             grid starting at token time ``t_start``.
+        condition: ``[B or 1, condition_channels, T, H, W]``, joined to x's channels before the
+            patch embedding (Wan 2.1 I2V: the first-frame mask and the image's latent); required
+            when the model has condition channels, refused otherwise.
+        image: ``[B or 1, Ni, image_dim]`` image-encoder states (Wan 2.1 I2V: CLIP's penultimate
+            layer, 257 tokens), read by every block's image cross-attention; required when the
+            model has one, refused otherwise. Context tokens read neither.
         Returns the predicted velocity ``noise - x_0``, shape of x.
         """
         b, _, t, h, w = x.shape
@@ -640,8 +677,9 @@ class WanStyleBackbone(nn.Module):
             temb, mod_t = self.embed_time(ts)  # [B, 1|Nt, C], [B, 1|Nt, 6, C]
         else:
             temb, mod_t = self.embed_time(ts, extra=pooled.expand(b, -1)[:, None, :])
-        ht = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)
+        ht = self.patch_embedding(self._with_condition(x, condition).to(dtype)).flatten(2).transpose(1, 2)
         txt = self.embed_text(text)
+        img = self._embedded_image(image, b)
 
         hc = rope_c = mod_c = cached = frames = ctx_mask = None
         memory = None    # per block (K, V, mask) of the MemoryAttention over the compressor's features
@@ -688,7 +726,7 @@ class WanStyleBackbone(nn.Module):
             prev = cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
                                          joint, i < n - 1, frames, ctx_mask, nt if sp is not None else 0,
-                                         memory[i] if memory is not None else None)
+                                         memory[i] if memory is not None else None, img)
 
         shift, scale = (self.scale_shift_table.float().unsqueeze(0) + temb.float().unsqueeze(2)).unbind(2)
         out = self.proj_out((self.norm_out(ht.float()) * (1 + scale) + shift).type_as(ht))
@@ -704,6 +742,54 @@ class WanStyleBackbone(nn.Module):
                 tt.view(b, 1, *grid).repeat_interleave(pt, 2).repeat_interleave(ph, 3).repeat_interleave(pw, 4))
             out = ((x.float() - out.float()) / tt).to(out.dtype)
         return out
+
+
+    def _with_condition(self, x: Tensor, condition: Optional[Tensor]) -> Tensor:
+        """x with the condition channels joined (models that take them), checked."""
+        c = self.condition_channels
+        if not c:
+            if condition is not None:
+                raise ValueError(f"{type(self).__name__} takes no condition channels, got condition "
+                                 f"{tuple(condition.shape)}")
+            return x
+        if condition is None:
+            raise ValueError(f"this model takes {c} condition channels after the latent's (Wan I2V: the "
+                             f"first-frame mask and the image latent): pass condition=[B, {c}, T, H, W]")
+        want = (c, *x.shape[2:])
+        if condition.dim() != 5 or tuple(condition.shape[1:]) != want or condition.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"condition must be [1 or {x.shape[0]}, {c}, {', '.join(map(str, x.shape[2:]))}], got "
+                             f"{tuple(condition.shape)}")
+        return torch.cat([x, condition.to(x).expand(x.shape[0], -1, -1, -1, -1)], dim=1)
+
+    def _embedded_image(self, image: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        if not self.takes_image:
+            if image is not None:
+                raise ValueError(f"{type(self).__name__} has no image cross-attention, got image {tuple(image.shape)}")
+            return None
+        if image is None:
+            raise ValueError("this model has an image cross-attention (Wan 2.1 I2V): pass image=[B, Ni, "
+                             "image_dim] image-encoder states")
+        if image.dim() != 3 or image.shape[0] not in (1, batch):
+            raise ValueError(f"image must be [1 or {batch}, Ni, image_dim], got {tuple(image.shape)}")
+        return self.embed_image(image.to(self.compute_dtype))
+
+
+class LatentPatchEmbed(nn.Module):
+    """A patch embedding whose input is ``[latent ; condition]`` channels (Wan 2.1 I2V: 16 latent, 4
+    mask and 16 image-latent channels), applied to a latent alone: the condition channels' weights
+    are left out, which is the embedding of that latent with an all-zero condition. It shares the
+    conv's parameters. The compressor's low-res branch patchifies through it."""
+
+    def __init__(self, conv: nn.Conv3d, channels: int):
+        super().__init__()
+        if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding):
+            raise ValueError("LatentPatchEmbed: the conv must be a patchify Conv3d (kernel == stride, no padding)")
+        self.conv = conv
+        self.channels = int(channels)
+        self.patch_size = tuple(int(k) for k in conv.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv3d(x, self.conv.weight[:, : self.channels], self.conv.bias, self.conv.stride)
 
 
 def _host(fn, t: Tensor):
@@ -741,6 +827,6 @@ def _runs_of(t: Tensor) -> list:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-__all__ = ["ContextKV", "FP8_KV_DTYPE", "MemoryAttention", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
+__all__ = ["ContextKV", "FP8_KV_DTYPE", "LatentPatchEmbed", "MemoryAttention", "WanStyleBackbone", "WanStyleBlock", "CONTEXT_MODES", "check_context_mode", "context_parts",
            "masked_joint_attention",
            "sinusoidal_embedding"]
