@@ -6,8 +6,8 @@
 # the next one.
 #
 #   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests tune attention conv compressor
-#                                                 context generate train memory (default: all, in
-#                                                 that order),
+#                                                 context wan5b generate train memory (default: all,
+#                                                 in that order),
 #                                                 sweep (the Triton config sweep; only when named)
 #
 # With OUT set, the log and a tarball of the CUDA results are copied there after every step.
@@ -19,7 +19,7 @@ LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context generate train memory)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context wan5b generate train memory)
 
 save() {
     if [ -n "${OUT:-}" ]; then
@@ -67,6 +67,14 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
                 -p no:cacheprovider ;;
         context)
             run 120 context python3 benchmarks/bench_context_modes.py --device cuda --shape all ;;
+        wan5b)
+            # one random-weight Wan 2.2 5B denoising step, bf16 and fp8, cached and joint: time and
+            # MFU (issue 24). fp8 needs torchao: a wheel dropped in benchmarks/wheels/ (git-ignored,
+            # sent along with the run) is installed first, since the GPU machine has no index.
+            if ls benchmarks/wheels/torchao-*.whl >/dev/null 2>&1; then
+                run 60 wan5b-torchao python3 -m pip install --no-deps --no-index -q benchmarks/wheels/torchao-*.whl
+            fi
+            run 240 wan5b python3 benchmarks/bench_wan5b_step.py --steps 10 ;;
         sweep)
             run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160 ;;
         train)
@@ -78,7 +86,7 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             # the planner's (issue 23)
             run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
         *)
-            echo "unknown step $step (env tests tune attention conv compressor context train generate memory)" | tee -a "$LOG"
+            echo "unknown step $step (env tests tune attention conv compressor context wan5b train generate memory)" | tee -a "$LOG"
             exit 2 ;;
     esac
 done

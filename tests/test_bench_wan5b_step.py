@@ -1,0 +1,54 @@
+"""benchmarks/bench_wan5b_step.py: its FLOP count (which its MFU rests on) against torch's own
+FlopCounterMode, and its CPU dry run (the GPU script's code paths, without a GPU)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_step_flops_match_torchs_flop_counter(mode, monkeypatch):
+    pytest.importorskip("diffusers")
+    import bench_wan5b_step as bench
+    import pfp.backbones.wan_style as wan_style
+    from torch.utils.flop_counter import FlopCounterMode
+    from pfp.compressor import Context
+    bb, cfg = bench.build("cpu", torch.float32, dry_run=True)
+    t, h, w = bench.DRY["grid"]
+    nc, nl = 2 * h * w, 16
+    real = wan_style.pfp_kernels.joint_attention
+
+    def counted(*args, **kwargs):  # SDPA over the concatenation, which the counter sees
+        return real(*args, **{**kwargs, "impl": "sdpa_concat"})
+    monkeypatch.setattr(wan_style.pfp_kernels, "joint_attention", counted)
+    pos = torch.stack(torch.meshgrid(torch.arange(2) * 2.0, torch.arange(h) * 1.0, torch.arange(w) * 1.0,
+                                     indexing="ij"), -1).reshape(-1, 3)
+    ctx = Context(torch.randn(1, nc, cfg["num_attention_heads"] * cfg["attention_head_dim"]), pos)
+    x, text = torch.randn(2, cfg["in_channels"], t, 2 * h, 2 * w), torch.randn(2, nl, cfg["text_dim"])
+    bb.context_mode = mode
+    with torch.no_grad():
+        c = bb.cache_context(ctx) if mode == "cached" else ctx
+        with FlopCounterMode(display=False) as counter:
+            bb(x, torch.full((2,), 0.7), text, c, t_start=10)
+    ratio = bench.step_flops(cfg, t * h * w, nc, nl, 2, mode) / counter.get_total_flops()
+    assert 0.97 < ratio < 1.03, ratio   # the rest: embeddings and the output head
+
+
+def test_cpu_dry_run_writes_its_table(tmp_path):
+    pytest.importorskip("diffusers")
+    env = dict(os.environ, PFP_BENCH_OUT=str(tmp_path), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_wan5b_step.py"), "--dry-run",
+                        "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "wan5b_step" / "wan5b_step_cpu_dry_run.md").read_text()
+    assert "| fp32 (dry run) | cached |" in text and "| fp32 (dry run) | joint |" in text
+    assert "fp8 | n/a | not run: fp8 GEMMs need a CUDA device" in text
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_wan5b_step.py"), "--device", "cpu"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs --device cuda" in bad.stderr
