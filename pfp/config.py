@@ -37,6 +37,8 @@ class PFPConfig:
     text: dict = field(default_factory=lambda: {"kind": "tiny", "dim": 64, "max_length": 24, "num_layers": 1})
     dit: dict = field(default_factory=lambda: {"kind": "tiny", "inner_dim": 128, "depth": 4, "num_heads": 4,
                                                "mlp_ratio": 3.0, "freq_dim": 64})
+    # Wan 2.1 I2V's image encoder (a CLIP vision tower from a local folder); "none" for other models
+    image_encoder: dict = field(default_factory=lambda: {"kind": "none"})
     sliding_window: int = 0               # newest history latent frames also given uncompressed (PFP 3.4; 0: off)
     cross_attention: bool = False         # every block also cross-attends to the compressor's penultimate features (PFP 3.4)
     sample_shift: float = 3.0             # sampling timestep shift (Wan's flow shift)
@@ -178,7 +180,7 @@ class PFPConfig:
         """Raise ValueError when the components, sizes, chunk length and rate do not fit together
         (naming the field and what to use)."""
         from pfp.rates import parse_rate, plan_inputs
-        for name in ("vae", "text", "dit"):
+        for name in ("vae", "text", "dit", "image_encoder"):
             check_component(name, getattr(self, name))
         from pfp.compressor import COMPRESSOR_KINDS
         if self.compressor_kind not in COMPRESSOR_KINDS:
@@ -279,6 +281,10 @@ COMPONENT_KINDS = {
         "wan": ((), ("path", "subfolder", "dtype", "config", "mask_text_padding", "boundary", "subfolder_2",
                      "lr_patch_embed")),
     },
+    "image_encoder": {
+        "none": ((), ()),
+        "clip": ((), ("path", "subfolder", "dtype", "config")),
+    },
 }
 _PATH_WHAT = {
     ("vae", "wan"): ("a local diffusers AutoencoderKLWan folder (with config.json), or a pipeline folder "
@@ -287,17 +293,20 @@ _PATH_WHAT = {
                        "or a diffusers pipeline folder with text_encoder/ and tokenizer/", "text_encoder"),
     ("dit", "wan"): ("a local diffusers WanTransformer3DModel folder, or a pipeline folder with transformer/",
                      "transformer"),
+    ("image_encoder", "clip"): ("a local transformers CLIPVisionModel folder, or a pipeline folder with "
+                                "image_encoder/", "image_encoder"),
 }
 
 _PATH_CLASS = {  # config.json key -> accepted values, per (field, kind)
     ("vae", "wan"): ("_class_name", ("AutoencoderKLWan",)),
     ("text", "umt5"): ("model_type", ("umt5",)),
     ("dit", "wan"): ("_class_name", ("WanTransformer3DModel",)),
+    ("image_encoder", "clip"): ("model_type", ("clip_vision_model",)),
 }
 
 
 def check_component(name: str, spec) -> None:
-    """Validate ``config[name]`` (``"vae"``, ``"text"`` or ``"dit"``): a dict with a valid ``"kind"``,
+    """Validate ``config[name]`` (``"vae"``, ``"text"``, ``"dit"`` or ``"image_encoder"``): a dict with a valid ``"kind"``,
     its required keys, no unknown keys, and existing local paths. The ValueError names the field
     and the valid choices."""
     kinds = COMPONENT_KINDS[name]
@@ -340,6 +349,9 @@ def check_component(name: str, spec) -> None:
             have = cfg.get("_class_name") or cfg.get("model_type") or (cfg.get("architectures") or ["unknown"])[0]
             raise ValueError(f"config {name}.path {path!r} holds a {have!r} model ({cfg_file}); kind {kind!r} needs "
                              f"{' or '.join(want)}: it must be {what}")
+    if name == "image_encoder" and kind == "clip" and ("path" in spec) == ("config" in spec):
+        raise ValueError("config image_encoder of kind 'clip' needs exactly one of 'path' (a local CLIP vision "
+                         "model folder) or 'config' (CLIPVisionConfig keyword arguments)")
     if name == "dit" and kind == "wan" and ("path" in spec) == ("config" in spec):
         raise ValueError("config dit of kind 'wan' needs exactly one of 'path' (a local diffusers checkpoint) "
                          "or 'config' (WanTransformer3DModel keyword arguments)")

@@ -145,9 +145,14 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     the model config's ``sample_cfg``, ``sample_cfg_min_t``, ``sample_shift``, ``sample_eta`` and
     ``sample_cfg_2`` (the low-noise expert's guidance, with two experts).
 
-    image: optional ``[3, H, W]`` frame in [-1, 1] at the video's size: image-to-video, as Wan 2.2
-    TI2V does it. Its VAE latent is the first chunk's first latent frame, held there while the rest
-    is denoised (:func:`pfp.sampler.sample`'s ``first_frame``), so the video starts from it.
+    image: optional ``[3, H, W]`` frame in [-1, 1] at the video's size: image-to-video. With a
+    backbone that reads a condition beside the latent (Wan 2.1 I2V), as ``WanImageToVideoPipeline``
+    does: the first chunk's condition is the picture's (:func:`pfp.i2v.wan_i2v_condition`), every
+    later chunk's says that no frame is given (mask 0, the latent of blank frames), so they follow
+    the compressed memory; the picture's image-encoder states feed every chunk's image
+    cross-attention. Such a backbone needs ``image``. Otherwise as Wan 2.2 TI2V does it: the
+    picture's VAE latent is the first chunk's first latent frame, held there while the rest is
+    denoised (:func:`pfp.sampler.sample`'s ``first_frame``), so the video starts from it.
 
     sequence_parallel: a :class:`pfp.parallel.SequenceParallel` (every rank of its group calls
     generate with the same arguments): each denoising step's target tokens are split over the
@@ -221,14 +226,29 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 text_cache[prompt] = (states.to(device), None if mask is None else mask.to(device))
     uncond, uncond_mask = text_cache[""]
     first_frame = None
+    conditions = image_states = None   # Wan 2.1 I2V: (first chunk's, later chunks') condition; CLIP states
+    wants_condition = getattr(backbone, "condition_channels", 0) > 0
+    if wants_condition and image is None:
+        raise InputError("this model is image-to-video (its backbone reads a condition beside the latent, as "
+                         "Wan I2V does): give image= (--image PIC)")
     if image is not None:
         if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, h, w):
             raise InputError(f"image must be a [3, {h}, {w}] frame in [-1, 1] (the video's size), got "
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         if n_given:
             raise InputError("give image or history, not both: both set the video's start")
+        picture = image.to(device=device, dtype=torch.float32).clamp(-1, 1)
         with placement.decode() if placement is not None else nullcontext():   # the VAE's phase
-            first_frame = vae.encode(image[None, :, None].to(device=device, dtype=torch.float32).clamp(-1, 1))
+            if wants_condition:
+                from pfp.i2v import wan_i2v_condition
+                clip_frames = vae.video_frames(lat_shape[2])
+                conditions = (wan_i2v_condition(vae, picture[None], clip_frames),
+                              wan_i2v_condition(vae, picture[None], clip_frames, given=False))
+            else:
+                first_frame = vae.encode(picture[None, :, None])
+        if getattr(backbone, "takes_image", False):   # on the image encoder's own device (plans leave it put)
+            where = next(model.image_encoder.parameters()).device
+            image_states = model.encode_image(picture.to(where)).to(device)
     in_transformer = placement.transformer if placement is not None else nullcontext
     in_decode = placement.decode if placement is not None else nullcontext
     prompts, timings, videos, latents, lr_latents = [], [], [], [], [[] for _ in streams]
@@ -256,7 +276,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                                uncond_text_mask=uncond_mask, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t,
                                shift=shift, eta=eta, generator=generator, t_start=float(k * lat_shape[2]),
                                device=device, on_step=lambda i: bar.update(1), cfg_2=cfg_2,
-                               first_frame=first_frame if k == 0 else None)
+                               first_frame=first_frame if k == 0 else None,
+                               condition=None if conditions is None else conditions[min(k, 1)],
+                               image=image_states)
                 if not bool(torch.isfinite(x).all()):  # one host sync per chunk
                     raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
                                      f"written (check the weights, or lower --cfg / --shift)")

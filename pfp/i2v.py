@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 
-def wan_i2v_condition(vae, image: Tensor, num_frames: int) -> Tensor:
+def wan_i2v_condition(vae, image: Tensor, num_frames: int, given: bool = True) -> Tensor:
     """The ``[B, temporal_factor + C, T', H', W']`` condition of a ``num_frames``-frame clip that
-    starts from ``image``.
+    starts from ``image``; with ``given=False``, that of a clip given no frame (mask 0, the latent of
+    blank frames), which generation uses for the chunks after the first.
 
     vae: a :class:`pfp.vae.WanVAE` (or any VAE with ``encode`` and ``temporal_factor``).
     image: ``[B, 3, H, W]`` in [-1, 1] at the video's size.
@@ -32,10 +33,12 @@ def wan_i2v_condition(vae, image: Tensor, num_frames: int) -> Tensor:
         raise ValueError(f"image must be [B, 3, H, W] in [-1, 1], got {got}")
     t_lat = vae.latent_frames(num_frames)
     b, _, h, w = image.shape
-    video = torch.cat([image[:, :, None], image.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
+    first = image[:, :, None] if given else image.new_zeros(b, 3, 1, h, w)
+    video = torch.cat([first, image.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
     latent = vae.encode(video)
     mask = latent.new_zeros(b, vae.temporal_factor, t_lat, *latent.shape[3:])
-    mask[:, :, 0] = 1.0   # the first latent frame folds the image's frame (repeated); the rest, none
+    if given:
+        mask[:, :, 0] = 1.0   # the first latent frame folds the image's frame (repeated); the rest, none
     return torch.cat([mask, latent], dim=1)
 
 

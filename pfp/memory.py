@@ -318,8 +318,11 @@ def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] 
     are (CPU, a device, or parked by a :class:`pfp.offload.Placement`) does not matter."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     config = model.config
+    # the encoders' phase holds the text encoder, and Wan 2.1 I2V's image encoder beside it
+    encoders = model.text_encoder if getattr(model, "image_encoder", None) is None else \
+        nn.ModuleList([model.text_encoder, model.image_encoder])
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        return _trace_parts(model.backbone, model.compressor, model.vae, model.text_encoder,
+        return _trace_parts(model.backbone, model.compressor, model.vae, encoders,
                             lambda: model.text_encoder([""]).tokens, tuple(size or config.video_size),
                             float(config.fps), int(config.chunk_frames), history_seconds, cfg_batch,
                             mix=list(model.mix), window=config.sliding_window)
@@ -403,7 +406,12 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     text = torch.randn(cfg_batch, *text_shape, dtype=dtype)
     ts = torch.full((cfg_batch,), 0.5)
     net, net_context = backbone.route(1.0, context) if experts == 2 else (backbone, context)  # one step's expert
-    transient["denoise"] = _tracked_peak(lambda: net(x, ts, text, net_context, t_start=t0))
+    extra = {}   # what a Wan I2V backbone reads beside the latent: its condition channels, image states
+    if getattr(backbone, "condition_channels", 0):
+        extra["condition"] = torch.randn(1, backbone.condition_channels, n, h, w, dtype=dtype)
+    if getattr(backbone, "takes_image", False):
+        extra["image"] = torch.randn(1, 257, int(backbone.transformer.config.image_dim), dtype=dtype)
+    transient["denoise"] = _tracked_peak(lambda: net(x, ts, text, net_context, t_start=t0, **extra))
 
     decoder = decode_stream(vae)
     decoder.decode(chunk)  # the first chunk fills the causal cache

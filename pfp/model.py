@@ -35,6 +35,19 @@ class PFPModel(nn.Module):
         # config.mix_compressors: more compressors, each with its own low-res input, whose contexts
         # join the first one's (pfp.mix_contexts); empty for one compressor
         self.mix = nn.ModuleList(branches[1:])
+        # Wan 2.1 I2V reads the picture's CLIP states beside the text (config image_encoder)
+        self.image_encoder = _build_image_encoder(config)
+        takes_image = bool(getattr(self.backbone, "takes_image", False))
+        if takes_image != (self.image_encoder is not None):
+            raise ValueError("config image_encoder: " + (
+                "this backbone has an image cross-attention (Wan 2.1 I2V): give it its image encoder "
+                "({\"kind\": \"clip\", \"path\": the pipeline folder})" if takes_image else
+                "this backbone has no image cross-attention; use {\"kind\": \"none\"}"))
+        if takes_image:
+            want = int(self.backbone.transformer.config.image_dim)
+            if self.image_encoder.dim != want:
+                raise ValueError(f"config image_encoder makes states of width {self.image_encoder.dim} but the "
+                                 f"backbone's image cross-attention takes {want}")
         if config.cross_attention:   # PFP 3.4's cross-attention enhancement, zero-initialised
             if not hasattr(self.backbone, "add_memory_attention"):
                 raise ValueError(f"config cross_attention: the {type(self.backbone).__name__} backbone cannot take it")
@@ -75,6 +88,8 @@ class PFPModel(nn.Module):
             out.append("_vae.")
         if getattr(self.text_encoder, "frozen", False):
             out.append("text_encoder.")
+        if self.image_encoder is not None:
+            out.append("image_encoder.")
         return tuple(out)
 
     def train(self, mode: bool = True):
@@ -96,6 +111,13 @@ class PFPModel(nn.Module):
         out = self.text_encoder(list(prompts))
         return out.tokens, out.mask
 
+    def encode_image(self, picture):
+        """picture ``[3, H, W]`` in [-1, 1] -> image states ``[1, N, D]`` (Wan 2.1 I2V's image
+        cross-attention input); ValueError for a model without an image encoder."""
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder (config image_encoder is 'none')")
+        return self.image_encoder(picture)
+
     def trainable_state_dict(self) -> dict:
         """State dict with the shared patch embedding stored once (under the backbone), without the
         frozen parts loaded from their own paths (:meth:`frozen_prefixes`)."""
@@ -107,6 +129,18 @@ class PFPModel(nn.Module):
         if key.startswith(("compressor.", "mix.")) and ".patch_embed." in key:
             return False
         return not key.startswith(self.frozen_prefixes())
+
+
+def _build_image_encoder(config: PFPConfig):
+    check_component("image_encoder", config.image_encoder)
+    spec = dict(config.image_encoder)
+    if spec.get("kind", "none") == "none":
+        return None
+    from pfp.image_encoder import CLIPImageEncoder
+    if "config" in spec:
+        return CLIPImageEncoder.from_config(**spec["config"])
+    return CLIPImageEncoder.from_pretrained(spec["path"], subfolder=spec.get("subfolder"),
+                                            torch_dtype=_DTYPES[spec.get("dtype", "fp32")])
 
 
 def _build_text(config: PFPConfig):

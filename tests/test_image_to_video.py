@@ -274,3 +274,117 @@ def test_wan_i2v_sampling_matches_diffusers_wan_image_to_video_pipeline():
     got = sample(ours, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, seed=4,
                  condition=condition, image=image_states)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate with a Wan 2.1 I2V model: CLIP states and the condition, chunk by chunk
+# ----------------------------------------------------------------------------------------------
+TINY_CLIP = dict(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                 patch_size=8)
+
+
+def _i2v_model(vae_path, dit=None, image_encoder=None):
+    import dataclasses
+    from _tiny_pfp import wan_config
+    from pfp.weights import build_model
+    cfg = dataclasses.replace(wan_config(vae_path), dit=dit or {"kind": "wan", "config": TINY_WAN_I2V},
+                              image_encoder=image_encoder or {"kind": "clip", "config": TINY_CLIP})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.normal_(0, 0.1)
+        model.compressor.proj.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def wan_vae_dir(tmp_path_factory):
+    from _tiny_pfp import save_tiny_wan_vae
+    path = tmp_path_factory.mktemp("i2v") / "vae"
+    save_tiny_wan_vae(path)
+    return path
+
+
+def test_generate_with_a_wan_i2v_model_conditions_the_first_chunk_on_the_picture(wan_vae_dir, monkeypatch):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import pfp.sampler
+    from pfp.generate import InputError, generate
+    from pfp.i2v import wan_i2v_condition
+    from pfp.text import Storyboard
+    model = _i2v_model(wan_vae_dir)
+    assert model.frozen_prefixes()[-1] == "image_encoder." and not any(
+        k.startswith("image_encoder.") for k in model.trainable_state_dict())
+    story = Storyboard.single("a red circle", 3.0)
+    picture = torch.rand(3, 32, 32) * 2 - 1
+    seen = []
+    real = pfp.sampler.sample
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("condition"), kwargs.get("image")))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pfp.sampler, "sample", spy)
+    res = generate(model, story, 3.0, steps=2, progress=False, image=picture)
+    assert len(seen) == 3 and torch.isfinite(res.video).all()
+    vae = model.vae
+    with torch.no_grad():
+        first = wan_i2v_condition(vae, picture[None], vae.video_frames(2))
+        blank = wan_i2v_condition(vae, picture[None], vae.video_frames(2), given=False)
+        states = model.encode_image(picture)
+    torch.testing.assert_close(seen[0][0], first)
+    for cond, _ in seen[1:]:
+        torch.testing.assert_close(cond, blank)
+        assert (cond[:, :4] == 0).all()                  # no frame given after the first chunk
+    for _, image in seen:
+        torch.testing.assert_close(image, states)
+    assert states.shape == (1, 5, 24)                    # CLS + 2x2 patches of a 16-pixel crop
+    other = generate(model, story, 3.0, steps=2, progress=False, image=-picture)
+    assert not torch.allclose(other.video, res.video)
+    with pytest.raises(InputError, match="image-to-video.*give image="):
+        generate(model, story, 3.0, steps=2, progress=False)
+
+
+def test_an_i2v_model_needs_its_image_encoder_and_is_not_trained_yet(wan_vae_dir, tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import dataclasses
+    from _tiny_pfp import wan_config, write_config
+    from pfp.train import TrainArgs, train
+    with pytest.raises(ValueError, match="image cross-attention.*give it its image encoder"):
+        _i2v_model(wan_vae_dir, image_encoder={"kind": "none"})
+    with pytest.raises(ValueError, match="has no image cross-attention"):
+        _i2v_model(wan_vae_dir, dit={"kind": "wan", "config": {**TINY_WAN_I2V, "image_dim": None,
+                                                                   "added_kv_proj_dim": None, "in_channels": 4}})
+    with pytest.raises(ValueError, match="makes states of width 32 but the backbone's image cross-attention takes 24"):
+        _i2v_model(wan_vae_dir, image_encoder={"kind": "clip", "config": {**TINY_CLIP, "hidden_size": 32}})
+    cfg = dataclasses.replace(wan_config(wan_vae_dir), dit={"kind": "wan", "config": TINY_WAN_I2V},
+                              image_encoder={"kind": "clip", "config": TINY_CLIP})
+    path = write_config(tmp_path / "i2v.json", cfg)
+    with pytest.raises(ValueError, match="training an image-to-video model"):
+        train(TrainArgs(mode="pretrain", config=path, out=str(tmp_path / "run"), steps=1, progress=False))
+
+
+def test_clip_image_encoder_preprocesses_as_clips_processor_does():
+    pytest.importorskip("transformers")
+    from pfp.image_encoder import CLIP_MEAN, CLIP_STD, CLIPImageEncoder
+    enc = CLIPImageEncoder.from_config(**TINY_CLIP)
+    picture = torch.rand(3, 20, 40) * 2 - 1              # wide: the shorter side goes to 16, then a center crop
+    pixels = enc.preprocess(picture)
+    assert pixels.shape == (1, 3, 16, 16)
+    resized = torch.nn.functional.interpolate((picture[None] + 1) / 2, size=(16, 32), mode="bicubic",
+                                              align_corners=False, antialias=True).clamp(0, 1)[..., 8:24]
+    want = (resized - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(pixels, want)
+    with pytest.raises(ValueError, match=r"picture must be \[3, H, W\]"):
+        enc(torch.rand(4, 8, 8))
+
+
+def test_the_planner_traces_an_i2v_model_with_its_image_encoder(wan_vae_dir):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from pfp.memory import trace_model
+    model = _i2v_model(wan_vae_dir)
+    plain = trace_model(model, history_seconds=2.0)
+    encoder_bytes = sum(t.numel() * t.element_size() for t in model.image_encoder.parameters())
+    assert plain.text >= encoder_bytes and plain.transient["denoise"] > 0
