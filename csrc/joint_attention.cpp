@@ -27,12 +27,18 @@
 // "concat": ATen's CPU flash kernel once over [context ; target], built by one copy of the keys and
 //   values (what SDPA over the concatenation does). The default for bf16 with both segments on
 //   CPUs with AMX-BF16, where ATen's kernel runs bf16 tiles and our fp32-SGEMM kernel loses.
+//
+// A context key mask ([B or 1, Nc] bool, False = absent for that sample) reaches every route: the
+// flash route sets masked scores to -inf (a row with no valid key yet skips its block), the ATen
+// routes pass it as an additive mask. A query left with no key at all gets out 0 and lse -inf.
 // Per-operator ATen headers (see conv3d_act.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -97,14 +103,24 @@ bool cpu_has_amx_bf16() {
 // "segments" route
 // ------------------------------------------------------------------------------------------------
 // One segment: (out [B, Nq, H, D] contiguous, lse [B, H, Nq] float32).
+// keep: [B, N] bool key mask or undefined. ATen's kernel takes an additive mask in q's dtype, and
+// gives a query whose keys are all masked out 0 and lse 0; its lse becomes -inf here, so a merge
+// leaves that segment out.
 std::tuple<Tensor, Tensor> attend_segment(const Tensor& q, const Tensor& k, const Tensor& v,
-                                          double scale) {
+                                          double scale, const Tensor& keep = Tensor()) {
+  std::optional<Tensor> mask;
+  if (keep.defined())
+    mask = at::zeros(keep.sizes(), q.options()).masked_fill_(keep.logical_not(), -INFINITY).view(
+        {keep.size(0), 1, 1, keep.size(1)});
   auto res = at::_scaled_dot_product_flash_attention_for_cpu(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), /*dropout_p=*/0.0,
-      /*is_causal=*/false, /*attn_mask=*/std::nullopt, scale);
+      /*is_causal=*/false, mask, scale);
   // The kernel allocates its output as [B, Nq, H, D] and returns the [B, H, Nq, D] view (its
   // lse likewise lives as [B, Nq, H]); read both by stride.
-  return {std::get<0>(res).transpose(1, 2), std::get<1>(res)};
+  Tensor lse = std::get<1>(res);
+  if (keep.defined())
+    lse = lse.masked_fill(keep.any(1).logical_not().view({keep.size(0), 1, 1}), -INFINITY);
+  return {std::get<0>(res).transpose(1, 2), lse};
 }
 
 // o1 <- merge(o1, lse1, o2, lse2) in place (o1, o2 contiguous [B, Nq, H, D]);
@@ -149,7 +165,7 @@ Tensor unit_stride_d(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 
 
 std::tuple<Tensor, Tensor> segments_route(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                           const Tensor& ck_in, const Tensor& cv_in, bool has_ctx,
-                                          bool has_tgt, double scale) {
+                                          bool has_tgt, double scale, const Tensor& keep_c) {
   const Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
   Tensor ck, cv;
   if (has_ctx) {  // contiguous before the batch expand, so a batch-1 context stays one copy
@@ -162,7 +178,7 @@ std::tuple<Tensor, Tensor> segments_route(const Tensor& q_in, const Tensor& k_in
     auto [out, lse] = attend_segment(q, k, v, scale);
     return {out.contiguous(), lse.contiguous()};
   }
-  auto [out, lse_c] = attend_segment(q, ck, cv, scale);
+  auto [out, lse_c] = attend_segment(q, ck, cv, scale, keep_c);
   out = out.contiguous();  // a no-op with today's ATen (checked by the tests' stride checks)
   if (!has_tgt) return {out, lse_c.contiguous()};
   auto [out_t, lse_t] = attend_segment(q, k, v, scale);
@@ -238,6 +254,8 @@ struct Seg {
   const scalar_t* v;
   int64_t n;
   int64_t ksb, ksn, ksh, ksd, vsb, vsn, vsh, vsd;
+  const bool* keep = nullptr;  // key j of batch b takes part iff keep[b * keep_sb + j] (null: all do)
+  int64_t keep_sb = 0;
 };
 
 template <typename scalar_t>
@@ -289,6 +307,8 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
     const int64_t q_elems = q_chunk * dim, s_elems = q_block * kv_block;
     const int64_t kv_elems = kv_block * dim;
     std::unique_ptr<float[]> buf(new float[2 * q_elems + s_elems + 2 * kv_elems + 2 * q_chunk]);
+    std::unique_ptr<int64_t[]> masked_buf(new int64_t[kv_block]);
+    int64_t* masked_cols = masked_buf.get();
     float* qf = buf.get();
     float* of = qf + q_elems;
     float* sf = of + q_elems;
@@ -317,12 +337,14 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
           const int64_t start = std::max(j0, n_c);
           pieces[np++] = {&tgt, start - n_c, j0 + kn - start, start - j0};
         }
+        int64_t n_masked = 0;  // masked key columns of this block, listed in masked_cols
         for (int p = 0; p < np; ++p) {
           const Seg<scalar_t>& s = *pieces[p].seg;
           for (int64_t r = 0; r < pieces[p].n; ++r) {
             const int64_t j = pieces[p].j + r, row = pieces[p].col + r;
             row_to_float(s.k + b * s.ksb + j * s.ksn + h * s.ksh, s.ksd, kf + row * dim, dim, 1.f);
             row_to_float(s.v + b * s.vsb + j * s.vsn + h * s.vsh, s.vsd, vf + row * dim, dim, 1.f);
+            if (s.keep != nullptr && !s.keep[b * s.keep_sb + j]) masked_cols[n_masked++] = row;
           }
         }
         for (int64_t qi = 0; qi < rows; qi += q_block) {
@@ -334,6 +356,7 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
           // Online softmax over this block, row by row; P overwrites S.
           for (int64_t r = 0; r < qn; ++r) {
             float* srow = sf + r * kv_block;
+            for (int64_t m = 0; m < n_masked; ++m) srow[masked_cols[m]] = neg_inf;
             float mx = neg_inf;
             int64_t d = 0;
             if (kn >= Vec::size()) {
@@ -346,6 +369,10 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
             for (; d < kn; ++d) mx = std::max(mx, srow[d]);
             const int64_t i = qi + r;
             const float m_old = mrow[i], m_new = std::max(m_old, mx);
+            if (m_new == neg_inf) {  // no valid key for this row yet: P = 0, nothing to rescale
+              std::fill(srow, srow + kn, 0.f);
+              continue;
+            }
             const Vec vm(m_new);
             Vec acc(0.f);
             for (d = 0; d + Vec::size() <= kn; d += Vec::size()) {
@@ -358,6 +385,11 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
               const float e = std::exp(srow[d] - m_new);
               srow[d] = e;
               sum += e;
+            }
+            if (n_masked > 0) {  // exp_u20 is not defined at -inf: the masked columns are set to 0 and
+              for (int64_t m = 0; m < n_masked; ++m) srow[masked_cols[m]] = 0.f;   // the sum redone
+              sum = 0.f;
+              for (d = 0; d < kn; ++d) sum += srow[d];
             }
             const float alpha = m_old == neg_inf ? 0.f : std::exp(m_old - m_new);
             lrow[i] = lrow[i] * alpha + sum;
@@ -373,8 +405,9 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
       }
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t qi = i0 + i;
-        row_from_float(of + i * dim, op + ((b * n_q + qi) * heads + h) * dim, dim, 1.f / lrow[i]);
-        lp[(b * heads + h) * n_q + qi] = mrow[i] + std::log(lrow[i]);
+        const bool none = lrow[i] == 0.f;  // every key masked: out 0, lse -inf
+        row_from_float(of + i * dim, op + ((b * n_q + qi) * heads + h) * dim, dim, none ? 0.f : 1.f / lrow[i]);
+        lp[(b * heads + h) * n_q + qi] = none ? neg_inf : mrow[i] + std::log(lrow[i]);
       }
     }
   });
@@ -383,12 +416,16 @@ void flash_forward(const Tensor& q, const Seg<scalar_t>& ctx, const Seg<scalar_t
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> flash_route(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& ck, const Tensor& cv, bool has_ctx,
-                                       double scale) {
+                                       double scale, const Tensor& keep_c) {
   const int64_t batch = q.size(0), n_q = q.size(1), heads = q.size(2), dim = q.size(3);
   Tensor out = at::empty({batch, n_q, heads, dim}, q.options());
   Tensor lse = at::empty({batch, heads, n_q}, q.options().dtype(at::kFloat));
   Seg<scalar_t> tgt = make_seg<scalar_t>(k, v);
   Seg<scalar_t> ctx = has_ctx ? make_seg<scalar_t>(ck, cv) : Seg<scalar_t>{nullptr, nullptr, 0};
+  if (keep_c.defined()) {  // contiguous bool [B or 1, Nc]; a batch-1 mask serves every sample
+    ctx.keep = keep_c.data_ptr<bool>();
+    ctx.keep_sb = keep_c.size(0) == 1 ? 0 : keep_c.stride(0);
+  }
   flash_forward<scalar_t>(q, ctx, tgt, static_cast<float>(scale), choose_blocks(batch, heads, n_q, dim),
                           out, lse);
   return {out, lse};
@@ -400,7 +437,7 @@ std::tuple<Tensor, Tensor> flash_route(const Tensor& q, const Tensor& k, const T
 std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                const std::optional<Tensor>& context_k,
                                                const std::optional<Tensor>& context_v,
-                                               double scale) {
+                                               double scale, const std::optional<Tensor>& context_mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "pfp::joint_attention: q, k, v must be 4-D [B, N, H, D]");
   TORCH_CHECK(context_k.has_value() == context_v.has_value(),
@@ -418,10 +455,18 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
     return {at::empty({batch, n_q, heads, dim}, q.options()),
             at::empty({batch, heads, n_q}, q.options().dtype(at::kFloat))};
   }
-  Tensor ck, cv;
+  Tensor ck, cv, keep_c;  // keep_c: the context mask, contiguous bool [B or 1, Nc], or undefined
   if (has_ctx) {
     ck = context_k->expand({batch, -1, -1, -1});  // batch 1 -> stride 0, no copy
     cv = context_v->expand({batch, -1, -1, -1});
+  }
+  if (context_mask.has_value() && has_ctx) {
+    const Tensor& m = *context_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && (m.size(0) == 1 || m.size(0) == batch) &&
+                    m.size(1) == context_k->size(1),
+                "pfp::joint_attention: context_mask must be bool [1 or ", batch, ", ", context_k->size(1),
+                "], got ", m.scalar_type(), " ", m.sizes());
+    keep_c = m.contiguous();
   }
   const Route forced = static_cast<Route>(g_route.get());
   // "concat": one ATen call over [context ; target] (a copy of the keys and values); the default
@@ -431,12 +476,16 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
                        cpu_has_amx_bf16());
   if (concat) {
     g_last_route = "concat";
+    const Tensor keep_ctx = keep_c.defined() ? keep_c.expand({batch, -1}) : Tensor();
     if (!has_ctx || !has_tgt) {  // one segment: nothing to join
-      auto [out, lse] = has_ctx ? attend_segment(unit_stride_d(q), unit_stride_d(ck), unit_stride_d(cv), scale)
+      auto [out, lse] = has_ctx ? attend_segment(unit_stride_d(q), unit_stride_d(ck), unit_stride_d(cv), scale, keep_ctx)
                                 : attend_segment(unit_stride_d(q), unit_stride_d(k), unit_stride_d(v), scale);
       return {out.contiguous(), lse.contiguous()};
     }
-    auto [out, lse] = attend_segment(unit_stride_d(q), at::cat({ck, k}, 1), at::cat({cv, v}, 1), scale);
+    Tensor keep_all;  // [context ; target] keys: the targets always take part
+    if (keep_ctx.defined())
+      keep_all = at::cat({keep_ctx, at::ones({batch, k.size(1)}, keep_ctx.options())}, 1);
+    auto [out, lse] = attend_segment(unit_stride_d(q), at::cat({ck, k}, 1), at::cat({cv, v}, 1), scale, keep_all);
     return {out.contiguous(), lse.contiguous()};
   }
   bool flash = have_sgemm() && forced != Route::Segments && dim > 0;
@@ -446,13 +495,13 @@ std::tuple<Tensor, Tensor> joint_attention_cpu(const Tensor& q, const Tensor& k,
                 "torch build does not export");
     g_last_route = "segments";
     return segments_route(q, k, v, has_ctx ? *context_k : Tensor(), has_ctx ? *context_v : Tensor(),
-                          has_ctx, has_tgt, scale);
+                          has_ctx, has_tgt, scale, keep_c.defined() ? keep_c.expand({batch, -1}) : Tensor());
   }
   g_last_route = "flash";
   switch (q.scalar_type()) {
-    case at::kFloat: return flash_route<float>(q, k, v, ck, cv, has_ctx, scale);
-    case at::kBFloat16: return flash_route<at::BFloat16>(q, k, v, ck, cv, has_ctx, scale);
-    default: return flash_route<at::Half>(q, k, v, ck, cv, has_ctx, scale);  // checked above
+    case at::kFloat: return flash_route<float>(q, k, v, ck, cv, has_ctx, scale, keep_c);
+    case at::kBFloat16: return flash_route<at::BFloat16>(q, k, v, ck, cv, has_ctx, scale, keep_c);
+    default: return flash_route<at::Half>(q, k, v, ck, cv, has_ctx, scale, keep_c);  // checked above
   }
 }
 

@@ -20,6 +20,7 @@ TORCH_LIBRARY(pfp, m) {
   m.def("project_tokens(Tensor h, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
   // Softmax attention of q over [context ; target] keys/values, flash-attn layout [B, N, H, D].
   // context_k/v may have batch 1 to serve a batch of B without a copy. Returns (out [B, Nq, H, D],
-  // lse [B, H, Nq] float32, natural log).
-  m.def("joint_attention(Tensor q, Tensor k, Tensor v, Tensor? context_k, Tensor? context_v, float scale) -> (Tensor, Tensor)");
+  // lse [B, H, Nq] float32, natural log). context_mask: [B or 1, Nc] bool, False = that context key
+  // takes no part for that sample; a query left with no key gets out 0 and lse -inf.
+  m.def("joint_attention(Tensor q, Tensor k, Tensor v, Tensor? context_k, Tensor? context_v, float scale, Tensor? context_mask=None) -> (Tensor, Tensor)");
 }

@@ -461,7 +461,7 @@ def test_context_mask_matches_fp64_reference_and_gathered_keys(shape, dtype):
             torch.testing.assert_close(want[i:i + 1], gathered)
             torch.testing.assert_close(want_lse[i:i + 1], gathered_lse)
         backends = _masked_backends(dtype, (*low, mask))
-        assert {"sdpa_concat", "torch"} <= set(backends) and "cpp" not in backends
+        assert {"sdpa_concat", "torch"} <= set(backends)
         for impl in backends:
             out, lse = pk.joint_attention(*low, context_mask=mask, scale=0.3, impl=impl, return_lse=True)
             assert_close(out, want, dtype, what=f"{impl} masked out")
@@ -516,5 +516,24 @@ def test_bad_context_mask(mask, match):
         pk.joint_attention(q, k, v, ck, cv, context_mask=mask)
     with pytest.raises(ValueError, match="without a context"):
         pk.joint_attention(q, k, v, context_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="cpp.*takes no context_mask"):
-        pk.joint_attention(q, k, v, ck, cv, context_mask=torch.ones(2, 4, dtype=torch.bool), impl="cpp")
+    if pk.attention_backends(q, k, v, ck, cv)["triton"] is None:
+        with pytest.raises(RuntimeError, match="triton.*takes no context_mask"):
+            pk.joint_attention(q, k, v, ck, cv, context_mask=torch.ones(2, 4, dtype=torch.bool), impl="triton")
+
+
+@pytest.mark.parametrize("cpp_route", CPP_ROUTES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [s for s in CPP_SHAPES if s[3]], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_routes_take_the_context_mask(shape, dtype, cpp_route):
+    """Every C++ route with a key mask (one fully masked sample, a batch-1 mask), against the fp64
+    reference; the flash route's blocks of masked keys and rows with no valid key yet included."""
+    b, nq, nk, nc, h, d, cb = shape
+    q, k, v, ck, cv = _inputs(b, nq, nk, nc, h, d, dtype, cb)
+    for mask in _masks(b, nc, cb, torch.Generator().manual_seed(3)):
+        want, want_lse = joint_attention_reference(*(t.double() for t in (q, k, v, ck, cv)), 0.3, mask)
+        out, lse = torch.ops.pfp.joint_attention(q, k, v, ck, cv, 0.3, mask)
+        assert torch.ops.pfp._attention_cpu_last_route() == cpp_route
+        assert_close(out, want, dtype, what=f"{cpp_route} masked out")
+        finite = torch.isfinite(want_lse)
+        assert torch.equal(torch.isfinite(lse), finite), cpp_route
+        _lse_close(lse[finite], want_lse[finite], dtype, f"{cpp_route} masked lse")

@@ -72,7 +72,7 @@ _CPP_WHY_NOT_ON_CPU = _registry.cpp_why_not("joint_attention", torch.device("cpu
 # ----------------------------------------------------------------------------------------------
 # backends: why each cannot run given inputs (q, k, v, context_k, context_v, already checked)
 # ----------------------------------------------------------------------------------------------
-_NO_MASK = "takes no context_mask (sdpa_concat, sdpa on CPU, and torch do)"
+_NO_MASK = "takes no context_mask (cpp, sdpa_concat, sdpa on CPU, and torch do)"
 
 
 def _triton_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
@@ -113,8 +113,6 @@ def _xformers_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optio
 
 def _cpp_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     why = _CPP_WHY_NOT_ON_CPU if q.device.type == "cpu" else _registry.cpp_why_not("joint_attention", q.device)
-    if why is None and context_mask is not None:
-        why = "the C++ kernel " + _NO_MASK
     return why or dtype_why_not(q.dtype, KERNEL_DTYPES)
 
 
@@ -214,8 +212,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
         context_mask: ``[B or 1, Nc]`` bool or None: context key j takes part for sample b only
             where ``context_mask[b, j]`` (padding in a batch of histories of different lengths;
             target keys always take part). A masked key is absent, not down-weighted; a query left
-            with no key gets out 0 and lse -inf. No host synchronisation. Taken by ``sdpa_concat``,
-            ``sdpa`` (CPU) and ``torch``; the others say so in their reasons.
+            with no key gets out 0 and lse -inf. No host synchronisation. Taken by ``cpp``,
+            ``sdpa_concat``, ``sdpa`` (CPU) and ``torch``; the others say so in their reasons.
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (the measured fastest; see the module docstring) or one of
             ``flash_attn, triton, xformers, cpp, sdpa, sdpa_concat, torch`` (see
