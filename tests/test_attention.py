@@ -497,11 +497,13 @@ def test_context_mask_gradients_match_fp64_reference(shape, with_lse):
 def test_context_mask_all_true_equals_no_mask_and_ops_pass_opcheck():
     q, k, v, ck, cv = _inputs(2, 5, 3, 4, 2, 16, torch.float32, ctx_batch=1, requires_grad=True)
     ones = torch.ones(1, 4, dtype=torch.bool)
-    for impl in ("sdpa", "sdpa_concat"):
+    impls = ["sdpa", "sdpa_concat"] + (["cpp"] if _extension.has_cpu_kernel("joint_attention") else [])
+    for impl in impls:
         torch.testing.assert_close(pk.joint_attention(q, k, v, ck, cv, context_mask=ones, impl=impl),
                                    pk.joint_attention(q, k, v, ck, cv, impl=impl))
         mask = torch.tensor([[True, False, True, True], [False, False, False, False]])
-        torch.library.opcheck(getattr(torch.ops.pfp, f"joint_attention_{impl}"), (q, k, v, ck, cv, 0.25, mask))
+        op = getattr(torch.ops.pfp, "joint_attention" if impl == "cpp" else f"joint_attention_{impl}")
+        torch.library.opcheck(op, (q, k, v, ck, cv, 0.25, mask))
 
 
 @pytest.mark.parametrize("mask, match", [
