@@ -351,3 +351,33 @@ def test_generate_on_cuda_runs_the_builtin_model():
     res = generate(model, story, 1.0, steps=4, device=DEV, progress=False)
     assert res.video.is_floating_point() and torch.isfinite(res.video).all()
     assert res.video.shape[0] == 3 and res.video.std() > 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("shape", [(3, 130, 70, 333, 2, 128, 1), (2, 65, 0, 200, 1, 64, None)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_attention_with_a_context_mask_matches_fp64_reference(shape, dtype):
+    """The Triton kernels' masked variants (and every other backend that takes a mask) on the card:
+    a fully masked sample (with Nk=0 it gets out 0, lse -inf), a sample masked over its first
+    blocks, forward and gradients (no gradient through the lse)."""
+    inputs = _attn_inputs(shape, dtype)
+    b, nc = inputs[0].shape[0], inputs[3].shape[1]
+    mask = torch.rand(b, nc, generator=torch.Generator().manual_seed(5)) > 0.4
+    mask[1] = False
+    mask[0, :150] = False
+    mask = mask.to(DEV)
+    reasons = pk.attention_backends(*inputs, mask)
+    assert reasons["triton"] is None and reasons["sdpa_concat"] is None, reasons
+    ref_in = [_cpu64(t).requires_grad_() for t in inputs]
+    want, want_lse = joint_attention_reference(*ref_in, 0.25, mask.cpu())
+    go = torch.randn_like(want)
+    want_g = torch.autograd.grad((want * go).sum(), ref_in)
+    for impl in ("triton", "sdpa_concat"):
+        ins = [t.detach().clone().requires_grad_() for t in inputs]
+        out = pk.joint_attention(*ins, context_mask=mask, scale=0.25, impl=impl)
+        _check(out, want, dtype, f"{impl} masked out")
+        got = torch.autograd.grad((out.double() * go.to(DEV)).sum(), ins)
+        for name, g, w in zip(("q", "k", "v", "context_k", "context_v"), got, want_g):
+            _check(g, w, dtype, f"{impl} masked d{name}", scale=2.0)
+    _, lse = pk.joint_attention(*inputs, context_mask=mask, scale=0.25, impl="triton", return_lse=True)
+    assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))

@@ -20,16 +20,19 @@ from pfp_kernels.attention import triton as ta  # noqa: E402
 from pfp_kernels._aot import SHARED_LIMIT, TARGETS  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-CASES = [(kernel, d, dt, cap) for kernel in ta.KERNELS for d in (64, 128, 256)
+CASES = [(kernel, d, dt, cap, False) for kernel in ta.KERNELS for d in (64, 128, 256)
          for dt in DTYPES for cap in TARGETS.values() if not (dt == "fp32" and d > ta.MAX_FP32_HEAD_DIM)]
-CASES += [(kernel, 96, "bf16", cap) for kernel in ta.KERNELS for cap in TARGETS.values()]
+CASES += [(kernel, 96, "bf16", cap, False) for kernel in ta.KERNELS for cap in TARGETS.values()]
+# the context-key-mask variants (HAS_MASK) at the paper's head dim, and fp32's largest
+CASES += [(kernel, d, dt, cap, True) for kernel in ta.KERNELS for d, dt in ((128, "bf16"), (128, "fp32"))
+          for cap in TARGETS.values()]
 
 
 def _compile(case):
     import torch as _torch
     from pfp_kernels.attention import triton as _ta
     from pfp_kernels._aot import compile_for
-    kernel, head_dim, dtype, cap = case
+    kernel, head_dim, dtype, cap, masked = case
     if kernel == "preprocess":
         t = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
         bd = _ta.block_d_for(head_dim)
@@ -40,11 +43,11 @@ def _compile(case):
         sig.update({n: "constexpr" for n in consts})
         return compile_for(_ta.joint_attention_bwd_preprocess_kernel, sig, consts, cap, 4, 1)
     fn, sig, consts, warps, stages = _ta.aot_specs(kernel, head_dim, getattr(_torch, {
-        "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]), cap)
+        "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]), cap, masked)
     return compile_for(fn, sig, consts, cap, warps, stages)
 
 
-ALL = CASES + [("preprocess", d, dt, 90) for d in (64, 128, 256) for dt in DTYPES]
+ALL = CASES + [("preprocess", d, dt, 90, False) for d in (64, 128, 256) for dt in DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +71,10 @@ def reports():
 @pytest.mark.slow
 def test_every_attention_config_compiles_within_limits(reports):
     problems = []
-    for (kernel, d, dt, cap), rep in reports.items():
-        where = f"{kernel} D={d} {dt} sm_{cap}"
+    for (kernel, d, dt, cap, masked), rep in reports.items():
+        where = f"{kernel} D={d} {dt} sm_{cap}{' masked' if masked else ''}"
         if not kernel == "preprocess":
-            where += f" {ta.config_for(kernel, d, DTYPES[dt], cap)}"
+            where += f" {ta.config_for(kernel, d, DTYPES[dt], cap, masked)}"
         if rep.shared_bytes > SHARED_LIMIT[cap]:
             problems.append(f"{where}: shared memory {rep.shared_bytes} B > {SHARED_LIMIT[cap]} B")
         if cap == 90 and rep.spills:

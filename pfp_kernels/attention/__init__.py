@@ -72,14 +72,12 @@ _CPP_WHY_NOT_ON_CPU = _registry.cpp_why_not("joint_attention", torch.device("cpu
 # ----------------------------------------------------------------------------------------------
 # backends: why each cannot run given inputs (q, k, v, context_k, context_v, already checked)
 # ----------------------------------------------------------------------------------------------
-_NO_MASK = "takes no context_mask (cpp, sdpa_concat, sdpa on CPU, and torch do)"
+_NO_MASK = "takes no context_mask (cpp, triton, sdpa_concat, sdpa on CPU, and torch do)"
 
 
 def _triton_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[str]:
     head_dim = q.shape[-1]
     why = _registry.triton_why_not(q.device, q.dtype) or dtype_why_not(q.dtype, KERNEL_DTYPES)
-    if why is None and context_mask is not None:
-        why = "the Triton kernels " + _NO_MASK
     if why is None and not 1 <= head_dim <= MAX_TRITON_HEAD_DIM:
         why = f"head dim {head_dim} not supported (1..{MAX_TRITON_HEAD_DIM})"
     if why is None and q.dtype == torch.float32 and head_dim > MAX_TRITON_FP32_HEAD_DIM:
@@ -213,7 +211,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
             where ``context_mask[b, j]`` (padding in a batch of histories of different lengths;
             target keys always take part). A masked key is absent, not down-weighted; a query left
             with no key gets out 0 and lse -inf. No host synchronisation. Taken by ``cpp``,
-            ``sdpa_concat``, ``sdpa`` (CPU) and ``torch``; the others say so in their reasons.
+            ``triton``, ``sdpa_concat``, ``sdpa`` (CPU) and ``torch``; flash_attn and xformers say
+            they take none in their reasons.
         scale: softmax scale, default ``1/sqrt(D)``.
         impl: ``"auto"`` (the measured fastest; see the module docstring) or one of
             ``flash_attn, triton, xformers, cpp, sdpa, sdpa_concat, torch`` (see

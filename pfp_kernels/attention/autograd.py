@@ -127,10 +127,10 @@ def _make_backward(always_triton: bool):
         if not always_triton and _aten_cpu_backward_ok(q, k, grad_lse):
             dq, dk, dv, dck, dcv = _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse,
                                                       ctx.scale, mask)
-        elif mask is None and (always_triton or _triton_backward_ok(q)):
+        elif always_triton or (mask is None and _triton_backward_ok(q)):
             # Through an op, so that torch.compile / AOT autograd can trace the backward.
             dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
-                grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale)
+                grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, ctx.scale, mask)
             if context_k is None:
                 dck = dcv = None
         else:
@@ -193,26 +193,28 @@ for _name in ("sdpa", "sdpa_concat", "flash_attn", "xformers"):
 if TRITON_AVAILABLE:
     @torch.library.custom_op("pfp::joint_attention_triton", mutates_args=())
     def _joint_attention_triton(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor],
-                                context_v: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+                                context_v: Optional[Tensor], scale: float,
+                                context_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         from . import triton as tk
-        return tk.joint_attention_fwd(q, k, v, context_k, context_v, scale)
+        return tk.joint_attention_fwd(q, k, v, context_k, context_v, scale, context_mask)
 
     @torch.library.custom_op("pfp::joint_attention_triton_backward", mutates_args=())
     def _joint_attention_triton_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor,
                                          k: Tensor, v: Tensor, context_k: Optional[Tensor],
                                          context_v: Optional[Tensor], out: Tensor, lse: Tensor,
-                                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                                         scale: float, context_mask: Optional[Tensor] = None
+                                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(dq, dk, dv, dcontext_k, dcontext_v); without context the last two are empty."""
         from . import triton as tk
         dq, dk, dv, dck, dcv = tk.joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k,
-                                                      context_v, out, lse, scale)
+                                                      context_v, out, lse, scale, context_mask)
         if dck is None:
             dck, dcv = _empty_context_grad(q), _empty_context_grad(q)
         return dq, dk, dv, dck, dcv
 
     @torch.library.register_fake("pfp::joint_attention_triton_backward")
     def _joint_attention_triton_backward_fake(grad_out, grad_lse, q, k, v, context_k, context_v, out,
-                                              lse, scale):
+                                              lse, scale, context_mask=None):
         def like(t):
             return t.new_empty(t.shape) if t is not None else _empty_context_grad(q)
         return like(q), like(k), like(v), like(context_k), like(context_v)

@@ -14,6 +14,12 @@ returned lse exact, for merged / cascaded attention), then one kernel per key/va
 accumulates dK, dV for a block of keys over all queries (for a batch-1 context it also loops over
 the query batches, which sums the broadcast gradient without atomics), and one kernel accumulates
 dQ over both segments. Probabilities are recomputed from the saved lse, as in FlashAttention.
+
+Context key mask (``HAS_MASK``, a constexpr: without one the kernels are the unmasked ones): a
+``[B or 1, Nc]`` uint8 row per query batch (batch stride 0 for a shared mask), 0 = the key takes no
+part. Masked scores are -inf; a row with no valid key so far keeps its running max at -inf and
+adds nothing (its exponentials are taken against 0), and a row left with no key at all gets out 0
+and lse -inf. The backward gives masked keys probability 0.
 """
 from __future__ import annotations
 
@@ -33,10 +39,11 @@ MIN_BLOCK_D = 16  # tl.dot needs an inner dimension of at least 16
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_segment(acc, m_i, l_i, q, kv_k_ptr, kv_v_ptr, stride_kn, stride_vn, n_keys, qk_scale,
-                 offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 offs_d, keep_ptr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
     """Fold one key/value segment (pointers already at this batch and head) into the running
-    softmax state. Scores are kept in the log2 domain: qk_scale = scale * log2(e)."""
+    softmax state. Scores are kept in the log2 domain: qk_scale = scale * log2(e). With HAS_MASK,
+    keep_ptr points at this batch's row of the key mask."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d[None, :] < HEAD_DIM
     for start in range(0, n_keys, BLOCK_N):
@@ -45,10 +52,15 @@ def _fwd_segment(acc, m_i, l_i, q, kv_k_ptr, kv_v_ptr, stride_kn, stride_vn, n_k
         k = tl.load(kv_k_ptr + cols[:, None] * stride_kn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = m_new
+        if HAS_MASK:  # a row with no valid key yet: exponentials against 0 (all exactly 0); its max stays -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(kv_v_ptr + cols[:, None] * stride_vn + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok, other=0.0)
@@ -66,9 +78,9 @@ def joint_attention_fwd_kernel(
         stride_ckb, stride_ckn, stride_ckh,
         stride_cvb, stride_cvn, stride_cvh,
         stride_ob, stride_on, stride_oh,
-        n_heads, n_q, n_k, n_ctx, qk_scale,
+        n_heads, n_q, n_k, n_ctx, qk_scale, Keep, stride_keepb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -86,13 +98,17 @@ def joint_attention_fwd_kernel(
     acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q,
                                  CK + b * stride_ckb + h * stride_ckh,
                                  CV + b * stride_cvb + h * stride_cvh,
-                                 stride_ckn, stride_cvn, n_ctx, qk_scale, offs_d,
-                                 BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
+                                 stride_ckn, stride_cvn, n_ctx, qk_scale, offs_d, Keep + b * stride_keepb,
+                                 BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION, HAS_MASK)
     acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q,
                                  K + b * stride_kb + h * stride_kh,
                                  V + b * stride_vb + h * stride_vh,
-                                 stride_kn, stride_vn, n_k, qk_scale, offs_d,
-                                 BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION)
+                                 stride_kn, stride_vn, n_k, qk_scale, offs_d, Keep,
+                                 BLOCK_N, HEAD_DIM, BLOCK_D, PRECISION, False)
+    if HAS_MASK:  # a row with no key at all: out 0, lse -inf
+        none = l_i == 0.0
+        l_i = tl.where(none, 1.0, l_i)
+        m_i = tl.where(none, float("-inf"), m_i)
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
@@ -139,11 +155,12 @@ def joint_attention_bwd_dkdv_kernel(
         stride_dob, stride_don, stride_doh,
         stride_dkb, stride_dkn, stride_dkh,
         stride_dvb, stride_dvn, stride_dvh,
-        n_heads, n_q, n_keys, q_batches_per_kv, qk_scale, sm_scale,
+        n_heads, n_q, n_keys, q_batches_per_kv, qk_scale, sm_scale, Keep, stride_keepb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
     """dK, dV of one block of one key segment (batch kb, head h). The key batch kb serves query
-    batches kb*q_batches_per_kv .. + q_batches_per_kv (all B of them for a batch-1 context)."""
+    batches kb*q_batches_per_kv .. + q_batches_per_kv (all B of them for a batch-1 context). With
+    HAS_MASK, query batch b reads row b of the key mask (Keep + b * stride_keepb)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     kb = (pid_bh // n_heads).to(tl.int64)
@@ -162,6 +179,9 @@ def joint_attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for i in range(0, q_batches_per_kv):
         b = kb * q_batches_per_kv + i
+        key_ok = col_ok
+        if HAS_MASK:
+            key_ok = col_ok & (tl.load(Keep + b * stride_keepb + offs_n, mask=col_ok, other=0) != 0)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOut + b * stride_dob + h * stride_doh
         row_base = (b * n_heads + h) * n_q
@@ -178,7 +198,7 @@ def joint_attention_bwd_dkdv_kernel(
             # Transposed scores: sT[n, m] = k_n . q_m
             sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             pT = tl.math.exp2(sT - lse[None, :])
-            pT = tl.where(col_ok[:, None], pT, 0.0)
+            pT = tl.where(key_ok[:, None], pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
@@ -192,7 +212,8 @@ def joint_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_segment(dq, q, do, lse, delta, kv_k_ptr, kv_v_ptr, stride_kn, stride_vn, n_keys, qk_scale,
-                offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                offs_d, keep_ptr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_MASK: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d[None, :] < HEAD_DIM
     for start in range(0, n_keys, BLOCK_N):
@@ -204,6 +225,8 @@ def _dq_segment(dq, q, do, lse, delta, kv_k_ptr, kv_v_ptr, stride_kn, stride_vn,
                     mask=col_ok[:, None] & d_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(keep_ptr + cols, mask=col_ok, other=0) != 0)
         p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -221,9 +244,9 @@ def joint_attention_bwd_dq_kernel(
         stride_cvb, stride_cvn, stride_cvh,
         stride_dob, stride_don, stride_doh,
         stride_dqb, stride_dqn, stride_dqh,
-        n_heads, n_q, n_k, n_ctx, qk_scale, sm_scale,
+        n_heads, n_q, n_k, n_ctx, qk_scale, sm_scale, Keep, stride_keepb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -242,10 +265,10 @@ def joint_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_segment(dq, q, do, lse, delta, CK + b * stride_ckb + h * stride_ckh,
                      CV + b * stride_cvb + h * stride_cvh, stride_ckn, stride_cvn, n_ctx, qk_scale,
-                     offs_d, BLOCK_N, HEAD_DIM, PRECISION)
+                     offs_d, Keep + b * stride_keepb, BLOCK_N, HEAD_DIM, PRECISION, HAS_MASK)
     dq = _dq_segment(dq, q, do, lse, delta, K + b * stride_kb + h * stride_kh,
                      V + b * stride_vb + h * stride_vh, stride_kn, stride_vn, n_k, qk_scale,
-                     offs_d, BLOCK_N, HEAD_DIM, PRECISION)
+                     offs_d, Keep, BLOCK_N, HEAD_DIM, PRECISION, False)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
@@ -289,6 +312,9 @@ _CONFIGS_16BIT = {
 # Ada (and anything not Hopper) has 99 KiB of shared memory per block and mma.sync only; its
 # entries stay as they were, unmeasured there.
 _CONFIGS_16BIT_NON_HOPPER = {("fwd", 128): Config(64, 64, 4, 2), ("bwd_dkdv", 128): Config(32, 64, 8, 2)}
+# The masked forward holds the mask row and one more select per score tile: at D=128 on Hopper
+# (128, 64) spilled 12 B (255 registers) under triton 3.9; (128, 32) does not (232). Unmeasured.
+_CONFIGS_16BIT_MASKED_HOPPER = {("fwd", 128): Config(128, 32, 8, 3)}
 _CONFIGS_FP32 = {
     "fwd": {64: Config(64, 16, 4, 2), 128: Config(16, 16, 4, 2)},
     "bwd_dkdv": {64: Config(16, 32, 4, 2), 128: Config(16, 16, 8, 1)},
@@ -296,7 +322,7 @@ _CONFIGS_FP32 = {
 }
 
 
-def config_for(kernel: str, head_dim: int, dtype: torch.dtype, capability: int) -> Config:
+def config_for(kernel: str, head_dim: int, dtype: torch.dtype, capability: int, masked: bool = False) -> Config:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     bd = max(64, block_d_for(head_dim))
@@ -307,6 +333,8 @@ def config_for(kernel: str, head_dim: int, dtype: torch.dtype, capability: int) 
             raise ValueError(f"fp32 head dim {head_dim} > {MAX_FP32_HEAD_DIM} is not supported by the "
                              "Triton kernels (register spills); use fp16/bf16")
         return _CONFIGS_FP32[kernel][bd]
+    if masked and capability == 90 and (kernel, bd) in _CONFIGS_16BIT_MASKED_HOPPER:
+        return _CONFIGS_16BIT_MASKED_HOPPER[(kernel, bd)]
     if capability != 90 and (kernel, bd) in _CONFIGS_16BIT_NON_HOPPER:
         return _CONFIGS_16BIT_NON_HOPPER[(kernel, bd)]
     return _CONFIGS_16BIT[kernel][bd]
@@ -346,8 +374,17 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def joint_attention_fwd(q, k, v, context_k, context_v, scale: float):
-    """(out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] fp32)."""
+def _keep(context_mask, like: torch.Tensor):
+    """(uint8 key mask [B or 1, Nc], its batch stride (0 for one row), HAS_MASK); without a mask a
+    one-byte placeholder the kernels never read."""
+    if context_mask is None:
+        return torch.ones(1, dtype=torch.uint8, device=like.device), 0, False
+    keep = context_mask.to(torch.uint8).contiguous()
+    return keep, (0 if keep.shape[0] == 1 else keep.stride(0)), True
+
+
+def joint_attention_fwd(q, k, v, context_k, context_v, scale: float, context_mask=None):
+    """(out [B, Nq, H, D] in q's dtype, lse [B, H, Nq] fp32). context_mask: [B or 1, Nc] bool or None."""
     q, k, v = (_unit_stride_d(t) for t in (q, k, v))
     ck = _unit_stride_d(_context_or_empty(context_k, k))
     cv = _unit_stride_d(_context_or_empty(context_v, v))
@@ -357,22 +394,24 @@ def joint_attention_fwd(q, k, v, context_k, context_v, scale: float):
     if b == 0 or n_q == 0 or n_heads == 0:
         return out, lse
     bcast = ck.shape[0] != b
-    cfg = config_for("fwd", head_dim, q.dtype, _capability(q.device))
+    *keep, has_mask = _keep(context_mask if ck.shape[1] else None, q)
+    cfg = config_for("fwd", head_dim, q.dtype, _capability(q.device), has_mask)
     grid = (triton.cdiv(n_q, cfg.block_m), b * n_heads)
     joint_attention_fwd_kernel[grid](
         q, k, v, ck, cv, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(ck, bcast), *_strides(cv, bcast),
         *_strides(out),
-        n_heads, n_q, k.shape[1], ck.shape[1], scale * LOG2E,
+        n_heads, n_q, k.shape[1], ck.shape[1], scale * LOG2E, *keep,
         HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype),
+        BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), HAS_MASK=has_mask,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
-def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, scale: float):
+def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, lse, scale: float,
+                        context_mask=None):
     """Gradients (dq, dk, dv, dcontext_k, dcontext_v); the context ones are None without context.
-    A batch-1 context gets the gradient summed over the query batches."""
+    A batch-1 context gets the gradient summed over the query batches; masked context keys get 0."""
     q, k, v, out, grad_out = (_unit_stride_d(t) for t in (q, k, v, out, grad_out))
     has_ctx = context_k is not None
     ck = _unit_stride_d(_context_or_empty(context_k, k))
@@ -401,12 +440,14 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
         num_warps=4, num_stages=1)
 
     cfg = config_for("bwd_dkdv", head_dim, q.dtype, cap)
-    segments = [(k, v, dk, dv, 1, n_k)]
+    *keep, has_mask = _keep(context_mask if n_ctx else None, q)
+    no_keep = _keep(None, q)
+    segments = [(k, v, dk, dv, 1, n_k, no_keep)]
     if n_ctx > 0:
-        segments.append((ck, cv, dck, dcv, b // ctx_b, n_ctx))
+        segments.append((ck, cv, dck, dcv, b // ctx_b, n_ctx, (*keep, has_mask)))
     elif has_ctx:
         dck.zero_(), dcv.zero_()
-    for seg_k, seg_v, seg_dk, seg_dv, q_per_kv, n_keys in segments:
+    for seg_k, seg_v, seg_dk, seg_dv, q_per_kv, n_keys, (seg_keep, seg_keep_sb, seg_has) in segments:
         if n_keys == 0:
             continue
         grid = (triton.cdiv(n_keys, cfg.block_n), seg_k.shape[0] * n_heads)
@@ -414,9 +455,9 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
             q, seg_k, seg_v, grad_out, lse, delta, seg_dk, seg_dv,
             *_strides(q), *_strides(seg_k), *_strides(seg_v), *_strides(grad_out),
             *_strides(seg_dk), *_strides(seg_dv),
-            n_heads, n_q, n_keys, q_per_kv, qk_scale, scale,
+            n_heads, n_q, n_keys, q_per_kv, qk_scale, scale, seg_keep, seg_keep_sb,
             HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            PRECISION=prec, HAS_MASK=seg_has, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     bcast = ctx_b != b
     cfg = config_for("bwd_dq", head_dim, q.dtype, cap)
@@ -424,9 +465,9 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
         q, k, v, ck, cv, grad_out, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(ck, bcast), *_strides(cv, bcast),
         *_strides(grad_out), *_strides(dq),
-        n_heads, n_q, n_k, n_ctx, qk_scale, scale,
+        n_heads, n_q, n_k, n_ctx, qk_scale, scale, *keep,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=prec, HAS_MASK=has_mask, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, (dck if has_ctx else None), (dcv if has_ctx else None)
 
 
@@ -436,12 +477,13 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def aot_specs(kernel: str, head_dim: int, dtype: torch.dtype, capability: int):
-    """(fn, signature, constexprs, num_warps, num_stages) of the kernel the launcher would run."""
-    cfg = config_for(kernel, head_dim, dtype, capability)
+def aot_specs(kernel: str, head_dim: int, dtype: torch.dtype, capability: int, masked: bool = False):
+    """(fn, signature, constexprs, num_warps, num_stages) of the kernel the launcher would run
+    (``masked``: its context-key-mask variant)."""
+    cfg = config_for(kernel, head_dim, dtype, capability, masked)
     t = "*" + _TRITON_DTYPE[dtype]
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, PRECISION=_precision(dtype))
+                  BLOCK_N=cfg.block_n, PRECISION=_precision(dtype), HAS_MASK=masked)
     if kernel == "fwd":
         fn = joint_attention_fwd_kernel
         ptrs = {"Q": t, "K": t, "V": t, "CK": t, "CV": t, "Out": t, "Lse": "*fp32"}
@@ -464,5 +506,6 @@ def aot_specs(kernel: str, head_dim: int, dtype: torch.dtype, capability: int):
     signature = dict(ptrs)
     signature.update({name: "i32" for name in ints})
     signature.update({name: "fp32" for name in floats})
+    signature.update({"Keep": "*u8", "stride_keepb": "i32"})
     signature.update({name: "constexpr" for name in common})
     return fn, signature, common, cfg.num_warps, cfg.num_stages
