@@ -388,3 +388,24 @@ def test_the_planner_traces_an_i2v_model_with_its_image_encoder(wan_vae_dir):
     plain = trace_model(model, history_seconds=2.0)
     encoder_bytes = sum(t.numel() * t.element_size() for t in model.image_encoder.parameters())
     assert plain.text >= encoder_bytes and plain.transient["denoise"] > 0
+
+
+def test_two_i2v_experts_route_the_condition_per_sample():
+    # Wan 2.2 I2V A14B: two experts that read condition channels; a mixed batch routes each
+    # sample's condition to its expert
+    pytest.importorskip("diffusers")
+    from pfp.backbones.experts import ExpertPair
+    _, high = _tiny_i2v_pair()
+    _, low = _tiny_i2v_pair()
+    with torch.no_grad():
+        for p in low.parameters():
+            p.mul_(-1.0)
+    pair = ExpertPair(high, low, 0.5)
+    assert pair.condition_channels == 8 and pair.takes_image
+    x, cond = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 8, 3, 4, 4)
+    text, image = torch.randn(2, 512, 16), torch.randn(2, 7, 24)
+    t = torch.tensor([0.9, 0.2])
+    with torch.no_grad():
+        got = pair(x, t, text, None, condition=cond, image=image)
+        torch.testing.assert_close(got[:1], high(x[:1], t[:1], text[:1], None, condition=cond[:1], image=image[:1]))
+        torch.testing.assert_close(got[1:], low(x[1:], t[1:], text[1:], None, condition=cond[1:], image=image[1:]))

@@ -71,9 +71,10 @@ class ExpertPair(nn.Module):
             raise ValueError(f"boundary must be in (0, 1) (Wan 2.2 A14B's boundary_ratio, e.g. 0.875), got {boundary!r}")
         if lr_patch_embed not in EXPERTS:
             raise ValueError(f"lr_patch_embed must be one of {EXPERTS}, got {lr_patch_embed!r}")
-        for attr in ("latent_channels", "inner_dim", "num_heads", "patch_size", "context_mode"):
-            if getattr(high, attr) != getattr(low, attr):
-                raise ValueError(f"the two experts differ in {attr}: {getattr(high, attr)} vs {getattr(low, attr)}")
+        for attr in ("latent_channels", "inner_dim", "num_heads", "patch_size", "context_mode",
+                     "condition_channels", "takes_image"):
+            if getattr(high, attr, None) != getattr(low, attr, None):
+                raise ValueError(f"the two experts differ in {attr}: {getattr(high, attr, None)} vs {getattr(low, attr, None)}")
         self.high, self.low = high, low
         self.boundary = float(boundary)
         self.lr_patch_embed = lr_patch_embed
@@ -118,6 +119,9 @@ class ExpertPair(nn.Module):
     head_dim = property(lambda self: self.high.head_dim)
     patch_size = property(lambda self: self.high.patch_size)
     compute_dtype = property(lambda self: self.high.compute_dtype)
+    # Wan 2.2 I2V A14B: both experts read the same condition channels beside the latent
+    condition_channels = property(lambda self: getattr(self.high, "condition_channels", 0))
+    takes_image = property(lambda self: getattr(self.high, "takes_image", False))
 
     @property
     def patch_embed(self) -> nn.Module:
@@ -206,8 +210,8 @@ class ExpertPair(nn.Module):
             idx = torch.nonzero(rows).flatten().to(x.device)
             ctx = context.of(name) if isinstance(context, ExpertKV) else context
             part = self._use(name)(x[idx], _take(timesteps, idx, b), _take(text, idx, b), _take_ctx(ctx, idx, b),
-                                       **{k: _take(v, idx, b) if k in ("text_mask", "positions") else v
-                                          for k, v in kwargs.items()})
+                                       **{k: _take(v, idx, b) if k in ("text_mask", "positions", "condition", "image")
+                                          else v for k, v in kwargs.items()})
             if out is None:
                 out = part.new_empty(x.shape)
             out[idx] = part
