@@ -211,7 +211,13 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     cfg_2 = config.sample_cfg_2 if cfg_2 is None else cfg_2
     generator = torch.Generator().manual_seed(int(seed))
     streams = [c.stream(1, keep_features=config.cross_attention) for c in model.compressors]
-    decoder, lr_encoders = decode_stream(vae), [encode_stream(vae) for _ in streams]
+    if placement is not None and placement.choices["decode"] == "tiled":   # decode's peak follows the tile
+        from pfp.memory import TILE_OVERLAP, TILES
+        from pfp.vae import TiledDecodeStream
+        decoder = TiledDecodeStream(vae, TILES, TILE_OVERLAP)
+    else:
+        decoder = decode_stream(vae)
+    lr_encoders = [encode_stream(vae) for _ in streams]
     cache = None
     window = config.sliding_window   # newest latent frames given uncompressed beside the context (pfp.window)
     recent = None                    # those frames, [1, C, <= window, h, w]

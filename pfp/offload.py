@@ -39,10 +39,12 @@ import torch
 from torch import Tensor, nn
 
 PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native",
-                 "experts": "both", "expert_kv": "both"}
+                 "experts": "both", "expert_kv": "both", "decode": "whole"}
 PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
                "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active"),
-               "expert_kv": ("both", "switch")}
+               "expert_kv": ("both", "switch"),
+               # "tiled": the VAE decodes 2x2 spatial tiles, each streamed (pfp.vae.TiledDecodeStream)
+               "decode": ("whole", "tiled")}
 
 
 def check_choices(choices: Optional[dict]) -> dict:

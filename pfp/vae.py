@@ -567,6 +567,83 @@ class _RecomputeEncodeStream(EncodeStream):
         return self.vae.encode(self._frames[:, :, :usable])[:, :, self.latent_frames_seen:]
 
 
+class TiledDecodeStream(DecodeStream):
+    """Decodes the latent in ``tiles`` x ``tiles`` spatial tiles, each through its own stream
+    (:func:`decode_stream`, so each keeps its own causal cache), and blends their overlaps.
+
+    The decode's transient memory follows the tile, not the frame (about 1/tiles**2 of it, plus the
+    overlaps). Streaming stays exact: chunk by chunk it equals one tiled decode of the whole latent.
+    It is not the untiled decode: a VAE whose decoder mixes pixels across the frame (Wan's has a
+    spatial attention in its middle block) decodes each tile without the rest, so edges and
+    colours can shift; a decoder without such mixing (``PatchVAE``) gives the untiled frames up to
+    rounding. Tiles overlap by ``overlap`` latent pixels on each inner edge; in the overlaps the
+    two tiles are blended with linear weights.
+    """
+
+    def __init__(self, vae, tiles: int = 2, overlap: int = 2):
+        super().__init__(vae)
+        if not (isinstance(tiles, int) and tiles >= 1):
+            raise ValueError(f"tiles must be an int >= 1, got {tiles!r}")
+        if not (isinstance(overlap, int) and overlap >= 0):
+            raise ValueError(f"overlap must be an int >= 0 (latent pixels), got {overlap!r}")
+        self.tiles, self.overlap = tiles, overlap
+        self._plan = None   # [(latent y0, y1, x0, x1, weight [1, 1, 1, h, w])], made at the first chunk
+        self._streams = []
+
+    @staticmethod
+    def _spans(n: int, tiles: int, overlap: int) -> list:
+        """(start, end, inner start, inner end) per tile along an axis of n latent pixels."""
+        bounds = [round(i * n / tiles) for i in range(tiles + 1)]
+        out = []
+        for i in range(tiles):
+            lo, hi = bounds[i], bounds[i + 1]
+            out.append((max(0, lo - overlap) if i else 0, min(n, hi + overlap) if i < tiles - 1 else n, lo, hi))
+        return out
+
+    @staticmethod
+    def _ramp(start: int, end: int, inner_lo: int, inner_hi: int, s: int) -> torch.Tensor:
+        """Pixel weights along one axis of a tile: 1 inside its own segment, falling linearly to 0
+        across the overlap it shares with a neighbour."""
+        n = (end - start) * s
+        x = torch.arange(n, dtype=torch.float32) + 0.5 + start * s
+        w = torch.ones(n)
+        if inner_lo > start:   # shared with the tile before: ramps up over [start, 2*inner_lo - start)
+            left = (x - start * s) / (2 * (inner_lo - start) * s)
+            w = torch.minimum(w, left)
+        if inner_hi < end:     # shared with the tile after
+            right = (end * s - x) / (2 * (end - inner_hi) * s)
+            w = torch.minimum(w, right)
+        return w
+
+    def _make_plan(self, latent: torch.Tensor) -> None:
+        s = self.vae.spatial_factor
+        hs = self._spans(latent.shape[3], self.tiles, self.overlap)
+        ws = self._spans(latent.shape[4], self.tiles, self.overlap)
+        self._plan = []
+        for y0, y1, ylo, yhi in hs:
+            wy = self._ramp(y0, y1, ylo, yhi, s)
+            for x0, x1, xlo, xhi in ws:
+                wx = self._ramp(x0, x1, xlo, xhi, s)
+                weight = (wy[:, None] * wx[None, :]).to(latent.device)[None, None, None]
+                self._plan.append((y0, y1, x0, x1, weight))
+                self._streams.append(decode_stream(self.vae))
+
+    def _decode(self, latent):
+        if self._plan is None:
+            self._make_plan(latent)
+        s = self.vae.spatial_factor
+        out = total = None
+        for (y0, y1, x0, x1, weight), stream in zip(self._plan, self._streams):
+            part = stream.decode(latent[:, :, :, y0:y1, x0:x1]).float()
+            if out is None:
+                b, c, f = part.shape[:3]
+                out = part.new_zeros(b, c, f, latent.shape[3] * s, latent.shape[4] * s)
+                total = part.new_zeros(1, 1, 1, latent.shape[3] * s, latent.shape[4] * s)
+            out[..., y0 * s:y1 * s, x0 * s:x1 * s] += part * weight
+            total[..., y0 * s:y1 * s, x0 * s:x1 * s] += weight
+        return (out / total).to(latent.dtype)
+
+
 def decode_stream(vae) -> DecodeStream:
     """A :class:`DecodeStream` for ``vae``: its own ``decode_stream()`` when it has one (PatchVAE,
     WanVAE: constant cost per chunk), else one that re-decodes the whole latent so far (exact)."""

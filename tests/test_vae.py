@@ -272,3 +272,20 @@ def test_streams_of_a_vae_without_stream_methods_recompute_exactly():
     assert torch.equal(torch.cat([ds.decode(c) for c in z.split([1, 3], 2)], 2), full)
     es = encode_stream(vae)
     assert torch.equal(torch.cat([es.encode(c) for c in full.split([2, 2, 3], 2)], 2), vae.encode(full))
+
+
+def test_tiled_decode_stream_is_exact_for_a_local_decoder_and_streams_exactly():
+    from pfp.vae import PatchVAE, TiledDecodeStream, decode_stream
+    torch.manual_seed(0)
+    vae = PatchVAE(spatial_factor=2, temporal_factor=2, scale=2.0)
+    lat = torch.randn(2, vae.latent_channels, 5, 9, 7)    # odd sizes: uneven tiles
+    whole = decode_stream(vae).decode(lat)
+    for tiles, overlap in ((2, 2), (3, 1), (1, 0), (2, 0)):
+        stream = TiledDecodeStream(vae, tiles, overlap)
+        parts = [stream.decode(lat[:, :, :2]), stream.decode(lat[:, :, 2:3]), stream.decode(lat[:, :, 3:])]
+        # the patch decoder is local: tiles give the untiled frames, to rounding of the blend
+        torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="tiles must be an int >= 1"):
+        TiledDecodeStream(vae, 0)
+    with pytest.raises(ValueError, match="overlap must be an int >= 0"):
+        TiledDecodeStream(vae, 2, -1)
