@@ -52,6 +52,25 @@ COMPRESSOR_KINDS = ("pfp", "only_lr", "without_lr", "large_patchify")
 # ----------------------------------------------------------------------------------------------
 # Context
 # ----------------------------------------------------------------------------------------------
+def order_keys(context, n: Optional[int] = None) -> Tensor:
+    """``[n]`` float32 arrival-order keys of anything with ``positions`` ``[n, 3]`` and an optional
+    ``order`` ``[n]`` (a :class:`Context`, a cache of one): ``order``, else the times
+    ``positions[:, 0]``. ``n`` (default: the positions' count) is checked against ``order``. Read
+    from a real tensor even while a FakeTensorMode traces the rest (pfp.memory traces full-size
+    models that way; orders are host-side structure)."""
+    from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+    order = getattr(context, "order", None)
+    n = context.positions.shape[0] if n is None else n
+    if order is not None and tuple(order.shape) != (n,):
+        raise ValueError(f"Context.order must be [{n}], got {tuple(order.shape)}")
+    src = context.positions if order is None else order
+    pick = (lambda t: t[:, 0].float()) if order is None else (lambda t: t.float())
+    if is_fake(src):
+        return pick(src)
+    with unset_fake_temporarily():
+        return pick(src)
+
+
 @dataclass
 class Context:
     """Compressed history handed to the backbone.
@@ -105,7 +124,7 @@ class Context:
 
     def order_keys(self) -> Tensor:
         """``[N]`` float32: :attr:`order`, or ``positions[:, 0]`` where it is None."""
-        return (self.order if self.order is not None else self.positions[:, 0]).float()
+        return order_keys(self)
 
     @property
     def batch_size(self) -> int:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import pfp_kernels
+from pfp.compressor import order_keys
 
 from .rope import apply_rope, grid_positions, rope_cos_sin
 
@@ -83,7 +84,7 @@ class ContextKV:
     memory_mask: Optional[Tensor] = None
 
     def order_keys(self) -> Tensor:
-        return context_order(self, self.positions.shape[0])
+        return order_keys(self)
 
     def memory(self, i: int):
         """(K, V, mask) of block i's cross-attention over the compressor's features
@@ -132,16 +133,6 @@ def check_context_mode(mode: str) -> str:
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {mode!r}")
     return mode
-
-
-def context_order(context, n: int) -> Tensor:
-    """``[n]`` float32 order keys of a Context (:attr:`pfp.Context.order`, else its times)."""
-    order = getattr(context, "order", None)
-    if order is None:
-        return _host(lambda p: p[:, 0].float(), context.positions)
-    if tuple(order.shape) != (n,):
-        raise ValueError(f"Context.order must be [{n}], got {tuple(order.shape)}")
-    return _host(lambda o: o.float(), order)
 
 
 def context_parts(context) -> Optional[tuple[Tensor, Tensor, Optional[Tensor]]]:
@@ -576,7 +567,7 @@ class WanStyleBackbone(nn.Module):
                               new_mask if new_mask is not None else ones(hc.shape[1])], dim=1)
         rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
         mod_c = self._context_modulation(hc)
-        order = context_order(context, hc.shape[1])
+        order = order_keys(context, hc.shape[1])
         frames = _frame_runs(order)
         if cache is not None and cache.num_tokens:
             _check_after(cache.order_keys(), order)
@@ -706,7 +697,7 @@ class WanStyleBackbone(nn.Module):
                 rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
                 mod_c = self._context_modulation(x)
                 # joint mode: every context token attends to all, so the order never matters there
-                frames = None if joint else _frame_runs(context_order(context, hc.shape[1]))
+                frames = None if joint else _frame_runs(order_keys(context, hc.shape[1]))
             features = getattr(context, "features", None)
             if self.has_memory_attention and features is not None and features.shape[1]:
                 if features.shape[0] not in (1, b):
