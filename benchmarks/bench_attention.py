@@ -19,13 +19,13 @@ are kept for its own report.
 from __future__ import annotations
 
 import datetime
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pfp_kernels as pk
+from pfp_kernels._tuning import cpu_model
 
 from _timing import interleaved_mins
 
@@ -81,13 +81,7 @@ def _record(device, key, benchmark):
 def _machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _write_table(device, path, shape, how="30 rounds"):

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pfp_kernels as pk
+from pfp_kernels._tuning import cpu_model
 from pfp_kernels import _extension
 from pfp_kernels.nn import CausalConv3dAct
 
@@ -255,22 +255,11 @@ def _header(device_line):
             f"--benchmark-only`: stage ratios from the minimum over rounds interleaved across the contenders, streaming from the minimum over rounds.", ""]
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _write_cpu_table():
     m, s = {**_measured["cpu"], **_interleaved["cpu"]}, _measured["stream"]
     if not m and not s:
         return
-    lines = ["# CPU conv stages", ""] + _header(f"{_cpu_name()} ({os.cpu_count()} cores, "
+    lines = ["# CPU conv stages", ""] + _header(f"{cpu_model()} ({os.cpu_count()} cores, "
                                                 f"{torch.backends.cpu.get_cpu_capability()})")
     lines += ["Compressor stages, kernel 3, padding 1, batch 1, channels-last-3d, 1/4 spatial scale of the "
               "T=120, 60x104 latent. Ratios are auto's time over the baseline's (< 1 means auto is faster).", "",

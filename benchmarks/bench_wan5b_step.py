@@ -166,13 +166,14 @@ def run(device: str, steps: int, dry_run: bool, peak_tflops: float | None) -> li
                 times = time_steps(fn, device, steps)
             step_s = statistics.median(times)
             flops = step_flops(cfg, nt, nc, nl, 2, mode)
-            row = {"weights": weights if dtype != torch.float32 else "fp32 (dry run)", "mode": mode, "step_ms": step_s * 1e3, "min_ms": min(times) * 1e3,
+            label = weights if dtype != torch.float32 else "fp32 (dry run)"
+            row = {"weights": label, "mode": mode, "step_ms": step_s * 1e3, "min_ms": min(times) * 1e3,
                    "tflops": flops / step_s / 1e12, "cache_ms": None if cache_s is None else cache_s * 1e3,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None}
             if peak_tflops:
                 row["mfu"] = row["tflops"] / peak_tflops
             rows.append(row)
-        del bb
+        bb = kv = None   # the model goes before the next one is built
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -82,7 +82,8 @@ def cache_path() -> Path:
 _DEVICE_NAMES: dict = {}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -106,7 +107,7 @@ def device_name(device: torch.device) -> str:
         threads = torch.get_num_threads()
         key = ("cpu", threads)
         if key not in _DEVICE_NAMES:
-            _DEVICE_NAMES[key] = (f"{_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+            _DEVICE_NAMES[key] = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
                                   f"{threads} threads")
         return _DEVICE_NAMES[key]
     return device.type
