@@ -1,5 +1,6 @@
 // C++ test of the pfp op library: loads libpfp_ops like a libtorch user and checks each op's CPU
 // kernel against ATen reference math. Exits non-zero on the first mismatch.
+#include <cmath>
 #include <dlfcn.h>
 #include <torch/torch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -134,35 +135,48 @@ static void test_project_tokens() {
 
 // joint_attention against SDPA over the concatenation in double, both CPU routes; lengths past
 // the flash route's blocks (128 queries x 256 keys), a block straddling context and target, a
-// batch-1 context served to two query batches.
+// batch-1 context served to two query batches; without and with a context key mask (one sample's
+// first 260 context keys masked, so its first key block holds none).
 static void test_joint_attention() {
   using Out = std::tuple<at::Tensor, at::Tensor>;
   auto attn = op("pfp::joint_attention")
                   .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+                             const std::optional<at::Tensor>&)>();
   auto set_route = op("pfp::_attention_cpu_path").typed<std::string(c10::string_view)>();
   auto last_route = op("pfp::_attention_cpu_last_route").typed<std::string()>();
   const double scale = 0.3;
   for (const char* route : {"flash", "segments"}) {
     set_route.call(route);
     for (auto dtype : {at::kFloat, at::kBFloat16}) {
+     for (bool masked : {false, true}) {
       auto q = at::randn({2, 150, 3, 32}).to(dtype);
       auto k = at::randn({2, 70, 3, 32}).to(dtype), v = at::randn({2, 70, 3, 32}).to(dtype);
       auto ck = at::randn({1, 300, 3, 32}).to(dtype), cv = at::randn({1, 300, 3, 32}).to(dtype);
-      auto [out, lse] = attn.call(q, k, v, ck, cv, scale);
+      std::optional<at::Tensor> mask;
+      if (masked) {
+        mask = at::ones({2, 300}, at::kBool);
+        mask->select(0, 1).slice(0, 0, 260).fill_(false);
+      }
+      auto [out, lse] = attn.call(q, k, v, ck, cv, scale, mask);
       EXPECT(last_route.call() == route, "joint_attention ran the forced route");
       auto d = [](const at::Tensor& t) { return t.to(at::kDouble).transpose(1, 2); };
       auto kk = at::cat({d(ck).expand({2, -1, -1, -1}), d(k)}, 2);
       auto vv = at::cat({d(cv).expand({2, -1, -1, -1}), d(v)}, 2);
       auto s = at::matmul(d(q), kk.transpose(-1, -2)) * scale;
+      if (masked) {
+        auto keep = at::cat({*mask, at::ones({2, 70}, at::kBool)}, 1).view({2, 1, 1, 370});
+        s = s.masked_fill(keep.logical_not(), -INFINITY);
+      }
       auto ref = at::matmul(at::softmax(s, -1), vv).transpose(1, 2);
       auto ref_lse = at::logsumexp(s, -1);
       double err = rel_err(out, ref), lse_err = rel_err(lse, ref_lse);
-      std::printf("joint_attention %-8s %-10s err %.2e lse err %.2e\n", route, c10::toString(dtype),
-                  err, lse_err);
+      std::printf("joint_attention %-8s %-10s %-6s err %.2e lse err %.2e\n", route, c10::toString(dtype),
+                  masked ? "masked" : "", err, lse_err);
       EXPECT(out.sizes() == q.sizes() && out.scalar_type() == dtype, "joint_attention out shape");
       EXPECT(err <= tolerance(dtype), "joint_attention matches SDPA over the concatenation");
       EXPECT(lse_err <= 1e-4, "joint_attention lse");
+     }
     }
   }
   set_route.call("auto");
