@@ -345,12 +345,9 @@ def test_generate_with_a_wan_i2v_model_conditions_the_first_chunk_on_the_picture
         generate(model, story, 3.0, steps=2, progress=False)
 
 
-def test_an_i2v_model_needs_its_image_encoder_and_is_not_trained_yet(wan_vae_dir, tmp_path):
+def test_an_i2v_model_needs_its_image_encoder(wan_vae_dir):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import dataclasses
-    from _tiny_pfp import wan_config, write_config
-    from pfp.train import TrainArgs, train
     with pytest.raises(ValueError, match="image cross-attention.*give it its image encoder"):
         _i2v_model(wan_vae_dir, image_encoder={"kind": "none"})
     with pytest.raises(ValueError, match="has no image cross-attention"):
@@ -358,11 +355,6 @@ def test_an_i2v_model_needs_its_image_encoder_and_is_not_trained_yet(wan_vae_dir
                                                                    "added_kv_proj_dim": None, "in_channels": 4}})
     with pytest.raises(ValueError, match="makes states of width 32 but the backbone's image cross-attention takes 24"):
         _i2v_model(wan_vae_dir, image_encoder={"kind": "clip", "config": {**TINY_CLIP, "hidden_size": 32}})
-    cfg = dataclasses.replace(wan_config(wan_vae_dir), dit={"kind": "wan", "config": TINY_WAN_I2V},
-                              image_encoder={"kind": "clip", "config": TINY_CLIP})
-    path = write_config(tmp_path / "i2v.json", cfg)
-    with pytest.raises(ValueError, match="training an image-to-video model"):
-        train(TrainArgs(mode="pretrain", config=path, out=str(tmp_path / "run"), steps=1, progress=False))
 
 
 def test_clip_image_encoder_preprocesses_as_clips_processor_does():
@@ -409,3 +401,35 @@ def test_two_i2v_experts_route_the_condition_per_sample():
         got = pair(x, t, text, None, condition=cond, image=image)
         torch.testing.assert_close(got[:1], high(x[:1], t[:1], text[:1], None, condition=cond[:1], image=image[:1]))
         torch.testing.assert_close(got[1:], low(x[1:], t[1:], text[1:], None, condition=cond[1:], image=image[1:]))
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_an_i2v_model_trains_with_the_conditions_generation_gives(wan_vae_dir, tmp_path, mode, monkeypatch):
+    # finetune: a clip's chunk 0 is conditioned on the clip's first frame, later chunks on no frame;
+    # pretraining's retrieved frames on no frame; every step reads the first frame's CLIP states
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import dataclasses
+    import pfp.train.objectives as objectives
+    from _tiny_pfp import wan_config, write_config
+    from pfp.train import TrainArgs, train
+    cfg = dataclasses.replace(wan_config(wan_vae_dir), dit={"kind": "wan", "config": TINY_WAN_I2V},
+                              image_encoder={"kind": "clip", "config": TINY_CLIP})
+    path = write_config(tmp_path / "i2v.json", cfg)
+    seen = []
+    real = objectives.i2v_inputs
+
+    def spy(model, backbone, batch, frames, given, device):
+        out = real(model, backbone, batch, frames, given, device)
+        seen.append((bool(torch.as_tensor(given).all()), out["condition"][:, :4].amax().item(), out["image"].shape))
+        return out
+    monkeypatch.setattr(objectives, "i2v_inputs", spy)
+    out = train(TrainArgs(mode=mode, config=path, out=str(tmp_path / "run"), steps=3, batch_size=2, clip_seconds=3.0,
+                          workers=0, progress=False, save_every=3, log_every=1, lr=1e-3, warmup=0,
+                          **({"lora_rank": 4} if mode == "finetune" else {})))
+    assert seen and all(shape == (2, 5, 24) for _, _, shape in seen)
+    assert all(mask_max == (1.0 if given else 0.0) for given, mask_max, _ in seen), seen
+    if mode == "pretrain":
+        assert not any(given for given, _, _ in seen)
+    assert out is not None

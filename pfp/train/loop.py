@@ -639,18 +639,12 @@ def train(args: TrainArgs) -> dict:
     resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
     config = _resolve_config(args, resume_state)
-    if config.image_encoder.get("kind", "none") != "none":
-        raise UsageError("training an image-to-video model (config image_encoder, Wan 2.1 I2V) is not supported "
-                         "yet: the training steps give the backbone no image condition")
     dataset = _dataset(args, config, progress=args.progress and rank == 0)   # every file checked before step 1
     report = getattr(dataset, "skip_report", lambda: None)()
     if report and rank == 0:
         print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
 
     model, lora, start, skipped = _build_trainee(args, config, device, resume_path, resume_state)
-    if getattr(model.backbone, "condition_channels", 0):
-        raise UsageError(f"training a model whose backbone reads {model.backbone.condition_channels} condition "
-                         f"channels beside the latent (Wan I2V) is not supported yet")
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                 p_no_history=args.p_no_history, history_noise=args.history_noise,
                                 t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,

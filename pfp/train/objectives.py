@@ -140,6 +140,37 @@ def encode_low_res(model, batch: dict, lr: Tensor, device, dtype=torch.float32) 
     return [lr] + [model.vae.encode(v.to(device=device, dtype=dtype)) for v in videos[1:]]
 
 
+@torch.no_grad()
+def i2v_inputs(model, backbone, batch: dict, latent_frames: int, given, device) -> dict:
+    """What a Wan I2V backbone reads beside the latent, for a training target of ``latent_frames``
+    latent frames: ``{"condition": ..., "image": ...}`` as generation gives them, or ``{}`` for
+    other backbones. The picture is each clip's first frame; ``given`` (a bool, or one per sample)
+    says whether the target starts the clip and so is conditioned on that frame, as a video's first
+    chunk is, or is given no frame, as every later chunk and every retrieved frame."""
+    base = model.backbone   # the backbone itself (``backbone`` may be a DDP/FSDP wrapper of it)
+    wants_condition = getattr(base, "condition_channels", 0) > 0
+    takes_image = getattr(base, "takes_image", False)
+    if not (wants_condition or takes_image):
+        return {}
+    from pfp.i2v import wan_i2v_condition
+    picture = batch["hr"][:, :, 0].to(device=device, dtype=torch.float32).clamp(-1, 1)   # [B, 3, H, W]
+    out = {}
+    if wants_condition:
+        frames = model.vae.video_frames(latent_frames)
+        b = picture.shape[0]
+        given = torch.as_tensor(given, dtype=torch.bool).expand(b)
+        first = wan_i2v_condition(model.vae, picture, frames) if bool(given.any()) else None
+        blank = wan_i2v_condition(model.vae, picture, frames, given=False) if not bool(given.all()) else None
+        if first is None or blank is None:
+            out["condition"] = first if blank is None else blank
+        else:
+            out["condition"] = torch.where(given.to(device).view(b, 1, 1, 1, 1), first, blank)
+    if takes_image:
+        where = next(model.image_encoder.parameters()).device
+        out["image"] = model.encode_image(picture.to(where)).to(device)
+    return out
+
+
 def _compress(model, hr: Tensor, lrs, dtype):
     """The context of every compressor (``lrs``: one LR latent each). The compressors run outside
     autocast: their pfp_kernels convs take the parameters' dtype, while autocast would turn only
@@ -197,7 +228,8 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
                        generator)
     text, text_mask = model.encode_text(prompts)
     ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
-    v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask)
+    extra = i2v_inputs(model, backbone, batch, x0.shape[2], False, device)   # retrieved frames: none given
+    v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask, **extra)
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
@@ -250,7 +282,9 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     xt, target = flow_pair(x0, ts, noise)
     prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, n * lc)] * b, cfg.p_uncond, generator)
     text, text_mask = model.encode_text(prompts)
-    v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask)
+    extra = i2v_inputs(model, backbone, batch, lc, n == 0, device)   # chunk 0 starts from the clip's first frame
+    v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask,
+                 **extra)
     return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
@@ -287,7 +321,9 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch
         xu = flow_pair(real, ts, noise.to(real))[0]
         when = _latent_time(model, batch, j * lc)
         text, text_mask = model.encode_text([sb.prompt_at(when) for sb in batch["storyboard"]])
-        v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask)
+        extra = i2v_inputs(model, backbone, batch, lc, j == 0, hist.device)
+        v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask,
+                     **extra)
         estimate = (xu.float() - ts.view(b, 1, 1, 1, 1) * v.float()).to(real.dtype)
         sel = pick.to(hist.device).view(b, 1, 1, 1, 1)
         hist = torch.cat([hist[:, :, : j * lc], torch.where(sel, estimate, real)], dim=2)
