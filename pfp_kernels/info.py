@@ -8,8 +8,8 @@ conv stages at 480p; on CPU the same at the benchmarks' CPU scale (H=8, D=64, Nq
 stages at 1/4 spatial scale), fp32 and bf16.
 
 Every op is printed the same way, from the one registry (``pfp_kernels._registry.OPS``): for each
-device, the op's probe inputs, then each implementation with "yes" (marked "auto" where
-``impl="auto"`` would pick it) or "no: <reason>". Reasons are input-aware, so for your own shapes
+device, the op's probe inputs, then each implementation with "yes" (marked where ``impl="auto"``'s
+static order would pick it; measured choices, per shape, are in ``--table``) or "no: <reason>". Reasons are input-aware, so for your own shapes
 ask the op itself: ``pfp_kernels.attention_backends(q, k, v, ...)`` or
 ``pfp_kernels.conv.conv_impl_reasons(op, x, weight)``.
 """
@@ -62,7 +62,7 @@ def report() -> str:
             lines.append(f"  {op.name} ({what})")
             for impl in op.impls:
                 why = reasons[impl.name]
-                verdict = ("yes" + (" (auto)" if impl.name == auto else "")) if why is None else "no: " + why
+                verdict = ("yes" + (" (auto, static order)" if impl.name == auto else "")) if why is None else "no: " + why
                 lines.append(f"    {impl.name:<10} {verdict}")
             if device.type == "cpu" and op.name == "joint_attention":
                 lines += _cpu_attention_routes()
