@@ -62,7 +62,8 @@ def report() -> str:
             lines.append(f"  {op.name} ({what})")
             for impl in op.impls:
                 why = reasons[impl.name]
-                verdict = ("yes" + (" (auto, static order)" if impl.name == auto else "")) if why is None else "no: " + why
+                mark = " (auto, static order)" if impl.name == auto else ""
+                verdict = "yes" + mark if why is None else "no: " + why
                 lines.append(f"    {impl.name:<10} {verdict}")
             if device.type == "cpu" and op.name == "joint_attention":
                 lines += _cpu_attention_routes()
