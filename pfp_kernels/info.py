@@ -64,7 +64,7 @@ def report() -> str:
                 why = reasons[impl.name]
                 mark = " (auto, static order)" if impl.name == auto else ""
                 verdict = "yes" + mark if why is None else "no: " + why
-                lines.append(f"    {impl.name:<10} {verdict}")
+                lines.append(f"    {impl.name:<12} {verdict}")
             if device.type == "cpu" and op.name == "joint_attention":
                 lines += _cpu_attention_routes()
     return "\n".join(lines)
