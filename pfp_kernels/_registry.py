@@ -159,6 +159,6 @@ def triton_why_not(device: torch.device, dtype: Optional[torch.dtype] = None) ->
 
 def dtype_why_not(dtype: torch.dtype, allowed: tuple) -> Optional[str]:
     if dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        return f"dtype {str(dtype).replace('torch.', '')} not supported (supports {names})"
+        names = ", ".join(_tuning.dtype_name(d) for d in allowed)
+        return f"dtype {_tuning.dtype_name(dtype)} not supported (supports {names})"
     return None

@@ -202,11 +202,6 @@ class Table:
                 self.local = _read_table(cache_path(), "tuning cache")
                 self._loaded = True
 
-    def reload(self) -> None:
-        with self._lock:
-            self._loaded = False
-        self.load()
-
     def get(self, key: Key) -> Optional[Entry]:
         if not self._loaded:
             self.load()

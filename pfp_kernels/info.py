@@ -79,7 +79,7 @@ def _cpu_attention_routes() -> list[str]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         q, ck = torch.zeros(1, 2, 1, 8, dtype=dtype), torch.zeros(1, 3, 1, 8, dtype=dtype)
         torch.ops.pfp.joint_attention(q, q, q, ck, ck, 0.35)
-        routes.append(f"{str(dtype).replace('torch.', '')} {torch.ops.pfp._attention_cpu_last_route()}")
+        routes.append(f"{_tuning.dtype_name(dtype)} {torch.ops.pfp._attention_cpu_last_route()}")
     return [f"    cpp routes with a context: {', '.join(routes)}"]
 
 

@@ -44,9 +44,11 @@ CUDA ``flash_attn, sdpa_concat, triton, xformers, sdpa, torch`` (sdpa_concat ahe
 the H100 measurements: 0.79x forward, 0.41x forward + backward for triton) and CPU
 ``cpp, sdpa, sdpa_concat, torch``.
 
-Backward: every backend saves (out, lse) and shares one backward: the Triton backward kernels on
-CUDA (and for the Triton backend under the interpreter), elsewhere a per-segment math backward.
-The gradient through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
+Backward: every backend saves (out, lse) and shares one backward (autograd.py): the Triton backward
+kernels on CUDA (and for the Triton backend under the interpreter); on CPU ATen's flash-attention
+backward once over the concatenation; elsewhere, and for a gradient through a returned lse, a
+per-segment math backward. ``sdpa_concat`` without the lse keeps PyTorch's own backward. The
+gradient through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _registry, _tuning
 from .._registry import Impl, Op, dtype_why_not, register
 from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers the ops, fakes and autograd)
@@ -133,7 +135,7 @@ def _sdpa_why_not(q, k, v, context_k, context_v, context_mask=None) -> Optional[
 def _probe(device: torch.device):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     q = torch.zeros(1, 1, 1, 64, device=device, dtype=dtype)
-    return f"{str(dtype).replace('torch.', '')}, head dim 64", (q, q, q, q, q)
+    return f"{_tuning.dtype_name(dtype)}, head dim 64", (q, q, q, q, q)
 
 
 JOINT_ATTENTION = register(Op(
@@ -175,7 +177,7 @@ def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: boo
         out, lse = joint_attention_reference(q, k, v, context_k, context_v, scale, context_mask)
     elif name == "sdpa_concat" and not return_lse:
         return joint_attention_sdpa_concat(q, k, v, context_k, context_v, scale, context_mask)
-    elif context_mask is not None:  # only the Python ops take one (the backends' reasons say so)
+    elif context_mask is not None:  # the flash_attn and xformers ops have no mask argument (nor take one)
         out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale, context_mask)
     else:
         out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale)

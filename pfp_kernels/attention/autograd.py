@@ -17,9 +17,8 @@ from torch import Tensor
 
 from .. import _extension
 from .._registry import TRITON_AVAILABLE
-from .backends import (_joint_attention_flash_attn_impl, _joint_attention_sdpa_concat_impl,
-                       _joint_attention_sdpa_impl, _joint_attention_xformers_impl)
-from .backends import additive_mask
+from .backends import (_concatenated, _joint_attention_flash_attn_impl, _joint_attention_sdpa_concat_impl,
+                       _joint_attention_sdpa_impl, _joint_attention_xformers_impl, _unit_stride_d, additive_mask)
 from .reference import key_mask, lse_dtype
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -77,11 +76,8 @@ def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale,
     (benchmarks/results/tuning/cpu_tuning_avx512_amx.md, where sdpa_concat ran it). Not for a
     gradient through the lse, which it has no input for."""
     b, nc = q.shape[0], context_k.shape[1] if context_k is not None else 0
-    keys, values = k, v
-    if context_k is not None:
-        keys = torch.cat([context_k.expand(b, -1, -1, -1), k], dim=1)
-        values = torch.cat([context_v.expand(b, -1, -1, -1), v], dim=1)
-    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (ATen assumes unit-stride D)
+    keys, values = _concatenated(q, k, v, context_k, context_v)
+    unit = _unit_stride_d  # ATen's CPU kernels assume a unit stride along D
     keep = key_mask(q, k, context_mask)
     mask = None if keep is None else additive_mask(keep, q.dtype)
     # A query with no key: our lse is -inf, ATen's forward would have said 0 (its P is then 0).

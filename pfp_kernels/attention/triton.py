@@ -374,12 +374,18 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+_NO_KEEP: dict = {}   # device -> the one-byte placeholder passed for Keep when there is no mask
+
+
 def _keep(context_mask, like: torch.Tensor):
-    """(uint8 key mask [B or 1, Nc], its batch stride (0 for one row), HAS_MASK); without a mask a
-    one-byte placeholder the kernels never read."""
+    """(uint8 key mask [B or 1, Nc], its batch stride (0 for one row), HAS_MASK): the bool mask's
+    own bytes, viewed. Without a mask, a cached one-byte placeholder the kernels never read (no
+    allocation or fill on the unmasked path)."""
     if context_mask is None:
-        return torch.ones(1, dtype=torch.uint8, device=like.device), 0, False
-    keep = context_mask.to(torch.uint8).contiguous()
+        if like.device not in _NO_KEEP:
+            _NO_KEEP[like.device] = torch.zeros(1, dtype=torch.uint8, device=like.device)
+        return _NO_KEEP[like.device], 0, False
+    keep = context_mask.contiguous().view(torch.uint8)
     return keep, (0 if keep.shape[0] == 1 else keep.stride(0)), True
 
 
@@ -440,11 +446,11 @@ def joint_attention_bwd(grad_out, grad_lse, q, k, v, context_k, context_v, out, 
         num_warps=4, num_stages=1)
 
     cfg = config_for("bwd_dkdv", head_dim, q.dtype, cap)
-    *keep, has_mask = _keep(context_mask if n_ctx else None, q)
-    no_keep = _keep(None, q)
-    segments = [(k, v, dk, dv, 1, n_k, no_keep)]
+    ctx_keep = _keep(context_mask if n_ctx else None, q)
+    *keep, has_mask = ctx_keep
+    segments = [(k, v, dk, dv, 1, n_k, _keep(None, q))]
     if n_ctx > 0:
-        segments.append((ck, cv, dck, dcv, b // ctx_b, n_ctx, (*keep, has_mask)))
+        segments.append((ck, cv, dck, dcv, b // ctx_b, n_ctx, ctx_keep))
     elif has_ctx:
         dck.zero_(), dcv.zero_()
     for seg_k, seg_v, seg_dk, seg_dv, q_per_kv, n_keys, (seg_keep, seg_keep_sb, seg_has) in segments:

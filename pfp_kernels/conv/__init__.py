@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .. import _registry, _tuning
 from .._registry import Impl, Op, dtype_why_not, register
 from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers fakes and autograd)
@@ -101,7 +101,7 @@ def _probe(op: str):
         x = torch.zeros(1, 16, 2, 4, 4, device=device, dtype=dtype)
         w = torch.zeros(8 if op == "project_tokens" else 32, 16, *((1, 1, 1) if op == "project_tokens" else (3, 3, 3)),
                         device=device, dtype=dtype)
-        return f"{str(dtype).replace('torch.', '')}, 16 channels", (x, w)
+        return f"{_tuning.dtype_name(dtype)}, 16 channels", (x, w)
     return probe
 
 
