@@ -252,9 +252,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                               wan_i2v_condition(vae, picture[None], clip_frames, given=False))
             else:
                 first_frame = vae.encode(picture[None, :, None])
-        if getattr(backbone, "takes_image", False):   # on the image encoder's own device (plans leave it put)
-            where = next(model.image_encoder.parameters()).device
-            image_states = model.encode_image(picture.to(where)).to(device)
+        if getattr(backbone, "takes_image", False):
+            image_states = model.encode_image(picture)
     in_transformer = placement.transformer if placement is not None else nullcontext
     in_decode = placement.decode if placement is not None else nullcontext
     prompts, timings, videos, latents, lr_latents = [], [], [], [], [[] for _ in streams]

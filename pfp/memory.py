@@ -412,8 +412,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     extra = {}   # what a Wan I2V backbone reads beside the latent: its condition channels, image states
     if getattr(backbone, "condition_channels", 0):
         extra["condition"] = torch.randn(1, backbone.condition_channels, n, h, w, dtype=dtype)
-    if getattr(backbone, "takes_image", False):
-        extra["image"] = torch.randn(1, 257, int(backbone.transformer.config.image_dim), dtype=dtype)
+    if getattr(backbone, "image_dim", None) is not None:   # 257: CLIP ViT-H/14's tokens of a 224-pixel picture
+        extra["image"] = torch.randn(1, 257, backbone.image_dim, dtype=dtype)
     transient["denoise"] = _tracked_peak(lambda: net(x, ts, text, net_context, t_start=t0, **extra))
 
     decoder = decode_stream(vae)
@@ -422,7 +422,7 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk))
     tiled = TiledDecodeStream(vae, TILES, TILE_OVERLAP)
     tiled.decode(chunk)
-    cache_tiled = sum(_decoder_cache_bytes(st) for st in tiled._streams)
+    cache_tiled = _decoder_cache_bytes(tiled)
     transient["decode_tiled"] = _tracked_peak(lambda: tiled.decode(chunk))
 
     blocks = list(backbone.blocks)
@@ -446,12 +446,16 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
 
 
 def _decoder_cache_bytes(decoder) -> int:
-    """Bytes of the tensors a decode stream keeps between chunks."""
+    """Bytes of the tensors a decode stream keeps between chunks, those of the streams it holds
+    (a tiled decode's, one per tile) included."""
+    from pfp.vae import DecodeStream
     seen, total = set(), 0
 
     def walk(obj):
         nonlocal total
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, DecodeStream):
+            walk([v for k, v in vars(obj).items() if k != "vae"])
+        elif isinstance(obj, torch.Tensor):
             key = id(obj)
             if key not in seen:
                 seen.add(key)
@@ -463,7 +467,7 @@ def _decoder_cache_bytes(decoder) -> int:
             for v in obj:
                 walk(v)
 
-    walk([v for k, v in vars(decoder).items() if k != "vae"])
+    walk(decoder)
     return total
 
 

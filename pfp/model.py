@@ -37,17 +37,16 @@ class PFPModel(nn.Module):
         self.mix = nn.ModuleList(branches[1:])
         # Wan 2.1 I2V reads the picture's CLIP states beside the text (config image_encoder)
         self.image_encoder = _build_image_encoder(config)
-        takes_image = bool(getattr(self.backbone, "takes_image", False))
+        image_dim = getattr(self.backbone, "image_dim", None)
+        takes_image = image_dim is not None
         if takes_image != (self.image_encoder is not None):
             raise ValueError("config image_encoder: " + (
                 "this backbone has an image cross-attention (Wan 2.1 I2V): give it its image encoder "
                 "({\"kind\": \"clip\", \"path\": the pipeline folder})" if takes_image else
                 "this backbone has no image cross-attention; use {\"kind\": \"none\"}"))
-        if takes_image:
-            want = int(self.backbone.transformer.config.image_dim)
-            if self.image_encoder.dim != want:
-                raise ValueError(f"config image_encoder makes states of width {self.image_encoder.dim} but the "
-                                 f"backbone's image cross-attention takes {want}")
+        if takes_image and self.image_encoder.dim != image_dim:
+            raise ValueError(f"config image_encoder makes states of width {self.image_encoder.dim} but the "
+                             f"backbone's image cross-attention takes {image_dim}")
         if config.cross_attention:   # PFP 3.4's cross-attention enhancement, zero-initialised
             if not hasattr(self.backbone, "add_memory_attention"):
                 raise ValueError(f"config cross_attention: the {type(self.backbone).__name__} backbone cannot take it")
@@ -112,11 +111,13 @@ class PFPModel(nn.Module):
         return out.tokens, out.mask
 
     def encode_image(self, picture):
-        """picture ``[3, H, W]`` in [-1, 1] -> image states ``[1, N, D]`` (Wan 2.1 I2V's image
-        cross-attention input); ValueError for a model without an image encoder."""
+        """picture ``[3, H, W]`` or ``[B, 3, H, W]`` in [-1, 1] -> image states ``[B, N, D]`` (Wan 2.1
+        I2V's image cross-attention input), on the picture's device. The encoder runs where its
+        weights are (memory plans leave it put). ValueError for a model without an image encoder."""
         if self.image_encoder is None:
             raise ValueError("this model has no image encoder (config image_encoder is 'none')")
-        return self.image_encoder(picture)
+        where = next(self.image_encoder.parameters()).device
+        return self.image_encoder(picture.to(where)).to(picture.device)
 
     def trainable_state_dict(self) -> dict:
         """State dict with the shared patch embedding stored once (under the backbone), without the

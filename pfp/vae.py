@@ -587,8 +587,8 @@ class TiledDecodeStream(DecodeStream):
         if not (isinstance(overlap, int) and overlap >= 0):
             raise ValueError(f"overlap must be an int >= 0 (latent pixels), got {overlap!r}")
         self.tiles, self.overlap = tiles, overlap
-        self._plan = None   # [(latent y0, y1, x0, x1, weight [1, 1, 1, h, w])], made at the first chunk
-        self._streams = []
+        # [(latent y0, y1, x0, x1, weight [1, 1, 1, h, w], the tile's stream)], made at the first chunk
+        self._tiles = None
 
     @staticmethod
     def _spans(n: int, tiles: int, overlap: int) -> list:
@@ -615,25 +615,24 @@ class TiledDecodeStream(DecodeStream):
             w = torch.minimum(w, right)
         return w
 
-    def _make_plan(self, latent: torch.Tensor) -> None:
+    def _make_tiles(self, latent: torch.Tensor) -> None:
         s = self.vae.spatial_factor
         hs = self._spans(latent.shape[3], self.tiles, self.overlap)
         ws = self._spans(latent.shape[4], self.tiles, self.overlap)
-        self._plan = []
+        self._tiles = []
         for y0, y1, ylo, yhi in hs:
             wy = self._ramp(y0, y1, ylo, yhi, s)
             for x0, x1, xlo, xhi in ws:
                 wx = self._ramp(x0, x1, xlo, xhi, s)
                 weight = (wy[:, None] * wx[None, :]).to(latent.device)[None, None, None]
-                self._plan.append((y0, y1, x0, x1, weight))
-                self._streams.append(decode_stream(self.vae))
+                self._tiles.append((y0, y1, x0, x1, weight, decode_stream(self.vae)))
 
     def _decode(self, latent):
-        if self._plan is None:
-            self._make_plan(latent)
+        if self._tiles is None:
+            self._make_tiles(latent)
         s = self.vae.spatial_factor
         out = total = None
-        for (y0, y1, x0, x1, weight), stream in zip(self._plan, self._streams):
+        for y0, y1, x0, x1, weight, stream in self._tiles:
             part = stream.decode(latent[:, :, :, y0:y1, x0:x1]).float()
             if out is None:
                 b, c, f = part.shape[:3]

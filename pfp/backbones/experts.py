@@ -72,7 +72,7 @@ class ExpertPair(nn.Module):
         if lr_patch_embed not in EXPERTS:
             raise ValueError(f"lr_patch_embed must be one of {EXPERTS}, got {lr_patch_embed!r}")
         for attr in ("latent_channels", "inner_dim", "num_heads", "patch_size", "context_mode",
-                     "condition_channels", "takes_image"):
+                     "condition_channels", "image_dim"):
             if getattr(high, attr, None) != getattr(low, attr, None):
                 raise ValueError(f"the two experts differ in {attr}: {getattr(high, attr, None)} vs {getattr(low, attr, None)}")
         self.high, self.low = high, low
@@ -121,7 +121,8 @@ class ExpertPair(nn.Module):
     compute_dtype = property(lambda self: self.high.compute_dtype)
     # Wan 2.2 I2V A14B: both experts read the same condition channels beside the latent
     condition_channels = property(lambda self: getattr(self.high, "condition_channels", 0))
-    takes_image = property(lambda self: getattr(self.high, "takes_image", False))
+    image_dim = property(lambda self: getattr(self.high, "image_dim", None))
+    takes_image = property(lambda self: self.image_dim is not None)
 
     @property
     def patch_embed(self) -> nn.Module:

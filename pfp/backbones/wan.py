@@ -46,7 +46,7 @@ class WanBackbone(WanStyleBackbone):
                              f"(Wan 2.1 I2V), got image_dim={image_dim}, added_kv_proj_dim={added_kv}")
         if getattr(cfg, "pos_embed_seq_len", None) is not None:
             raise ValueError("WanBackbone: pos_embed_seq_len (Wan FLF2V's two-image embedding) is not supported")
-        self.takes_image = image_dim is not None
+        self.image_dim = None if image_dim is None else int(image_dim)
         # Each block becomes a WanStyleBlock over the block's own modules (same names, same
         # parameters), so the blocks' forward is what runs and hooks on them fire. The transformer
         # is then driven through this backbone only: its own forward would call the new blocks

@@ -621,7 +621,12 @@ class WanStyleBackbone(nn.Module):
                 [torch.cat([a, v], 1) for a, (_, v) in zip(old[1], kv)], mask)
 
     condition_channels = 0  # input channels after the latent's (Wan 2.1 I2V: 4 mask + 16 image latent)
-    takes_image = False     # the blocks have an image cross-attention (Wan 2.1 I2V)
+    image_dim = None        # width of the image-encoder states the blocks cross-attend to (Wan 2.1 I2V), or None
+
+    @property
+    def takes_image(self) -> bool:
+        """The blocks have an image cross-attention (Wan 2.1 I2V)."""
+        return self.image_dim is not None
 
     def embed_image(self, image: Tensor) -> Tensor:
         raise ValueError(f"{type(self).__name__} takes no image tokens (no image cross-attention)")

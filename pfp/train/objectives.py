@@ -141,12 +141,12 @@ def encode_low_res(model, batch: dict, lr: Tensor, device, dtype=torch.float32) 
 
 
 @torch.no_grad()
-def i2v_inputs(model, backbone, batch: dict, latent_frames: int, given, device) -> dict:
+def i2v_inputs(model, backbone, batch: dict, latent_frames: int, given: bool, device) -> dict:
     """What a Wan I2V backbone reads beside the latent, for a training target of ``latent_frames``
     latent frames: ``{"condition": ..., "image": ...}`` as generation gives them, or ``{}`` for
-    other backbones. The picture is each clip's first frame; ``given`` (a bool, or one per sample)
-    says whether the target starts the clip and so is conditioned on that frame, as a video's first
-    chunk is, or is given no frame, as every later chunk and every retrieved frame."""
+    other backbones. The picture is each clip's first frame; ``given`` says whether the target
+    starts the clip and so is conditioned on that frame, as a video's first chunk is, or is given
+    no frame, as every later chunk and every retrieved frame."""
     base = model.backbone   # the backbone itself (``backbone`` may be a DDP/FSDP wrapper of it)
     wants_condition = getattr(base, "condition_channels", 0) > 0
     takes_image = getattr(base, "takes_image", False)
@@ -156,18 +156,10 @@ def i2v_inputs(model, backbone, batch: dict, latent_frames: int, given, device) 
     picture = batch["hr"][:, :, 0].to(device=device, dtype=torch.float32).clamp(-1, 1)   # [B, 3, H, W]
     out = {}
     if wants_condition:
-        frames = model.vae.video_frames(latent_frames)
-        b = picture.shape[0]
-        given = torch.as_tensor(given, dtype=torch.bool).expand(b)
-        first = wan_i2v_condition(model.vae, picture, frames) if bool(given.any()) else None
-        blank = wan_i2v_condition(model.vae, picture, frames, given=False) if not bool(given.all()) else None
-        if first is None or blank is None:
-            out["condition"] = first if blank is None else blank
-        else:
-            out["condition"] = torch.where(given.to(device).view(b, 1, 1, 1, 1), first, blank)
+        out["condition"] = wan_i2v_condition(model.vae, picture, model.vae.video_frames(latent_frames),
+                                             given=bool(given))
     if takes_image:
-        where = next(model.image_encoder.parameters()).device
-        out["image"] = model.encode_image(picture.to(where)).to(device)
+        out["image"] = model.encode_image(picture)
     return out
 
 
