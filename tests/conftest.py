@@ -36,6 +36,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def wan_vae_dir(tmp_path_factory):
+    """A folder with a tiny random diffusers AutoencoderKLWan (_tiny_pfp.save_tiny_wan_vae), saved
+    once for the session: the tests only read it."""
+    from _tiny_pfp import save_tiny_wan_vae
+    path = tmp_path_factory.mktemp("wanvae") / "vae"
+    save_tiny_wan_vae(path)
+    return path
+
+
 @pytest.fixture
 def poison_uninitialised():
     """Deterministic mode with NaN-filled uninitialised memory: torch.empty (and the C++ kernels'

@@ -11,7 +11,7 @@ from pfp.generate import InputError, chunk_plan, generate
 from pfp.text import Storyboard
 from pfp.weights import build_model, save_weights
 
-from _tiny_pfp import assert_stream_matches_full, save_tiny_wan_vae, tiny_wan_backbone, wan_config
+from _tiny_pfp import assert_stream_matches_full, tiny_wan_backbone, wan_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
@@ -21,47 +21,40 @@ STORY = [{"start": 0, "end": 1, "prompt": "a red circle on a blue background"},
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
 
 
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wanvae") / "vae"
-    save_tiny_wan_vae(path)
-    return path
-
-
-def _model(wan_dir, mode):
+def _model(wan_vae_dir, mode):
     torch.manual_seed(0)
-    model = build_model(wan_config(wan_dir, context_mode=mode))
+    model = build_model(wan_config(wan_vae_dir, context_mode=mode))
     with torch.no_grad():  # the zero-initialised heads would make every chunk the same
         model.compressor.proj.weight.normal_(0, 0.1)
         model.backbone.proj_out.weight.normal_(0, 0.05)
     return model
 
 
-def test_config_frame_arithmetic(wan_dir):
-    cfg = wan_config(wan_dir)
+def test_config_frame_arithmetic(wan_vae_dir):
+    cfg = wan_config(wan_vae_dir)
     assert (cfg.vae_spatial, cfg.vae_temporal, cfg.chunk_latent_frames) == (4, 4, 2)
     assert [cfg.clip_frames(k) for k in (1, 2, 3)] == [5, 13, 21]   # 1+4(n-1), then 4n per chunk
     spec = cfg.clip_spec(3)                                           # 6 latent frames -> 3 LR latent frames
     assert (spec.hr_frames, spec.lr_frames, spec.lr_fps) == (21, 9, 4.0)
     with pytest.raises(ValueError, match=r"clip has 12 frames.*use 9 or 13"):
         cfg.video_spec(12)
-    bad = wan_config(wan_dir)
+    bad = wan_config(wan_vae_dir)
     bad.chunk_frames = 4
     with pytest.raises(ValueError, match=r"chunk_frames=4 is not a multiple of 8 .*and the VAE by 4.*use 8"):
         bad.check()
 
 
-def test_seconds_validation_names_counts_for_a_causal_vae(wan_dir):
-    cfg = wan_config(wan_dir)
+def test_seconds_validation_names_counts_for_a_causal_vae(wan_vae_dir):
+    cfg = wan_config(wan_vae_dir)
     assert chunk_plan(cfg, 2.0) == 2
     with pytest.raises(InputError, match=r"1 \+ 4\*k frames.*first chunk 5 frames; use --seconds 1 or 2 \(5 or 13 frames\)"):
         chunk_plan(cfg, 1.5)
 
 
 @pytest.mark.parametrize("mode", ["cached", "joint"])
-def test_generate_with_wan_vae_streams_exactly(wan_dir, mode):
+def test_generate_with_wan_vae_streams_exactly(wan_vae_dir, mode):
     from pfp.data import to_low_res
-    model = _model(wan_dir, mode)
+    model = _model(wan_vae_dir, mode)
     res = generate(model, Storyboard.from_list(STORY), 3.0, steps=2, cfg=2.0, progress=False)
     vae = model.vae
     # 3 chunks of 2 latent frames: 5 + 8 + 8 frames
@@ -83,8 +76,8 @@ def _frames(path):
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
-def test_cli_writes_decodable_mp4_with_wan_vae(wan_dir, tmp_path):
-    model = _model(wan_dir, "cached")
+def test_cli_writes_decodable_mp4_with_wan_vae(wan_vae_dir, tmp_path):
+    model = _model(wan_vae_dir, "cached")
     save_weights(model, str(tmp_path / "w.safetensors"))
     # the weights file records the VAE's path, not its tensors
     from safetensors import safe_open
@@ -111,12 +104,12 @@ def test_cli_writes_decodable_mp4_with_wan_vae(wan_dir, tmp_path):
 
 
 @pytest.mark.parametrize("frames", [[0, 2], [1]])
-def test_retrieval_metrics_decode_retrieved_frames_in_place_with_a_causal_vae(wan_dir, frames):
+def test_retrieval_metrics_decode_retrieved_frames_in_place_with_a_causal_vae(wan_vae_dir, frames):
     """A backbone that returns the exact velocity towards the clip's own latents retrieves them
     perfectly; the metric must then report the VAE's decode of those frames (PSNR far above any real
     error). Decoding a later latent frame alone, as the first frame of a clip, would not match."""
     from pfp.eval import retrieval_metrics
-    model = _model(wan_dir, "joint")
+    model = _model(wan_vae_dir, "joint")
     cfg = model.config
     frames_px = cfg.clip_frames(2)                                      # 13 frames = 4 latent frames
     torch.manual_seed(1)

@@ -14,6 +14,27 @@ from _tiny_pfp import tiny_config, tiny_wan_backbone
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _same_sigmas_scheduler(shift: float):
+    """diffusers' flow-match Euler scheduler on our sigmas (linear from 1 to 0, then shifted as
+    ours are): the pipelines pass it only a step count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class SameSigmas(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
+                                  device=device)
+    return SameSigmas(shift=shift)
+
+
+def _tiny_diffusers_wan_vae():
+    """A tiny random diffusers AutoencoderKLWan (4 latent channels, 4x space and time)."""
+    from diffusers import AutoencoderKLWan
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                            scale_factor_spatial=4, scale_factor_temporal=4,
+                            latents_mean=[0.05 * i for i in range(4)],
+                            latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+
+
 def test_per_frame_timesteps_match_diffusers_per_token_timesteps():
     # WanImageToVideoPipeline(expand_timesteps=True) calls the transformer with one timestep per
     # token: 0 on the first latent frame, t elsewhere; ours takes them per token frame
@@ -114,7 +135,7 @@ def test_matches_diffusers_wan_image_to_video_pipeline():
     # upstream parity: diffusers' WanImageToVideoPipeline with expand_timesteps (Wan 2.2 TI2V) on the
     # same image, noise, text states and sigmas
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline
     from diffusers import WanTransformer3DModel
 
     from pfp.backbones import WanBackbone
@@ -122,22 +143,16 @@ def test_matches_diffusers_wan_image_to_video_pipeline():
     from _tiny_pfp import TINY_WAN
     steps, shift, cfg = 5, 3.0, 2.5
 
-    class SameSigmas(FlowMatchEulerDiscreteScheduler):   # the pipeline passes only a step count
-        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
-                                  device=device)
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                           scale_factor_spatial=4, scale_factor_temporal=4, latents_mean=[0.05 * i for i in range(4)],
-                           latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+    vae = _tiny_diffusers_wan_vae()
     upstream = WanTransformer3DModel(**TINY_WAN).eval()
     with torch.no_grad():
         upstream.proj_out.weight.normal_(0, 0.05)
     twin = WanTransformer3DModel.from_config(upstream.config).eval()
     twin.load_state_dict(upstream.state_dict())
     ours = WanBackbone(twin)
-    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=SameSigmas(shift=shift),
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=_same_sigmas_scheduler(shift),
                                    transformer=upstream, expand_timesteps=True)
     picture = torch.rand(1, 3, 16, 16)                    # in [0, 1], as the pipeline takes tensors
     image = picture * 2.0 - 1.0                            # its normalisation, ours in [-1, 1]
@@ -233,20 +248,14 @@ def test_wan_i2v_sampling_matches_diffusers_wan_image_to_video_pipeline():
     # upstream parity: WanImageToVideoPipeline (Wan 2.1 I2V: [latent ; mask ; image latent] input,
     # image cross-attention) on the same picture, image states, noise, text states and sigmas
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline
     from pfp.i2v import wan_i2v_condition
     from pfp.vae import WanVAE
     steps, shift, cfg = 4, 3.0, 2.5
 
-    class SameSigmas(FlowMatchEulerDiscreteScheduler):   # the pipeline passes only a step count
-        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-            super().set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_inference_steps + 1)[:-1].tolist(),
-                                  device=device)
     upstream, ours = _tiny_i2v_pair()
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                           scale_factor_spatial=4, scale_factor_temporal=4, latents_mean=[0.05 * i for i in range(4)],
-                           latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+    vae = _tiny_diffusers_wan_vae()
     image_states = torch.randn(1, 7, 24)
 
     class ImageEncoder(torch.nn.Module):   # stands in for CLIP: the pipeline reads hidden_states[-2]
@@ -260,14 +269,14 @@ def test_wan_i2v_sampling_matches_diffusers_wan_image_to_video_pipeline():
     def image_processor(images, return_tensors="pt"):
         from transformers import BatchFeature
         return BatchFeature({"pixel_values": torch.zeros(1, 3, 4, 4)})
-    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=SameSigmas(shift=shift),
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=_same_sigmas_scheduler(shift),
                                    transformer=upstream, image_encoder=ImageEncoder(), image_processor=image_processor)
     picture = torch.rand(1, 3, 16, 16)
     text, uncond = torch.randn(1, 512, 16), torch.randn(1, 512, 16)
     shape = (1, 4, 3, 4, 4)                               # 9 frames of 16x16
     noise = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
-    want = pipe(image=picture, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=16, width=16, num_frames=9, num_inference_steps=steps,
-                guidance_scale=cfg, output_type="latent").frames
+    want = pipe(image=picture, prompt_embeds=text, negative_prompt_embeds=uncond, latents=noise.clone(), height=16,
+                width=16, num_frames=9, num_inference_steps=steps, guidance_scale=cfg, output_type="latent").frames
     with torch.no_grad():
         condition = wan_i2v_condition(WanVAE(vae), picture * 2.0 - 1.0, 9)
     assert condition.shape == (1, 8, 3, 4, 4) and torch.equal(condition[:, :4, 0], torch.ones(1, 4, 4, 4))
@@ -296,14 +305,6 @@ def _i2v_model(vae_path, dit=None, image_encoder=None):
             p.normal_(0, 0.1)
         model.compressor.proj.weight.normal_(0, 0.1)
     return model
-
-
-@pytest.fixture(scope="module")
-def wan_vae_dir(tmp_path_factory):
-    from _tiny_pfp import save_tiny_wan_vae
-    path = tmp_path_factory.mktemp("i2v") / "vae"
-    save_tiny_wan_vae(path)
-    return path
 
 
 def test_generate_with_a_wan_i2v_model_conditions_the_first_chunk_on_the_picture(wan_vae_dir, monkeypatch):

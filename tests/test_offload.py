@@ -14,7 +14,7 @@ from pfp.offload import Placement, check_choices
 from pfp.text import Storyboard
 from pfp.weights import build_model
 
-from _tiny_pfp import TINY_WAN, save_tiny_wan_vae, wan_config
+from _tiny_pfp import TINY_WAN, wan_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,16 +28,9 @@ SECONDS, STEPS = 3.0, 3
 FP8_VIDEO_TOLERANCE = {"weights": 0.08, "kv": 0.01}
 
 
-@pytest.fixture(scope="module")
-def wan_vae(tmp_path_factory):
-    path = tmp_path_factory.mktemp("offload") / "vae"
-    save_tiny_wan_vae(path)
-    return path
-
-
-def _model(wan_vae, mode: str):
+def _model(wan_vae_dir, mode: str):
     pytest.importorskip("diffusers")
-    cfg = wan_config(wan_vae, context_mode=mode)
+    cfg = wan_config(wan_vae_dir, context_mode=mode)
     cfg = dataclasses.replace(cfg, dit={"kind": "wan", "config": {**TINY_WAN, "num_layers": 3}})
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -48,8 +41,8 @@ def _model(wan_vae, mode: str):
 
 
 @pytest.fixture(scope="module", params=["cached", "joint"])
-def plain(request, wan_vae):
-    model = _model(wan_vae, request.param)
+def plain(request, wan_vae_dir):
+    model = _model(wan_vae_dir, request.param)
     return request.param, generate(model, STORY, SECONDS, steps=STEPS, progress=False)
 
 
@@ -58,9 +51,9 @@ EXACT_PLANS = [{"offload": "block"}, {"swap": True}, {"text": "free"}, {"text": 
 
 
 @pytest.mark.parametrize("choices", EXACT_PLANS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_moves_give_the_plain_video_bit_for_bit(plain, wan_vae, choices):
+def test_moves_give_the_plain_video_bit_for_bit(plain, wan_vae_dir, choices):
     mode, want = plain
-    model = _model(wan_vae, mode)
+    model = _model(wan_vae_dir, mode)
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                    plan=Placement(model, "cpu", choices, park_to="nan"))
     assert got.plan == check_choices(choices)
@@ -70,9 +63,9 @@ def test_moves_give_the_plain_video_bit_for_bit(plain, wan_vae, choices):
 
 
 @pytest.mark.parametrize("what", ["weights", "kv"])
-def test_fp8_stays_within_its_stated_error(plain, wan_vae, what):
+def test_fp8_stays_within_its_stated_error(plain, wan_vae_dir, what):
     mode, want = plain
-    model = _model(wan_vae, mode)
+    model = _model(wan_vae_dir, mode)
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                    plan=Placement(model, "cpu", {what: "fp8"}, park_to="nan"))
     err = (got.video - want.video).abs().max().item()
@@ -85,22 +78,22 @@ def test_fp8_stays_within_its_stated_error(plain, wan_vae, what):
         assert model.backbone.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
 
 
-def test_a_part_used_while_away_poisons_the_video(wan_vae):
+def test_a_part_used_while_away_poisons_the_video(wan_vae_dir):
     # the check above can fail: a placement that forgets to bring the VAE back for the decode
     class Forgetful(Placement):
         def decode(self):
             self._park_transformer()
             return super().transformer()
 
-    model = _model(wan_vae, "cached")
+    model = _model(wan_vae_dir, "cached")
     with pytest.raises(RunFailure, match="NaN"):
         generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                  plan=Forgetful(model, "cpu", {"swap": True}, park_to="nan"))
 
 
-def test_block_offload_moves_what_the_planner_counts_and_holds_two_blocks(wan_vae):
+def test_block_offload_moves_what_the_planner_counts_and_holds_two_blocks(wan_vae_dir):
     from pfp import memory
-    model = _model(wan_vae, "cached")
+    model = _model(wan_vae_dir, "cached")
     placement = Placement(model, "cpu", {"offload": "block"}, park_to="nan")
     held = []
     for blk in model.backbone.blocks:   # registered after the offload hooks: runs once its block is in
@@ -115,9 +108,9 @@ def test_block_offload_moves_what_the_planner_counts_and_holds_two_blocks(wan_va
     assert placement.blocks.bytes_moved == n_chunks * est.bytes_moved_per_chunk + placement.blocks.parts[0].nbytes
 
 
-def test_a_budget_picks_a_plan_and_a_budget_too_small_is_refused(wan_vae):
+def test_a_budget_picks_a_plan_and_a_budget_too_small_is_refused(wan_vae_dir):
     from pfp.generate import InputError
-    model = _model(wan_vae, "cached")
+    model = _model(wan_vae_dir, "cached")
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False, memory_budget="4GiB")
     assert got.plan == check_choices({})            # the tiny model fits: everything stays resident
     with pytest.raises(InputError, match=r"memory_budget 10MiB is too small .* smallest needs"):
@@ -131,7 +124,7 @@ def test_bad_choices_name_the_valid_ones():
         check_choices({"vram": 1})
 
 
-def test_a_tiled_decode_streams_exactly_and_changes_only_what_follows_the_decode(plain, wan_vae):
+def test_a_tiled_decode_streams_exactly_and_changes_only_what_follows_the_decode(plain, wan_vae_dir):
     # decode="tiled" decodes 2x2 overlapping tiles, each through its own causal stream: the video is
     # the tiled decode of the latents (chunk by chunk equals all at once). The first chunk's
     # latents are the plain run's; the later ones differ through the low-res branch, which
@@ -139,7 +132,7 @@ def test_a_tiled_decode_streams_exactly_and_changes_only_what_follows_the_decode
     from pfp.memory import TILE_OVERLAP, TILES
     from pfp.vae import TiledDecodeStream
     mode, want = plain
-    model = _model(wan_vae, mode)
+    model = _model(wan_vae_dir, mode)
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                    plan=Placement(model, "cpu", {"decode": "tiled"}, park_to="nan"))
     n = model.config.chunk_latent_frames
