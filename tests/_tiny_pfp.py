@@ -157,3 +157,21 @@ def tiny_wan_backbone(context_mode: str = "cached"):
     with torch.no_grad():
         bb.transformer.proj_out.weight.normal_(0, 0.05)
     return bb.eval()
+
+
+TINY_HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                    num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                    text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 6))
+"""A tiny diffusers HunyuanVideoTransformer3DModel config: inner 24, 2 dual-stream and 2 single-stream
+blocks, 4 latent channels, text width 16 with an 8-wide pooled vector."""
+
+
+def tiny_hunyuan_backbone(context_mode: str = "cached"):
+    """A seeded tiny ``HunyuanVideoBackbone`` (:data:`TINY_HUNYUAN`), in eval mode; skips without
+    diffusers."""
+    import pytest
+    import torch
+    pytest.importorskip("diffusers")
+    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone
+    torch.manual_seed(0)
+    return HunyuanVideoBackbone.from_config(context_mode=context_mode, **TINY_HUNYUAN).eval()

@@ -24,21 +24,26 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * d_hw, d_hw, d_hw
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
-    """Rotation angles ``[..., N, head_dim // 2]`` (float64) for positions ``[..., N, 3]`` (t, h, w)."""
+def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0, axis_dims=None) -> Tensor:
+    """Rotation angles ``[..., N, head_dim // 2]`` (float64) for positions ``[..., N, 3]`` (t, h, w).
+    axis_dims: channels per axis (t, h, w), summing to head_dim (HunyuanVideo: 16, 56, 56); default
+    Wan's split (:func:`rope_axis_dims`)."""
     if positions.ndim not in (2, 3) or positions.shape[-1] != 3:
         raise ValueError(f"positions must be [N, 3] or [B, N, 3] (t, h, w), got {tuple(positions.shape)}")
     pos = positions.to(torch.float64)
     parts = []
-    for axis, dim in enumerate(rope_axis_dims(head_dim)):
+    dims = rope_axis_dims(head_dim) if axis_dims is None else tuple(int(d) for d in axis_dims)
+    if sum(dims) != head_dim or len(dims) != 3 or any(d % 2 for d in dims):
+        raise ValueError(f"RoPE axis_dims must be three even sizes summing to head_dim={head_dim}, got {dims}")
+    for axis, dim in enumerate(dims):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
         parts.append(pos[..., axis:axis + 1] * freqs)
     return torch.cat(parts, dim=-1)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0, axis_dims=None) -> tuple[Tensor, Tensor]:
     """``(cos, sin)``, each ``[N, head_dim // 2]`` float32, for :func:`apply_rope`."""
-    ang = rope_angles(positions, head_dim, theta)
+    ang = rope_angles(positions, head_dim, theta, axis_dims)
     return ang.cos().float(), ang.sin().float()
 
 

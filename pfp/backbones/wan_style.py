@@ -478,6 +478,12 @@ class WanStyleBackbone(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    rope_axis_dims = None  # channels of the head dim per axis (t, h, w); None: Wan's split
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of tokens at ``positions`` ``[N, 3]`` or ``[B, N, 3]``, for :func:`apply_rope`."""
+        return rope_cos_sin(positions, self.head_dim, self.rope_theta, self.rope_axis_dims)
+
     sequence_parallel = None  # a pfp.parallel.SequenceParallel, or None
 
     def set_sequence_parallel(self, sp) -> None:
@@ -532,6 +538,47 @@ class WanStyleBackbone(nn.Module):
             return ts.expand(batch, -1)
         raise ValueError(f"timesteps must be [B], [B, T'={grid[0]}] or [B, Nt={nt}], got {tuple(ts.shape)}")
 
+    def _resolve_context(self, context, b: int, x: Tensor) -> tuple:
+        """What a forward reads of its ``context`` (a Context, a ContextKV or None) for a batch of
+        ``b``: (new context tokens ``[Bc or b, Nc, inner]`` in the compute dtype, their RoPE, their
+        modulation, the cache, the token frames, the key mask, per-block memory K/V); each None
+        when absent. Joint mode expands the tokens to the batch."""
+        hc = rope_c = mod_c = cached = frames = ctx_mask = None
+        dtype = self.compute_dtype
+        memory = None    # per block (K, V, mask) of the MemoryAttention over the compressor's features
+        joint = self.context_mode == "joint"
+        if isinstance(context, ContextKV):
+            if context.memory_keys is not None and self.has_memory_attention:
+                memory = [context.memory(i) for i in range(len(self.blocks))]
+            if joint:
+                raise ValueError("a ContextKV is only valid with context_mode='cached'")
+            cached = context if context.num_tokens else None
+            if cached is not None and cached.batch_size not in (1, b):
+                raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
+            ctx_mask = cached.mask if cached is not None else None
+        else:
+            parts = context_parts(context)
+            if parts is not None:
+                hc, pos_c, ctx_mask = parts
+                hc = hc.to(dtype)
+                if hc.shape[0] not in (1, b):
+                    raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
+                if joint:
+                    hc = hc.expand(b, -1, -1)
+                    ctx_mask = ctx_mask.expand(b, -1) if ctx_mask is not None else None
+                rope_c = self.rope(pos_c.to(x.device))
+                mod_c = self._context_modulation(x)
+                # joint mode: every context token attends to all, so the order never matters there
+                frames = None if joint else _frame_runs(order_keys(context, hc.shape[1]))
+            features = getattr(context, "features", None)
+            if self.has_memory_attention and features is not None and features.shape[1]:
+                if features.shape[0] not in (1, b):
+                    raise ValueError(f"context features batch must be 1 or {b}, got {features.shape[0]}")
+                fmask = getattr(context, "feature_mask", None)
+                memory = [(k, v, fmask) for k, v in self._memory_kv(features)]
+
+        return hc, rope_c, mod_c, cached, frames, ctx_mask, memory
+
     # ---- public forward ----------------------------------------------------------------------
     @torch.no_grad()
     def cache_context(self, context, cache: Optional[ContextKV] = None, kv_storage: str = "native"
@@ -565,7 +612,7 @@ class WanStyleBackbone(nn.Module):
             ones = lambda n: torch.ones(hc.shape[0], n, dtype=torch.bool, device=hc.device)  # noqa: E731
             mask = torch.cat([old_mask if old_mask is not None else ones(n_old),
                               new_mask if new_mask is not None else ones(hc.shape[1])], dim=1)
-        rope_c = rope_cos_sin(pos_c, self.head_dim, self.rope_theta)
+        rope_c = self.rope(pos_c)
         mod_c = self._context_modulation(hc)
         order = order_keys(context, hc.shape[1])
         frames = _frame_runs(order)
@@ -663,7 +710,7 @@ class WanStyleBackbone(nn.Module):
             positions = grid_positions(*grid, t_start=t_start, device=x.device)
         elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
             raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
-        rope_t = rope_cos_sin(positions.to(x.device), self.head_dim, self.rope_theta)
+        rope_t = self.rope(positions.to(x.device))
 
         ts = self._target_timesteps(timesteps, b, grid).to(x.device)
         dtype = self.compute_dtype
@@ -677,38 +724,8 @@ class WanStyleBackbone(nn.Module):
         txt = self.embed_text(text)
         img = self._embedded_image(image, b)
 
-        hc = rope_c = mod_c = cached = frames = ctx_mask = None
-        memory = None    # per block (K, V, mask) of the MemoryAttention over the compressor's features
+        hc, rope_c, mod_c, cached, frames, ctx_mask, memory = self._resolve_context(context, b, x)
         joint = self.context_mode == "joint"
-        if isinstance(context, ContextKV):
-            if context.memory_keys is not None and self.has_memory_attention:
-                memory = [context.memory(i) for i in range(len(self.blocks))]
-            if joint:
-                raise ValueError("a ContextKV is only valid with context_mode='cached'")
-            cached = context if context.num_tokens else None
-            if cached is not None and cached.batch_size not in (1, b):
-                raise ValueError(f"cached context batch must be 1 or {b}, got {cached.batch_size}")
-            ctx_mask = cached.mask if cached is not None else None
-        else:
-            parts = context_parts(context)
-            if parts is not None:
-                hc, pos_c, ctx_mask = parts
-                hc = hc.to(dtype)
-                if hc.shape[0] not in (1, b):
-                    raise ValueError(f"context batch must be 1 or {b}, got {hc.shape[0]}")
-                if joint:
-                    hc = hc.expand(b, -1, -1)
-                    ctx_mask = ctx_mask.expand(b, -1) if ctx_mask is not None else None
-                rope_c = rope_cos_sin(pos_c.to(x.device), self.head_dim, self.rope_theta)
-                mod_c = self._context_modulation(x)
-                # joint mode: every context token attends to all, so the order never matters there
-                frames = None if joint else _frame_runs(order_keys(context, hc.shape[1]))
-            features = getattr(context, "features", None)
-            if self.has_memory_attention and features is not None and features.shape[1]:
-                if features.shape[0] not in (1, b):
-                    raise ValueError(f"context features batch must be 1 or {b}, got {features.shape[0]}")
-                fmask = getattr(context, "feature_mask", None)
-                memory = [(k, v, fmask) for k, v in self._memory_kv(features)]
 
         cross_mask = text_mask if self.mask_text_padding else None
         sp = self.sequence_parallel

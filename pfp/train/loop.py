@@ -164,8 +164,12 @@ class _nullcontext:
         return False
 
 
-def lora_target_modules(backbone: nn.Module) -> list:
+def lora_target_modules(backbone: nn.Module):
+    """The backbone's LoRA targets: a list of module-name suffixes, or one regular expression (a
+    str, which peft matches against whole module names)."""
     names = getattr(backbone, "lora_target_modules", None)
+    if isinstance(names, str):
+        return names
     if names:
         return list(names)
     return ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",

@@ -1,0 +1,264 @@
+"""HunyuanVideo backbone: parity with diffusers' forward and blocks, both context modes, masks, LoRA."""
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+
+from pfp.backbones import grid_positions  # noqa: E402
+from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text  # noqa: E402
+from pfp.compressor import Context  # noqa: E402
+
+from _tiny_pfp import TINY_HUNYUAN, tiny_hunyuan_backbone  # noqa: E402
+
+
+def _upstream(scale: float = 0.0):
+    """A seeded tiny diffusers model; ``scale`` > 0 redraws every parameter from N(0, scale) (default
+    inits leave some paths near zero, which would hide a wrong one)."""
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(**TINY_HUNYUAN).eval()
+    if scale:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, scale)
+    return m
+
+
+def _text(batch=2, length=7, pad_from=4, pooled=True):
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(batch, length, 16, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if pad_from is not None:
+        mask[-1, pad_from:] = False
+    pool = torch.randn(batch, 8, generator=g) if pooled else torch.zeros(batch, 8)
+    return states, mask, pool
+
+
+def _diffusers_forward(model, x, t, states, mask, pooled, dtype=None):
+    dtype = dtype or x.dtype
+    guidance = torch.full((x.shape[0],), 6.0, dtype=dtype) * 1000.0
+    return model(x.to(dtype), t * 1000, states.to(dtype), mask.long(), pooled.to(dtype), guidance=guidance,
+                 return_dict=False)[0]
+
+
+@pytest.mark.parametrize("pad_from", [None, 4, 1])
+def test_matches_diffusers_forward_in_fp32(pad_from):
+    up = _upstream(0.3)
+    bb = HunyuanVideoBackbone(copy.deepcopy(up)).eval()
+    x, t = torch.randn(2, 4, 3, 6, 8), torch.tensor([0.3, 0.8])
+    states, mask, pooled = _text(pad_from=pad_from)
+    with torch.no_grad():
+        want = _diffusers_forward(up, x, t, states, mask, pooled)
+        got = bb(x, t, *pack_text(states, mask, pooled)[:1], text_mask=pack_text(states, mask, pooled)[1])
+    torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loaded_in_reduced_precision_matches_diffusers_within_one_step(tmp_path, dtype):
+    _upstream().save_pretrained(tmp_path / "hy")
+    up = HunyuanVideoTransformer3DModel.from_pretrained(tmp_path / "hy", torch_dtype=dtype).eval()
+    bb = HunyuanVideoBackbone.from_pretrained(str(tmp_path / "hy"), torch_dtype=dtype).eval()
+    assert bb.compute_dtype == dtype
+    x, t = torch.randn(2, 4, 3, 6, 8), torch.tensor([0.3, 0.8])
+    states, mask, pooled = _text()
+    text, tm = pack_text(states, mask, pooled)
+    with torch.no_grad():
+        want = _diffusers_forward(up, x, t, states, mask, pooled, dtype).float()
+        got = bb(x, t, text, text_mask=tm)   # fp32 latents and text in, the model's dtype out
+    assert got.dtype == dtype
+    # one step of the dtype at the output's largest magnitude, plus the rounding (half a step of the
+    # binade below) of a value just under a power of two on one side and over it on the other
+    one_step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(want.abs().max().item()))
+    assert (got.float() - want).abs().max() <= 1.5 * one_step, ((got.float() - want).abs().max(), one_step)
+
+
+def _reference_with_context(model, x_full, n_ctx_frames, states, mask, pooled, mode, ctx_valid=None):
+    """diffusers' own modules over ``[context frames ; target frames ; text]`` at timestep 0, with
+    an attention mask saying who reads whom: ``joint``, every token reads every real token;
+    ``cached``, context tokens read only context tokens of the same or an earlier frame. Returns
+    the target frames' velocity."""
+    b, _, t, h, w = x_full.shape
+    p = model.config.patch_size
+    hw = (h // p) * (w // p)
+    nc = n_ctx_frames * hw
+    zeros = torch.zeros(b)
+    guidance = torch.full((b,), 6.0) * 1000.0
+    rope = model.rope(x_full)
+    temb, _ = model.time_text_embed(zeros, pooled, guidance)
+    hidden = model.x_embedder(x_full)
+    text = model.context_embedder(states, zeros, mask)
+    n_latent, n = hidden.shape[1], hidden.shape[1] + text.shape[1]
+    valid = torch.cat([torch.ones(b, n_latent, dtype=torch.bool), mask], 1)
+    if ctx_valid is not None:
+        valid[:, :nc] = ctx_valid
+    allowed = valid[:, None, :].expand(b, n, n).clone()
+    if mode == "cached":
+        frame = torch.arange(nc) // hw
+        allowed[:, :nc, :] = False
+        allowed[:, :nc, :nc] = (frame[None, :] <= frame[:, None])[None] & valid[:, None, :nc]
+        allowed[:, torch.arange(nc), torch.arange(nc)] = True   # a padded context token reads itself
+    attn_mask = allowed[:, None]
+    for blk in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        hidden, text = blk(hidden, text, temb, attn_mask, rope)
+    out = model.proj_out(model.norm_out(hidden, temb))[:, nc:]
+    tt = t - n_ctx_frames
+    out = out.reshape(b, tt, h // p, w // p, -1, 1, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def _as_context(bb, x_ctx, valid=None):
+    """The context frames as context tokens (the patch embedding), on their own grid positions."""
+    tokens = bb.patch_embedding(x_ctx).flatten(2).transpose(1, 2)
+    _, _, t, h, w = x_ctx.shape
+    grid = bb.token_grid(t, h, w)
+    return Context(tokens, grid_positions(*grid), valid)
+
+
+@pytest.mark.parametrize("mode", ["joint", "cached"])
+@pytest.mark.parametrize("context_padding", [False, True])
+def test_context_modes_match_diffusers_blocks_over_context_and_target(mode, context_padding):
+    # with every token at timestep 0 and an empty pooled text the three streams share one
+    # modulation, so the context's tokens are what diffusers' own blocks see as earlier frames
+    up = _upstream(0.2)
+    bb = HunyuanVideoBackbone(copy.deepcopy(up), context_mode=mode).eval()
+    k = 2
+    x_full = torch.randn(2, 4, k + 2, 4, 6)
+    states, mask, pooled = _text(pooled=False)
+    hw = 2 * 3
+    valid = None
+    if context_padding:   # sample 1 has one real context frame of two
+        valid = torch.ones(2, k * hw, dtype=torch.bool)
+        valid[1, hw:] = False
+    with torch.no_grad():
+        want = _reference_with_context(up, x_full, k, states, mask, pooled, mode, valid)
+        ctx = _as_context(bb, x_full[:, :, :k], valid)
+        text, tm = pack_text(states, mask, pooled)
+        got = bb(x_full[:, :, k:], torch.zeros(2), text, ctx, t_start=k, text_mask=tm)
+        torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
+        if mode == "cached":   # the same through a cache, built whole and frame by frame
+            whole = bb.cache_context(ctx)
+            first = bb.cache_context(Context(ctx.tokens[:, :hw], ctx.positions[:hw],
+                                             None if valid is None else valid[:, :hw]))
+            grown = bb.cache_context(Context(ctx.tokens[:, hw:], ctx.positions[hw:],
+                                             None if valid is None else valid[:, hw:]), first)
+            assert len(whole.keys) == len(bb.blocks) == 4
+            for cache in (whole, grown):
+                got = bb(x_full[:, :, k:], torch.zeros(2), text, cache, t_start=k, text_mask=tm)
+                torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_cached_context_is_prompt_free_and_shared_by_the_batch():
+    bb = tiny_hunyuan_backbone("cached")
+    ctx = _as_context(bb, torch.randn(1, 4, 2, 4, 6))
+    x, t = torch.randn(2, 4, 2, 4, 6), torch.tensor([0.4, 0.7])
+    states, mask, pooled = _text()
+    text, tm = pack_text(states, mask, pooled)
+    with torch.no_grad():
+        cache = bb.cache_context(ctx)            # one history, computed once, with no prompt at all
+        both = bb(x, t, text, cache, t_start=2, text_mask=tm)
+        for i in range(2):                       # the batch-1 cache serves each sample as its own
+            alone = bb(x[i:i + 1], t[i:i + 1], text[i:i + 1], cache, t_start=2, text_mask=tm[i:i + 1])
+            torch.testing.assert_close(both[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        none = bb(x, t, text, None, t_start=2, text_mask=tm)
+    assert (both - none).abs().max() > 1e-3      # the context is read
+
+
+def test_context_mask_equals_each_sample_alone():
+    bb = tiny_hunyuan_backbone("cached")
+    hw = 6
+    tokens = torch.randn(2, 2 * hw, bb.inner_dim)
+    positions = grid_positions(2, 2, 3)
+    valid = torch.ones(2, 2 * hw, dtype=torch.bool)
+    valid[0, hw:] = False
+    x, t = torch.randn(2, 4, 2, 4, 6), torch.tensor([0.4, 0.7])
+    states, mask, pooled = _text()
+    text, tm = pack_text(states, mask, pooled)
+    for mode in ("cached", "joint"):
+        bb.context_mode = mode
+        with torch.no_grad():
+            ctx = Context(tokens, positions, valid)
+            both = bb(x, t, text, bb.cache_context(ctx) if mode == "cached" else ctx, t_start=2, text_mask=tm)
+            junk = tokens.clone()
+            junk[~valid] = 1e3
+            again = bb(x, t, text, Context(junk, positions, valid), t_start=2, text_mask=tm)
+            torch.testing.assert_close(again, both, atol=2e-5, rtol=1e-5)
+            for i, n in enumerate((hw, 2 * hw)):
+                alone = bb(x[i:i + 1], t[i:i + 1], text[i:i + 1], Context(tokens[i:i + 1, :n], positions[:n]),
+                           t_start=2, text_mask=tm[i:i + 1])
+                torch.testing.assert_close(both[i:i + 1], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_per_token_timesteps():
+    bb = tiny_hunyuan_backbone()
+    x = torch.randn(1, 4, 2, 4, 6)
+    states, mask, pooled = _text(batch=1, pad_from=None)
+    text, tm = pack_text(states, mask, pooled)
+    with torch.no_grad():
+        one = bb(x, torch.tensor([0.6]), text, text_mask=tm)
+        per_frame = bb(x, torch.tensor([[0.6, 0.6]]), text, text_mask=tm)
+        per_token = bb(x, torch.full((1, 12), 0.6), text, text_mask=tm)
+        mixed = bb(x, torch.tensor([[0.2, 0.6]]), text, text_mask=tm)
+    torch.testing.assert_close(per_frame, one, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(per_token, one, atol=1e-6, rtol=1e-6)
+    assert (mixed - one).abs().max() > 1e-3
+
+
+def test_every_block_call_goes_through_the_block_module_and_checkpointing_recomputes():
+    bb = tiny_hunyuan_backbone("cached")
+    calls = []
+    for i, blk in enumerate(bb.blocks):
+        blk.register_forward_pre_hook(lambda m, args, i=i: calls.append(i))
+    ctx = _as_context(bb, torch.randn(1, 4, 1, 4, 6))
+    x, t = torch.randn(2, 4, 2, 4, 6), torch.tensor([0.4, 0.7])
+    text, tm = pack_text(*_text())
+    with torch.no_grad():
+        cache = bb.cache_context(ctx)
+        assert calls == [0, 1, 2, 3]
+        calls.clear()
+        bb(x, t, text, cache, t_start=1, text_mask=tm)
+        assert calls == [0, 1, 2, 3]
+    calls.clear()
+    bb.set_gradient_checkpointing(True)
+    bb(x, t, text, ctx, t_start=1, text_mask=tm).square().mean().backward()
+    assert all(calls.count(i) == 2 for i in range(4)), calls
+    assert bb.patch_embedding.weight.grad is not None
+
+
+def test_lora_targets_the_blocks_only_and_trains():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from pfp.train.loop import lora_target_modules
+    bb = tiny_hunyuan_backbone("joint")
+    peft_bb = get_peft_model(bb, LoraConfig(r=2, lora_alpha=2, target_modules=lora_target_modules(bb)))
+    wrapped = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in peft_bb.named_parameters() if ".lora_A." in n})
+    # per dual block: 8 attention + 4 MLP linears; per single block: q, k, v, proj_mlp, proj_out
+    assert len(wrapped) == 2 * 12 + 2 * 5, wrapped
+    assert not any("context_embedder" in n or n.endswith("transformer.proj_out") for n in wrapped)
+    ctx = _as_context(bb, torch.randn(1, 4, 1, 4, 6))
+    text, tm = pack_text(*_text())
+    out = peft_bb(torch.randn(2, 4, 2, 4, 6), torch.tensor([0.4, 0.7]), text, ctx, t_start=1, text_mask=tm)
+    out.square().mean().backward()
+    grads = [p.grad for n, p in peft_bb.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    bb = tiny_hunyuan_backbone()
+    x, t = torch.randn(1, 4, 2, 4, 6), torch.tensor([0.5])
+    text, tm = pack_text(*_text(batch=1))
+    with pytest.raises(ValueError, match="condition"):
+        bb(x, t, text, text_mask=tm, condition=torch.randn(1, 4, 2, 4, 6))
+    with pytest.raises(ValueError, match="text states must be 16 wide"):
+        bb(x, t, torch.randn(1, 5, 12))
+    with pytest.raises(ValueError, match="pack_text"):
+        bb(x, t, torch.randn(1, 1, 16))
+    with pytest.raises(ValueError, match="cross-attention"):
+        bb.add_memory_attention(32)
+    with pytest.raises(ValueError, match="image_condition_type"):
+        HunyuanVideoBackbone(HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN, "image_condition_type": "latent_concat",
+                                                               "in_channels": 9}))
