@@ -102,6 +102,11 @@ class PFPConfig:
         v = self.vae
         if v.get("kind", "patch") == "wan":
             return _wan_vae_factors(v["path"], v.get("subfolder"))
+        if v.get("kind") == "hunyuan":
+            with open(os.path.join(_component_dir(v["path"], v.get("subfolder"), "vae"), "config.json")) as f:
+                c = json.load(f)
+            return (int(c.get("spatial_compression_ratio", 8)), int(c.get("temporal_compression_ratio", 4)),
+                    int(c.get("latent_channels", 16)))
         s, t = int(v.get("spatial_factor", 4)), int(v.get("temporal_factor", 1))
         return s, t, 3 * s * s * t
 
@@ -182,6 +187,10 @@ class PFPConfig:
         from pfp.rates import parse_rate, plan_inputs
         for name in ("vae", "text", "dit", "image_encoder"):
             check_component(name, getattr(self, name))
+        if (self.dit.get("kind") == "hunyuan_video") != (self.text.get("kind") == "hunyuan"):
+            raise ValueError("config dit of kind 'hunyuan_video' and text of kind 'hunyuan' go together: HunyuanVideo "
+                             "reads Llama's states and CLIP's pooled vector, which only the hunyuan text encoder "
+                             f"makes (got dit {self.dit.get('kind', 'tiny')!r}, text {self.text.get('kind', 'tiny')!r})")
         from pfp.compressor import COMPRESSOR_KINDS
         if self.compressor_kind not in COMPRESSOR_KINDS:
             raise ValueError(f"config compressor_kind {self.compressor_kind!r} is not valid; choose one of: "
@@ -270,16 +279,19 @@ COMPONENT_KINDS = {
     "vae": {
         "patch": ((), ("spatial_factor", "temporal_factor", "shift", "scale")),
         "wan": (("path",), ("subfolder", "dtype")),
+        "hunyuan": (("path",), ("subfolder", "dtype", "warmup")),
     },
     "text": {
         "tiny": ((), ("dim", "vocab_size", "max_length", "num_layers", "num_heads")),
         "umt5": (("path",), ("tokenizer_path", "max_length", "dtype")),
+        "hunyuan": (("path",), ("max_length", "dtype", "crop_start")),
     },
     "dit": {
         "tiny": ((), tuple(f for f in ("inner_dim", "depth", "num_heads", "mlp_ratio", "freq_dim", "patch_size",
                                        "rope_theta", "prediction", "pooled_text", "min_t"))),
         "wan": ((), ("path", "subfolder", "dtype", "config", "mask_text_padding", "boundary", "subfolder_2",
                      "lr_patch_embed")),
+        "hunyuan_video": ((), ("path", "subfolder", "dtype", "config", "guidance")),
     },
     "image_encoder": {
         "none": ((), ()),
@@ -293,6 +305,12 @@ _PATH_WHAT = {
                        "or a diffusers pipeline folder with text_encoder/ and tokenizer/", "text_encoder"),
     ("dit", "wan"): ("a local diffusers WanTransformer3DModel folder, or a pipeline folder with transformer/",
                      "transformer"),
+    ("vae", "hunyuan"): ("a local diffusers AutoencoderKLHunyuanVideo folder (with config.json), or a pipeline "
+                         "folder with vae/", "vae"),
+    ("text", "hunyuan"): ("a local HunyuanVideo pipeline folder with text_encoder/ (Llama), tokenizer/, "
+                          "text_encoder_2/ (CLIP) and tokenizer_2/", "text_encoder"),
+    ("dit", "hunyuan_video"): ("a local diffusers HunyuanVideoTransformer3DModel folder, or a pipeline folder "
+                               "with transformer/", "transformer"),
     ("image_encoder", "clip"): ("a local transformers CLIPVisionModel folder, or a pipeline folder with "
                                 "image_encoder/", "image_encoder"),
 }
@@ -301,6 +319,9 @@ _PATH_CLASS = {  # config.json key -> accepted values, per (field, kind)
     ("vae", "wan"): ("_class_name", ("AutoencoderKLWan",)),
     ("text", "umt5"): ("model_type", ("umt5",)),
     ("dit", "wan"): ("_class_name", ("WanTransformer3DModel",)),
+    ("vae", "hunyuan"): ("_class_name", ("AutoencoderKLHunyuanVideo",)),
+    ("text", "hunyuan"): ("model_type", ("llama",)),
+    ("dit", "hunyuan_video"): ("_class_name", ("HunyuanVideoTransformer3DModel",)),
     ("image_encoder", "clip"): ("model_type", ("clip_vision_model",)),
 }
 
@@ -355,6 +376,25 @@ def check_component(name: str, spec) -> None:
     if name == "dit" and kind == "wan" and ("path" in spec) == ("config" in spec):
         raise ValueError("config dit of kind 'wan' needs exactly one of 'path' (a local diffusers checkpoint) "
                          "or 'config' (WanTransformer3DModel keyword arguments)")
+    if name == "dit" and kind == "hunyuan_video":
+        if ("path" in spec) == ("config" in spec):
+            raise ValueError("config dit of kind 'hunyuan_video' needs exactly one of 'path' (a local diffusers "
+                             "checkpoint) or 'config' (HunyuanVideoTransformer3DModel keyword arguments)")
+        g = spec.get("guidance", 6.0)
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 0:
+            raise ValueError(f"config dit.guidance {g!r} is not valid; use a number >= 0 (the embedded guidance "
+                             "scale of a guidance-distilled HunyuanVideo, 6.0 by default)")
+    if name == "vae" and kind == "hunyuan":
+        w = spec.get("warmup", 2)
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"config vae.warmup {w!r} is not valid; use an int >= 1 (latent frames of the previous "
+                             "chunk decoded before each chunk) or null (the whole history)")
+    if name == "text" and kind == "hunyuan" and "path" in spec:
+        missing = [p for p in ("tokenizer", "text_encoder_2", "tokenizer_2")
+                   if not os.path.isdir(os.path.join(spec["path"], p))]
+        if missing:
+            raise ValueError(f"config text.path {spec['path']!r} lacks {', '.join(missing)}; it must be "
+                             f"{_PATH_WHAT[(name, kind)][0]}")
     if name == "dit" and kind == "wan":
         # two experts (Wan 2.2 A14B): "boundary" switches them by timestep
         b = spec.get("boundary")

@@ -154,6 +154,12 @@ def _build_text(config: PFPConfig):
         return UMT5TextEncoder.from_pretrained(t["path"], tokenizer_path=t.get("tokenizer_path"),
                                                max_length=int(t.get("max_length", 512)),
                                                dtype=_DTYPES[t["dtype"]] if "dtype" in t else None)
+    if kind == "hunyuan":
+        # {"kind": "hunyuan", "path": a HunyuanVideo pipeline dir (Llama + CLIP), "max_length": 256}
+        from pfp.text import HUNYUAN_CROP_START, HunyuanTextEncoder
+        return HunyuanTextEncoder.from_pretrained(t["path"], dtype=_DTYPES[t["dtype"]] if "dtype" in t else None,
+                                                  max_length=int(t.get("max_length", 256)),
+                                                  crop_start=int(t.get("crop_start", HUNYUAN_CROP_START)))
     from pfp.text import TinyTextEncoder
     return TinyTextEncoder(**t)
 
@@ -167,6 +173,12 @@ def _build_vae(config: PFPConfig):
         from pfp.vae import WanVAE
         return WanVAE.from_pretrained(v["path"], subfolder=v.get("subfolder"),
                                       dtype=_DTYPES[v["dtype"]] if "dtype" in v else None)
+    if kind == "hunyuan":
+        # {"kind": "hunyuan", "path": local AutoencoderKLHunyuanVideo dir (or pipeline dir), "warmup": 2}
+        from pfp.vae import HunyuanVAE
+        return HunyuanVAE.from_pretrained(v["path"], subfolder=v.get("subfolder"),
+                                          dtype=_DTYPES[v["dtype"]] if "dtype" in v else None,
+                                          warmup=v.get("warmup", 2))
     from pfp.vae import PatchVAE
     return PatchVAE(**v)
 
@@ -201,6 +213,23 @@ def _build_backbone(config: PFPConfig, latent_channels: int, text_dim: int):
         if wan_text != text_dim:
             raise ValueError(f"config dit (Wan) takes text states of width {wan_text} but the text encoder "
                              f"makes {text_dim}; use a text encoder of that width")
+        return bb
+    if kind == "hunyuan_video":
+        # {"kind": "hunyuan_video", "path": local dir (or pipeline dir), "dtype": "bf16", "guidance": 6.0}
+        # or {"kind": "hunyuan_video", "config": {HunyuanVideoTransformer3DModel kwargs}}
+        from pfp.backbones.hunyuan_video import DEFAULT_GUIDANCE, HunyuanVideoBackbone
+        guidance = float(d.get("guidance", DEFAULT_GUIDANCE))
+        if "path" in d:
+            sub = d.get("subfolder")
+            if sub is None and not os.path.isfile(os.path.join(d["path"], "config.json")):
+                sub = "transformer"
+            bb = HunyuanVideoBackbone.from_pretrained(d["path"], context_mode=config.context_mode, subfolder=sub,
+                                                      torch_dtype=_DTYPES[d.get("dtype", "fp32")], guidance=guidance)
+        else:
+            bb = HunyuanVideoBackbone.from_config(context_mode=config.context_mode, guidance=guidance, **d["config"])
+        if bb.text_dim != text_dim:
+            raise ValueError(f"config dit (HunyuanVideo) takes text states of width {bb.text_dim} but the text "
+                             f"encoder makes {text_dim}; use the hunyuan text encoder (Llama + CLIP) of that width")
         return bb
     return TinyDiT(TinyDiTConfig(latent_channels=latent_channels, text_dim=text_dim,
                                  context_mode=config.context_mode, **d))

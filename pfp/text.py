@@ -43,6 +43,7 @@ __all__ = [
     "TextTokens",
     "TinyTextEncoder",
     "UMT5TextEncoder",
+    "HunyuanTextEncoder",
 ]
 
 # Times compared with this slack, so that chunk times like 3 * 0.1 = 0.30000000000000004 or
@@ -384,3 +385,92 @@ class UMT5TextEncoder(nn.Module):
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return TextTokens(hidden, mask)
+
+
+# HunyuanVideoPipeline's Llama prompt template and the tokens of its system part (cropped after
+# encoding: the states start at the user's prompt)
+HUNYUAN_PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+HUNYUAN_CROP_START = 95
+
+
+class HunyuanTextEncoder(nn.Module):
+    """HunyuanVideo's two text encoders, from a local diffusers pipeline folder: a Llama
+    (``text_encoder/``, ``tokenizer/``) and CLIP's text model (``text_encoder_2/``, ``tokenizer_2/``).
+
+    Encoding follows ``HunyuanVideoPipeline.encode_prompt``: each prompt goes into Llama's prompt
+    template, padded or truncated to ``crop_start + max_length`` tokens; the states are the hidden
+    states ``skip_layers`` before the last, with the template's ``crop_start`` system tokens cut
+    off; CLIP's ``pooler_output`` of the prompt padded to 77 tokens is the pooled vector. Output
+    :class:`TextTokens` in :func:`pfp.backbones.hunyuan_video.pack_text`'s layout:
+    ``tokens [B, 1 + max_length, D]``, token 0 the pooled vector (zero-padded to D), padded
+    positions zero. Frozen (never trained)."""
+
+    frozen = True
+
+    def __init__(self, llama: nn.Module, tokenizer: Any, clip: nn.Module, clip_tokenizer: Any, *,
+                 max_length: int = 256, crop_start: int = HUNYUAN_CROP_START, skip_layers: int = 2,
+                 template: str = HUNYUAN_PROMPT_TEMPLATE, clip_max_length: int = 77):
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"HunyuanTextEncoder: max_length must be >= 1, got {max_length}")
+        if crop_start < 0:
+            raise ValueError(f"HunyuanTextEncoder: crop_start must be >= 0, got {crop_start}")
+        if "{}" not in template:
+            raise ValueError("HunyuanTextEncoder: the prompt template needs a {} where the prompt goes")
+        self.llama = llama.eval().requires_grad_(False)
+        self.clip = clip.eval().requires_grad_(False)
+        self.tokenizer, self.clip_tokenizer = tokenizer, clip_tokenizer
+        self.max_length, self.crop_start, self.skip_layers = int(max_length), int(crop_start), int(skip_layers)
+        self.template, self.clip_max_length = template, int(clip_max_length)
+        self.dim = int(llama.config.hidden_size)
+        self.pooled_dim = int(clip.config.hidden_size)
+        if self.pooled_dim > self.dim:
+            raise ValueError(f"HunyuanTextEncoder: CLIP's width ({self.pooled_dim}) must not exceed Llama's "
+                             f"({self.dim}): the pooled vector travels as a text token")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None, max_length: int = 256,
+                        crop_start: int = HUNYUAN_CROP_START) -> "HunyuanTextEncoder":
+        """Load from a local HunyuanVideo pipeline folder (``text_encoder/``, ``tokenizer/``,
+        ``text_encoder_2/``, ``tokenizer_2/``); nothing is downloaded."""
+        from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+        path = os.fspath(path)
+        parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        missing = [p for p in parts if not os.path.isdir(os.path.join(path, p))]
+        if missing:
+            raise ValueError(f"HunyuanTextEncoder.from_pretrained: {path!r} lacks {', '.join(missing)}; it must be a "
+                             f"local HunyuanVideo pipeline folder with {', '.join(parts)}")
+        kwargs = {"local_files_only": True, **({"dtype": dtype} if dtype is not None else {})}
+        llama = LlamaModel.from_pretrained(os.path.join(path, "text_encoder"), **kwargs)
+        clip = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder_2"), **kwargs)
+        tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
+        tok2 = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"), local_files_only=True)
+        return cls(llama, tok, clip, tok2, max_length=max_length, crop_start=crop_start)
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> TextTokens:
+        from pfp.backbones.hunyuan_video import pack_text
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        device = next(self.llama.parameters()).device
+        batch = self.tokenizer([self.template.format(p) for p in prompts], padding="max_length",
+                               max_length=self.crop_start + self.max_length, truncation=True,
+                               return_attention_mask=True, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        states = self.llama(input_ids=ids, attention_mask=mask, output_hidden_states=True
+                            ).hidden_states[-(self.skip_layers + 1)]
+        states, mask = states[:, self.crop_start:], mask[:, self.crop_start:].bool()
+        states = states * mask.unsqueeze(-1).to(states.dtype)
+        clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=self.clip_max_length,
+                                       truncation=True, return_tensors="pt")["input_ids"]
+        pooled = self.clip(clip_ids.to(next(self.clip.parameters()).device)).pooler_output
+        return TextTokens(*pack_text(states, mask, pooled.to(states.device)))

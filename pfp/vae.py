@@ -17,6 +17,8 @@ published per-channel mean/std for :class:`WanVAE`; a user-chosen ``shift``/``sc
 
 - :class:`PatchVAE`: exact and weight-free (pixel-unshuffle), for the tiny model and tests.
 - :class:`WanVAE`: adapter around diffusers' ``AutoencoderKLWan`` loaded from a local path.
+- :class:`HunyuanVAE`: adapter around diffusers' ``AutoencoderKLHunyuanVideo``; its streams are
+  windowed (each chunk decoded after a few frames of the previous one), not exact: see there.
 
 Streams (:func:`decode_stream`, :func:`encode_stream`) encode and decode a video chunk by chunk
 with the causal state carried between chunks, so the concatenated outputs equal one call on the
@@ -32,7 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["VideoVAE", "PatchVAE", "WanVAE", "check_video_frames", "valid_frame_counts", "DecodeStream",
+__all__ = ["VideoVAE", "PatchVAE", "WanVAE", "HunyuanVAE", "check_video_frames", "valid_frame_counts", "DecodeStream",
            "EncodeStream", "decode_stream", "encode_stream"]
 
 
@@ -393,6 +395,91 @@ def _wan_unpatchify(x, patch_size):
 # ------------------------------------------------------------------------------------------------
 # streams: chunk-by-chunk encoding and decoding that equal one call on the whole video
 # ------------------------------------------------------------------------------------------------
+class HunyuanVAE(_CausalFrameCounts, nn.Module):
+    """Adapter around diffusers' ``AutoencoderKLHunyuanVideo`` (HunyuanVideo's VAE: 16 channels, 8x
+    space, 4x time, causal frame counts).
+
+    ``encode`` returns the posterior mean times the config's ``scaling_factor`` (as HunyuanVideo's
+    pipelines scale latents); ``decode`` divides it back out and clamps to ``[-1, 1]``. Both run the
+    whole input at once (diffusers' tiling and frame-wise tiling off), so they are the exact
+    whole-video transforms.
+
+    **Streams are windowed, not exact.** The encoder's and decoder's GroupNorms take their
+    statistics over every frame, so no chunk can be decoded as the whole video would decode it
+    without the whole video; carrying a cache (as :class:`WanVAE` does) cannot fix that. Its
+    :meth:`decode_stream` decodes each chunk after the last ``warmup`` latent frames before it
+    and keeps the new frames only (diffusers' own frame-wise decode likewise decodes overlapping
+    windows); :meth:`encode_stream` does the same with ``warmup`` latent frames' worth of video.
+    The cost per chunk stays constant. ``warmup=None`` re-runs the whole history each chunk: each
+    chunk's frames are then those a whole decode of the video up to it gives, at a cost that grows
+    with the video (the frames of earlier chunks still differ from a decode of the finished video,
+    whose statistics include later frames).
+    """
+
+    def __init__(self, model: nn.Module, *, warmup: int | None = 2):
+        super().__init__()
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(cfg, "scaling_factor") or not hasattr(cfg, "temporal_compression_ratio"):
+            raise ValueError(f"HunyuanVAE: model must be a diffusers AutoencoderKLHunyuanVideo, got "
+                             f"{type(model).__name__}")
+        if warmup is not None and not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 1):
+            # a window's first latent frame decodes to one video frame (causal counts), so at least
+            # one frame of warm-up is needed for a chunk's own frames to come out whole
+            raise ValueError(f"HunyuanVAE: warmup must be an int >= 1 (latent frames) or None, got {warmup!r}")
+        self.model = model
+        # whole-input transforms: diffusers' spatial and frame-wise tiling blend overlapping tiles
+        for flag in ("use_tiling", "use_framewise_encoding", "use_framewise_decoding"):
+            if hasattr(model, flag):
+                setattr(model, flag, False)
+        self.spatial_factor = int(cfg.spatial_compression_ratio)
+        self.temporal_factor = int(cfg.temporal_compression_ratio)
+        self.latent_channels = int(cfg.latent_channels)
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.warmup = warmup
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, subfolder: str | None = None,
+                        dtype: torch.dtype | None = None, warmup: int | None = 2) -> "HunyuanVAE":
+        """Load from a local diffusers folder (the VAE's, or a pipeline's with ``vae/``); nothing is
+        downloaded."""
+        from diffusers import AutoencoderKLHunyuanVideo
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"HunyuanVAE.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
+        if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")) \
+                and os.path.isfile(os.path.join(path, "vae", "config.json")):
+            subfolder = "vae"
+        kwargs = {"local_files_only": True, **({"subfolder": subfolder} if subfolder else {}),
+                  **({"torch_dtype": dtype} if dtype is not None else {})}
+        model = AutoencoderKLHunyuanVideo.from_pretrained(path, **kwargs).eval().requires_grad_(False)
+        return cls(model, warmup=warmup)
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def encode(self, video: torch.Tensor, *, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, 3, T, H, W]`` in ``[-1, 1]`` -> latent ``[B, 16, 1 + (T-1)/4, H/8, W/8]``."""
+        _check_video(video, self.spatial_factor, self.temporal_factor)
+        dist = self.model.encode(video.to(self._model_dtype())).latent_dist
+        mu = dist.sample(generator=generator) if sample else dist.mode()
+        return (mu.float() * self.scaling_factor).to(video.dtype)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent ``[B, 16, T', H', W']`` -> video ``[B, 3, 1 + 4*(T'-1), 8*H', 8*W']`` in ``[-1, 1]``."""
+        _check_latent(latent, self.latent_channels)
+        z = (latent.float() / self.scaling_factor).to(self._model_dtype())
+        return self.model.decode(z).sample.clamp(-1, 1).to(latent.dtype)
+
+    def decode_stream(self) -> "DecodeStream":
+        """Windowed chunk-by-chunk decoding (see the class)."""
+        return _WindowDecodeStream(self, self.warmup)
+
+    def encode_stream(self) -> "EncodeStream":
+        """Windowed chunk-by-chunk encoding (see the class)."""
+        return _WindowEncodeStream(self, self.warmup)
+
+
 class DecodeStream:
     """Decodes a latent video chunk by chunk (:func:`decode_stream`).
 
@@ -565,6 +652,56 @@ class _RecomputeEncodeStream(EncodeStream):
         if 1 + (usable - 1) // tf <= self.latent_frames_seen:
             return self._empty(video)
         return self.vae.encode(self._frames[:, :, :usable])[:, :, self.latent_frames_seen:]
+
+
+class _WindowDecodeStream(DecodeStream):
+    """Decodes each chunk after the last ``warmup`` latent frames before it (None: all of them)
+    and returns the chunk's own frames: constant cost, for VAEs whose decode is not causal."""
+
+    def __init__(self, vae, warmup):
+        super().__init__(vae)
+        self.warmup, self._kept = warmup, None
+
+    def _decode(self, latent):
+        z = latent if self._kept is None else torch.cat([self._kept, latent], dim=2)
+        out = self.vae.decode(z)
+        if self._kept is not None:
+            out = out[:, :, out.shape[2] - self.vae.temporal_factor * latent.shape[2]:]
+        keep = z if self.warmup is None else z[:, :, max(0, z.shape[2] - self.warmup):]
+        self._kept = keep if keep.shape[2] else None
+        return out
+
+
+class _WindowEncodeStream(EncodeStream):
+    """Encodes each complete group of new frames after the video frames of the last ``warmup``
+    latent frames before it (None: all), returning the new latent frames only."""
+
+    def __init__(self, vae, warmup):
+        super().__init__(vae)
+        self.warmup, self._done, self._pending = warmup, None, None
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self._pending is None else self._pending.shape[2]
+
+    def _encode(self, video):
+        tf = self.vae.temporal_factor
+        buf = video if self._pending is None else torch.cat([self._pending, video], dim=2)
+        first = self._done is None
+        n = (1 + (buf.shape[2] - 1) // tf * tf if buf.shape[2] else 0) if first else buf.shape[2] // tf * tf
+        self._pending = buf[:, :, n:] if buf.shape[2] > n else None
+        if n == 0:
+            return self._empty(video)
+        new = buf[:, :, :n]
+        frames = new if first else torch.cat([self._done, new], dim=2)
+        latent = self.vae.encode(frames)
+        if not first:
+            latent = latent[:, :, latent.shape[2] - n // tf:]
+        # what the next chunk starts from: 1 + tf * warmup frames (a causal encoding's first frame
+        # stands alone, so a window starts on one)
+        keep = frames.shape[2] if self.warmup is None else min(frames.shape[2], 1 + tf * self.warmup)
+        self._done = frames[:, :, frames.shape[2] - keep:]
+        return latent
 
 
 class TiledDecodeStream(DecodeStream):

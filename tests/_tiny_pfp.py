@@ -175,3 +175,39 @@ def tiny_hunyuan_backbone(context_mode: str = "cached"):
     from pfp.backbones.hunyuan_video import HunyuanVideoBackbone
     torch.manual_seed(0)
     return HunyuanVideoBackbone.from_config(context_mode=context_mode, **TINY_HUNYUAN).eval()
+
+
+def save_tiny_hunyuan_text(root, seed: int = 0):
+    """Save HunyuanVideo's two text encoders, tiny and random, in a pipeline folder's layout:
+    ``text_encoder/`` (a 3-layer transformers LlamaModel, width 16), ``tokenizer/``,
+    ``text_encoder_2/`` (a CLIPTextModel, width 8) and ``tokenizer_2/`` (word-level tokenizers built
+    here). Returns the crop_start of the prompt template under the tiny Llama tokenizer. Skips
+    without transformers/tokenizers."""
+    import pytest
+    import torch
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from tokenizers.processors import TemplateProcessing
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"transformers/tokenizers with Llama and CLIP unavailable: {e}")
+    from pfp.text import HUNYUAN_PROMPT_TEMPLATE
+    words = "a red green blue circle square on background and the video describe".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+
+    def tokenizer(template):
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.post_processor = TemplateProcessing(single=template, special_tokens=[("<s>", 3), ("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                       bos_token="<s>")
+    torch.manual_seed(seed)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        pad_token_id=0, bos_token_id=3, eos_token_id=1)).eval()
+    tok, tok2 = tokenizer("<s> $A"), tokenizer("<s> $A </s>")
+    for name, part in (("text_encoder", llama), ("tokenizer", tok), ("text_encoder_2", clip), ("tokenizer_2", tok2)):
+        part.save_pretrained(str(root / name))
+    return len(tok(HUNYUAN_PROMPT_TEMPLATE.split("{}")[0])["input_ids"])

@@ -262,3 +262,126 @@ def test_bad_inputs_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="image_condition_type"):
         HunyuanVideoBackbone(HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN, "image_condition_type": "latent_concat",
                                                                "in_channels": 9}))
+
+
+def test_text_encoder_matches_the_pipelines_encode_prompt(tmp_path):
+    from diffusers import HunyuanVideoPipeline
+
+    from _tiny_pfp import save_tiny_hunyuan_text
+    from pfp.backbones.hunyuan_video import unpack_text
+    from pfp.text import HUNYUAN_PROMPT_TEMPLATE, HunyuanTextEncoder
+    crop = save_tiny_hunyuan_text(tmp_path)
+    enc = HunyuanTextEncoder.from_pretrained(tmp_path, max_length=10, crop_start=crop)
+    pipe = HunyuanVideoPipeline(text_encoder=enc.llama, tokenizer=enc.tokenizer, transformer=None, vae=None,
+                                scheduler=None, text_encoder_2=enc.clip, tokenizer_2=enc.clip_tokenizer)
+    prompts = ["a red circle on the background", "blue square"]
+    want, want_pooled, want_mask = pipe.encode_prompt(
+        prompts, prompt_template={"template": HUNYUAN_PROMPT_TEMPLATE, "crop_start": crop}, max_sequence_length=10,
+        device=torch.device("cpu"))
+    out = enc(prompts)
+    assert out.tokens.shape == (2, 11, 16) and out.mask.dtype == torch.bool
+    states, mask, pooled = unpack_text(out.tokens, out.mask, 8)
+    assert torch.equal(mask, want_mask.bool())
+    torch.testing.assert_close(states, want * want_mask[..., None], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pooled, want_pooled, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="lacks text_encoder_2, tokenizer_2"):
+        import shutil
+        shutil.rmtree(tmp_path / "text_encoder_2")
+        shutil.rmtree(tmp_path / "tokenizer_2")
+        HunyuanTextEncoder.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole model from a local pipeline folder: config kinds, generation, training, checkpoints
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hunyuan_dir(tmp_path_factory):
+    """A tiny HunyuanVideo pipeline folder: transformer/, vae/ and the two text encoders."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from _tiny_pfp import save_tiny_hunyuan_text
+    root = tmp_path_factory.mktemp("hunyuan")
+    crop = save_tiny_hunyuan_text(root)
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(**TINY_HUNYUAN)
+    with torch.no_grad():   # diffusers zero-inits nothing here, but make the head clearly non-trivial
+        transformer.proj_out.weight.normal_(0, 0.1)
+    transformer.save_pretrained(root / "transformer")
+    AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                              norm_num_groups=4).save_pretrained(root / "vae")
+    return root, crop
+
+
+def _hunyuan_config(root, crop, mode="cached"):
+    from pfp.config import PFPConfig
+    return PFPConfig(video_size=(64, 64), fps=8.0, chunk_frames=8, rate="2x2x2", compressor_hidden=(8, 8, 8),
+                     context_mode=mode, vae={"kind": "hunyuan", "path": str(root)},
+                     text={"kind": "hunyuan", "path": str(root), "max_length": 8, "crop_start": crop},
+                     dit={"kind": "hunyuan_video", "path": str(root)}, sample_cfg=1.0)
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_generates_from_a_pipeline_folder_and_the_context_streams_exactly(hunyuan_dir, mode):
+    from pfp.generate import generate
+    from pfp.text import Storyboard
+    from pfp.weights import build_model
+    torch.manual_seed(0)
+    model = build_model(_hunyuan_config(*hunyuan_dir, mode))
+    assert isinstance(model.backbone, HunyuanVideoBackbone) and model.text_encoder.dim == 16
+    with torch.no_grad():
+        model.compressor.proj.weight.normal_(0, 0.1)
+    story = Storyboard.from_list([{"start": 0, "end": 1, "prompt": "a red circle"},
+                                  {"start": 1, "end": 3, "prompt": "a blue square on the background"}])
+    res = generate(model, story, 3.0, steps=2, progress=False)
+    assert res.video.shape == (3, 21, 64, 64) and torch.isfinite(res.video).all()
+    assert res.latents.shape == (1, 4, 6, 8, 8)
+    with torch.no_grad():   # the streamed context is one compressor call over the streamed latents
+        full = model.compressor(res.latents, res.lr_latents)
+        torch.testing.assert_close(res.context.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+        if mode == "cached":
+            kv = model.backbone.cache_context(full)
+            for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pretrains_finetunes_with_lora_and_refuses_another_models_checkpoint(hunyuan_dir, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from pfp.generate import generate
+    from pfp.text import Storyboard
+    from pfp.train.__main__ import main
+    from pfp.weights import load_weights
+
+    from _tiny_pfp import tiny_config, write_config
+    path = write_config(tmp_path / "cfg.json", _hunyuan_config(*hunyuan_dir))
+    common = ["--steps", "2", "--batch-size", "2", "--clip-seconds", "1", "--workers", "0", "--no-progress",
+              "--threads", "1", "--save-every", "2"]
+    pre, ft = tmp_path / "pre.safetensors", tmp_path / "ft.safetensors"
+    assert main(["pretrain", "--config", path, "--out", str(tmp_path / "pre"), "--export", str(pre), *common]) == 0
+    assert main(["finetune", "--config", path, "--init", str(pre), "--lora-rank", "2", "--out", str(tmp_path / "ft"),
+                 "--export", str(ft), *common]) == 0
+    before, after = load_weights(str(pre)).backbone, load_weights(str(ft)).backbone
+    a = after.blocks[0].attn.add_q_proj.weight        # a text-stream projection of a dual block
+    assert not torch.equal(a, before.blocks[0].attn.add_q_proj.weight)   # its LoRA trained and was merged
+    res = generate(load_weights(str(ft)), Storyboard.single("a red circle", 1.0), 1.0, steps=2, progress=False)
+    assert torch.isfinite(res.video).all()
+    # a checkpoint of another model (the tiny Wan-style DiT) is refused, naming what does not fit
+    other = write_config(tmp_path / "tiny.json", tiny_config())
+    tiny = tmp_path / "tiny.safetensors"
+    assert main(["pretrain", "--config", other, "--out", str(tmp_path / "t"), "--export", str(tiny), *common]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--config", path, "--init", str(tiny), "--out", str(tmp_path / "x"), *common]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "from another config" in errors[0] and "backbone.transformer." in errors[0], errors
+
+
+def test_config_refuses_a_mismatched_text_encoder_and_bad_keys(hunyuan_dir):
+    import dataclasses
+    cfg = _hunyuan_config(*hunyuan_dir)
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(cfg, text={"kind": "tiny", "dim": 16}).check()
+    with pytest.raises(ValueError, match="dit.guidance"):
+        dataclasses.replace(cfg, dit={**cfg.dit, "guidance": -1}).check()
+    with pytest.raises(ValueError, match="vae.warmup"):
+        dataclasses.replace(cfg, vae={**cfg.vae, "warmup": 0}).check()
+    with pytest.raises(ValueError, match="holds a 'AutoencoderKLHunyuanVideo' model"):
+        dataclasses.replace(cfg, dit={"kind": "hunyuan_video", "path": str(hunyuan_dir[0]), "subfolder": "vae"}).check()

@@ -289,3 +289,61 @@ def test_tiled_decode_stream_is_exact_for_a_local_decoder_and_streams_exactly():
         TiledDecodeStream(vae, 0)
     with pytest.raises(ValueError, match="overlap must be an int >= 0"):
         TiledDecodeStream(vae, 2, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanVideo's VAE: whole-input transforms, windowed streams
+# ----------------------------------------------------------------------------------------------
+def _tiny_hunyuan_vae(warmup):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from pfp.vae import HunyuanVAE
+    torch.manual_seed(0)
+    model = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                      norm_num_groups=4).eval()
+    return HunyuanVAE(model, warmup=warmup)
+
+
+def test_hunyuan_vae_matches_diffusers_scaled_latents():
+    vae = _tiny_hunyuan_vae(2)
+    assert (vae.spatial_factor, vae.temporal_factor, vae.latent_channels) == (8, 4, 4)
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (1, 4, 3, 4, 4)
+        want = vae.model.encode(video).latent_dist.mode() * vae.model.config.scaling_factor
+        torch.testing.assert_close(z, want)
+        out = vae.decode(z)
+        torch.testing.assert_close(out, vae.model.decode(z / vae.model.config.scaling_factor).sample.clamp(-1, 1))
+    assert out.shape == video.shape
+
+
+@pytest.mark.parametrize("warmup", [1, 3, None])
+def test_hunyuan_vae_streams_are_windows_of_bounded_cost(warmup):
+    # each chunk is decoded after at most `warmup` latent frames before it (None: all) and its own
+    # frames are the last ones of that decode; encoding likewise
+    vae = _tiny_hunyuan_vae(warmup)
+    seen = []
+    real = vae.model.decode
+    vae.model.decode = lambda z, **kw: seen.append(z.shape[2]) or real(z, **kw)
+    lat = torch.randn(1, 4, 6, 4, 4)
+    cuts = [(0, 2), (2, 3), (3, 6)]
+    with torch.no_grad():
+        stream = vae.decode_stream()
+        for a, b in cuts:
+            got = stream.decode(lat[:, :, a:b])
+            start = 0 if warmup is None else max(0, a - warmup)
+            window = vae.decode(lat[:, :, start:b])
+            want = window if a == 0 else window[:, :, window.shape[2] - 4 * (b - a):]
+            torch.testing.assert_close(got, want)
+        assert stream.video_frames_seen == 1 + 4 * 5
+        assert max(seen[::2]) == (6 if warmup is None else min(6, 3 + warmup))   # the stream's own calls
+        video = torch.rand(1, 3, 21, 32, 32) * 2 - 1
+        enc = vae.encode_stream()
+        parts = [enc.encode(video[:, :, a:b]) for a, b in ((0, 3), (3, 10), (10, 21))]
+        assert [p.shape[2] for p in parts] == [1, 2, 3] and enc.pending_frames == 0
+        if warmup is None:   # each new latent frame: the last of an encode of everything so far
+            torch.testing.assert_close(parts[-1], vae.encode(video)[:, :, -3:])
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        type(vae)(vae.model, warmup=0)
