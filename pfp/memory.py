@@ -86,6 +86,21 @@ WAN22_A14B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, atte
                               rope_max_seq_len=1024)   # each of A14B's two experts
 WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+WAN21_T2V_14B_TRANSFORMER = dict(WAN22_A14B_TRANSFORMER)   # Wan 2.1 T2V 14B: one expert of A14B's shape
+HUNYUAN_VIDEO_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                                 num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
+                                 patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                                 text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+                                 rope_axes_dim=(16, 56, 56))
+HUNYUAN_VIDEO_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                         norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
+                         temporal_compression_ratio=4)
+# HunyuanVideo's text encoders: the text part of llava-llama-3-8b, and CLIP ViT-L/14's text model
+LLAVA_LLAMA3_8B = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192)
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)
@@ -107,6 +122,7 @@ class Preset:
     compressor_hidden: tuple = (64, 128, 256, 512)
     experts: int = 1              # 2: a high-noise and a low-noise expert of this transformer (A14B)
     boundary: float = 0.875       # the timestep from which the high-noise expert denoises
+    family: str = "wan"           # "wan" (Wan transformer, VAE, UMT5) or "hunyuan_video" (its own three)
 
 
 def preset_config(p: "Preset", model_dir: str):
@@ -115,6 +131,14 @@ def preset_config(p: "Preset", model_dir: str):
     ``tokenizer/``), all in bf16, cached context, with Wan's sampling defaults (shift 5, CFG 5).
     Nothing is downloaded; ``config.check()`` names what the folder lacks."""
     from pfp.config import PFPConfig
+    if p.family == "hunyuan_video":
+        # HunyuanVideoPipeline's defaults: flow shift 7, embedded guidance 6 with the sampler's CFG off
+        return PFPConfig(video_size=tuple(p.video_size), fps=p.fps, chunk_frames=p.chunk_frames, rate=p.rate,
+                         compressor_hidden=tuple(p.compressor_hidden), context_mode="cached",
+                         vae={"kind": "hunyuan", "path": model_dir, "subfolder": "vae", "dtype": "bf16"},
+                         text={"kind": "hunyuan", "path": model_dir, "max_length": p.text_length, "dtype": "bf16"},
+                         dit={"kind": "hunyuan_video", "path": model_dir, "subfolder": "transformer", "dtype": "bf16"},
+                         sample_shift=7.0, sample_cfg=1.0)
     dit = {"kind": "wan", "path": model_dir, "subfolder": "transformer", "dtype": "bf16"}
     if p.experts == 2:
         dit.update(boundary=p.boundary, subfolder_2="transformer_2")
@@ -130,7 +154,7 @@ def config_from_arg(value: str, model_dir: Optional[str], rate: Optional[str] = 
     file; ``rate`` (``--rate``) replaces its compression rate. ValueError naming the flag: a preset
     without a folder, a folder that is not one, a missing file, a bad rate."""
     from pfp.config import PFPConfig
-    if value in PRESETS:
+    if value in PRESETS or value in PRESET_ALIASES:
         if not model_dir:
             raise ValueError(f"{flag} {value} is a preset: it needs --model-dir DIR, a local diffusers pipeline "
                              f"folder (transformer/, vae/, text_encoder/, tokenizer/); nothing is downloaded")
@@ -157,7 +181,22 @@ PRESETS = {
     # Wan 2.2 T2V-A14B: two 14 B experts, Wan 2.1's 16-channel 8x VAE, 16 fps
     "wan22-t2v-a14b-480p": Preset("wan22-t2v-a14b-480p", (480, 832), 16.0, 16, "4x4x2",
                                   transformer=dict(WAN22_A14B_TRANSFORMER), vae=dict(WAN21_VAE), experts=2),
+    "wan22-t2v-a14b-720p": Preset("wan22-t2v-a14b-720p", (720, 1280), 16.0, 16, "4x4x2",
+                                  transformer=dict(WAN22_A14B_TRANSFORMER), vae=dict(WAN21_VAE), experts=2),
+    # Wan 2.1 T2V 14B: one 14 B transformer, the 16-channel 8x VAE, 16 fps
+    "wan21-t2v-14b-480p": Preset("wan21-t2v-14b-480p", (480, 832), 16.0, 16, "4x4x2",
+                                 transformer=dict(WAN21_T2V_14B_TRANSFORMER), vae=dict(WAN21_VAE)),
+    "wan21-t2v-14b-720p": Preset("wan21-t2v-14b-720p", (720, 1280), 16.0, 16, "4x4x2",
+                                 transformer=dict(WAN21_T2V_14B_TRANSFORMER), vae=dict(WAN21_VAE)),
+    # HunyuanVideo 13 B: 24 fps, its 16-channel 8x VAE, Llama (256 prompt tokens) + CLIP text
+    "hunyuanvideo-13b-480p": Preset("hunyuanvideo-13b-480p", (480, 848), 24.0, 24, "4x4x2",
+                                    transformer=dict(HUNYUAN_VIDEO_TRANSFORMER), vae=dict(HUNYUAN_VIDEO_VAE),
+                                    text=dict(LLAVA_LLAMA3_8B), text_length=256, family="hunyuan_video"),
+    "hunyuanvideo-13b-720p": Preset("hunyuanvideo-13b-720p", (720, 1280), 24.0, 24, "4x4x2",
+                                    transformer=dict(HUNYUAN_VIDEO_TRANSFORMER), vae=dict(HUNYUAN_VIDEO_VAE),
+                                    text=dict(LLAVA_LLAMA3_8B), text_length=256, family="hunyuan_video"),
 }
+PRESET_ALIASES = {"wan22-a14b-480p": "wan22-t2v-a14b-480p", "wan22-a14b-720p": "wan22-t2v-a14b-720p"}
 
 
 def _check_rate(rate: str) -> None:
@@ -170,6 +209,7 @@ def _check_rate(rate: str) -> None:
 
 
 def preset(name: str, rate: Optional[str] = None) -> Preset:
+    name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
         raise ValueError(f"--config {name!r} is not a preset; presets: {', '.join(PRESETS)}")
     p = PRESETS[name]
@@ -292,6 +332,8 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
     from pfp.compressor import MemoryCompressor
     from pfp.vae import WanVAE
 
+    if p.family == "hunyuan_video":
+        return _trace_hunyuan_preset(p, history_seconds, dtype, cfg_batch)
     previous = torch.get_default_dtype()
     # Token positions are real (tiny) tensors: the backbone reads them to find the context's frames.
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -311,6 +353,40 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
         ids = torch.zeros(1, p.text_length, dtype=torch.long)
         return _trace_parts(backbone, compressor, vae, text_model,
                             lambda: text_model(input_ids=ids).last_hidden_state, p.video_size, p.fps,
+                            p.chunk_frames, history_seconds, cfg_batch)
+
+
+def _trace_hunyuan_preset(p: Preset, history_seconds: float, dtype: torch.dtype, cfg_batch: int) -> Trace:
+    """trace_preset for HunyuanVideo: its transformer, VAE and two text encoders (Llama reads the
+    prompt template's system tokens too: they are cut after it runs)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text
+    from pfp.compressor import MemoryCompressor
+    from pfp.text import HUNYUAN_CROP_START
+    from pfp.vae import HunyuanVAE
+
+    previous = torch.get_default_dtype()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        torch.set_default_dtype(dtype)
+        try:
+            backbone = HunyuanVideoBackbone.from_config(context_mode="cached", **p.transformer)
+            vae = HunyuanVAE(AutoencoderKLHunyuanVideo(**p.vae))
+            llama = LlamaModel(LlamaConfig(**p.text))
+            clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+            compressor = MemoryCompressor(backbone.patch_embed, backbone.latent_channels, backbone.inner_dim,
+                                          rate=p.rate, hidden=p.compressor_hidden)
+        finally:
+            torch.set_default_dtype(previous)
+        ids = torch.zeros(1, HUNYUAN_CROP_START + p.text_length, dtype=torch.long)
+        clip_ids = torch.zeros(1, CLIP_L_TEXT["max_position_embeddings"], dtype=torch.long)
+
+        def run_text():
+            states = llama(input_ids=ids, output_hidden_states=True).hidden_states[-3][:, HUNYUAN_CROP_START:]
+            return pack_text(states, None, clip(clip_ids).pooler_output)[0]
+        return _trace_parts(backbone, compressor, vae, nn.ModuleList([llama, clip]), run_text, p.video_size, p.fps,
                             p.chunk_frames, history_seconds, cfg_batch)
 
 

@@ -385,3 +385,39 @@ def test_config_refuses_a_mismatched_text_encoder_and_bad_keys(hunyuan_dir):
         dataclasses.replace(cfg, vae={**cfg.vae, "warmup": 0}).check()
     with pytest.raises(ValueError, match="holds a 'AutoencoderKLHunyuanVideo' model"):
         dataclasses.replace(cfg, dit={"kind": "hunyuan_video", "path": str(hunyuan_dir[0]), "subfolder": "vae"}).check()
+
+
+# ----------------------------------------------------------------------------------------------
+# the memory planner: full-size HunyuanVideo traced without weights
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hunyuan_trace():
+    from pfp import memory
+    return memory.trace_preset(memory.preset("hunyuanvideo-13b-480p"), history_seconds=20)
+
+
+def test_the_planner_traces_full_size_hunyuan_video_and_fits_12_and_80_gib(hunyuan_trace):
+    from pfp import memory
+    gib = 1 << 30
+    trace = hunyuan_trace
+    # 12.8 B parameters in bf16 (the 23.9 GiB), 60 blocks of context K/V at inner 3072
+    assert abs(trace.transformer / gib - 23.9) < 0.1, trace.transformer / gib
+    assert trace.layers == 60 and trace.target_tokens == 6 * 30 * 53
+    assert trace.kv == 2 * 60 * trace.context_tokens * 3072 * 2
+    whole = memory.choose(trace, 80 * gib)
+    assert whole.fits and whole.choices["weights"] == "native" and whole.choices["offload"] == "none"
+    small = memory.choose(trace, 12 * gib)
+    assert small.fits and all(ph.peak_bytes <= 12 * gib for ph in small.phases)
+    assert small.choices["weights"] == "fp8" and small.choices["offload"] == "block", small.choices
+    tiny = memory.choose(trace, 2 * gib)     # nothing fits: the smallest plan, to name in the refusal
+    assert not tiny.fits and tiny.peak_bytes > 2 * gib and "smallest needs" in tiny.too_small("--vram 2GiB", "x")
+
+
+def test_hunyuan_presets_build_configs_that_name_their_folders(tmp_path):
+    from pfp import memory
+    cfg = memory.preset_config(memory.preset("hunyuanvideo-13b-720p", rate="2x2x2"), str(tmp_path))
+    assert cfg.dit["kind"] == "hunyuan_video" and cfg.text["kind"] == "hunyuan" and cfg.vae["kind"] == "hunyuan"
+    assert cfg.rate == "2x2x2" and tuple(cfg.video_size) == (720, 1280) and cfg.sample_cfg == 1.0
+    assert memory.preset("wan22-a14b-480p").experts == 2       # the name for the A14B preset
+    with pytest.raises(ValueError, match="lacks|no config.json"):
+        cfg.check()                                            # an empty folder is refused, naming what it lacks
