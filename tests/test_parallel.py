@@ -24,22 +24,34 @@ def _ctx(dim):
 
 
 def _backbones():
+    """Tiny backbones with 4 heads (so 2 and 4 ranks each take whole heads): the TinyDiT, and the
+    diffusers Wan and HunyuanVideo adapters when diffusers is there."""
     from pfp.backbones import TinyDiT
-    from _tiny_pfp import tiny_wan_backbone
     torch.manual_seed(0)
     tiny = TinyDiT(latent_channels=4, inner_dim=32, depth=2, num_heads=4, text_dim=16, freq_dim=16)
     with torch.no_grad():
         for p in tiny.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     out = {"tiny": tiny.eval()}
-    try:
-        out["wan"] = tiny_wan_backbone()
-    except BaseException:  # pytest.skip without diffusers
-        pass
+    import importlib.util
+    if importlib.util.find_spec("diffusers") is not None:
+        from pfp.backbones import WanBackbone
+        from pfp.backbones.hunyuan_video import HunyuanVideoBackbone
+        from _tiny_pfp import TINY_HUNYUAN, TINY_WAN
+        torch.manual_seed(0)
+        wan = WanBackbone.from_config(**{**TINY_WAN, "num_attention_heads": 4, "attention_head_dim": 6})
+        with torch.no_grad():
+            wan.transformer.proj_out.weight.normal_(0, 0.05)
+        out["wan"] = wan.eval()
+        # HunyuanVideo's text is [B, 1 + L, 16] (token 0 carries the 8-wide pooled vector): the
+        # worker's random text reads as such
+        out["hunyuan"] = HunyuanVideoBackbone.from_config(**{**TINY_HUNYUAN, "num_attention_heads": 4,
+                                                             "attention_head_dim": 6,
+                                                             "rope_axes_dim": (2, 2, 2)}).eval()
     return out
 
 
-def _worker(rank, world, port, path):
+def _worker(rank, world, port, path, hunyuan_config=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -64,21 +76,32 @@ def _worker(rank, world, port, path):
             heads = kv.keys[0].shape[2] if mode == "cached" else None
             results[f"{name}/{mode}"] = ((got - want).abs().max().item(), (got_frame - per_frame).abs().max().item(),
                                          want.abs().max().item(), heads, bb.num_heads)
-    # a whole generation: 2 chunks, cached context, CFG
+    # whole generations: 2 chunks, cached context (the tiny model with CFG); the tiny model has 2
+    # heads, the Wan- and HunyuanVideo-backed ones 4
+    import dataclasses
+
+    from pfp.config import PFPConfig
     from pfp.generate import generate
     from pfp.text import Storyboard
     from pfp.weights import build_model
-    from _tiny_pfp import tiny_config
-    torch.manual_seed(0)
-    model = build_model(tiny_config())
-    with torch.no_grad():
-        model.compressor.proj.weight.normal_(0, 0.1)
-        model.backbone.proj_out.weight.normal_(0, 0.05)
-    story = Storyboard.single("a red circle on a blue background", 1.0)
-    want = generate(model, story, 1.0, steps=2, progress=False)
-    got = generate(model, story, 1.0, steps=2, progress=False, sequence_parallel=SequenceParallel())
-    results["generate"] = ((got.video - want.video).abs().max().item(), 0.0, 1.0, got.context_cache.keys[0].shape[2],
-                           model.backbone.num_heads)
+    from _tiny_pfp import TINY_WAN, tiny_config
+    configs = {"tiny": tiny_config()} if world == 2 else {}
+    if hunyuan_config is not None:
+        configs["wan"] = dataclasses.replace(tiny_config(), dit={"kind": "wan", "config": {
+            **TINY_WAN, "num_attention_heads": 4, "attention_head_dim": 6, "in_channels": 48, "out_channels": 48}})
+        configs["hunyuan"] = PFPConfig.load(hunyuan_config)
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = build_model(config)
+        with torch.no_grad():
+            model.compressor.proj.weight.normal_(0, 0.1)
+            model.backbone.proj_out.weight.normal_(0, 0.05)
+        seconds = 2 * config.chunk_seconds
+        story = Storyboard.single("a red circle on a blue background", seconds)
+        want = generate(model, story, seconds, steps=2, progress=False)
+        got = generate(model, story, seconds, steps=2, progress=False, sequence_parallel=SequenceParallel())
+        results[f"generate/{name}"] = ((got.video - want.video).abs().max().item(), 0.0, 1.0,
+                                       got.context_cache.keys[0].shape[2], model.backbone.num_heads)
     from pfp.backbones import TinyDiT
     try:
         TinyDiT(latent_channels=4, inner_dim=24, depth=1, num_heads=3, text_dim=16).set_sequence_parallel(
@@ -90,15 +113,43 @@ def _worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_single_process_velocity_and_each_caches_its_heads(tmp_path):
+def _hunyuan_folder_config(tmp_path) -> str:
+    """A tiny HunyuanVideo pipeline folder with a 4-head transformer, and a config over it."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    from pfp.config import PFPConfig
+    from _tiny_pfp import TINY_HUNYUAN, save_tiny_hunyuan_text, write_config
+    root = tmp_path / "hunyuan"
+    crop = save_tiny_hunyuan_text(root)
+    torch.manual_seed(0)
+    HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN, "num_attention_heads": 4, "attention_head_dim": 6,
+                                      "rope_axes_dim": (2, 2, 2)}).save_pretrained(root / "transformer")
+    AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                              norm_num_groups=4).save_pretrained(root / "vae")
+    config = PFPConfig(video_size=(64, 64), fps=8.0, chunk_frames=8, rate="2x2x2", compressor_hidden=(8, 8, 8),
+                       vae={"kind": "hunyuan", "path": str(root)},
+                       text={"kind": "hunyuan", "path": str(root), "max_length": 8, "crop_start": crop},
+                       dit={"kind": "hunyuan_video", "path": str(root)}, sample_cfg=1.0)
+    return write_config(tmp_path / "hunyuan.json", config)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_give_the_single_process_velocity_and_each_caches_its_heads(tmp_path, world):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path / "r")), nprocs=world)
+    import importlib.util
+    hunyuan = None
+    if importlib.util.find_spec("diffusers") is not None:
+        hunyuan = _hunyuan_folder_config(tmp_path)
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path / "r"), hunyuan), nprocs=world)
     for rank in range(world):
         results = torch.load(tmp_path / f"r.{rank}")
         assert "3 heads" in results.pop("refused")     # heads must divide among the ranks
-        assert any(k.startswith("tiny/") for k in results)
+        want = {"tiny/cached", "tiny/joint"} | ({"generate/tiny"} if world == 2 else set())
+        if hunyuan is not None:
+            want |= {f"{m}/{mode}" for m in ("wan", "hunyuan") for mode in ("cached", "joint")}
+            want |= {"generate/wan", "generate/hunyuan"}
+        assert want <= set(results), sorted(results)
         for key, (err, err_frame, scale, heads, num_heads) in results.items():
             assert err <= 1e-5 * max(1.0, scale) and err_frame <= 1e-5 * max(1.0, scale), (rank, key, err, err_frame)
             if heads is not None:   # each rank caches only its heads of the context K/V

@@ -34,6 +34,11 @@ batch's real tokens come first, which changes nothing any real token reads.
 
 Per-token timesteps (``[B, T']`` or ``[B, Nt]``) modulate each target token by its own; the text
 stream and the refiner take the sample's mean timestep.
+
+Sequence parallel (:mod:`pfp.parallel`): each rank runs a slice of the target tokens and the whole
+text and context; attention trades target tokens for heads (Ulysses), takes the text's and the
+context's Q/K/V of its own heads, and gathers the text's and context's outputs over heads, so
+every rank's text stream stays whole and equal.
 """
 from __future__ import annotations
 
@@ -138,6 +143,38 @@ class _ThreeStreamBlock(nn.Module):
         """A block over a diffusers block's own modules (shared, same names and order)."""
         return cls(num_heads, **dict(block.named_children()))
 
+    def _heads(self):
+        return self.sp.heads(self.num_heads) if self.sp is not None else slice(None)
+
+    def _own_heads(self, qkv_c, prev_kv):
+        """Under sequence parallelism the context attends with this rank's heads only: its new Q/K/V
+        and a cache made before (with every head) keep this rank's."""
+        sp = self.sp
+        if sp is None:
+            return qkv_c, prev_kv
+        heads = self._heads()
+        if qkv_c is not None:
+            qkv_c = tuple(z[:, :, heads] for z in qkv_c)
+        if prev_kv is not None and prev_kv[0].shape[2] == self.num_heads and sp.world > 1:
+            prev_kv = (prev_kv[0][:, :, heads], prev_kv[1][:, :, heads])
+        return qkv_c, prev_kv
+
+    def _to_heads(self, qkv_t, qkv_x, sp_tokens: int):
+        """Target Q/K/V: this rank's tokens, every head -> every token, this rank's heads; text
+        Q/K/V (every rank holds all of it): this rank's heads. Unchanged without parallelism."""
+        if self.sp is None:
+            return qkv_t, qkv_x
+        heads = self._heads()
+        return (tuple(self.sp.seq_to_heads(z, sp_tokens) for z in qkv_t), tuple(z[:, :, heads] for z in qkv_x))
+
+    def _from_heads(self, ot, ox, oc):
+        """The attention outputs back: target to this rank's tokens with every head, text and context
+        to every head."""
+        sp = self.sp
+        if sp is None:
+            return ot, ox, oc
+        return sp.heads_to_seq(ot), sp.gather_heads(ox), (None if oc is None else sp.gather_heads(oc))
+
     def _context_keys(self, qkv_c, prev_kv):
         if qkv_c is None:
             return prev_kv if prev_kv is not None else (None, None)
@@ -158,17 +195,20 @@ class HunyuanDualBlock(_ThreeStreamBlock):
 
     def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], temb_c, temb_t, text, text_mask,
                 rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-                ctx_mask: Optional[Tensor] = None):
+                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
         """hc ``[Bc, Nc, C]`` new context tokens, ht ``[B, Nt, C]`` target tokens (either None);
         temb_c, temb_t: their conditioning ``[Bc or 1, 1, C]``, ``[B, 1 or Nt, C]``; text: (tokens
-        ``[B, Nx, C]``, temb ``[B, 1, C]``) or None with ht; text_mask ``[B, Nx]`` or None; the rest
-        as :meth:`pfp.backbones.wan_style.WanStyleBlock.forward`. Returns (hc', (ht', text') or None,
-        (K, V) of every context token)."""
+        ``[B, Nx, C]``, temb ``[B, 1, C]``) or None with ht; text_mask ``[B, Nx]`` or None;
+        sp_tokens: under sequence parallelism (``self.sp``) ht is this rank's slice of that many
+        target tokens, the text and context are whole, and context K/V hold this rank's heads; the
+        rest as :meth:`pfp.backbones.wan_style.WanStyleBlock.forward`. Returns (hc', (ht', text') or
+        None, (K, V) of every context token)."""
         attn, heads = self.attn, self.num_heads
         qkv_c = None
         if hc is not None:
             c_sh, c_sc, c_g, c_sh2, c_sc2, c_g2 = _chunks(self.norm1, temb_c, 6)
             qkv_c = _qkv(attn, self.norm1.norm(hc) * (1 + c_sc) + c_sh, heads, rope_c)
+        qkv_c, prev_kv = self._own_heads(qkv_c, prev_kv)
         k_all, v_all = self._context_keys(qkv_c, prev_kv)
         oc = None
         streams = None
@@ -176,8 +216,9 @@ class HunyuanDualBlock(_ThreeStreamBlock):
             hx, temb_x = text
             sh, sc, g, sh2, sc2, g2 = _chunks(self.norm1, temb_t, 6)
             x_sh, x_sc, x_g, x_sh2, x_sc2, x_g2 = _chunks(self.norm1_context, temb_x, 6)
-            qt, kt, vt = _qkv(attn, self.norm1.norm(ht) * (1 + sc) + sh, heads, rope_t)
-            qx, kx, vx = _qkv(attn, self.norm1_context.norm(hx) * (1 + x_sc) + x_sh, heads, None, added=True)
+            qkv_t = _qkv(attn, self.norm1.norm(ht) * (1 + sc) + sh, heads, rope_t)
+            qkv_x = _qkv(attn, self.norm1_context.norm(hx) * (1 + x_sc) + x_sh, heads, None, added=True)
+            (qt, kt, vt), (qx, kx, vx) = self._to_heads(qkv_t, qkv_x, sp_tokens)
             nt = qt.shape[1]
             if joint and qkv_c is not None:   # the context's queries join: one call for all three
                 nc = qkv_c[0].shape[1]
@@ -185,7 +226,8 @@ class HunyuanDualBlock(_ThreeStreamBlock):
                 oc, o = o[:, :nc], o[:, nc:]
             else:
                 o = _attend(torch.cat([qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
-            ot, ox = o[:, :nt].flatten(2), o[:, nt:].flatten(2)
+            ot, ox, oc = self._from_heads(o[:, :nt], o[:, nt:], oc)
+            ot, ox = ot.flatten(2), ox.flatten(2)
             ht = ht + attn.to_out[1](attn.to_out[0](ot)) * g
             hx = hx + attn.to_add_out(ox) * x_g
             ht = ht + g2 * self.ff(self.norm2(ht) * (1 + sc2) + sh2)
@@ -194,6 +236,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
         if hc is not None and need_context_out:
             if oc is None:
                 oc = self._context_attention(qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
+                oc = oc if self.sp is None else self.sp.gather_heads(oc)
             hc = hc + attn.to_out[1](attn.to_out[0](oc.flatten(2))) * c_g
             hc = hc + c_g2 * self.ff(self.norm2(hc) * (1 + c_sc2) + c_sh2)
         return hc, streams, (k_all, v_all)
@@ -211,13 +254,14 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
 
     def forward(self, hc: Optional[Tensor], ht: Optional[Tensor], temb_c, temb_t, text, text_mask,
                 rope_c, rope_t, prev_kv, joint: bool, need_context_out: bool, frames,
-                ctx_mask: Optional[Tensor] = None):
+                ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
         """As :meth:`HunyuanDualBlock.forward`."""
         attn, heads = self.attn, self.num_heads
         qkv_c = None
         if hc is not None:
             xc, c_g = self._inputs(hc, temb_c)
             qkv_c = _qkv(attn, xc, heads, rope_c)
+        qkv_c, prev_kv = self._own_heads(qkv_c, prev_kv)
         k_all, v_all = self._context_keys(qkv_c, prev_kv)
         oc = None
         streams = None
@@ -229,20 +273,22 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
             z = torch.cat([xt, xx], 1)            # one pass of the linears over target and text
             mlp = self.act_mlp(self.proj_mlp(z))
             q, k, v = _qkv(attn, z, heads, None)
-            q = torch.cat([apply_rope(q[:, :nt], *rope_t), q[:, nt:]], 1)
-            kt = apply_rope(k[:, :nt], *rope_t)
+            qkv_t = (apply_rope(q[:, :nt], *rope_t), apply_rope(k[:, :nt], *rope_t), v[:, :nt])
+            (qt, kt, vt), (qx, kx, vx) = self._to_heads(qkv_t, (q[:, nt:], k[:, nt:], v[:, nt:]), sp_tokens)
+            n_all = qt.shape[1]
             if joint and qkv_c is not None:
                 nc = qkv_c[0].shape[1]
-                o = _attend(torch.cat([qkv_c[0], q], 1), kt, v[:, :nt], k_all, v_all, ctx_mask,
-                            k[:, nt:], v[:, nt:], text_mask)
+                o = _attend(torch.cat([qkv_c[0], qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
                 oc, o = o[:, :nc], o[:, nc:]
             else:
-                o = _attend(q, kt, v[:, :nt], k_all, v_all, ctx_mask, k[:, nt:], v[:, nt:], text_mask)
-            out = self.proj_out(torch.cat([o.flatten(2), mlp], -1))
+                o = _attend(torch.cat([qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
+            ot, ox, oc = self._from_heads(o[:, :n_all], o[:, n_all:], oc)
+            out = self.proj_out(torch.cat([torch.cat([ot, ox], 1).flatten(2), mlp], -1))
             streams = (ht + g * out[:, :nt], hx + x_g * out[:, nt:])
         if hc is not None and need_context_out:
             if oc is None:
                 oc = self._context_attention(qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
+                oc = oc if self.sp is None else self.sp.gather_heads(oc)
             mlp_c = self.act_mlp(self.proj_mlp(xc))
             hc = hc + c_g * self.proj_out(torch.cat([oc.flatten(2), mlp_c], -1))
         return hc, streams, (k_all, v_all)
@@ -300,6 +346,10 @@ class HunyuanVideoBackbone(WanStyleBackbone):
         return self.transformer.x_embedder.proj
 
     @property
+    def proj_out(self) -> nn.Module:
+        return self.transformer.proj_out
+
+    @property
     def blocks(self) -> list:
         """Every block in the order they run: the dual-stream ones, then the single-stream ones."""
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
@@ -307,11 +357,6 @@ class HunyuanVideoBackbone(WanStyleBackbone):
     def add_memory_attention(self, feature_dim: int) -> None:
         raise ValueError("HunyuanVideo has no text cross-attention for the cross-attention enhancement "
                          "(config cross_attention) to join; it is Wan-only")
-
-    def set_sequence_parallel(self, sp) -> None:
-        if sp is not None:
-            raise ValueError("sequence-parallel generation is not implemented for HunyuanVideo yet; run it on one "
-                             "device (Wan backbones take torchrun --nproc_per_node=N)")
 
     # ---- conditioning ---------------------------------------------------------------------------
     def _guidance(self, batch: int, device) -> Optional[Tensor]:
@@ -381,18 +426,27 @@ class HunyuanVideoBackbone(WanStyleBackbone):
 
         hc, rope_c, temb_c, cached, frames, ctx_mask, _ = self._resolve_context(context, b, x)
         joint = self.context_mode == "joint"
+        sp = self.sequence_parallel
+        if sp is not None:   # this rank's slice of the target tokens; the text and context stay whole
+            ht = sp.local(ht, 1)
+            rope_t = tuple(sp.local(z, -2) for z in rope_t)
+            if temb_t.shape[1] == nt:
+                temb_t = sp.local(temb_t, 1)
         blocks = self.blocks
         n = len(blocks)
         streams = (ht, hx)
         for i, blk in enumerate(blocks):
             prev = cached.layer(i, dtype) if cached is not None else None
             hc, streams, _ = self._call_block(blk, hc, streams[0], temb_c, temb_t, (streams[1], temb_x), text_mask,
-                                              rope_c, rope_t, prev, joint, i < n - 1, frames, ctx_mask)
+                                              rope_c, rope_t, prev, joint, i < n - 1, frames, ctx_mask,
+                                              nt if sp is not None else 0)
         ht = streams[0]
 
         norm = self.transformer.norm_out
         scale, shift = norm.linear(norm.silu(temb_t).to(ht.dtype)).chunk(2, dim=-1)
-        out = self.transformer.proj_out(norm.norm(ht) * (1 + scale) + shift)
+        out = self.proj_out(norm.norm(ht) * (1 + scale) + shift)
+        if sp is not None:
+            out = sp.gather_seq(out, nt)
         pt, ph, pw = self.patch_size
         # diffusers' layout: each token's outputs are (channel, pt, ph, pw)
         out = out.reshape(b, *grid, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
