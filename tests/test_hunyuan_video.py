@@ -421,3 +421,33 @@ def test_hunyuan_presets_build_configs_that_name_their_folders(tmp_path):
     assert memory.preset("wan22-a14b-480p").experts == 2       # the issue's name for the A14B preset
     with pytest.raises(ValueError, match="lacks|no config.json"):
         cfg.check()                                            # an empty folder is refused, naming what it lacks
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.0])
+def test_sampler_matches_hunyuan_video_pipeline_given_the_same_sigmas(true_cfg):
+    # the whole conditioning path against diffusers' own pipeline: embedded guidance, the refined
+    # and masked text, the pooled vector, the flow shift and (true_cfg > 1) a negative prompt
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    from pfp.sampler import sample
+    steps, shift = 4, 7.0
+    up = _upstream()
+    bb = HunyuanVideoBackbone(copy.deepcopy(up)).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=up, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), text_encoder_2=None,
+                                tokenizer_2=None)
+    states, mask, pooled = _text(batch=2, length=6, pad_from=3)
+    shape = (1, 4, 2, 4, 6)
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = pipe(prompt_embeds=states[:1], pooled_prompt_embeds=pooled[:1], prompt_attention_mask=mask[:1].long(),
+                    negative_prompt_embeds=states[1:], negative_pooled_prompt_embeds=pooled[1:],
+                    negative_prompt_attention_mask=mask[1:].long(), true_cfg_scale=true_cfg, guidance_scale=6.0,
+                    latents=noise.clone(), height=32, width=48, num_frames=5, num_inference_steps=steps,
+                    output_type="latent").frames
+    text, tm = pack_text(states, mask, pooled)
+    got = sample(bb, shape, text[:1], None, text_mask=tm[:1], uncond_text=text[1:], uncond_text_mask=tm[1:],
+                 steps=steps, shift=shift, cfg=true_cfg, seed=3)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
