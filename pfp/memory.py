@@ -87,6 +87,10 @@ WAN22_A14B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=40, atte
 WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
 WAN21_T2V_14B_TRANSFORMER = dict(WAN22_A14B_TRANSFORMER)   # Wan 2.1 T2V 14B: one expert of A14B's shape
+# Wan 2.1 I2V 14B: 36 input channels (latent, 4 mask, 16 image latent), CLIP's states through added K/V
+WAN21_I2V_14B_TRANSFORMER = dict(WAN22_A14B_TRANSFORMER, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")   # its image encoder
 HUNYUAN_VIDEO_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
                                  num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
                                  patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
@@ -123,6 +127,7 @@ class Preset:
     experts: int = 1              # 2: a high-noise and a low-noise expert of this transformer (A14B)
     boundary: float = 0.875       # the timestep from which the high-noise expert denoises
     family: str = "wan"           # "wan" (Wan transformer, VAE, UMT5) or "hunyuan_video" (its own three)
+    image_encoder: Optional[dict] = None   # CLIPVisionConfig keys of an I2V model's image encoder
 
 
 def preset_config(p: "Preset", model_dir: str):
@@ -142,8 +147,10 @@ def preset_config(p: "Preset", model_dir: str):
     dit = {"kind": "wan", "path": model_dir, "subfolder": "transformer", "dtype": "bf16"}
     if p.experts == 2:
         dit.update(boundary=p.boundary, subfolder_2="transformer_2")
+    image = ({"kind": "clip", "path": model_dir, "subfolder": "image_encoder", "dtype": "bf16"}
+             if p.image_encoder is not None else {"kind": "none"})
     return PFPConfig(video_size=tuple(p.video_size), fps=p.fps, chunk_frames=p.chunk_frames, rate=p.rate,
-                     compressor_hidden=tuple(p.compressor_hidden), context_mode="cached",
+                     compressor_hidden=tuple(p.compressor_hidden), context_mode="cached", image_encoder=image,
                      vae={"kind": "wan", "path": model_dir, "subfolder": "vae", "dtype": "bf16"},
                      text={"kind": "umt5", "path": model_dir, "max_length": p.text_length, "dtype": "bf16"},
                      dit=dit, sample_shift=5.0, sample_cfg=5.0)
@@ -188,6 +195,10 @@ PRESETS = {
                                  transformer=dict(WAN21_T2V_14B_TRANSFORMER), vae=dict(WAN21_VAE)),
     "wan21-t2v-14b-720p": Preset("wan21-t2v-14b-720p", (720, 1280), 16.0, 16, "4x4x2",
                                  transformer=dict(WAN21_T2V_14B_TRANSFORMER), vae=dict(WAN21_VAE)),
+    # Wan 2.1 I2V 14B (480p): the 14 B transformer with image cross-attention, CLIP ViT-H/14 beside UMT5
+    "wan21-i2v-14b-480p": Preset("wan21-i2v-14b-480p", (480, 832), 16.0, 16, "4x4x2",
+                                 transformer=dict(WAN21_I2V_14B_TRANSFORMER), vae=dict(WAN21_VAE),
+                                 image_encoder=dict(CLIP_VIT_H)),
     # HunyuanVideo 13 B: 24 fps, its 16-channel 8x VAE, Llama (256 prompt tokens) + CLIP text
     "hunyuanvideo-13b-480p": Preset("hunyuanvideo-13b-480p", (480, 848), 24.0, 24, "4x4x2",
                                     transformer=dict(HUNYUAN_VIDEO_TRANSFORMER), vae=dict(HUNYUAN_VIDEO_VAE),
@@ -346,12 +357,16 @@ def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.b
                                       p.boundary)
             vae = WanVAE(AutoencoderKLWan(**p.vae))
             text_model = UMT5EncoderModel(UMT5Config(**p.text))
+            encoders = text_model
+            if p.image_encoder is not None:   # I2V: the image encoder's phase is the text encoder's
+                from transformers import CLIPVisionConfig, CLIPVisionModel
+                encoders = nn.ModuleList([text_model, CLIPVisionModel(CLIPVisionConfig(**p.image_encoder))])
             compressor = MemoryCompressor(backbone.patch_embed, backbone.latent_channels, backbone.inner_dim,
                                           rate=p.rate, hidden=p.compressor_hidden)
         finally:
             torch.set_default_dtype(previous)
         ids = torch.zeros(1, p.text_length, dtype=torch.long)
-        return _trace_parts(backbone, compressor, vae, text_model,
+        return _trace_parts(backbone, compressor, vae, encoders,
                             lambda: text_model(input_ids=ids).last_hidden_state, p.video_size, p.fps,
                             p.chunk_frames, history_seconds, cfg_batch)
 

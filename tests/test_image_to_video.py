@@ -434,3 +434,17 @@ def test_an_i2v_model_trains_with_the_conditions_generation_gives(wan_vae_dir, t
     if mode == "pretrain":
         assert not any(given for given, _, _ in seen)
     assert out is not None
+
+
+def test_the_wan21_i2v_preset_plans_without_weights_and_names_its_image_encoder(tmp_path):
+    from pfp import memory
+    gib = 1 << 30
+    p = memory.preset("wan21-i2v-14b-480p")
+    trace = memory.trace_preset(p, history_seconds=20)
+    # 16.4 B parameters in bf16: the 14 B transformer and, per block, the image K/V projections
+    # (2 x 5120 x 5120 in each of 40); CLIP ViT-H/14's 632 M count with UMT5-XXL's 5.7 B
+    assert 30.3 < trace.transformer / gib < 30.7, trace.transformer / gib
+    assert 11.6 < trace.text / gib < 11.9, trace.text / gib
+    assert memory.choose(trace, 24 * gib).fits and memory.choose(trace, 80 * gib).choices["weights"] == "native"
+    cfg = memory.preset_config(p, str(tmp_path))
+    assert cfg.image_encoder == {"kind": "clip", "path": str(tmp_path), "subfolder": "image_encoder", "dtype": "bf16"}
