@@ -6,7 +6,7 @@
 # the next one.
 #
 #   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests tune attention conv compressor
-#                                                 context wan5b generate train memory (default: all,
+#                                                 context wan5b models generate train memory (default: all,
 #                                                 in that order),
 #                                                 sweep (the Triton config sweep; only when named)
 #
@@ -19,7 +19,7 @@ LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context wan5b generate train memory)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context wan5b models generate train memory)
 
 save() {
     if [ -n "${OUT:-}" ]; then
@@ -75,6 +75,10 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
                 run 60 wan5b-torchao python3 -m pip install --no-deps --no-index -q benchmarks/wheels/torchao-*.whl
             fi
             run 240 wan5b python3 benchmarks/bench_wan5b_step.py --steps 10 ;;
+        models)
+            # one random-weight bf16 step of Wan 2.2 A14B's expert and of HunyuanVideo 13B at 480p, cached
+            # context: time, the K/V build and peak memory (issue 25)
+            run 240 models python3 benchmarks/bench_model_step.py --steps 5 ;;
         sweep)
             run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160 ;;
         train)
@@ -86,7 +90,7 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             # the planner's (issue 23)
             run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
         *)
-            echo "unknown step $step (env tests tune attention conv compressor context wan5b train generate memory)" | tee -a "$LOG"
+            echo "unknown step $step (env tests tune attention conv compressor context wan5b models train generate memory sweep)" | tee -a "$LOG"
             exit 2 ;;
     esac
 done

@@ -52,3 +52,17 @@ def test_cpu_dry_run_writes_its_table(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_wan5b_step.py"), "--device", "cpu"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "needs --device cuda" in bad.stderr
+
+
+def test_model_step_dry_run_writes_both_models(tmp_path):
+    # benchmarks/bench_model_step.py (A14B's expert and HunyuanVideo at 480p on a GPU): its CPU dry run
+    pytest.importorskip("diffusers")
+    env = dict(os.environ, PFP_BENCH_OUT=str(tmp_path), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "benchmarks", "bench_model_step.py")
+    r = subprocess.run([sys.executable, script, "--dry-run", "--steps", "1"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "model_step" / "model_step_cpu_dry_run.md").read_text()
+    assert "| a14b | " in text and "| hunyuanvideo | " in text and "not run" not in text
+    bad = subprocess.run([sys.executable, script, "--model", "sora"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--model" in bad.stderr
