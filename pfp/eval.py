@@ -54,7 +54,7 @@ def ssim(a: Tensor, b: Tensor, window: int = 7) -> float:
 
 @torch.no_grad()
 def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequence[int], prompt: str = "", *,
-                      steps: int = 16, seed: int = 0) -> dict:
+                      steps: int = 16, seed: int = 0, lpips=None) -> dict:
     """Regenerate latent frames ``frames`` of a clip from its compressed context alone.
 
     hr_video / lr_video: ``[1, 3, T, H, W]`` and the low-res branch's input (a dataset item's
@@ -62,7 +62,9 @@ def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequenc
     the retrieved frames against the VAE's decode of the originals, and the retrieved frames
     ``[3, F, H, W]``: F = k pixel frames with a frame-wise VAE; with a causal temporal VAE (factor
     tf > 1) the pixel frames each retrieved latent frame decodes to (1 for latent 0, tf for others),
-    decoded in place within the whole clip.
+    decoded in place within the whole clip. ``lpips``: a perceptual distance of two ``[N, 3, H, W]``
+    frame batches in [-1, 1] (:func:`lpips_metric`); with one the result has ``"lpips"``, the mean
+    over the retrieved frames (else None).
     """
     from pfp.backbones.rope import frame_positions
     from pfp.sampler import timestep_schedule
@@ -101,7 +103,11 @@ def retrieval_metrics(model, hr_video: Tensor, lr_video: Tensor, frames: Sequenc
         pixel = torch.tensor(pixel, dtype=torch.long)
         got = vae.decode(filled).clamp(-1, 1)[0].cpu()[:, pixel]
         want = vae.decode(hr)[0].cpu()[:, pixel]
-    return {"psnr": psnr(got, want), "ssim": ssim(got, want), "frames": got}
+    dist = None
+    if lpips is not None:
+        with torch.no_grad():
+            dist = float(lpips(got.transpose(0, 1).float(), want.transpose(0, 1).float()).mean())
+    return {"psnr": psnr(got, want), "ssim": ssim(got, want), "lpips": dist, "frames": got}
 
 
 def return_consistency(video: Tensor, returns: Sequence[tuple]) -> Optional[float]:
@@ -190,13 +196,34 @@ def _best_shape_iou(mask: Tensor, shape: str, radius: float) -> Tensor:
     return best
 
 
-__all__ = ["psnr", "ssim", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]
+__all__ = ["psnr", "ssim", "lpips_metric", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]
 
 
 # ------------------------------------------------------------------------------------------------
 # python -m pfp.eval
 # ------------------------------------------------------------------------------------------------
-LPIPS_NOTE = "not computed: LPIPS needs the lpips package and its backbone's weights on this machine"
+def lpips_metric():
+    """(LPIPS distance, None) when the ``lpips`` package and every weight it reads are on this
+    machine, else (None, a note saying what is missing). The distance is the package's LPIPS with
+    AlexNet features (the usual choice for video retrieval tables), on ``[N, 3, H, W]`` in [-1, 1].
+    Nothing is downloaded: AlexNet's ImageNet weights must already be in torch's hub cache
+    (``$TORCH_HOME/hub/checkpoints/``), as torchvision would have stored them."""
+    import os
+    try:
+        import lpips
+        from torchvision.models import AlexNet_Weights
+    except Exception as exc:  # noqa: BLE001 - any import problem is a reason
+        return None, f"not computed: the lpips package (and torchvision) is not importable ({type(exc).__name__}: {exc})"
+    linear = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
+    backbone = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url))
+    missing = [p for p in (linear, backbone) if not os.path.isfile(p)]
+    if missing:
+        return None, f"not computed: LPIPS's weights are not on this machine ({', '.join(missing)})"
+    model = lpips.LPIPS(net="alex", verbose=False).eval()
+
+    def distance(a: Tensor, b: Tensor) -> Tensor:
+        return model(a.to(next(model.parameters()).device), b.to(next(model.parameters()).device)).flatten()
+    return distance, None
 
 
 def _clips(config, videos: str, n_chunks: int, *, report: bool, progress: bool, storyboards: str = "required"):
@@ -222,7 +249,8 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant`` (the compressor kind), ``rate``,
     ``context_tokens`` (of one clip), ``psnr``, ``psnr_sem`` (its standard error over the clips;
-    None for one clip), ``ssim``, ``lpips`` (None, see ``lpips_note``), ``videos``, ``clips``,
+    None for one clip), ``ssim``, ``lpips`` (None when it cannot be computed here, ``lpips_note`` says
+    why: :func:`lpips_metric`), ``videos``, ``clips``,
     ``frames_per_video`` (per clip), ``psnr_per_clip`` (the same clips, in the same order, for every
     checkpoint: compare two checkpoints clip by clip). Unusable videos are listed once and skipped."""
     import random
@@ -232,6 +260,7 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
 
     from pfp.generate import chunk_plan, load_model
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]  # all checked first
+    lpips, lpips_note = lpips_metric()
     rows = []
     for k, (path, model) in enumerate(models):
         config = model.config
@@ -243,7 +272,7 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
         tokens = sum(math.prod(c.token_grid((latent_frames, h // s, w // s))) for c in model.compressors)
         clips = [(i, c, start) for i in range(len(dataset))
                  for c, start in enumerate(dataset.spread_starts(i, clips_per_video))]
-        scores = []
+        scores, dists = [], []
         for i, c, start in tqdm(clips, desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
             item = dataset.get(i, start=start)
             # clip c of video i: the same frames for every checkpoint (a video's first clip keeps the
@@ -251,14 +280,16 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
             rng = random.Random(seed * 100003 + i + 1000003 * c)
             picks = sorted(rng.sample(range(latent_frames), min(frames, latent_frames)))
             m = retrieval_metrics(model, item["hr"][None], item["lr"][None], picks,
-                                  item["storyboard"].prompt_at(0.0), steps=steps, seed=seed)
+                                  item["storyboard"].prompt_at(0.0), steps=steps, seed=seed, lpips=lpips)
             scores.append((m["psnr"], m["ssim"]))
+            dists.append(m["lpips"])
         psnrs = [p for p, _ in scores]
         mean = statistics.fmean(psnrs)
         sem = statistics.stdev(psnrs) / len(psnrs) ** 0.5 if len(psnrs) > 1 else None
         rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "context_tokens": tokens, "psnr": mean, "psnr_sem": sem,
-                     "ssim": sum(q for _, q in scores) / len(scores), "lpips": None, "lpips_note": LPIPS_NOTE,
+                     "ssim": sum(q for _, q in scores) / len(scores),
+                     "lpips": statistics.fmean(dists) if lpips is not None else None, "lpips_note": lpips_note,
                      "videos": len(dataset), "clips": len(scores), "frames_per_video": min(frames, latent_frames),
                      "psnr_per_clip": psnrs})
     return rows
@@ -328,7 +359,8 @@ def _table_md(rows: list) -> str:
         sem = f" ± {r['psnr_sem']:.2f}" if r.get("psnr_sem") is not None else ""
         lines.append(f"| {r['checkpoint']} | {r['variant']} | {r['rate']} | {r['context_tokens']} | {r['psnr']:.2f}{sem} | "
                      f"{r['ssim']:.3f} | {_lpips_cell(r['lpips'])} |")
-    return "\n".join(lines) + f"\n\nLPIPS: {LPIPS_NOTE}.\n"
+    note = next((r["lpips_note"] for r in rows if r.get("lpips_note")), None)
+    return "\n".join(lines) + (f"\n\nLPIPS: {note}.\n" if note else "\n\nLPIPS: AlexNet features (the lpips package).\n")
 
 
 def _parser():

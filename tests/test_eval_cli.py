@@ -88,3 +88,27 @@ def test_consistency_scores_returns_in_the_generated_part(tmp_path, capsys):
                  "--seconds", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --history-seconds must leave") and "\n" not in err
+
+
+def test_retrieval_reports_lpips_when_a_metric_is_there(tmp_path, capsys, monkeypatch):
+    # without the lpips package (or its weights) the note says what is missing; with a metric the
+    # rows carry its mean over the retrieved frames (a stand-in distance here: no weights offline)
+    import pfp.eval as ev
+    fn, note = ev.lpips_metric()
+    if fn is None:
+        assert note.startswith("not computed: ") and ("lpips" in note or "weights" in note)
+    calls = []
+
+    def mean_abs(a, b):
+        assert a.shape == b.shape and a.dim() == 4 and a.shape[1] == 3   # [frames, 3, H, W]
+        calls.append(a.shape[0])
+        return (a - b).abs().mean(dim=(1, 2, 3))
+    monkeypatch.setattr(ev, "lpips_metric", lambda: (mean_abs, None))
+    videos = tmp_path / "videos"
+    write_video_folder(videos, good=1, corrupt=0, short=0)
+    out = tmp_path / "table.md"
+    assert main(["retrieval", "--checkpoints", _weights(tmp_path, "pfp"), "--videos", str(videos), "--steps", "2",
+                 "--frames", "2", "--quiet", "--json", "--out", str(out)]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert calls == [2] and row["lpips_note"] is None and 0 < row["lpips"] < 2
+    assert f"| {row['lpips']:.3f} |" in out.read_text() and "not computed" not in out.read_text()
