@@ -586,6 +586,7 @@ class Plan:
     seconds_lost_per_chunk: float
     context_tokens: int
     target_tokens: int
+    unit: str = "chunk"            # what bytes_moved_per_chunk and seconds_lost_per_chunk count per ("step": training)
 
     @property
     def peak_bytes(self) -> int:
@@ -596,7 +597,7 @@ class Plan:
                 "phases": [asdict(p) for p in self.phases], "choices": dict(self.choices),
                 "bytes_moved_per_chunk": self.bytes_moved_per_chunk,
                 "seconds_lost_per_chunk": self.seconds_lost_per_chunk,
-                "context_tokens": self.context_tokens, "target_tokens": self.target_tokens,
+                "context_tokens": self.context_tokens, "target_tokens": self.target_tokens, "per": self.unit,
                 "allowance": {"fixed_bytes": ALLOWANCE_BYTES, "fraction": ALLOWANCE_FRACTION}}
 
     def too_small(self, what: str, model: str) -> str:
@@ -608,7 +609,7 @@ class Plan:
         return "choices: " + ", ".join(f"{k}={v}" for k, v in self.choices.items())
 
     def table(self) -> str:
-        lines = ["| phase | resident | peak | bytes moved per chunk |", "| --- | --- | ---: | ---: |"]
+        lines = [f"| phase | resident | peak | bytes moved per {self.unit} |", "| --- | --- | ---: | ---: |"]
         for p in self.phases:
             lines.append(f"| {p.name} | {', '.join(p.resident) or '-'} | {_gib(p.peak_bytes)} | "
                          f"{_gib(p.bytes_moved) if p.bytes_moved else '0'} |")

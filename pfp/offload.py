@@ -324,4 +324,100 @@ class Placement:
                 part.park()
 
 
-__all__ = ["Placement", "BlockOffload", "check_choices", "PLAN_DEFAULTS", "PLAN_VALUES"]
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+TRAIN_PLAN_DEFAULTS = {"text": "gpu", "swap": False}
+TRAIN_PLAN_VALUES = {"text": ("gpu", "cpu"), "swap": (False, True)}
+
+
+def check_train_choices(choices: Optional[dict]) -> dict:
+    """A full training-plan choices dict; ValueError naming a bad key or value."""
+    out = dict(TRAIN_PLAN_DEFAULTS)
+    for key, value in (choices or {}).items():
+        if key not in TRAIN_PLAN_VALUES:
+            raise ValueError(f"training plan choice {key!r} is not one of: {', '.join(TRAIN_PLAN_VALUES)}")
+        if value not in TRAIN_PLAN_VALUES[key]:
+            raise ValueError(f"training plan choice {key}={value!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, TRAIN_PLAN_VALUES[key]))}")
+        out[key] = value
+    return out
+
+
+class TrainPlacement:
+    """A training plan's choices carried out on a model (:mod:`pfp.train.memory` picks them), as the
+    :class:`~pfp.train.objectives.StepPhases` a loss runs through:
+
+    - the trainable parameters (LoRA adapters, the compressor) move to the device once and stay:
+      they, their gradients and the optimizer's states never move;
+    - ``text="cpu"``: the text encoder stays on the CPU and the losses move its states over;
+      ``"gpu"``: it is on the device throughout;
+    - ``swap=True``: the frozen transformer (and the compressor's frozen parts) is off the device
+      while the VAE encodes the batch (``encode()``), and the VAE (with an image encoder) while the
+      transformer runs forward and backward (``step()``). Each step moves both in once; their host
+      copies stay, so nothing is copied out.
+
+    The model must still be on the CPU (``pfp.train`` does not move it when a plan is given);
+    ``park_to="nan"`` (tests) makes a part used while away poison the loss instead.
+    """
+
+    def __init__(self, model: nn.Module, device, choices: Optional[dict] = None, *, park_to: str = "host"):
+        if park_to not in ("host", "nan"):
+            raise ValueError(f"park_to must be 'host' or 'nan', got {park_to!r}")
+        self.model = model
+        self.device = torch.device(device)
+        self.choices = check_train_choices(choices)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:   # resident: their optimizer states and gradients live beside them
+            p.data = p.data.to(self.device)
+        text = _tensors_of([model.text_encoder], exclude=trainable)
+        encoders = [model.vae] if isinstance(model.vae, nn.Module) else []
+        if getattr(model, "image_encoder", None) is not None:   # Wan I2V: runs with the VAE, in encode()
+            encoders.append(model.image_encoder)
+        vae = _tensors_of(encoders, exclude=trainable)
+        rest = _tensors_of([model], exclude=trainable + text + vae)
+        self._rest = _HostCopy(rest, self.device, park_to)
+        self._vae = _HostCopy(vae, self.device, park_to)
+        self._text = None
+        self._bytes = 0
+        if self.choices["text"] == "cpu":
+            for t in text:
+                t.data = t.data.to("cpu")
+        else:
+            self._text = _HostCopy(text, self.device, park_to)
+            self._bytes += self._text.load()
+        if not self.choices["swap"]:
+            self._bytes += self._rest.load() + self._vae.load()
+
+    @property
+    def bytes_moved(self) -> int:
+        """Host-to-device bytes copied so far."""
+        return self._bytes
+
+    @contextmanager
+    def encode(self):
+        """The VAE's work: with ``swap``, the transformer leaves and the VAE comes in."""
+        if self.choices["swap"] and not self._vae.loaded:
+            self._rest.park()
+            self._bytes += self._vae.load()
+        yield
+
+    @contextmanager
+    def step(self):
+        """The compressor's and the backbone's forward (and, after the loss, the backward and the
+        optimizer step): with ``swap``, the VAE leaves and the transformer comes in."""
+        if self.choices["swap"] and not self._rest.loaded:
+            self._vae.park()
+            self._bytes += self._rest.load()
+        yield
+
+    def close(self) -> None:
+        """Every moved part back to its host copy (the trainable parameters stay where they are)."""
+        for part in (self._rest, self._vae, self._text):
+            if part is not None:
+                part.park_to = "host"
+                part.park()
+
+
+__all__ = ["Placement", "BlockOffload", "TrainPlacement", "check_choices", "check_train_choices", "PLAN_DEFAULTS",
+           "PLAN_VALUES", "TRAIN_PLAN_DEFAULTS", "TRAIN_PLAN_VALUES"]

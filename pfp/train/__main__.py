@@ -105,6 +105,11 @@ def _parser() -> Parser:
                    help="stop after this much wall time (checkpoint and export as at the last step)")
     p.add_argument("--until", type=int, default=None,
                    help="stop after this step (the LR schedule still spans --steps); reproduces a --max-minutes run")
+    p.add_argument("--vram", default=None, help="device memory budget with a unit, e.g. 12GiB: train under the "
+                   "memory plan that fits it (text encoder on the CPU, VAE and transformer swapped; gradient "
+                   "checkpointing on)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (with --vram: the one chosen; "
+                   "without: the plain run's) and stop")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
         kwargs["progress"] = not ns.no_progress
         from .loop import train
         summary = train(TrainArgs(**kwargs))  # checks every argument and path before any work
-        if summary["rank"] == 0:
+        if summary["rank"] == 0 and not ns.plan:
             print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, "
                   f"{summary['samples_per_s']:.2f} samples/s")
         return 0

@@ -36,7 +36,7 @@ from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, re
 
 from .checkpoint import (CHECKPOINTS, LEGACY_DIRS, load_checkpoint, read_optimizer_state, read_state, recover,
                          resolve_checkpoint, restore_rng_state, save_checkpoint)
-from .objectives import ObjectiveConfig, finetune_loss, pretrain_loss
+from .objectives import ObjectiveConfig, StepPhases, finetune_loss, pretrain_loss
 
 MODES = ("pretrain", "finetune")
 
@@ -98,6 +98,8 @@ class TrainArgs:
     crop: str = "random"                 # a video folder's crops: "random" (zoom and place per clip) or "center"
     storyboards: str = "required"        # a video folder's storyboards: "required" or "optional" (one default shot)
     progress: bool = True
+    vram: Optional[str] = None           # device memory budget ("12GiB"): train under the plan that fits it
+    plan: bool = False                   # print the memory plan (the plain run's without --vram) and stop
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,19 +143,21 @@ class _LossModule(nn.Module):
     """Wraps the model so that DDP sees one forward per step (it syncs gradients in backward)."""
 
     def __init__(self, model: PFPModel, mode: str, objective: ObjectiveConfig, chunk_latent: int,
-                 device, autocast_dtype):
+                 device, autocast_dtype, phases=None):
         super().__init__()
         self.model, self.mode, self.objective = model, mode, objective
         self.chunk_latent, self.device, self.autocast_dtype = chunk_latent, device, autocast_dtype
+        self.phases = phases if phases is not None else StepPhases()   # a memory plan's placement
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else _nullcontext())
         with ctx:
             if self.mode == "pretrain":
-                return pretrain_loss(self.model, self.model.backbone, batch, generator, self.objective, self.device)
+                return pretrain_loss(self.model, self.model.backbone, batch, generator, self.objective, self.device,
+                                     phases=self.phases)
             return finetune_loss(self.model, self.model.backbone, batch, generator, self.objective,
-                                 self.chunk_latent, self.device)
+                                 self.chunk_latent, self.device, phases=self.phases)
 
 
 class _nullcontext:
@@ -224,7 +228,7 @@ def _plain_backbone(backbone):
 # ------------------------------------------------------------------------------------------------
 def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
     # whole chunks: K * chunk_frames frames, less tf - 1 with a causal VAE (1 + tf*k frames)
-    num_chunks = max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
+    num_chunks = _clip_chunks(args, config)
     spec = config.clip_spec(num_chunks)
     if args.data == "synthetic":
         from pfp.data import SyntheticMultiShotVideos
@@ -385,6 +389,14 @@ def check_train_args(args: TrainArgs) -> None:
             raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if args.device != "auto":
         check_device("--device", args.device)
+    if args.vram is not None:
+        from pfp.memory import parse_bytes
+        try:
+            parse_bytes(args.vram, "--vram")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--vram plans one device; under torchrun shard the model with --fsdp instead")
     if (args.init_new or args.init_skip) and not args.init:
         raise UsageError(f"{'--init-new' if args.init_new else '--init-skip'} needs --init (the weights it applies to)")
     if args.init_new and args.init_skip:
@@ -531,9 +543,10 @@ def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
 
 
 def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Optional[str],
-                   resume_state: Optional[dict]) -> tuple[PFPModel, bool, int, int]:
-    """The model with its initial or resumed weights, LoRA and trainable flags, on ``device``.
-    Returns (model, lora, first step, non-finite steps skipped so far)."""
+                   resume_state: Optional[dict], move: bool = True) -> tuple[PFPModel, bool, int, int]:
+    """The model with its initial or resumed weights, LoRA and trainable flags, on ``device`` (left
+    on the CPU with ``move=False``: a memory plan places it). Returns (model, lora, first step,
+    non-finite steps skipped so far)."""
     # every RNG a checkpoint records starts from the seed, so a resumed run's states equal an
     # uninterrupted run's (Python's and NumPy's would otherwise start from OS entropy)
     torch.manual_seed(args.seed)
@@ -549,7 +562,8 @@ def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Opti
     _set_trainable(model, args, lora)
     if args.grad_checkpointing:
         _plain_backbone(model.backbone).set_gradient_checkpointing(True)
-    model.to(device)
+    if move:
+        model.to(device)
     if resume_state is None:
         return model, lora, 0, 0
     # the RNG states are restored last, right before the first step (train), so that nothing set
@@ -643,17 +657,31 @@ def train(args: TrainArgs) -> dict:
     resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
     config = _resolve_config(args, resume_state)
-    dataset = _dataset(args, config, progress=args.progress and rank == 0)   # every file checked before step 1
+    # every file checked before step 1 (--plan only plans: no data is read)
+    dataset = None if args.plan else _dataset(args, config, progress=args.progress and rank == 0)
     report = getattr(dataset, "skip_report", lambda: None)()
     if report and rank == 0:
         print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
 
-    model, lora, start, skipped = _build_trainee(args, config, device, resume_path, resume_state)
+    planned = args.vram is not None or args.plan
+    model, lora, start, skipped = _build_trainee(args, config, device, resume_path, resume_state, move=not planned)
+    placement = None
+    if planned:
+        plan = _training_plan(model, args, config)
+        if args.plan:
+            if rank == 0:
+                _print_training_plan(plan, args, config)
+            return {"step": start, "loss": float("nan"), "samples_per_s": 0.0, "rank": rank, "world": world,
+                    "model": model, "plan": plan}
+        from pfp.offload import TrainPlacement
+        _plain_backbone(model.backbone).set_gradient_checkpointing(True)   # what the plan was traced with
+        placement = TrainPlacement(model, device, plan.choices)
     objective = ObjectiveConfig(max_retrieve=args.max_retrieve, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                 p_no_history=args.p_no_history, history_noise=args.history_noise,
                                 t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,
                                 self_history=args.self_history, self_history_t=tuple(args.self_history_t))
-    loss_module = _LossModule(model, args.mode, objective, config.chunk_latent_frames, device, autocast_dtype)
+    loss_module = _LossModule(model, args.mode, objective, config.chunk_latent_frames, device, autocast_dtype,
+                              phases=placement)
     runner = _distribute(loss_module, model, args, device, world)
     optimizer, params = _make_optimizer(model, args, resume_path, world > 1 and args.fsdp)
 
@@ -724,6 +752,38 @@ def train(args: TrainArgs) -> dict:
     elapsed = time.perf_counter() - t_start
     return {"step": step + 1, "loss": last_loss, "samples_per_s": (step + 1 - start) * args.batch_size * world / max(elapsed, 1e-9),
             "rank": rank, "world": world, "model": model}
+
+
+def _clip_chunks(args: TrainArgs, config: PFPConfig) -> int:
+    """Chunks per training clip (``--clip-seconds``, whole chunks, at least one)."""
+    return max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
+
+
+def _training_plan(model: PFPModel, args: TrainArgs, config: PFPConfig):
+    """The memory plan for ``--vram`` (the plain run's estimate for ``--plan`` alone), traced on the
+    model as built (on the CPU, with LoRA and trainable flags); a budget nothing fits is refused
+    with one line naming the smallest that does."""
+    from pfp.memory import parse_bytes
+    from pfp.train.memory import choose_training, trace_training
+    budget = parse_bytes(args.vram, "--vram") if args.vram is not None else None
+    trace = trace_training(model, args.batch_size, _clip_chunks(args, config))
+    plan = choose_training(trace, budget)
+    if not plan.fits:
+        raise UsageError(plan.too_small(f"--vram {args.vram}", "this training run (--batch-size "
+                                        f"{args.batch_size}, --clip-seconds {args.clip_seconds:g})"))
+    return plan
+
+
+def _print_training_plan(plan, args: TrainArgs, config: PFPConfig) -> None:
+    from pfp.memory import ALLOWANCE_BYTES, ALLOWANCE_FRACTION
+    print(f"{args.mode}: batch {args.batch_size} of {_clip_chunks(args, config)} chunks at "
+          f"{config.video_size[0]}x{config.video_size[1]}: {plan.context_tokens} context tokens at the longest "
+          f"history, {plan.target_tokens} target tokens" + (f"; budget {args.vram}" if args.vram else
+                                                            "; no budget (everything resident)"))
+    print(plan.choices_line())
+    print(plan.table())
+    print(f"allowance in every peak: {ALLOWANCE_BYTES >> 20} MiB + {ALLOWANCE_FRACTION:.0%}; gradient "
+          f"checkpointing on; time lost to the choices ~{plan.seconds_lost_per_chunk:.2f} s per step (estimate)")
 
 
 def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:

@@ -15,6 +15,7 @@ step is a pure function of its inputs and a resumed run is bit-identical to an u
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -122,6 +123,28 @@ def _lr_prefix(lr: Tensor, hr_frames: int, rt: int) -> Tensor:
     return lr[:, :, : -(-hr_frames // rt)]
 
 
+class StepPhases:
+    """Where a training step is (for a memory plan, :class:`pfp.offload.TrainPlacement`): the losses
+    run the VAE's work inside ``encode()`` and the compressor's and backbone's inside ``step()``,
+    so a plan can keep only one of them on the device. These defaults do nothing."""
+
+    def encode(self):
+        return nullcontext()
+
+    def step(self):
+        return nullcontext()
+
+
+_NO_PHASES = StepPhases()
+
+
+def _encode_text(model, prompts, device) -> tuple[Tensor, Tensor]:
+    """The prompts' states and mask on ``device`` (the text encoder may run elsewhere: a plan's
+    ``text="cpu"``)."""
+    text, mask = model.encode_text(prompts)
+    return text.to(device), mask.to(device)
+
+
 def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """HR and LR latents of a collated batch (``"hr"`` ``[B, 3, T, H, W]``, ``"lr"`` low-res video)."""
     vae = model.vae
@@ -181,7 +204,7 @@ def _with_window(model, backbone, ctx, hist: Tensor, dtype):
 
 
 def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
-                  device, compute_dtype=torch.float32) -> Tensor:
+                  device, compute_dtype=torch.float32, phases: StepPhases = _NO_PHASES) -> Tensor:
     """Frame retrieval (PFP 2.1 / 3.1).
 
     1. Omega: random latent frames of the clip, different for every sample and step.
@@ -191,10 +214,13 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     4. The frames of Omega, noised to a random t and placed at their own times by RoPE, are
        denoised conditioned on the context: flow-matching loss on them.
     """
-    hr, lr = encode_clip(model, batch, device)
-    lrs = encode_low_res(model, batch, lr, device)
+    with phases.encode():
+        hr, lr = encode_clip(model, batch, device)
+        lrs = encode_low_res(model, batch, lr, device)
     b, c, t, h, w = hr.shape
     omega = random_omega(t, b, cfg.max_retrieve, generator)                       # [B, k]
+    with phases.encode():   # what a Wan I2V backbone reads beside the latent (the VAE makes it)
+        extra = i2v_inputs(model, backbone, batch, omega.shape[1], False, device)   # retrieved frames: none given
     keep = torch.zeros(b, t, dtype=torch.bool).scatter_(1, omega, True)
     level = shifted_logit_normal((b, t), generator, cfg.mask_mean, cfg.mask_std, cfg.mask_shift)
     level = torch.where(keep, torch.zeros_like(level), level)
@@ -218,15 +244,16 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     positions = torch.stack([frame_positions(o.float(), h // ph, w // pw) for o in omega]).to(device)
     prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, float(o[0])) for o in omega], cfg.p_uncond,
                        generator)
-    text, text_mask = model.encode_text(prompts)
-    ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
-    extra = i2v_inputs(model, backbone, batch, x0.shape[2], False, device)   # retrieved frames: none given
-    v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask, **extra)
-    return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
+    text, text_mask = _encode_text(model, prompts, device)
+    with phases.step():
+        ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
+        v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask, **extra)
+        return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
 def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
-                  chunk_latent_frames: int, device, compute_dtype=torch.float32) -> Tensor:
+                  chunk_latent_frames: int, device, compute_dtype=torch.float32,
+                  phases: StepPhases = _NO_PHASES) -> Tensor:
     """Next-chunk generation from the compressed history (PFP 3.3).
 
     The clip is cut after a random number n >= 0 of whole chunks: the first n chunks are the history
@@ -244,8 +271,9 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     replaced by the model's own estimate of it (:func:`_self_history`), before any history noise:
     the errors the model really makes, where Gaussian noise is only a stand-in for them.
     """
-    hr, lr = encode_clip(model, batch, device)
-    lrs = encode_low_res(model, batch, lr, device)
+    with phases.encode():
+        hr, lr = encode_clip(model, batch, device)
+        lrs = encode_low_res(model, batch, lr, device)
     b, c, t, h, w = hr.shape
     lc = chunk_latent_frames
     n_max = t // lc - 1
@@ -255,33 +283,38 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     if cfg.p_no_history > 0 and float(torch.rand((), generator=generator)) < cfg.p_no_history:
         n = 0
     x0 = hr[:, :, n * lc:(n + 1) * lc]
-    ctx = None
+    with phases.encode():   # chunk 0 starts from the clip's first frame (Wan I2V)
+        extra = i2v_inputs(model, backbone, batch, lc, n == 0, device)
+    hist = lr_hist = None
     if n > 0:
         hist = hr[:, :, : n * lc]
         lr_hist = [_lr_prefix(lr, n * lc, comp.rate.t) for comp, lr in zip(model.compressors, lrs)]
         if cfg.self_history > 0:
             hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lrs, batch, lc, generator, cfg,
-                                          compute_dtype)
+                                          compute_dtype, device, phases)
         if cfg.history_noise > 0:
             u = cfg.history_noise * torch.rand(b, generator=generator)
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
             lr_hist = [flow_pair(x, u, torch.randn(x.shape, generator=generator).to(x))[0] for x in lr_hist]
-        ctx = _compress(model, hist, lr_hist, compute_dtype)
-        if model.config.sliding_window:
-            ctx = _with_window(model, backbone, ctx, hist, compute_dtype)
     ts = training_timesteps(b, generator, cfg).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
     prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, n * lc)] * b, cfg.p_uncond, generator)
-    text, text_mask = model.encode_text(prompts)
-    extra = i2v_inputs(model, backbone, batch, lc, n == 0, device)   # chunk 0 starts from the clip's first frame
-    v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask,
-                 **extra)
-    return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
+    text, text_mask = _encode_text(model, prompts, device)
+    with phases.step():
+        ctx = None
+        if n > 0:
+            ctx = _compress(model, hist, lr_hist, compute_dtype)
+            if model.config.sliding_window:
+                ctx = _with_window(model, backbone, ctx, hist, compute_dtype)
+        v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask,
+                     **extra)
+        return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
 
 def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch: dict, lc: int,
-                  generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype) -> tuple[Tensor, list]:
+                  generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype, device,
+                  phases: StepPhases = _NO_PHASES) -> tuple[Tensor, list]:
     """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents per
     compressor, the starts of the clip's ``lrs``) where for a random subset of the samples (each with probability
     ``cfg.self_history``) the newest chunk is the model's own one-step clean estimate of it: the
@@ -305,31 +338,38 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch
         return hist, lr_hist
     real = hist[:, :, j * lc:]
     with torch.no_grad():
-        ctx = _compress(model, hist[:, :, : j * lc], [_lr_prefix(lr, j * lc, comp.rate.t) for comp, lr
-                                                      in zip(model.compressors, lrs)], compute_dtype) if j > 0 else None
-        if j > 0 and model.config.sliding_window:
-            ctx = _with_window(model, backbone, ctx, hist[:, :, : j * lc], compute_dtype)
+        with phases.encode():
+            extra = i2v_inputs(model, backbone, batch, lc, j == 0, hist.device)
         ts = u.to(hist.device)
         xu = flow_pair(real, ts, noise.to(real))[0]
         when = _latent_time(model, batch, j * lc)
-        text, text_mask = model.encode_text([sb.prompt_at(when) for sb in batch["storyboard"]])
-        extra = i2v_inputs(model, backbone, batch, lc, j == 0, hist.device)
-        v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask,
-                     **extra)
+        text, text_mask = _encode_text(model, [sb.prompt_at(when) for sb in batch["storyboard"]], device)
+        with phases.step():
+            ctx = _compress(model, hist[:, :, : j * lc], [_lr_prefix(lr, j * lc, comp.rate.t) for comp, lr
+                                                          in zip(model.compressors, lrs)], compute_dtype) if j > 0 else None
+            if j > 0 and model.config.sliding_window:
+                ctx = _with_window(model, backbone, ctx, hist[:, :, : j * lc], compute_dtype)
+            v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask,
+                         **extra)
         estimate = (xu.float() - ts.view(b, 1, 1, 1, 1) * v.float()).to(real.dtype)
         sel = pick.to(hist.device).view(b, 1, 1, 1, 1)
         hist = torch.cat([hist[:, :, : j * lc], torch.where(sel, estimate, real)], dim=2)
-        frames = model.vae.decode(hist.float()).clamp(-1, 1)
         out = []
-        for branch, old in zip(model.config.branch_configs(), lr_hist):
-            spec = branch.video_spec(batch["hr"].shape[2])
-            lr_new = model.vae.encode(to_low_res_part(frames, spec, start=0)).to(old.dtype)
-            if lr_new.shape != old.shape:
-                raise RuntimeError(f"self-history: the re-encoded LR history has shape {tuple(lr_new.shape)}, "
-                                   f"the clip's {tuple(old.shape)}")
-            out.append(torch.where(sel, lr_new, old))
+        with phases.encode():
+            frames = model.vae.decode(hist.float()).clamp(-1, 1)
+            for branch, old in zip(model.config.branch_configs(), lr_hist):
+                spec = branch.video_spec(batch["hr"].shape[2])
+                lr_video = to_low_res_part(frames, spec, start=0)
+                # the frames the history's LR latents come from: with a causal VAE (1 + tf*k frames)
+                # the first m latent frames are those of the first 1 + tf*(m - 1) video frames
+                lr_video = lr_video[:, :, : model.vae.video_frames(old.shape[2])]
+                lr_new = model.vae.encode(lr_video).to(old.dtype)
+                if lr_new.shape != old.shape:
+                    raise RuntimeError(f"self-history: the re-encoded LR history has shape {tuple(lr_new.shape)}, "
+                                       f"the clip's {tuple(old.shape)}")
+                out.append(torch.where(sel, lr_new, old))
     return hist, out
 
 
 __all__ = ["ObjectiveConfig", "shifted_logit_normal", "training_timesteps", "flow_pair", "flow_loss", "random_omega",
-           "pretrain_loss", "finetune_loss", "encode_clip"]
+           "pretrain_loss", "finetune_loss", "encode_clip", "StepPhases"]

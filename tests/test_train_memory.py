@@ -1,0 +1,99 @@
+"""Training under a memory budget: the planner's training phases (pfp.train.memory) and the
+placement that carries a plan out (pfp.offload.TrainPlacement)."""
+import pytest
+import torch
+
+from _tiny_pfp import tiny_config, wan_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trainee(config, mode="finetune", lora_rank=4):
+    """A model as pfp.train builds it: LoRA on the backbone, trainable flags set, on the CPU."""
+    from pfp.train.loop import TrainArgs, _set_trainable, apply_lora
+    from pfp.weights import build_model
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():   # the zero-initialised heads would make the loss blind to the context
+        model.compressor.proj.weight.normal_(0, 0.1)
+    if lora_rank:
+        apply_lora(model, lora_rank)
+    _set_trainable(model, TrainArgs(mode=mode), lora_rank > 0)
+    return model
+
+
+def _losses(model, config, placement=None, steps=3, mode="finetune"):
+    from pfp.train import ObjectiveConfig, TrainArgs, step_generator
+    from pfp.train.loop import _batch, _dataset, _LossModule
+    batch = _batch(_dataset(TrainArgs(clip_seconds=2.0), config), step_generator(0, 0, 0, "data"), 2)
+    lm = _LossModule(model, mode, ObjectiveConfig(self_history=0.5 if mode == "finetune" else 0.0),
+                     config.chunk_latent_frames, torch.device("cpu"), None, phases=placement)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(steps):
+        loss = lm(batch, step_generator(0, step, 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["finetune", "pretrain"])
+@pytest.mark.parametrize("choices", [{"text": "cpu"}, {"swap": True}, {"text": "cpu", "swap": True}])
+def test_every_training_plan_gives_the_plain_runs_losses(wan_vae_dir, mode, choices):
+    # parked parts hold NaN (park_to="nan"): a part used while the plan has it off the device
+    # poisons the loss, so equal losses mean each phase had what it ran on; the trainable
+    # parameters never move, so the optimizer's steps are the plain run's bit for bit
+    from pfp.offload import TrainPlacement
+    config = wan_config(wan_vae_dir)
+    want = _losses(_trainee(config, mode), config, mode=mode)
+    model = _trainee(config, mode)
+    placement = TrainPlacement(model, "cpu", choices, park_to="nan")
+    got = _losses(model, config, placement, mode=mode)
+    assert got == want, (got, want)
+    if choices.get("swap"):
+        assert placement.bytes_moved > 0
+    placement.close()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_text_encoder_that_trains_never_leaves_the_device():
+    from pfp.train.memory import all_training_plans, trace_training
+    model = _trainee(tiny_config(), mode="pretrain", lora_rank=0)     # the tiny model trains its text encoder
+    trace = trace_training(model, 2, 2)
+    assert trace.text_trains and {p.choices["text"] for p in all_training_plans(trace, None)} == {"gpu"}
+
+
+def test_the_training_trace_counts_the_step_and_the_optimizer(wan_vae_dir):
+    from pfp.train.memory import choose_training, estimate_training, trace_training
+    config = wan_config(wan_vae_dir)
+    model = _trainee(config)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    trace = trace_training(model, 2, 2)
+    assert trace.trainable == 3 * trainable                  # the parameters and AdamW's two states
+    assert trace.transient["step"] >= trainable              # the gradients at least, and the activations
+    assert trace.vae > 0 and trace.frozen > 0 and trace.context_tokens > 0
+    plain = estimate_training(trace, {}, None)
+    swapped = estimate_training(trace, {"swap": True, "text": "cpu"}, None)
+    assert swapped.peak_bytes < plain.peak_bytes and swapped.bytes_moved_per_chunk == trace.vae + trace.frozen
+    tight = choose_training(trace, swapped.peak_bytes)        # only the swapped plan fits: it is chosen
+    assert tight.fits and tight.choices == {"text": "cpu", "swap": True}
+    assert choose_training(trace, 80 << 30).choices == {"text": "gpu", "swap": False}
+
+
+def test_train_cli_plans_refuses_and_trains_under_a_budget(tmp_path, capsys):
+    from pfp.train.__main__ import main
+    common = ["finetune", "--steps", "2", "--batch-size", "2", "--clip-seconds", "1", "--workers", "0",
+              "--no-progress", "--threads", "1", "--lora-rank", "2"]
+    assert main([*common, "--out", str(tmp_path / "p"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "| step |" in out and "no budget" in out and not (tmp_path / "p").exists()   # nothing written
+    assert main([*common, "--out", str(tmp_path / "q"), "--vram", "1MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--vram 1MiB is too small" in err[0] and "smallest needs" in err[0]
+    for bad in ("12", "-3GiB"):
+        assert main([*common, "--out", str(tmp_path / "r"), f"--vram={bad}"]) == 2
+        assert "--vram must be a positive size with a unit" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "s"), "--vram", "64GiB"]) == 0   # fits: trains
+    assert (tmp_path / "s" / "loss.csv").is_file()
