@@ -97,3 +97,42 @@ def test_train_cli_plans_refuses_and_trains_under_a_budget(tmp_path, capsys):
         assert "--vram must be a positive size with a unit" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "s"), "--vram", "64GiB"]) == 0   # fits: trains
     assert (tmp_path / "s" / "loss.csv").is_file()
+
+
+def test_full_size_wan_5b_finetune_is_traced_without_weights():
+    # the model: Wan 2.2 TI2V-5B at 832x480, a 2 s clip (1 s of history, 1 s target), LoRA
+    # rank 16; built on fake tensors from the preset's configs (no folder, no weights)
+    from pfp import memory
+    from pfp.train.memory import choose_training, trace_training_preset
+    gib = 1 << 30
+    trace = trace_training_preset(memory.preset("wan22-ti2v-5b-480p"), batch_size=1, clip_chunks=2, lora_rank=16)
+    assert abs(trace.frozen / gib - 9.31) < 0.05 and abs(trace.text / gib - 10.58) < 0.05
+    assert trace.target_tokens == 2340 and trace.context_tokens == 54
+    assert 0.3 < trace.trainable / gib < 0.6          # rank-16 adapters and the compressor, with AdamW's states
+    assert trace.transient["step"] > trace.transient["text"]
+    whole = choose_training(trace, 80 * gib)
+    assert whole.fits and whole.choices == {"text": "gpu", "swap": False}
+    mid = choose_training(trace, 24 * gib)
+    assert mid.fits and mid.choices["text"] == "cpu" and mid.peak_bytes <= 24 * gib
+    small = choose_training(trace, 12 * gib)          # the frozen bf16 transformer alone is 9.3 GiB
+    assert not small.fits and small.peak_bytes > 12 * gib
+
+
+def test_a_bf16_wan_backbone_finetunes(tmp_path):
+    # a preset's transformer is read in bf16, and its compressor is built in the patch embedding's
+    # dtype: the losses hand the compressor its own dtype (fp32 latents were refused before)
+    import dataclasses
+    pytest.importorskip("diffusers")
+    from pfp.train import TrainArgs, train
+
+    from pfp.backbones import WanBackbone
+    from _tiny_pfp import TINY_WAN, write_config
+    torch.manual_seed(0)
+    WanBackbone.from_config(**{**TINY_WAN, "in_channels": 12, "out_channels": 12}).transformer.save_pretrained(
+        tmp_path / "wan")
+    config = dataclasses.replace(tiny_config(), dit={"kind": "wan", "path": str(tmp_path / "wan"), "dtype": "bf16"},
+                                 vae={"kind": "patch", "spatial_factor": 2, "temporal_factor": 1})   # 12 channels
+    path = write_config(tmp_path / "cfg.json", config)
+    out = train(TrainArgs(mode="finetune", config=path, steps=2, batch_size=2, clip_seconds=1.0, workers=0,
+                          out=str(tmp_path / "run"), lora_rank=2, progress=False, save_every=2))
+    assert out["model"].compressor.dtype == torch.bfloat16 and out["loss"] == out["loss"]   # finite, not NaN

@@ -406,7 +406,13 @@ def check_train_args(args: TrainArgs) -> None:
     from pfp.memory import PRESETS
     if args.rate is not None and args.config is None:
         raise UsageError("--rate goes with --config (a config file, or a preset such as wan22-ti2v-5b-480p)")
-    if args.config in PRESETS or args.model_dir is not None or args.rate is not None:
+    if args.plan and args.config in PRESETS and args.model_dir is None:
+        from pfp.memory import preset
+        try:
+            preset(args.config, args.rate)   # planned from its architecture: no folder needed
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.config in PRESETS or args.model_dir is not None or args.rate is not None:
         from pfp.memory import config_from_arg
         try:
             config_from_arg(args.config or "", args.model_dir, args.rate)   # the folder and rate, up front
@@ -654,6 +660,9 @@ def train(args: TrainArgs) -> dict:
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[args.precision]
 
+    from pfp.memory import PRESETS
+    if args.plan and args.config in PRESETS and args.model_dir is None:
+        return _plan_preset(args)   # the preset's architecture, traced: no folder, no weights, no data
     resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
     config = _resolve_config(args, resume_state)
@@ -772,6 +781,22 @@ def _training_plan(model: PFPModel, args: TrainArgs, config: PFPConfig):
         raise UsageError(plan.too_small(f"--vram {args.vram}", "this training run (--batch-size "
                                         f"{args.batch_size}, --clip-seconds {args.clip_seconds:g})"))
     return plan
+
+
+def _plan_preset(args: TrainArgs) -> dict:
+    """``--plan`` for a preset without ``--model-dir``: its full-size parts traced on fake tensors."""
+    from pfp.memory import parse_bytes, preset, preset_config
+    from pfp.train.memory import choose_training, trace_training_preset
+    p = preset(args.config, args.rate)
+    config = preset_config(p, "")
+    rank = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
+    trace = trace_training_preset(p, args.batch_size, _clip_chunks(args, config), rank, args.mode)
+    plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None)
+    if not plan.fits:
+        raise UsageError(plan.too_small(f"--vram {args.vram}", f"{p.name} ({args.mode}, --batch-size "
+                                        f"{args.batch_size}, --clip-seconds {args.clip_seconds:g}, LoRA rank {rank})"))
+    _print_training_plan(plan, args, config)
+    return {"step": 0, "loss": float("nan"), "samples_per_s": 0.0, "rank": 0, "world": 1, "model": None, "plan": plan}
 
 
 def _print_training_plan(plan, args: TrainArgs, config: PFPConfig) -> None:

@@ -67,9 +67,11 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     (default the config's): the finetune step at its longest history (all chunks but the last),
     which bounds the pretrain step's too (that one runs fewer frames through the backbone). Runs the
     real modules on fake tensors (FakeTensorMode), with gradient checkpointing on."""
+    from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pfp.compressor import Context
+    from pfp.train.objectives import _compress
     config = model.config
     h, w = size or config.video_size
     s = config.vae_spatial
@@ -94,8 +96,10 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     was_checkpointing = getattr(plain, "gradient_checkpointing", False)
     plain.set_gradient_checkpointing(True)
     transient = {}
+    # a model built under a fake mode (trace_training_preset) is traced in that mode
+    fake_mode = detect_fake_mode(list(model.parameters())) or FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_mode:
             video = torch.zeros(batch_size, 3, frames, h, w)
 
             def encode():
@@ -122,7 +126,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                 with torch.enable_grad():
                     ctx = None
                     if n_hist:   # the compressor's tokens (fake), at real positions: the backbone reads them
-                        made = model.compress(hist, lr_hist)
+                        made = _compress(model, hist, lr_hist, torch.float32)   # as the losses call it
                         ctx = Context(made.tokens, positions, features=getattr(made, "features", None))
                     v = backbone(x, ts, text, ctx, t_start=t_start)
                     loss = v.float().square().mean()
@@ -137,6 +141,126 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                       + _optimizer_bytes(model), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
                       target_tokens=target, context_tokens=context)
+
+
+class _TracedText(nn.Module):
+    """A preset's text encoder for tracing: its transformers model on ``length`` token ids (no
+    tokenizer needed), returning :class:`pfp.text.TextTokens` in the layout its backbone reads."""
+
+    frozen = True
+
+    def __init__(self, run, modules: list, dim: int, length: int):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.run, self.dim, self.length = run, dim, length
+
+    def forward(self, prompts):
+        from pfp.text import TextTokens
+        states = self.run(len(prompts))
+        return TextTokens(states, torch.ones(states.shape[:2], dtype=torch.bool))
+
+
+def _preset_folder(p, root: str) -> None:
+    """The config.json files a preset's config checks for (no weights): enough to build its config."""
+    import json
+    import os
+    files = {"transformer": {"_class_name": "HunyuanVideoTransformer3DModel" if p.family == "hunyuan_video"
+                             else "WanTransformer3DModel", **p.transformer},
+             "vae": {"_class_name": "AutoencoderKLHunyuanVideo" if p.family == "hunyuan_video" else "AutoencoderKLWan",
+                     **p.vae},
+             "text_encoder": {"model_type": "llama" if p.family == "hunyuan_video" else "umt5"}}
+    if p.experts == 2:
+        files["transformer_2"] = files["transformer"]
+    if p.image_encoder is not None:
+        files["image_encoder"] = {"model_type": "clip_vision_model"}
+    for sub in ("tokenizer", "tokenizer_2", "text_encoder_2", *files):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for sub, cfg in files.items():
+        with open(os.path.join(root, sub, "config.json"), "w") as f:
+            json.dump(cfg, f, default=list)
+
+
+def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_rank: int = 128,
+                          mode: str = "finetune", dtype: torch.dtype = torch.bfloat16) -> TrainTrace:
+    """:func:`trace_training` for a preset of :mod:`pfp.memory` (its full-size parts in ``dtype``,
+    built on fake tensors: no folder, no weights), trained as ``pfp.train MODE --lora-rank R`` trains
+    it: LoRA on the backbone (``lora_rank`` 0: the backbone trains whole), the compressor in fp32."""
+    import tempfile
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pfp.memory import CLIP_L_TEXT, preset_config
+    from pfp.model import PFPModel
+    from pfp.train.loop import TrainArgs, _set_trainable
+    with tempfile.TemporaryDirectory() as root:
+        _preset_folder(p, root)
+        config = preset_config(p, root)
+        config.check()
+        previous = torch.get_default_dtype()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            torch.set_default_dtype(dtype)
+            try:
+                if p.family == "hunyuan_video":
+                    from diffusers import AutoencoderKLHunyuanVideo
+                    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+                    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text
+                    from pfp.text import HUNYUAN_CROP_START
+                    from pfp.vae import HunyuanVAE
+                    backbone = HunyuanVideoBackbone.from_config(context_mode="cached", **p.transformer)
+                    vae = HunyuanVAE(AutoencoderKLHunyuanVideo(**p.vae))
+                    llama, clip = LlamaModel(LlamaConfig(**p.text)), CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+
+                    def run(b):
+                        ids = torch.zeros(b, HUNYUAN_CROP_START + p.text_length, dtype=torch.long)
+                        states = llama(input_ids=ids, output_hidden_states=True).hidden_states[-3]
+                        pooled = clip(torch.zeros(b, 77, dtype=torch.long)).pooler_output
+                        return pack_text(states[:, HUNYUAN_CROP_START:], None, pooled)[0]
+                    text = _TracedText(run, [llama, clip], int(p.text["hidden_size"]), p.text_length + 1)
+                else:
+                    from diffusers import AutoencoderKLWan
+                    from transformers import UMT5Config, UMT5EncoderModel
+
+                    from pfp.backbones import WanBackbone
+                    from pfp.vae import WanVAE
+                    backbone = WanBackbone.from_config(context_mode="cached", **p.transformer)
+                    if p.experts == 2:
+                        from pfp.backbones.experts import ExpertPair
+                        backbone = ExpertPair(backbone, WanBackbone.from_config(context_mode="cached",
+                                                                                **p.transformer), p.boundary)
+                    vae = WanVAE(AutoencoderKLWan(**p.vae))
+                    umt5 = UMT5EncoderModel(UMT5Config(**p.text))
+                    text = _TracedText(lambda b: umt5(input_ids=torch.zeros(b, p.text_length, dtype=torch.long))
+                                       .last_hidden_state, [umt5], int(p.text["d_model"]), p.text_length)
+            finally:
+                torch.set_default_dtype(previous)
+            model = PFPModel(config, backbone=backbone, vae=vae, text_encoder=text)
+            # peft cannot wrap fake parameters (its .to() on them fails), so the adapters are counted,
+            # not built: their weights, gradients and AdamW states in fp32 (peft's adapter dtype);
+            # their rank-r activations are left out (a rounding error beside the blocks')
+            _set_trainable(model, TrainArgs(mode=mode), lora_rank > 0)
+            trace = trace_training(model, batch_size, clip_chunks)
+    if lora_rank:
+        adapters = _lora_bytes(backbone, lora_rank)
+        trace.trainable += 3 * adapters
+        trace.transient["step"] += adapters
+    return trace
+
+
+def _lora_bytes(backbone: nn.Module, rank: int) -> int:
+    """fp32 bytes of rank-``rank`` LoRA adapters on the backbone's LoRA targets (as peft matches
+    them: a regular expression over whole names, or name suffixes)."""
+    import re
+
+    from pfp.train.loop import lora_target_modules
+    targets = lora_target_modules(backbone)
+
+    def hit(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+    return sum(4 * rank * (m.in_features + m.out_features) for n, m in backbone.named_modules()
+               if isinstance(m, nn.Linear) and hit(n))
 
 
 def _real_positions(model, latent_frames: int, h: int, w: int) -> torch.Tensor:
@@ -195,5 +319,5 @@ def choose_training(trace: TrainTrace, budget: Optional[int]) -> Plan:
     return min(plans, key=lambda p: p.peak_bytes)
 
 
-__all__ = ["TrainTrace", "trace_training", "estimate_training", "choose_training", "all_training_plans",
+__all__ = ["TrainTrace", "trace_training", "trace_training_preset", "estimate_training", "choose_training", "all_training_plans",
            "TRAIN_PHASES"]

@@ -191,6 +191,9 @@ def _compress(model, hr: Tensor, lrs, dtype):
     autocast: their pfp_kernels convs take the parameters' dtype, while autocast would turn only
     the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under autocast, casts the
     context tokens where it uses them."""
+    # the compressors are built in the backbone's patch-embedding dtype (bf16 for a bf16 Wan): their
+    # inputs take it (``dtype`` is what an fp32 model computes in)
+    dtype = model.compressor.dtype if model.compressor.dtype != torch.float32 else dtype
     with torch.autocast(device_type=hr.device.type, enabled=False):
         return model.compress(hr.to(dtype), [lr.to(dtype) for lr in lrs])
 
