@@ -27,8 +27,7 @@ import sys
 
 import torch
 
-from _results import results_dir  # noqa: E402 - benchmarks/ is on sys.path
-from bench_wan5b_step import _sync, card_peak, time_steps  # noqa: E402
+from bench_wan5b_step import _sync, card_peak, time_steps, write_table  # noqa: E402 - benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -139,12 +138,7 @@ def main(argv=None) -> int:
             rows.append({"model": model, "why": f"out of memory ({str(exc).splitlines()[0]})"})
         if a.device == "cuda":
             torch.cuda.empty_cache()
-    text = table(rows, name, a.dry_run, a.steps)
-    path = a.out or str(results_dir("model_step") / f"model_step_{a.device}{'_dry_run' if a.dry_run else ''}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {path}")
+    write_table(table(rows, name, a.dry_run, a.steps), a.out, "model_step", a.device, a.dry_run)
     return 0
 
 

@@ -233,13 +233,19 @@ def main(argv=None) -> int:
     name, peak = card_peak(a.device)
     peak = a.peak_tflops or peak
     rows = run(a.device, a.steps, a.dry_run, peak)
-    text = table(rows, a.device, name, peak, a.dry_run, a.steps)
-    path = a.out or str(results_dir("wan5b_step") / f"wan5b_step_{a.device}{'_dry_run' if a.dry_run else ''}.md")
+    write_table(table(rows, a.device, name, peak, a.dry_run, a.steps), a.out, "wan5b_step", a.device, a.dry_run)
+    return 0
+
+
+def write_table(text: str, out, area: str, device: str, dry_run: bool) -> str:
+    """Print a results table and write it to ``out`` (default ``<area>_<device>[_dry_run].md`` in the
+    results folder's ``area``); returns the path."""
+    path = out or str(results_dir(area) / f"{area}_{device}{'_dry_run' if dry_run else ''}.md")
     with open(path, "w") as f:
         f.write(text)
     print(text)
     print(f"written to {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

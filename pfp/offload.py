@@ -47,15 +47,18 @@ PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap
                "decode": ("whole", "tiled")}
 
 
-def check_choices(choices: Optional[dict]) -> dict:
-    """A full choices dict (missing keys take :data:`PLAN_DEFAULTS`); ValueError naming a bad key or value."""
-    out = dict(PLAN_DEFAULTS)
+def check_choices(choices: Optional[dict], defaults: Optional[dict] = None, values: Optional[dict] = None,
+                  what: str = "plan choice") -> dict:
+    """A full choices dict (missing keys take ``defaults``, :data:`PLAN_DEFAULTS` by default);
+    ValueError naming a bad key or value."""
+    defaults, values = defaults or PLAN_DEFAULTS, values or PLAN_VALUES
+    out = dict(defaults)
     for key, value in (choices or {}).items():
-        if key not in PLAN_VALUES:
-            raise ValueError(f"plan choice {key!r} is not one of: {', '.join(PLAN_VALUES)}")
-        if value not in PLAN_VALUES[key]:
-            raise ValueError(f"plan choice {key}={value!r} is not valid; choose one of: "
-                             f"{', '.join(map(str, PLAN_VALUES[key]))}")
+        if key not in values:
+            raise ValueError(f"{what} {key!r} is not one of: {', '.join(values)}")
+        if value not in values[key]:
+            raise ValueError(f"{what} {key}={value!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, values[key]))}")
         out[key] = value
     return out
 
@@ -333,15 +336,7 @@ TRAIN_PLAN_VALUES = {"text": ("gpu", "cpu"), "swap": (False, True)}
 
 def check_train_choices(choices: Optional[dict]) -> dict:
     """A full training-plan choices dict; ValueError naming a bad key or value."""
-    out = dict(TRAIN_PLAN_DEFAULTS)
-    for key, value in (choices or {}).items():
-        if key not in TRAIN_PLAN_VALUES:
-            raise ValueError(f"training plan choice {key!r} is not one of: {', '.join(TRAIN_PLAN_VALUES)}")
-        if value not in TRAIN_PLAN_VALUES[key]:
-            raise ValueError(f"training plan choice {key}={value!r} is not valid; choose one of: "
-                             f"{', '.join(map(str, TRAIN_PLAN_VALUES[key]))}")
-        out[key] = value
-    return out
+    return check_choices(choices, TRAIN_PLAN_DEFAULTS, TRAIN_PLAN_VALUES, "training plan choice")
 
 
 class TrainPlacement:

@@ -278,23 +278,7 @@ class WanVAE(_CausalFrameCounts, nn.Module):
             from diffusers import AutoencoderKLWan
         except Exception as e:  # pragma: no cover - depends on the environment
             raise RuntimeError(f"WanVAE needs diffusers with AutoencoderKLWan (pip install 'pfp[wan]'): {e}") from e
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"WanVAE.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
-        if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")) \
-                and os.path.isfile(os.path.join(path, "vae", "config.json")):
-            subfolder = "vae"
-        where = os.path.join(path, subfolder) if subfolder else path
-        if not os.path.isfile(os.path.join(where, "config.json")):
-            raise ValueError(f"WanVAE.from_pretrained: no config.json in {where!r}")
-        kwargs = {"local_files_only": True}
-        if subfolder:
-            kwargs["subfolder"] = subfolder
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        model = AutoencoderKLWan.from_pretrained(path, **kwargs)
-        model.eval().requires_grad_(False)
-        vae = cls(model)
+        vae = cls(_load_diffusers_vae(AutoencoderKLWan, "WanVAE", path, subfolder, dtype))
         if device is not None:
             vae.to(device)
         return vae
@@ -382,6 +366,23 @@ class WanVAE(_CausalFrameCounts, nn.Module):
 _WAN_ENCODE_GROUP = 4  # AutoencoderKLWan._encode feeds the encoder frame 0, then 4 frames at a time
 
 
+def _load_diffusers_vae(model_class, who: str, path, subfolder, dtype):
+    """A diffusers VAE from a local folder: the VAE's own, or a pipeline's with ``vae/`` (used when
+    ``path`` has no config.json but ``path/vae`` does); frozen, in eval mode. Nothing is downloaded."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{who}.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
+    if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")) \
+            and os.path.isfile(os.path.join(path, "vae", "config.json")):
+        subfolder = "vae"
+    where = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isfile(os.path.join(where, "config.json")):
+        raise ValueError(f"{who}.from_pretrained: no config.json in {where!r}")
+    kwargs = {"local_files_only": True, **({"subfolder": subfolder} if subfolder else {}),
+              **({"torch_dtype": dtype} if dtype is not None else {})}
+    return model_class.from_pretrained(path, **kwargs).eval().requires_grad_(False)
+
+
 def _wan_patchify(x, patch_size):
     from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
     return patchify(x, patch_size=patch_size)
@@ -443,16 +444,7 @@ class HunyuanVAE(_CausalFrameCounts, nn.Module):
         """Load from a local diffusers folder (the VAE's, or a pipeline's with ``vae/``); nothing is
         downloaded."""
         from diffusers import AutoencoderKLHunyuanVideo
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"HunyuanVAE.from_pretrained: {path!r} is not a local directory (no hub downloads here)")
-        if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")) \
-                and os.path.isfile(os.path.join(path, "vae", "config.json")):
-            subfolder = "vae"
-        kwargs = {"local_files_only": True, **({"subfolder": subfolder} if subfolder else {}),
-                  **({"torch_dtype": dtype} if dtype is not None else {})}
-        model = AutoencoderKLHunyuanVideo.from_pretrained(path, **kwargs).eval().requires_grad_(False)
-        return cls(model, warmup=warmup)
+        return cls(_load_diffusers_vae(AutoencoderKLHunyuanVideo, "HunyuanVAE", path, subfolder, dtype), warmup=warmup)
 
     def _model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

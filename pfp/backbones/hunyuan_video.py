@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 import pfp_kernels
 
-from .rope import apply_rope, grid_positions
+from .rope import apply_rope
 from .wan_style import WanStyleBackbone, _causal_context_attention, _host, check_context_mode, masked_joint_attention
 
 DEFAULT_GUIDANCE = 6.0   # HunyuanVideoPipeline's guidance_scale: the embedded (distilled) guidance
@@ -176,12 +176,15 @@ class _ThreeStreamBlock(nn.Module):
         return sp.heads_to_seq(ot), sp.gather_heads(ox), (None if oc is None else sp.gather_heads(oc))
 
     def _context_keys(self, qkv_c, prev_kv):
+        """(this rank's context Q/K/V, the cache's K/V, K and V of every context token): the new
+        tokens' after the cached ones."""
+        qkv_c, prev_kv = self._own_heads(qkv_c, prev_kv)
         if qkv_c is None:
-            return prev_kv if prev_kv is not None else (None, None)
+            return qkv_c, prev_kv, (prev_kv if prev_kv is not None else (None, None))
         _, kc, vc = qkv_c
         if prev_kv is None:
-            return kc, vc
-        return torch.cat([prev_kv[0], kc], 1), torch.cat([prev_kv[1], vc], 1)
+            return qkv_c, prev_kv, (kc, vc)
+        return qkv_c, prev_kv, (torch.cat([prev_kv[0], kc], 1), torch.cat([prev_kv[1], vc], 1))
 
     def _context_attention(self, qc, k_all, v_all, prev_kv, frames, ctx_mask):
         offset = 0 if prev_kv is None else prev_kv[0].shape[1]
@@ -208,8 +211,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
         if hc is not None:
             c_sh, c_sc, c_g, c_sh2, c_sc2, c_g2 = _chunks(self.norm1, temb_c, 6)
             qkv_c = _qkv(attn, self.norm1.norm(hc) * (1 + c_sc) + c_sh, heads, rope_c)
-        qkv_c, prev_kv = self._own_heads(qkv_c, prev_kv)
-        k_all, v_all = self._context_keys(qkv_c, prev_kv)
+        qkv_c, prev_kv, (k_all, v_all) = self._context_keys(qkv_c, prev_kv)
         oc = None
         streams = None
         if ht is not None:
@@ -261,8 +263,7 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
         if hc is not None:
             xc, c_g = self._inputs(hc, temb_c)
             qkv_c = _qkv(attn, xc, heads, rope_c)
-        qkv_c, prev_kv = self._own_heads(qkv_c, prev_kv)
-        k_all, v_all = self._context_keys(qkv_c, prev_kv)
+        qkv_c, prev_kv, (k_all, v_all) = self._context_keys(qkv_c, prev_kv)
         oc = None
         streams = None
         if ht is not None:
@@ -408,14 +409,8 @@ class HunyuanVideoBackbone(WanStyleBackbone):
         self._with_condition(x, condition)      # refuses a condition: HunyuanVideo T2V takes none
         self._embedded_image(image, x.shape[0])  # and no image tokens
         b, _, t, h, w = x.shape
-        grid = self.token_grid(t, h, w)
+        grid, rope_t, ts = self._target_inputs(x, timesteps, positions, t_start)   # ts: [B, 1 | Nt]
         nt = grid[0] * grid[1] * grid[2]
-        if positions is None:
-            positions = grid_positions(*grid, t_start=t_start, device=x.device)
-        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
-            raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
-        rope_t = self.rope(positions.to(x.device))
-        ts = self._target_timesteps(timesteps, b, grid).to(x.device)       # [B, 1 | Nt]
         dtype = self.compute_dtype
 
         t_text = ts.mean(dim=1)                                             # [B]

@@ -522,6 +522,17 @@ class WanStyleBackbone(nn.Module):
         t0 = torch.zeros(1, 1, device=like.device)
         return self.embed_time(t0)[1]  # [1, 1, 6, C]
 
+    def _target_inputs(self, x: Tensor, timesteps, positions: Optional[Tensor], t_start: float):
+        """(token grid, RoPE of the target tokens, timesteps ``[B, 1 | Nt]``) of latents x: positions
+        ``[Nt, 3]`` or ``[B, Nt, 3]``, default the grid from token time ``t_start``; checked."""
+        grid = self.token_grid(*x.shape[2:])
+        nt = grid[0] * grid[1] * grid[2]
+        if positions is None:
+            positions = grid_positions(*grid, t_start=t_start, device=x.device)
+        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
+            raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
+        return grid, self.rope(positions.to(x.device)), self._target_timesteps(timesteps, x.shape[0], grid).to(x.device)
+
     def _target_timesteps(self, timesteps: Tensor, batch: int, grid: tuple[int, int, int]) -> Tensor:
         """[B], [B, T'] (per token frame) or [B, Nt] -> [B, 1] or [B, Nt]."""
         nt = grid[0] * grid[1] * grid[2]
@@ -704,15 +715,8 @@ class WanStyleBackbone(nn.Module):
         Returns the predicted velocity ``noise - x_0``, shape of x.
         """
         b, _, t, h, w = x.shape
-        grid = self.token_grid(t, h, w)
+        grid, rope_t, ts = self._target_inputs(x, timesteps, positions, t_start)
         nt = grid[0] * grid[1] * grid[2]
-        if positions is None:
-            positions = grid_positions(*grid, t_start=t_start, device=x.device)
-        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
-            raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
-        rope_t = self.rope(positions.to(x.device))
-
-        ts = self._target_timesteps(timesteps, b, grid).to(x.device)
         dtype = self.compute_dtype
         text = text.to(dtype)
         pooled = self.pooled_text(text, text_mask) if hasattr(self, "pooled_text") else None
