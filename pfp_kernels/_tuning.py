@@ -268,7 +268,11 @@ def measure(candidates: Sequence[str], call: TuneCall, device: torch.device, fwd
     that raises is left out. Each is run twice first (compiles, caches, allocator)."""
     grad_inputs = call.grad_inputs if fwd_bwd else ()
     per_round: dict = {}
-    with torch.set_grad_enabled(fwd_bwd):
+    # Identity saved-tensor hooks on top: the timing runs save nothing through an enclosing
+    # region's hooks. Under activation checkpointing the first forward times the candidates and
+    # its recompute does not (the choice is cached by then), so tensors the timing saved through
+    # the checkpoint's hooks would make the two disagree, which checkpointing refuses.
+    with torch.set_grad_enabled(fwd_bwd), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         for name in candidates:
             try:
                 for _ in range(2):

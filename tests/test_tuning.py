@@ -202,3 +202,26 @@ def test_info_refuses_a_device_that_is_not_here(capsys):
     assert info.main(["--table", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda" in err
+
+
+def test_timing_inside_activation_checkpointing_leaves_the_recompute_consistent(tuning, monkeypatch):
+    # the first forward of a checkpointed region times the candidates, its recompute (in the
+    # backward) reuses the choice: the timing must save nothing through the checkpoint's hooks, or
+    # torch refuses the recompute ("different metadata"). Training with --grad-checkpointing and a
+    # fresh cache hit exactly this.
+    from torch.utils.checkpoint import checkpoint
+    calls = _count_measures(monkeypatch)
+    q, k, v, ck, cv = _attention_inputs(requires_grad=True)
+
+    def region(q, k, v):
+        x = torch.tanh(q) * 2
+        return pk.joint_attention(x, k, v, context_k=ck, context_v=cv).sin()
+    out = checkpoint(region, q, k, v, use_reentrant=False)
+    out.square().sum().backward()
+    assert calls, "the first call was not timed"
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v, ck, cv):
+        t.grad = None
+    region(q, k, v).square().sum().backward()   # without checkpointing: the same gradients
+    for g, t in zip(grads, (q, k, v)):
+        assert_close(g, t.grad, torch.float32)
