@@ -330,8 +330,112 @@ class Placement:
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-TRAIN_PLAN_DEFAULTS = {"text": "gpu", "swap": False}
-TRAIN_PLAN_VALUES = {"text": ("gpu", "cpu"), "swap": (False, True)}
+TRAIN_PLAN_DEFAULTS = {"weights": "native", "offload": "none", "text": "gpu", "swap": False}
+TRAIN_PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "text": ("gpu", "cpu"),
+                     "swap": (False, True)}
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (checkpointing's
+    recompute of a block runs inside one)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _FrozenBlock:
+    """A block's frozen tensors for training, in one of two forms: loaded (the compute dtype, on the
+    device: the block can run) or parked. ``fp8``: its linear weights park in float8 e4m3 (on the
+    device, or on the host with ``offload``) and load upcast; ``offload``: everything parks on the
+    host and loads with one copy. The originals stay on the host for checkpoints (:meth:`native`)."""
+
+    def __init__(self, tensors: list, linear: set, device: torch.device, fp8: bool, offload: bool, park_to: str):
+        self.tensors, self.device, self.park_to = tensors, device, park_to
+        pin = device.type == "cuda"
+        self.native = {}
+        for t in tensors:
+            h = t.detach().to("cpu")
+            self.native[id(t)] = h.pin_memory() if pin and offload else h
+        where = "cpu" if offload else device
+        self.fp8 = {id(t): self.native[id(t)].to(torch.float8_e4m3fn).to(where) for t in tensors
+                    if fp8 and id(t) in linear}
+        if pin and offload:
+            self.fp8 = {k: v.pin_memory() for k, v in self.fp8.items()}
+        self.offload = offload
+        self.loaded = False
+        self.bytes_moved = 0
+        self.park()
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        for t in self.tensors:
+            src = self.fp8.get(id(t))
+            if src is not None:   # upcast to the dtype the original had
+                t.data = src.to(self.device).to(self.native[id(t)].dtype)
+                self.bytes_moved += src.numel() * src.element_size() if self.offload else 0
+            elif self.offload:
+                t.data = self.native[id(t)].to(self.device, copy=True)
+                self.bytes_moved += t.numel() * t.element_size()
+        self.loaded = True
+
+    def park(self) -> None:
+        for t in self.tensors:
+            src = self.fp8.get(id(t))
+            if src is not None:
+                t.data = src
+            elif self.offload:
+                h = self.native[id(t)]
+                t.data = h if self.park_to == "host" or not h.is_floating_point() else torch.full_like(h, float("nan"))
+            elif not self.loaded:   # resident in its native form
+                t.data = self.native[id(t)].to(self.device, copy=True)
+        self.loaded = False
+
+    def to_native(self) -> None:
+        for t in self.tensors:
+            t.data = self.native[id(t)]
+        self.loaded = False
+
+
+class _TrainBlocks:
+    """Forward hooks that keep each block's frozen weights parked (:class:`_FrozenBlock`) except while
+    it runs, for training with gradient checkpointing. A block's forward parks it again at once;
+    inside a backward pass (checkpointing's recompute, whose backward follows and reads the
+    weights) it stays loaded until the next block loads, so at most two blocks are loaded."""
+
+    def __init__(self, blocks: list, parts: list):
+        self.blocks, self.parts = blocks, parts
+        self.pending = set()
+        self.handles = []
+        for i, blk in enumerate(blocks):
+            self.handles.append(blk.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
+            self.handles.append(blk.register_forward_hook(lambda m, args, out, i=i: self._after(i)))
+
+    def _before(self, i: int) -> None:
+        for j in list(self.pending):
+            if j != i:
+                self.parts[j].park()
+                self.pending.discard(j)
+        self.parts[i].load()
+
+    def _after(self, i: int) -> None:
+        if _in_backward():
+            self.pending.add(i)
+        else:
+            self.parts[i].park()
+
+    def settle(self) -> None:
+        """Park what a backward left loaded."""
+        for j in list(self.pending):
+            self.parts[j].park()
+        self.pending.clear()
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(p.bytes_moved for p in self.parts)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def check_train_choices(choices: Optional[dict]) -> dict:
@@ -345,6 +449,13 @@ class TrainPlacement:
 
     - the trainable parameters (LoRA adapters, the compressor) move to the device once and stay:
       they, their gradients and the optimizer's states never move;
+    - ``weights="fp8"``: the blocks' frozen linear weights are stored in float8 e4m3 and upcast one
+      block at a time as it runs (the LoRA adapters on them stay in their own dtype);
+      ``offload="block"``: the blocks' frozen weights live on the host and come in one block at a
+      time. Both need gradient checkpointing (``pfp.train`` turns it on): a block's weights go
+      back after its forward, and in the backward its recompute brings them in again and keeps them
+      until the next block comes. Checkpoints and exports hold the original weights (:meth:`native`);
+    - ``text="cpu"``: the text encoder stays on the CPU and the losses move its states over;
     - ``text="cpu"``: the text encoder stays on the CPU and the losses move its states over;
       ``"gpu"``: it is on the device throughout;
     - ``swap=True``: the frozen transformer (and the compressor's frozen parts) is off the device
@@ -370,7 +481,22 @@ class TrainPlacement:
         if getattr(model, "image_encoder", None) is not None:   # Wan I2V: runs with the VAE, in encode()
             encoders.append(model.image_encoder)
         vae = _tensors_of(encoders, exclude=trainable)
-        rest = _tensors_of([model], exclude=trainable + text + vae)
+        self.blocks = None
+        in_blocks = []
+        fp8, offload = self.choices["weights"] == "fp8", self.choices["offload"] == "block"
+        if fp8 or offload:
+            backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+            blocks = list(backbone.blocks)
+            parts = []
+            for blk in blocks:
+                tensors = _tensors_of([blk], exclude=trainable)
+                linear = {id(m.weight) for m in blk.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad}
+                # fp8 alone: only the linear weights park (in fp8, on the device); the rest stays
+                mine = tensors if offload else [t for t in tensors if id(t) in linear]
+                parts.append(_FrozenBlock(mine, linear, self.device, fp8, offload, park_to))
+                in_blocks += mine
+            self.blocks = _TrainBlocks(blocks, parts)
+        rest = _tensors_of([model], exclude=trainable + text + vae + in_blocks)
         self._rest = _HostCopy(rest, self.device, park_to)
         self._vae = _HostCopy(vae, self.device, park_to)
         self._text = None
@@ -387,11 +513,29 @@ class TrainPlacement:
     @property
     def bytes_moved(self) -> int:
         """Host-to-device bytes copied so far."""
-        return self._bytes
+        return self._bytes + (self.blocks.bytes_moved if self.blocks is not None else 0)
+
+    @contextmanager
+    def native(self):
+        """The blocks' original weights in place (on the host), e.g. while a checkpoint or an export
+        is written; parked again after."""
+        if self.blocks is None:
+            yield
+            return
+        self.blocks.settle()
+        for part in self.blocks.parts:
+            part.to_native()
+        try:
+            yield
+        finally:
+            for part in self.blocks.parts:
+                part.park()
 
     @contextmanager
     def encode(self):
         """The VAE's work: with ``swap``, the transformer leaves and the VAE comes in."""
+        if self.blocks is not None:
+            self.blocks.settle()   # what the last backward left loaded
         if self.choices["swap"] and not self._vae.loaded:
             self._rest.park()
             self._bytes += self._vae.load()
@@ -407,7 +551,12 @@ class TrainPlacement:
         yield
 
     def close(self) -> None:
-        """Every moved part back to its host copy (the trainable parameters stay where they are)."""
+        """Every moved part back to its host copy, the blocks' original weights included (the
+        trainable parameters stay where they are)."""
+        if self.blocks is not None:
+            self.blocks.remove()
+            for part in self.blocks.parts:
+                part.to_native()
         for part in (self._rest, self._vae, self._text):
             if part is not None:
                 part.park_to = "host"

@@ -746,8 +746,9 @@ def train(args: TrainArgs) -> dict:
             if done % args.save_every == 0 or done == last or out_of_time:
                 if log is not None:
                     log.sync()
-                _save(model, optimizer, done, args, config, lora, rank, world,
-                      elapsed_before + time.perf_counter() - t_start, skipped)
+                with placement.native() if placement is not None else _nullcontext():   # the original weights
+                    _save(model, optimizer, done, args, config, lora, rank, world,
+                          elapsed_before + time.perf_counter() - t_start, skipped)
                 saved_step = done
             if out_of_time:
                 break
@@ -755,6 +756,8 @@ def train(args: TrainArgs) -> dict:
         bar.close()
         if log is not None:
             log.close()
+    if placement is not None:   # hooks off, the original weights back
+        placement.close()
     if args.export and rank == 0:
         _check_finite_model(model, f"--export {args.export}")
         export_weights(model, args.export, args, dtype=torch.bfloat16 if args.export_dtype == "bf16" else None)

@@ -16,12 +16,16 @@ allocated and no GPU is needed; the step's backward included.
 
 Choices (:data:`pfp.offload.TRAIN_PLAN_VALUES`), carried out by :class:`pfp.offload.TrainPlacement`:
 
+- ``weights``: ``"native"`` or ``"fp8"`` (the blocks' frozen linear weights stored in float8 e4m3,
+  upcast one block at a time as it runs, LoRA adapters untouched: QLoRA's idea with fp8);
+- ``offload``: ``"block"`` keeps the blocks' frozen weights on the host, one block at a time on the
+  device (two in the backward: checkpointing's recompute keeps a block until the next one comes);
 - ``text``: ``"gpu"`` or ``"cpu"`` (the encoder never on the device; its states are moved over);
 - ``swap``: the frozen transformer off the device while the VAE encodes, the VAE off it while the
   transformer runs; both come back once a step.
 
-fp8 weight storage and block offload are generation-only: both put a block's weights away after
-its forward, which the backward (or checkpointing's recompute) still reads.
+fp8 storage and block offload work only with gradient checkpointing, which a plan turns on: without
+it a block's forward would save its weights for the backward.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pfp.memory import PCIE_BYTES_PER_S, Plan, PhaseEstimate, _nbytes, _tracked_peak, _with_allowance
+from pfp.memory import HBM_BYTES_PER_S, PCIE_BYTES_PER_S, Plan, PhaseEstimate, _nbytes, _tracked_peak, _with_allowance
 from pfp.offload import TRAIN_PLAN_VALUES, check_train_choices
 
 CPU_TEXT_FLOPS = 5e11   # what a text encoder reaches on a many-core host CPU, roughly (not measured)
@@ -45,6 +49,10 @@ class TrainTrace:
     """What the training trace found, in bytes."""
 
     frozen: int            # the frozen weights that run in the step (transformer, compressor's frozen parts)
+    blocks: int            # of which the blocks' (what block offload moves)
+    block_linear: int      # of which the blocks' linear weights (what fp8 stores in one byte each)
+    block_linear_fp8: int  # those weights' bytes in fp8
+    largest_block: int     # one block's frozen weights, native
     trainable: int         # trainable parameters (their gradients are in the step's transient)
     vae: int               # the VAE, and an image encoder beside it
     text: int              # the text encoder
@@ -93,6 +101,11 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     own = {id(p) for m in encoders for p in m.parameters()} | {id(p) for p in text_params}
     frozen = sum(p.numel() * p.element_size() for p in model.parameters()
                  if id(p) not in trainable_ids and id(p) not in own)
+    blocks = list(plain.blocks)
+    frozen_of = [[t for t in list(b.parameters()) + list(b.buffers()) if id(t) not in trainable_ids] for b in blocks]
+    block_bytes = [sum(t.numel() * t.element_size() for t in ts) for ts in frozen_of]
+    linear = [m.weight for b in blocks for m in b.modules()
+              if isinstance(m, nn.Linear) and id(m.weight) not in trainable_ids]
     was_checkpointing = getattr(plain, "gradient_checkpointing", False)
     plain.set_gradient_checkpointing(True)
     transient = {}
@@ -137,7 +150,10 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     finally:
         plain.set_gradient_checkpointing(was_checkpointing)
     n_text = sum(p.numel() for p in text_params)
-    return TrainTrace(frozen=frozen, trainable=sum(p.numel() * p.element_size() for p in trainable)
+    return TrainTrace(frozen=frozen, blocks=sum(block_bytes),
+                      block_linear=sum(w.numel() * w.element_size() for w in linear),
+                      block_linear_fp8=sum(w.numel() for w in linear), largest_block=max(block_bytes, default=0),
+                      trainable=sum(p.numel() * p.element_size() for p in trainable)
                       + _optimizer_bytes(model), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
                       target_tokens=target, context_tokens=context)
@@ -278,20 +294,36 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
     """Each phase's peak and the step's transfers under one training plan (``budget=None``: fits)."""
     choices = check_train_choices(choices)
     swap = choices["swap"]
+    fp8, offload = choices["weights"] == "fp8", choices["offload"] == "block"
     text_gpu = {"text_encoder": trace.text} if choices["text"] == "gpu" else {}
     always = {"trainable+optimizer": trace.trainable, **text_gpu}
-    dit, vae = {"transformer": trace.frozen}, {"vae": trace.vae}
-    with_vae = {**always, **vae, **({} if swap else dit)}
+    # the blocks' frozen weights: stored (fp8 shrinks their linear weights), parked on the host
+    # (offload), and in the step at most two blocks loaded in native form (one running, one that a
+    # backward left)
+    stored_blocks = trace.blocks - (trace.block_linear - trace.block_linear_fp8 if fp8 else 0)
+    block_resident = 0 if offload else stored_blocks
+    loaded = 2 * trace.largest_block if (fp8 or offload) else 0
+    rest = trace.frozen - trace.blocks
+    name = "transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if offload else "")
+    # swap moves what is not the blocks' own business (the blocks too when they stay plain)
+    swapped = rest + (0 if (fp8 or offload) else trace.blocks)
+    stays = {name: trace.frozen - swapped - (trace.blocks - block_resident if (fp8 or offload) else 0)}
+    dit, vae = {name: rest + block_resident}, {"vae": trace.vae}
+    with_vae = {**always, **vae, **(stays if swap else dit)}
     with_dit = {**always, **dit, **({} if swap else vae)}
 
     def phase(name, parts: dict, transient: float, moved: int = 0) -> PhaseEstimate:
         return PhaseEstimate(name, _with_allowance(sum(parts.values()) + transient), sorted(parts), moved)
 
+    # offload: the forward and checkpointing's recompute each bring every block in once
+    step_moved = (swapped if swap else 0) + (2 * (stored_blocks if fp8 else trace.blocks) if offload else 0)
     phases = [phase("text", with_vae, trace.transient["text"] if choices["text"] == "gpu" else 0),
               phase("encode", with_vae, trace.transient["encode"], trace.vae if swap else 0),
-              phase("step", with_dit, trace.transient["step"], trace.frozen if swap else 0)]
+              phase("step", with_dit, trace.transient["step"] + loaded, step_moved)]
     moved = sum(p.bytes_moved for p in phases)
     seconds = moved / PCIE_BYTES_PER_S
+    if fp8:   # each block upcast twice a step (forward, recompute): fp8 read, native written and read
+        seconds += 2 * (trace.block_linear_fp8 + 2 * trace.block_linear) / HBM_BYTES_PER_S
     if choices["text"] == "cpu":
         seconds += trace.text_flops / CPU_TEXT_FLOPS
     fits = budget is None or all(p.peak_bytes <= budget for p in phases)
@@ -303,6 +335,8 @@ def all_training_plans(trace: TrainTrace, budget: Optional[int]) -> list:
     combos = [dict(zip(TRAIN_PLAN_VALUES, c)) for c in itertools.product(*TRAIN_PLAN_VALUES.values())]
     if trace.text_trains:   # a text encoder that trains stays where its optimizer states are
         combos = [c for c in combos if c["text"] == "gpu"]
+    if trace.blocks == 0:   # the blocks train (no LoRA): nothing of theirs is frozen to store or move
+        combos = [c for c in combos if c["weights"] == "native" and c["offload"] == "none"]
     return [estimate_training(trace, c, budget) for c in combos]
 
 
