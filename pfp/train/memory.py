@@ -297,18 +297,23 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
     fp8, offload = choices["weights"] == "fp8", choices["offload"] == "block"
     text_gpu = {"text_encoder": trace.text} if choices["text"] == "gpu" else {}
     always = {"trainable+optimizer": trace.trainable, **text_gpu}
-    # the blocks' frozen weights: stored (fp8 shrinks their linear weights), parked on the host
-    # (offload), and in the step at most two blocks loaded in native form (one running, one that a
-    # backward left)
+    # The blocks' frozen weights (TrainPlacement): offloaded, all of them live on the host; in fp8
+    # alone, their linear weights stay on the device in fp8 and the rest of the block (norms,
+    # biases) goes with the other frozen parts; else they are frozen parts like any other. In the
+    # step at most two blocks are loaded in native form (one running, one that a backward left).
     stored_blocks = trace.blocks - (trace.block_linear - trace.block_linear_fp8 if fp8 else 0)
-    block_resident = 0 if offload else stored_blocks
+    if offload:
+        on_device, with_rest = 0, 0
+    elif fp8:
+        on_device, with_rest = stored_blocks, trace.blocks - trace.block_linear
+    else:
+        on_device, with_rest = trace.blocks, trace.blocks
     loaded = 2 * trace.largest_block if (fp8 or offload) else 0
     rest = trace.frozen - trace.blocks
+    swapped = rest + with_rest       # what swap moves: the frozen parts not kept by the blocks' hooks
     name = "transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if offload else "")
-    # swap moves what is not the blocks' own business (the blocks too when they stay plain)
-    swapped = rest + (0 if (fp8 or offload) else trace.blocks)
-    stays = {name: trace.frozen - swapped - (trace.blocks - block_resident if (fp8 or offload) else 0)}
-    dit, vae = {name: rest + block_resident}, {"vae": trace.vae}
+    dit, vae = {name: rest + on_device}, {"vae": trace.vae}
+    stays = {name: on_device - with_rest} if on_device > with_rest else {}   # fp8: its stored linears
     with_vae = {**always, **vae, **(stays if swap else dit)}
     with_dit = {**always, **dit, **({} if swap else vae)}
 
@@ -316,7 +321,7 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
         return PhaseEstimate(name, _with_allowance(sum(parts.values()) + transient), sorted(parts), moved)
 
     # offload: the forward and checkpointing's recompute each bring every block in once
-    step_moved = (swapped if swap else 0) + (2 * (stored_blocks if fp8 else trace.blocks) if offload else 0)
+    step_moved = (swapped if swap else 0) + (2 * stored_blocks if offload else 0)
     phases = [phase("text", with_vae, trace.transient["text"] if choices["text"] == "gpu" else 0),
               phase("encode", with_vae, trace.transient["encode"], trace.vae if swap else 0),
               phase("step", with_dit, trace.transient["step"] + loaded, step_moved)]
