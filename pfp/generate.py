@@ -211,10 +211,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     cfg_2 = config.sample_cfg_2 if cfg_2 is None else cfg_2
     generator = torch.Generator().manual_seed(int(seed))
     streams = [c.stream(1, keep_features=config.cross_attention) for c in model.compressors]
-    if placement is not None and placement.choices["decode"] == "tiled":   # decode's peak follows the tile
-        from pfp.memory import TILE_OVERLAP, TILES
+    if placement is not None and placement.choices["decode"] != "whole":   # decode's peak follows the tile
+        from pfp.memory import TILE_OVERLAP
+        from pfp.offload import DECODE_TILES
         from pfp.vae import TiledDecodeStream
-        decoder = TiledDecodeStream(vae, TILES, TILE_OVERLAP)
+        decoder = TiledDecodeStream(vae, DECODE_TILES[placement.choices["decode"]], TILE_OVERLAP)
     else:
         decoder = decode_stream(vae)
     lr_encoders = [encode_stream(vae) for _ in streams]

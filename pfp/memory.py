@@ -57,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pfp.offload import PLAN_VALUES, check_choices
+from pfp.offload import DECODE_TILES, PLAN_VALUES, check_choices
 
 GIB = 1 << 30
 ALLOWANCE_BYTES = 768 << 20      # CUDA context (~500 MiB with torch's kernels loaded) + cuBLAS workspaces
@@ -65,8 +65,8 @@ ALLOWANCE_FRACTION = 0.05        # allocator rounding and fragmentation, of ever
 PCIE_BYTES_PER_S = 25e9          # host <-> device, pinned memory, PCIe 4 x16 in practice
 DEVICE_FLOPS = 4e14              # bf16 matmuls at about half an H100's peak (A14B's K/V rebuilds)
 HBM_BYTES_PER_S = 1e12           # on-device reads + writes (fp8 -> native upcasts)
-TILES, TILE_OVERLAP = 2, 4       # a tiled decode: 2x2 tiles overlapping by 4 latent pixels
-TILED_DECODE_SECONDS = 0.1       # rough cost per chunk of decoding the overlaps twice (not measured)
+TILE_OVERLAP = 4                 # a tiled decode's tiles overlap by 4 latent pixels
+TILED_DECODE_SECONDS = 0.1       # rough cost per chunk of decoding the overlaps twice, per extra tile a side (not measured)
 PHASES = ("text", "compress", "context_kv", "denoise", "decode")
 
 
@@ -279,6 +279,7 @@ class Trace:
     transient: dict               # phase -> traced peak of what the phase creates
     experts: int = 1              # 2: Wan 2.2 A14B's pair (the weights and K/V above are both experts')
     vae_cache_tiled: int = 0      # the causal caches of a 2x2 tiled decode (pfp.vae.TiledDecodeStream)
+    vae_cache_tiled4: int = 0     # ... and of a 4x4 one
     expert: int = 0               # the larger expert's weights, less the patch embedding the compressor shares
 
 
@@ -511,10 +512,14 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     decoder.decode(chunk)  # the first chunk fills the causal cache
     cache_bytes = _decoder_cache_bytes(decoder)
     transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk))
-    tiled = TiledDecodeStream(vae, TILES, TILE_OVERLAP)
-    tiled.decode(chunk)
-    cache_tiled = _decoder_cache_bytes(tiled)
-    transient["decode_tiled"] = _tracked_peak(lambda: tiled.decode(chunk))
+    cache_tiled = {}
+    for choice, tiles in DECODE_TILES.items():
+        if tiles == 1:
+            continue
+        tiled = TiledDecodeStream(vae, tiles, TILE_OVERLAP)
+        tiled.decode(chunk)
+        cache_tiled[tiles] = _decoder_cache_bytes(tiled)
+        transient[f"decode_{choice}"] = _tracked_peak(lambda: tiled.decode(chunk))
 
     blocks = list(backbone.blocks)
     linear_numel = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
@@ -531,7 +536,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         layers=layers * experts, kv=2 * experts * layers * (tokens + features) * inner * elem if cached else 0,
         # + an fp32 scale per token and head; the features' K/V stay in the compute dtype
         kv_fp8=2 * experts * layers * (tokens * heads * (head_dim + 4) + features * inner * elem) if cached else 0,
-        vae_cache=cache_bytes, transient=transient, experts=experts, vae_cache_tiled=cache_tiled,
+        vae_cache=cache_bytes, transient=transient, experts=experts, vae_cache_tiled=cache_tiled[2],
+        vae_cache_tiled4=cache_tiled[4],
         expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
                 if experts == 2 else 0))
 
@@ -647,8 +653,10 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     def phase(name, parts: dict, transient: float) -> PhaseEstimate:
         return PhaseEstimate(name, _with_allowance(sum(parts.values()) + transient), sorted(parts))
 
-    tiled = choices["decode"] == "tiled"
-    always = {"compressor": trace.compressor, "vae_cache": trace.vae_cache_tiled if tiled else trace.vae_cache,
+    tiles = DECODE_TILES[choices["decode"]]
+    tiled = tiles > 1
+    vae_cache = {1: trace.vae_cache, 2: trace.vae_cache_tiled, 4: trace.vae_cache_tiled4}[tiles]
+    always = {"compressor": trace.compressor, "vae_cache": vae_cache,
               "context_kv": kv}
     dit = {"transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if choices["offload"] == "block" else "")
            + ("(one expert)" if active else ""):
@@ -667,7 +675,7 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
               phase("compress", with_dit, trace.transient["compress"]),
               phase("context_kv", with_dit, kv_transient + upcast),
               phase("denoise", with_dit, max(trace.transient["denoise"] + kv_upcast, rebuild) + upcast),
-              phase("decode", with_vae, trace.transient["decode_tiled" if tiled else "decode"])]
+              phase("decode", with_vae, trace.transient["decode_" + choices["decode"] if tiled else "decode"])]
 
     by_name = {p.name: p for p in phases}
     hidden = 0.0
@@ -691,7 +699,7 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     if kv_fp8:
         seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
     if tiled:  # the overlaps decode twice; a rough charge, so that plans tile only when they must
-        seconds += TILED_DECODE_SECONDS
+        seconds += TILED_DECODE_SECONDS * (tiles - 1)
     if switch:  # two whole context passes per chunk, one per expert: 2 FLOPs per weight per token
         expert_params = trace.expert / 2     # bf16 bytes -> parameters
         seconds += 2 * 2 * expert_params * trace.context_tokens / DEVICE_FLOPS

@@ -43,8 +43,10 @@ PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": 
 PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
                "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active"),
                "expert_kv": ("both", "switch"),
-               # "tiled": the VAE decodes 2x2 spatial tiles, each streamed (pfp.vae.TiledDecodeStream)
-               "decode": ("whole", "tiled")}
+               # "tiled" / "tiled4": the VAE decodes 2x2 / 4x4 spatial tiles, each streamed
+               # (pfp.vae.TiledDecodeStream)
+               "decode": ("whole", "tiled", "tiled4")}
+DECODE_TILES = {"whole": 1, "tiled": 2, "tiled4": 4}   # tiles per side of each decode choice
 
 
 def check_choices(choices: Optional[dict], defaults: Optional[dict] = None, values: Optional[dict] = None,

@@ -409,6 +409,10 @@ def test_the_planner_traces_full_size_hunyuan_video_and_fits_12_and_80_gib(hunyu
     small = memory.choose(trace, 12 * gib)
     assert small.fits and all(ph.peak_bytes <= 12 * gib for ph in small.phases)
     assert small.choices["weights"] == "fp8" and small.choices["offload"] == "block", small.choices
+    # its VAE has no causal cache to keep, so 4x4 tiles shrink the decode: 8 GiB fits with them
+    assert trace.transient["decode_tiled4"] < trace.transient["decode_tiled"] < trace.transient["decode"]
+    eight = memory.choose(trace, 8 * gib)
+    assert eight.fits and eight.choices["decode"] == "tiled4", eight.choices
     tiny = memory.choose(trace, 2 * gib)     # nothing fits: the smallest plan, to name in the refusal
     assert not tiny.fits and tiny.peak_bytes > 2 * gib and "smallest needs" in tiny.too_small("--vram 2GiB", "x")
 
