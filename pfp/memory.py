@@ -333,77 +333,79 @@ def _linear_bytes(module: nn.Module, largest: bool = False) -> int:
     return (max(sizes, default=0)) if largest else sum(sizes)
 
 
-def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.bfloat16, cfg_batch: int = 2) -> Trace:
-    """Trace one chunk of preset ``p`` after ``history_seconds`` of history, in ``dtype``, under
-    FakeTensorMode (seconds on a CPU; nothing is allocated)."""
+@dataclass
+class PresetParts:
+    """A preset's full-size parts, as :func:`preset_parts` builds them."""
+
+    backbone: nn.Module
+    vae: nn.Module
+    encoders: list        # the text encoder's models, then an I2V model's image encoder
+    text_dim: int         # the width of the text states the backbone reads
+    encode_text: object   # batch -> text states [batch, L, text_dim], from all-zero token ids
+
+
+def preset_parts(p: Preset) -> PresetParts:
+    """The transformer (both experts for a pair), VAE and encoders of preset ``p``, with random
+    weights in the default dtype, on the default device or fake mode the caller set (the planners
+    build them on fake tensors). The text encoder runs on token ids alone: no tokenizer needed."""
+    if p.family == "hunyuan_video":
+        from diffusers import AutoencoderKLHunyuanVideo
+        from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+        from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text
+        from pfp.text import HUNYUAN_CROP_START
+        from pfp.vae import HunyuanVAE
+        llama, clip = LlamaModel(LlamaConfig(**p.text)), CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+
+        def encode_text(batch: int):
+            # Llama reads the prompt template's system tokens too: they are cut after it runs
+            ids = torch.zeros(batch, HUNYUAN_CROP_START + p.text_length, dtype=torch.long)
+            states = llama(input_ids=ids, output_hidden_states=True).hidden_states[-3][:, HUNYUAN_CROP_START:]
+            clip_ids = torch.zeros(batch, CLIP_L_TEXT["max_position_embeddings"], dtype=torch.long)
+            return pack_text(states, None, clip(clip_ids).pooler_output)[0]
+        return PresetParts(HunyuanVideoBackbone.from_config(context_mode="cached", **p.transformer),
+                           HunyuanVAE(AutoencoderKLHunyuanVideo(**p.vae)), [llama, clip], int(p.text["hidden_size"]),
+                           encode_text)
     from diffusers import AutoencoderKLWan
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import UMT5Config, UMT5EncoderModel
 
     from pfp.backbones import WanBackbone
-    from pfp.compressor import MemoryCompressor
     from pfp.vae import WanVAE
+    backbone = WanBackbone.from_config(context_mode="cached", **p.transformer)
+    if p.experts == 2:
+        from pfp.backbones.experts import ExpertPair
+        backbone = ExpertPair(backbone, WanBackbone.from_config(context_mode="cached", **p.transformer), p.boundary)
+    umt5 = UMT5EncoderModel(UMT5Config(**p.text))
+    encoders = [umt5]
+    if p.image_encoder is not None:   # I2V: the image encoder's phase is the text encoder's
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        encoders.append(CLIPVisionModel(CLIPVisionConfig(**p.image_encoder)))
+    return PresetParts(backbone, WanVAE(AutoencoderKLWan(**p.vae)), encoders, int(p.text["d_model"]),
+                       lambda batch: umt5(input_ids=torch.zeros(batch, p.text_length, dtype=torch.long))
+                       .last_hidden_state)
 
-    if p.family == "hunyuan_video":
-        return _trace_hunyuan_preset(p, history_seconds, dtype, cfg_batch)
+
+def trace_preset(p: Preset, history_seconds: float, dtype: torch.dtype = torch.bfloat16, cfg_batch: int = 2) -> Trace:
+    """Trace one chunk of preset ``p`` after ``history_seconds`` of history, in ``dtype``, under
+    FakeTensorMode (seconds on a CPU; nothing is allocated)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pfp.compressor import MemoryCompressor
+
     previous = torch.get_default_dtype()
     # Token positions are real (tiny) tensors: the backbone reads them to find the context's frames.
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         torch.set_default_dtype(dtype)  # modules are built in dtype without ever holding fp32 copies
         try:
-            backbone = WanBackbone.from_config(context_mode="cached", **p.transformer)
-            if p.experts == 2:
-                from pfp.backbones.experts import ExpertPair
-                backbone = ExpertPair(backbone, WanBackbone.from_config(context_mode="cached", **p.transformer),
-                                      p.boundary)
-            vae = WanVAE(AutoencoderKLWan(**p.vae))
-            text_model = UMT5EncoderModel(UMT5Config(**p.text))
-            encoders = text_model
-            if p.image_encoder is not None:   # I2V: the image encoder's phase is the text encoder's
-                from transformers import CLIPVisionConfig, CLIPVisionModel
-                encoders = nn.ModuleList([text_model, CLIPVisionModel(CLIPVisionConfig(**p.image_encoder))])
+            parts = preset_parts(p)
+            backbone = parts.backbone
             compressor = MemoryCompressor(backbone.patch_embed, backbone.latent_channels, backbone.inner_dim,
                                           rate=p.rate, hidden=p.compressor_hidden)
         finally:
             torch.set_default_dtype(previous)
-        ids = torch.zeros(1, p.text_length, dtype=torch.long)
-        return _trace_parts(backbone, compressor, vae, encoders,
-                            lambda: text_model(input_ids=ids).last_hidden_state, p.video_size, p.fps,
-                            p.chunk_frames, history_seconds, cfg_batch)
-
-
-def _trace_hunyuan_preset(p: Preset, history_seconds: float, dtype: torch.dtype, cfg_batch: int) -> Trace:
-    """trace_preset for HunyuanVideo: its transformer, VAE and two text encoders (Llama reads the
-    prompt template's system tokens too: they are cut after it runs)."""
-    from diffusers import AutoencoderKLHunyuanVideo
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
-    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text
-    from pfp.compressor import MemoryCompressor
-    from pfp.text import HUNYUAN_CROP_START
-    from pfp.vae import HunyuanVAE
-
-    previous = torch.get_default_dtype()
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        torch.set_default_dtype(dtype)
-        try:
-            backbone = HunyuanVideoBackbone.from_config(context_mode="cached", **p.transformer)
-            vae = HunyuanVAE(AutoencoderKLHunyuanVideo(**p.vae))
-            llama = LlamaModel(LlamaConfig(**p.text))
-            clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-            compressor = MemoryCompressor(backbone.patch_embed, backbone.latent_channels, backbone.inner_dim,
-                                          rate=p.rate, hidden=p.compressor_hidden)
-        finally:
-            torch.set_default_dtype(previous)
-        ids = torch.zeros(1, HUNYUAN_CROP_START + p.text_length, dtype=torch.long)
-        clip_ids = torch.zeros(1, CLIP_L_TEXT["max_position_embeddings"], dtype=torch.long)
-
-        def run_text():
-            states = llama(input_ids=ids, output_hidden_states=True).hidden_states[-3][:, HUNYUAN_CROP_START:]
-            return pack_text(states, None, clip(clip_ids).pooler_output)[0]
-        return _trace_parts(backbone, compressor, vae, nn.ModuleList([llama, clip]), run_text, p.video_size, p.fps,
-                            p.chunk_frames, history_seconds, cfg_batch)
+        encoders = parts.encoders[0] if len(parts.encoders) == 1 else nn.ModuleList(parts.encoders)
+        return _trace_parts(backbone, compressor, parts.vae, encoders, lambda: parts.encode_text(1), p.video_size,
+                            p.fps, p.chunk_frames, history_seconds, cfg_batch)
 
 
 def trace_model(model: nn.Module, history_seconds: float, size: Optional[tuple] = None, cfg_batch: int = 2) -> Trace:

@@ -64,11 +64,6 @@ class TrainTrace:
     context_tokens: int
 
 
-def _optimizer_bytes(model: nn.Module) -> int:
-    """AdamW's two states per trainable parameter, in the parameter's dtype."""
-    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
 def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Optional[tuple] = None) -> TrainTrace:
     """Trace one training step of a built :class:`pfp.weights.PFPModel` (LoRA and trainable flags as
     training sets them) on a batch of ``batch_size`` clips of ``clip_chunks`` chunks, at ``size``
@@ -115,16 +110,14 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
         with fake_mode:
             video = torch.zeros(batch_size, 3, frames, h, w)
 
+            outputs = []   # what each traced phase makes, kept for the step
+
             def encode():
                 with torch.no_grad():
-                    latents = model.vae.encode(video)
-                    lrs = [model.vae.encode(v) for v in model.low_res_videos(video)]
-                return latents, lrs
+                    outputs.append((model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)]))
             transient["encode"] = _tracked_peak(encode)
-            texts = []
-            transient["text"] = _tracked_peak(lambda: texts.append(model.text_encoder([""] * batch_size)))
-            tokens = texts.pop().tokens
-            latents, lrs = encode()
+            transient["text"] = _tracked_peak(lambda: outputs.append(model.text_encoder([""] * batch_size)))
+            (latents, lrs), tokens = outputs[0], outputs[1].tokens
             n_hist = (clip_chunks - 1) * lc
             hist = latents[:, :, :n_hist]
             x = latents[:, :, n_hist:n_hist + lc]
@@ -153,22 +146,23 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     return TrainTrace(frozen=frozen, blocks=sum(block_bytes),
                       block_linear=sum(w.numel() * w.element_size() for w in linear),
                       block_linear_fp8=sum(w.numel() for w in linear), largest_block=max(block_bytes, default=0),
-                      trainable=sum(p.numel() * p.element_size() for p in trainable)
-                      + _optimizer_bytes(model), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
+                      # the parameters and AdamW's two states, each in the parameter's dtype
+                      trainable=3 * sum(p.numel() * p.element_size() for p in trainable), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
                       target_tokens=target, context_tokens=context)
 
 
 class _TracedText(nn.Module):
-    """A preset's text encoder for tracing: its transformers model on ``length`` token ids (no
-    tokenizer needed), returning :class:`pfp.text.TextTokens` in the layout its backbone reads."""
+    """A preset's text encoder for tracing (:attr:`pfp.memory.PresetParts.encode_text`: its models on
+    token ids, no tokenizer needed), returning :class:`pfp.text.TextTokens` in the layout its
+    backbone reads."""
 
     frozen = True
 
-    def __init__(self, run, modules: list, dim: int, length: int):
+    def __init__(self, run, modules: list, dim: int):
         super().__init__()
         self.parts = nn.ModuleList(modules)
-        self.run, self.dim, self.length = run, dim, length
+        self.run, self.dim = run, dim
 
     def forward(self, prompts):
         from pfp.text import TextTokens
@@ -205,7 +199,7 @@ def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_ran
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from pfp.memory import CLIP_L_TEXT, preset_config
+    from pfp.memory import preset_config, preset_parts
     from pfp.model import PFPModel
     from pfp.train.loop import TrainArgs, _set_trainable
     with tempfile.TemporaryDirectory() as root:
@@ -216,41 +210,12 @@ def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_ran
         with FakeTensorMode(allow_non_fake_inputs=True):
             torch.set_default_dtype(dtype)
             try:
-                if p.family == "hunyuan_video":
-                    from diffusers import AutoencoderKLHunyuanVideo
-                    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
-
-                    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone, pack_text
-                    from pfp.text import HUNYUAN_CROP_START
-                    from pfp.vae import HunyuanVAE
-                    backbone = HunyuanVideoBackbone.from_config(context_mode="cached", **p.transformer)
-                    vae = HunyuanVAE(AutoencoderKLHunyuanVideo(**p.vae))
-                    llama, clip = LlamaModel(LlamaConfig(**p.text)), CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
-
-                    def run(b):
-                        ids = torch.zeros(b, HUNYUAN_CROP_START + p.text_length, dtype=torch.long)
-                        states = llama(input_ids=ids, output_hidden_states=True).hidden_states[-3]
-                        pooled = clip(torch.zeros(b, 77, dtype=torch.long)).pooler_output
-                        return pack_text(states[:, HUNYUAN_CROP_START:], None, pooled)[0]
-                    text = _TracedText(run, [llama, clip], int(p.text["hidden_size"]), p.text_length + 1)
-                else:
-                    from diffusers import AutoencoderKLWan
-                    from transformers import UMT5Config, UMT5EncoderModel
-
-                    from pfp.backbones import WanBackbone
-                    from pfp.vae import WanVAE
-                    backbone = WanBackbone.from_config(context_mode="cached", **p.transformer)
-                    if p.experts == 2:
-                        from pfp.backbones.experts import ExpertPair
-                        backbone = ExpertPair(backbone, WanBackbone.from_config(context_mode="cached",
-                                                                                **p.transformer), p.boundary)
-                    vae = WanVAE(AutoencoderKLWan(**p.vae))
-                    umt5 = UMT5EncoderModel(UMT5Config(**p.text))
-                    text = _TracedText(lambda b: umt5(input_ids=torch.zeros(b, p.text_length, dtype=torch.long))
-                                       .last_hidden_state, [umt5], int(p.text["d_model"]), p.text_length)
+                parts = preset_parts(p)
             finally:
                 torch.set_default_dtype(previous)
-            model = PFPModel(config, backbone=backbone, vae=vae, text_encoder=text)
+            backbone = parts.backbone
+            text = _TracedText(parts.encode_text, parts.encoders, parts.text_dim)
+            model = PFPModel(config, backbone=backbone, vae=parts.vae, text_encoder=text)
             # peft cannot wrap fake parameters (its .to() on them fails), so the adapters are counted,
             # not built: their weights, gradients and AdamW states in fp32 (peft's adapter dtype);
             # their rank-r activations are left out (a rounding error beside the blocks')
