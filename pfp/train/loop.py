@@ -561,7 +561,7 @@ def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Opti
     model = build_model(config)
     if args.init and resume_state is None:
         _load_init(model, args.init, args.init_new, args.init_skip)
-    rank_lora = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
+    rank_lora = _lora_rank(args)
     lora = rank_lora > 0
     if lora:
         apply_lora(model, rank_lora, args.lora_alpha)
@@ -771,33 +771,41 @@ def _clip_chunks(args: TrainArgs, config: PFPConfig) -> int:
     return max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
 
 
-def _training_plan(model: PFPModel, args: TrainArgs, config: PFPConfig):
-    """The memory plan for ``--vram`` (the plain run's estimate for ``--plan`` alone), traced on the
-    model as built (on the CPU, with LoRA and trainable flags); a budget nothing fits is refused
-    with one line naming the smallest that does."""
+def _lora_rank(args: TrainArgs) -> int:
+    """``--lora-rank``, by default 0 (the backbone trains whole) for pretrain and 128 for finetune."""
+    return args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
+
+
+def _chosen_plan(trace, args: TrainArgs, what: str):
+    """The training plan for ``--vram`` (the plain run's estimate for ``--plan`` alone); a budget
+    nothing fits is refused with one line naming ``what`` is planned and the smallest budget that
+    does."""
     from pfp.memory import parse_bytes
-    from pfp.train.memory import choose_training, trace_training
-    budget = parse_bytes(args.vram, "--vram") if args.vram is not None else None
-    trace = trace_training(model, args.batch_size, _clip_chunks(args, config))
-    plan = choose_training(trace, budget)
+    from pfp.train.memory import choose_training
+    plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None)
     if not plan.fits:
-        raise UsageError(plan.too_small(f"--vram {args.vram}", "this training run (--batch-size "
-                                        f"{args.batch_size}, --clip-seconds {args.clip_seconds:g})"))
+        raise UsageError(plan.too_small(f"--vram {args.vram}", what))
     return plan
+
+
+def _training_plan(model: PFPModel, args: TrainArgs, config: PFPConfig):
+    """The memory plan, traced on the model as built (on the CPU, with LoRA and trainable flags)."""
+    from pfp.train.memory import trace_training
+    trace = trace_training(model, args.batch_size, _clip_chunks(args, config))
+    return _chosen_plan(trace, args, f"this training run (--batch-size {args.batch_size}, --clip-seconds "
+                                     f"{args.clip_seconds:g})")
 
 
 def _plan_preset(args: TrainArgs) -> dict:
     """``--plan`` for a preset without ``--model-dir``: its full-size parts traced on fake tensors."""
-    from pfp.memory import parse_bytes, preset, preset_config
-    from pfp.train.memory import choose_training, trace_training_preset
+    from pfp.memory import preset, preset_config
+    from pfp.train.memory import trace_training_preset
     p = preset(args.config, args.rate)
     config = preset_config(p, "")
-    rank = args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
+    rank = _lora_rank(args)
     trace = trace_training_preset(p, args.batch_size, _clip_chunks(args, config), rank, args.mode)
-    plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None)
-    if not plan.fits:
-        raise UsageError(plan.too_small(f"--vram {args.vram}", f"{p.name} ({args.mode}, --batch-size "
-                                        f"{args.batch_size}, --clip-seconds {args.clip_seconds:g}, LoRA rank {rank})"))
+    plan = _chosen_plan(trace, args, f"{p.name} ({args.mode}, --batch-size {args.batch_size}, --clip-seconds "
+                                     f"{args.clip_seconds:g}, LoRA rank {rank})")
     _print_training_plan(plan, args, config)
     return {"step": 0, "loss": float("nan"), "samples_per_s": 0.0, "rank": 0, "world": 1, "model": None, "plan": plan}
 
