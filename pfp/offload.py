@@ -345,23 +345,24 @@ def _in_backward() -> bool:
 
 class _FrozenBlock:
     """A block's frozen tensors for training, in one of two forms: loaded (the compute dtype, on the
-    device: the block can run) or parked. ``fp8``: its linear weights park in float8 e4m3 (on the
-    device, or on the host with ``offload``) and load upcast; ``offload``: everything parks on the
-    host and loads with one copy. The originals stay on the host for checkpoints (:meth:`native`)."""
+    device: the block can run) or parked. ``fp8``: the linear weights among them park in float8
+    e4m3 (on the device, or on the host with ``offload``) and load upcast; ``offload``: the others
+    park on the host and load with one copy (a :class:`_HostCopy`). The originals stay on the host
+    for checkpoints (:meth:`to_native`)."""
 
     def __init__(self, tensors: list, linear: set, device: torch.device, fp8: bool, offload: bool, park_to: str):
-        self.tensors, self.device, self.park_to = tensors, device, park_to
-        pin = device.type == "cuda"
-        self.native = {}
-        for t in tensors:
-            h = t.detach().to("cpu")
-            self.native[id(t)] = h.pin_memory() if pin and offload else h
+        self.device, self.offload = device, offload
+        self.stored = [t for t in tensors if fp8 and id(t) in linear]
+        others = [t for t in tensors if not (fp8 and id(t) in linear)]
+        # the model is still on the CPU: detach() keeps the original storage as t.data moves on
+        self.native = {id(t): t.detach() for t in self.stored}
         where = "cpu" if offload else device
-        self.fp8 = {id(t): self.native[id(t)].to(torch.float8_e4m3fn).to(where) for t in tensors
-                    if fp8 and id(t) in linear}
-        if pin and offload:
+        self.fp8 = {id(t): t.detach().to(torch.float8_e4m3fn).to(where) for t in self.stored}
+        if offload and device.type == "cuda":
             self.fp8 = {k: v.pin_memory() for k, v in self.fp8.items()}
-        self.offload = offload
+        self.copies = _HostCopy(others, device, park_to) if others else None   # parked from the start
+        if self.copies is not None:
+            self.native.update(self.copies.host)
         self.loaded = False
         self.bytes_moved = 0
         self.park()
@@ -369,31 +370,26 @@ class _FrozenBlock:
     def load(self) -> None:
         if self.loaded:
             return
-        for t in self.tensors:
-            src = self.fp8.get(id(t))
-            if src is not None:   # upcast to the dtype the original had
-                t.data = src.to(self.device).to(self.native[id(t)].dtype)
-                self.bytes_moved += src.numel() * src.element_size() if self.offload else 0
-            elif self.offload:
-                t.data = self.native[id(t)].to(self.device, copy=True)
-                self.bytes_moved += t.numel() * t.element_size()
+        for t in self.stored:   # upcast to the dtype the original had
+            src = self.fp8[id(t)]
+            t.data = src.to(self.device).to(self.native[id(t)].dtype)
+            self.bytes_moved += src.numel() * src.element_size() if self.offload else 0
+        if self.copies is not None:
+            self.bytes_moved += self.copies.load()
         self.loaded = True
 
     def park(self) -> None:
-        for t in self.tensors:
-            src = self.fp8.get(id(t))
-            if src is not None:
-                t.data = src
-            elif self.offload:
-                h = self.native[id(t)]
-                t.data = h if self.park_to == "host" or not h.is_floating_point() else torch.full_like(h, float("nan"))
-            elif not self.loaded:   # resident in its native form
-                t.data = self.native[id(t)].to(self.device, copy=True)
+        for t in self.stored:
+            t.data = self.fp8[id(t)]
+        if self.copies is not None:
+            self.copies.park()
         self.loaded = False
 
     def to_native(self) -> None:
-        for t in self.tensors:
+        for t in self.stored + (self.copies.tensors if self.copies is not None else []):
             t.data = self.native[id(t)]
+        if self.copies is not None:
+            self.copies.loaded = False
         self.loaded = False
 
 
@@ -457,7 +453,6 @@ class TrainPlacement:
       time. Both need gradient checkpointing (``pfp.train`` turns it on): a block's weights go
       back after its forward, and in the backward its recompute brings them in again and keeps them
       until the next block comes. Checkpoints and exports hold the original weights (:meth:`native`);
-    - ``text="cpu"``: the text encoder stays on the CPU and the losses move its states over;
     - ``text="cpu"``: the text encoder stays on the CPU and the losses move its states over;
       ``"gpu"``: it is on the device throughout;
     - ``swap=True``: the frozen transformer (and the compressor's frozen parts) is off the device
