@@ -50,7 +50,8 @@ from torch import Tensor, nn
 import pfp_kernels
 
 from .rope import apply_rope
-from .wan_style import WanStyleBackbone, _causal_context_attention, _host, check_context_mode, masked_joint_attention
+from .wan_style import (WanStyleBackbone, _causal_context_attention, _host, check_context_mode,
+                         masked_joint_attention, _rank_heads_of_cache)
 
 DEFAULT_GUIDANCE = 6.0   # HunyuanVideoPipeline's guidance_scale: the embedded (distilled) guidance
 
@@ -149,15 +150,11 @@ class _ThreeStreamBlock(nn.Module):
     def _own_heads(self, qkv_c, prev_kv):
         """Under sequence parallelism the context attends with this rank's heads only: its new Q/K/V
         and a cache made before (with every head) keep this rank's."""
-        sp = self.sp
-        if sp is None:
+        if self.sp is None:
             return qkv_c, prev_kv
-        heads = self._heads()
         if qkv_c is not None:
-            qkv_c = tuple(z[:, :, heads] for z in qkv_c)
-        if prev_kv is not None and prev_kv[0].shape[2] == self.num_heads and sp.world > 1:
-            prev_kv = (prev_kv[0][:, :, heads], prev_kv[1][:, :, heads])
-        return qkv_c, prev_kv
+            qkv_c = tuple(z[:, :, self._heads()] for z in qkv_c)
+        return qkv_c, _rank_heads_of_cache(self.sp, self.num_heads, prev_kv)
 
     def _to_heads(self, qkv_t, qkv_x, sp_tokens: int):
         """Target Q/K/V: this rank's tokens, every head -> every token, this rank's heads; text

@@ -186,6 +186,16 @@ def _modulation(scale_shift_table: Tensor, mod: Tensor):
     return e.unbind(2)
 
 
+def _rank_heads_of_cache(sp, num_heads: int, kv):
+    """A block's cached context (K, V) ``[Bc, Nc, H, D]`` as this rank attends with it under sequence
+    parallelism (``sp``): a cache made before, with every head, keeps this rank's heads; one made
+    under ``sp`` already holds only those. Unchanged without ``sp`` or without a cache."""
+    if sp is None or kv is None or kv[0].shape[2] != num_heads or sp.world == 1:
+        return kv
+    heads = sp.heads(num_heads)
+    return kv[0][:, :, heads], kv[1][:, :, heads]
+
+
 def _causal_context_attention(qc: Tensor, k_all: Tensor, v_all: Tensor, offset: int, frames,
                               mask: Optional[Tensor] = None) -> Tensor:
     """Context self-attention, causal over context token frames (runs of equal
@@ -373,8 +383,7 @@ class WanStyleBlock(nn.Module):
         """
         sp = self.sp
         heads = sp.heads(self.num_heads) if sp is not None else slice(None)
-        if sp is not None and prev_kv is not None and prev_kv[0].shape[2] == self.num_heads and sp.world > 1:
-            prev_kv = (prev_kv[0][:, :, heads], prev_kv[1][:, :, heads])  # a cache made before: its heads here
+        prev_kv = _rank_heads_of_cache(sp, self.num_heads, prev_kv)
         k_all = v_all = None
         if hc is not None:
             sh, sc, g, c_sh, c_sc, c_g = _modulation(self.scale_shift_table, mod_c)
