@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from bench_wan5b_step import _sync, card_peak, time_steps, write_table  # noqa: E402 - benchmarks/ is on sys.path
+from bench_wan5b_step import _sync, card_peak, check_step_args, time_steps, write_table  # noqa: E402 - benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -123,12 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny stand-ins on the CPU, to check the script")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.steps < 1:
-        p.error(f"--steps must be >= 1, got {a.steps}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here (use --dry-run on a CPU)")
-    if a.device == "cpu" and not a.dry_run:
-        p.error("the full-size models need --device cuda; on a CPU use --dry-run")
+    check_step_args(p, a, "the full-size models need")
     name, _ = card_peak(a.device)
     rows = []
     for model in a.model:

@@ -224,17 +224,23 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (MFU)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.steps < 1:
-        p.error(f"--steps must be >= 1, got {a.steps}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here (use --dry-run on a CPU)")
-    if a.device == "cpu" and not a.dry_run:
-        p.error("the full-size 5B step needs --device cuda; on a CPU use --dry-run")
+    check_step_args(p, a, "the full-size 5B step needs")
     name, peak = card_peak(a.device)
     peak = a.peak_tflops or peak
     rows = run(a.device, a.steps, a.dry_run, peak)
     write_table(table(rows, a.device, name, peak, a.dry_run, a.steps), a.out, "wan5b_step", a.device, a.dry_run)
     return 0
+
+
+def check_step_args(p: argparse.ArgumentParser, a, full_size: str) -> None:
+    """``--steps``, ``--device`` and ``--dry-run`` of a step benchmark, each refused through ``p``
+    (one line, exit 2); ``full_size`` begins the line refusing a full-size run on a CPU."""
+    if a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --dry-run on a CPU)")
+    if a.device == "cpu" and not a.dry_run:
+        p.error(f"{full_size} --device cuda; on a CPU use --dry-run")
 
 
 def write_table(text: str, out, area: str, device: str, dry_run: bool) -> str:
