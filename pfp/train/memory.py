@@ -132,7 +132,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                 with torch.enable_grad():
                     ctx = None
                     if n_hist:   # the compressor's tokens (fake), at real positions: the backbone reads them
-                        made = _compress(model, hist, lr_hist, torch.float32)   # as the losses call it
+                        made = _compress(model, hist, lr_hist)   # as the losses call it
                         ctx = Context(made.tokens, positions, features=getattr(made, "features", None))
                     v = backbone(x, ts, text, ctx, t_start=t_start)
                     loss = v.float().square().mean()

@@ -186,14 +186,13 @@ def i2v_inputs(model, backbone, batch: dict, latent_frames: int, given: bool, de
     return out
 
 
-def _compress(model, hr: Tensor, lrs, dtype):
-    """The context of every compressor (``lrs``: one LR latent each). The compressors run outside
-    autocast: their pfp_kernels convs take the parameters' dtype, while autocast would turn only
-    the shared patch embedding (an nn.Conv3d) to bf16. The backbone, under autocast, casts the
-    context tokens where it uses them."""
-    # the compressors are built in the backbone's patch-embedding dtype (bf16 for a bf16 Wan): their
-    # inputs take it (``dtype`` is what an fp32 model computes in)
-    dtype = model.compressor.dtype if model.compressor.dtype != torch.float32 else dtype
+def _compress(model, hr: Tensor, lrs):
+    """The context of every compressor (``lrs``: one LR latent each), its inputs in the compressors'
+    own dtype (they are built in the backbone's patch-embedding dtype: bf16 for a bf16 Wan). The
+    compressors run outside autocast: their pfp_kernels convs take the parameters' dtype, while
+    autocast would turn only the shared patch embedding (an nn.Conv3d) to bf16. The backbone,
+    under autocast, casts the context tokens where it uses them."""
+    dtype = model.compressor.dtype
     with torch.autocast(device_type=hr.device.type, enabled=False):
         return model.compress(hr.to(dtype), [lr.to(dtype) for lr in lrs])
 
@@ -249,7 +248,7 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
                        generator)
     text, text_mask = _encode_text(model, prompts, device)
     with phases.step():
-        ctx = _compress(model, hr_masked, lr_masked, compute_dtype)
+        ctx = _compress(model, hr_masked, lr_masked)
         v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask, **extra)
         return flow_loss(v, target, ts, cfg.t_weight_power, _min_t(backbone))
 
@@ -307,7 +306,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     with phases.step():
         ctx = None
         if n > 0:
-            ctx = _compress(model, hist, lr_hist, compute_dtype)
+            ctx = _compress(model, hist, lr_hist)
             if model.config.sliding_window:
                 ctx = _with_window(model, backbone, ctx, hist, compute_dtype)
         v = backbone(xt, ts, text, ctx, t_start=float(n * lc // backbone.patch_size[0]), text_mask=text_mask,
@@ -349,7 +348,7 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch
         text, text_mask = _encode_text(model, [sb.prompt_at(when) for sb in batch["storyboard"]], device)
         with phases.step():
             ctx = _compress(model, hist[:, :, : j * lc], [_lr_prefix(lr, j * lc, comp.rate.t) for comp, lr
-                                                          in zip(model.compressors, lrs)], compute_dtype) if j > 0 else None
+                                                          in zip(model.compressors, lrs)]) if j > 0 else None
             if j > 0 and model.config.sliding_window:
                 ctx = _with_window(model, backbone, ctx, hist[:, :, : j * lc], compute_dtype)
             v = backbone(xu, ts, text, ctx, t_start=float(j * lc // backbone.patch_size[0]), text_mask=text_mask,
