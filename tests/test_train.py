@@ -61,6 +61,49 @@ def test_resume_is_bit_exact(tmp_path):
     assert rows_a == rows_b
 
 
+def _checkpoint_tensors(run) -> dict:
+    return load_file(os.path.join(latest_checkpoint(run), "model.safetensors"))
+
+
+def test_lora_checkpoints_leave_the_frozen_base_out_and_resume_from_init(tmp_path):
+    # the base comes from an --init file; checkpoints hold only what trains, and a resume rebuilds
+    # the rest from that file, bit-exactly
+    base = tmp_path / "base.safetensors"
+    train(_args(tmp_path, tmp_path / "pre", steps=1, export=str(base)))
+    a = _args(tmp_path, tmp_path / "a", mode="finetune", steps=4, lora_rank=4, init=str(base))
+    out = train(a)
+    trained = {n for n, p in out["model"].named_parameters(remove_duplicate=False) if p.requires_grad}
+    frozen = {n for n, p in out["model"].named_parameters(remove_duplicate=False)
+              if not p.requires_grad and out["model"].is_saved_key(n)}
+    saved = _checkpoint_tensors(tmp_path / "a")
+    assert frozen and not frozen & saved.keys()
+    assert trained <= saved.keys()
+    full = {k for k in out["model"].state_dict() if out["model"].is_saved_key(k)}
+    assert saved.keys() == full - frozen      # every buffer and trained tensor is still there
+
+    b = _args(tmp_path, tmp_path / "b", mode="finetune", steps=2, lora_rank=4, init=str(base))
+    train(b)
+    b.steps, b.resume, b.init = 4, True, None    # the checkpoint names its base file itself
+    train(b)
+    tb = _checkpoint_tensors(tmp_path / "b")
+    assert saved.keys() == tb.keys() and all(torch.equal(saved[k], tb[k]) for k in saved)
+
+
+def test_lora_resume_refuses_a_changed_or_missing_base(tmp_path):
+    base = tmp_path / "base.safetensors"
+    train(_args(tmp_path, tmp_path / "pre", steps=1, export=str(base)))
+    b = _args(tmp_path, tmp_path / "b", mode="finetune", steps=2, lora_rank=4, init=str(base))
+    train(b)
+    b.steps, b.resume = 4, True
+    train(_args(tmp_path, tmp_path / "pre", steps=2, overwrite=True, export=str(base)))   # other weights, same file
+    with pytest.raises(ValueError, match="differ from the ones it was trained on"):
+        train(b)
+    os.remove(base)
+    b.init = None    # (given, the missing --init itself is refused first)
+    with pytest.raises(ValueError, match="no longer exists"):
+        train(b)
+
+
 def test_export_merges_lora_and_loads(tmp_path):
     from pfp.weights import load_weights
     args = _args(tmp_path, tmp_path / "r", mode="finetune", steps=1, lora_rank=4,

@@ -185,26 +185,29 @@ def test_a_bf16_wan_backbone_finetunes(tmp_path):
     assert out["model"].compressor.dtype == torch.bfloat16 and out["loss"] == out["loss"]   # finite, not NaN
 
 
-def test_train_runs_a_chosen_plan_and_saves_the_original_weights(tmp_path, monkeypatch):
+def test_train_runs_a_chosen_plan_and_resumes_from_the_original_weights(tmp_path, monkeypatch):
     # pfp.train under --vram with the blocks in fp8 and offloaded (forced: on a CPU the allowance
-    # decides every budget): it trains, exports, and its checkpoints hold the frozen weights as
-    # built, not their fp8 rounding
+    # decides every budget): it trains and exports; its LoRA checkpoints leave the frozen base out
+    # and fingerprint it as built, not as its fp8 rounding, so a resume under the same plan goes on
     import pfp.train.memory as train_memory
     from pfp.config import PFPConfig
     from pfp.train import TrainArgs, train
     from pfp.train.checkpoint import latest_checkpoint, load_checkpoint
+    from pfp.train.loop import _fingerprint, _frozen_params, _set_trainable, apply_lora
     from pfp.weights import build_model
     monkeypatch.setattr(train_memory, "choose_training", lambda trace, budget: train_memory.estimate_training(
         trace, {"weights": "fp8", "offload": "block", "swap": True}, None))
-    out = train(TrainArgs(mode="finetune", steps=2, batch_size=2, clip_seconds=1.0, workers=0, lora_rank=2,
-                          out=str(tmp_path / "run"), progress=False, save_every=2, vram="64GiB",
-                          export=str(tmp_path / "ft.safetensors")))
+    args = TrainArgs(mode="finetune", steps=2, batch_size=2, clip_seconds=1.0, workers=0, lora_rank=2,
+                     out=str(tmp_path / "run"), progress=False, save_every=2, vram="64GiB",
+                     export=str(tmp_path / "ft.safetensors"))
+    out = train(args)
     assert out["loss"] == out["loss"] and (tmp_path / "ft.safetensors").is_file()   # finite; exported
+    saved, state = load_checkpoint(latest_checkpoint(str(tmp_path / "run")), restore_rng=False)
+    assert not any(k.endswith(".base_layer.weight") for k in saved) and any("lora_" in k for k in saved)
     torch.manual_seed(0)                     # what pfp.train built (seed 0, the built-in config)
-    built = build_model(PFPConfig()).state_dict()
-    saved, _ = load_checkpoint(latest_checkpoint(str(tmp_path / "run")), restore_rng=False)
-    base = {k: v for k, v in saved.items() if ".blocks." in k and k.endswith(".base_layer.weight")}
-    assert base
-    for k, v in base.items():                # the LoRA-wrapped linears' frozen weights, as built
-        plain = k.replace("base_model.model.", "").replace(".base_layer", "")
-        assert v.dtype == built[plain].dtype and torch.equal(v, built[plain]), k
+    built = build_model(PFPConfig())
+    apply_lora(built, 2)
+    _set_trainable(built, args, lora=True)
+    assert state["frozen_base"]["sha256"] == _fingerprint(_frozen_params(built))
+    args.steps, args.resume = 4, True
+    assert train(args)["step"] == 4

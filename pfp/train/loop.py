@@ -548,38 +548,105 @@ def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
     return config
 
 
+@dataclass
+class FrozenBase:
+    """What a LoRA run's checkpoints leave out: the frozen parameters (the base model's weights),
+    which a resume rebuilds from the config's model folder and the run's ``--init`` file instead of
+    reading gigabytes back (peft saves adapters the same way). ``sha256`` fingerprints them (names,
+    dtypes, shapes and bytes, in name order), so a base that changed since is refused, never trained
+    on silently."""
+
+    keys: frozenset
+    sha256: str
+    init: Optional[str]          # the --init file or checkpoint they were read from (absolute), if any
+    init_new: Optional[str]
+    init_skip: Optional[str]
+
+    def record(self) -> dict:
+        return {"params": len(self.keys), "sha256": self.sha256, "init": self.init,
+                "init_new": self.init_new, "init_skip": self.init_skip}
+
+
+def _frozen_params(model: PFPModel) -> dict:
+    """The saved-key parameters that do not train, by state-dict name."""
+    return {n: p for n, p in model.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and model.is_saved_key(n)}
+
+
+def _fingerprint(params: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _init_of(args: TrainArgs, resume_state: Optional[dict], resume_path: Optional[str]) -> Optional[tuple]:
+    """``(path, init_new, init_skip)`` to load before LoRA goes on: the run's ``--init`` on a fresh
+    start; on a resume, the one recorded by a checkpoint that left the frozen base out (None for one
+    that holds every weight)."""
+    if resume_state is None:
+        return (args.init, args.init_new, args.init_skip) if args.init else None
+    base = resume_state.get("frozen_base")
+    if not base or not base.get("init"):
+        return None
+    if not os.path.exists(base["init"]):
+        raise ValueError(f"checkpoint {resume_path} keeps the trained weights only; its frozen base weights came "
+                         f"from --init {base['init']}, which no longer exists (restore it there to resume)")
+    return base["init"], base.get("init_new"), base.get("init_skip")
+
+
 def _build_trainee(args: TrainArgs, config: PFPConfig, device, resume_path: Optional[str],
-                   resume_state: Optional[dict], move: bool = True) -> tuple[PFPModel, bool, int, int]:
+                   resume_state: Optional[dict], move: bool = True
+                   ) -> tuple[PFPModel, bool, int, int, Optional[FrozenBase]]:
     """The model with its initial or resumed weights, LoRA and trainable flags, on ``device`` (left
     on the CPU with ``move=False``: a memory plan places it). Returns (model, lora, first step,
-    non-finite steps skipped so far)."""
+    non-finite steps skipped so far, the frozen base its checkpoints leave out: LoRA runs only)."""
     # every RNG a checkpoint records starts from the seed, so a resumed run's states equal an
     # uninterrupted run's (Python's and NumPy's would otherwise start from OS entropy)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
     model = build_model(config)
-    if args.init and resume_state is None:
-        _load_init(model, args.init, args.init_new, args.init_skip)
+    init = _init_of(args, resume_state, resume_path)
+    if init is not None:
+        _load_init(model, *init)
     rank_lora = _lora_rank(args)
     lora = rank_lora > 0
     if lora:
         apply_lora(model, rank_lora, args.lora_alpha)
     _set_trainable(model, args, lora)
+    frozen = None
+    # a run resumed from a checkpoint that holds every weight goes on writing such checkpoints: its
+    # frozen base came from that checkpoint, not from files a resume could rebuild it from
+    whole = resume_state is not None and not resume_state.get("frozen_base")
+    if lora and not args.plan and not whole:
+        params = _frozen_params(model)
+        init_path = os.path.abspath(init[0]) if init is not None else None
+        frozen = FrozenBase(frozenset(params), _fingerprint(params), init_path,
+                            *(init[1:] if init is not None else (None, None)))
     if args.grad_checkpointing:
         _plain_backbone(model.backbone).set_gradient_checkpointing(True)
     if move:
         model.to(device)
     if resume_state is None:
-        return model, lora, 0, 0
+        return model, lora, 0, 0, frozen
     # the RNG states are restored last, right before the first step (train), so that nothing set
     # up in between (model init, data loader seeds) draws from them
     resume_tensors, st = load_checkpoint(resume_path, restore_rng=False, verify=False)
+    recorded = st.get("frozen_base")
+    if recorded and (frozen is None or recorded["sha256"] != frozen.sha256):
+        raise ValueError(f"checkpoint {resume_path} keeps the trained weights only, and the frozen base weights "
+                         f"rebuilt for it (the config's model folder"
+                         + (f", --init {recorded['init']}" if recorded.get("init") else "")
+                         + ") differ from the ones it was trained on; resume with the same base files")
     missing, unexpected = model.load_state_dict(resume_tensors, strict=False)
-    bad = [k for k in missing if model.is_saved_key(k)]
+    bad = [k for k in missing if model.is_saved_key(k) and not (recorded and k in frozen.keys)]
     if bad or unexpected:
         raise ValueError(f"checkpoint {resume_path} does not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
-    return model, lora, st["step"], st.get("nonfinite_skipped", 0)
+    return model, lora, st["step"], st.get("nonfinite_skipped", 0), frozen
 
 
 def _distribute(loss_module: nn.Module, model: PFPModel, args: TrainArgs, device, world: int) -> nn.Module:
@@ -673,7 +740,8 @@ def train(args: TrainArgs) -> dict:
         print(f"data: {report} (--bad-data error refuses them instead)", file=sys.stderr)
 
     planned = args.vram is not None or args.plan
-    model, lora, start, skipped = _build_trainee(args, config, device, resume_path, resume_state, move=not planned)
+    model, lora, start, skipped, frozen = _build_trainee(args, config, device, resume_path, resume_state,
+                                                         move=not planned)
     placement = None
     if planned:
         plan = _training_plan(model, args, config)
@@ -746,9 +814,10 @@ def train(args: TrainArgs) -> dict:
             if done % args.save_every == 0 or done == last or out_of_time:
                 if log is not None:
                     log.sync()
-                with placement.native() if placement is not None else _nullcontext():   # the original weights
+                # the original weights, where the checkpoint holds frozen ones (not a LoRA run's)
+                with placement.native() if placement is not None and frozen is None else _nullcontext():
                     _save(model, optimizer, done, args, config, lora, rank, world,
-                          elapsed_before + time.perf_counter() - t_start, skipped)
+                          elapsed_before + time.perf_counter() - t_start, skipped, frozen)
                 saved_step = done
             if out_of_time:
                 break
@@ -822,27 +891,31 @@ def _print_training_plan(plan, args: TrainArgs, config: PFPConfig) -> None:
           f"checkpointing on; time lost to the choices ~{plan.seconds_lost_per_chunk:.2f} s per step (estimate)")
 
 
-def _full_state(model: PFPModel, world: int, fsdp: bool) -> dict:
+def _full_state(model: PFPModel, world: int, fsdp: bool, leave_out: frozenset = frozenset()) -> dict:
     if world > 1 and fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
-    return {k: v for k, v in state.items() if model.is_saved_key(k)}
+    return {k: v for k, v in state.items() if model.is_saved_key(k) and k not in leave_out}
 
 
-def _save(model, optimizer, step, args, config, lora, rank, world, elapsed, skipped) -> None:
+def _save(model, optimizer, step, args, config, lora, rank, world, elapsed, skipped,
+          frozen: Optional[FrozenBase] = None) -> None:
+    """A checkpoint of ``step``; a LoRA run's leaves its frozen base out (:class:`FrozenBase`)."""
     _check_finite_model(model, f"checkpoint of step {step}", world)
-    state = _full_state(model, world, args.fsdp)
+    state = _full_state(model, world, args.fsdp, frozen.keys if frozen is not None else frozenset())
     opt = optimizer
     if world > 1 and args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         opt = get_optimizer_state_dict(model, optimizer,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_checkpoint(args.out, state, opt, step, keep=args.keep_checkpoints,
-                        extra={"config": config.to_dict(), "args": asdict(args), "lora": lora,
-                               "elapsed_s": elapsed, "nonfinite_skipped": skipped})
+        extra = {"config": config.to_dict(), "args": asdict(args), "lora": lora,
+                 "elapsed_s": elapsed, "nonfinite_skipped": skipped}
+        if frozen is not None:
+            extra["frozen_base"] = frozen.record()
+        save_checkpoint(args.out, state, opt, step, keep=args.keep_checkpoints, extra=extra)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
