@@ -574,13 +574,18 @@ def _frozen_params(model: PFPModel) -> dict:
 
 
 def _fingerprint(params: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(params):
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order; the tensors are
+    hashed on a thread pool (hashlib lets go of the GIL), ~1 GB/s per core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> bytes:
         t = params[name].detach()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        digest = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
         if t.numel():
             digest.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+        return digest.digest()
+    with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+        return hashlib.sha256(b"".join(pool.map(one, sorted(params)))).hexdigest()
 
 
 def _init_of(args: TrainArgs, resume_state: Optional[dict], resume_path: Optional[str]) -> Optional[tuple]:
