@@ -27,8 +27,9 @@ import math
 import os
 import re
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ __all__ = [
     "StoryboardError",
     "prompt_schedule",
     "TextTokens",
+    "TextStateCache",
     "TinyTextEncoder",
     "UMT5TextEncoder",
     "HunyuanTextEncoder",
@@ -249,6 +251,57 @@ class TextTokens(NamedTuple):
 
     tokens: torch.Tensor
     mask: torch.Tensor
+
+
+class TextStateCache:
+    """Each prompt's states from a text encoder that does not train, computed once and reused.
+
+    Training meets the same prompts over and over (a video folder's storyboards, the empty prompt
+    of classifier-free dropout), and with a plan that keeps UMT5-XXL on the CPU one encode costs
+    seconds. Misses are encoded one prompt per call, so an entry never depends on which prompts
+    shared its batch (a resumed run meets the same states as an uninterrupted one), and kept on the
+    CPU, least recently used evicted first, within ``max_bytes``.
+
+    Args:
+        encode: prompts -> ``(tokens [B, L, D], mask [B, L])``, e.g. ``PFPModel.encode_text``; run
+            under ``torch.no_grad()``.
+        max_bytes: the most the entries may hold (> 0).
+
+    ``cache(prompts)`` returns ``(tokens, mask)`` on the CPU, one row per prompt.
+    """
+
+    def __init__(self, encode: Callable[[list], tuple], max_bytes: int):
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"TextStateCache: max_bytes must be an int > 0, got {max_bytes!r}")
+        self._encode, self.max_bytes = encode, max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _lookup(self, prompt: str) -> tuple:
+        entry = self._entries.get(prompt)
+        if entry is not None:
+            self.hits += 1
+            self._entries.move_to_end(prompt)
+            return entry
+        self.misses += 1
+        with torch.no_grad():
+            tokens, mask = self._encode([prompt])
+        entry = (tokens.detach().cpu(), mask.detach().cpu())
+        size = sum(t.numel() * t.element_size() for t in entry)
+        if size <= self.max_bytes:
+            self._entries[prompt] = entry
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= sum(t.numel() * t.element_size() for t in old)
+        return entry
+
+    def __call__(self, prompts: Sequence[str]) -> tuple:
+        rows = [self._lookup(p) for p in prompts]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
 
 _WORD = re.compile(r"[a-z0-9]+")

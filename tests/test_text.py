@@ -207,3 +207,31 @@ def test_umt5_bad_paths(tiny_umt5_dir, tmp_path):
         UMT5TextEncoder.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         UMT5TextEncoder.from_pretrained(tiny_umt5_dir / "enc", tokenizer_path=tmp_path)
+
+
+def test_text_state_cache_encodes_each_prompt_once_alone_and_evicts_the_oldest():
+    from pfp.text import TextStateCache
+    torch.manual_seed(0)
+    enc = TinyTextEncoder(dim=8, max_length=6, num_layers=1).eval()
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return enc(prompts)
+    row = 6 * 8 * 4 + 6        # one prompt's tokens (fp32) and mask (bool) bytes
+    cache = TextStateCache(encode, max_bytes=2 * row)
+    tokens, mask = cache(["a red ball", "", "a red ball"])
+    assert calls == [["a red ball"], [""]]                       # misses, one prompt per call
+    with torch.no_grad():
+        alone = [enc([p]) for p in ("a red ball", "", "a red ball")]
+    assert torch.equal(tokens, torch.cat([a.tokens for a in alone]))
+    assert torch.equal(mask, torch.cat([a.mask for a in alone]))
+    assert (cache.hits, cache.misses, len(cache), cache.bytes) == (1, 2, 2, 2 * row)
+    cache(["a blue cube"])                                        # full: the least recently used goes
+    cache(["", "a red ball"])
+    assert calls[-1] == ["a red ball"] and len(cache) == 2 and cache.bytes <= cache.max_bytes
+    small = TextStateCache(encode, max_bytes=row - 1)             # an entry bigger than the cache: not kept
+    assert small(["x"])[0].shape == (1, 6, 8) and len(small) == 0 and small.bytes == 0
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_bytes must be an int > 0"):
+            TextStateCache(encode, bad)

@@ -104,6 +104,23 @@ def test_lora_resume_refuses_a_changed_or_missing_base(tmp_path):
         train(b)
 
 
+def test_text_cache_keeps_the_losses_and_encodes_each_prompt_once(tmp_path):
+    # LoRA leaves the text encoder frozen, so its states are cached per prompt; the losses are the
+    # uncached run's within the rounding of batched against one-prompt encoding
+    a = train(_args(tmp_path, tmp_path / "a", mode="finetune", steps=4, lora_rank=4, p_uncond=0.5))
+    b = train(_args(tmp_path, tmp_path / "b", mode="finetune", steps=4, lora_rank=4, p_uncond=0.5, text_cache="0"))
+    stats = a["text_cache"]
+    assert b["text_cache"] is None
+    assert stats["hits"] + stats["misses"] == 4 * 2 and stats["misses"] == stats["prompts"]
+    assert stats["hits"] > 0                                       # the empty prompt, at p_uncond 0.5
+    with open(tmp_path / "a" / "loss.csv") as fa, open(tmp_path / "b" / "loss.csv") as fb:
+        la = [float(r.split(",")[1]) for r in fa.read().splitlines()[1:]]
+        lb = [float(r.split(",")[1]) for r in fb.read().splitlines()[1:]]
+    assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
+    # a text encoder that trains (the tiny model's full pretraining) is never cached
+    assert train(_args(tmp_path, tmp_path / "c", steps=1))["text_cache"] is None
+
+
 def test_export_merges_lora_and_loads(tmp_path):
     from pfp.weights import load_weights
     args = _args(tmp_path, tmp_path / "r", mode="finetune", steps=1, lora_rank=4,
@@ -433,6 +450,8 @@ def test_init_skip_starts_the_compressor_afresh(tmp_path):
     (["--init", "w.safetensors", "--init-skip", "a.", "--init-new", "b."], "not both"),
     (["--crop", "middle"], "argument --crop: invalid choice"),
     (["--storyboards", "maybe"], "argument --storyboards: invalid choice"),
+    (["--text-cache", "12"], "--text-cache must be a positive size with a unit"),
+    (["--text-cache=-1GiB"], "--text-cache must be a positive size with a unit"),
 ])
 def test_cli_refuses_bad_init_and_data_flags(tmp_path, capsys, argv, message):
     from pfp.train.__main__ import main

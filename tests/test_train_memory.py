@@ -195,8 +195,8 @@ def test_train_runs_a_chosen_plan_and_resumes_from_the_original_weights(tmp_path
     from pfp.train.checkpoint import latest_checkpoint, load_checkpoint
     from pfp.train.loop import _fingerprint, _frozen_params, _set_trainable, apply_lora
     from pfp.weights import build_model
-    monkeypatch.setattr(train_memory, "choose_training", lambda trace, budget: train_memory.estimate_training(
-        trace, {"weights": "fp8", "offload": "block", "swap": True}, None))
+    monkeypatch.setattr(train_memory, "choose_training", lambda trace, budget, cached: train_memory.estimate_training(
+        trace, {"weights": "fp8", "offload": "block", "swap": True}, None, cached))
     args = TrainArgs(mode="finetune", steps=2, batch_size=2, clip_seconds=1.0, workers=0, lora_rank=2,
                      out=str(tmp_path / "run"), progress=False, save_every=2, vram="64GiB",
                      export=str(tmp_path / "ft.safetensors"))

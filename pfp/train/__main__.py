@@ -110,6 +110,10 @@ def _parser() -> Parser:
                    "checkpointing on)")
     p.add_argument("--plan", action="store_true", help="print the memory plan (with --vram: the one chosen; "
                    "without: the plain run's) and stop")
+    p.add_argument("--text-cache", default=d.text_cache,
+                   help="host memory for each prompt's text states, computed once when the text encoder does not "
+                        "train (it then runs once per distinct prompt, not every step); 0 turns it off "
+                        "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     return p
 

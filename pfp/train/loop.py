@@ -100,6 +100,7 @@ class TrainArgs:
     progress: bool = True
     vram: Optional[str] = None           # device memory budget ("12GiB"): train under the plan that fits it
     plan: bool = False                   # print the memory plan (the plain run's without --vram) and stop
+    text_cache: str = "2GiB"             # host memory for prompts' states of a text encoder that does not train ("0": off)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,11 +144,12 @@ class _LossModule(nn.Module):
     """Wraps the model so that DDP sees one forward per step (it syncs gradients in backward)."""
 
     def __init__(self, model: PFPModel, mode: str, objective: ObjectiveConfig, chunk_latent: int,
-                 device, autocast_dtype, phases=None):
+                 device, autocast_dtype, phases=None, encode_text=None):
         super().__init__()
         self.model, self.mode, self.objective = model, mode, objective
         self.chunk_latent, self.device, self.autocast_dtype = chunk_latent, device, autocast_dtype
         self.phases = phases if phases is not None else StepPhases()   # a memory plan's placement
+        self.encode_text = encode_text   # a TextStateCache, or None: the text encoder each step
 
     def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
@@ -155,9 +157,9 @@ class _LossModule(nn.Module):
         with ctx:
             if self.mode == "pretrain":
                 return pretrain_loss(self.model, self.model.backbone, batch, generator, self.objective, self.device,
-                                     phases=self.phases)
+                                     phases=self.phases, encode_text=self.encode_text)
             return finetune_loss(self.model, self.model.backbone, batch, generator, self.objective,
-                                 self.chunk_latent, self.device, phases=self.phases)
+                                 self.chunk_latent, self.device, phases=self.phases, encode_text=self.encode_text)
 
 
 class _nullcontext:
@@ -217,6 +219,27 @@ def _set_trainable(model: PFPModel, args: TrainArgs, lora: bool) -> None:
             for n, p in comp.named_parameters():
                 if not n.startswith("patch_embed."):
                     p.requires_grad_(True)
+
+
+def _text_cache_bytes(args: TrainArgs) -> Optional[int]:
+    """``--text-cache`` in bytes; None for 0 (off)."""
+    if str(args.text_cache).strip() == "0":
+        return None
+    from pfp.memory import parse_bytes
+    return parse_bytes(args.text_cache, "--text-cache")
+
+
+def _text_cache(model: PFPModel, args: TrainArgs):
+    """A :class:`pfp.text.TextStateCache` over the model's text encoder when its states are a
+    function of the prompt alone (nothing in it trains, no active dropout) and ``--text-cache`` is
+    not 0; else None."""
+    encoder, size = model.text_encoder, _text_cache_bytes(args)
+    if size is None or any(p.requires_grad for p in encoder.parameters()):
+        return None
+    if encoder.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in encoder.modules()):
+        return None
+    from pfp.text import TextStateCache
+    return TextStateCache(model.encode_text, size)
 
 
 def _plain_backbone(backbone):
@@ -397,6 +420,10 @@ def check_train_args(args: TrainArgs) -> None:
             raise UsageError(str(exc)) from None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--vram plans one device; under torchrun shard the model with --fsdp instead")
+    try:
+        _text_cache_bytes(args)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (or 0: no cache)") from None
     if (args.init_new or args.init_skip) and not args.init:
         raise UsageError(f"{'--init-new' if args.init_new else '--init-skip'} needs --init (the weights it applies to)")
     if args.init_new and args.init_skip:
@@ -763,7 +790,7 @@ def train(args: TrainArgs) -> dict:
                                 t_weight_power=args.t_weight_power, t_uniform=args.t_uniform,
                                 self_history=args.self_history, self_history_t=tuple(args.self_history_t))
     loss_module = _LossModule(model, args.mode, objective, config.chunk_latent_frames, device, autocast_dtype,
-                              phases=placement)
+                              phases=placement, encode_text=_text_cache(model, args))
     runner = _distribute(loss_module, model, args, device, world)
     optimizer, params = _make_optimizer(model, args, resume_path, world > 1 and args.fsdp)
 
@@ -836,8 +863,10 @@ def train(args: TrainArgs) -> dict:
         _check_finite_model(model, f"--export {args.export}")
         export_weights(model, args.export, args, dtype=torch.bfloat16 if args.export_dtype == "bf16" else None)
     elapsed = time.perf_counter() - t_start
+    cache = loss_module.encode_text
     return {"step": step + 1, "loss": last_loss, "samples_per_s": (step + 1 - start) * args.batch_size * world / max(elapsed, 1e-9),
-            "rank": rank, "world": world, "model": model}
+            "rank": rank, "world": world, "model": model,
+            "text_cache": None if cache is None else {"prompts": len(cache), "hits": cache.hits, "misses": cache.misses}}
 
 
 def _clip_chunks(args: TrainArgs, config: PFPConfig) -> int:
@@ -856,7 +885,8 @@ def _chosen_plan(trace, args: TrainArgs, what: str):
     does."""
     from pfp.memory import parse_bytes
     from pfp.train.memory import choose_training
-    plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None)
+    cached = _text_cache_bytes(args) is not None and not trace.text_trains   # as _text_cache decides
+    plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None, cached)
     if not plan.fits:
         raise UsageError(plan.too_small(f"--vram {args.vram}", what))
     return plan

@@ -255,8 +255,11 @@ def _real_positions(model, latent_frames: int, h: int, w: int) -> torch.Tensor:
         return pos[torch.sort(pos[:, 0], stable=True).indices]
 
 
-def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Optional[int]) -> Plan:
-    """Each phase's peak and the step's transfers under one training plan (``budget=None``: fits)."""
+def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Optional[int],
+                      text_cached: bool = False) -> Plan:
+    """Each phase's peak and the step's transfers under one training plan (``budget=None``: fits).
+    ``text_cached``: prompts' states come from a :class:`pfp.text.TextStateCache`, so a text encoder
+    on the CPU runs once per distinct prompt, not every step, and costs no time per step here."""
     choices = check_train_choices(choices)
     swap = choices["swap"]
     fp8, offload = choices["weights"] == "fp8", choices["offload"] == "block"
@@ -294,28 +297,29 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
     seconds = moved / PCIE_BYTES_PER_S
     if fp8:   # each block upcast twice a step (forward, recompute): fp8 read, native written and read
         seconds += 2 * (trace.block_linear_fp8 + 2 * trace.block_linear) / HBM_BYTES_PER_S
-    if choices["text"] == "cpu":
+    if choices["text"] == "cpu" and not text_cached:
         seconds += trace.text_flops / CPU_TEXT_FLOPS
     fits = budget is None or all(p.peak_bytes <= budget for p in phases)
     return Plan(fits, budget, phases, dict(choices), int(moved), round(seconds, 4), trace.context_tokens,
                 trace.target_tokens, unit="step")
 
 
-def all_training_plans(trace: TrainTrace, budget: Optional[int]) -> list:
+def all_training_plans(trace: TrainTrace, budget: Optional[int], text_cached: bool = False) -> list:
     combos = [dict(zip(TRAIN_PLAN_VALUES, c)) for c in itertools.product(*TRAIN_PLAN_VALUES.values())]
     if trace.text_trains:   # a text encoder that trains stays where its optimizer states are
         combos = [c for c in combos if c["text"] == "gpu"]
     if trace.blocks == 0:   # the blocks train (no LoRA): nothing of theirs is frozen to store or move
         combos = [c for c in combos if c["weights"] == "native" and c["offload"] == "none"]
-    return [estimate_training(trace, c, budget) for c in combos]
+    return [estimate_training(trace, c, budget, text_cached) for c in combos]
 
 
-def choose_training(trace: TrainTrace, budget: Optional[int]) -> Plan:
+def choose_training(trace: TrainTrace, budget: Optional[int], text_cached: bool = False) -> Plan:
     """The training plan with the least time lost that fits ``budget`` (the plain run without one);
-    the smallest-peak plan, with ``fits=False``, when none does."""
+    the smallest-peak plan, with ``fits=False``, when none does. ``text_cached`` as in
+    :func:`estimate_training`."""
     if budget is None:
-        return estimate_training(trace, {}, None)
-    plans = all_training_plans(trace, budget)
+        return estimate_training(trace, {}, None, text_cached)
+    plans = all_training_plans(trace, budget, text_cached)
     fitting = [p for p in plans if p.fits]
     if fitting:
         return min(fitting, key=lambda p: (p.seconds_lost_per_chunk, sum(p.choices[k] != v[0] for k, v in

@@ -138,11 +138,12 @@ class StepPhases:
 _NO_PHASES = StepPhases()
 
 
-def _encode_text(model, prompts, device) -> tuple[Tensor, Tensor]:
-    """The prompts' states and mask on ``device`` (the text encoder may run elsewhere: a plan's
+def _encode_text(model, prompts, device, encode_text=None) -> tuple[Tensor, Tensor]:
+    """The prompts' states and mask on ``device``, from ``encode_text`` (e.g. a
+    :class:`pfp.text.TextStateCache`) or the model's text encoder, which may run elsewhere (a plan's
     ``text="cpu"``)."""
-    text, mask = model.encode_text(prompts)
-    return text.to(device), mask.to(device)
+    states, mask = (model.encode_text if encode_text is None else encode_text)(prompts)
+    return states.to(device), mask.to(device)
 
 
 def encode_clip(model, batch: dict, device, dtype=torch.float32) -> tuple[Tensor, Tensor]:
@@ -206,8 +207,9 @@ def _with_window(model, backbone, ctx, hist: Tensor, dtype):
 
 
 def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
-                  device, compute_dtype=torch.float32, phases: StepPhases = _NO_PHASES) -> Tensor:
-    """Frame retrieval (PFP 2.1 / 3.1).
+                  device, compute_dtype=torch.float32, phases: StepPhases = _NO_PHASES, encode_text=None) -> Tensor:
+    """Frame retrieval (PFP 2.1 / 3.1). ``encode_text``: where the prompts' states come from (a
+    :class:`pfp.text.TextStateCache`; default the model's text encoder).
 
     1. Omega: random latent frames of the clip, different for every sample and step.
     2. Noise-as-mask: every other frame is noised to a shifted-logit-normal level, in both branches
@@ -246,7 +248,7 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     positions = torch.stack([frame_positions(o.float(), h // ph, w // pw) for o in omega]).to(device)
     prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, float(o[0])) for o in omega], cfg.p_uncond,
                        generator)
-    text, text_mask = _encode_text(model, prompts, device)
+    text, text_mask = _encode_text(model, prompts, device, encode_text)
     with phases.step():
         ctx = _compress(model, hr_masked, lr_masked)
         v = backbone(xt, ts, text, ctx, positions=positions, text_mask=text_mask, **extra)
@@ -255,8 +257,8 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
 
 def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
                   chunk_latent_frames: int, device, compute_dtype=torch.float32,
-                  phases: StepPhases = _NO_PHASES) -> Tensor:
-    """Next-chunk generation from the compressed history (PFP 3.3).
+                  phases: StepPhases = _NO_PHASES, encode_text=None) -> Tensor:
+    """Next-chunk generation from the compressed history (PFP 3.3); ``encode_text`` as in :func:`pretrain_loss`.
 
     The clip is cut after a random number n >= 0 of whole chunks: the first n chunks are the history
     (compressed, both branches), chunk n is the target, placed right after the history by RoPE.
@@ -293,7 +295,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
         lr_hist = [_lr_prefix(lr, n * lc, comp.rate.t) for comp, lr in zip(model.compressors, lrs)]
         if cfg.self_history > 0:
             hist, lr_hist = _self_history(model, backbone, hist, lr_hist, lrs, batch, lc, generator, cfg,
-                                          compute_dtype, device, phases)
+                                          compute_dtype, device, phases, encode_text)
         if cfg.history_noise > 0:
             u = cfg.history_noise * torch.rand(b, generator=generator)
             hist = flow_pair(hist, u, torch.randn(hist.shape, generator=generator).to(hist))[0]
@@ -302,7 +304,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     xt, target = flow_pair(x0, ts, noise)
     prompts = _prompts(batch["storyboard"], [_latent_time(model, batch, n * lc)] * b, cfg.p_uncond, generator)
-    text, text_mask = _encode_text(model, prompts, device)
+    text, text_mask = _encode_text(model, prompts, device, encode_text)
     with phases.step():
         ctx = None
         if n > 0:
@@ -316,7 +318,7 @@ def finetune_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
 
 def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch: dict, lc: int,
                   generator: torch.Generator, cfg: ObjectiveConfig, compute_dtype, device,
-                  phases: StepPhases = _NO_PHASES) -> tuple[Tensor, list]:
+                  phases: StepPhases = _NO_PHASES, encode_text=None) -> tuple[Tensor, list]:
     """The history ``hist`` (whole chunks of ``lc`` latent frames; ``lr_hist``: its LR latents per
     compressor, the starts of the clip's ``lrs``) where for a random subset of the samples (each with probability
     ``cfg.self_history``) the newest chunk is the model's own one-step clean estimate of it: the
@@ -345,7 +347,7 @@ def _self_history(model, backbone, hist: Tensor, lr_hist: list, lrs: list, batch
         ts = u.to(hist.device)
         xu = flow_pair(real, ts, noise.to(real))[0]
         when = _latent_time(model, batch, j * lc)
-        text, text_mask = _encode_text(model, [sb.prompt_at(when) for sb in batch["storyboard"]], device)
+        text, text_mask = _encode_text(model, [sb.prompt_at(when) for sb in batch["storyboard"]], device, encode_text)
         with phases.step():
             ctx = _compress(model, hist[:, :, : j * lc], [_lr_prefix(lr, j * lc, comp.rate.t) for comp, lr
                                                           in zip(model.compressors, lrs)]) if j > 0 else None
