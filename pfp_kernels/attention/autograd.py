@@ -109,6 +109,10 @@ def _triton_backward_ok(q: Tensor) -> bool:
 def _setup_context(ctx, inputs, output):
     q, k, v, context_k, context_v, scale, *mask = inputs  # the Python ops take a context_mask last
     out, lse = output
+    # An output nothing used gets None, not zeros: the backward then knows from the graph alone
+    # that no gradient comes through the lse, also when tracing (fake tensors have no values to
+    # look at), so a memory trace follows the O(N) flash backward a real run takes.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, context_k, context_v, out, lse, *mask)
     ctx.scale = scale
     ctx.takes_mask = bool(mask)
