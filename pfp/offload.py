@@ -332,9 +332,9 @@ class Placement:
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-TRAIN_PLAN_DEFAULTS = {"weights": "native", "offload": "none", "text": "gpu", "swap": False}
+TRAIN_PLAN_DEFAULTS = {"weights": "native", "offload": "none", "text": "gpu", "swap": False, "encode": "whole"}
 TRAIN_PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "text": ("gpu", "cpu"),
-                     "swap": (False, True)}
+                     "swap": (False, True), "encode": ("whole", "tiled")}
 
 
 def _in_backward() -> bool:
@@ -458,7 +458,9 @@ class TrainPlacement:
     - ``swap=True``: the frozen transformer (and the compressor's frozen parts) is off the device
       while the VAE encodes the batch (``encode()``), and the VAE (with an image encoder) while the
       transformer runs forward and backward (``step()``). Each step moves both in once; their host
-      copies stay, so nothing is copied out.
+      copies stay, so nothing is copied out;
+    - ``encode="tiled"``: the VAE encodes through its ``tiled_encoding()`` (HunyuanVAE: diffusers'
+      tiled encode), approximate, for VAEs whose whole-clip encode does not fit.
 
     The model must still be on the CPU (``pfp.train`` does not move it when a plan is given);
     ``park_to="nan"`` (tests) makes a part used while away poison the loss instead.
@@ -470,6 +472,9 @@ class TrainPlacement:
         self.model = model
         self.device = torch.device(device)
         self.choices = check_train_choices(choices)
+        if self.choices["encode"] == "tiled" and not hasattr(model.vae, "tiled_encoding"):
+            raise ValueError(f"encode='tiled' needs a VAE with tiled_encoding() (HunyuanVAE); this model's is "
+                             f"{type(model.vae).__name__}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:   # resident: their optimizer states and gradients live beside them
             p.data = p.data.to(self.device)
@@ -536,7 +541,11 @@ class TrainPlacement:
         if self.choices["swap"] and not self._vae.loaded:
             self._rest.park()
             self._bytes += self._vae.load()
-        yield
+        if self.choices["encode"] == "tiled":
+            with self.model.vae.tiled_encoding():
+                yield
+        else:
+            yield
 
     @contextmanager
     def step(self):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -462,6 +463,22 @@ class HunyuanVAE(_CausalFrameCounts, nn.Module):
         _check_latent(latent, self.latent_channels)
         z = (latent.float() / self.scaling_factor).to(self._model_dtype())
         return self.model.decode(z).sample.clamp(-1, 1).to(latent.dtype)
+
+    @contextmanager
+    def tiled_encoding(self):
+        """While open, :meth:`encode` runs diffusers' own tiled encode: overlapping spatial tiles
+        and frame windows, blended at their seams (the model's ``tile_sample_*`` sizes; diffusers'
+        defaults are 256 px tiles at a 192 px stride and 17-frame windows at a 12-frame stride).
+        The peak falls from the whole clip's activations to one tile's; each tile's GroupNorms see
+        that tile only, so the latents approximate the whole-clip encode's. A training plan's
+        ``encode="tiled"`` (:class:`pfp.offload.TrainPlacement`) uses it."""
+        model = self.model
+        saved = (model.use_tiling, model.use_framewise_encoding)
+        model.use_tiling = model.use_framewise_encoding = True
+        try:
+            yield
+        finally:
+            model.use_tiling, model.use_framewise_encoding = saved
 
     def decode_stream(self) -> "DecodeStream":
         """Windowed chunk-by-chunk decoding (see the class)."""

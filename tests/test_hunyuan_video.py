@@ -455,3 +455,101 @@ def test_sampler_matches_hunyuan_video_pipeline_given_the_same_sigmas(true_cfg):
     got = sample(bb, shape, text[:1], None, text_mask=tm[:1], uncond_text=text[1:], uncond_text_mask=tm[1:],
                  steps=steps, shift=shift, cfg=true_cfg, seed=3)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# training plans: the VAE's tiled encode
+# ----------------------------------------------------------------------------------------------
+def _small_tiles(vae):
+    """Tile sizes that make diffusers tile a 64x64, 9-frame clip (its defaults: 256 px, 16 frames)."""
+    m = vae.model
+    m.tile_sample_min_height = m.tile_sample_min_width = 32
+    m.tile_sample_stride_height = m.tile_sample_stride_width = 24
+    m.tile_sample_min_num_frames, m.tile_sample_stride_num_frames = 4, 4
+
+
+def test_tiled_encoding_runs_diffusers_tiled_encode_and_restores_the_whole_one(hunyuan_dir):
+    from pfp.vae import HunyuanVAE
+    vae = HunyuanVAE.from_pretrained(hunyuan_dir[0], subfolder="vae")
+    _small_tiles(vae)
+    torch.manual_seed(0)
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        whole = vae.encode(video)
+        with vae.tiled_encoding():
+            assert vae.model.use_tiling and vae.model.use_framewise_encoding
+            tiled = vae.encode(video)
+        again = vae.encode(video)
+    assert not vae.model.use_tiling and not vae.model.use_framewise_encoding
+    assert torch.equal(whole, again) and tiled.shape == whole.shape
+    err = ((tiled - whole).norm() / whole.norm()).item()
+    # an approximation (each tile's GroupNorms see that tile): 0.73 of the latents' norm here, with
+    # random weights, noise for a video and tiles of 32 px; real weights on real video were not measured
+    assert 0 < err < 1, err
+
+
+def test_a_tiled_encode_plan_traces_smaller_and_trains(hunyuan_dir, monkeypatch):
+    # the training planner traces the tiled encode beside the whole one; TrainPlacement runs the
+    # losses' encodes through it; a VAE without tiling is never offered it
+    pytest.importorskip("peft")
+    from pfp.offload import TrainPlacement
+    from pfp.train.loop import _set_trainable, apply_lora, TrainArgs
+    from pfp.train.memory import all_training_plans, estimate_training, trace_training
+    from pfp.train.objectives import ObjectiveConfig, pretrain_loss
+    from pfp.weights import build_model
+    torch.manual_seed(0)
+    model = build_model(_hunyuan_config(*hunyuan_dir))
+    _small_tiles(model.vae)
+    apply_lora(model, 2)
+    _set_trainable(model, TrainArgs(mode="finetune"), lora=True)
+    trace = trace_training(model, batch_size=1, clip_chunks=1)
+    assert trace.encode_tiled is not None and trace.encode_tiled < trace.transient["encode"]
+    assert trace.encode_tiled_extra_flops > 0
+    plans = {p.choices["encode"]: p for p in all_training_plans(trace, None) if p.choices["weights"] == "native"
+             and p.choices["offload"] == "none" and p.choices["text"] == "gpu" and not p.choices["swap"]}
+    encode_peak = {k: next(ph.peak_bytes for ph in p.phases if ph.name == "encode") for k, p in plans.items()}
+    assert encode_peak["tiled"] < encode_peak["whole"]
+
+    calls = []
+    tiled_encode = model.vae.model.tiled_encode
+    monkeypatch.setattr(model.vae.model, "tiled_encode", lambda x: calls.append(x.shape) or tiled_encode(x))
+    from pfp.train.loop import _batch, _dataset
+    batch = _batch(_dataset(TrainArgs(clip_seconds=1.0), model.config), torch.Generator().manual_seed(0), 1)
+    assert batch["hr"].shape[2] > 4        # more frames than a tile: diffusers tiles it in time too
+    losses = {}
+    for encode in ("whole", "tiled"):
+        placement = TrainPlacement(model, "cpu", {"encode": encode})
+        gen = torch.Generator().manual_seed(0)
+        losses[encode] = pretrain_loss(model, model.backbone, batch, gen, ObjectiveConfig(), torch.device("cpu"),
+                                       phases=placement).item()
+        placement.close()
+        assert bool(calls) == (encode == "tiled")
+    # measured 1.1343 against 1.1456 (1%): the tiny VAE's latents differ, the objective barely
+    assert abs(losses["tiled"] - losses["whole"]) < 0.1 * abs(losses["whole"]), losses
+
+    from _tiny_pfp import tiny_config
+    tiny = build_model(tiny_config())
+    _set_trainable(tiny, TrainArgs(mode="pretrain"), lora=False)
+    tiny_trace = trace_training(tiny, batch_size=1, clip_chunks=1)
+    assert tiny_trace.encode_tiled is None
+    assert {p.choices["encode"] for p in all_training_plans(tiny_trace, None)} == {"whole"}
+    with pytest.raises(ValueError, match="encode='tiled' needs a VAE with tiled_encoding"):
+        estimate_training(tiny_trace, {"encode": "tiled"}, None)
+    with pytest.raises(ValueError, match="encode='tiled' needs a VAE with tiled_encoding"):
+        TrainPlacement(tiny, "cpu", {"encode": "tiled"})
+
+
+def test_full_size_hunyuan_video_finetune_fits_12_gib_with_a_tiled_encode():
+    # HunyuanVideo's VAE normalises over every frame, so a whole 2 s 848x480 clip traces to ~33 GiB
+    # of encoder activations; its tiled encode to ~1.5 GiB, which with fp8 blocks offloaded fits 12 GiB
+    from pfp import memory
+    from pfp.train.memory import choose_training, trace_training_preset
+    gib = 1 << 30
+    trace = trace_training_preset(memory.preset("hunyuanvideo-13b-480p"), batch_size=1, clip_chunks=2, lora_rank=16)
+    assert trace.transient["encode"] > 20 * gib and trace.encode_tiled < 3 * gib
+    assert trace.transient["step"] < 12 * gib   # the attention backward traced as the O(N) flash one, not scores
+    whole = choose_training(trace, 80 * gib)
+    assert whole.fits and whole.choices["encode"] == "whole" and whole.choices["weights"] == "native"
+    small = choose_training(trace, 12 * gib)
+    assert small.fits and small.choices["encode"] == "tiled" and small.choices["offload"] == "block", small.choices
+    assert not choose_training(trace, 8 * gib).fits

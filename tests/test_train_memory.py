@@ -154,7 +154,8 @@ def test_full_size_wan_5b_finetune_is_traced_without_weights():
     assert 0.3 < trace.trainable / gib < 0.6          # rank-16 adapters and the compressor, with AdamW's states
     assert trace.transient["step"] > trace.transient["text"]
     whole = choose_training(trace, 80 * gib)
-    assert whole.fits and whole.choices == {"weights": "native", "offload": "none", "text": "gpu", "swap": False}
+    assert whole.fits and whole.choices == {"weights": "native", "offload": "none", "text": "gpu", "swap": False,
+                                            "encode": "whole"}
     mid = choose_training(trace, 24 * gib)
     assert mid.fits and mid.peak_bytes <= 24 * gib
     # 12 GiB: the bf16 transformer alone is 9.3 GiB, so its blocks go to fp8 or the host

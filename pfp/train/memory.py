@@ -22,7 +22,9 @@ Choices (:data:`pfp.offload.TRAIN_PLAN_VALUES`), carried out by :class:`pfp.offl
   device (two in the backward: checkpointing's recompute keeps a block until the next one comes);
 - ``text``: ``"gpu"`` or ``"cpu"`` (the encoder never on the device; its states are moved over);
 - ``swap``: the frozen transformer off the device while the VAE encodes, the VAE off it while the
-  transformer runs; both come back once a step.
+  transformer runs; both come back once a step;
+- ``encode``: ``"whole"`` or ``"tiled"`` (a VAE with ``tiled_encoding()``, HunyuanVAE: diffusers'
+  tiled encode, whose peak is one tile's; approximate, since its GroupNorms then see one tile).
 
 fp8 storage and block offload work only with gradient checkpointing, which a plan turns on: without
 it a block's forward would save its weights for the backward.
@@ -37,7 +39,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pfp.memory import HBM_BYTES_PER_S, PCIE_BYTES_PER_S, Plan, PhaseEstimate, _nbytes, _tracked_peak, _with_allowance
+from pfp.memory import (DEVICE_FLOPS, HBM_BYTES_PER_S, PCIE_BYTES_PER_S, Plan, PhaseEstimate, _nbytes, _tracked_peak,
+                         _with_allowance)
 from pfp.offload import TRAIN_PLAN_VALUES, check_train_choices
 
 CPU_TEXT_FLOPS = 5e11   # what a text encoder reaches on a many-core host CPU, roughly (not measured)
@@ -62,6 +65,8 @@ class TrainTrace:
     batch: int
     target_tokens: int
     context_tokens: int
+    encode_tiled: Optional[int] = None   # the encode's traced peak through the VAE's tiled_encoding(); None: it has none
+    encode_tiled_extra_flops: float = 0.0   # what the tiles' overlaps add to the encode's FLOPs
 
 
 def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Optional[tuple] = None) -> TrainTrace:
@@ -72,6 +77,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     real modules on fake tensors (FakeTensorMode), with gradient checkpointing on."""
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     from pfp.compressor import Context
     from pfp.train.objectives import _compress
@@ -104,6 +110,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     was_checkpointing = getattr(plain, "gradient_checkpointing", False)
     plain.set_gradient_checkpointing(True)
     transient = {}
+    tiled, extra_flops = None, 0.0
     # a model built under a fake mode (trace_training_preset) is traced in that mode
     fake_mode = detect_fake_mode(list(model.parameters())) or FakeTensorMode(allow_non_fake_inputs=True)
     try:
@@ -112,10 +119,19 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
 
             outputs = []   # what each traced phase makes, kept for the step
 
-            def encode():
+            def encode(keep: bool = True):
                 with torch.no_grad():
-                    outputs.append((model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)]))
-            transient["encode"] = _tracked_peak(encode)
+                    made = (model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)])
+                if keep:
+                    outputs.append(made)
+            whole_flops = FlopCounterMode(display=False)
+            with whole_flops:
+                transient["encode"] = _tracked_peak(encode)
+            if hasattr(model.vae, "tiled_encoding"):
+                tiled_flops = FlopCounterMode(display=False)
+                with model.vae.tiled_encoding(), tiled_flops:
+                    tiled = _tracked_peak(lambda: encode(keep=False))
+                extra_flops = max(0, tiled_flops.get_total_flops() - whole_flops.get_total_flops())
             transient["text"] = _tracked_peak(lambda: outputs.append(model.text_encoder([""] * batch_size)))
             (latents, lrs), tokens = outputs[0], outputs[1].tokens
             n_hist = (clip_chunks - 1) * lc
@@ -149,7 +165,8 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                       # the parameters and AdamW's two states, each in the parameter's dtype
                       trainable=3 * sum(p.numel() * p.element_size() for p in trainable), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
-                      target_tokens=target, context_tokens=context)
+                      target_tokens=target, context_tokens=context, encode_tiled=tiled,
+                      encode_tiled_extra_flops=float(extra_flops))
 
 
 class _TracedText(nn.Module):
@@ -290,8 +307,12 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
 
     # offload: the forward and checkpointing's recompute each bring every block in once
     step_moved = (swapped if swap else 0) + (2 * stored_blocks if offload else 0)
+    tiled = choices["encode"] == "tiled"
+    if tiled and trace.encode_tiled is None:
+        raise ValueError("encode='tiled' needs a VAE with tiled_encoding() (HunyuanVAE); the traced one has none")
     phases = [phase("text", with_vae, trace.transient["text"] if choices["text"] == "gpu" else 0),
-              phase("encode", with_vae, trace.transient["encode"], trace.vae if swap else 0),
+              phase("encode", with_vae, trace.encode_tiled if tiled else trace.transient["encode"],
+                    trace.vae if swap else 0),
               phase("step", with_dit, trace.transient["step"] + loaded, step_moved)]
     moved = sum(p.bytes_moved for p in phases)
     seconds = moved / PCIE_BYTES_PER_S
@@ -299,6 +320,8 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
         seconds += 2 * (trace.block_linear_fp8 + 2 * trace.block_linear) / HBM_BYTES_PER_S
     if choices["text"] == "cpu" and not text_cached:
         seconds += trace.text_flops / CPU_TEXT_FLOPS
+    if tiled:   # the tiles' overlaps encoded twice or more
+        seconds += trace.encode_tiled_extra_flops / DEVICE_FLOPS
     fits = budget is None or all(p.peak_bytes <= budget for p in phases)
     return Plan(fits, budget, phases, dict(choices), int(moved), round(seconds, 4), trace.context_tokens,
                 trace.target_tokens, unit="step")
@@ -310,6 +333,8 @@ def all_training_plans(trace: TrainTrace, budget: Optional[int], text_cached: bo
         combos = [c for c in combos if c["text"] == "gpu"]
     if trace.blocks == 0:   # the blocks train (no LoRA): nothing of theirs is frozen to store or move
         combos = [c for c in combos if c["weights"] == "native" and c["offload"] == "none"]
+    if trace.encode_tiled is None:   # a VAE that cannot tile its encode
+        combos = [c for c in combos if c["encode"] == "whole"]
     return [estimate_training(trace, c, budget, text_cached) for c in combos]
 
 
