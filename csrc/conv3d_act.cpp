@@ -817,11 +817,13 @@ Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan,
   // oneDNN's blocked weight, prepacked once per weight and conv geometry (time padding, input
   // frames) instead of reordered on every call as the plain-weight op does. A weight prepacked for
   // another geometry makes oneDNN reorder it again inside the call, so each layout asks for its own.
-  auto prepacked = [&](int64_t pad_t, int64_t frames) {
+  auto prepacked = [&](int64_t pad_t, int64_t frames, bool always = false) {
     // Small weights go in plain: oneDNN's own per-call reorder of them is cheap, and on the
     // 64 -> 128 compressor stage the layout it picks that way ran ~20% faster than the one the
     // prepacking op picks (benchmarks/bench_conv.py, interleaved). Large weights are prepacked.
-    if (static_cast<double>(w.numel()) < costs.prepack_min_elements) return f32(w);
+    // A short append (`always`) computes a few frames, for which the per-call reorder is most of
+    // the work: it takes the cached prepacked weight whatever its size.
+    if (!always && static_cast<double>(w.numel()) < costs.prepack_min_elements) return f32(w);
     std::ostringstream key;
     key << "onednn-prepacked s" << g.st << "," << g.sh << "," << g.sw << " p" << pad_t << "," << g.ph
         << "," << g.pw << " in" << g.B << "," << g.Cin << "," << frames << "," << g.H << "," << g.W;
@@ -855,7 +857,7 @@ Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan,
     // The copy is at most kt-1 state frames plus the chunk, bounded by the chunk, never by the
     // history. Long chunks take the split layouts, which copy nothing of x.
     Tensor window = gather_window(M);
-    Tensor out = onednn_conv(window, prepacked(0, window.size(2)), b32, no_time_pad, c.stride, c.silu);
+    Tensor out = onednn_conv(window, prepacked(0, window.size(2), true), b32, no_time_pad, c.stride, c.silu);
     if (convert) out = out.to(dtype);
     Tensor y = out.contiguous(at::MemoryFormat::ChannelsLast3d);
     if (y.size(0) == 1 && y.stride(0) != y.numel()) y = empty_cl3({g.B, g.Cout, M, g.Ho, g.Wo}, opts).copy_(y);
