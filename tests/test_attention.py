@@ -494,6 +494,48 @@ def test_context_mask_gradients_match_fp64_reference(shape, with_lse):
             assert_close(gt, w, torch.float32, kind="grad", what=f"{impl} masked d{name}")
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7, 2, 16, 1), (3, 6, 5, 7, 2, 16, None), (2, 9, 1, 4, 3, 8, None)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_masked_cuda_backward_through_sdpa_matches_fp64_reference(shape):
+    # the backward a masked call takes on CUDA (PyTorch's SDPA over the concatenation, its forward
+    # recomputed: O(N) memory there), run here on CPU tensors, fp64, against the reference; a
+    # sample whose context is all masked still has its target keys
+    from pfp_kernels.attention import autograd
+    b, nq, nk, nc, h, d, cb = shape
+    inputs = _inputs(b, nq, nk, nc, h, d, torch.float64, cb)
+    for mask in _masks(b, nc, cb, torch.Generator().manual_seed(3)):
+        ref_in = [t.clone().requires_grad_() for t in inputs]
+        out, lse = joint_attention_reference(*ref_in, 0.25, mask)
+        go = torch.randn_like(out)
+        want = torch.autograd.grad((out * go).sum(), ref_in)
+        got = autograd._backward_sdpa_recompute(go, *inputs, 0.25, mask)
+        for name, g, w in zip(("q", "k", "v", "context_k", "context_v"), got, want):
+            assert g.shape == w.shape, name
+            assert_close(g, w, torch.float64, kind="grad", what=f"sdpa recompute d{name}")
+    assert not autograd._sdpa_recompute_backward_ok(inputs[0], inputs[1], None, mask)   # CPU: ATen's flash backward
+
+
+def test_a_masked_call_takes_the_sdpa_recompute_backward_where_it_applies(monkeypatch):
+    # the dispatch in the shared backward: told it is on CUDA, a masked call's gradients come from
+    # the SDPA recompute (spied on), and they match the fp64 reference
+    from pfp_kernels.attention import autograd
+    calls = []
+    real = autograd._backward_sdpa_recompute
+    monkeypatch.setattr(autograd, "_sdpa_recompute_backward_ok",
+                        lambda q, k, grad_lse, mask: mask is not None and autograd._lse_grad_is_zero(grad_lse))
+    monkeypatch.setattr(autograd, "_backward_sdpa_recompute", lambda *a: calls.append(1) or real(*a))
+    inputs = _inputs(2, 6, 5, 7, 2, 16, torch.float64, 1)
+    (mask, *_) = _masks(2, 7, 1, torch.Generator().manual_seed(4))
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    go = torch.randn(2, 6, 2, 16, dtype=torch.float64)
+    want = torch.autograd.grad((joint_attention_reference(*ref_in, 0.25, mask)[0] * go).sum(), ref_in)
+    ins = [t.clone().requires_grad_() for t in inputs]
+    got = torch.autograd.grad((pk.joint_attention(*ins, context_mask=mask, scale=0.25, impl="sdpa") * go).sum(), ins)
+    assert calls == [1]
+    for name, g, w in zip(("q", "k", "v", "context_k", "context_v"), got, want):
+        assert_close(g, w, torch.float64, kind="grad", what=f"d{name}")
+
+
 def test_context_mask_all_true_equals_no_mask_and_ops_pass_opcheck():
     q, k, v, ck, cv = _inputs(2, 5, 3, 4, 2, 16, torch.float32, ctx_batch=1, requires_grad=True)
     ones = torch.ones(1, 4, dtype=torch.bool)

@@ -372,9 +372,11 @@ def test_attention_with_a_context_mask_matches_fp64_reference(shape, dtype):
     want, want_lse = joint_attention_reference(*ref_in, 0.25, mask.cpu())
     go = torch.randn_like(want)
     want_g = torch.autograd.grad((want * go).sum(), ref_in)
-    for impl in ("triton", "sdpa_concat"):
+    # sdpa_concat with return_lse is the op, whose shared backward takes SDPA's, forward recomputed
+    for impl, with_lse in (("triton", False), ("sdpa_concat", False), ("sdpa_concat", True)):
         ins = [t.detach().clone().requires_grad_() for t in inputs]
-        out = pk.joint_attention(*ins, context_mask=mask, scale=0.25, impl=impl)
+        out = pk.joint_attention(*ins, context_mask=mask, scale=0.25, impl=impl, return_lse=with_lse)
+        out = out[0] if with_lse else out
         _check(out, want, dtype, f"{impl} masked out")
         got = torch.autograd.grad((out.double() * go.to(DEV)).sum(), ins)
         for name, g, w in zip(("q", "k", "v", "context_k", "context_v"), got, want_g):

@@ -4,7 +4,8 @@ flash_attn,xformers,triton}`` (``sdpa_concat`` is an op only for callers that wa
 it the API calls SDPA over the concatenation directly and keeps PyTorch's own backward).
 
 Every backend saves (out, lse) and shares one backward: the Triton backward kernels on CUDA (and
-for the Triton backend under the interpreter); on CPU ATen's flash-attention backward once over the
+for the Triton backend under the interpreter); on CUDA with a key mask, PyTorch's SDPA backward over
+the concatenation, its forward recomputed; on CPU ATen's flash-attention backward once over the
 concatenation; elsewhere, and for a gradient through the returned lse, a per-segment math backward.
 The gradient through a returned lse is exact (it enters as ``delta = rowsum(dO*O) - dlse``).
 """
@@ -95,6 +96,34 @@ def _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse, scale,
     return dq, dk, dv, dck, dcv
 
 
+def _backward_sdpa_recompute(grad_out, q, k, v, context_k, context_v, scale, context_mask):
+    """Gradients through PyTorch's own SDPA over ``[context ; target]`` with the key mask as its
+    ``attn_mask``, its forward recomputed: on CUDA that is the memory-efficient kernel's backward,
+    O(N) memory, where the math backward holds ``[B, H, Nq, Nc + Nk]`` scores (25 GiB at
+    HunyuanVideo's 9540 tokens). For masked calls on CUDA through an op with this backward (e.g.
+    ``sdpa_concat`` asked for the lse; without it the API calls SDPA itself); needs a target key
+    (``k`` not empty), so that no query is left without a key (SDPA would give it NaN), and no
+    gradient through the lse."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in (q, k, v, context_k, context_v)]
+        qq, kk, vv, ck, cv = leaves
+        keys, values = _concatenated(qq, kk, vv, ck, cv)
+        keep = key_mask(qq, kk, context_mask)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=None if keep is None else keep[:, None, None, :], scale=scale)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.transpose(1, 2).to(out.dtype)))
+    # (a broadcast context's gradient comes back summed over the query batches: the expand's backward)
+    dq, dk, dv, dck, dcv = (None if t is None else next(grads) for t in leaves)
+    return dq, dk, dv, dck, dcv
+
+
+def _sdpa_recompute_backward_ok(q: Tensor, k: Tensor, grad_lse: Optional[Tensor], mask: Optional[Tensor]) -> bool:
+    return (mask is not None and q.device.type == "cuda" and q.numel() > 0 and k.shape[1] > 0
+            and _lse_grad_is_zero(grad_lse))
+
+
 def _aten_cpu_backward_ok(q: Tensor, k: Tensor, grad_lse: Optional[Tensor]) -> bool:
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.numel() > 0 and k.shape[-1] > 0
             and _lse_grad_is_zero(grad_lse))
@@ -127,6 +156,9 @@ def _make_backward(always_triton: bool):
         if not always_triton and _aten_cpu_backward_ok(q, k, grad_lse):
             dq, dk, dv, dck, dcv = _backward_aten_cpu(grad_out, q, k, v, context_k, context_v, out, lse,
                                                       ctx.scale, mask)
+        elif not always_triton and _sdpa_recompute_backward_ok(q, k, grad_lse, mask):
+            dq, dk, dv, dck, dcv = _backward_sdpa_recompute(grad_out, q, k, v, context_k, context_v, ctx.scale,
+                                                            mask)
         elif always_triton or (mask is None and _triton_backward_ok(q)):
             # Through an op, so that torch.compile / AOT autograd can trace the backward.
             dq, dk, dv, dck, dcv = torch.ops.pfp.joint_attention_triton_backward(
