@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,10 +125,12 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     made = (model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)])
                 if keep:
                     outputs.append(made)
+            tiles = hasattr(model.vae, "tiled_encoding")
+            # FLOPs are counted only to price the tiled encode's overlaps against the whole one
             whole_flops = FlopCounterMode(display=False)
-            with whole_flops:
+            with whole_flops if tiles else nullcontext():
                 transient["encode"] = _tracked_peak(encode)
-            if hasattr(model.vae, "tiled_encoding"):
+            if tiles:
                 tiled_flops = FlopCounterMode(display=False)
                 with model.vae.tiled_encoding(), tiled_flops:
                     tiled = _tracked_peak(lambda: encode(keep=False))
