@@ -183,9 +183,27 @@ class _ThreeStreamBlock(nn.Module):
             return qkv_c, prev_kv, (kc, vc)
         return qkv_c, prev_kv, (torch.cat([prev_kv[0], kc], 1), torch.cat([prev_kv[1], vc], 1))
 
-    def _context_attention(self, qc, k_all, v_all, prev_kv, frames, ctx_mask):
+    def _attend_streams(self, qkv_c, qkv_t, qkv_x, k_all, v_all, ctx_mask, text_mask, joint: bool):
+        """The target's and text's attention over ``[context ; target ; text]`` (in joint mode the
+        context's new queries join the same call), back from heads: (target, text, context or None)."""
+        (qt, kt, vt), (qx, kx, vx) = qkv_t, qkv_x
+        nt, oc = qt.shape[1], None
+        if joint and qkv_c is not None:   # the context's queries join: one call for all three
+            nc = qkv_c[0].shape[1]
+            o = _attend(torch.cat([qkv_c[0], qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
+            oc, o = o[:, :nc], o[:, nc:]
+        else:
+            o = _attend(torch.cat([qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
+        return self._from_heads(o[:, :nt], o[:, nt:], oc)
+
+    def _context_out(self, oc, qc, k_all, v_all, prev_kv, frames, ctx_mask):
+        """The context's attention output with every head: joint mode's ``oc``, or (cached mode, or
+        no target) its own attention over the context frames up to its own."""
+        if oc is not None:
+            return oc
         offset = 0 if prev_kv is None else prev_kv[0].shape[1]
-        return _causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
+        oc = _causal_context_attention(qc, k_all, v_all, offset, frames, ctx_mask)
+        return oc if self.sp is None else self.sp.gather_heads(oc)
 
 
 class HunyuanDualBlock(_ThreeStreamBlock):
@@ -217,15 +235,8 @@ class HunyuanDualBlock(_ThreeStreamBlock):
             x_sh, x_sc, x_g, x_sh2, x_sc2, x_g2 = _chunks(self.norm1_context, temb_x, 6)
             qkv_t = _qkv(attn, self.norm1.norm(ht) * (1 + sc) + sh, heads, rope_t)
             qkv_x = _qkv(attn, self.norm1_context.norm(hx) * (1 + x_sc) + x_sh, heads, None, added=True)
-            (qt, kt, vt), (qx, kx, vx) = self._to_heads(qkv_t, qkv_x, sp_tokens)
-            nt = qt.shape[1]
-            if joint and qkv_c is not None:   # the context's queries join: one call for all three
-                nc = qkv_c[0].shape[1]
-                o = _attend(torch.cat([qkv_c[0], qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
-                oc, o = o[:, :nc], o[:, nc:]
-            else:
-                o = _attend(torch.cat([qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
-            ot, ox, oc = self._from_heads(o[:, :nt], o[:, nt:], oc)
+            ot, ox, oc = self._attend_streams(qkv_c, *self._to_heads(qkv_t, qkv_x, sp_tokens), k_all, v_all,
+                                              ctx_mask, text_mask, joint)
             ot, ox = ot.flatten(2), ox.flatten(2)
             ht = ht + attn.to_out[1](attn.to_out[0](ot)) * g
             hx = hx + attn.to_add_out(ox) * x_g
@@ -233,9 +244,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
             hx = hx + x_g2 * self.ff_context(self.norm2_context(hx) * (1 + x_sc2) + x_sh2)
             streams = (ht, hx)
         if hc is not None and need_context_out:
-            if oc is None:
-                oc = self._context_attention(qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
-                oc = oc if self.sp is None else self.sp.gather_heads(oc)
+            oc = self._context_out(oc, qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
             hc = hc + attn.to_out[1](attn.to_out[0](oc.flatten(2))) * c_g
             hc = hc + c_g2 * self.ff(self.norm2(hc) * (1 + c_sc2) + c_sh2)
         return hc, streams, (k_all, v_all)
@@ -272,21 +281,13 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
             mlp = self.act_mlp(self.proj_mlp(z))
             q, k, v = _qkv(attn, z, heads, None)
             qkv_t = (apply_rope(q[:, :nt], *rope_t), apply_rope(k[:, :nt], *rope_t), v[:, :nt])
-            (qt, kt, vt), (qx, kx, vx) = self._to_heads(qkv_t, (q[:, nt:], k[:, nt:], v[:, nt:]), sp_tokens)
-            n_all = qt.shape[1]
-            if joint and qkv_c is not None:
-                nc = qkv_c[0].shape[1]
-                o = _attend(torch.cat([qkv_c[0], qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
-                oc, o = o[:, :nc], o[:, nc:]
-            else:
-                o = _attend(torch.cat([qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
-            ot, ox, oc = self._from_heads(o[:, :n_all], o[:, n_all:], oc)
+            qkv_x = (q[:, nt:], k[:, nt:], v[:, nt:])
+            ot, ox, oc = self._attend_streams(qkv_c, *self._to_heads(qkv_t, qkv_x, sp_tokens), k_all, v_all,
+                                              ctx_mask, text_mask, joint)
             out = self.proj_out(torch.cat([torch.cat([ot, ox], 1).flatten(2), mlp], -1))
             streams = (ht + g * out[:, :nt], hx + x_g * out[:, nt:])
         if hc is not None and need_context_out:
-            if oc is None:
-                oc = self._context_attention(qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
-                oc = oc if self.sp is None else self.sp.gather_heads(oc)
+            oc = self._context_out(oc, qkv_c[0], k_all, v_all, prev_kv, frames, ctx_mask)
             mlp_c = self.act_mlp(self.proj_mlp(xc))
             hc = hc + c_g * self.proj_out(torch.cat([oc.flatten(2), mlp_c], -1))
         return hc, streams, (k_all, v_all)
