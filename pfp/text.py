@@ -253,6 +253,10 @@ class TextTokens(NamedTuple):
     mask: torch.Tensor
 
 
+def _entry_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class TextStateCache:
     """Each prompt's states from a text encoder that does not train, computed once and reused.
 
@@ -290,13 +294,11 @@ class TextStateCache:
         with torch.no_grad():
             tokens, mask = self._encode([prompt])
         entry = (tokens.detach().cpu(), mask.detach().cpu())
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if size <= self.max_bytes:
+        if _entry_bytes(entry) <= self.max_bytes:
             self._entries[prompt] = entry
-            self.bytes += size
+            self.bytes += _entry_bytes(entry)
             while self.bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.bytes -= sum(t.numel() * t.element_size() for t in old)
+                self.bytes -= _entry_bytes(self._entries.popitem(last=False)[1])
         return entry
 
     def __call__(self, prompts: Sequence[str]) -> tuple:
