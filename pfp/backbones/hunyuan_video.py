@@ -50,7 +50,7 @@ from torch import Tensor, nn
 import pfp_kernels
 
 from .rope import apply_rope
-from .wan_style import (WanStyleBackbone, _causal_context_attention, _host, check_context_mode,
+from .wan_style import (WanStyleBackbone, _causal_context_attention, _host, check_context_mode, set_parts,
                          masked_joint_attention, _rank_heads_of_cache)
 
 DEFAULT_GUIDANCE = 6.0   # HunyuanVideoPipeline's guidance_scale: the embedded (distilled) guidance
@@ -133,11 +133,8 @@ class _ThreeStreamBlock(nn.Module):
 
     def __init__(self, num_heads: int, **parts):
         super().__init__()
-        if set(parts) != set(self.PARTS):
-            raise ValueError(f"{type(self).__name__} needs exactly {self.PARTS}, got {tuple(parts)}")
         self.num_heads = num_heads
-        for name, part in parts.items():
-            setattr(self, name, part)
+        set_parts(self, self.PARTS, parts)
 
     @classmethod
     def adopt(cls, block: nn.Module, num_heads: int):

@@ -279,6 +279,15 @@ class MemoryAttention(nn.Module):
         return self.to_out(o.flatten(2))
 
 
+def set_parts(block: nn.Module, names: tuple, parts: dict) -> None:
+    """Register ``parts`` on ``block`` in the order given (which fixes ``parameters()``' order, and
+    so an optimizer's state), after checking they are exactly ``names``."""
+    if set(parts) != set(names):
+        raise ValueError(f"{type(block).__name__} needs exactly {names}, got {tuple(parts)}")
+    for name, part in parts.items():
+        setattr(block, name, part)
+
+
 class WanStyleBlock(nn.Module):
     """One Wan-style transformer block over two token streams: context and target.
 
@@ -297,11 +306,8 @@ class WanStyleBlock(nn.Module):
         Parameter added to the timestep modulation). They are registered in the order given, which
         fixes the order of ``parameters()`` (and so of an optimizer's state)."""
         super().__init__()
-        if set(parts) != set(self.PARTS):
-            raise ValueError(f"WanStyleBlock needs exactly {self.PARTS}, got {tuple(parts)}")
         self.num_heads = num_heads
-        for name, part in parts.items():
-            setattr(self, name, part)
+        set_parts(self, self.PARTS, parts)
         # cross-attention over the compressor's features: none until add_memory_attention()
         self.register_module("memory_attn", None)
 
