@@ -16,12 +16,21 @@ is causal; a model config with ``lr_phase = "end"`` feeds instead the last frame
 interval, so that the newest history frame is in the context: see ``PFPConfig.video_spec``).
 Tokens are ordered (t, h, w); their positions are documented in :func:`pfp.rates.token_positions`.
 
-Initialisation: the HR projection (weight and bias) starts at zero, so a fresh compressor outputs
-the LR branch alone, i.e. exactly what the backbone's patch embedding makes of the low-res video,
-and training starts from the backbone's own representation. The zero projection still gets a
-gradient (``dL/dW = g^T h`` with h the nonzero stage features); the conv stages receive gradient
-once the first update has moved the projection off zero. Pass ``zero_init=False`` for the usual
-``nn.Linear``-style initialisation instead.
+Initialisation:
+
+- The conv + SiLU stages keep the signal's scale: each conv's weights are drawn with std
+  ``SILU_GAIN / sqrt(fan_in)`` (He initialisation with SiLU's gain) and zero bias, so every stage's
+  pre-activations have about the second moment of a unit input. With ``nn.Conv3d``'s default
+  (variance 1/(3 fan_in)) each conv + SiLU stage shrank the signal's rms about 3.5x, and the 3-stage
+  branch of the Table 1 recipe started at 1/60 of the patch embedding's token scale. Trained
+  1000 steps from there, its HR-only variant still sat at 1/8 of it (``docs/table1.md``).
+- The HR projection (weight and bias) starts at zero, so a fresh compressor outputs the LR branch
+  alone, i.e. exactly what the backbone's patch embedding makes of the low-res video, and training
+  starts from the backbone's own representation. The zero projection still gets a gradient
+  (``dL/dW = g^T h`` with h the nonzero stage features); the conv stages receive gradient once the
+  first update has moved the projection off zero. Pass ``zero_init=False`` for the usual
+  ``nn.Linear``-style initialisation instead (``without_lr``, which has no LR tokens to start
+  from, always takes it).
 
 Every conv and the projection run through :mod:`pfp_kernels` (``impl="auto"`` by default:
 C++ on CPU, Triton on CUDA when present, else the plain-PyTorch reference).
@@ -47,6 +56,9 @@ CHECKPOINT_FORMAT = "pfp.MemoryCompressor/1"
 # The compressors the paper compares (Table 1): the proposed dual branch, each branch alone, and a
 # FramePack-style large patchify of the high-res latent. All give the same token grid.
 COMPRESSOR_KINDS = ("pfp", "only_lr", "without_lr", "large_patchify")
+# 1 / sqrt(E[silu(z)^2]) for z ~ N(0, 1): the weight gain that keeps a conv + SiLU stage's
+# pre-activations at unit second moment when its input has it (computed by quadrature, 1e-6).
+SILU_GAIN = 1.676532
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +307,12 @@ class MemoryCompressor(nn.Module):
                 CausalConv3dAct(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding_hw,
                                 activation="silu", impl=impl, **factory) for s in self.specs)
             self.proj = TokenProjection(self.hidden[-1], self.inner_dim, impl=impl, **factory)
+            with torch.no_grad():
+                for stage in self.stages:
+                    fan_in = stage.weight[0].numel()
+                    stage.weight.normal_(0.0, SILU_GAIN / fan_in ** 0.5)
+                    if stage.bias is not None:
+                        stage.bias.zero_()
         elif kind == "large_patchify":
             foot = self.hr_factors
             self.specs = [StageSpec(self.latent_channels, self.inner_dim, foot, foot, (0, 0))]

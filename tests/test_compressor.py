@@ -260,6 +260,26 @@ def test_zero_init_projection_still_gets_a_gradient():
     assert all(s.weight.grad.abs().sum() == 0 for s in c.stages)
 
 
+@pytest.mark.parametrize("kind,hidden", [("pfp", (64, 128, 256, 512)), ("without_lr", (32, 64, 128))])
+def test_fresh_hr_stages_keep_the_signal_scale(kind, hidden):
+    # Each conv + SiLU stage of a fresh compressor keeps a unit input's rms within a factor of 2
+    # (He init with SiLU's gain). nn.Conv3d's default init shrinks it ~3.5x per stage, which would
+    # leave a 4-stage branch at 1/150 of its input. Interior positions only: zero padding at the
+    # borders of the small spatial grids lowers the edge rms for any init.
+    torch.manual_seed(0)
+    c = pfp.MemoryCompressor(nn.Conv3d(48, 128, (1, 2, 2), (1, 2, 2)), 48, 128, "2x2x2", hidden, kind=kind)
+    h = torch.randn(2, 48, 16, 48, 48).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for stage in c.stages:
+            h, _ = stage(h)
+            rms = h[..., 1:-1, 1:-1].float().pow(2).mean().sqrt().item()
+            assert 0.5 < rms < 2.0, (kind, tuple(stage.weight.shape), rms)
+        tokens = c.proj(h)
+    if kind == "pfp":  # the projection still starts at zero: the LR tokens alone at first
+        assert c.proj.weight.abs().sum() == 0 and c.proj.bias.abs().sum() == 0
+    else:  # nn.Linear's init: tokens at about the patch embedding's scale
+        assert 0.1 < tokens.pow(2).mean().sqrt().item() < 2.0
+
 @pytest.mark.parametrize("channels,inner", [(16, 32), (48, 40)])
 def test_configurable_channels_and_width(channels, inner):
     c = make("2x2x2", channels=channels, inner=inner, hidden=(8, 16))
