@@ -12,13 +12,16 @@ Shapes: the four stages of the compressor (kernel 3, padding 1) on the high-res 
 
 CPU at 1/4 spatial scale (H=15, W=26), fp32 and bf16:
   auto    pfp_kernels.conv3d_act(impl="auto") (the C++ op; the plan it ran is recorded)
+  auto_frozen  auto inside pfp_kernels.frozen_weights(), as pfp.generate runs it: a weight seen
+          before is found by identity instead of by hashing its bytes. It is the counterpart of
+          the prepacked baseline below, which also takes the weight to be unchanged;
   eager   F.silu(F.conv3d(x, w, b, stride, 1))
   onednn  torch.ops.mkldnn._convolution_pointwise(x, w, b, ..., "swish", ...), the fused op
           torch.compile emits, with the plain weight (reordered inside every call);
   onednn_prepacked  the same with the weight reordered once beforehand by
           mkldnn::_reorder_convolution_weight (what torch.compile's freezing passes; auto caches
-          its prepacked weight the same way). oneDNN rows are fp32 only: oneDNN has no bf16 conv on
-          CPUs without AVX512-BF16/AVX-NE-CONVERT, and the row says so.
+          its prepacked weight the same way). oneDNN has no bf16 conv on CPUs without
+          AVX512-BF16/AVX-NE-CONVERT: there its bf16 rows say so.
 Streaming (CPU, fp32, the whole 4-stage causal stack through pfp_kernels.nn.CausalConv3dAct,
 impl="auto"): appending a 6-frame chunk after 120 frames of history vs after 12 frames, and
 vs recomputing the stack over all 126 frames from scratch.
@@ -31,6 +34,7 @@ when the benchmarks ran (not under --benchmark-disable).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import pytest
@@ -85,7 +89,12 @@ def _record(section, key, benchmark):
 def _stage_contenders(stage, dtype, x, w, b, stride):
     """auto, eager, oneDNN fused and oneDNN fused with a prepacked weight (what torch.compile's
     freezing passes), as zero-argument callables; the oneDNN ones only where oneDNN runs dtype."""
+    def auto_frozen():
+        with pk.frozen_weights():
+            return pk.conv3d_act(x, w, b, stride, 1, impl="auto")
+
     fns = {"auto": lambda: pk.conv3d_act(x, w, b, stride, 1, impl="auto"),
+           "auto_frozen": auto_frozen,
            "eager": lambda: F.silu(F.conv3d(x, w, b, stride, 1))}
     try:
         torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1, 1], list(stride), [1, 1, 1], 1, "swish", [], "")
@@ -101,6 +110,24 @@ def _stage_contenders(stage, dtype, x, w, b, stride):
     return fns
 
 
+def _auto_ran(x, w, stride) -> str:
+    """What auto ran for this stage: the implementation its tuning table holds for the call's key
+    (measured on its first call) with the times measured, and for the C++ op the plan of its last
+    call, which was auto's."""
+    from pfp_kernels import _tuning
+    from pfp_kernels.conv import conv_bucket
+    outputs = x.shape[0] * math.prod((n - 1) // s + 1 for n, s in zip(x.shape[2:], stride))  # k 3, pad 1
+    key = ("conv3d_act", _tuning.device_name(x.device), _tuning.dtype_name(x.dtype), "fwd",
+           conv_bucket(w.shape, stride, (1, 1, 1), "silu", outputs))
+    entry = _tuning.TABLE.get(key)
+    ran = entry.impl if entry is not None else "cpp"
+    if ran == "cpp" and _extension.LOADED:
+        ran += " " + torch.ops.pfp._conv_cpu_last_plan()
+    if entry is not None:
+        ran += " (measured: " + ", ".join(f"{k} {v:.2f} ms" for k, v in entry.ms.items()) + ")"
+    return ran
+
+
 def _rounds(seconds_guess: float) -> int:
     return max(3, min(30, int(4.0 / max(seconds_guess, 1e-3))))
 
@@ -109,7 +136,7 @@ def _rounds(seconds_guess: float) -> int:
 # CPU stages
 # ----------------------------------------------------------------------------------------------
 CPU_CASES = [(name, dtype, impl) for name, *_ in STAGES for dtype in ("float32", "bfloat16")
-             for impl in ("auto", "eager", "onednn", "onednn_prepacked")]
+             for impl in ("auto", "auto_frozen", "eager", "onednn", "onednn_prepacked")]
 
 
 @pytest.mark.parametrize("stage,dtype,impl", CPU_CASES)
@@ -132,8 +159,8 @@ def test_cpu_stage(benchmark, stage, dtype, impl):
     fn()
     guess = time.perf_counter() - t0
     benchmark.pedantic(fn, rounds=_rounds(guess), iterations=1, warmup_rounds=1)
-    if impl == "auto" and _extension.LOADED:
-        _notes[(stage, dtype, "plan")] = torch.ops.pfp._conv_cpu_last_plan()
+    if impl == "auto":
+        _notes[(stage, dtype, "plan")] = _auto_ran(x, w, stride)
     _record("cpu", (stage, dtype, impl), benchmark)
 
 
@@ -263,27 +290,30 @@ def _write_cpu_table():
                                                 f"{torch.backends.cpu.get_cpu_capability()})")
     lines += ["Compressor stages, kernel 3, padding 1, batch 1, channels-last-3d, 1/4 spatial scale of the "
               "T=120, 60x104 latent. Ratios are auto's time over the baseline's (< 1 means auto is faster).", "",
-              "| stage | input | dtype | auto ms | eager ms | oneDNN fused ms | oneDNN fused, prepacked ms | "
-              "auto/eager | auto/oneDNN | auto/oneDNN prepacked | auto ran |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| stage | input | dtype | auto ms | auto, frozen weights ms | eager ms | oneDNN fused ms | "
+              "oneDNN fused, prepacked ms | auto/eager | auto/oneDNN | auto/oneDNN prepacked | "
+              "auto frozen/oneDNN prepacked | auto ran |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, cin, cout, stride, full in STAGES:
         t, h, w = _cpu_shape(full)
         for dtype in ("float32", "bfloat16"):
-            a, e, o, op = (m.get((name, dtype, k)) for k in ("auto", "eager", "onednn", "onednn_prepacked"))
+            a, af, e, o, op = (m.get((name, dtype, k))
+                               for k in ("auto", "auto_frozen", "eager", "onednn", "onednn_prepacked"))
             if a is None and e is None:
                 continue
 
             def ms(v):
                 return f"{v * 1e3:.2f}" if v is not None else "n/a"
 
-            def ratio(v):
-                return f"{a / v:.2f}" if (a is not None and v is not None) else "n/a"
+            def ratio(v, num=a):
+                return f"{num / v:.2f}" if (num is not None and v is not None) else "n/a"
             na = "n/a (no bf16 conv on this CPU)" if dtype != "float32" else "n/a"
             onednn = ms(o) if o is not None else na
             onednn_p = ms(op) if op is not None else na
             plan = _notes.get((name, dtype, "plan"), "")
-            lines.append(f"| {name} s{stride} | [1,{cin},{t},{h},{w}] | {dtype} | {ms(a)} | {ms(e)} | {onednn} | "
-                         f"{onednn_p} | {ratio(e)} | {ratio(o)} | {ratio(op)} | `{plan}` |")
+            lines.append(f"| {name} s{stride} | [1,{cin},{t},{h},{w}] | {dtype} | {ms(a)} | {ms(af)} | {ms(e)} | "
+                         f"{onednn} | {onednn_p} | {ratio(e)} | {ratio(o)} | {ratio(op)} | {ratio(op, af)} | "
+                         f"`{plan}` |")
     if s:
         lines += ["", "Streaming, fp32: the 4-stage causal stack (pfp_kernels.nn.CausalConv3dAct, impl=auto), "
                   "one 6-frame chunk appended (3 frames out of stage 1), vs recomputing the stack over all 126 "
