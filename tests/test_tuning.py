@@ -158,6 +158,29 @@ def test_conv_ops_time_their_candidates_and_match_the_reference(tuning):
     assert all(set(e.ms) == {"cpp", "torch"} for e in tuning.local.values())
 
 
+def test_conv_choices_inside_frozen_weights_are_keyed_apart(tuning):
+    # Outside frozen_weights() the C++ convs hash each weight per call; inside they do not, so a
+    # choice timed in one mode is not taken for the other.
+    from pfp_kernels import _extension
+    if not _extension.has_cpu_kernel("causal_conv3d_act"):
+        pytest.skip("no C++ CPU conv kernels in this build: frozen_weights() is a no-op")
+    x = torch.randn(1, 3, 4, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(4, 3, 3, 3, 3)
+    pk.conv3d_act(x, w, None, 1, 1)
+    pk.causal_conv3d_act(x, w, None, 1, 1)
+    with pk.frozen_weights():
+        pk.conv3d_act(x, w, None, 1, 1)
+        pk.causal_conv3d_act(x, w, None, 1, 1)
+        with pk.frozen_weights():   # nested: still frozen after the inner exit
+            pass
+        pk.conv3d_act(x, w, None, 1, 2)
+    pk.conv3d_act(x, w, None, 1, 2)
+    buckets = sorted((e.op, e.bucket) for e in tuning.local.values())
+    frozen = [(op, b[:-1]) for op, b in buckets if b[-1] == "frozen"]
+    plain = [(op, b) for op, b in buckets if b[-1] != "frozen"]
+    assert sorted(frozen) == sorted(plain) and len(plain) == 3
+
+
 def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tuning, monkeypatch):
     path = _tuning.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
