@@ -19,11 +19,14 @@ Tokens are ordered (t, h, w); their positions are documented in :func:`pfp.rates
 Initialisation:
 
 - The conv + SiLU stages keep the signal's scale: each conv's weights are drawn with std
-  ``SILU_GAIN / sqrt(fan_in)`` (He initialisation with SiLU's gain) and zero bias, so every stage's
-  pre-activations have about the second moment of a unit input. With ``nn.Conv3d``'s default
-  (variance 1/(3 fan_in)) each conv + SiLU stage shrank the signal's rms about 3.5x, and the 3-stage
-  branch of the Table 1 recipe started at 1/60 of the patch embedding's token scale. Trained
-  1000 steps from there, its HR-only variant still sat at 1/8 of it (``docs/table1.md``).
+  ``SILU_GAIN / sqrt(fan_in)`` (He initialisation with SiLU's gain) and zero bias. A conv over the
+  SiLU of unit-Gaussian pre-activations then gives unit-variance pre-activations again, so the
+  scale holds from stage to stage (a unit-variance latent's features stay at rms 0.8-1.0 through
+  the Table 1 recipe's three stages, the lower end at the zero-padded borders). With
+  ``nn.Conv3d``'s default (variance 1/(3 fan_in)) each conv + SiLU stage shrank the signal's rms
+  about 3.5x, and the 3-stage branch of the Table 1 recipe started at 1/60 of the patch embedding's
+  token scale. Trained 1000 steps from there, its HR-only variant still sat at 1/8 of it
+  (``docs/table1.md``).
 - The HR projection (weight and bias) starts at zero, so a fresh compressor outputs the LR branch
   alone, i.e. exactly what the backbone's patch embedding makes of the low-res video, and training
   starts from the backbone's own representation. The zero projection still gets a gradient
@@ -56,8 +59,8 @@ CHECKPOINT_FORMAT = "pfp.MemoryCompressor/1"
 # The compressors the paper compares (Table 1): the proposed dual branch, each branch alone, and a
 # FramePack-style large patchify of the high-res latent. All give the same token grid.
 COMPRESSOR_KINDS = ("pfp", "only_lr", "without_lr", "large_patchify")
-# 1 / sqrt(E[silu(z)^2]) for z ~ N(0, 1): the weight gain that keeps a conv + SiLU stage's
-# pre-activations at unit second moment when its input has it (computed by quadrature, 1e-6).
+# 1 / sqrt(E[silu(z)^2]) for z ~ N(0, 1) (by quadrature, to 1e-6): with weights of std
+# SILU_GAIN / sqrt(fan_in), a conv over silu(z) gives pre-activations of unit variance again.
 SILU_GAIN = 1.676532
 
 
