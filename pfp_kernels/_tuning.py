@@ -344,9 +344,9 @@ def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call
     default = next(name for name in candidates if name in ms)
     if winner != default:
         # The static order's first candidate is overturned only by two timings that agree: a choice
-        # is kept in the user's cache for good, and one noisy minute on a shared machine had
-        # picked a 2x slower conv (cpp 3.38 against eager 1.95 ms, where the two re-timed at
-        # 4.0 against 4.3 ms in the next minutes). Disagreeing timings keep the static order.
+        # is kept in the user's cache for good, and one noisy minute on a shared machine had picked
+        # eager on a timing of cpp 3.38 against eager 1.95 ms, where the two re-timed at 4.0
+        # against 4.3 ms (cpp ahead) in the next minutes. Disagreeing timings keep the static order.
         again = measure([default, winner], call, first.device, fwd_bwd)
         if not again or min(again, key=again.get) != winner:
             winner = default
