@@ -149,14 +149,17 @@ class Entry:
 
 
 def _read_table(path: Path, what: str) -> dict:
-    """key -> Entry from a table file; a missing file is empty, an unreadable one is warned about
-    once and ignored (auto then measures again or takes the static order)."""
+    """key -> Entry from a table file; a missing or empty file (``mktemp``'s) is an empty table, an
+    unreadable one is warned about once and ignored (auto then measures again or takes the static
+    order)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return {}
     except OSError as exc:
         warnings.warn(f"pfp_kernels: cannot read the {what} {path} ({exc}); ignoring it", stacklevel=3)
+        return {}
+    if not text.strip():
         return {}
     try:
         data = json.loads(text)

@@ -226,6 +226,17 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tuning, monkeypa
     assert len(json.loads(path.read_text())["entries"]) == 1  # rewritten whole
 
 
+def test_an_empty_cache_file_is_an_empty_table(tuning):
+    path = _tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")  # what mktemp makes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pk.joint_attention(*_attention_inputs())
+    assert out.isfinite().all()
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
 def test_shipped_table_keys_match_the_keys_the_ops_build():
     shipped = _tuning._read_table(_tuning.SHIPPED_TABLE, "shipped table")
     assert shipped, "the package ships measured entries"
