@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python -m pytest benchmarks/bench_attention.py --benchmark-only
 
 CPU: B=1, H=8, D=64, Nc=1365, Nq=Nk=585 (the paper's context of one chunk at small scale),
-fp32 and bf16. The baseline ``sdpa_concat`` is ``F.scaled_dot_product_attention(q, cat(ctx_k, k),
+fp32 and bf16, forward and forward+backward, each backend forced and ``auto`` (the measured choice,
+named in the table). The baseline ``sdpa_concat`` is ``F.scaled_dot_product_attention(q, cat(ctx_k, k),
 cat(ctx_v, v))`` with the concatenation inside the timed call (the layout transposes are views).
 CUDA (skipped without a GPU): the paper's scale, B=1, H=24, D=128, Nc=5460, Nq=Nk=2340, bf16,
 forward and forward+backward, in TFLOP/s (4*B*H*Nq*(Nc+Nk)*D flops per forward) against SDPA over
@@ -31,12 +32,14 @@ from _timing import interleaved_mins
 
 from _results import results_dir
 CPU_SHAPE = dict(B=1, H=8, D=64, Nc=1365, N=585)
-CPU_IMPLS = ("sdpa_concat", "cpp", "cpp_flash", "cpp_segments", "cpp_concat", "sdpa")
+CPU_IMPLS = ("sdpa_concat", "cpp", "cpp_flash", "cpp_segments", "cpp_concat", "sdpa", "auto")
+CPU_FWD_BWD_IMPLS = ("sdpa_concat", "cpp", "sdpa", "auto")
 CPU_INTERLEAVED_ROUNDS = 40
 CUDA_SHAPE = dict(B=1, H=24, D=128, Nc=5460, N=2340)
 BASELINE = "sdpa_concat"
 
 _measured: dict[str, dict[tuple, float]] = {"cpu": {}, "cuda": {}}
+_auto_ran: dict[tuple, str] = {}  # (device, direction, dtype) -> what auto ran, with its measured times
 
 
 def _inputs(shape, dtype, device):
@@ -71,11 +74,27 @@ def _runner(impl, inputs):
     return lambda: pk.joint_attention(*inputs, impl=impl)
 
 
-def _record(device, key, benchmark):
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and not getattr(benchmark, "disabled", False):
-        # Minimum over rounds: the least disturbed round on a jittery shared VM.
-        _measured[device][key] = stats.stats.min
+def _with_backward(impl, inputs, runner):
+    """A call of ``impl``'s forward and backward (gradients of all five inputs)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    fwd = runner(impl, leaves)
+    grad = torch.randn_like(inputs[0])
+    return lambda: torch.autograd.grad(fwd(), leaves, grad)
+
+
+def _auto_choice(inputs, backward: bool) -> str:
+    """The implementation auto's tuning table holds for these inputs' key, with the times it
+    measured (auto measures on its first call), or what auto falls back to without an entry."""
+    from pfp_kernels import _tuning
+    from pfp_kernels.attention import _tune_call
+    q = inputs[0]
+    bucket = _tune_call(*inputs, q.shape[-1] ** -0.5).bucket
+    key = ("joint_attention", _tuning.device_name(q.device), _tuning.dtype_name(q.dtype),
+           "fwd+bwd" if backward else "fwd", bucket)
+    entry = _tuning.TABLE.get(key)
+    if entry is None:
+        return "static order (no table entry)"
+    return entry.impl + " (measured: " + ", ".join(f"{k} {v:.2f} ms" for k, v in entry.ms.items()) + ")"
 
 
 def _machine(device):
@@ -84,55 +103,84 @@ def _machine(device):
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
-def _write_table(device, path, shape, how="30 rounds"):
-    rows = _measured[device]
+def _write_cpu_table(path, shape, how):
+    rows = _measured["cpu"]
     if not rows:
         return
-    lines = [f"# joint_attention on {device.upper()}: {_machine(device)}", "",
+    lines = [f"# joint_attention on CPU: {_machine('cpu')}", "",
              f"torch {torch.__version__}, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Shape "
              + ", ".join(f"{k}={v}" for k, v in shape.items())
              + f" (N = Nq = Nk; context batch 1). Baseline `{BASELINE}`: SDPA over cat(context, target), "
-             f"the concatenation timed. Ratio = baseline min / backend min over {how} (> 1: faster).", "",
-             "| dtype | backend | min ms | ratio vs sdpa_concat |", "|---|---|---|---|"]
-    for (dtype, impl), t in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE, kv[0][1])):
-        base = rows.get((dtype, BASELINE))
-        ratio = f"{base / t:.2f}" if base else "n/a"
-        lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |")
+             f"the concatenation timed (its backward is PyTorch's). Ratio = baseline min / backend min over {how} "
+             "(> 1: faster). `auto` is the op as users call it: the implementation its tuning table "
+             "holds for the call's key, measured on its first call (PFP_KERNELS_CACHE points at an empty "
+             "file for a fresh measurement).", ""]
+    for direction in ("forward", "forward+backward"):
+        mine = {key[1:]: t for key, t in rows.items() if key[0] == direction}
+        if not mine:
+            continue
+        lines += [f"## {direction}", "", "| dtype | backend | min ms | ratio vs sdpa_concat |", "|---|---|---|---|"]
+        for (dtype, impl), t in sorted(mine.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE, kv[0][1])):
+            base = mine.get((dtype, BASELINE))
+            ratio = f"{base / t:.2f}" if base else "n/a"
+            lines.append(f"| {dtype} | {impl} | {t * 1e3:.2f} | {ratio} |")
+        ran = {k[2]: v for k, v in _auto_ran.items() if k[:2] == ("cpu", direction)}
+        if ran:
+            lines += [""] + [f"- `auto`, {dtype}: {v}" for dtype, v in sorted(ran.items())]
+        lines.append("")
     with open(results_dir("attention") / path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _tables():
     yield
-    _write_table("cpu", "cpu_attention.md", CPU_SHAPE,
-                 how=f"{CPU_INTERLEAVED_ROUNDS} rounds interleaved across the backends")
+    _write_cpu_table("cpu_attention.md", CPU_SHAPE, how=f"{CPU_INTERLEAVED_ROUNDS} rounds interleaved across the backends")
     _write_cuda_table()
 
 
 # ----------------------------------------------------------------------------------------------
 # CPU
 # ----------------------------------------------------------------------------------------------
+def _cpu_runnable(names, inputs):
+    reasons = pk.attention_backends(*inputs)
+    return [i for i in names if i in (BASELINE, "auto") or reasons[i.split("_")[0]] is None]
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_joint_attention(benchmark, impl, dtype):
     """``cpp`` is the op as dispatched (its "flash" route); ``cpp_segments`` forces its fallback
     route, ATen's flash kernel per segment + merge, so the table says which of the two is faster."""
     inputs = _inputs(CPU_SHAPE, getattr(torch, dtype), "cpu")
-    if impl != BASELINE:
-        why = pk.attention_backends(*inputs)[impl.split("_")[0]]
-        if why is not None:
-            pytest.skip(f"{impl}: {why}")
+    if impl not in _cpu_runnable([impl], inputs):
+        pytest.skip(f"{impl}: {pk.attention_backends(*inputs)[impl.split('_')[0]]}")
     benchmark.group = f"cpu {dtype}"
     fn = _runner(impl, inputs)
     out = benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=2)
     torch.testing.assert_close(out.float(), _sdpa_concat(*inputs).float(), atol=2e-2, rtol=0)
     if impl == BASELINE and not getattr(benchmark, "disabled", False):
         # the table: every runnable backend of this dtype, in turn, round after round
-        runnable = [i for i in CPU_IMPLS if i == BASELINE or pk.attention_backends(*inputs)[i.split("_")[0]] is None]
-        mins = interleaved_mins({i: _runner(i, inputs) for i in runnable}, budget_s=1e9,
-                                max_rounds=CPU_INTERLEAVED_ROUNDS)
-        _measured["cpu"].update({(dtype, i): t for i, t in mins.items()})
+        fns = {i: _runner(i, inputs) for i in _cpu_runnable(CPU_IMPLS, inputs)}
+        fns["auto"]()  # auto measures its choice on its first call: before the rounds
+        mins = interleaved_mins(fns, budget_s=1e9, max_rounds=CPU_INTERLEAVED_ROUNDS)
+        _measured["cpu"].update({("forward", dtype, i): t for i, t in mins.items()})
+        _auto_ran[("cpu", "forward", dtype)] = _auto_choice(inputs, backward=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_joint_attention_backward(benchmark, dtype):
+    """Forward + backward (gradients of q, k, v and the context) against SDPA over the
+    concatenation with PyTorch's backward."""
+    inputs = _inputs(CPU_SHAPE, getattr(torch, dtype), "cpu")
+    benchmark.group = f"cpu {dtype} forward+backward"
+    fns = {i: _with_backward(i, inputs, _runner) for i in _cpu_runnable(CPU_FWD_BWD_IMPLS, inputs)}
+    fns["auto"]()  # auto measures its forward+backward choice on its first call
+    benchmark.pedantic(fns["auto"], rounds=5, iterations=1, warmup_rounds=1)
+    if not getattr(benchmark, "disabled", False):
+        mins = interleaved_mins(fns, budget_s=1e9, max_rounds=CPU_INTERLEAVED_ROUNDS // 2)
+        _measured["cpu"].update({("forward+backward", dtype, i): t for i, t in mins.items()})
+        _auto_ran[("cpu", "forward+backward", dtype)] = _auto_choice(inputs, backward=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +190,8 @@ def test_cpu_joint_attention(benchmark, impl, dtype):
 # (built into PyTorch), cuDNN's attention, and the memory-efficient (xformers-derived) kernel.
 SDPA_FORCED = {"sdpa_concat_flash": "FLASH_ATTENTION", "sdpa_concat_cudnn": "CUDNN_ATTENTION",
                "sdpa_concat_efficient": "EFFICIENT_ATTENTION"}
-CUDA_FWD = (BASELINE, *SDPA_FORCED, "triton", "sdpa", "flash_attn", "xformers")
-CUDA_FWD_BWD = (BASELINE, *SDPA_FORCED, "triton", "flash_attn")
+CUDA_FWD = (BASELINE, *SDPA_FORCED, "triton", "sdpa", "flash_attn", "xformers", "auto")
+CUDA_FWD_BWD = (BASELINE, *SDPA_FORCED, "triton", "flash_attn", "auto")
 
 
 def _cuda_runner(impl, inputs):
@@ -176,11 +224,8 @@ def _cuda_contenders(names, inputs, backward=False):
         err = ((out.float() - want).norm() / want.norm()).item()
         assert err < 1e-2, f"{name}: relative error {err:.3g} against sdpa_concat"
         if backward:
-            leaves = [t.detach().requires_grad_() for t in inputs]
-            fwd = _cuda_runner(name, leaves)
-            grad = torch.randn_like(inputs[0])
-            fn = (lambda fwd=fwd, leaves=leaves, grad=grad:
-                  torch.autograd.grad(fwd(), leaves, grad))
+            fn = _with_backward(name, inputs, _cuda_runner)
+            fn()  # auto measures its forward+backward choice on its first call: before the timing
         runnable[name] = fn
     return runnable, skipped
 
@@ -202,6 +247,7 @@ def test_cuda_joint_attention(benchmark, direction):
     if not getattr(benchmark, "disabled", False):
         for impl, t in cuda_times(fns).items():
             _measured["cuda"][(direction, impl)] = t
+        _auto_ran[("cuda", direction, "bfloat16")] = _auto_choice(inputs, backward)
 
 
 def _write_cuda_table():
@@ -237,6 +283,8 @@ def _write_cuda_table():
         for impl, (tmin, tmed, peak) in sorted(mine.items(), key=lambda kv: kv[1][0]):
             lines.append(f"| {impl} | {tmin * 1e3:.3f} ({tmed * 1e3:.3f}) | {best / tmin:.2f} | "
                          f"{work / tmin / 1e12:.0f} | {peak:.0f} |")
+        if ("cuda", direction, "bfloat16") in _auto_ran:
+            lines += ["", f"`auto` ran: {_auto_ran[('cuda', direction, 'bfloat16')]}"]
         lines.append("")
     if _cuda_skipped:
         lines += ["Not run here: " + "; ".join(f"`{k}`: {v}" for k, v in sorted(_cuda_skipped.items())) + "."]
