@@ -18,6 +18,12 @@ with the long axes rounded up to a power of two. Three sources, first hit wins:
    order's first candidate is timed against it once more and kept only if it wins again.
    ``PFP_KERNELS_AUTOTUNE=0`` turns timing off; then a miss takes the static order.
 
+A cached entry records the software it was measured under (torch, pfp_kernels, and triton where
+installed). After an upgrade of any of them the entry is stale: the next call of its key times the
+candidates again (where timing is on) and replaces it, since a new kernel or a new torch can change
+the winner. With timing off a stale entry still serves. Shipped entries are never stale: they
+name the run they come from, and a user's own measurement replaces them.
+
 Nothing is timed while torch.compile traces, on meta or fake tensors, or during CUDA graph capture;
 those calls take the table or the static order. ``python -m pfp_kernels.info --tune`` shows the
 table and re-measures the ops' standard shapes.
@@ -31,7 +37,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -118,6 +124,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_SOFTWARE: list = []
+
+
+def software() -> str:
+    """The versions a measurement depends on: torch, pfp_kernels and (where installed) triton."""
+    if not _SOFTWARE:
+        from importlib import metadata
+        from . import __version__
+        parts = [f"torch {torch.__version__}", f"pfp_kernels {__version__}"]
+        try:
+            parts.append(f"triton {metadata.version('triton')}")
+        except metadata.PackageNotFoundError:
+            pass
+        _SOFTWARE.append(", ".join(parts))
+    return _SOFTWARE[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # the table
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +154,7 @@ class Entry:
     impl: str
     ms: dict          # candidate -> measured ms per call (the failed ones: absent)
     source: str       # "measured <date>" or the results file a shipped entry comes from
+    software: str = field(default_factory=software)  # what it was measured under ("" in old caches)
 
     @property
     def key(self) -> Key:
@@ -139,13 +163,14 @@ class Entry:
     def to_json(self) -> dict:
         return {"op": self.op, "device": self.device, "dtype": self.dtype, "mode": self.mode,
                 "bucket": list(self.bucket), "impl": self.impl,
-                "ms": {k: round(v, 5) for k, v in self.ms.items()}, "source": self.source}
+                "ms": {k: round(v, 5) for k, v in self.ms.items()}, "source": self.source,
+                "software": self.software}
 
     @staticmethod
     def from_json(d: dict) -> "Entry":
         return Entry(str(d["op"]), str(d["device"]), str(d["dtype"]), str(d["mode"]),
                      tuple(d["bucket"]), str(d["impl"]), {str(k): float(v) for k, v in d.get("ms", {}).items()},
-                     str(d.get("source", "")))
+                     str(d.get("source", "")), str(d.get("software", "")))
 
 
 def _read_table(path: Path, what: str) -> dict:
@@ -228,6 +253,11 @@ class Table:
             except OSError as exc:
                 warnings.warn(f"pfp_kernels: cannot write the tuning cache {path} ({exc}); this "
                               f"measurement is kept for this process only", stacklevel=3)
+
+    def is_stale(self, entry: Entry) -> bool:
+        """A cached or in-process entry measured under other software than this (see the module
+        docstring); shipped entries never are."""
+        return self.local.get(entry.key) is entry and entry.software != software()
 
     def entries(self) -> list[Entry]:
         if not self._loaded:
@@ -336,9 +366,12 @@ def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call
     key = (op, device_name(first.device), dtype_name(first.dtype), "fwd+bwd" if fwd_bwd else "fwd", call.bucket)
     refresh = REFRESH.active
     entry = None if refresh else TABLE.get(key)
-    if entry is not None and entry.impl in candidates:
+
+    def can_time() -> bool:
+        return (refresh or autotune_enabled()) and _can_measure(inputs)
+    if entry is not None and entry.impl in candidates and not (TABLE.is_stale(entry) and can_time()):
         return entry.impl
-    if not (refresh or autotune_enabled()) or not _can_measure(inputs):
+    if not can_time():
         return None
     ms = measure(candidates, call, first.device, fwd_bwd)
     if not ms:

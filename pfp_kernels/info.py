@@ -136,7 +136,9 @@ def table_report(devices: list[torch.device]) -> str:
         lines.append("  none yet: the first call of each shape is timed (or run --tune)")
     for e in sorted(entries, key=lambda e: (e.device, e.op, e.dtype, e.mode, repr(e.bucket))):
         times = ", ".join(f"{k} {v:.3f}" for k, v in sorted(e.ms.items(), key=lambda kv: kv[1]))
-        lines.append(f"  {e.op} {e.dtype} {e.mode} {list(e.bucket)}: {e.impl}  (ms: {times}; {e.source})")
+        stale = (f"; stale, measured under {e.software or 'an older pfp_kernels'}: timed again on its next call"
+                 if _tuning.TABLE.is_stale(e) else "")
+        lines.append(f"  {e.op} {e.dtype} {e.mode} {list(e.bucket)}: {e.impl}  (ms: {times}; {e.source}{stale})")
     return "\n".join(lines)
 
 

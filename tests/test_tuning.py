@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pfp_kernels as pk
-from pfp_kernels import _tuning, attention, conv
+from pfp_kernels import _tuning, attention, conv, info
 from pfp_kernels.testing import assert_close
 
 
@@ -224,6 +224,39 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(tuning, monkeypa
         out = pk.joint_attention(*_attention_inputs())
     assert out.isfinite().all()
     assert len(json.loads(path.read_text())["entries"]) == 1  # rewritten whole
+
+
+def test_an_entry_measured_under_other_software_is_timed_again(tuning, monkeypatch):
+    # A cache written before an upgrade (or by a pfp_kernels that did not record versions) names a
+    # winner that a new kernel or torch may no longer make: it is re-timed, and serves only while
+    # timing is off.
+    inputs = _attention_inputs()
+    key = _key(inputs)
+    path = _tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = _tuning.Entry(*key, "sdpa", {"sdpa": 1.0}, "measured long ago", software="torch 1.0")
+    unversioned = old.to_json()
+    del unversioned["software"]
+    calls = _count_measures(monkeypatch)
+    for stored in (old.to_json(), unversioned):
+        path.write_text(json.dumps({"format": _tuning.FORMAT, "entries": [stored]}))
+        tuning.local.clear()
+        tuning._loaded = False
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "0")
+        timed = len(calls)
+        assert attention.JOINT_ATTENTION.choose("auto", *inputs, tune=attention._tune_call(*inputs, 0.25)) == "sdpa"
+        assert len(calls) == timed and tuning.is_stale(tuning.get(key))
+        assert "stale, measured under" in info.table_report([torch.device("cpu")])
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+        pk.joint_attention(*inputs)
+        assert len(calls) > timed  # (twice where the winner is not the static order's first)
+        fresh = tuning.get(key)
+        assert fresh.software == _tuning.software() and not tuning.is_stale(fresh)
+        assert json.loads(path.read_text())["entries"][0]["software"] == _tuning.software()
+        timed = len(calls)
+        pk.joint_attention(*inputs)
+        assert len(calls) == timed  # current now: followed, not timed
+    assert _tuning.software().startswith(f"torch {torch.__version__}, pfp_kernels {pk.__version__}")
 
 
 def test_an_empty_cache_file_is_an_empty_table(tuning):
