@@ -13,7 +13,8 @@ attention over ``cat(context, target)`` without that concatenation ever being bu
 One folder holds the op: ``__init__.py`` (the API and the backend registry entries), ``checks.py``,
 ``reference.py`` (the reference and the merge), ``backends.py`` (SDPA, flash-attn, xformers),
 ``autograd.py`` (fakes and the shared backward), ``triton.py`` (the Triton kernels) and
-csrc/joint_attention.cpp (the C++ CPU kernel).
+csrc/joint_attention.cpp (the C++ CPU kernel); ``buffer.py`` holds :class:`JointKVBuffer`, the
+inference form for a loop over one fixed context (a persistent ``[context ; target]`` buffer).
 
 Backends (``attention_backends`` says which can run given inputs, and why not):
 
@@ -237,5 +238,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
     return _run(chosen, q, k, v, context_k, context_v, scale, return_lse, context_mask)
 
 
+from .buffer import JointKVBuffer  # noqa: E402  (it builds on the op above)
+
 __all__ = ["joint_attention", "merge_attention", "attention_backends", "joint_attention_reference",
-           "ATTENTION_BACKENDS", "JOINT_ATTENTION"]
+           "ATTENTION_BACKENDS", "JOINT_ATTENTION", "JointKVBuffer"]

@@ -1,0 +1,173 @@
+"""joint_attention for a loop whose context stays fixed: a persistent ``[context ; target]`` buffer.
+
+A denoising loop attends from new target tokens over the same cached context at every step. The
+stock way (``sdpa_concat``) copies the whole context into a fresh concatenation at every call.
+:class:`JointKVBuffer` writes the context's keys and values once into the head of a buffer sized
+for ``[context ; target]``. Each :meth:`JointKVBuffer.attend` writes only the target's keys and
+values into the tail, then runs one stock kernel over the whole buffer:
+
+- ``flash_attn``: flash-attn's own kernel where it is installed (FA3 on sm_90, FA2 elsewhere;
+  fp16/bf16, no key mask);
+- ``sdpa``: ``F.scaled_dot_product_attention`` (cuDNN or FlashAttention-2 on CUDA, ATen's flash
+  kernel on CPU), with the key mask as ``attn_mask``.
+
+``impl="auto"`` takes the measured faster of the two that can run (``pfp_kernels._tuning``, op
+``joint_attention_buffer``).
+
+The buffer costs memory: ``batch x (Nc + capacity)`` keys and values for as long as it lives,
+where ``sdpa_concat`` holds the same only during a call. Inference only: nothing is written into
+the buffer under autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _tuning
+from .._registry import dtype_why_not
+from .backends import _flash_attn_function, _flash_attn_module
+from .checks import check_inputs, scale_or_default
+
+BUFFER_IMPLS = ("flash_attn", "sdpa")
+
+
+class JointKVBuffer:
+    """Keys and values of ``[context ; target]`` in one persistent buffer (module docstring).
+
+    Args:
+        context_k, context_v: ``[Bc, Nc, H, D]`` with Bc 1 or ``batch``; copied into the buffer's
+            head now (a batch-1 context is repeated to ``batch`` there, once).
+        batch: the query batch of every :meth:`attend` (2 for a CFG pair sharing one history).
+        capacity: the most target keys one :meth:`attend` brings (the chunk's target tokens).
+        context_mask: ``[Bc, Nc]`` bool or None: context key j takes part for sample b only where
+            ``context_mask[b, j]`` (as in :func:`pfp_kernels.joint_attention`).
+
+    Attributes: ``keys``, ``values`` ``[batch, Nc + capacity, H, D]``; ``num_context`` (Nc).
+    """
+
+    def __init__(self, context_k: Tensor, context_v: Tensor, batch: int, capacity: int,
+                 context_mask: Optional[Tensor] = None):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"JointKVBuffer: batch must be an int >= 1, got {batch!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"JointKVBuffer: capacity must be an int >= 0, got {capacity!r}")
+        if not isinstance(context_k, Tensor) or context_k.dim() != 4:
+            raise ValueError("JointKVBuffer: context_k must be a 4-D [B or 1, Nc, H, D] tensor, got "
+                             f"{tuple(context_k.shape) if isinstance(context_k, Tensor) else type(context_k).__name__}")
+        bc, nc, h, d = context_k.shape
+        probe = context_k.new_empty(batch, 0, h, d)  # the inputs' checks, with the shapes attend takes
+        check_inputs(probe, probe, probe, context_k, context_v, context_mask)
+        self.num_context = nc
+        self.capacity = capacity
+        shape = (batch, nc + capacity, h, d)
+        with torch.no_grad():
+            self.keys = context_k.new_empty(shape)
+            self.values = context_v.new_empty(shape)
+            self.keys[:, :nc].copy_(context_k.expand(batch, -1, -1, -1))
+            self.values[:, :nc].copy_(context_v.expand(batch, -1, -1, -1))
+        self._keep = None  # [batch, Nc + capacity] bool, targets True
+        if context_mask is not None:
+            self._keep = torch.ones(batch, nc + capacity, dtype=torch.bool, device=context_k.device)
+            self._keep[:, :nc].copy_(context_mask.expand(batch, -1))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffer holds (keys, values and the key mask)."""
+        n = self.keys.numel() * self.keys.element_size() * 2
+        return n + (self._keep.numel() if self._keep is not None else 0)
+
+    def backends(self, q: Tensor) -> dict[str, Optional[str]]:
+        """For each of ``flash_attn`` and ``sdpa``: None if it can run with queries like ``q``,
+        else why not."""
+        return {"flash_attn": self._flash_attn_why_not(q), "sdpa": self._sdpa_why_not(q)}
+
+    def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
+        if q.device.type != "cuda":
+            return f"flash-attn runs on CUDA, not {q.device.type}"
+        why = _flash_attn_module(q.device)[1]
+        if why is None and self._keep is not None:
+            why = "flash-attn takes no key mask here (sdpa does)"
+        if why is None:
+            why = dtype_why_not(q.dtype, (torch.float16, torch.bfloat16))
+        if why is None and (q.shape[-1] > 256 or q.shape[-1] % 8):
+            why = f"head dim {q.shape[-1]} not supported (a multiple of 8, at most 256)"
+        return why
+
+    def _sdpa_why_not(self, q: Tensor) -> Optional[str]:
+        if q.device.type == "cuda" and q.shape[-1] > 256:
+            return f"head dim {q.shape[-1]} not supported by the fused SDPA kernels (at most 256)"
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+               impl: str = "auto") -> Tensor:
+        """Softmax attention of q over ``[context ; k]``, ``[context ; v]``: k and v are written into
+        the buffer's tail (after the context), replacing what the last call wrote there.
+
+        Args:
+            q: ``[batch, Nq, H, D]``; k, v: ``[batch, Nk, H, D]`` with Nk <= capacity; the
+                context's dtype and device.
+            scale: softmax scale, default ``1/sqrt(D)``.
+            impl: ``"auto"``, ``"flash_attn"`` or ``"sdpa"``.
+
+        Returns ``[batch, Nq, H, D]`` in q's dtype, contiguous. Equal to
+        ``joint_attention(q, k, v, context_k, context_v, context_mask=...)``.
+        """
+        check_inputs(q, k, v, self.keys[:1, : self.num_context], self.values[:1, : self.num_context])
+        b, nk = q.shape[0], k.shape[1]
+        if b != self.keys.shape[0]:
+            raise ValueError(f"JointKVBuffer.attend: q has batch {b}; this buffer was made for batch "
+                             f"{self.keys.shape[0]}")
+        if nk > self.capacity:
+            raise ValueError(f"JointKVBuffer.attend: {nk} target keys do not fit this buffer's capacity "
+                             f"{self.capacity}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype != self.keys.dtype or t.device != self.keys.device:
+                raise ValueError(f"JointKVBuffer.attend: {name} is {t.dtype} on {t.device}; the buffer holds "
+                                 f"{self.keys.dtype} on {self.keys.device}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("JointKVBuffer.attend is for inference (torch.no_grad()): its buffer is "
+                               "rewritten in place every call; for training use pfp_kernels.joint_attention")
+        if impl not in ("auto",) + BUFFER_IMPLS:
+            raise ValueError(f"JointKVBuffer.attend: impl {impl!r} is not valid; choose one of: auto, "
+                             f"{', '.join(BUFFER_IMPLS)}")
+        scale = scale_or_default(scale, q.shape[-1])
+        if q.shape[1] == 0 or b * q.shape[2] == 0:
+            return q.new_empty(q.shape)
+        end = self.num_context + nk
+        self.keys[:, self.num_context:end].copy_(k)
+        self.values[:, self.num_context:end].copy_(v)
+        reasons = self.backends(q)
+        if impl == "auto":
+            runnable = [name for name in BUFFER_IMPLS if reasons[name] is None]
+            impl = runnable[0]
+            if len(runnable) > 1:
+                call = _tuning.TuneCall(self._bucket(q, nk), lambda name: self._run(name, q, end, scale))
+                impl = _tuning.lookup_or_measure("joint_attention_buffer", runnable, (q,), call) or impl
+        elif reasons[impl] is not None:
+            raise RuntimeError(f"JointKVBuffer.attend: impl {impl!r} cannot run here: {reasons[impl]}")
+        return self._run(impl, q, end, scale)
+
+    def _bucket(self, q: Tensor, nk: int) -> tuple:
+        b, nq, h, d = q.shape
+        return (b, h, d, _tuning.pow2(nq), _tuning.pow2(nk), _tuning.pow2(self.num_context),
+                int(self._keep is not None))
+
+    def _run(self, impl: str, q: Tensor, end: int, scale: float) -> Tensor:
+        keys, values = self.keys[:, :end], self.values[:, :end]
+        if impl == "flash_attn":
+            fa, why = _flash_attn_function(q.device)
+            if fa is None:
+                raise RuntimeError(f"JointKVBuffer.attend: flash_attn unavailable: {why}")
+            out = fa(q, keys, values, softmax_scale=scale, causal=False)
+            return (out[0] if isinstance(out, tuple) else out).contiguous()
+        keep = None if self._keep is None else self._keep[:, :end]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
+            attn_mask=None if keep is None else keep[:, None, None, :])
+        out = out.transpose(1, 2)
+        if keep is not None and end == self.num_context:  # no target keys: a sample whose context is
+            out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)  # all masked gets 0, as joint_attention
+        return out.contiguous()
+
