@@ -198,7 +198,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     if placement is None:
         model.to(device)
     backbone, compressor, vae = model.backbone, model.compressor, model.vae
-    kv_storage = placement.choices["kv"] if placement is not None else "native"
+    kv_choice = placement.choices["kv"] if placement is not None else "native"
+    kv_storage = "fp8" if kv_choice == "fp8" else "native"   # "buffer": native K/V, read through buffers
     s = vae.spatial_factor
     lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
     # the whole video, as training would feed it: one low-res input per compressor (config.mix_compressors)
@@ -262,6 +263,9 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     bar = tqdm(total=n_chunks * steps, disable=not progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     if sequence_parallel is not None:
         backbone.set_sequence_parallel(sequence_parallel)
+    buffers_before = getattr(backbone, "context_kv_buffers", False)
+    if kv_choice == "buffer":
+        backbone.use_context_kv_buffers(True)
     import pfp_kernels
     frozen = ExitStack()   # the weights do not change while generating: the conv kernels hash each once
     frozen.enter_context(pfp_kernels.frozen_weights())
@@ -285,6 +289,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                                first_frame=first_frame if k == 0 else None,
                                condition=None if conditions is None else conditions[min(k, 1)],
                                image=image_states)
+                if hasattr(context, "release_buffers"):   # its [context ; target] buffers served this chunk's steps
+                    context.release_buffers()
                 if not bool(torch.isfinite(x).all()):  # one host sync per chunk
                     raise RunFailure(f"chunk {k + 1}: the sampler produced NaN or Inf latents; no video was "
                                      f"written (check the weights, or lower --cfg / --shift)")
@@ -327,6 +333,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
         bar.close()
         if sequence_parallel is not None:
             backbone.set_sequence_parallel(None)
+        if kv_choice == "buffer":
+            backbone.use_context_kv_buffers(buffers_before)
         if placement is not None:
             placement.close()
     lr_all = [torch.cat(kept, dim=2) for kept in lr_latents]

@@ -30,10 +30,12 @@ The choices, and the plan it picks: every combination of
   VAE decodes;
 - ``text``: ``gpu`` (the encoder resident), ``free`` (on the GPU for the storyboard's prompts, which
   are encoded once, then freed) or ``cpu``;
-- ``kv``: the context K/V in ``native`` dtype or ``fp8`` (per-token, per-head scales);
+- ``kv``: the context K/V in ``native`` dtype or ``fp8`` (per-token, per-head scales), or ``buffer``
+  (native, read through per-layer persistent ``[context ; target]`` buffers instead of a
+  concatenation per step: more memory, no per-step copy of the context);
 
 is estimated, and the one that fits with the least estimated time lost to the choices themselves
-(transfers at ``PCIE_BYTES_PER_S``, fp8 upcasts at ``HBM_BYTES_PER_S``; half a prefetched block's
+(transfers at ``PCIE_BYTES_PER_S``, fp8 upcasts and per-step context copies at ``HBM_BYTES_PER_S``; half a prefetched block's
 transfer assumed hidden behind compute) wins. A budget that nothing fits is refused with one line
 naming the smallest budget that does.
 """
@@ -281,6 +283,9 @@ class Trace:
     vae_cache_tiled: int = 0      # the causal caches of a 2x2 tiled decode (pfp.vae.TiledDecodeStream)
     vae_cache_tiled4: int = 0     # ... and of a 4x4 one
     expert: int = 0               # the larger expert's weights, less the patch embedding the compressor shares
+    # the per-layer [context ; target] K/V buffers at the CFG batch (kv="buffer": what each step's
+    # concatenation would write); 0 where the backbone takes none (joint mode, HunyuanVideo)
+    kv_buffers: int = 0
 
 
 class _PeakMemory(TorchDispatchMode):
@@ -541,7 +546,9 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         vae_cache=cache_bytes, transient=transient, experts=experts, vae_cache_tiled=cache_tiled[2],
         vae_cache_tiled4=cache_tiled[4],
         expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
-                if experts == 2 else 0))
+                if experts == 2 else 0),
+        kv_buffers=(2 * experts * layers * cfg_batch * (tokens + target_tokens) * inner * elem
+                    if cached and getattr(backbone, "supports_context_kv_buffers", False) else 0))
 
 
 def _decoder_cache_bytes(decoder) -> int:
@@ -645,6 +652,9 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
         transformer_gpu = transformer
     kv_fp8 = choices["kv"] == "fp8"
     kv = trace.kv_fp8 if kv_fp8 else trace.kv
+    buffered = choices["kv"] == "buffer"
+    if buffered:
+        kv += trace.kv_buffers
     switch = choices["expert_kv"] == "switch" and trace.experts == 2
     if switch:  # one expert's K/V held; the other's rebuilt (whole) at each switch
         kv //= 2
@@ -700,6 +710,12 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
                     * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S)
     if kv_fp8:
         seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
+    # Attention over [context ; target]: without buffers each step copies the context into a fresh
+    # concatenation per layer (reads the K/V, writes B x (Nc + Nt)); with them that copy is made
+    # once per chunk. Charged only where the backbone can take buffers, so that other plans' times
+    # stay as they were.
+    fill = (trace.kv_buffers + trace.kv) / HBM_BYTES_PER_S if trace.kv_buffers else 0.0
+    seconds += fill if buffered else steps * fill
     if tiled:  # the overlaps decode twice; a rough charge, so that plans tile only when they must
         seconds += TILED_DECODE_SECONDS * (tiles - 1)
     if switch:  # two whole context passes per chunk, one per expert: 2 FLOPs per weight per token
@@ -716,6 +732,7 @@ def all_plans(trace: Trace, budget: int, steps: int = 20) -> list:
     # experts="active" means something only for a pair, and not beside block offload; expert_kv only for a pair
     combos = [c for c in combos if c["experts"] == "both" or (trace.experts == 2 and c["offload"] != "block")]
     combos = [c for c in combos if c["expert_kv"] == "both" or trace.experts == 2]
+    combos = [c for c in combos if c["kv"] != "buffer" or trace.kv_buffers]
     return [estimate(trace, c, budget, steps) for c in combos]
 
 

@@ -41,7 +41,11 @@ from torch import Tensor, nn
 PLAN_DEFAULTS = {"weights": "native", "offload": "none", "swap": False, "text": "gpu", "kv": "native",
                  "experts": "both", "expert_kv": "both", "decode": "whole"}
 PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap": (False, True),
-               "text": ("gpu", "free", "cpu"), "kv": ("native", "fp8"), "experts": ("both", "active"),
+               "text": ("gpu", "free", "cpu"),
+               # "buffer": native K/V, and each denoising step attends through per-layer persistent
+               # [context ; target] buffers (WanStyleBackbone.use_context_kv_buffers): no copy of
+               # the context per step, B x (Nc + Nt) more K/V held
+               "kv": ("native", "fp8", "buffer"), "experts": ("both", "active"),
                "expert_kv": ("both", "switch"),
                # "tiled" / "tiled4": the VAE decodes 2x2 / 4x4 spatial tiles, each streamed
                # (pfp.vae.TiledDecodeStream)

@@ -165,6 +165,48 @@ def test_fp8_context_kv_halves_the_cache_and_stays_close():
         m.cache_context(ctx, kv_storage="int8")
 
 
+@pytest.mark.parametrize("kv_storage", ["native", "fp8"])
+@pytest.mark.parametrize("make", [lambda: _tiny("cached"), lambda: _wan_bb("cached")], ids=["tiny", "wan"])
+def test_denoising_through_context_kv_buffers_equals_the_plain_cache(make, kv_storage):
+    # A denoising loop over one ContextKV: the buffers are made on the first step and reused by the
+    # next ones (another batch or target size replaces them), and every step's velocity equals the
+    # plain cache's. Under autograd, and with new context tokens, forward runs as before.
+    m = make()
+    ctx = _context(3, 1, 2, m.inner_dim)
+    text = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        kv = m.cache_context(ctx, kv_storage=kv_storage)
+        for step, (x, t) in enumerate([(torch.randn(2, m.latent_channels, 2, 4, 4), torch.tensor([0.9, 0.8])),
+                                       (torch.randn(2, m.latent_channels, 2, 4, 4), torch.tensor([0.5, 0.4])),
+                                       (torch.randn(1, m.latent_channels, 1, 4, 4), torch.tensor([0.2]))]):
+            m.use_context_kv_buffers(False)
+            want = m(x, t, text[: x.shape[0]], kv, t_start=6)
+            assert step > 0 or kv._joint is None   # off: none made
+            m.use_context_kv_buffers(True)
+            got = m(x, t, text[: x.shape[0]], kv, t_start=6)
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+            buffers = kv._joint
+            nt = math.prod(m.token_grid(*x.shape[2:]))
+            assert len(buffers) == len(m.blocks) and buffers[0].keys.shape[:2] == (x.shape[0], kv.num_tokens + nt)
+            if step == 1:
+                assert buffers is first   # same batch and target size: reused
+            first = buffers
+        buffers[0].values[:, : kv.num_tokens].fill_(1e3)   # the steps read the context from the buffers
+        assert (m(x, t, text[: x.shape[0]], kv, t_start=6) - want).abs().max() > 1e-3
+    m.use_context_kv_buffers(True)
+    kv2 = m.cache_context(ctx)
+    with torch.enable_grad():
+        x = torch.randn(2, m.latent_channels, 2, 4, 4, requires_grad=True)
+        m(x, torch.tensor([0.9, 0.8]), text, kv2, t_start=6).sum().backward()
+    assert kv2._joint is None and x.grad is not None
+
+
+def test_hunyuan_refuses_context_kv_buffers():
+    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone
+    with pytest.raises(ValueError, match="HunyuanVideoBackbone.s blocks attend over more than .context ; target.; the buffers serve Wan-style blocks only"):
+        HunyuanVideoBackbone.use_context_kv_buffers(object.__new__(HunyuanVideoBackbone), True)
+
+
 def test_cached_context_is_causal_and_text_free():
     m = _tiny("cached")
     ctx = _context(3, 1, 2, 48)
@@ -269,7 +311,8 @@ def _wan_bb(mode):
 def _masked_vs_alone(bb, frames, path):
     """Run a batch whose sample b has ``frames[b]`` real context token frames (of 3, padded), and each
     sample alone with only its real tokens; ``path``: "context" (a Context into forward) or "cache"
-    (cache_context, then forward with the ContextKV). fp32 (the backbones keep the adaLN modulation
+    (cache_context, then forward with the ContextKV; "buffer": the same through the ContextKV's
+    [context ; target] buffers). fp32 (the backbones keep the adaLN modulation
     in fp32 whatever the dtype), so a tight fp32 tolerance: the padded batch takes one masked
     attention call where each sample alone takes an unmasked one."""
     from pfp.compressor import Context
@@ -285,8 +328,10 @@ def _masked_vs_alone(bb, frames, path):
     text_mask = torch.ones(b, 5, dtype=torch.bool)
     text_mask[0, 3:] = False
 
+    bb.use_context_kv_buffers(path == "buffer")
+
     def run(ctx, xs, ts, txt, tm):
-        if path == "cache" and ctx is not None:
+        if path in ("cache", "buffer") and ctx is not None:
             ctx = bb.cache_context(ctx)
         return bb(xs, ts, txt, ctx, t_start=6, text_mask=tm)
 
@@ -306,13 +351,15 @@ def _masked_vs_alone(bb, frames, path):
 
 
 @pytest.mark.parametrize("frames", [(3, 1, 2), (2, 0)])
-@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache")])
+@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache"),
+                                       ("cached", "buffer")])
 def test_tiny_dit_honours_context_mask(mode, path, frames):
     _masked_vs_alone(_tiny(mode), frames, path)
 
 
 @pytest.mark.parametrize("frames", [(3, 1, 2), (2, 0)])
-@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache")])
+@pytest.mark.parametrize("mode,path", [("joint", "context"), ("cached", "context"), ("cached", "cache"),
+                                       ("cached", "buffer")])
 def test_wan_backbone_honours_context_mask(mode, path, frames):
     _masked_vs_alone(_wan_bb(mode), frames, path)
 

@@ -406,6 +406,9 @@ def test_the_planner_traces_full_size_hunyuan_video_and_fits_12_and_80_gib(hunyu
     assert trace.kv == 2 * 60 * trace.context_tokens * 3072 * 2
     whole = memory.choose(trace, 80 * gib)
     assert whole.fits and whole.choices["weights"] == "native" and whole.choices["offload"] == "none"
+    # its blocks attend over [context ; target ; text]: no [context ; target] buffers are offered
+    assert trace.kv_buffers == 0 and whole.choices["kv"] == "native"
+    assert not any(p.choices["kv"] == "buffer" for p in memory.all_plans(trace, 80 * gib))
     small = memory.choose(trace, 12 * gib)
     assert small.fits and all(ph.peak_bytes <= 12 * gib for ph in small.phases)
     assert small.choices["weights"] == "fp8" and small.choices["offload"] == "block", small.choices

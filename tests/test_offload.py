@@ -78,6 +78,27 @@ def test_fp8_stays_within_its_stated_error(plain, wan_vae_dir, what):
         assert model.backbone.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
 
 
+def test_context_kv_buffers_give_the_plain_video(plain, wan_vae_dir, monkeypatch):
+    # kv="buffer": each denoising step attends through the cache's [context ; target] buffers (the
+    # stock SDPA kernel over them, where the plain run's auto takes the C++ kernel: equal to
+    # rounding); joint mode keeps no cache and runs as before. The buffers are freed after each
+    # chunk's steps, and the backbone's setting is restored.
+    import pfp_kernels
+    mode, want = plain
+    model = _model(wan_vae_dir, mode)
+    calls = []
+    real = pfp_kernels.JointKVBuffer.attend
+    monkeypatch.setattr(pfp_kernels.JointKVBuffer, "attend", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
+                   plan=Placement(model, "cpu", {"kv": "buffer"}, park_to="nan"))
+    assert got.plan["kv"] == "buffer" and not model.backbone.context_kv_buffers
+    torch.testing.assert_close(got.video, want.video, atol=1e-4, rtol=0)
+    if mode == "cached":
+        assert len(calls) > 0 and got.context_cache._joint is None
+    else:
+        assert calls == []
+
+
 def test_a_part_used_while_away_poisons_the_video(wan_vae_dir):
     # the check above can fail: a placement that forgets to bring the VAE back for the decode
     class Forgetful(Placement):

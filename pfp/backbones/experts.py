@@ -57,6 +57,12 @@ class ExpertKV:
     def nbytes(self) -> int:
         return sum(kv.nbytes() for kv in (self.high, self.low) if kv is not None)
 
+    def release_buffers(self) -> None:
+        """Free each expert's [context ; target] buffers (:meth:`ContextKV.release_buffers`)."""
+        for kv in (self.high, self.low):
+            if kv is not None:
+                kv.release_buffers()
+
 
 class ExpertPair(nn.Module):
     """Two backbones of one architecture: ``high`` for ``t >= boundary``, ``low`` below.
@@ -159,6 +165,19 @@ class ExpertPair(nn.Module):
     def expert_at(self, t: float) -> str:
         """``"high"`` for ``t >= boundary``, else ``"low"`` (WanPipeline's rule)."""
         return "high" if t >= self.boundary else "low"
+
+    @property
+    def supports_context_kv_buffers(self) -> bool:
+        return bool(self.high.supports_context_kv_buffers and self.low.supports_context_kv_buffers)
+
+    @property
+    def context_kv_buffers(self) -> bool:
+        return bool(self.high.context_kv_buffers)
+
+    def use_context_kv_buffers(self, enabled: bool = True) -> None:
+        """Both experts' (see :meth:`WanStyleBackbone.use_context_kv_buffers`)."""
+        for expert in (self.high, self.low):
+            expert.use_context_kv_buffers(enabled)
 
     def route(self, t: float, context=None):
         """(expert module, its context) for a step at timestep ``t`` (a host float)."""

@@ -306,6 +306,9 @@ class HunyuanVideoBackbone(WanStyleBackbone):
     lora_target_modules = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
                            r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
     mask_text_padding = True   # as upstream: padded text positions are masked
+    # its dual-stream blocks attend over [context ; target ; text]: a [context ; target] buffer's
+    # tail would have to hold the text's K/V too
+    supports_context_kv_buffers = False
 
     def __init__(self, transformer: nn.Module, context_mode: str = "cached", guidance: float = DEFAULT_GUIDANCE):
         super().__init__()

@@ -30,7 +30,7 @@ Self-attention goes through :func:`pfp_kernels.joint_attention`, which attends o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -82,6 +82,9 @@ class ContextKV:
     memory_keys: Optional[list] = None
     memory_values: Optional[list] = None
     memory_mask: Optional[Tensor] = None
+    # joint_buffers()'s per-layer buffers and their (batch, capacity, dtype)
+    _joint: Optional[list] = field(default=None, init=False, repr=False, compare=False)
+    _joint_key: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def order_keys(self) -> Tensor:
         return order_keys(self)
@@ -121,6 +124,23 @@ class ContextKV:
         return ContextKV([k for k, _ in kq], [v for v, _ in vq], self.positions, self.mask,
                          [s for _, s in kq], [s for _, s in vq], self.order, self.memory_keys, self.memory_values,
                          self.memory_mask)
+
+    def joint_buffers(self, batch: int, capacity: int, dtype: torch.dtype) -> list:
+        """Per layer, a :class:`pfp_kernels.JointKVBuffer` of this context (in ``dtype``, with the
+        mask) for ``batch`` queries of up to ``capacity`` target tokens. Made on first use and kept
+        with the cache, so every denoising step of a chunk reuses them; another batch, capacity or
+        dtype replaces them. They hold ``batch x (Nc + capacity)`` K/V per layer beside the cache."""
+        key = (batch, capacity, dtype)
+        if self._joint_key != key:
+            self.release_buffers()   # the old set is freed before the new is made
+            self._joint = [pfp_kernels.JointKVBuffer(*self.layer(i, dtype), batch, capacity, self.mask)
+                           for i in range(len(self.keys))]
+            self._joint_key = key
+        return self._joint
+
+    def release_buffers(self) -> None:
+        """Free the buffers of :meth:`joint_buffers` (made again on their next use)."""
+        self._joint, self._joint_key = None, None
 
     def nbytes(self) -> int:
         """Bytes held by the K/V (and scales) of every layer."""
@@ -372,7 +392,9 @@ class WanStyleBlock(nn.Module):
         mod_c, mod_t: timestep modulations ``[B, 1 or N, 6, inner]``; text ``[B or 1, L, inner]`` and
             text_mask: the target's cross-attention (context tokens never read the text).
         rope_c, rope_t: (cos, sin) of the two streams' positions.
-        prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None.
+        prev_kv: (K, V) of this block for context tokens cached earlier (cached mode), or None; or
+            a :class:`pfp_kernels.JointKVBuffer` holding them (a denoising step under no_grad: ht
+            only), through which the target attends.
         joint: targets and context attend to each other (all tokens); otherwise the context attends
             to itself only, causally over token frames (``frames``: (start, end) of each frame in hc).
         need_context_out: compute hc' (the last block's context output is never read).
@@ -389,6 +411,12 @@ class WanStyleBlock(nn.Module):
         """
         sp = self.sp
         heads = sp.heads(self.num_heads) if sp is not None else slice(None)
+        buffer = prev_kv if isinstance(prev_kv, pfp_kernels.JointKVBuffer) else None
+        if buffer is not None:
+            if hc is not None or sp is not None:
+                raise ValueError("a JointKVBuffer serves a denoising step's target tokens only (no new "
+                                 "context tokens, no sequence parallelism)")
+            prev_kv = None
         prev_kv = _rank_heads_of_cache(sp, self.num_heads, prev_kv)
         k_all = v_all = None
         if hc is not None:
@@ -412,7 +440,10 @@ class WanStyleBlock(nn.Module):
             ck, cv = k_all, v_all
             if ck is not None and ck.dtype != qt.dtype:
                 ck, cv = ck.to(qt.dtype), cv.to(qt.dtype)
-            ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
+            if buffer is not None:   # the cached context is in the buffer's head already
+                ot = buffer.attend(qt, kt, vt)
+            else:
+                ot = masked_joint_attention(qt, kt, vt, ck, cv, ctx_mask)
             if sp is not None:
                 ot = sp.heads_to_seq(ot)
             ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
@@ -500,6 +531,10 @@ class WanStyleBackbone(nn.Module):
         return rope_cos_sin(positions, self.head_dim, self.rope_theta, self.rope_axis_dims)
 
     sequence_parallel = None  # a pfp.parallel.SequenceParallel, or None
+    # Cached mode's denoising steps attend through per-layer [context ; target] buffers
+    # (ContextKV.joint_buffers) instead of a concatenation per step: see use_context_kv_buffers.
+    context_kv_buffers = False
+    supports_context_kv_buffers = True
 
     def set_sequence_parallel(self, sp) -> None:
         """Split every forward's target tokens over ``sp``'s ranks (:mod:`pfp.parallel`), or stop
@@ -527,6 +562,18 @@ class WanStyleBackbone(nn.Module):
         return [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
 
     # ---- pieces ------------------------------------------------------------------------------
+    def use_context_kv_buffers(self, enabled: bool = True) -> None:
+        """In cached mode, under ``torch.no_grad()``, let each forward over a :class:`ContextKV`
+        attend through per-layer persistent ``[context ; target]`` buffers
+        (:meth:`ContextKV.joint_buffers`, :class:`pfp_kernels.JointKVBuffer`): the context is copied
+        into them once per chunk instead of into a concatenation at every step. They cost ``B x (Nc +
+        Nt)`` K/V per layer for as long as the cache lives (the memory planner's ``kv="buffer"``).
+        Training, joint mode and sequence parallelism run as before."""
+        if enabled and not self.supports_context_kv_buffers:
+            raise ValueError(f"use_context_kv_buffers: {type(self).__name__}'s blocks attend over more than "
+                             "[context ; target]; the buffers serve Wan-style blocks only")
+        self.context_kv_buffers = bool(enabled)
+
     def _call_block(self, blk: "WanStyleBlock", *args):
         # through the block's __call__, so hooks on it (FSDP, offload, casting) see every call
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -623,6 +670,8 @@ class WanStyleBackbone(nn.Module):
         """
         if kv_storage not in ("native", "fp8"):
             raise ValueError(f"kv_storage must be 'native' or 'fp8', got {kv_storage!r}")
+        if cache is not None:   # its [context ; target] buffers describe the old context: free them
+            cache.release_buffers()   # before the new cache's K/V are made (made again if it is read again)
         parts = context_parts(context)
         if parts is None:
             return cache.to_fp8() if cache is not None and kv_storage == "fp8" else cache
@@ -754,8 +803,12 @@ class WanStyleBackbone(nn.Module):
             if mod_t.shape[1] == nt:
                 mod_t, temb = sp.local(mod_t, 1), sp.local(temb, 1)
         n = len(self.blocks)
+        buffers = None
+        if (self.context_kv_buffers and cached is not None and cached.num_tokens and hc is None
+                and sp is None and not torch.is_grad_enabled()):
+            buffers = cached.joint_buffers(b, nt, dtype)
         for i, blk in enumerate(self.blocks):
-            prev = cached.layer(i, dtype) if cached is not None else None
+            prev = buffers[i] if buffers is not None else cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
                                          joint, i < n - 1, frames, ctx_mask, nt if sp is not None else 0,
                                          memory[i] if memory is not None else None, img)
