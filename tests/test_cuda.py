@@ -383,3 +383,29 @@ def test_attention_with_a_context_mask_matches_fp64_reference(shape, dtype):
             _check(g, w, dtype, f"{impl} masked d{name}", scale=2.0)
     _, lse = pk.joint_attention(*inputs, context_mask=mask, scale=0.25, impl="triton", return_lse=True)
     assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("shape", [s for s in ATTN_SHAPES if s[3] is not None and s[3] + s[2] > 0],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_joint_kv_buffer_matches_fp64_reference(shape, dtype):
+    """JointKVBuffer on the card: flash-attn's kernel (where installed) and SDPA over the buffer,
+    two steps of one loop, and with a key mask (a fully masked sample reads the targets alone)."""
+    q, k, v, ck, cv = _attn_inputs(shape, dtype)
+    b, nc = q.shape[0], ck.shape[1]
+    buf = pk.JointKVBuffer(ck, cv, b, k.shape[1])
+    impls = [n for n, why in buf.backends(q).items() if why is None]
+    assert "sdpa" in impls, buf.backends(q)
+    with torch.no_grad():
+        for step in range(2):
+            q2, k2, v2 = (t * (1 + step) for t in (q, k, v))
+            want = joint_attention_reference(*[_cpu64(t) for t in (q2, k2, v2, ck, cv)], scale=0.3)[0]
+            for impl in impls + ["auto"]:
+                _check(buf.attend(q2, k2, v2, scale=0.3, impl=impl), want, dtype, f"buffer {impl} step {step}")
+        if nc and k.shape[1]:
+            mask = torch.rand(ck.shape[0], nc, generator=torch.Generator().manual_seed(3)) > 0.4
+            mask[-1] = False
+            mask = mask.to(DEV)
+            masked = pk.JointKVBuffer(ck, cv, b, k.shape[1], context_mask=mask)
+            want = joint_attention_reference(*[_cpu64(t) for t in (q, k, v, ck, cv)], 0.3, mask.cpu())[0]
+            _check(masked.attend(q, k, v, scale=0.3), want, dtype, "buffer masked")
