@@ -653,11 +653,12 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     kv_fp8 = choices["kv"] == "fp8"
     kv = trace.kv_fp8 if kv_fp8 else trace.kv
     buffered = choices["kv"] == "buffer"
-    if buffered:
-        kv += trace.kv_buffers
+    # generate makes the buffers at a chunk's first denoising step and frees them after its last
+    buffers = {"kv_buffers": trace.kv_buffers} if buffered else {}
     switch = choices["expert_kv"] == "switch" and trace.experts == 2
     if switch:  # one expert's K/V held; the other's rebuilt (whole) at each switch
         kv //= 2
+        buffers = {k: v // 2 for k, v in buffers.items()}
     upcast = trace.largest_linear if fp8 else 0          # one layer's native copy at a time
     kv_upcast = 2 * trace.kv // max(1, trace.layers) if kv_fp8 else 0  # one layer's K and V, native
     swap = choices["swap"]
@@ -686,7 +687,7 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     phases = [phase("text", text_parts, 0 if choices["text"] == "cpu" else trace.transient["text"]),
               phase("compress", with_dit, trace.transient["compress"]),
               phase("context_kv", with_dit, kv_transient + upcast),
-              phase("denoise", with_dit, max(trace.transient["denoise"] + kv_upcast, rebuild) + upcast),
+              phase("denoise", {**with_dit, **buffers}, max(trace.transient["denoise"] + kv_upcast, rebuild) + upcast),
               phase("decode", with_vae, trace.transient["decode_" + choices["decode"] if tiled else "decode"])]
 
     by_name = {p.name: p for p in phases}
