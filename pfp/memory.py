@@ -711,12 +711,12 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
                     * (trace.transformer_linear_fp8 + 2 * trace.transformer_linear) / HBM_BYTES_PER_S)
     if kv_fp8:
         seconds += steps * (trace.kv_fp8 + 2 * trace.kv) / HBM_BYTES_PER_S
-    # Attention over [context ; target]: without buffers each step copies the context into a fresh
-    # concatenation per layer (reads the K/V, writes B x (Nc + Nt)); with them that copy is made
-    # once per chunk. Charged only where the backbone can take buffers, so that other plans' times
-    # stay as they were.
+    # Attention over [context ; target]: without buffers each step copies the running expert's
+    # context into a fresh concatenation per layer (reads the K/V, writes B x (Nc + Nt)); with
+    # them that copy is made once per chunk for each expert. Charged only where the backbone can
+    # take buffers.
     fill = (trace.kv_buffers + trace.kv) / HBM_BYTES_PER_S if trace.kv_buffers else 0.0
-    seconds += fill if buffered else steps * fill
+    seconds += fill if buffered else steps * fill / trace.experts
     if tiled:  # the overlaps decode twice; a rough charge, so that plans tile only when they must
         seconds += TILED_DECODE_SECONDS * (tiles - 1)
     if switch:  # two whole context passes per chunk, one per expert: 2 FLOPs per weight per token
