@@ -97,11 +97,8 @@ def _auto_choice(inputs, backward: bool) -> str:
     measured (auto measures on its first call), or what auto falls back to without an entry."""
     from pfp_kernels import _tuning
     from pfp_kernels.attention import _tune_call
-    q = inputs[0]
-    bucket = _tune_call(*inputs, q.shape[-1] ** -0.5).bucket
-    key = ("joint_attention", _tuning.device_name(q.device), _tuning.dtype_name(q.dtype),
-           "fwd+bwd" if backward else "fwd", bucket)
-    entry = _tuning.TABLE.get(key)
+    bucket = _tune_call(*inputs, inputs[0].shape[-1] ** -0.5).bucket
+    entry = _tuning.TABLE.get(_tuning.tuning_key("joint_attention", inputs[0], backward, bucket))
     if entry is None:
         return "static order (no table entry)"
     return entry.impl + " (measured: " + ", ".join(f"{k} {v:.2f} ms" for k, v in entry.ms.items()) + ")"

@@ -117,9 +117,8 @@ def _auto_ran(x, w, stride) -> str:
     from pfp_kernels import _tuning
     from pfp_kernels.conv import conv_bucket
     outputs = x.shape[0] * math.prod((n - 1) // s + 1 for n, s in zip(x.shape[2:], stride))  # k 3, pad 1
-    key = ("conv3d_act", _tuning.device_name(x.device), _tuning.dtype_name(x.dtype), "fwd",
-           conv_bucket(w.shape, stride, (1, 1, 1), "silu", outputs))
-    entry = _tuning.TABLE.get(key)
+    bucket = conv_bucket(w.shape, stride, (1, 1, 1), "silu", outputs)
+    entry = _tuning.TABLE.get(_tuning.tuning_key("conv3d_act", x, False, bucket))
     ran = entry.impl if entry is not None else "cpp"
     if ran == "cpp" and _extension.LOADED:
         ran += " " + torch.ops.pfp._conv_cpu_last_plan()

@@ -356,6 +356,12 @@ class refreshing:
         return False
 
 
+def tuning_key(op: str, first: torch.Tensor, fwd_bwd: bool, bucket: tuple) -> Key:
+    """The table key of a call of ``op`` whose first input is ``first``: (op, device name, dtype,
+    mode, bucket)."""
+    return (op, device_name(first.device), dtype_name(first.dtype), "fwd+bwd" if fwd_bwd else "fwd", bucket)
+
+
 def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call: TuneCall) -> Optional[str]:
     """The measured winner among ``candidates`` (those that can run, in static order) for this
     call's key, or None to take the static order."""
@@ -363,7 +369,7 @@ def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call
     if torch.compiler.is_compiling():
         return None
     fwd_bwd = bool(call.grad_inputs) and torch.is_grad_enabled()
-    key = (op, device_name(first.device), dtype_name(first.dtype), "fwd+bwd" if fwd_bwd else "fwd", call.bucket)
+    key = tuning_key(op, first, fwd_bwd, call.bucket)
     refresh = REFRESH.active
     entry = None if refresh else TABLE.get(key)
 
