@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import _tuning
-from .._registry import dtype_why_not
-from .backends import _flash_attn_function, _flash_attn_module
+from . import _flash_attn_why_not   # (this module is imported at the end of the package's __init__)
+from .backends import _flash_attn_function
 from .checks import check_inputs, scale_or_default
 
 BUFFER_IMPLS = ("flash_attn", "sdpa")
@@ -86,14 +86,9 @@ class JointKVBuffer:
     def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
         if q.device.type != "cuda":
             return f"flash-attn runs on CUDA, not {q.device.type}"
-        why = _flash_attn_module(q.device)[1]
-        if why is None and self._keep is not None:
-            why = "flash-attn takes no key mask here (sdpa does)"
-        if why is None:
-            why = dtype_why_not(q.dtype, (torch.float16, torch.bfloat16))
-        if why is None and (q.shape[-1] > 256 or q.shape[-1] % 8):
-            why = f"head dim {q.shape[-1]} not supported (a multiple of 8, at most 256)"
-        return why
+        if self._keep is not None:
+            return "flash-attn takes no key mask here (sdpa does)"
+        return _flash_attn_why_not(q, q, q, None, None)   # joint_attention's: the package, dtype, head dim
 
     def _sdpa_why_not(self, q: Tensor) -> Optional[str]:
         if q.device.type == "cuda" and q.shape[-1] > 256:
@@ -114,6 +109,7 @@ class JointKVBuffer:
         Returns ``[batch, Nq, H, D]`` in q's dtype, contiguous. Equal to
         ``joint_attention(q, k, v, context_k, context_v, context_mask=...)``.
         """
+        # also that q, k, v have the buffer's dtype and device (the context's slices carry them)
         check_inputs(q, k, v, self.keys[:1, : self.num_context], self.values[:1, : self.num_context])
         b, nk = q.shape[0], k.shape[1]
         if b != self.keys.shape[0]:
@@ -122,10 +118,6 @@ class JointKVBuffer:
         if nk > self.capacity:
             raise ValueError(f"JointKVBuffer.attend: {nk} target keys do not fit this buffer's capacity "
                              f"{self.capacity}")
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dtype != self.keys.dtype or t.device != self.keys.device:
-                raise ValueError(f"JointKVBuffer.attend: {name} is {t.dtype} on {t.device}; the buffer holds "
-                                 f"{self.keys.dtype} on {self.keys.device}")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise RuntimeError("JointKVBuffer.attend is for inference (torch.no_grad()): its buffer is "
                                "rewritten in place every call; for training use pfp_kernels.joint_attention")
