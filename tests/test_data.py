@@ -599,6 +599,27 @@ def test_video_folder_random_crops_come_from_the_generator(tmp_path):
             VideoFolderDataset(tmp_path, spec, **kw)
 
 
+def test_video_folder_flips_mirror_half_the_clips_and_leave_other_runs_alone(tmp_path):
+    _write_pair(tmp_path, "ramp", _ramp_video(n=24), 8, [{"start": 0, "end": 3, "prompt": "ramp"}], crf=0)
+    spec = dict(hr_size=16, hr_fps=8, hr_frames=4)
+    plain = VideoFolderDataset(tmp_path, spec, clip_start="random", crop="random")
+    mirrored = VideoFolderDataset(tmp_path, spec, clip_start="random", crop="random", flip=True)
+    flips = []
+    for seed in range(12):
+        a, b = (ds.get(0, torch.Generator().manual_seed(seed)) for ds in (plain, mirrored))
+        # the flip is drawn after the window and the crop, so both are the plain run's
+        assert (a["start_seconds"], a["crop"]) == (b["start_seconds"], b["crop"]) and a["flipped"] is False
+        assert torch.equal(b["hr"], a["hr"].flip(-1) if b["flipped"] else a["hr"])
+        flips.append(b["flipped"])
+    assert 0 < sum(flips) < len(flips)
+    # the ramp rises to the right; a mirrored clip falls
+    flipped = next(s for s, f in enumerate(flips) if f)
+    hr = mirrored.get(0, torch.Generator().manual_seed(flipped))["hr"]
+    assert hr[..., 0].mean() > hr[..., -1].mean()
+    with pytest.raises(ValueError, match="flip must be True or False"):
+        VideoFolderDataset(tmp_path, spec, flip=1)
+
+
 def _write_mpeg(path, video, fps=25):
     """An MPEG-1 program stream (.mpg), as old cameras and the Kivy examples ship."""
     import av

@@ -449,6 +449,7 @@ def test_init_skip_starts_the_compressor_afresh(tmp_path):
     (["--init-skip", "compressor."], "--init-skip needs --init"),
     (["--init", "w.safetensors", "--init-skip", "a.", "--init-new", "b."], "not both"),
     (["--crop", "middle"], "argument --crop: invalid choice"),
+    (["--max-zoom", "0.5"], "--max-zoom must be a finite number >= 1, got 0.5"),
     (["--storyboards", "maybe"], "argument --storyboards: invalid choice"),
     (["--text-cache", "12"], "--text-cache must be a positive size with a unit"),
     (["--text-cache=-1GiB"], "--text-cache must be a positive size with a unit"),

@@ -10,7 +10,8 @@ Each item is one clip of ``spec.hr_frames`` frames at ``spec.hr_fps``, starting 
   that time (so a 30 fps source read at 24 fps skips frames, and a 12 fps source repeats them);
 - each frame is scaled to cover ``spec.hr_size`` (keeping the aspect ratio, area filter) and
   center-cropped to it; with ``crop="random"`` each clip is scaled by a further random zoom and
-  cropped at a random place instead (the same for all its frames);
+  cropped at a random place instead (the same for all its frames); with ``flip=True`` half the
+  clips, at random, are mirrored left to right;
 - ``"lr"`` is made from ``"hr"`` by :func:`pfp.data.to_low_res`, the same function generation uses;
 - the storyboard is re-timed to the clip (:meth:`pfp.text.Storyboard.window`).
 
@@ -223,6 +224,8 @@ class VideoFolderDataset(Dataset):
         crop: ``"center"`` (each frame scaled to cover ``spec.hr_size``, the middle kept) or
             ``"random"`` (per clip: a further zoom uniform in ``[1, max_zoom]`` and a uniform place).
         max_zoom: the largest random zoom (>= 1; 1 moves the crop only).
+        flip: mirror each clip left to right with probability 1/2 (all its frames alike). Off by
+            default: prompts that name a side ("on the left") no longer match a mirrored clip.
         storyboards: ``"required"`` (a video without ``<stem>.json`` is unusable) or ``"optional"``
             (it gets one shot of ``default_prompt``; for uses that ignore text, e.g. frame retrieval).
         default_prompt: that shot's prompt.
@@ -244,14 +247,14 @@ class VideoFolderDataset(Dataset):
 
     Items (see :mod:`pfp.data`): ``hr``, ``lr``, ``storyboard``, ``hr_fps``, ``lr_fps``, ``source``
     (the video path), ``start_seconds`` (the clip's start in the video), ``crop`` (``(zoom, y, x)``,
-    see :func:`read_clip`). ``dataset[i]`` draws random starts and crops from torch's global RNG;
-    :meth:`get` takes a generator instead, so a training step's batch can be a pure function of
+    see :func:`read_clip`), ``flipped`` (whether the clip was mirrored). ``dataset[i]`` draws random
+    starts, crops and flips from torch's global RNG; :meth:`get` takes a generator instead, so a training step's batch can be a pure function of
     its seed.
     """
 
     def __init__(self, root: str | os.PathLike, spec: Any, *, clip_start: str | float = "first",
                  on_bad: str = "skip", progress: bool = False, crop: str = "center", max_zoom: float = 1.5,
-                 storyboards: str = "required", default_prompt: str = "a video"):
+                 flip: bool = False, storyboards: str = "required", default_prompt: str = "a video"):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise ValueError(f"VideoFolderDataset: root {root!r} is not a directory")
@@ -270,12 +273,14 @@ class VideoFolderDataset(Dataset):
             raise ValueError(f"crop must be one of {', '.join(map(repr, CROPS))}, got {crop!r}")
         if isinstance(max_zoom, bool) or not isinstance(max_zoom, (int, float)) or not 1.0 <= max_zoom < math.inf:
             raise ValueError(f"max_zoom must be a finite number >= 1, got {max_zoom!r}")
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip must be True or False, got {flip!r}")
         if storyboards not in STORYBOARD_POLICIES:
             raise ValueError(f"storyboards must be one of {', '.join(map(repr, STORYBOARD_POLICIES))}, "
                              f"got {storyboards!r}")
         if not isinstance(default_prompt, str) or not default_prompt.strip():
             raise ValueError(f"default_prompt must be a non-empty string, got {default_prompt!r}")
-        self.crop, self.max_zoom = crop, float(max_zoom)
+        self.crop, self.max_zoom, self.flip = crop, float(max_zoom), flip
         self.storyboard_policy, self.default_prompt = storyboards, default_prompt
         paths = []
         for dirpath, dirnames, filenames in os.walk(root):
@@ -405,8 +410,12 @@ class VideoFolderDataset(Dataset):
         path = self.paths[index]
         start = self._start(index, generator) if start is None else float(start)
         crop = self._crop(generator)
+        # drawn after the crop, and only with flip on, so runs without flips keep their random streams
+        flipped = self.flip and bool(torch.rand((), generator=generator).item() < 0.5)
         spec = self.spec
         hr = read_clip(path, start=start, fps=spec.hr_fps, num_frames=spec.hr_frames, size=spec.hr_size, crop=crop)
+        if flipped:
+            hr = hr.flip(-1)
         return {
             "hr": hr,
             "lr": to_low_res(hr, spec) if spec.lr_size is not None else None,
@@ -416,6 +425,7 @@ class VideoFolderDataset(Dataset):
             "source": path,
             "start_seconds": start,
             "crop": crop if crop is not None else (1.0, 0.5, 0.5),
+            "flipped": flipped,
         }
 
 

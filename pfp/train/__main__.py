@@ -51,9 +51,14 @@ def _parser() -> Parser:
                    help="video folder: unusable files (undecodable, too short, no storyboard) are checked before "
                         "step 1 and skipped with a one-line report, or refused (default %(default)s)")
     p.add_argument("--crop", default=d.crop, choices=CROPS,
-                   help="video folder: each clip scaled by a random zoom in [1, 1.5] and cropped at a random place, "
-                        "or scaled to cover the video size and center-cropped (default %(default)s); clips "
+                   help="video folder: each clip scaled by a random zoom in [1, --max-zoom] and cropped at a random "
+                        "place, or scaled to cover the video size and center-cropped (default %(default)s); clips "
                         "start at random times either way")
+    p.add_argument("--max-zoom", type=float, default=d.max_zoom,
+                   help="video folder, --crop random: the largest zoom over the cover scale (>= 1; default %(default)s)")
+    p.add_argument("--flip", action="store_true",
+                   help="video folder: mirror half the clips left to right, at random (off by default: prompts "
+                        "that name a side no longer match)")
     p.add_argument("--storyboards", default=d.storyboards, choices=STORYBOARD_POLICIES,
                    help="video folder: a video without <name>.json is unusable, or gets one shot of the prompt "
                         "'a video' (default %(default)s)")

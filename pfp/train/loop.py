@@ -96,6 +96,8 @@ class TrainArgs:
     skip_nonfinite: int = 0              # steps with a non-finite loss or gradient skipped before the run stops
     bad_data: str = "skip"               # a video folder's unusable files: "skip" (listed) or "error"
     crop: str = "random"                 # a video folder's crops: "random" (zoom and place per clip) or "center"
+    max_zoom: float = 1.5                # the largest random zoom of --crop random
+    flip: bool = False                   # mirror half the clips of a video folder left to right
     storyboards: str = "required"        # a video folder's storyboards: "required" or "optional" (one default shot)
     progress: bool = True
     vram: Optional[str] = None           # device memory budget ("12GiB"): train under the plan that fits it
@@ -261,7 +263,8 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
     from pfp.data import VideoFolderDataset
     # a random time window and crop per clip, drawn from the step's generator (see _batch)
     try:
-        return VideoFolderDataset(args.data, spec, clip_start="random", crop=args.crop, on_bad=args.bad_data,
+        return VideoFolderDataset(args.data, spec, clip_start="random", crop=args.crop, max_zoom=args.max_zoom,
+                                  flip=args.flip, on_bad=args.bad_data,
                                   storyboards=args.storyboards, progress=progress)
     except ValueError as e:
         if "missing storyboard" in str(e) and args.storyboards == "required":
@@ -399,6 +402,7 @@ def check_train_args(args: TrainArgs) -> None:
         check_number("--self-history-t", v, lo=0, lo_open=True, hi=1, allow_none=False)
     if not lo <= hi:
         raise UsageError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
+    check_number("--max-zoom", args.max_zoom, lo=1, allow_none=False)
     for flag, pair in (("--sprite-radius", args.sprite_radius), ("--pattern-period", args.pattern_period)):
         for v in pair:
             check_number(flag, v, allow_none=False)
