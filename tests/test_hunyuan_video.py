@@ -342,6 +342,8 @@ def test_generates_from_a_pipeline_folder_and_the_context_streams_exactly(hunyua
             kv = model.backbone.cache_context(full)
             for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv=.buffer. needs a backbone .* HunyuanVideoBackbone does not"):
+        generate(model, story, 1.0, steps=1, progress=False, plan={"kv": "buffer"})
 
 
 def test_pretrains_finetunes_with_lora_and_refuses_another_models_checkpoint(hunyuan_dir, tmp_path, capsys):
