@@ -463,3 +463,35 @@ def test_cli_refuses_bad_init_and_data_flags(tmp_path, capsys, argv, message):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_compressor_lr_scales_only_the_compressors_own_steps(tmp_path):
+    # Adam's first step moves each weight by about lr: a 10x --compressor-lr moves the compressor's
+    # own weights 10x further and leaves every other step as it was
+    from pfp.train.loop import _load_init
+    from pfp.weights import save_weights
+    init = tmp_path / "init.safetensors"
+    model = build_model(tiny_config())
+    with torch.no_grad():   # zero-initialised output layers would leave the layers before them still in step 1
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.05)
+    save_weights(model, str(init))
+    start = build_model(tiny_config())
+    _load_init(start, str(init))
+    before = start.trainable_state_dict()
+    moved = {}
+    for name, extra in (("plain", {}), ("fast", {"compressor_lr": 1e-2})):
+        out = train(_args(tmp_path, tmp_path / name, mode="pretrain", steps=1, init=str(init), **extra))
+        after = out["model"].trainable_state_dict()
+        moved[name] = {k: (after[k].float() - before[k].float()).abs().mean().item() for k in before}
+    own = [k for k in before if k.startswith("compressor.") and ".patch_embed." not in k]
+    rest = [k for k in before if k not in own and moved["plain"][k] > 0]
+    assert all(moved["plain"][k] > 0 for k in own) and len(rest) > 20
+    for k in own:
+        assert 8 < moved["fast"][k] / moved["plain"][k] < 12, k
+    for k in rest:
+        assert moved["fast"][k] == pytest.approx(moved["plain"][k], rel=1e-5), k
+    with pytest.raises(ValueError, match="started without --compressor-lr.*resume it without the flag"):
+        train(_args(tmp_path, tmp_path / "plain", mode="pretrain", steps=2, init=str(init), resume=True,
+                    compressor_lr=1e-2))

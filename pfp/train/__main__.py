@@ -19,6 +19,9 @@ def _parser() -> Parser:
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--compressor-lr", type=float, default=d.compressor_lr,
+                   help="the compressor's own peak learning rate, on the same schedule (default: --lr); e.g. "
+                        "larger for a fresh compressor over a pretrained backbone")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"])

@@ -59,6 +59,7 @@ class TrainArgs:
     lora_rank: Optional[int] = None      # None: 0 for pretrain, 128 for finetune
     lora_alpha: Optional[float] = None   # default: the rank
     freeze_compressor: bool = False
+    compressor_lr: Optional[float] = None  # the compressor's own peak learning rate (default: lr)
     freeze_text: bool = False            # keep the text encoder fixed even when the backbone trains fully
     init_new: Optional[str] = None       # --init may lack tensors under this prefix (new, freshly initialised modules)
     init_skip: Optional[str] = None      # --init's tensors under this prefix are ignored (e.g. "compressor.": no pretraining)
@@ -386,6 +387,7 @@ def check_train_args(args: TrainArgs) -> None:
                             ("--lora-rank", args.lora_rank, 0)):
         check_number(flag, value, lo=lo, integer=True)
     check_number("--lr", args.lr, lo=0, lo_open=True, allow_none=False)
+    check_number("--compressor-lr", args.compressor_lr, lo=0, lo_open=True)
     check_number("--lora-alpha", args.lora_alpha, lo=0, lo_open=True)
     check_number("--clip-seconds", args.clip_seconds, lo=0, lo_open=True, hi=3600, allow_none=False)
     check_number("--max-minutes", args.max_minutes, lo=0, lo_open=True)
@@ -707,14 +709,30 @@ def _make_optimizer(model: PFPModel, args: TrainArgs, resume_path: Optional[str]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    # With --compressor-lr, two groups: the compressor's own parameters and the rest, so a freshly
+    # initialised compressor can take larger steps than a pretrained backbone. Each group's lr_scale
+    # multiplies the schedule (_lr_at). The patch embedding is the backbone's, so it is in "the rest".
+    # Without it, one group, as runs made before the flag existed have (so they resume).
+    groups = [{"params": params, "lr_scale": 1.0}]
+    if args.compressor_lr is not None:
+        own = {id(p) for c in model.compressors for n, p in c.named_parameters()
+               if p.requires_grad and not n.startswith("patch_embed.")}
+        groups = [{"params": [p for p in params if id(p) not in own], "lr_scale": 1.0},
+                  {"params": [p for p in params if id(p) in own], "lr_scale": args.compressor_lr / args.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     if resume_path is not None:
         opt_state = read_optimizer_state(resume_path)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
         else:
+            if len(opt_state["param_groups"]) != len(groups):
+                had = "with" if len(opt_state["param_groups"]) > 1 else "without"
+                raise ValueError(f"--resume: the run was started {had} --compressor-lr, which splits the "
+                                 f"optimizer's parameters into groups; resume it {had} the flag")
             optimizer.load_state_dict(opt_state)
+        for g, mine in zip(optimizer.param_groups, groups):   # this run's flags, not the checkpoint's
+            g["lr_scale"] = mine["lr_scale"]
     return optimizer, params
 
 
@@ -819,7 +837,7 @@ def train(args: TrainArgs) -> dict:
             gen = step_generator(args.seed, step, rank)
             batch = next(batches)
             for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, args)
+                g["lr"] = _lr_at(step, args) * g["lr_scale"]
             last_loss, finite, grad_norm = _forward_backward(runner, optimizer, params, batch, gen, args, device,
                                                              world)
             done = step + 1
