@@ -4,6 +4,7 @@ Each source video is decoded once (PyAV), scaled to ``--height`` pixels high (as
 width) at its own frame rate, and written as H.264:
 
 - the videos named by ``--heldout-whole`` go to ``heldout/`` whole: scenes no training step sees;
+- the videos named by ``--train-whole`` go to ``train/`` whole (more training video, no held-out part);
 - every other video is cut in time: its first part to ``train/``, its last ``--heldout-fraction``
   (at least ``--heldout-min-seconds``) to ``heldout/``.
 
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-min-seconds", type=float, default=2.25)
     p.add_argument("--heldout-whole", action="append", default=[], metavar="NAME",
                    help="file name of a video held out whole (repeatable)")
+    p.add_argument("--train-whole", action="append", default=[], metavar="NAME",
+                   help="file name of a video used for training whole (repeatable)")
     ns = p.parse_args(argv)
     from pfp.data import write_video
     for d in ("train", "heldout"):
@@ -58,12 +61,15 @@ def main(argv=None) -> int:
         n = video.shape[1]
         if os.path.basename(path) in ns.heldout_whole:
             cut = 0
+        elif os.path.basename(path) in ns.train_whole:
+            cut = n
         else:
             held = max(ns.heldout_fraction * n, ns.heldout_min_seconds * fps)
             cut = max(0, n - int(round(held)))
         if cut:
             write_video(os.path.join(ns.out, "train", stem + ".mp4"), video[:, :cut], fps)
-        write_video(os.path.join(ns.out, "heldout", stem + ".mp4"), video[:, cut:], fps)
+        if cut < n:
+            write_video(os.path.join(ns.out, "heldout", stem + ".mp4"), video[:, cut:], fps)
         print(f"{os.path.basename(path)}: {n} frames at {fps:g} fps -> train {cut / fps:.2f} s, "
               f"held out {(n - cut) / fps:.2f} s", file=sys.stderr)
     return 0
