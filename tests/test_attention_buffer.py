@@ -77,6 +77,44 @@ def test_context_mask(dtype, context_batch):
             assert (out[1] == 0).all()
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context_masked", [False, True])
+def test_tail_key_mask(dtype, context_masked):
+    # HunyuanVideo's tail: the target's keys, then padded text keys; equal to joint_attention with
+    # the tail as part of the context segment, under the joined mask
+    g = torch.Generator().manual_seed(3)
+    b, nq, nk, nc, h, d = 3, 6, 7, 9, 2, 16
+    ck, cv = _r(g, dtype, 1, nc, h, d), _r(g, dtype, 1, nc, h, d)
+    cmask = torch.rand(1, nc, generator=g) > 0.4 if context_masked else None
+    buf = pk.JointKVBuffer(ck, cv, b, nk, context_mask=cmask)
+    full_c = torch.ones(b, nc, dtype=torch.bool) if cmask is None else cmask.expand(b, -1)
+    empty = q_like = None
+    with torch.no_grad():
+        for step, masked in enumerate([True, False, True]):   # a masked step, then one without: no mask left over
+            q, k, v = _r(g, dtype, b, nq, h, d), _r(g, dtype, b, nk, h, d), _r(g, dtype, b, nk, h, d)
+            tail = torch.rand(b, nk, generator=g) > 0.5 if masked else None
+            if tail is not None:
+                tail[0] = True
+                tail[1, 3:] = False   # trailing padding
+            empty = q.new_empty(b, 0, h, d)
+            keep = torch.cat([full_c, torch.ones(b, nk, dtype=torch.bool) if tail is None else tail], 1)
+            want = _ref64(q, empty, empty, torch.cat([ck.expand(b, -1, -1, -1), k], 1),
+                          torch.cat([cv.expand(b, -1, -1, -1), v], 1), keep)
+            for impl in ["auto"] + _impls(buf, q):
+                assert_close(buf.attend(q, k, v, key_mask=tail, impl=impl), want, dtype, what=f"{impl} step {step}")
+            q_like = q
+        if context_masked:   # a sample with every context key and every tail key masked gets 0
+            q, k, v = q_like, _r(g, dtype, b, nk, h, d), _r(g, dtype, b, nk, h, d)
+            dead = torch.ones(b, nk, dtype=torch.bool)
+            dead[2] = False
+            only = pk.JointKVBuffer(ck, cv, b, nk, context_mask=torch.zeros(1, nc, dtype=torch.bool))
+            out = only.attend(q, k, v, key_mask=dead)
+            assert (out[2] == 0).all() and torch.isfinite(out).all()
+            assert_close(out[:2], _ref64(q[:2], k[:2], v[:2], None, None), dtype, what="the live samples")
+        with pytest.raises(ValueError, match=r"key_mask must be a bool \[3, 7\] tensor"):
+            buf.attend(q_like, k, v, key_mask=torch.ones(b, nk - 1, dtype=torch.bool))
+
 def test_the_context_is_copied_once_and_the_tail_reused():
     g = torch.Generator().manual_seed(2)
     ck, cv = _r(g, torch.float32, 1, 7, 2, 16), _r(g, torch.float32, 1, 7, 2, 16)

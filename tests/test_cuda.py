@@ -409,3 +409,12 @@ def test_joint_kv_buffer_matches_fp64_reference(shape, dtype):
             masked = pk.JointKVBuffer(ck, cv, b, k.shape[1], context_mask=mask)
             want = joint_attention_reference(*[_cpu64(t) for t in (q, k, v, ck, cv)], 0.3, mask.cpu())[0]
             _check(masked.attend(q, k, v, scale=0.3), want, dtype, "buffer masked")
+            # a tail key mask too (HunyuanVideo's padded text after the target): the tail joins the
+            # reference's context segment, under the joined mask
+            tail = torch.ones(b, k.shape[1], dtype=torch.bool, device=DEV)
+            tail[0, k.shape[1] // 2:] = False
+            keep = torch.cat([mask.expand(b, -1), tail], 1).cpu()
+            e = _cpu64(q)[:, :0]
+            joined = [torch.cat([_cpu64(c).expand(b, -1, -1, -1), _cpu64(t)], 1) for c, t in ((ck, k), (cv, v))]
+            want = joint_attention_reference(_cpu64(q), e, e, *joined, 0.3, keep)[0]
+            _check(masked.attend(q, k, v, key_mask=tail, scale=0.3), want, dtype, "buffer tail-masked")

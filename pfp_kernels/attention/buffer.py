@@ -4,7 +4,8 @@ A denoising loop attends from new target tokens over the same cached context at 
 stock way (``sdpa_concat``) copies the whole context into a fresh concatenation at every call.
 :class:`JointKVBuffer` writes the context's keys and values once into the head of a buffer sized
 for ``[context ; target]``. Each :meth:`JointKVBuffer.attend` writes only the target's keys and
-values into the tail, then runs one stock kernel over the whole buffer:
+values into the tail (with their own key mask, if any: HunyuanVideo's tail also holds its padded
+text), then runs one stock kernel over the whole buffer:
 
 - ``flash_attn``: flash-attn's own kernel where it is installed (FA3 on sm_90, FA2 elsewhere;
   fp16/bf16, no key mask);
@@ -67,7 +68,8 @@ class JointKVBuffer:
             self.values = context_v.new_empty(shape)
             self.keys[:, :nc].copy_(context_k.expand(batch, -1, -1, -1))
             self.values[:, :nc].copy_(context_v.expand(batch, -1, -1, -1))
-        self._keep = None  # [batch, Nc + capacity] bool, targets True
+        self._keep = None  # [batch, Nc + capacity] bool: the context's mask, then the tail's (True if none)
+        self._tail_masked = False   # whether the last attend's tail had a key mask
         if context_mask is not None:
             self._keep = torch.ones(batch, nc + capacity, dtype=torch.bool, device=context_k.device)
             self._keep[:, :nc].copy_(context_mask.expand(batch, -1))
@@ -95,19 +97,22 @@ class JointKVBuffer:
             return f"head dim {q.shape[-1]} not supported by the fused SDPA kernels (at most 256)"
         return None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-               impl: str = "auto") -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Optional[Tensor] = None,
+               scale: Optional[float] = None, impl: str = "auto") -> Tensor:
         """Softmax attention of q over ``[context ; k]``, ``[context ; v]``: k and v are written into
         the buffer's tail (after the context), replacing what the last call wrote there.
 
         Args:
             q: ``[batch, Nq, H, D]``; k, v: ``[batch, Nk, H, D]`` with Nk <= capacity; the
                 context's dtype and device.
+            key_mask: ``[batch, Nk]`` bool or None: tail key j takes part for sample b only where
+                ``key_mask[b, j]`` (e.g. padded text tokens after the target's). A sample left with
+                no key at all gets 0.
             scale: softmax scale, default ``1/sqrt(D)``.
             impl: ``"auto"``, ``"flash_attn"`` or ``"sdpa"``.
 
-        Returns ``[batch, Nq, H, D]`` in q's dtype, contiguous. Equal to
-        ``joint_attention(q, k, v, context_k, context_v, context_mask=...)``.
+        Returns ``[batch, Nq, H, D]`` in q's dtype, contiguous. Equal to ``joint_attention`` over
+        the context (with its mask) and k, v (with ``key_mask``).
         """
         # also that q, k, v have the buffer's dtype and device (the context's slices carry them)
         check_inputs(q, k, v, self.keys[:1, : self.num_context], self.values[:1, : self.num_context])
@@ -118,6 +123,12 @@ class JointKVBuffer:
         if nk > self.capacity:
             raise ValueError(f"JointKVBuffer.attend: {nk} target keys do not fit this buffer's capacity "
                              f"{self.capacity}")
+        if key_mask is not None and (not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool
+                                     or tuple(key_mask.shape) != (b, nk) or key_mask.device != q.device):
+            what = (f"{key_mask.dtype} {tuple(key_mask.shape)} on {key_mask.device}" if isinstance(key_mask, Tensor)
+                    else type(key_mask).__name__)
+            raise ValueError(f"JointKVBuffer.attend: key_mask must be a bool [{b}, {nk}] tensor on {q.device} "
+                             f"(one flag per tail key), got {what}")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise RuntimeError("JointKVBuffer.attend is for inference (torch.no_grad()): its buffer is "
                                "rewritten in place every call; for training use pfp_kernels.joint_attention")
@@ -130,6 +141,14 @@ class JointKVBuffer:
         end = self.num_context + nk
         self.keys[:, self.num_context:end].copy_(k)
         self.values[:, self.num_context:end].copy_(v)
+        if key_mask is not None and self._keep is None:   # made on the first masked call, kept after
+            self._keep = torch.ones(b, self.num_context + self.capacity, dtype=torch.bool, device=q.device)
+        if self._keep is not None:   # a tail mask from the last call must not outlive it
+            if key_mask is None:
+                self._keep[:, self.num_context:end].fill_(True)
+            else:
+                self._keep[:, self.num_context:end].copy_(key_mask)
+        self._tail_masked = key_mask is not None
         reasons = self.backends(q)
         if impl == "auto":
             runnable = [name for name in BUFFER_IMPLS if reasons[name] is None]
@@ -159,7 +178,9 @@ class JointKVBuffer:
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
             attn_mask=None if keep is None else keep[:, None, None, :])
         out = out.transpose(1, 2)
-        if keep is not None and end == self.num_context:  # no target keys: a sample whose context is
-            out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)  # all masked gets 0, as joint_attention
+        if keep is not None and (end == self.num_context or self._tail_masked):
+            # a sample with no key left (a masked context and no tail, or a masked tail too) gets 0,
+            # as in joint_attention, where SDPA would give NaN
+            out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)
         return out.contiguous()
 
