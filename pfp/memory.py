@@ -532,6 +532,9 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     linear_numel = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
     tokens = context_tokens + new_tokens
     cached = backbone.context_mode == "cached"   # joint mode keeps no K/V between steps
+    # a buffer's tail: the target's K/V (HunyuanVideo's, the text's too); two experts are Wan's
+    tail_of = getattr(backbone, "buffer_tail_tokens", None)
+    buffer_tail = tail_of(target_tokens, text_shape[0]) if tail_of is not None else target_tokens
     return Trace(
         target_tokens=target_tokens, context_tokens=tokens,
         transformer=_nbytes(backbone), transformer_linear=sum(_linear_bytes(b) for b in blocks),
@@ -547,7 +550,7 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         vae_cache_tiled4=cache_tiled[4],
         expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
                 if experts == 2 else 0),
-        kv_buffers=(2 * experts * layers * cfg_batch * (tokens + target_tokens) * inner * elem
+        kv_buffers=(2 * experts * layers * cfg_batch * (tokens + buffer_tail) * inner * elem
                     if cached and getattr(backbone, "supports_context_kv_buffers", False) else 0))
 
 

@@ -201,12 +201,6 @@ def test_denoising_through_context_kv_buffers_equals_the_plain_cache(make, kv_st
     assert kv2._joint is None and x.grad is not None
 
 
-def test_hunyuan_refuses_context_kv_buffers():
-    from pfp.backbones.hunyuan_video import HunyuanVideoBackbone
-    with pytest.raises(ValueError, match="HunyuanVideoBackbone.s blocks attend over more than .context ; target.; the buffers serve Wan-style blocks only"):
-        HunyuanVideoBackbone.use_context_kv_buffers(object.__new__(HunyuanVideoBackbone), True)
-
-
 def test_cached_context_is_causal_and_text_free():
     m = _tiny("cached")
     ctx = _context(3, 1, 2, 48)

@@ -192,6 +192,40 @@ def test_context_mask_equals_each_sample_alone():
                 torch.testing.assert_close(both[i:i + 1], alone, atol=2e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("context_masked", [False, True])
+def test_denoising_through_context_kv_buffers_equals_the_plain_cache(context_masked):
+    # The buffers' tails hold the target's and the text's K/V, the text's padding as their key mask
+    # (sample 0's prompt is padded, sample 1's not); every step equals the plain cache's velocity
+    bb = tiny_hunyuan_backbone("cached")
+    hw = 6
+    valid = torch.ones(1, 2 * hw, dtype=torch.bool)
+    if context_masked:
+        valid[0, 3:7] = False
+    ctx = Context(torch.randn(1, 2 * hw, bb.inner_dim), grid_positions(2, 2, 3), valid)
+    states, mask, pooled = _text()
+    text, tm = pack_text(states, mask, pooled)
+    first = None
+    with torch.no_grad():
+        cache = bb.cache_context(ctx)
+        for step, t in enumerate((torch.tensor([0.9, 0.8]), torch.tensor([0.4, 0.3]))):
+            x = torch.randn(2, 4, 2, 4, 6)
+            bb.use_context_kv_buffers(False)
+            want = bb(x, t, text, cache, t_start=2, text_mask=tm)
+            bb.use_context_kv_buffers(True)
+            got = bb(x, t, text, cache, t_start=2, text_mask=tm)
+            torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
+            buffers = cache._joint
+            assert buffers is not None and len(buffers) == len(bb.blocks)
+            if step == 1:
+                assert buffers is first
+            first = buffers
+        nt = 2 * 2 * 3
+        assert buffers[0].capacity > nt   # the text's K/V too
+        buffers[-1].values[:, : cache.num_tokens].fill_(1e3)   # the steps read the context from the buffers
+        assert (bb(x, t, text, cache, t_start=2, text_mask=tm) - want).abs().max() > 1e-3
+    bb.use_context_kv_buffers(False)
+
 def test_per_token_timesteps():
     bb = tiny_hunyuan_backbone()
     x = torch.randn(1, 4, 2, 4, 6)
@@ -342,8 +376,9 @@ def test_generates_from_a_pipeline_folder_and_the_context_streams_exactly(hunyua
             kv = model.backbone.cache_context(full)
             for a, b in zip(res.context_cache.keys + res.context_cache.values, kv.keys + kv.values):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="kv=.buffer. needs a backbone .* HunyuanVideoBackbone does not"):
-        generate(model, story, 1.0, steps=1, progress=False, plan={"kv": "buffer"})
+    # the [context ; target ; text] buffers give the same video
+    again = generate(model, story, 3.0, steps=2, progress=False, plan={"kv": "buffer"})
+    torch.testing.assert_close(again.video, res.video, atol=1e-4, rtol=0)
 
 
 def test_pretrains_finetunes_with_lora_and_refuses_another_models_checkpoint(hunyuan_dir, tmp_path, capsys):
@@ -408,9 +443,11 @@ def test_the_planner_traces_full_size_hunyuan_video_and_fits_12_and_80_gib(hunyu
     assert trace.kv == 2 * 60 * trace.context_tokens * 3072 * 2
     whole = memory.choose(trace, 80 * gib)
     assert whole.fits and whole.choices["weights"] == "native" and whole.choices["offload"] == "none"
-    # its blocks attend over [context ; target ; text]: no [context ; target] buffers are offered
-    assert trace.kv_buffers == 0 and whole.choices["kv"] == "native"
-    assert not any(p.choices["kv"] == "buffer" for p in memory.all_plans(trace, 80 * gib))
+    # its blocks attend over [context ; target ; text]: each buffer's tail holds the 256 text K/V too
+    # (CFG batch 2); 80 GiB has room for them, 24 GiB does not
+    assert trace.kv_buffers == 2 * 60 * 2 * (trace.context_tokens + trace.target_tokens + 256) * 3072 * 2
+    assert whole.choices["kv"] == "buffer" and all(ph.peak_bytes <= 80 * gib for ph in whole.phases)
+    assert memory.choose(trace, 24 * gib).choices["kv"] != "buffer"
     small = memory.choose(trace, 12 * gib)
     assert small.fits and all(ph.peak_bytes <= 12 * gib for ph in small.phases)
     assert small.choices["weights"] == "fp8" and small.choices["offload"] == "block", small.choices

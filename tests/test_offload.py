@@ -97,6 +97,10 @@ def test_context_kv_buffers_give_the_plain_video(plain, wan_vae_dir, monkeypatch
         assert len(calls) > 0 and got.context_cache._joint is None
     else:
         assert calls == []
+    # a backbone whose blocks cannot read through the buffers is refused before anything moves
+    model.backbone.supports_context_kv_buffers = False
+    with pytest.raises(ValueError, match="kv='buffer' needs a backbone .* WanBackbone does not: use kv='native' or 'fp8'"):
+        Placement(model, "cpu", {"kv": "buffer"})
 
 
 def test_a_part_used_while_away_poisons_the_video(wan_vae_dir):

@@ -169,6 +169,15 @@ class _ThreeStreamBlock(nn.Module):
             return ot, ox, oc
         return sp.heads_to_seq(ot), sp.gather_heads(ox), (None if oc is None else sp.gather_heads(oc))
 
+    def _take_buffer(self, hc, prev_kv):
+        """(the JointKVBuffer passed as ``prev_kv`` or None, ``prev_kv`` without it)."""
+        if not isinstance(prev_kv, pfp_kernels.JointKVBuffer):
+            return None, prev_kv
+        if hc is not None or self.sp is not None:
+            raise ValueError("a JointKVBuffer serves a denoising step's target and text tokens only (no new "
+                             "context tokens, no sequence parallelism)")
+        return prev_kv, None
+
     def _context_keys(self, qkv_c, prev_kv):
         """(this rank's context Q/K/V, the cache's K/V, K and V of every context token): the new
         tokens' after the cached ones."""
@@ -180,12 +189,20 @@ class _ThreeStreamBlock(nn.Module):
             return qkv_c, prev_kv, (kc, vc)
         return qkv_c, prev_kv, (torch.cat([prev_kv[0], kc], 1), torch.cat([prev_kv[1], vc], 1))
 
-    def _attend_streams(self, qkv_c, qkv_t, qkv_x, k_all, v_all, ctx_mask, text_mask, joint: bool):
+    def _attend_streams(self, qkv_c, qkv_t, qkv_x, k_all, v_all, ctx_mask, text_mask, joint: bool,
+                        buffer=None):
         """The target's and text's attention over ``[context ; target ; text]`` (in joint mode the
-        context's new queries join the same call), back from heads: (target, text, context or None)."""
+        context's new queries join the same call), back from heads: (target, text, context or None).
+        ``buffer``: a JointKVBuffer holding the context (and its mask); the target's and text's K/V
+        go into its tail, the text's padding as the tail's key mask."""
         (qt, kt, vt), (qx, kx, vx) = qkv_t, qkv_x
         nt, oc = qt.shape[1], None
-        if joint and qkv_c is not None:   # the context's queries join: one call for all three
+        if buffer is not None:
+            keep = None
+            if text_mask is not None:
+                keep = torch.cat([text_mask.new_ones(qt.shape[0], nt), text_mask.expand(qt.shape[0], -1)], 1)
+            o = buffer.attend(torch.cat([qt, qx], 1), torch.cat([kt, kx], 1), torch.cat([vt, vx], 1), key_mask=keep)
+        elif joint and qkv_c is not None:   # the context's queries join: one call for all three
             nc = qkv_c[0].shape[1]
             o = _attend(torch.cat([qkv_c[0], qt, qx], 1), kt, vt, k_all, v_all, ctx_mask, kx, vx, text_mask)
             oc, o = o[:, :nc], o[:, nc:]
@@ -219,6 +236,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
         rest as :meth:`pfp.backbones.wan_style.WanStyleBlock.forward`. Returns (hc', (ht', text') or
         None, (K, V) of every context token)."""
         attn, heads = self.attn, self.num_heads
+        buffer, prev_kv = self._take_buffer(hc, prev_kv)
         qkv_c = None
         if hc is not None:
             c_sh, c_sc, c_g, c_sh2, c_sc2, c_g2 = _chunks(self.norm1, temb_c, 6)
@@ -233,7 +251,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
             qkv_t = _qkv(attn, self.norm1.norm(ht) * (1 + sc) + sh, heads, rope_t)
             qkv_x = _qkv(attn, self.norm1_context.norm(hx) * (1 + x_sc) + x_sh, heads, None, added=True)
             ot, ox, oc = self._attend_streams(qkv_c, *self._to_heads(qkv_t, qkv_x, sp_tokens), k_all, v_all,
-                                              ctx_mask, text_mask, joint)
+                                              ctx_mask, text_mask, joint, buffer)
             ot, ox = ot.flatten(2), ox.flatten(2)
             ht = ht + attn.to_out[1](attn.to_out[0](ot)) * g
             hx = hx + attn.to_add_out(ox) * x_g
@@ -262,6 +280,7 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
                 ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
         """As :meth:`HunyuanDualBlock.forward`."""
         attn, heads = self.attn, self.num_heads
+        buffer, prev_kv = self._take_buffer(hc, prev_kv)
         qkv_c = None
         if hc is not None:
             xc, c_g = self._inputs(hc, temb_c)
@@ -280,7 +299,7 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
             qkv_t = (apply_rope(q[:, :nt], *rope_t), apply_rope(k[:, :nt], *rope_t), v[:, :nt])
             qkv_x = (q[:, nt:], k[:, nt:], v[:, nt:])
             ot, ox, oc = self._attend_streams(qkv_c, *self._to_heads(qkv_t, qkv_x, sp_tokens), k_all, v_all,
-                                              ctx_mask, text_mask, joint)
+                                              ctx_mask, text_mask, joint, buffer)
             out = self.proj_out(torch.cat([torch.cat([ot, ox], 1).flatten(2), mlp], -1))
             streams = (ht + g * out[:, :nt], hx + x_g * out[:, nt:])
         if hc is not None and need_context_out:
@@ -306,9 +325,11 @@ class HunyuanVideoBackbone(WanStyleBackbone):
     lora_target_modules = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
                            r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
     mask_text_padding = True   # as upstream: padded text positions are masked
-    # its dual-stream blocks attend over [context ; target ; text]: a [context ; target] buffer's
-    # tail would have to hold the text's K/V too
-    supports_context_kv_buffers = False
+
+    def buffer_tail_tokens(self, target_tokens: int, text_tokens: int) -> int:
+        """The target's keys and the text's (its blocks attend over ``[context ; target ; text]``);
+        ``text_tokens`` counts the packed text, whose token 0 (the pooled vector) is not attended."""
+        return target_tokens + text_tokens - 1
 
     def __init__(self, transformer: nn.Module, context_mode: str = "cached", guidance: float = DEFAULT_GUIDANCE):
         super().__init__()
@@ -428,8 +449,13 @@ class HunyuanVideoBackbone(WanStyleBackbone):
         blocks = self.blocks
         n = len(blocks)
         streams = (ht, hx)
+        buffers = None
+        if (self.context_kv_buffers and cached is not None and cached.num_tokens and hc is None
+                and sp is None and not torch.is_grad_enabled()):
+            # each step writes the target's and the text's K/V into the tail
+            buffers = cached.joint_buffers(b, nt + hx.shape[1], dtype)
         for i, blk in enumerate(blocks):
-            prev = cached.layer(i, dtype) if cached is not None else None
+            prev = buffers[i] if buffers is not None else cached.layer(i, dtype) if cached is not None else None
             hc, streams, _ = self._call_block(blk, hc, streams[0], temb_c, temb_t, (streams[1], temb_x), text_mask,
                                               rope_c, rope_t, prev, joint, i < n - 1, frames, ctx_mask,
                                               nt if sp is not None else 0)

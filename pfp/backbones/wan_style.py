@@ -570,9 +570,15 @@ class WanStyleBackbone(nn.Module):
         Nt)`` K/V per layer for as long as the cache lives (the memory planner's ``kv="buffer"``).
         Training, joint mode and sequence parallelism run as before."""
         if enabled and not self.supports_context_kv_buffers:
-            raise ValueError(f"use_context_kv_buffers: {type(self).__name__}'s blocks attend over more than "
-                             "[context ; target]; the buffers serve Wan-style blocks only")
+            raise ValueError(f"use_context_kv_buffers: {type(self).__name__}'s blocks cannot attend through "
+                             "[context ; target] buffers")
         self.context_kv_buffers = bool(enabled)
+
+    def buffer_tail_tokens(self, target_tokens: int, text_tokens: int) -> int:
+        """Keys a denoising step writes into each buffer's tail (:meth:`use_context_kv_buffers`),
+        for ``target_tokens`` target tokens and text states ``text_tokens`` long as :meth:`forward`
+        takes them: the target's (the text is read by cross-attention)."""
+        return target_tokens
 
     def _call_block(self, blk: "WanStyleBlock", *args):
         # through the block's __call__, so hooks on it (FSDP, offload, casting) see every call
