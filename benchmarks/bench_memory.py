@@ -46,6 +46,7 @@ SMALL_PLANS = [
     ("text encoder on the CPU", {"text": "cpu"}),
     ("fp8 weights", {"weights": "fp8"}),
     ("fp8 context K/V", {"kv": "fp8"}),
+    ("[context ; target] K/V buffers", {"kv": "buffer"}),
     ("the 5B's 12 GiB plan: fp8, swap, text on CPU", {"weights": "fp8", "swap": True, "text": "cpu"}),
     ("everything: fp8, block, swap, text on CPU, fp8 K/V",
      {"weights": "fp8", "offload": "block", "swap": True, "text": "cpu", "kv": "fp8"}),
