@@ -449,11 +449,7 @@ class HunyuanVideoBackbone(WanStyleBackbone):
         blocks = self.blocks
         n = len(blocks)
         streams = (ht, hx)
-        buffers = None
-        if (self.context_kv_buffers and cached is not None and cached.num_tokens and hc is None
-                and sp is None and not torch.is_grad_enabled()):
-            # each step writes the target's and the text's K/V into the tail
-            buffers = cached.joint_buffers(b, nt + hx.shape[1], dtype)
+        buffers = self._joint_buffers(cached, hc, b, nt + hx.shape[1], dtype)   # tails: target and text K/V
         for i, blk in enumerate(blocks):
             prev = buffers[i] if buffers is not None else cached.layer(i, dtype) if cached is not None else None
             hc, streams, _ = self._call_block(blk, hc, streams[0], temb_c, temb_t, (streams[1], temb_x), text_mask,

@@ -574,6 +574,16 @@ class WanStyleBackbone(nn.Module):
                              "[context ; target] buffers")
         self.context_kv_buffers = bool(enabled)
 
+    def _joint_buffers(self, cached: Optional["ContextKV"], hc: Optional[Tensor], batch: int, tail: int,
+                       dtype: torch.dtype) -> Optional[list]:
+        """The cache's per-layer buffers for a tail of ``tail`` keys when this forward attends through
+        them (:meth:`use_context_kv_buffers` on, a cache, no new context tokens, no sequence
+        parallelism, no autograd); else None."""
+        if (self.context_kv_buffers and cached is not None and cached.num_tokens and hc is None
+                and self.sequence_parallel is None and not torch.is_grad_enabled()):
+            return cached.joint_buffers(batch, tail, dtype)
+        return None
+
     def buffer_tail_tokens(self, target_tokens: int, text_tokens: int) -> int:
         """Keys a denoising step writes into each buffer's tail (:meth:`use_context_kv_buffers`),
         for ``target_tokens`` target tokens and text states ``text_tokens`` long as :meth:`forward`
@@ -809,10 +819,7 @@ class WanStyleBackbone(nn.Module):
             if mod_t.shape[1] == nt:
                 mod_t, temb = sp.local(mod_t, 1), sp.local(temb, 1)
         n = len(self.blocks)
-        buffers = None
-        if (self.context_kv_buffers and cached is not None and cached.num_tokens and hc is None
-                and sp is None and not torch.is_grad_enabled()):
-            buffers = cached.joint_buffers(b, nt, dtype)
+        buffers = self._joint_buffers(cached, hc, b, nt, dtype)
         for i, blk in enumerate(self.blocks):
             prev = buffers[i] if buffers is not None else cached.layer(i, dtype) if cached is not None else None
             hc, ht, _ = self._call_block(blk, hc, ht, mod_c, mod_t, txt, cross_mask, rope_c, rope_t, prev,
