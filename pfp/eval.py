@@ -121,7 +121,28 @@ def return_consistency(video: Tensor, returns: Sequence[tuple]) -> Optional[floa
 def storyboard_returns(storyboard, fps: float, num_frames: int) -> list:
     """``(last_frame_before, first_frame_back)`` for every shot whose prompt appeared in an earlier,
     non-adjacent shot, at video frame rate ``fps``."""
-    prompts = [storyboard.prompt_at(f / fps) for f in range(num_frames)]
+    return _prompt_returns([storyboard.prompt_at(f / fps) for f in range(num_frames)])
+
+
+def generated_returns(storyboard, chunk_prompts: Sequence[str], config, num_frames: int, first_generated: int) -> list:
+    """The returns of :func:`storyboard_returns` as a generated video shows them, for those that land
+    in its generated part: frames before ``first_generated`` (the given history) have the
+    storyboard's prompt at their own time, and every generated frame its chunk's prompt
+    (``chunk_prompts``, one per chunk, as :func:`pfp.generate.generate` takes them at each chunk's
+    start). So a cut that the storyboard puts inside a chunk counts from the next chunk, where the
+    generated video has it."""
+    prompts, k = [], 0
+    for f in range(num_frames):
+        if f < first_generated:
+            prompts.append(storyboard.prompt_at(f / config.fps))
+            continue
+        while config.clip_frames(k + 1) <= f:
+            k += 1
+        prompts.append(chunk_prompts[k])
+    return [(a, b) for a, b in _prompt_returns(prompts) if b >= first_generated]
+
+
+def _prompt_returns(prompts: Sequence[str]) -> list:
     prompt_ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
     return scene_returns(torch.tensor([prompt_ids[p] for p in prompts]))
 
@@ -196,7 +217,8 @@ def _best_shape_iou(mask: Tensor, shape: str, radius: float) -> Tensor:
     return best
 
 
-__all__ = ["psnr", "ssim", "lpips_metric", "retrieval_metrics", "return_consistency", "storyboard_returns", "scene_fidelity"]
+__all__ = ["psnr", "ssim", "lpips_metric", "retrieval_metrics", "return_consistency", "storyboard_returns",
+           "generated_returns", "scene_fidelity"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +322,8 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     """Memory of scenes that return after a cut: each video's first ``history_seconds`` (default: 1
     chunk) are given as real history, the rest of ``seconds`` (default: 4 chunks) is generated
     following the video's storyboard, and every return of an earlier shot's prompt within the
-    generated part is scored by :func:`return_consistency` (PSNR, dB, between the scene's last
+    generated part (where the generated video has it: :func:`generated_returns`) is scored by
+    :func:`return_consistency` (PSNR, dB, between the scene's last
     frame before it left and its first frame back). Higher: the model remembers the scene.
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
@@ -328,8 +351,7 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
                 history = model.vae.encode(item["hr"][None, :, :first_generated])
             out = generate(model, item["storyboard"], n_chunks * config.chunk_seconds, steps=steps, seed=seed,
                            history=history, progress=False)
-            returns = [(a, b) for a, b in storyboard_returns(item["storyboard"], config.fps, out.video.shape[1])
-                       if b >= first_generated]
+            returns = generated_returns(item["storyboard"], out.prompts, config, out.video.shape[1], first_generated)
             if returns:
                 scores.append(return_consistency(out.video, returns))
                 n_returns += len(returns)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import types
+
 import pytest
 import torch
 
@@ -289,6 +291,18 @@ def test_eval_metrics(weights):
     sb = Storyboard.from_list([{"start": 0, "end": 1, "prompt": "a"}, {"start": 1, "end": 2, "prompt": "b"},
                                {"start": 2, "end": 3, "prompt": "a"}])
     assert storyboard_returns(sb, 2.0, 6) == [(1, 4)]
+    # A generated video changes prompt only at chunk starts. With 1.5 s chunks of 3 frames at 2 fps
+    # the chunks take "a", "b", "a" (prompts at 0, 1.5 and 3 s): frames 3-5 show "b", 6-8 "a". Given
+    # frames (the first chunk here) keep their own times: frame 2 (1 s) is "b". So "a" returns at
+    # frame 6, not at frame 4 where the storyboard has it (the generated frame 4 shows "b").
+    from pfp.eval import generated_returns
+    cfg = types.SimpleNamespace(fps=2.0, clip_frames=lambda n: 3 * n)
+    assert [sb.prompt_at(k * 1.5) for k in range(3)] == ["a", "b", "a"]
+    assert storyboard_returns(sb, 2.0, 9)[0] == (1, 4)
+    assert generated_returns(sb, ["a", "b", "a"], cfg, 9, 3) == [(1, 6)]
+    assert generated_returns(sb, ["a", "b", "a"], cfg, 9, 7) == []      # the return lands in the history
+    wan = types.SimpleNamespace(fps=2.0, clip_frames=lambda n: 4 * n - 3)   # a causal VAE: 1, then 4 frames
+    assert generated_returns(sb, ["a", "b", "a"], wan, 9, 1) == [(0, 5)]
     assert return_consistency(v, [(0, 1)]) == psnr(v[:, 0], v[:, 1])
 
 
