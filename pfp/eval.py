@@ -327,7 +327,9 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     frame before it left and its first frame back). Higher: the model remembers the scene.
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
-    (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``."""
+    (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``,
+    ``consistency_per_video`` (each video's score in folder order, None where it has no return:
+    the same videos for every checkpoint, to compare two pair by pair)."""
     import sys
 
     from tqdm import tqdm
@@ -344,7 +346,7 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
                              f"({n_chunks} chunks of {config.chunk_seconds:g} s)")
         dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress)
         first_generated = config.clip_frames(n_given)        # video frames of the given history
-        scores, n_returns = [], 0
+        scores, per_video, n_returns = [], [], 0
         for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):
             item = dataset[i]
             with torch.no_grad():  # only the given frames: the VAE is causal, so their latents are the same
@@ -352,12 +354,13 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
             out = generate(model, item["storyboard"], n_chunks * config.chunk_seconds, steps=steps, seed=seed,
                            history=history, progress=False)
             returns = generated_returns(item["storyboard"], out.prompts, config, out.video.shape[1], first_generated)
+            per_video.append(return_consistency(out.video, returns))   # None without a return
             if returns:
-                scores.append(return_consistency(out.video, returns))
+                scores.append(per_video[-1])
                 n_returns += len(returns)
         rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "consistency_psnr": sum(scores) / len(scores) if scores else None,
-                     "videos_scored": len(scores), "returns": n_returns})
+                     "videos_scored": len(scores), "returns": n_returns, "consistency_per_video": per_video})
     return rows
 
 

@@ -82,6 +82,8 @@ def test_consistency_scores_returns_in_the_generated_part(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["pfp", "without_lr"]
     for r in rows:
         assert r["videos_scored"] == 2 and r["returns"] == 4 and math.isfinite(r["consistency_psnr"])
+        scored = [x for x in r["consistency_per_video"] if x is not None]
+        assert len(scored) == 2 and abs(sum(scored) / 2 - r["consistency_psnr"]) < 1e-9
     assert "skipped 1 of 3 videos" in captured.err
     # no room to generate: refused in one line
     assert main(["consistency", "--checkpoints", ckpts[0], "--videos", str(videos), "--history-seconds", "2",
