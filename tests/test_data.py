@@ -440,7 +440,10 @@ def test_video_folder_skips_bad_videos_when_built(tmp_path, capsys):
     for path, reason in ds.skipped:
         assert reason.startswith(bad[os.path.basename(path)]), (path, reason)
         assert "\n" not in reason
-    assert "(after 3 frames)" in dict(ds.skipped)[str(tmp_path / "bad_corrupt_data.mp4")]
+    # how many frames come out before the error varies run to run (the decoder's frame threads):
+    # 3 or 4 of the 20 seen; the reason says how many, and that some were decoded
+    after = re.search(r"\(after (\d+) frames\)", dict(ds.skipped)[str(tmp_path / "bad_corrupt_data.mp4")])
+    assert after is not None and 0 < int(after.group(1)) < 20
     for i in range(len(ds)):
         assert ds[i]["hr"].shape == (3, 10, 16, 16)
     report = ds.skip_report()
