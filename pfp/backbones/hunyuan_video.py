@@ -51,7 +51,7 @@ import pfp_kernels
 
 from .rope import apply_rope
 from .wan_style import (WanStyleBackbone, _causal_context_attention, _host, check_context_mode, set_parts,
-                         masked_joint_attention, _rank_heads_of_cache)
+                         masked_joint_attention, _rank_heads_of_cache, take_joint_buffer)
 
 DEFAULT_GUIDANCE = 6.0   # HunyuanVideoPipeline's guidance_scale: the embedded (distilled) guidance
 
@@ -169,15 +169,6 @@ class _ThreeStreamBlock(nn.Module):
             return ot, ox, oc
         return sp.heads_to_seq(ot), sp.gather_heads(ox), (None if oc is None else sp.gather_heads(oc))
 
-    def _take_buffer(self, hc, prev_kv):
-        """(the JointKVBuffer passed as ``prev_kv`` or None, ``prev_kv`` without it)."""
-        if not isinstance(prev_kv, pfp_kernels.JointKVBuffer):
-            return None, prev_kv
-        if hc is not None or self.sp is not None:
-            raise ValueError("a JointKVBuffer serves a denoising step's target and text tokens only (no new "
-                             "context tokens, no sequence parallelism)")
-        return prev_kv, None
-
     def _context_keys(self, qkv_c, prev_kv):
         """(this rank's context Q/K/V, the cache's K/V, K and V of every context token): the new
         tokens' after the cached ones."""
@@ -236,7 +227,7 @@ class HunyuanDualBlock(_ThreeStreamBlock):
         rest as :meth:`pfp.backbones.wan_style.WanStyleBlock.forward`. Returns (hc', (ht', text') or
         None, (K, V) of every context token)."""
         attn, heads = self.attn, self.num_heads
-        buffer, prev_kv = self._take_buffer(hc, prev_kv)
+        buffer, prev_kv = take_joint_buffer(prev_kv, hc, self.sp)
         qkv_c = None
         if hc is not None:
             c_sh, c_sc, c_g, c_sh2, c_sc2, c_g2 = _chunks(self.norm1, temb_c, 6)
@@ -280,7 +271,7 @@ class HunyuanSingleBlock(_ThreeStreamBlock):
                 ctx_mask: Optional[Tensor] = None, sp_tokens: int = 0):
         """As :meth:`HunyuanDualBlock.forward`."""
         attn, heads = self.attn, self.num_heads
-        buffer, prev_kv = self._take_buffer(hc, prev_kv)
+        buffer, prev_kv = take_joint_buffer(prev_kv, hc, self.sp)
         qkv_c = None
         if hc is not None:
             xc, c_g = self._inputs(hc, temb_c)

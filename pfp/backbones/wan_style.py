@@ -206,6 +206,18 @@ def _modulation(scale_shift_table: Tensor, mod: Tensor):
     return e.unbind(2)
 
 
+def take_joint_buffer(prev_kv, hc: Optional[Tensor], sp) -> tuple:
+    """(the :class:`pfp_kernels.JointKVBuffer` a block was given as ``prev_kv``, or None; ``prev_kv``
+    without it). A buffer serves a denoising step only: no new context tokens ``hc``, no sequence
+    parallelism ``sp``."""
+    if not isinstance(prev_kv, pfp_kernels.JointKVBuffer):
+        return None, prev_kv
+    if hc is not None or sp is not None:
+        raise ValueError("a JointKVBuffer serves a denoising step's target tokens only (no new context tokens, "
+                         "no sequence parallelism)")
+    return prev_kv, None
+
+
 def _rank_heads_of_cache(sp, num_heads: int, kv):
     """A block's cached context (K, V) ``[Bc, Nc, H, D]`` as this rank attends with it under sequence
     parallelism (``sp``): a cache made before, with every head, keeps this rank's heads; one made
@@ -411,12 +423,7 @@ class WanStyleBlock(nn.Module):
         """
         sp = self.sp
         heads = sp.heads(self.num_heads) if sp is not None else slice(None)
-        buffer = prev_kv if isinstance(prev_kv, pfp_kernels.JointKVBuffer) else None
-        if buffer is not None:
-            if hc is not None or sp is not None:
-                raise ValueError("a JointKVBuffer serves a denoising step's target tokens only (no new "
-                                 "context tokens, no sequence parallelism)")
-            prev_kv = None
+        buffer, prev_kv = take_joint_buffer(prev_kv, hc, sp)
         prev_kv = _rank_heads_of_cache(sp, self.num_heads, prev_kv)
         k_all = v_all = None
         if hc is not None:
