@@ -69,7 +69,6 @@ class JointKVBuffer:
             self.keys[:, :nc].copy_(context_k.expand(batch, -1, -1, -1))
             self.values[:, :nc].copy_(context_v.expand(batch, -1, -1, -1))
         self._keep = None  # [batch, Nc + capacity] bool: the context's mask, then the tail's (True if none)
-        self._tail_masked = False   # whether the last attend's tail had a key mask
         if context_mask is not None:
             self._keep = torch.ones(batch, nc + capacity, dtype=torch.bool, device=context_k.device)
             self._keep[:, :nc].copy_(context_mask.expand(batch, -1))
@@ -148,24 +147,24 @@ class JointKVBuffer:
                 self._keep[:, self.num_context:end].fill_(True)
             else:
                 self._keep[:, self.num_context:end].copy_(key_mask)
-        self._tail_masked = key_mask is not None
+        masked = key_mask is not None
         reasons = self.backends(q)
         if impl == "auto":
             runnable = [name for name in BUFFER_IMPLS if reasons[name] is None]
             impl = runnable[0]
             if len(runnable) > 1:
-                call = _tuning.TuneCall(self._bucket(q, nk), lambda name: self._run(name, q, end, scale))
+                call = _tuning.TuneCall(self._bucket(q, nk), lambda name: self._run(name, q, end, scale, masked))
                 impl = _tuning.lookup_or_measure("joint_attention_buffer", runnable, (q,), call) or impl
         elif reasons[impl] is not None:
             raise RuntimeError(f"JointKVBuffer.attend: impl {impl!r} cannot run here: {reasons[impl]}")
-        return self._run(impl, q, end, scale)
+        return self._run(impl, q, end, scale, masked)
 
     def _bucket(self, q: Tensor, nk: int) -> tuple:
         b, nq, h, d = q.shape
         return (b, h, d, _tuning.pow2(nq), _tuning.pow2(nk), _tuning.pow2(self.num_context),
                 int(self._keep is not None))
 
-    def _run(self, impl: str, q: Tensor, end: int, scale: float) -> Tensor:
+    def _run(self, impl: str, q: Tensor, end: int, scale: float, tail_masked: bool) -> Tensor:
         keys, values = self.keys[:, :end], self.values[:, :end]
         if impl == "flash_attn":
             fa, why = _flash_attn_function(q.device)
@@ -178,7 +177,7 @@ class JointKVBuffer:
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
             attn_mask=None if keep is None else keep[:, None, None, :])
         out = out.transpose(1, 2)
-        if keep is not None and (end == self.num_context or self._tail_masked):
+        if keep is not None and (end == self.num_context or tail_masked):
             # a sample with no key left (a masked context and no tail, or a masked tail too) gets 0,
             # as in joint_attention, where SDPA would give NaN
             out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)
