@@ -323,8 +323,8 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     chunk) are given as real history, the rest of ``seconds`` (default: 4 chunks) is generated
     following the video's storyboard, and every return of an earlier shot's prompt within the
     generated part (where the generated video has it: :func:`generated_returns`) is scored by
-    :func:`return_consistency` (PSNR, dB, between the scene's last
-    frame before it left and its first frame back). Higher: the model remembers the scene.
+    :func:`return_consistency` (PSNR, dB, between the scene's last frame before it left and its
+    first frame back). Higher: the model remembers the scene.
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
     (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``,

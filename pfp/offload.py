@@ -211,8 +211,9 @@ class Placement:
         self.choices = check_choices(choices)
         backbone = model.backbone
         if self.choices["kv"] == "buffer" and not getattr(backbone, "supports_context_kv_buffers", False):
-            raise ValueError(f"kv='buffer' needs a backbone whose blocks attend over [context ; target] "
-                             f"(WanStyleBackbone); {type(backbone).__name__} does not: use kv='native' or 'fp8'")
+            raise ValueError(f"kv='buffer' needs a backbone whose blocks can attend through K/V buffers "
+                             f"(supports_context_kv_buffers); {type(backbone).__name__} does not: use kv='native' "
+                             f"or 'fp8'")
         blocks = list(backbone.blocks)
         if self.choices["weights"] == "fp8" and not _stored_in_fp8(blocks):  # once: it is one-way
             from diffusers.hooks import apply_layerwise_casting

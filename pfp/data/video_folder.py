@@ -248,8 +248,8 @@ class VideoFolderDataset(Dataset):
     Items (see :mod:`pfp.data`): ``hr``, ``lr``, ``storyboard``, ``hr_fps``, ``lr_fps``, ``source``
     (the video path), ``start_seconds`` (the clip's start in the video), ``crop`` (``(zoom, y, x)``,
     see :func:`read_clip`), ``flipped`` (whether the clip was mirrored). ``dataset[i]`` draws random
-    starts, crops and flips from torch's global RNG; :meth:`get` takes a generator instead, so a training step's batch can be a pure function of
-    its seed.
+    starts, crops and flips from torch's global RNG; :meth:`get` takes a generator instead, so a
+    training step's batch can be a pure function of its seed.
     """
 
     def __init__(self, root: str | os.PathLike, spec: Any, *, clip_start: str | float = "first",
