@@ -614,10 +614,15 @@ struct ConvCosts {
   double short_append_frames = 8;       // appends of at most this many outputs after a state run
                                         // as one oneDNN call over a gathered window
   double prepack_min_elements = 512 * 1024;  // weights from this size are prepacked (and cached)
+  double window_min_flops = 8e6;        // a short append runs on oneDNN only above this much of
+                                        // the direct kernel's work, in FLOPs (its weight is
+                                        // prepacked and cached, so what weighs
+                                        // against oneDNN's higher throughput is the call's fixed
+                                        // cost: the window gather, primitive lookup and SiLU pass)
 };
 constexpr const char* kCostNames[] = {"onednn_flops_per_ns", "copy_ns_per_elem", "boundary_slowdown",
                                       "onednn_min_flops_per_weight", "short_append_frames",
-                                      "prepack_min_elements"};
+                                      "prepack_min_elements", "window_min_flops"};
 constexpr size_t kNumCosts = sizeof(kCostNames) / sizeof(kCostNames[0]);
 static_assert(sizeof(ConvCosts) == kNumCosts * sizeof(double), "kCostNames must list every cost");
 
@@ -629,7 +634,7 @@ ConvCosts current_costs() {
   return g_costs;
 }
 
-// The six costs of a list (kCostNames order), each checked finite and > 0; both ops below read
+// The costs of a list (kCostNames order), each checked finite and > 0; both ops below read
 // costs through it, so a list one accepts the other accepts too.
 ConvCosts costs_from(const char* op, at::ArrayRef<double> values) {
   std::string names;
@@ -650,7 +655,7 @@ std::vector<double> costs_list(const ConvCosts& costs) {
 }
 
 // pfp::_conv_cpu_costs(costs): with an empty list, returns the current costs; otherwise sets them
-// (all six, in kCostNames order) and returns the previous ones.
+// (all of them, in kCostNames order) and returns the previous ones.
 std::vector<double> conv_cpu_costs(at::ArrayRef<double> values) {
   std::lock_guard<std::mutex> lock(g_costs_mutex);
   std::vector<double> previous = costs_list(g_costs);
@@ -723,8 +728,20 @@ ConvPlan plan_conv(const ConvShape& s, bool onednn_available, PathMode mode, con
   const double weight_elems = static_cast<double>(g.Cout) * g.Cin * g.kt * g.kh * g.kw;
   bool use_onednn = onednn_ok && mode != PathMode::Direct;
   if (use_onednn && mode == PathMode::Auto) {
-    const int64_t onednn_frames = short_append ? M : M - nb_aligned;
-    use_onednn = flops_per_frame * onednn_frames > costs.onednn_min_flops_per_weight * weight_elems;
+    // A short append's window call takes the cached prepacked weight, so no per-call reorder
+    // weighs against oneDNN, only its fixed cost (~60 us). Measured with the causal op after a
+    // state, frozen weights, 2 threads, on a Zen 4 (AVX-512, and as AVX2 through
+    // ONEDNN_MAX_CPU_ISA): oneDNN ran about 2.5x the direct kernel's fp32 FLOP rate and won from
+    // ~8 MFLOP on (256->512 on 2x6: 0.62-0.76x the direct kernel's time; 16->32 on 4x12, 4 MFLOP:
+    // 1.45x), in bf16 too. The rule before (FLOPs per weight element, i.e. output positions) sent
+    // every small-channel append to oneDNN (up to 2x slower) and big-weight ones to the direct kernel.
+    // The direct kernel computes Cout in blocks of kVecsPerBlock SIMD vectors, so its work is
+    // counted with Cout rounded up to a block (4x the FLOPs for Cout = 8 with AVX-512 vectors).
+    constexpr int64_t block = kVecsPerBlock * at::vec::Vectorized<float>::size();
+    const double direct_work = flops_per_frame * M * static_cast<double>((g.Cout + block - 1) / block * block) / g.Cout;
+    use_onednn = short_append
+                     ? direct_work > costs.window_min_flops
+                     : flops_per_frame * (M - nb_aligned) > costs.onednn_min_flops_per_weight * weight_elems;
   }
   if (!use_onednn) return plan;
   plan.convert = !onednn_native(s.dtype);
@@ -1062,7 +1079,7 @@ TORCH_LIBRARY_FRAGMENT(pfp, m) {
   // keep their content hash (returns the previous setting)
   m.def("_conv_cpu_frozen_weights(bool frozen) -> bool", &set_frozen_weights);
   m.def("_conv_cpu_last_plan() -> str", &last_conv_cpu_plan);
-  // The cost model's inputs (see ConvCosts): [] reads them, six values set them (returns the old).
+  // The cost model's inputs (see ConvCosts): [] reads them, a full list sets them (returns the old).
   m.def("_conv_cpu_costs(float[] costs) -> float[]", &conv_cpu_costs);
   m.def("_conv_cpu_plan(int[] x_shape, int prev_frames, int[] weight_shape, int[] stride, int[] padding_hw, "
         "int time_offset, int num_out, ScalarType dtype, float[] costs) -> str", &conv_cpu_plan);

@@ -160,7 +160,7 @@ def test_cpp_plan_is_a_function_of_shapes_and_costs():
                                          torch.float32, [])
     assert asked == ran, (asked, ran)
     defaults = torch.ops.pfp._conv_cpu_costs([])
-    assert len(defaults) == 6 and all(v > 0 for v in defaults)
+    assert len(defaults) == 7 and all(v > 0 for v in defaults)
     tiny_threshold = list(defaults)
     tiny_threshold[3] = 1e12  # onednn_min_flops_per_weight: nothing counts as big enough for oneDNN
     assert torch.ops.pfp._conv_cpu_plan(list(x.shape), 0, list(w.shape), [1, 1, 1], [1, 1], -2, 40,
@@ -173,13 +173,30 @@ def test_cpp_plan_is_a_function_of_shapes_and_costs():
     finally:
         torch.ops.pfp._conv_cpu_costs(previous)
     assert torch.ops.pfp._conv_cpu_costs([]) == defaults
-    with pytest.raises(RuntimeError, match="costs must hold 6 values"):
+    with pytest.raises(RuntimeError, match="costs must hold 7 values"):
         torch.ops.pfp._conv_cpu_costs([1.0])
     with pytest.raises(RuntimeError, match="copy_ns_per_elem must be a finite number > 0"):
-        torch.ops.pfp._conv_cpu_costs([50.0, -1.0, 1.3, 40.0, 8.0, 1.0])
+        torch.ops.pfp._conv_cpu_costs([50.0, -1.0, 1.3, 40.0, 8.0, 1.0, 1.0])
     with pytest.raises(RuntimeError, match="_conv_cpu_plan: copy_ns_per_elem must be a finite number > 0"):
         torch.ops.pfp._conv_cpu_plan(list(x.shape), 0, list(w.shape), [1, 1, 1], [1, 1], -2, 40, torch.float32,
-                                     [50.0, 0.0, 1.3, 40.0, 8.0, 1.0])
+                                     [50.0, 0.0, 1.3, 40.0, 8.0, 1.0, 1.0])
+
+
+@needs_cpp
+def test_cpp_short_append_goes_to_onednn_by_its_flops():
+    # A short append after a state (2 state frames, 3 new ones) runs oneDNN over a gathered window
+    # with a cached prepacked weight, so only its fixed per-call cost counts against it: small
+    # convs take the direct kernel whatever their weight's size, large ones oneDNN.
+    def ask(cin, cout, hw, costs):
+        return torch.ops.pfp._conv_cpu_plan([1, cin, 3, *hw], 2, [cout, cin, 3, 3, 3], [1, 1, 1], [1, 1], 0, 3,
+                                            torch.float32, costs)
+    assert ask(16, 32, (4, 12), []) == "direct[0,3)"             # 4 MFLOP
+    assert ask(256, 512, (2, 6), []) == "onednn-window[0,3)"     # 64 MFLOP on 9 output positions
+    costs = torch.ops.pfp._conv_cpu_costs([])
+    costs[6] = 1.0                                                # window_min_flops
+    assert ask(16, 32, (4, 12), costs) == "onednn-window[0,3)"
+    costs[6] = 1e12
+    assert ask(256, 512, (2, 6), costs) == "direct[0,3)"
 
 
 @needs_cpp
