@@ -64,8 +64,10 @@ def run_cli(main: Callable[[], int]) -> int:
 # argument checks: each raises UsageError naming the flag and what it accepts
 # ------------------------------------------------------------------------------------------------
 def check_number(flag: str, value, *, lo: Optional[float] = None, hi: Optional[float] = None,
-                 lo_open: bool = False, integer: bool = False, allow_none: bool = True) -> None:
-    """``value`` must be finite and within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+                 lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+                 allow_none: bool = True) -> None:
+    """``value`` must be finite and within ``[lo, hi]`` (open at ``lo`` with ``lo_open``, at ``hi``
+    with ``hi_open``)."""
     if value is None and allow_none:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -74,15 +76,15 @@ def check_number(flag: str, value, *, lo: Optional[float] = None, hi: Optional[f
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
-        ok = value <= hi
+        ok = value < hi if hi_open else value <= hi
     if not ok:
         kind = "an integer" if integer else "a finite number"
         if lo is not None and hi is not None:
-            span = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            span = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         elif lo is not None:
             span = f" {'>' if lo_open else '>='} {lo:g}"
         elif hi is not None:
-            span = f" <= {hi:g}"
+            span = f" {'<' if hi_open else '<='} {hi:g}"
         else:
             span = ""
         raise UsageError(f"{flag} must be {kind}{span}, got {value}")

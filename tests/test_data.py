@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pfp.data import (SyntheticMultiShotVideos, VideoFolderDataset, VideoSpec, collate, lr_frame_indices,
+from pfp.data import (MixedVideos, SyntheticMultiShotVideos, VideoFolderDataset, VideoSpec, collate, lr_frame_indices,
                       resize_center_crop, to_low_res, to_low_res_part, write_video)
 from pfp.data.synthetic import scene_returns
 from pfp.data.video_folder import read_clip
@@ -655,3 +655,33 @@ def test_video_folder_storyboards_optional_and_mpg(tmp_path):
     starts = loose.spread_starts(1, 3)
     assert starts[0] == 0.0 and abs(starts[1] - starts[2] / 2) < 1e-9 and 2.1 - 0.01 < starts[2] < 2.1
     assert _frame_numbers(loose.get(1, start=starts[2])["hr"]) == list(range(20, 30))
+
+
+def test_mixed_videos_draw_synthetic_scenes_at_the_given_share(tmp_path):
+    _write_pair(tmp_path, "ramp", _ramp_video(n=24), 8, [{"start": 0, "end": 3, "prompt": "ramp"}], crf=0)
+    spec = VideoSpec(hr_size=(16, 16), hr_fps=8, hr_frames=4, lr_size=(4, 4), lr_fps=4)
+    folder = VideoFolderDataset(tmp_path, spec, clip_start="random", crop="random")
+    synthetic = SyntheticMultiShotVideos(50, spec, seed=3)
+    mixed = MixedVideos(folder, synthetic, 0.5)
+    assert len(mixed) == len(folder) and mixed.spec == spec
+    items = [mixed.get(0, torch.Generator().manual_seed(s)) for s in range(40)]
+    from_synthetic = [it["source"].startswith("synthetic:") for it in items]
+    assert 8 <= sum(from_synthetic) <= 32          # binomial(40, 0.5): outside this range p < 1e-4
+    for seed, it, synth in zip(range(40), items, from_synthetic):
+        assert set(it) == {"hr", "lr", "storyboard", "hr_fps", "lr_fps", "source"}
+        assert it["hr"].shape == (3, 4, 16, 16) and it["lr"].shape == (3, 2, 4, 4)
+        again = mixed.get(0, torch.Generator().manual_seed(seed))      # a pure function of the generator
+        assert again["source"] == it["source"] and torch.equal(again["hr"], it["hr"])
+        if synth:
+            index = int(it["source"].rsplit("=", 1)[1])
+            assert torch.equal(it["hr"], synthetic[index]["hr"])
+    batch = collate(items[:8])                                     # both kinds in one batch
+    assert batch["hr"].shape == (8, 3, 4, 16, 16)
+    assert all(not it["source"].startswith("synthetic:") for it in (MixedVideos(folder, synthetic, 0).get(
+        0, torch.Generator().manual_seed(s)) for s in range(10)))
+    for p in (1, 1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="p_extra must be a number in"):
+            MixedVideos(folder, synthetic, p)
+    other = SyntheticMultiShotVideos(5, VideoSpec(hr_size=(8, 8), hr_fps=8, hr_frames=4, lr_size=(4, 4), lr_fps=4))
+    with pytest.raises(ValueError, match="clip specs differ"):
+        MixedVideos(folder, other, 0.5)

@@ -426,6 +426,28 @@ def test_bad_videos_are_reported_before_step_1_and_skipped_or_refused(tmp_path, 
     assert not (tmp_path / "strict" / "checkpoints").exists()
 
 
+def test_mix_synthetic_trains_on_a_folder_with_synthetic_scenes_mixed_in(tmp_path, monkeypatch):
+    # --mix-synthetic: each clip of the folder replaced, with probability P, by a synthetic scene
+    import pfp.data
+    from pfp.train.__main__ import main
+    data = tmp_path / "videos"
+    write_video_folder(data, good=2, corrupt=0, short=0)
+    cfg = write_config(tmp_path / "cfg.json", tiny_config())
+    sources = []
+    real_get = pfp.data.MixedVideos.get
+
+    def get(self, index, generator=None):
+        item = real_get(self, index, generator)
+        sources.append(item["source"])
+        return item
+    monkeypatch.setattr(pfp.data.MixedVideos, "get", get)
+    assert main(["pretrain", "--config", cfg, "--data", str(data), "--mix-synthetic", "0.5", "--steps", "2",
+                 "--batch-size", "8", "--clip-seconds", "1", "--workers", "0", "--no-progress", "--threads", "1",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert len(sources) == 16
+    assert any(s.startswith("synthetic:") for s in sources) and any(s.endswith(".mp4") for s in sources)
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing written
 # ------------------------------------------------------------------------------------------------

@@ -450,6 +450,8 @@ def test_init_skip_starts_the_compressor_afresh(tmp_path):
     (["--init", "w.safetensors", "--init-skip", "a.", "--init-new", "b."], "not both"),
     (["--crop", "middle"], "argument --crop: invalid choice"),
     (["--max-zoom", "0.5"], "--max-zoom must be a finite number >= 1, got 0.5"),
+    (["--mix-synthetic", "1"], "--mix-synthetic must be a finite number in [0, 1), got 1.0"),
+    (["--mix-synthetic", "0.5"], "--mix-synthetic mixes synthetic scenes into a video folder's clips"),
     (["--storyboards", "maybe"], "argument --storyboards: invalid choice"),
     (["--text-cache", "12"], "--text-cache must be a positive size with a unit"),
     (["--text-cache=-1GiB"], "--text-cache must be a positive size with a unit"),

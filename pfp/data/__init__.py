@@ -33,6 +33,7 @@ __all__ = [
     "collate",
     "SyntheticMultiShotVideos",
     "VideoFolderDataset",
+    "MixedVideos",
     "write_video",
 ]
 
@@ -275,3 +276,4 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 from .synthetic import SyntheticMultiShotVideos  # noqa: E402
 from .video_folder import VideoFolderDataset, write_video  # noqa: E402
+from .mixed import MixedVideos  # noqa: E402

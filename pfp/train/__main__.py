@@ -62,6 +62,9 @@ def _parser() -> Parser:
     p.add_argument("--flip", action="store_true",
                    help="video folder: mirror half the clips left to right, at random (off by default: prompts "
                         "that name a side no longer match)")
+    p.add_argument("--mix-synthetic", type=float, default=d.mix_synthetic, metavar="P",
+                   help="video folder: replace each clip, with probability P in [0, 1), by a synthetic multi-shot "
+                        "scene (--sprite-radius, --pattern-period, --num-videos; default %(default)s)")
     p.add_argument("--storyboards", default=d.storyboards, choices=STORYBOARD_POLICIES,
                    help="video folder: a video without <name>.json is unusable, or gets one shot of the prompt "
                         "'a video' (default %(default)s)")

@@ -99,6 +99,7 @@ class TrainArgs:
     crop: str = "random"                 # a video folder's crops: "random" (zoom and place per clip) or "center"
     max_zoom: float = 1.5                # the largest random zoom of --crop random
     flip: bool = False                   # mirror half the clips of a video folder left to right
+    mix_synthetic: float = 0.0           # share of a video folder's clips replaced by synthetic scenes
     storyboards: str = "required"        # a video folder's storyboards: "required" or "optional" (one default shot)
     progress: bool = True
     vram: Optional[str] = None           # device memory budget ("12GiB"): train under the plan that fits it
@@ -264,13 +265,19 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
     from pfp.data import VideoFolderDataset
     # a random time window and crop per clip, drawn from the step's generator (see _batch)
     try:
-        return VideoFolderDataset(args.data, spec, clip_start="random", crop=args.crop, max_zoom=args.max_zoom,
-                                  flip=args.flip, on_bad=args.bad_data,
-                                  storyboards=args.storyboards, progress=progress)
+        folder = VideoFolderDataset(args.data, spec, clip_start="random", crop=args.crop, max_zoom=args.max_zoom,
+                                    flip=args.flip, on_bad=args.bad_data,
+                                    storyboards=args.storyboards, progress=progress)
     except ValueError as e:
         if "missing storyboard" in str(e) and args.storyboards == "required":
             raise ValueError(f"{e}; --storyboards optional trains on videos without one (prompt 'a video')") from None
         raise
+    if not args.mix_synthetic:
+        return folder
+    from pfp.data import MixedVideos, SyntheticMultiShotVideos
+    synthetic = SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed, sprite_radius=tuple(args.sprite_radius),
+                                         pattern_period=tuple(args.pattern_period))
+    return MixedVideos(folder, synthetic, args.mix_synthetic)
 
 
 def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
@@ -405,6 +412,7 @@ def check_train_args(args: TrainArgs) -> None:
     if not lo <= hi:
         raise UsageError(f"--self-history-t must be LO HI with 0 < LO <= HI <= 1, got {lo} {hi}")
     check_number("--max-zoom", args.max_zoom, lo=1, allow_none=False)
+    check_number("--mix-synthetic", args.mix_synthetic, lo=0, hi=1, hi_open=True, allow_none=False)
     for flag, pair in (("--sprite-radius", args.sprite_radius), ("--pattern-period", args.pattern_period)):
         for v in pair:
             check_number(flag, v, allow_none=False)
@@ -456,6 +464,8 @@ def check_train_args(args: TrainArgs) -> None:
             raise UsageError(f"{flag} {path}: no such file or folder")
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise UsageError(f"--data must be 'synthetic' or a folder of videos, got {args.data!r} (no such folder)")
+    if args.mix_synthetic and args.data == "synthetic":
+        raise UsageError("--mix-synthetic mixes synthetic scenes into a video folder's clips: give --data a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file; name a folder for the run")
     check_writable_dir("--out", os.path.abspath(args.out), create=True)
