@@ -34,7 +34,6 @@ when the benchmarks ran (not under --benchmark-disable).
 from __future__ import annotations
 
 import datetime
-import math
 import os
 
 import pytest
@@ -115,9 +114,8 @@ def _auto_ran(x, w, stride) -> str:
     (measured on its first call) with the times measured, and for the C++ op the plan of its last
     call, which was auto's."""
     from pfp_kernels import _tuning
-    from pfp_kernels.conv import conv_bucket
-    outputs = x.shape[0] * math.prod((n - 1) // s + 1 for n, s in zip(x.shape[2:], stride))  # k 3, pad 1
-    bucket = conv_bucket(w.shape, stride, (1, 1, 1), "silu", outputs)
+    from pfp_kernels.conv import conv3d_act_bucket
+    bucket = conv3d_act_bucket(x, w.shape, stride, (1, 1, 1), "silu")
     entry = _tuning.TABLE.get(_tuning.tuning_key("conv3d_act", x, False, bucket))
     ran = entry.impl if entry is not None else "cpp"
     if ran == "cpp" and _extension.LOADED:

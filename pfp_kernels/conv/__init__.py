@@ -108,6 +108,15 @@ def conv_bucket(weight_shape: Sequence[int], stride: Sequence[int], padding: Seq
     return (*weight_shape, *stride, *padding, activation or "none", pow2(outputs))
 
 
+def conv3d_act_bucket(x: Tensor, weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                      activation: Optional[str]) -> tuple:
+    """The key ``conv3d_act(x, weight, ..., impl="auto")`` looks its choice up under: the
+    :func:`conv_bucket` of the call, keyed apart inside :class:`frozen_weights` on CPU."""
+    out = [checked_out_len(x.shape[2 + axis], weight_shape[2 + axis], stride[axis], padding[axis], name)
+           for axis, name in enumerate("THW")]
+    return conv_bucket(weight_shape, stride, padding, activation, x.shape[0] * out[0] * out[1] * out[2]) + _frozen_key(x)
+
+
 def _tune_call(bucket: tuple, run, *inputs: Optional[Tensor]) -> TuneCall:
     grad_inputs = tuple(t for t in inputs if t is not None and t.requires_grad)
     return TuneCall(bucket, run, grad_inputs)
@@ -175,8 +184,7 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
 
     tune = None
     if impl == "auto":
-        bucket = conv_bucket(weight.shape, stride, padding, act, x.shape[0] * out[0] * out[1] * out[2]) + _frozen_key(x)
-        tune = _tune_call(bucket, run, x, weight, bias)
+        tune = _tune_call(conv3d_act_bucket(x, weight.shape, stride, padding, act), run, x, weight, bias)
     return run(CONV3D_ACT.choose(impl, x, weight, tune=tune))
 
 
