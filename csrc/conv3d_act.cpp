@@ -568,14 +568,20 @@ Tensor onednn_conv(const Tensor& x, const Tensor& weight, const std::optional<Te
                         at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view,
                         c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
   const int64_t dilation[3] = {1, 1, 1};
-  // SiLU runs as a second, vectorized in-place pass (ATen's silu_) rather than as oneDNN's swish
-  // post-op: on AVX2 the post-op made the conv 7-24% slower than conv + a separate SiLU, measured
-  // on the four compressor stages (min of 40 interleaved runs each), so the "fused" post-op lost
-  // to eager. The extra pass only streams the output once through the cache.
-  // A native bf16/fp16 conv takes SiLU as its post-op instead: applied to the fp32 accumulator, so
-  // the output is rounded once (the separate pass would round twice), and it measured ~12% faster
-  // on the 64->128 stage on an AVX512-BF16 CPU.
+  // In the AVX2 build an fp32 conv runs SiLU as a second, vectorized in-place pass (ATen's silu_)
+  // rather than as oneDNN's swish post-op: with oneDNN's AVX2 kernels the post-op made the conv
+  // 7-24% slower than conv + a separate SiLU on the four compressor stages (Zen 3, min of 40
+  // interleaved runs each), and 8-33% slower on a Zen 4 run with ONEDNN_MAX_CPU_ISA=AVX2. With its
+  // AVX-512 kernels the post-op is as fast or faster (Zen 4: 0.98-1.00x the separate pass's time,
+  // 64->128 the 0.98), so the AVX-512 build fuses it. The extra pass streams the output once more.
+  // A native bf16/fp16 conv takes SiLU as its post-op in every build: applied to the fp32
+  // accumulator, so the output is rounded once (the separate pass would round twice), and it
+  // measured ~12% faster on the 64->128 stage on an AVX512-BF16 CPU.
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool post_op = silu;
+#else
   const bool post_op = silu && x.scalar_type() != at::kFloat;
+#endif
   Tensor y = op.call(x, weight, bias, padding, stride, dilation, 1, post_op ? "swish" : "none",
                      c10::List<std::optional<at::Scalar>>(), std::nullopt);
   if (silu && !post_op) at::silu_(y);
@@ -613,7 +619,15 @@ struct ConvCosts {
                                               // primitive lookup dominate tiny convs)
   double short_append_frames = 8;       // appends of at most this many outputs after a state run
                                         // as one oneDNN call over a gathered window
-  double prepack_min_elements = 512 * 1024;  // weights from this size are prepacked (and cached)
+  // weights from this size are prepacked (and cached). With oneDNN's AVX2 kernels a small weight
+  // went in plain: oneDNN's own per-call reorder picked a layout ~20% faster on the 64->128 stage
+  // (Zen 3). With its AVX-512 kernels prepacking every weight measured 1-2% faster on the two
+  // small stages (Zen 4) or equal (a Xeon with AMX), so the AVX-512 build prepacks them all.
+#if defined(CPU_CAPABILITY_AVX512)
+  double prepack_min_elements = 1;
+#else
+  double prepack_min_elements = 512 * 1024;
+#endif
   double window_min_flops = 8e6;        // a short append runs on oneDNN only above this much of
                                         // the direct kernel's work, in FLOPs (its weight is
                                         // prepacked and cached, so what weighs
@@ -835,9 +849,10 @@ Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan,
   // frames) instead of reordered on every call as the plain-weight op does. A weight prepacked for
   // another geometry makes oneDNN reorder it again inside the call, so each layout asks for its own.
   auto prepacked = [&](int64_t pad_t, int64_t frames, bool always = false) {
-    // Small weights go in plain: oneDNN's own per-call reorder of them is cheap, and on the
-    // 64 -> 128 compressor stage the layout it picks that way ran ~20% faster than the one the
-    // prepacking op picks (benchmarks/bench_conv.py, interleaved). Large weights are prepacked.
+    // Below costs.prepack_min_elements (the AVX2 build: 512K; see ConvCosts) weights go in plain:
+    // oneDNN's own per-call reorder of them is cheap, and on the 64 -> 128 compressor stage the
+    // layout it picks that way ran ~20% faster there than the one the prepacking op picks
+    // (benchmarks/bench_conv.py, interleaved, Zen 3). Large weights are prepacked.
     // A short append (`always`) computes a few frames, for which the per-call reorder is most of
     // the work: it takes the cached prepacked weight whatever its size. So does a native bf16/fp16
     // conv (AVX512-BF16 / AMX class CPUs): there oneDNN's own op with a prepacked weight beat it
