@@ -11,15 +11,18 @@ import time
 
 def interleaved_mins(fns: dict, budget_s: float = 3.0, max_rounds: int = 20) -> dict:
     """Minimum time (s) of each callable over rounds run in turn; each gets as many rounds as fit
-    in budget_s (at least 2; 1 for calls over a second), at most max_rounds."""
+    in budget_s (at least 2; 1 for calls over a second), at most max_rounds. Odd rounds run the
+    callables in reverse order, so that none always follows the same neighbour (whose freed
+    output buffer and cache state it would inherit)."""
     want, times = {}, {k: [] for k in fns}
     for k, fn in fns.items():
         t0 = time.perf_counter()
         fn()  # warm-up, and a first guess of its cost
         guess = time.perf_counter() - t0
         want[k] = max(1 if guess > 1.0 else 2, min(max_rounds, int(budget_s / max(guess, 1e-4))))
+    order = list(fns.items())
     for r in range(max(want.values())):
-        for k, fn in fns.items():
+        for k, fn in (order if r % 2 == 0 else order[::-1]):
             if r < want[k]:
                 t0 = time.perf_counter()
                 fn()
