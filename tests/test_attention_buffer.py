@@ -27,8 +27,8 @@ def _r(g, dtype, *shape):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def _impls(buf, q):
-    return [name for name, why in buf.backends(q).items() if why is None]
+def _impls(buf, q, tail_masked=False):
+    return [name for name, why in buf.backends(q, tail_masked).items() if why is None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -101,7 +101,7 @@ def test_tail_key_mask(dtype, context_masked):
             keep = torch.cat([full_c, torch.ones(b, nk, dtype=torch.bool) if tail is None else tail], 1)
             want = _ref64(q, empty, empty, torch.cat([ck.expand(b, -1, -1, -1), k], 1),
                           torch.cat([cv.expand(b, -1, -1, -1), v], 1), keep)
-            for impl in ["auto"] + _impls(buf, q):
+            for impl in ["auto"] + _impls(buf, q, tail is not None):
                 assert_close(buf.attend(q, k, v, key_mask=tail, impl=impl), want, dtype, what=f"{impl} step {step}")
             q_like = q
         if context_masked:   # a sample with every context key and every tail key masked gets 0
@@ -132,8 +132,9 @@ def test_the_context_is_copied_once_and_the_tail_reused():
     assert buf.nbytes == 2 * 2 * 11 * 2 * 16 * 4
 
 
-def test_auto_times_its_two_kernels_once_where_both_run(monkeypatch, tmp_path):
-    # On CPU only sdpa runs (flash-attn is CUDA): nothing is timed, nothing cached.
+def test_auto_times_the_kernels_that_run_once_per_key(monkeypatch, tmp_path):
+    # On CPU sdpa and cpp run (flash-attn is CUDA): the first call of a key times them and caches the
+    # winner; with a tail key mask only sdpa runs, and nothing is timed.
     monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
     monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
     monkeypatch.setattr(_tuning, "TABLE", _tuning.Table())
@@ -141,9 +142,21 @@ def test_auto_times_its_two_kernels_once_where_both_run(monkeypatch, tmp_path):
     buf = pk.JointKVBuffer(ck, ck, 1, 3)
     q = torch.randn(1, 3, 2, 16)
     assert buf.backends(q)["flash_attn"].startswith("flash-attn runs on CUDA")
+    assert buf.backends(q, tail_masked=True)["cpp"].startswith("the C++ kernel takes a context mask but no tail")
+    runnable = _impls(buf, q)
+    timed = []
+    real_measure = _tuning.measure
+    monkeypatch.setattr(_tuning, "measure", lambda names, *a, **k: timed.append(tuple(names)) or real_measure(names, *a, **k))
     with torch.no_grad():
         buf.attend(q, q, q)
-    assert not _tuning.TABLE.local
+        buf.attend(q, q, q)
+        buf.attend(q, q, q, key_mask=torch.tensor([[True, False, True]]))
+    entries = [key for key in _tuning.TABLE.local if key[0] == "joint_attention_buffer"]
+    if runnable == ["sdpa"]:   # a build without the C++ library
+        assert not timed and not entries
+    else:
+        assert runnable == ["sdpa", "cpp"] and timed and set(timed[0]) == {"sdpa", "cpp"}
+        assert len(entries) == 1 and _tuning.TABLE.get(entries[0]).impl in ("sdpa", "cpp")
 
 
 def test_bad_input_is_refused_with_its_reason():
@@ -165,7 +178,7 @@ def test_bad_input_is_refused_with_its_reason():
             buf.attend(q[:1], q[:1, :3], q[:1, :3])
         with pytest.raises(ValueError, match="dtype"):
             buf.attend(q.double(), q[:, :3].double(), q[:, :3].double())
-        with pytest.raises(ValueError, match="impl 'triton' is not valid; choose one of: auto, flash_attn, sdpa"):
+        with pytest.raises(ValueError, match="impl 'triton' is not valid; choose one of: auto, flash_attn, sdpa, cpp"):
             buf.attend(q, q[:, :3], q[:, :3], impl="triton")
         with pytest.raises(RuntimeError, match="impl 'flash_attn' cannot run here: flash-attn runs on CUDA"):
             buf.attend(q, q[:, :3], q[:, :3], impl="flash_attn")

@@ -10,9 +10,12 @@ text), then runs one stock kernel over the whole buffer:
 - ``flash_attn``: flash-attn's own kernel where it is installed (FA3 on sm_90, FA2 elsewhere;
   fp16/bf16, no key mask);
 - ``sdpa``: ``F.scaled_dot_product_attention`` (cuDNN or FlashAttention-2 on CUDA, ATen's flash
-  kernel on CPU), with the key mask as ``attn_mask``.
+  kernel on CPU), with the key mask as ``attn_mask``;
+- ``cpp`` (CPU): ``joint_attention``'s C++ two-segment kernel with the buffer's head as the context
+  and its tail as the target, both read in place (no tail key mask). Where ATen's CPU kernel has
+  no fast path (no AMX) it is the faster one (benchmarks/results/attention/).
 
-``impl="auto"`` takes the measured faster of the two that can run (``pfp_kernels._tuning``, op
+``impl="auto"`` takes the measured fastest of those that can run (``pfp_kernels._tuning``, op
 ``joint_attention_buffer``).
 
 The buffer costs memory: ``batch x (Nc + capacity)`` keys and values for as long as it lives,
@@ -27,11 +30,11 @@ import torch
 from torch import Tensor
 
 from .. import _tuning
-from . import _flash_attn_why_not   # (this module is imported at the end of the package's __init__)
+from . import _cpp_why_not, _flash_attn_why_not, joint_attention   # (imported at the end of the package's __init__)
 from .backends import _flash_attn_function
 from .checks import check_inputs, scale_or_default
 
-BUFFER_IMPLS = ("flash_attn", "sdpa")
+BUFFER_IMPLS = ("flash_attn", "sdpa", "cpp")
 
 
 class JointKVBuffer:
@@ -79,10 +82,18 @@ class JointKVBuffer:
         n = self.keys.numel() * self.keys.element_size() * 2
         return n + (self._keep.numel() if self._keep is not None else 0)
 
-    def backends(self, q: Tensor) -> dict[str, Optional[str]]:
-        """For each of ``flash_attn`` and ``sdpa``: None if it can run with queries like ``q``,
-        else why not."""
-        return {"flash_attn": self._flash_attn_why_not(q), "sdpa": self._sdpa_why_not(q)}
+    def backends(self, q: Tensor, tail_masked: bool = False) -> dict[str, Optional[str]]:
+        """For each of ``flash_attn``, ``sdpa`` and ``cpp``: None if it can run with queries like
+        ``q`` (and a tail key mask, if ``tail_masked``), else why not."""
+        return {"flash_attn": self._flash_attn_why_not(q), "sdpa": self._sdpa_why_not(q),
+                "cpp": self._cpp_why_not(q, tail_masked)}
+
+    def _cpp_why_not(self, q: Tensor, tail_masked: bool) -> Optional[str]:
+        if q.device.type != "cpu":
+            return f"the C++ kernel runs on CPU, not {q.device.type}"
+        if tail_masked:
+            return "the C++ kernel takes a context mask but no tail key mask (sdpa does)"
+        return _cpp_why_not(q, q, q, None, None)   # joint_attention's: the library loaded, the dtype
 
     def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
         if q.device.type != "cuda":
@@ -108,7 +119,7 @@ class JointKVBuffer:
                 ``key_mask[b, j]`` (e.g. padded text tokens after the target's). A sample left with
                 no key at all gets 0.
             scale: softmax scale, default ``1/sqrt(D)``.
-            impl: ``"auto"``, ``"flash_attn"`` or ``"sdpa"``.
+            impl: ``"auto"``, ``"flash_attn"``, ``"sdpa"`` or ``"cpp"``.
 
         Returns ``[batch, Nq, H, D]`` in q's dtype, contiguous. Equal to ``joint_attention`` over
         the context (with its mask) and k, v (with ``key_mask``).
@@ -148,7 +159,7 @@ class JointKVBuffer:
             else:
                 self._keep[:, self.num_context:end].copy_(key_mask)
         masked = key_mask is not None
-        reasons = self.backends(q)
+        reasons = self.backends(q, masked)
         if impl == "auto":
             runnable = [name for name in BUFFER_IMPLS if reasons[name] is None]
             impl = runnable[0]
@@ -165,6 +176,11 @@ class JointKVBuffer:
                 int(self._keep is not None))
 
     def _run(self, impl: str, q: Tensor, end: int, scale: float, tail_masked: bool) -> Tensor:
+        nc = self.num_context
+        if impl == "cpp":   # head and tail read in place as the two segments
+            return joint_attention(q, self.keys[:, nc:end], self.values[:, nc:end], context_k=self.keys[:, :nc],
+                                   context_v=self.values[:, :nc], scale=scale, impl="cpp",
+                                   context_mask=None if self._keep is None else self._keep[:, :nc])
         keys, values = self.keys[:, :end], self.values[:, :end]
         if impl == "flash_attn":
             fa, why = _flash_attn_function(q.device)
