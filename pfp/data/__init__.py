@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +255,13 @@ def to_low_res_part(hr_part: torch.Tensor, spec: VideoSpec, start: int) -> torch
     if sel.numel() == 0:
         return hr_part.new_zeros(*hr_part.shape[:-3], 0, *spec.lr_size, dtype=torch.float32)
     return resize_center_crop(_lr_region(hr_part.index_select(-3, sel.to(hr_part.device)), spec), spec.lr_size)
+
+
+def draw_item(dataset, index: int, generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """Item ``index`` of ``dataset``, its random draws (window, crop, flip, mixing) taken from
+    ``generator`` where the dataset has ``get(index, generator)``, else ``dataset[index]``."""
+    get = getattr(dataset, "get", None)
+    return get(index, generator) if get is not None else dataset[index]
 
 
 def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

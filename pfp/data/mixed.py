@@ -9,14 +9,11 @@ from typing import Any, Optional
 
 import torch
 
+from . import draw_item
+
 # What every dataset of this package puts in an item (see pfp.data): the keys a mixed item keeps,
 # so that a batch of items from both sources collates.
 SHARED_KEYS = ("hr", "lr", "storyboard", "hr_fps", "lr_fps", "source")
-
-
-def _item(dataset, index: int, generator: Optional[torch.Generator]) -> dict:
-    get = getattr(dataset, "get", None)   # datasets with random windows and crops draw them from the generator
-    return get(index, generator) if get is not None else dataset[index]
 
 
 class MixedVideos:
@@ -50,9 +47,9 @@ class MixedVideos:
 
     def get(self, index: int, generator: Optional[torch.Generator] = None) -> dict[str, Any]:
         if torch.rand((), generator=generator).item() < self.p_extra:
-            item = _item(self.extra, int(torch.randint(len(self.extra), (), generator=generator)), generator)
+            item = draw_item(self.extra, int(torch.randint(len(self.extra), (), generator=generator)), generator)
         else:
-            item = _item(self.primary, index, generator)
+            item = draw_item(self.primary, index, generator)
         return {k: item[k] for k in SHARED_KEYS}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

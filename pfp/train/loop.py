@@ -281,10 +281,9 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
 
 
 def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
-    from pfp.data import collate
+    from pfp.data import collate, draw_item
     idx = torch.randint(0, len(dataset), (batch_size,), generator=generator).tolist()
-    get = getattr(dataset, "get", None)  # datasets with random windows and crops draw them from the generator
-    return collate([get(i, generator) if get is not None else dataset[i] for i in idx])
+    return collate([draw_item(dataset, i, generator) for i in idx])
 
 
 class _StepBatches(torch.utils.data.IterableDataset):
