@@ -89,11 +89,10 @@ class JointKVBuffer:
                 "cpp": self._cpp_why_not(q, tail_masked)}
 
     def _cpp_why_not(self, q: Tensor, tail_masked: bool) -> Optional[str]:
-        if q.device.type != "cpu":
-            return f"the C++ kernel runs on CPU, not {q.device.type}"
-        if tail_masked:
-            return "the C++ kernel takes a context mask but no tail key mask (sdpa does)"
-        return _cpp_why_not(q, q, q, None, None)   # joint_attention's: the library loaded, the dtype
+        why = _cpp_why_not(q, q, q, None, None)   # joint_attention's: CPU, the library loaded, the dtype
+        if why is None and tail_masked:
+            why = "the C++ kernel takes a context mask but no tail key mask (sdpa does)"
+        return why
 
     def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
         if q.device.type != "cuda":
