@@ -77,3 +77,43 @@ def test_the_tolerance_rule():
         assert_close(small * (1 + 2 * tolerance(torch.float32, "stream")), small, torch.float32, kind="stream")
     with pytest.raises(ValueError, match="kind must be one of"):
         tolerance(torch.float32, "loose")
+
+
+def _extension_has(op: str) -> bool:
+    from pfp_kernels import _extension
+    return _extension.has_cpu_kernel(op)
+
+
+@pytest.mark.skipif(not _extension_has("project_tokens"), reason="C++ kernels not loaded")
+def test_call_op_goes_below_autograd_only_when_no_gradient_is_needed(monkeypatch):
+    """call_op skips torch.library's autograd wrapper (by dispatching below the autograd key) when
+    nothing needs a gradient, and goes through it when something does, so backward still works."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 1, 2, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.pfp.project_tokens
+    want = conv.project_tokens_reference(h, w.detach(), None, None)
+
+    entered = []
+    real = _registry._below_autograd
+
+    class Counting:
+        def __enter__(self):
+            entered.append(1)
+            self._guard = real()
+            return self._guard.__enter__()
+
+        def __exit__(self, *exc):
+            return self._guard.__exit__(*exc)
+
+    monkeypatch.setattr(_registry, "_below_autograd", Counting)
+    with torch.no_grad():
+        out = _registry.call_op(op, h, w, None, None)
+    assert len(entered) == 1 and out.grad_fn is None
+    assert_close(out, want, torch.float64)
+    out = _registry.call_op(op, h, w.detach(), None, None)   # grad mode on, nothing requires grad
+    assert len(entered) == 2 and out.grad_fn is None
+    out = _registry.call_op(op, h, w, None, None)            # a gradient is needed: the wrapper runs
+    assert len(entered) == 2 and out.grad_fn is not None
+    out.sum().backward()
+    assert_close(w.grad, h.sum(dim=(0, 2, 3, 4))[None].expand(4, 5), torch.float64)

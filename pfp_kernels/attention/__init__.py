@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from .. import _registry, _tuning
-from .._registry import Impl, Op, dtype_why_not, register
+from .._registry import Impl, Op, call_op, dtype_why_not, register
 from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers the ops, fakes and autograd)
 from .autograd import KERNEL_DTYPES, MAX_TRITON_FP32_HEAD_DIM, MAX_TRITON_HEAD_DIM
@@ -179,9 +179,9 @@ def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: boo
     elif name == "sdpa_concat" and not return_lse:
         return joint_attention_sdpa_concat(q, k, v, context_k, context_v, scale, context_mask)
     elif context_mask is not None:  # the flash_attn and xformers ops have no mask argument (nor take one)
-        out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale, context_mask)
+        out, lse = call_op(getattr(torch.ops.pfp, _OPS[name]), q, k, v, context_k, context_v, scale, context_mask)
     else:
-        out, lse = getattr(torch.ops.pfp, _OPS[name])(q, k, v, context_k, context_v, scale)
+        out, lse = call_op(getattr(torch.ops.pfp, _OPS[name]), q, k, v, context_k, context_v, scale)
     return (out, lse) if return_lse else out
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _registry, _tuning
-from .._registry import Impl, Op, dtype_why_not, register
+from .._registry import Impl, Op, call_op, dtype_why_not, register
 from .._tuning import TuneCall, pow2
 from . import autograd as _autograd  # noqa: F401  (registers fakes and autograd)
 from .reference import causal_conv3d_act_reference, conv3d_act_reference, project_tokens_reference
@@ -180,7 +180,7 @@ def conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         if name == "torch":
             return conv3d_act_reference(x, weight, bias, stride, padding, act)
         op = torch.ops.pfp.conv3d_act if name == "cpp" else torch.ops.pfp.conv3d_act_triton
-        return op(x, weight, bias, stride, padding, act)
+        return call_op(op, x, weight, bias, stride, padding, act)
 
     tune = None
     if impl == "auto":
@@ -262,7 +262,7 @@ def causal_conv3d_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
         if name == "torch":
             return causal_conv3d_act_reference(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
         op = torch.ops.pfp.causal_conv3d_act if name == "cpp" else torch.ops.pfp.causal_conv3d_act_triton
-        return op(x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
+        return call_op(op, x, prev, weight, bias, stride, padding_hw, act, time_offset, num_out)
 
     tune = None
     if impl == "auto" and num_out > 0:  # the key also says whether a state is read
@@ -300,7 +300,7 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         if name == "torch":
             return project_tokens_reference(h, weight, bias, residual)
         op = torch.ops.pfp.project_tokens if name == "cpp" else torch.ops.pfp.project_tokens_triton
-        return op(h, weight, bias, residual)
+        return call_op(op, h, weight, bias, residual)
 
     tune = None
     if impl == "auto":

@@ -144,17 +144,25 @@ def device_memory(device: torch.device) -> Optional[int]:
     return None
 
 
+# Outputs up to this size are never checked against the device's memory (every device this runs on
+# has more): the check asks the OS or the CUDA driver, which streaming calls on small chunks would
+# pay on every call.
+_ALWAYS_FITS = 2 ** 28
+
+
 def check_output_fits(op: str, x: Tensor, shape: Sequence[int]) -> None:
     """Refuse an output larger than the device's whole memory with a message, before the
     allocator is asked for it (large paddings or inputs make such shapes easily). Traces on the
     meta device or under FakeTensorMode, which allocate nothing, are not limited, nor is code
     that torch.compile traces (the check would break its graph)."""
-    if torch.compiler.is_compiling() or x.device.type == "meta":
+    if torch.compiler.is_compiling():
+        return
+    nbytes = math.prod(int(d) for d in shape) * x.element_size()
+    if nbytes <= _ALWAYS_FITS or x.device.type == "meta":
         return
     from torch._subclasses.fake_tensor import is_fake
     if is_fake(x):
         return
-    nbytes = math.prod(int(d) for d in shape) * x.element_size()
     memory = device_memory(x.device)
     if memory is not None and nbytes > memory:
         raise ValueError(f"{op}: the output {list(shape)} would take {nbytes / 2 ** 30:.1f} GiB, more than the "
