@@ -318,18 +318,21 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
 
 
 def consistency_table(checkpoints: Sequence[str], videos: str, *, history_seconds: Optional[float] = None,
-                      seconds: Optional[float] = None, steps: int = 16, seed: int = 0, progress: bool = False) -> list:
+                      seconds: Optional[float] = None, steps: int = 16, seed: int = 0, progress: bool = False,
+                      memory: bool = True) -> list:
     """Memory of scenes that return after a cut: each video's first ``history_seconds`` (default: 1
     chunk) are given as real history, the rest of ``seconds`` (default: 4 chunks) is generated
     following the video's storyboard, and every return of an earlier shot's prompt within the
     generated part (where the generated video has it: :func:`generated_returns`) is scored by
     :func:`return_consistency` (PSNR, dB, between the scene's last frame before it left and its
-    first frame back). Higher: the model remembers the scene.
+    first frame back). Higher: the model remembers the scene. ``memory=False`` generates with the
+    compressors' context emptied (:func:`pfp.generate.generate`'s ``memory``): the caption-only
+    reference, so a checkpoint's score minus this one is what its memory adds.
 
     Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
     (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``,
     ``consistency_per_video`` (each video's score in folder order, None where it has no return:
-    the same videos for every checkpoint, to compare two pair by pair)."""
+    the same videos for every checkpoint, to compare two pair by pair), ``memory``."""
     import sys
 
     from tqdm import tqdm
@@ -352,7 +355,7 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
             with torch.no_grad():  # only the given frames: the VAE is causal, so their latents are the same
                 history = model.vae.encode(item["hr"][None, :, :first_generated])
             out = generate(model, item["storyboard"], n_chunks * config.chunk_seconds, steps=steps, seed=seed,
-                           history=history, progress=False)
+                           history=history, progress=False, memory=memory)
             returns = generated_returns(item["storyboard"], out.prompts, config, out.video.shape[1], first_generated)
             per_video.append(return_consistency(out.video, returns))   # None without a return
             if returns:
@@ -360,7 +363,8 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
                 n_returns += len(returns)
         rows.append({"checkpoint": str(path), "variant": _variant(config), "rate": _rates(config),
                      "consistency_psnr": sum(scores) / len(scores) if scores else None,
-                     "videos_scored": len(scores), "returns": n_returns, "consistency_per_video": per_video})
+                     "videos_scored": len(scores), "returns": n_returns, "consistency_per_video": per_video,
+                     "memory": memory})
     return rows
 
 
@@ -416,6 +420,8 @@ def _parser():
     c.add_argument("--seconds", type=float, default=None, help="history + generated length (default: 4 chunks)")
     c.add_argument("--steps", type=int, default=16)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-memory", action="store_true", help="generate with the compressors' context emptied: "
+                   "the caption-only reference (a checkpoint's score minus this one is what its memory adds)")
     c.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -438,14 +444,16 @@ def main(argv=None) -> int:
         if ns.command == "consistency":
             check_number("--history-seconds", ns.history_seconds, lo=0, lo_open=True, hi=3600)
             rows = consistency_table(ns.checkpoints, ns.videos, history_seconds=ns.history_seconds,
-                                     seconds=ns.seconds, steps=ns.steps, seed=ns.seed, progress=not ns.quiet)
+                                     seconds=ns.seconds, steps=ns.steps, seed=ns.seed, progress=not ns.quiet,
+                                     memory=not ns.no_memory)
             for row in rows:
                 if ns.json:
                     print(json.dumps(row))
                 else:
                     score = "-" if row["consistency_psnr"] is None else f"{row['consistency_psnr']:.2f} dB"
                     print(f"{row['checkpoint']}: {row['variant']} {row['rate']}, return consistency {score} "
-                          f"over {row['returns']} returns in {row['videos_scored']} videos")
+                          f"over {row['returns']} returns in {row['videos_scored']} videos"
+                          + ("" if row["memory"] else " (context emptied: no memory)"))
             return 0
         check_number("--frames", ns.frames, lo=1, integer=True, allow_none=False)
         check_number("--clips-per-video", ns.clips_per_video, lo=1, hi=1000, integer=True, allow_none=False)

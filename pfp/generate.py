@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from pfp.compressor import mix_contexts
+from pfp.compressor import _empty_context, mix_contexts
 from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
 
 BUILTIN_STORYBOARD = [
@@ -123,7 +123,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
              cfg_min_t: Optional[float] = None, shift: Optional[float] = None, eta: Optional[float] = None, device="cpu",
              size: Optional[tuple] = None, progress: bool = True, history: Optional[torch.Tensor] = None,
              memory_budget=None, plan=None, cfg_2: Optional[float] = None,
-             image: Optional[torch.Tensor] = None, sequence_parallel=None) -> GenerationResult:
+             image: Optional[torch.Tensor] = None, sequence_parallel=None, memory: bool = True) -> GenerationResult:
     """Generate ``seconds`` of video for a :class:`pfp.text.Storyboard` with a :class:`pfp.weights.PFPModel`.
 
     Each chunk is ``config.chunk_latent_frames`` (n) latent frames ``[1, C, n, H/s, W/s]``. The VAE
@@ -158,6 +158,10 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     generate with the same arguments): each denoising step's target tokens are split over the
     ranks, with an all-to-all over heads around self-attention, and each rank caches only its heads
     of the context K/V. Every rank returns the same result.
+
+    memory: False gives the backbone none of the compressors' tokens (their streams still run on
+    every chunk; a sliding window, if the config has one, still applies). The caption-only
+    reference for what the memory adds: ``pfp.eval consistency --no-memory`` scores it.
 
     memory_budget: a device memory budget (bytes, or a size such as ``"12GiB"``): :mod:`pfp.memory`
     traces this model (no weights read, nothing allocated) and picks the fastest plan that keeps
@@ -307,9 +311,14 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 # only this chunk is compressed, in the compressor's dtype (the sampler's latents are fp32)
                 new = mix_contexts([st.append(x.to(compressor.dtype), lr.to(compressor.dtype))
                                     for st, lr in zip(streams, lrs)])
+                if not memory:
+                    new = _without_tokens(new)
                 if backbone.context_mode == "cached":                        # K/V of the new tokens only
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
-                context = cache if backbone.context_mode == "cached" else _stream_context(streams)
+                if backbone.context_mode == "cached":
+                    context = cache
+                else:
+                    context = _stream_context(streams) if memory else _without_tokens(new)
                 if window:   # rebuilt each chunk over the compressed history; `cache` never holds it
                     recent = x if recent is None else torch.cat([recent, x], dim=2)[:, :, -window:]
                     win = window_context(backbone, recent, window, history_frames=(k + 1) * lat_shape[2])
@@ -341,6 +350,12 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), lr_all[0],
                             _stream_context(streams), prompts, timings, cache, choices,
                             placement.bytes_moved if placement is not None else 0, lr_all[1:])
+
+
+def _without_tokens(context):
+    """An empty context of ``context``'s batch, width, dtype and device (``memory=False``)."""
+    t = context.tokens
+    return _empty_context(t.shape[0], t.shape[2], t.dtype, t.device)
 
 
 def _stream_context(streams):

@@ -85,6 +85,13 @@ def test_consistency_scores_returns_in_the_generated_part(tmp_path, capsys):
         scored = [x for x in r["consistency_per_video"] if x is not None]
         assert len(scored) == 2 and abs(sum(scored) / 2 - r["consistency_psnr"]) < 1e-9
     assert "skipped 1 of 3 videos" in captured.err
+    assert all(r["memory"] for r in rows)
+    # --no-memory: the caption-only reference, same videos and returns, another score
+    assert main(["consistency", "--checkpoints", ckpts[0], "--videos", str(videos), "--steps", "2",
+                 "--history-seconds", "0.5", "--seconds", "2", "--quiet", "--json", "--no-memory"]) == 0
+    blind = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert blind["memory"] is False and blind["returns"] == rows[0]["returns"]
+    assert blind["consistency_per_video"] != rows[0]["consistency_per_video"]
     # no room to generate: refused in one line
     assert main(["consistency", "--checkpoints", ckpts[0], "--videos", str(videos), "--history-seconds", "2",
                  "--seconds", "2", "--quiet"]) == 2

@@ -365,6 +365,29 @@ def test_scene_fidelity_shape_tells_a_sprite_from_a_blob_of_its_colour(shape):
         assert disc_score < drawn - 0.05, (drawn, disc_score)
 
 
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+def test_memory_false_gives_the_backbone_no_compressed_context(mode):
+    """``memory=False``: the run no longer depends on the compressor's weights (nothing of its
+    tokens reaches the backbone), the first chunk (no history yet) equals the run with memory, and
+    later chunks differ from it; the streams still ran."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mode))
+    with torch.no_grad():
+        model.compressor.proj.weight.normal_(0, 0.1)
+        model.backbone.proj_out.weight.normal_(0, 0.05)
+    story = Storyboard.from_list(STORY)
+    run = lambda memory: generate(model, story, 1.5, steps=2, cfg=2.0, seed=1, progress=False, memory=memory)
+    with_memory, without = run(True), run(False)
+    n = model.config.chunk_latent_frames
+    torch.testing.assert_close(without.latents[:, :, :n], with_memory.latents[:, :, :n], rtol=0, atol=0)
+    assert not torch.allclose(without.latents[:, :, n:], with_memory.latents[:, :, n:])
+    assert without.context.tokens.shape[1] == with_memory.context.tokens.shape[1] > 0
+    with torch.no_grad():
+        model.compressor.proj.weight.mul_(-3)
+    torch.testing.assert_close(run(False).latents, without.latents, rtol=0, atol=0)
+    assert not torch.allclose(run(True).latents, with_memory.latents)
+
+
 def test_history_chunks_are_given_not_sampled(weights):
     """``history=``: the given chunks come out as given (decoded), later chunks are sampled after
     them, and the run equals one that sampled those same latents itself."""
