@@ -134,7 +134,8 @@ def test_the_context_is_copied_once_and_the_tail_reused():
 
 def test_auto_times_the_kernels_that_run_once_per_key(monkeypatch, tmp_path):
     # On CPU sdpa and cpp run (flash-attn is CUDA): the first call of a key times them and caches the
-    # winner; with a tail key mask only sdpa runs, and nothing is timed.
+    # winner; with a tail key mask only sdpa runs, and nothing is timed; a call without a mask after
+    # it is an unmasked call again (the same key as before, no new timing).
     monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
     monkeypatch.setenv(_tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
     monkeypatch.setattr(_tuning, "TABLE", _tuning.Table())
@@ -151,6 +152,7 @@ def test_auto_times_the_kernels_that_run_once_per_key(monkeypatch, tmp_path):
         buf.attend(q, q, q)
         buf.attend(q, q, q)
         buf.attend(q, q, q, key_mask=torch.tensor([[True, False, True]]))
+        buf.attend(q, q, q)   # unmasked again: the unmasked key (the last call's mask is not kept)
     entries = [key for key in _tuning.TABLE.local if key[0] == "joint_attention_buffer"]
     if runnable == ["sdpa"]:   # a build without the C++ library
         assert not timed and not entries

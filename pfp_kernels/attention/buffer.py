@@ -72,6 +72,10 @@ class JointKVBuffer:
             self.keys[:, :nc].copy_(context_k.expand(batch, -1, -1, -1))
             self.values[:, :nc].copy_(context_v.expand(batch, -1, -1, -1))
         self._keep = None  # [batch, Nc + capacity] bool: the context's mask, then the tail's (True if none)
+        # Whether the keys are masked now: the context's mask always, a tail mask for its call only;
+        # an unmasked call on an unmasked context runs maskless (flash-attn, no attn_mask for SDPA)
+        # even after a masked one made _keep.
+        self._context_masked = self._masked = context_mask is not None
         if context_mask is not None:
             self._keep = torch.ones(batch, nc + capacity, dtype=torch.bool, device=context_k.device)
             self._keep[:, :nc].copy_(context_mask.expand(batch, -1))
@@ -97,7 +101,7 @@ class JointKVBuffer:
     def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
         if q.device.type != "cuda":
             return f"flash-attn runs on CUDA, not {q.device.type}"
-        if self._keep is not None:
+        if self._masked:
             return "flash-attn takes no key mask here (sdpa does)"
         return _flash_attn_why_not(q, q, q, None, None)   # joint_attention's: the package, dtype, head dim
 
@@ -152,7 +156,8 @@ class JointKVBuffer:
         self.values[:, self.num_context:end].copy_(v)
         if key_mask is not None and self._keep is None:   # made on the first masked call, kept after
             self._keep = torch.ones(b, self.num_context + self.capacity, dtype=torch.bool, device=q.device)
-        if self._keep is not None:   # a tail mask from the last call must not outlive it
+        self._masked = self._context_masked or key_mask is not None
+        if self._masked:   # a tail mask from the last call must not outlive it
             if key_mask is None:
                 self._keep[:, self.num_context:end].fill_(True)
             else:
@@ -172,14 +177,14 @@ class JointKVBuffer:
     def _bucket(self, q: Tensor, nk: int) -> tuple:
         b, nq, h, d = q.shape
         return (b, h, d, _tuning.pow2(nq), _tuning.pow2(nk), _tuning.pow2(self.num_context),
-                int(self._keep is not None))
+                int(self._masked))
 
     def _run(self, impl: str, q: Tensor, end: int, scale: float, tail_masked: bool) -> Tensor:
         nc = self.num_context
         if impl == "cpp":   # head and tail read in place as the two segments
             return joint_attention(q, self.keys[:, nc:end], self.values[:, nc:end], context_k=self.keys[:, :nc],
                                    context_v=self.values[:, :nc], scale=scale, impl="cpp",
-                                   context_mask=None if self._keep is None else self._keep[:, :nc])
+                                   context_mask=self._keep[:, :nc] if self._context_masked else None)
         keys, values = self.keys[:, :end], self.values[:, :end]
         if impl == "flash_attn":
             fa, why = _flash_attn_function(q.device)
@@ -187,7 +192,7 @@ class JointKVBuffer:
                 raise RuntimeError(f"JointKVBuffer.attend: flash_attn unavailable: {why}")
             out = fa(q, keys, values, softmax_scale=scale, causal=False)
             return (out[0] if isinstance(out, tuple) else out).contiguous()
-        keep = None if self._keep is None else self._keep[:, :end]
+        keep = self._keep[:, :end] if self._masked else None
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
             attn_mask=None if keep is None else keep[:, None, None, :])
