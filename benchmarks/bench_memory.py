@@ -21,7 +21,6 @@ Three tables, written to ``memory_<device>.md`` in the results folder (benchmark
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile

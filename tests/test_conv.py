@@ -23,9 +23,9 @@ import pfp_kernels as pk
 from pfp_kernels.testing import assert_close
 from pfp_kernels import _extension, conv as C, nn as pnn
 
-from conv_cases import (ConvCase, assert_close_to_reference, assert_dense_channels_last, causal_reference,
-                        check_causal_streaming, check_conv3d_act, check_project_tokens, make_activation,
-                        make_params, poisoned_outputs, random_chunk_plan, random_conv_case)
+from conv_cases import (ConvCase, assert_close_to_reference, assert_dense_channels_last, check_causal_streaming,
+                        check_conv3d_act, check_project_tokens, make_activation, make_params, random_chunk_plan,
+                        random_conv_case)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CPP = _extension.has_cpu_kernel("conv3d_act")

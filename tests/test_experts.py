@@ -300,7 +300,7 @@ def test_the_planner_can_hold_one_experts_kv(a14b_trace):
 def test_two_experts_match_diffusers_wan_pipeline():
     # upstream parity of the switch and the second guidance scale: diffusers' own WanPipeline with
     # transformer, transformer_2 and boundary_ratio, run on the same noise, text states and sigmas
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     from pfp.backbones import WanBackbone

@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 
-from pfp.config import PFPConfig
 from pfp.model import build_model
 from pfp.text import Storyboard
 from pfp.window import window_context, with_window

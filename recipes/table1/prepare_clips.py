@@ -22,7 +22,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 
 def decode(path: str, height: int) -> tuple[torch.Tensor, float]:
