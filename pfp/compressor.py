@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import describe_mismatch, save_safetensors_atomic, state_mismatch
-from pfp_kernels.conv import project_tokens
+from pfp_kernels.conv import CausalConvState, project_tokens
 from pfp_kernels.nn import CausalConv3dAct, TokenProjection
 
 from .rates import Rate, RateLike, StageSpec, parse_rate, stage_plan, token_grid, token_positions
@@ -547,11 +547,12 @@ class MemoryCompressor(nn.Module):
         return token_grid(hr_latent_thw, self.rate, self.patch_size)
 
     # -- streaming -----------------------------------------------------------------------------
-    def stream(self, batch_size: int, keep_features: bool = False) -> "CompressorStream":
+    def stream(self, batch_size: int, keep_features: bool = False, cuda_graph: bool = False) -> "CompressorStream":
         """Start compressing a history chunk by chunk; see :class:`CompressorStream`.
         ``keep_features``: :attr:`CompressorStream.context` also holds every emitted token's
-        penultimate features (for cross-attention over them; each append returns its own anyway)."""
-        return CompressorStream(self, batch_size, keep_features)
+        penultimate features (for cross-attention over them; each append returns its own anyway).
+        ``cuda_graph``: replay repeated appends as CUDA graphs (see :class:`CompressorStream`)."""
+        return CompressorStream(self, batch_size, keep_features, cuda_graph)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: Union[str, os.PathLike], include_patch_embed: bool = True) -> None:
@@ -595,6 +596,67 @@ class MemoryCompressor(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the stream
 # ----------------------------------------------------------------------------------------------
+def _consumed(entry) -> tuple:
+    return entry.consumed if isinstance(entry, _GraphedStep) else entry
+
+
+class _GraphedStep:
+    """One whole-step append of a stream, captured as a CUDA graph (``CompressorStream(cuda_graph=True)``).
+
+    The graph reads the chunk and the stages' held frames from buffers of its own and writes the
+    tokens, features and new frames into its memory pool; a replay copies the inputs in and clones
+    the outputs out (the next replay overwrites the pool). It holds the parameters' addresses from
+    the capture: a parameter replaced or moved (``.to``, offloading) makes it stale."""
+
+    def __init__(self, stream: "CompressorStream", hr: Tensor, lr: Tensor, frames: tuple, phases: tuple,
+                 consumed: tuple):
+        self.consumed = consumed
+        self.inputs = [hr.clone(), lr.clone(), *(f.clone() for f in frames)]
+        self.param_ptrs = _param_ptrs(stream.compressor)
+        self.graph, self.outputs = _capture(
+            lambda: stream._step(self.inputs[0], self.inputs[1], tuple(self.inputs[2:]), phases), hr.device)
+
+    @staticmethod
+    def usable(compressor: "MemoryCompressor", device: torch.device) -> bool:
+        """Graphs run on this device, every parameter is there, and no module has hooks (a replay
+        would skip them)."""
+        return (device.type in _GRAPH_DEVICE_TYPES and all(p.device == device for p in compressor.parameters())
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in compressor.modules()))
+
+    def valid_for(self, compressor: "MemoryCompressor") -> bool:
+        return _param_ptrs(compressor) == self.param_ptrs
+
+    def replay(self, hr: Tensor, lr: Tensor, frames: tuple) -> tuple:
+        for buf, x in zip(self.inputs, (hr, lr, *frames)):
+            buf.copy_(x)
+        self.graph.replay()
+        tokens, features, new_frames = self.outputs
+        return (tokens.clone(), None if features is None else features.clone(),
+                tuple(None if f is None else f.clone() for f in new_frames))
+
+
+def _param_ptrs(module: nn.Module) -> tuple:
+    return tuple(p.data_ptr() for p in module.parameters())
+
+
+_GRAPH_DEVICE_TYPES = ("cuda",)
+
+
+def _capture(run, device: torch.device) -> tuple:
+    """``(graph, outputs)``: ``run()`` captured as a CUDA graph on ``device``, after one warm-up
+    run on a side stream (kernel compiles, cuBLAS/cuDNN set-up and ``auto``'s first-use timings
+    happen outside the capture, as the CUDA graph docs ask)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph, outputs
+
+
 class CompressorStream:
     """Compresses a history chunk by chunk; ``append`` returns only the new context tokens.
 
@@ -607,9 +669,21 @@ class CompressorStream:
     the history is. ``context`` is everything emitted so far.
 
     The stream is tied to one batch size, and to the compressor's dtype and device.
+
+    ``cuda_graph=True``: an append is launch-bound on a GPU (each of its few output frames costs a
+    handful of small kernels and their Python). Appends that repeat one shape at one phase of the
+    stream (the usual case: equal chunks, inference) then run as a CUDA graph: the second such
+    append captures the branch work (conv stages, LR patch embedding, projection) and later ones
+    replay it, copying the chunk and the conv states into the graph's buffers and the results out.
+    The tokens are the same as without it. Steps are recorded only under ``torch.no_grad()``, for
+    chunks of whole token frames (nothing left pending); other appends run as usual. A recorded
+    step runs without a graph where none can run: on another device, with a parameter off the GPU
+    (offloading) or with hooks on the compressor's modules (a replay would run none).
+    ``replayed_appends`` counts the appends that ran as a recorded step.
     """
 
-    def __init__(self, compressor: MemoryCompressor, batch_size: int, keep_features: bool = False):
+    def __init__(self, compressor: MemoryCompressor, batch_size: int, keep_features: bool = False,
+                 cuda_graph: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.compressor, self.batch_size = compressor, batch_size
@@ -625,6 +699,9 @@ class CompressorStream:
         self._features: list = []                   # penultimate features of the emitted tokens, if kept
         ref = compressor._param_ref()
         self._dtype, self._device = ref.dtype, ref.device
+        self.cuda_graph = bool(cuda_graph)
+        self._steps: dict = {}    # step key -> frames each stage consumed (seen once), or a _GraphedStep
+        self.replayed_appends = 0
 
     @property
     def num_tokens(self) -> int:
@@ -670,11 +747,22 @@ class CompressorStream:
         Returns:
             :class:`Context` holding only the new tokens (possibly 0) with their positions.
         """
-        c = self.compressor
         hr = self._check_chunk(hr_chunk, "hr_chunk")
         lr = self._check_chunk(lr_chunk, "lr_chunk")
         if hr is not None or lr is not None:
             self._check_geometry(hr, lr)
+        key = self._step_key(hr, lr) if self.cuda_graph else None
+        if key is not None and key in self._steps:
+            return self._append_step(key, hr, lr)
+        before = [s.frames_seen for s in self._states] if key is not None else None
+        out = self._append(hr, lr)
+        if key is not None and self._hr_pending is None and self._lr_pending is None:
+            # a whole step: remember what each stage consumed; the next append like it runs as a step
+            self._steps[key] = tuple(s.frames_seen - b for s, b in zip(self._states, before))
+        return out
+
+    def _append(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> Context:
+        c = self.compressor
         if hr is not None and hr.shape[2] > 0:
             gh, gw = self._geometry[4:]
             h, self._states = c._hr_features(c._crop_hr(hr, gh, gw), self._states)
@@ -697,16 +785,59 @@ class CompressorStream:
         self._hr_pending = self._hr_pending[:, :, n:] if n < n_hr else None
         if c.uses_lr:
             self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
-        tokens = c._fuse(hr_use, lr_use)
+        return self._emit(c._fuse(hr_use, lr_use), n, c._features(hr_use))
+
+    def _emit(self, tokens: Tensor, n: int, features: Optional[Tensor]) -> Context:
+        """Record ``n`` new token frames and return them as a Context."""
+        c = self.compressor
         gh, gw = self._geometry[4:]
         positions = token_positions(c.rate, (n, gh, gw), t_start=self.num_emitted_frames, device=tokens.device)
         order = c.token_order(n, gh, gw, t_start=self.num_emitted_frames, device=tokens.device)
         self.num_emitted_frames += n
         self._chunks.append(tokens)
-        features = c._features(hr_use)
         if features is not None and self.keep_features:
             self._features.append(features)
         return Context(tokens, positions, None, order, features)
+
+    # -- appends as replayable steps (cuda_graph) ------------------------------------------------
+    def _step_key(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> Optional[tuple]:
+        """What an append's work depends on, when it can run as a step: the chunks' shapes, each
+        stage state's phase and held frames; None when it cannot (see the class docstring)."""
+        c = self.compressor
+        if (hr is None or lr is None or hr.shape[2] == 0 or lr.shape[2] == 0 or not c.uses_hr
+                or torch.is_grad_enabled() or self._states is None or any(s is None for s in self._states)
+                or self._hr_pending is not None or self._lr_pending is not None):
+            return None
+        return (tuple(hr.shape), tuple(lr.shape), hr.stride(), lr.stride(),
+                tuple((s.phase(), None if s.frames is None else tuple(s.frames.shape)) for s in self._states))
+
+    def _step(self, hr: Tensor, lr: Tensor, frames: tuple, phases: tuple) -> tuple:
+        """The tensor work of a whole-step append from the stages' states at their phases:
+        ``(tokens, features or None, new frames per stage)``. Reads nothing of the stream."""
+        c = self.compressor
+        gh, gw = self._geometry[4:]
+        states = [CausalConvState(f, p, s.signature) for f, p, s in zip(frames, phases, self._states)]
+        h, new = c._hr_features(c._crop_hr(hr, gh, gw), states)
+        tokens = c._fuse(h, c._crop_lr(lr, gh, gw))
+        return tokens, c._features(h), tuple(s.frames for s in new)
+
+    def _append_step(self, key: tuple, hr: Tensor, lr: Tensor) -> Context:
+        entry = self._steps[key]
+        frames = tuple(s.frames for s in self._states)
+        phases = tuple(s.phase() for s in self._states)
+        if _GraphedStep.usable(self.compressor, hr.device):
+            if not isinstance(entry, _GraphedStep) or not entry.valid_for(self.compressor):
+                entry = self._steps[key] = _GraphedStep(self, hr, lr, frames, phases, consumed=_consumed(entry))
+            tokens, features, new_frames = entry.replay(hr, lr, frames)
+        else:   # no graph here: the same step, run directly
+            tokens, features, new_frames = self._step(hr, lr, frames, phases)
+        consumed = _consumed(entry)
+        self.replayed_appends += 1
+        self._states = [CausalConvState(f, s.frames_seen + k, s.signature)
+                        for f, s, k in zip(new_frames, self._states, consumed)]
+        self.hr_frames_seen += hr.shape[2]
+        self.lr_frames_seen += lr.shape[2]
+        return self._emit(tokens, tokens.shape[1] // (self._geometry[4] * self._geometry[5]), features)
 
     def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
         c = self.compressor

@@ -191,6 +191,102 @@ def test_stream_equals_full_call_over_random_chunk_plans(rate, seed, kind):
     assert torch.equal(ctx.tokens, tokens) and torch.equal(ctx.positions, full.positions)
 
 
+@pytest.mark.parametrize("kind", [k for k in pfp.COMPRESSOR_KINDS if k != "only_lr"])
+@pytest.mark.parametrize("rate", ["4x4x2", "2x2x8", "2x2x1"])
+def test_stream_replayed_steps_equal_the_plain_stream(rate, kind):
+    """cuda_graph=True: appends that repeat a shape at a phase run as a recorded step (on a CPU the
+    same step code without a graph), from each conv state at its phase; the tokens, positions,
+    features and the states left behind equal the plain stream's, through chunk sizes that change
+    and chunks that leave frames pending."""
+    torch.manual_seed(0)
+    c = make(rate, kind=kind)
+    rt = c.rate.t
+    hr, lr = inputs(c, 13 * rt, 2 * 2 * c.rate.h + 1, 2 * 2 * c.rate.w, batch=2)
+    plans = [[rt] * 6 + [1, 2 * rt - 1] + [2 * rt] * 3 + [rt], [2 * rt] * 6 + [rt]]
+    for plan in plans:
+        plain, stepped = c.stream(2), c.stream(2, keep_features=True, cuda_graph=True)
+        i = 0
+        with torch.no_grad():
+            for n in plan:
+                a, b = i, i + n
+                hc, lc = hr[:, :, a:b], lr[:, :, -(-a // rt): -(-b // rt)]
+                want, got = plain.append(hc, lc), stepped.append(hc, lc)
+                assert torch.equal(got.tokens, want.tokens) and torch.equal(got.positions, want.positions)
+                for x, y in ((got.order, want.order), (got.features, want.features)):
+                    assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+                for s, t in zip(stepped._states, plain._states):
+                    assert s.frames_seen == t.frames_seen and (s.frames is None) == (t.frames is None)
+                    assert s.frames is None or torch.equal(s.frames, t.frames)
+                i = b
+        assert stepped.replayed_appends >= 3 and stepped.num_emitted_frames == plain.num_emitted_frames
+        if c.has_features:
+            assert stepped.context.features.shape[1] == stepped.num_tokens
+    # with gradients on, every append runs as usual
+    stream = c.stream(2, cuda_graph=True)
+    for k in range(4):
+        stream.append(hr[:, :, k * rt:(k + 1) * rt], lr[:, :, k:k + 1])
+    assert stream.replayed_appends == 0
+
+
+def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
+    """The CUDA-graph path of cuda_graph=True, on a CPU: a stand-in 'graph' reruns the captured
+    function into the same output tensors on replay, as a CUDA graph rewrites its pool. The chunk
+    and states must go through the graph's own input buffers, every result must be copied out
+    before the next replay, a replaced parameter must make a new capture, and a hook on a module
+    must keep the graph off (a replay would not run it)."""
+    import pfp.compressor as pc
+
+    captures = []
+
+    class StandInGraph:
+        def __init__(self, run, outputs):
+            self.run, self.outputs = run, outputs
+
+        def replay(self):
+            for dst, src in zip(_flat(self.outputs), _flat(self.run())):
+                dst.copy_(src)
+
+    def capture(run, device):
+        captures.append(device)
+        outputs = run()
+        return StandInGraph(run, outputs), outputs
+
+    monkeypatch.setattr(pc, "_GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(pc, "_capture", capture)
+    torch.manual_seed(1)
+    c = make("4x4x2").eval()
+    hr, lr = inputs(c, 26, 9, 8, batch=2)
+    plain, graphed = c.stream(2), c.stream(2, keep_features=True, cuda_graph=True)
+    with torch.no_grad():
+        for k in range(11):
+            if k == 7:
+                c.proj.weight = nn.Parameter(c.proj.weight * -1)
+            hc, lc = hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]
+            want, got = plain.append(hc, lc), graphed.append(hc, lc)
+            assert torch.equal(got.tokens, want.tokens) and torch.equal(got.features, want.features)
+        # the states are values: a replay does not rewrite the frames an earlier append left
+        held = [(s.frames, s.frames.clone()) for s in graphed._states]
+        hc, lc = hr[:, :, 22:24], lr[:, :, 11:12]
+        assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
+        assert all(torch.equal(a, b) for a, b in held)
+        hooked = []
+        handle = c.stages[0].register_forward_hook(lambda *a: hooked.append(1))
+        try:
+            k = 12
+            assert graphed.append(hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]).num_tokens > 0
+        finally:
+            handle.remove()
+    # appends 0-2 run as usual (the start, then each of two phases seen once), 3-11 replay; the
+    # hooked one runs its recorded step without the graph, so the hook runs
+    assert len(captures) == 2 and graphed.replayed_appends == 10 and hooked == [1]
+    assert torch.equal(graphed.context.tokens[:, : plain.num_tokens], plain.context.tokens)
+
+
+def _flat(outputs):
+    tokens, features, frames = outputs
+    return [t for t in (tokens, features, *frames) if t is not None]
+
+
 def test_stream_one_frame_at_a_time_and_buffers_without_dropping():
     c = make("4x4x2")
     hr, lr = inputs(c, 9, 8, 8, batch=1)

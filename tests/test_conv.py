@@ -114,6 +114,37 @@ def test_causal_streaming_float64(impl, cpu_path):
     check_causal_streaming(impl, torch.float64, case, [1, 2, 3, 1, 5])
 
 
+@_impl_paths
+@pytest.mark.parametrize("kernel_t,stride_t", [(3, 1), (3, 2), (3, 3), (1, 2), (2, 4), (5, 2)])
+def test_a_state_continues_the_same_from_its_phase(impl, cpu_path, kernel_t, stride_t):
+    """Continuing a state or its at_phase() copy gives the same outputs and keeps the same frames,
+    whatever the chunk; only frames_seen differs, by what the phase dropped (what lets a CUDA graph
+    captured at one point of a stream replay at another)."""
+    rng = random.Random(kernel_t * 10 + stride_t)
+    g = torch.Generator().manual_seed(kernel_t * 10 + stride_t)
+    w = torch.randn(5, 3, kernel_t, 3, 1, dtype=torch.float64, generator=g)
+    b = torch.randn(5, dtype=torch.float64, generator=g)
+    run = lambda x, st: C.causal_conv3d_act(x, w, b, (stride_t, 1, 1), (1, 0), "silu", state=st, impl=impl)
+    state, phases = None, set()
+    for n in [1, 2, 1, 0, 3, 1, 1, 2, 4, 1, 5, 2, 1, 3]:
+        x = torch.randn(2, 3, n, 4, 3, dtype=torch.float64, generator=g)
+        if state is not None:
+            p = state.phase()
+            phases.add(p)
+            assert p <= state.frames_seen and (state.frames_seen - p) % stride_t == 0
+            assert p == state.frames_seen or p >= kernel_t - 1
+            y_at, st_at = run(x, state.at_phase())
+        y, new = run(x, state)
+        if state is not None:
+            torch.testing.assert_close(y_at, y, rtol=0, atol=0)
+            assert (st_at.frames is None) == (new.frames is None)
+            if new.frames is not None:
+                torch.testing.assert_close(st_at.frames, new.frames, rtol=0, atol=0)
+            assert new.frames_seen - st_at.frames_seen == state.frames_seen - state.phase()
+        state = new
+    assert max(phases) < kernel_t - 1 + stride_t   # bounded: few distinct phases, few graphs
+
+
 @needs_cpp
 @pytest.mark.parametrize("cpu_path", ["direct", "onednn"], indirect=True)
 def test_causal_op_direct_call_reads_prev_and_x(cpu_path):

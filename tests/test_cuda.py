@@ -335,6 +335,34 @@ def test_compressor_stream_on_cuda_matches_the_cpu_reference():
         _check(torch.cat([p.tokens for p in parts], 1), want, dtype, f"compressor stream {dtype}", scale=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compressor_stream_cuda_graph_replays_equal_the_plain_stream(dtype):
+    """CompressorStream(cuda_graph=True): chunks 0-2 run as usual (the stream's start, then the
+    first chunk at each of the two phases the stages pass through), 3-7 replay a captured CUDA
+    graph; its tokens and states equal the plain stream's on the same kernels (bitwise), and a
+    replaced parameter makes it capture again instead of reading the old weight."""
+    from torch import nn
+
+    import pfp
+    torch.manual_seed(0)
+    c = pfp.MemoryCompressor(nn.Conv3d(4, 48, (1, 2, 2), (1, 2, 2)), 4, 48, "4x4x2", (16, 32, 64, 64),
+                             zero_init=False).to(DEV, dtype).eval()
+    hr = torch.randn(1, 4, 16, 32, 48, device=DEV, dtype=dtype)
+    lr = torch.randn(*c.expected_lr_shape(hr.shape), device=DEV, dtype=dtype)
+    with torch.no_grad():
+        for swap in (False, True):
+            plain, graphed = c.stream(1), c.stream(1, cuda_graph=True)
+            for k in range(8):
+                if swap and k == 5:
+                    c.proj.weight = nn.Parameter(c.proj.weight * -1)
+                hc, lc = hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]
+                want, got = plain.append(hc, lc), graphed.append(hc, lc)
+                assert torch.equal(got.tokens, want.tokens), (swap, k)
+                for a, b in zip(graphed._states, plain._states):
+                    assert a.frames_seen == b.frames_seen and torch.equal(a.frames, b.frames)
+            assert graphed.replayed_appends == 5
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_bf16_autocast_training_step_on_cuda_lowers_the_loss(mode):
     from _tiny_pfp import fixed_batch_losses

@@ -205,6 +205,22 @@ class CausalConvState:
     frames_seen: int
     signature: tuple
 
+    def phase(self) -> int:
+        """The smallest frame count that a call continuing this state treats as its own:
+        ``frames_seen`` itself below ``kt - 1``, else the count >= ``kt - 1`` with the same remainder
+        modulo the time stride. Which outputs a call makes, which frames they read and which frames
+        it keeps depend on ``frames_seen`` only through that (and on the held frames' count), so
+        two states with equal phases and frame shapes run the same work on the same new frames:
+        :meth:`at_phase` gives the state a captured CUDA graph replays from."""
+        kt, st = self.signature[0][2], self.signature[1][0]
+        if self.frames_seen < kt - 1:
+            return self.frames_seen
+        return kt - 1 + (self.frames_seen - (kt - 1)) % st
+
+    def at_phase(self) -> "CausalConvState":
+        """This state with ``frames_seen`` set to :meth:`phase` (the same frames)."""
+        return CausalConvState(self.frames, self.phase(), self.signature)
+
 
 def _check_state(state: CausalConvState, signature: tuple) -> None:
     if not isinstance(state, CausalConvState):
