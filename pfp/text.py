@@ -253,6 +253,18 @@ class TextTokens(NamedTuple):
     mask: torch.Tensor
 
 
+def states_are_fixed(encoder: torch.nn.Module) -> bool:
+    """Whether a text encoder's states are a function of the prompt alone for a whole training run:
+    none of its weights train, and no dropout can be active, because it is frozen (a
+    :class:`pfp.model.PFPModel` keeps its frozen parts in eval mode) or has no dropout. It does not
+    read the encoder's current train/eval mode, which training sets after this is asked. Only such
+    states may be cached (:class:`TextStateCache`)."""
+    if any(p.requires_grad for p in encoder.parameters()):
+        return False
+    return bool(getattr(encoder, "frozen", False)) or not any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in encoder.modules())
+
+
 def _entry_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

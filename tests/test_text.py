@@ -209,6 +209,28 @@ def test_umt5_bad_paths(tiny_umt5_dir, tmp_path):
         UMT5TextEncoder.from_pretrained(tiny_umt5_dir / "enc", tokenizer_path=tmp_path)
 
 
+def test_states_are_fixed_reads_training_and_dropout_not_the_current_mode():
+    """Cacheable text states: no weight trains and no dropout can act during training. The answer
+    must not change with the encoder's train/eval mode, which training sets after asking."""
+    from torch import nn
+
+    from pfp.text import states_are_fixed
+
+    def encoder(dropout: float, frozen: bool, trains: bool):
+        m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(dropout))
+        m.requires_grad_(trains)
+        if frozen:
+            m.frozen = True
+        return m
+    for mode in (True, False):
+        cases = {(0.1, False, False): False,   # dropout that training would switch on
+                 (0.0, False, False): True,
+                 (0.1, True, False): True,     # frozen: kept in eval mode by PFPModel.train
+                 (0.0, False, True): False}    # its weights train
+        for args, want in cases.items():
+            assert states_are_fixed(encoder(*args).train(mode)) is want, (mode, args)
+
+
 def test_text_state_cache_encodes_each_prompt_once_alone_and_evicts_the_oldest():
     from pfp.text import TextStateCache
     torch.manual_seed(0)

@@ -235,14 +235,12 @@ def _text_cache_bytes(args: TrainArgs) -> Optional[int]:
 
 def _text_cache(model: PFPModel, args: TrainArgs):
     """A :class:`pfp.text.TextStateCache` over the model's text encoder when its states are a
-    function of the prompt alone (nothing in it trains, no active dropout) and ``--text-cache`` is
-    not 0; else None."""
-    encoder, size = model.text_encoder, _text_cache_bytes(args)
-    if size is None or any(p.requires_grad for p in encoder.parameters()):
+    function of the prompt alone (:func:`pfp.text.states_are_fixed`) and ``--text-cache`` is not 0;
+    else None. The memory plan reads the same rule off its trace (``TrainTrace.text_fixed``)."""
+    from pfp.text import TextStateCache, states_are_fixed
+    size = _text_cache_bytes(args)
+    if size is None or not states_are_fixed(model.text_encoder):
         return None
-    if encoder.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in encoder.modules()):
-        return None
-    from pfp.text import TextStateCache
     return TextStateCache(model.encode_text, size)
 
 
@@ -916,7 +914,7 @@ def _chosen_plan(trace, args: TrainArgs, what: str):
     does."""
     from pfp.memory import parse_bytes
     from pfp.train.memory import choose_training
-    cached = _text_cache_bytes(args) is not None and not trace.text_trains   # as _text_cache decides
+    cached = _text_cache_bytes(args) is not None and trace.text_fixed   # as _text_cache decides
     plan = choose_training(trace, parse_bytes(args.vram, "--vram") if args.vram is not None else None, cached)
     if not plan.fits:
         raise UsageError(plan.too_small(f"--vram {args.vram}", what))

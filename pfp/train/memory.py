@@ -43,6 +43,7 @@ from torch import nn
 from pfp.memory import (DEVICE_FLOPS, HBM_BYTES_PER_S, PCIE_BYTES_PER_S, Plan, PhaseEstimate, _nbytes, _tracked_peak,
                          _with_allowance)
 from pfp.offload import TRAIN_PLAN_VALUES, check_train_choices
+from pfp.text import states_are_fixed
 
 CPU_TEXT_FLOPS = 5e11   # what a text encoder reaches on a many-core host CPU, roughly (not measured)
 TRAIN_PHASES = ("text", "encode", "step")
@@ -61,6 +62,7 @@ class TrainTrace:
     vae: int               # the VAE, and an image encoder beside it
     text: int              # the text encoder
     text_trains: bool      # the text encoder's own weights train (the tiny model): it stays on the device
+    text_fixed: bool       # its states depend on the prompt alone (pfp.text.states_are_fixed): cacheable
     text_flops: float      # one batch's prompts through the text encoder (for its time on a CPU)
     transient: dict        # phase -> traced peak of what the phase creates
     batch: int
@@ -94,6 +96,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
         raise ValueError("nothing to train: every parameter is frozen")
     text_params = list(model.text_encoder.parameters())
     text_trains = any(p.requires_grad for p in text_params)
+    text_fixed = states_are_fixed(model.text_encoder)
     trainable_ids = {id(p) for p in trainable}
     encoders = [model.vae] if isinstance(model.vae, nn.Module) else []
     if getattr(model, "image_encoder", None) is not None:
@@ -167,6 +170,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                       block_linear_fp8=sum(w.numel() for w in linear), largest_block=max(block_bytes, default=0),
                       # the parameters and AdamW's two states, each in the parameter's dtype
                       trainable=3 * sum(p.numel() * p.element_size() for p in trainable), vae=vae_bytes, text=text_bytes, text_trains=text_trains,
+                      text_fixed=text_fixed,
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
                       target_tokens=target, context_tokens=context, encode_tiled=tiled,
                       encode_tiled_extra_flops=float(extra_flops))
