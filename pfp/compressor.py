@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -702,6 +703,7 @@ class CompressorStream:
         self.cuda_graph = bool(cuda_graph)
         self._steps: dict = {}    # step key -> frames each stage consumed (seen once), or a _GraphedStep
         self.replayed_appends = 0
+        self._graph_error: Optional[str] = None   # why a capture failed; then no graphs for this stream
 
     @property
     def num_tokens(self) -> int:
@@ -825,9 +827,17 @@ class CompressorStream:
         entry = self._steps[key]
         frames = tuple(s.frames for s in self._states)
         phases = tuple(s.phase() for s in self._states)
-        if _GraphedStep.usable(self.compressor, hr.device):
+        graph = self._graph_error is None and _GraphedStep.usable(self.compressor, hr.device)
+        if graph:
             if not isinstance(entry, _GraphedStep) or not entry.valid_for(self.compressor):
-                entry = self._steps[key] = _GraphedStep(self, hr, lr, frames, phases, consumed=_consumed(entry))
+                try:
+                    entry = self._steps[key] = _GraphedStep(self, hr, lr, frames, phases, consumed=_consumed(entry))
+                except RuntimeError as exc:   # something in the step cannot be captured: no graphs here
+                    self._graph_error = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"CompressorStream(cuda_graph=True): the append could not be captured as a "
+                                  f"CUDA graph ({self._graph_error}); this stream runs its appends without "
+                                  f"graphs", RuntimeWarning, stacklevel=3)
+        if graph and self._graph_error is None:
             tokens, features, new_frames = entry.replay(hr, lr, frames)
         else:   # no graph here: the same step, run directly
             tokens, features, new_frames = self._step(hr, lr, frames, phases)

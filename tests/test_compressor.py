@@ -281,6 +281,20 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     assert len(captures) == 2 and graphed.replayed_appends == 10 and hooked == [1]
     assert torch.equal(graphed.context.tokens[:, : plain.num_tokens], plain.context.tokens)
 
+    # a step that cannot be captured: one warning, then the stream runs its steps without graphs
+    def failing(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(pc, "_capture", failing)
+    stream = c.stream(2, cuda_graph=True)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph") as record:
+        got = [stream.append(hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]).tokens for k in range(6)]
+    assert sum("could not be captured" in str(w.message) for w in record) == 1
+    want = c.stream(2)
+    with torch.no_grad():
+        for k, tokens in enumerate(got):
+            assert torch.equal(tokens, want.append(hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]).tokens)
+    assert stream.replayed_appends == 3
+
 
 def _flat(outputs):
     tokens, features, frames = outputs
