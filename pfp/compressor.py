@@ -606,26 +606,26 @@ class _GraphedStep:
 
     The graph reads the chunk and the stages' held frames from buffers of its own and writes the
     tokens, features and new frames into its memory pool; a replay copies the inputs in and clones
-    the outputs out (the next replay overwrites the pool). It holds the parameters' addresses from
-    the capture: a parameter replaced or moved (``.to``, offloading) makes it stale."""
+    the outputs out (the next replay overwrites the pool). It holds the parameters' and buffers'
+    addresses from the capture: one replaced or moved (``.to``, offloading) makes it stale."""
 
     def __init__(self, stream: "CompressorStream", hr: Tensor, lr: Tensor, frames: tuple, phases: tuple,
                  consumed: tuple):
         self.consumed = consumed
         self.inputs = [hr.clone(), lr.clone(), *(f.clone() for f in frames)]
-        self.param_ptrs = _param_ptrs(stream.compressor)
+        self.tensor_ptrs = _tensor_ptrs(stream.compressor)
         self.graph, self.outputs = _capture(
             lambda: stream._step(self.inputs[0], self.inputs[1], tuple(self.inputs[2:]), phases), hr.device)
 
     @staticmethod
     def usable(compressor: "MemoryCompressor", device: torch.device) -> bool:
-        """Graphs run on this device, every parameter is there, and no module has hooks (a replay
-        would skip them)."""
-        return (device.type in _GRAPH_DEVICE_TYPES and all(p.device == device for p in compressor.parameters())
+        """Graphs run on this device, every parameter and buffer is there, and no module has hooks
+        (a replay would skip them)."""
+        return (device.type in _GRAPH_DEVICE_TYPES and all(t.device == device for t in _tensors(compressor))
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in compressor.modules()))
 
     def valid_for(self, compressor: "MemoryCompressor") -> bool:
-        return _param_ptrs(compressor) == self.param_ptrs
+        return _tensor_ptrs(compressor) == self.tensor_ptrs
 
     def replay(self, hr: Tensor, lr: Tensor, frames: tuple) -> tuple:
         for buf, x in zip(self.inputs, (hr, lr, *frames)):
@@ -636,8 +636,12 @@ class _GraphedStep:
                 tuple(None if f is None else f.clone() for f in new_frames))
 
 
-def _param_ptrs(module: nn.Module) -> tuple:
-    return tuple(p.data_ptr() for p in module.parameters())
+def _tensors(module: nn.Module) -> list:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _tensor_ptrs(module: nn.Module) -> tuple:
+    return tuple(t.data_ptr() for t in _tensors(module))
 
 
 _GRAPH_DEVICE_TYPES = ("cuda",)

@@ -255,7 +255,7 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     monkeypatch.setattr(pc, "_capture", capture)
     torch.manual_seed(1)
     c = make("4x4x2").eval()
-    hr, lr = inputs(c, 26, 9, 8, batch=2)
+    hr, lr = inputs(c, 28, 9, 8, batch=2)
     plain, graphed = c.stream(2), c.stream(2, keep_features=True, cuda_graph=True)
     with torch.no_grad():
         for k in range(11):
@@ -269,16 +269,21 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
         hc, lc = hr[:, :, 22:24], lr[:, :, 11:12]
         assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
         assert all(torch.equal(a, b) for a, b in held)
+        assert len(captures) == 2
+        c.patch_embed.register_buffer("seen", torch.zeros(1))   # a new or replaced buffer: a new capture
+        hc, lc = hr[:, :, 24:26], lr[:, :, 12:13]
+        assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
+        assert len(captures) == 3
         hooked = []
         handle = c.stages[0].register_forward_hook(lambda *a: hooked.append(1))
         try:
-            k = 12
-            assert graphed.append(hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]).num_tokens > 0
+            hc, lc = hr[:, :, 26:28], lr[:, :, 13:14]
+            assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
         finally:
             handle.remove()
-    # appends 0-2 run as usual (the start, then each of two phases seen once), 3-11 replay; the
-    # hooked one runs its recorded step without the graph, so the hook runs
-    assert len(captures) == 2 and graphed.replayed_appends == 10 and hooked == [1]
+    # appends 0-2 run as usual (the start, then each of two phases seen once), 3-12 replay; the
+    # hooked one runs its recorded step without the graph, so its hook runs (twice: both streams)
+    assert len(captures) == 3 and graphed.replayed_appends == 11 and hooked == [1, 1]
     assert torch.equal(graphed.context.tokens[:, : plain.num_tokens], plain.context.tokens)
 
     # a step that cannot be captured: one warning, then the stream runs its steps without graphs
