@@ -708,6 +708,7 @@ class CompressorStream:
         self._steps: dict = {}    # step key -> frames each stage consumed (seen once), or a _GraphedStep
         self.replayed_appends = 0
         self._graph_error: Optional[str] = None   # why a capture failed; then no graphs for this stream
+        self._grids: dict = {}    # token frames of a step -> (positions, order) from frame 0
 
     @property
     def num_tokens(self) -> int:
@@ -793,12 +794,20 @@ class CompressorStream:
             self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
         return self._emit(c._fuse(hr_use, lr_use), n, c._features(hr_use))
 
-    def _emit(self, tokens: Tensor, n: int, features: Optional[Tensor]) -> Context:
-        """Record ``n`` new token frames and return them as a Context."""
+    def _emit(self, tokens: Tensor, n: int, features: Optional[Tensor], grid_at_zero: Optional[tuple] = None) -> Context:
+        """Record ``n`` new token frames and return them as a Context. ``grid_at_zero``: the
+        positions and order of ``n`` token frames from frame 0, shifted here instead of rebuilt."""
         c = self.compressor
         gh, gw = self._geometry[4:]
-        positions = token_positions(c.rate, (n, gh, gw), t_start=self.num_emitted_frames, device=tokens.device)
-        order = c.token_order(n, gh, gw, t_start=self.num_emitted_frames, device=tokens.device)
+        t0 = self.num_emitted_frames
+        if grid_at_zero is None:
+            positions = token_positions(c.rate, (n, gh, gw), t_start=t0, device=tokens.device)
+            order = c.token_order(n, gh, gw, t_start=t0, device=tokens.device)
+        else:
+            # a shift by whole token frames moves times by rt per frame; every value is a multiple of
+            # 1/2 far below 2**24, so float32 holds the shifted values exactly, as if rebuilt
+            positions, order = grid_at_zero[0].clone(), grid_at_zero[1] + c.rate.t * t0
+            positions[:, 0] += c.rate.t * t0
         self.num_emitted_frames += n
         self._chunks.append(tokens)
         if features is not None and self.keep_features:
@@ -851,7 +860,13 @@ class CompressorStream:
                         for f, s, k in zip(new_frames, self._states, consumed)]
         self.hr_frames_seen += hr.shape[2]
         self.lr_frames_seen += lr.shape[2]
-        return self._emit(tokens, tokens.shape[1] // (self._geometry[4] * self._geometry[5]), features)
+        gh, gw = self._geometry[4:]
+        n = tokens.shape[1] // (gh * gw)
+        if n not in self._grids:   # a step's grid is rebuilt from frame 0 once, then shifted (few launches)
+            c = self.compressor
+            self._grids[n] = (token_positions(c.rate, (n, gh, gw), device=tokens.device),
+                              c.token_order(n, gh, gw, device=tokens.device))
+        return self._emit(tokens, n, features, self._grids[n])
 
     def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
         c = self.compressor
