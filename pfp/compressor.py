@@ -816,14 +816,16 @@ class CompressorStream:
 
     # -- appends as replayable steps (cuda_graph) ------------------------------------------------
     def _step_key(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> Optional[tuple]:
-        """What an append's work depends on, when it can run as a step: the chunks' shapes, each
-        stage state's phase and held frames; None when it cannot (see the class docstring)."""
+        """What an append's work depends on, when it can run as a step: the chunks' shapes and
+        strides, the layers' ``impl``, each stage state's phase and held frames; None when it
+        cannot (see the class docstring)."""
         c = self.compressor
         if (hr is None or lr is None or hr.shape[2] == 0 or lr.shape[2] == 0 or not c.uses_hr
                 or torch.is_grad_enabled() or self._states is None or any(s is None for s in self._states)
                 or self._hr_pending is not None or self._lr_pending is not None):
             return None
-        return (tuple(hr.shape), tuple(lr.shape), hr.stride(), lr.stride(),
+        impls = tuple(m.impl for m in (*c.stages, *([c.proj] if c.proj is not None else [])))
+        return (tuple(hr.shape), tuple(lr.shape), hr.stride(), lr.stride(), impls,
                 tuple((s.phase(), None if s.frames is None else tuple(s.frames.shape)) for s in self._states))
 
     def _step(self, hr: Tensor, lr: Tensor, frames: tuple, phases: tuple) -> tuple:

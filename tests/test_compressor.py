@@ -255,7 +255,7 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     monkeypatch.setattr(pc, "_capture", capture)
     torch.manual_seed(1)
     c = make("4x4x2").eval()
-    hr, lr = inputs(c, 28, 9, 8, batch=2)
+    hr, lr = inputs(c, 32, 9, 8, batch=2)
     plain, graphed = c.stream(2), c.stream(2, keep_features=True, cuda_graph=True)
     with torch.no_grad():
         for k in range(11):
@@ -274,16 +274,23 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
         hc, lc = hr[:, :, 24:26], lr[:, :, 12:13]
         assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
         assert len(captures) == 3
+        c.impl = "torch"   # another implementation: another step, recorded, then captured
+        for k in (13, 14):
+            hc, lc = hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]
+            assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
+        c.impl = "auto"
+        assert len(captures) == 4
         hooked = []
         handle = c.stages[0].register_forward_hook(lambda *a: hooked.append(1))
         try:
-            hc, lc = hr[:, :, 26:28], lr[:, :, 13:14]
+            hc, lc = hr[:, :, 30:32], lr[:, :, 15:16]
             assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens)
         finally:
             handle.remove()
-    # appends 0-2 run as usual (the start, then each of two phases seen once), 3-12 replay; the
-    # hooked one runs its recorded step without the graph, so its hook runs (twice: both streams)
-    assert len(captures) == 3 and graphed.replayed_appends == 11 and hooked == [1, 1]
+    # appends 0-2 run as usual (the start, then each of two phases seen once), 3-12 replay, 13 runs
+    # as usual (a new impl) and 14 replays; the hooked one runs its recorded step without the
+    # graph, so its hook runs (twice: both streams)
+    assert len(captures) == 4 and graphed.replayed_appends == 12 and hooked == [1, 1]
     assert torch.equal(graphed.context.tokens[:, : plain.num_tokens], plain.context.tokens)
 
     # a step that cannot be captured: one warning, then the stream runs its steps without graphs
