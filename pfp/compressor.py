@@ -597,10 +597,6 @@ class MemoryCompressor(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the stream
 # ----------------------------------------------------------------------------------------------
-def _consumed(entry) -> tuple:
-    return entry.consumed if isinstance(entry, _GraphedStep) else entry
-
-
 class _GraphedStep:
     """One whole-step append of a stream, captured as a CUDA graph (``CompressorStream(cuda_graph=True)``).
 
@@ -609,9 +605,7 @@ class _GraphedStep:
     the outputs out (the next replay overwrites the pool). It holds the parameters' and buffers'
     addresses from the capture: one replaced or moved (``.to``, offloading) makes it stale."""
 
-    def __init__(self, stream: "CompressorStream", hr: Tensor, lr: Tensor, frames: tuple, phases: tuple,
-                 consumed: tuple):
-        self.consumed = consumed
+    def __init__(self, stream: "CompressorStream", hr: Tensor, lr: Tensor, frames: tuple, phases: tuple):
         self.inputs = [hr.clone(), lr.clone(), *(f.clone() for f in frames)]
         self.tensor_ptrs = _tensor_ptrs(stream.compressor)
         self.graph, self.outputs = _capture(
@@ -705,7 +699,8 @@ class CompressorStream:
         ref = compressor._param_ref()
         self._dtype, self._device = ref.dtype, ref.device
         self.cuda_graph = bool(cuda_graph)
-        self._steps: dict = {}    # step key -> frames each stage consumed (seen once), or a _GraphedStep
+        self._steps: dict = {}    # step key -> the input frames each stage consumes in that step
+        self._graphs: dict = {}   # step key -> its _GraphedStep, once captured
         self.replayed_appends = 0
         self._graph_error: Optional[str] = None   # why a capture failed; then no graphs for this stream
         self._grids: dict = {}    # token frames of a step -> (positions, order) from frame 0
@@ -801,8 +796,7 @@ class CompressorStream:
         gh, gw = self._geometry[4:]
         t0 = self.num_emitted_frames
         if grid_at_zero is None:
-            positions = token_positions(c.rate, (n, gh, gw), t_start=t0, device=tokens.device)
-            order = c.token_order(n, gh, gw, t_start=t0, device=tokens.device)
+            positions, order = self._grid(n, t0, tokens.device)
         else:
             # a shift by whole token frames moves times by rt per frame; every value is a multiple of
             # 1/2 far below 2**24, so float32 holds the shifted values exactly, as if rebuilt
@@ -839,14 +833,14 @@ class CompressorStream:
         return tokens, c._features(h), tuple(s.frames for s in new)
 
     def _append_step(self, key: tuple, hr: Tensor, lr: Tensor) -> Context:
-        entry = self._steps[key]
         frames = tuple(s.frames for s in self._states)
-        phases = tuple(s.phase() for s in self._states)
+        phases = tuple(phase for phase, _ in key[-1])   # the key ends with each state's (phase, frames shape)
         graph = self._graph_error is None and _GraphedStep.usable(self.compressor, hr.device)
         if graph:
-            if not isinstance(entry, _GraphedStep) or not entry.valid_for(self.compressor):
+            entry = self._graphs.get(key)
+            if entry is None or not entry.valid_for(self.compressor):
                 try:
-                    entry = self._steps[key] = _GraphedStep(self, hr, lr, frames, phases, consumed=_consumed(entry))
+                    entry = self._graphs[key] = _GraphedStep(self, hr, lr, frames, phases)
                 except RuntimeError as exc:   # something in the step cannot be captured: no graphs here
                     self._graph_error = f"{type(exc).__name__}: {exc}"
                     warnings.warn(f"CompressorStream(cuda_graph=True): the append could not be captured as a "
@@ -856,19 +850,23 @@ class CompressorStream:
             tokens, features, new_frames = entry.replay(hr, lr, frames)
         else:   # no graph here: the same step, run directly
             tokens, features, new_frames = self._step(hr, lr, frames, phases)
-        consumed = _consumed(entry)
         self.replayed_appends += 1
         self._states = [CausalConvState(f, s.frames_seen + k, s.signature)
-                        for f, s, k in zip(new_frames, self._states, consumed)]
+                        for f, s, k in zip(new_frames, self._states, self._steps[key])]
         self.hr_frames_seen += hr.shape[2]
         self.lr_frames_seen += lr.shape[2]
         gh, gw = self._geometry[4:]
         n = tokens.shape[1] // (gh * gw)
-        if n not in self._grids:   # a step's grid is rebuilt from frame 0 once, then shifted (few launches)
-            c = self.compressor
-            self._grids[n] = (token_positions(c.rate, (n, gh, gw), device=tokens.device),
-                              c.token_order(n, gh, gw, device=tokens.device))
+        if n not in self._grids:   # a step's grid is built from frame 0 once, then shifted (few launches)
+            self._grids[n] = self._grid(n, 0, tokens.device)
         return self._emit(tokens, n, features, self._grids[n])
+
+    def _grid(self, n: int, t_start: int, device) -> tuple:
+        """``(positions, order)`` of ``n`` token frames from token frame ``t_start``."""
+        c = self.compressor
+        gh, gw = self._geometry[4:]
+        return (token_positions(c.rate, (n, gh, gw), t_start=t_start, device=device),
+                c.token_order(n, gh, gw, t_start=t_start, device=device))
 
     def _check_geometry(self, hr: Optional[Tensor], lr: Optional[Tensor]) -> None:
         c = self.compressor

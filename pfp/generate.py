@@ -318,7 +318,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                 if backbone.context_mode == "cached":
                     context = cache
                 else:
-                    context = _stream_context(streams) if memory else _without_tokens(new)
+                    context = _stream_context(streams) if memory else new   # new: emptied above
                 if window:   # rebuilt each chunk over the compressed history; `cache` never holds it
                     recent = x if recent is None else torch.cat([recent, x], dim=2)[:, :, -window:]
                     win = window_context(backbone, recent, window, history_frames=(k + 1) * lat_shape[2])

@@ -135,8 +135,8 @@ def call_op(op, *args):
     That wrapper then only redispatches below the autograd key, which this does directly. Its
     Python costs ~10 us per call with warm caches, and ~50 us right after a conv that streamed a
     large weight through the caches: the four conv calls of a streaming append at 1/4 scale took
-    1.53 ms instead of 1.73 (Zen 4, 2 cores, caches evicted first). Calls that need a gradient, and code torch.compile traces, go through the op
-    as usual.
+    1.53 ms instead of 1.73 (Zen 4, 2 cores, caches evicted first). Calls that need a gradient,
+    and code torch.compile traces, go through the op as usual.
     """
     if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
