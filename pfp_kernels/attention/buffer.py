@@ -72,10 +72,10 @@ class JointKVBuffer:
             self.keys[:, :nc].copy_(context_k.expand(batch, -1, -1, -1))
             self.values[:, :nc].copy_(context_v.expand(batch, -1, -1, -1))
         self._keep = None  # [batch, Nc + capacity] bool: the context's mask, then the tail's (True if none)
-        # Whether the keys are masked now: the context's mask always, a tail mask for its call only;
-        # an unmasked call on an unmasked context runs maskless (flash-attn, no attn_mask for SDPA)
+        # A call is masked by the context's mask, or by its own tail mask for that call only: an
+        # unmasked call on an unmasked context runs maskless (flash-attn, no attn_mask for SDPA)
         # even after a masked one made _keep.
-        self._context_masked = self._masked = context_mask is not None
+        self._context_masked = context_mask is not None
         if context_mask is not None:
             self._keep = torch.ones(batch, nc + capacity, dtype=torch.bool, device=context_k.device)
             self._keep[:, :nc].copy_(context_mask.expand(batch, -1))
@@ -89,8 +89,8 @@ class JointKVBuffer:
     def backends(self, q: Tensor, tail_masked: bool = False) -> dict[str, Optional[str]]:
         """For each of ``flash_attn``, ``sdpa`` and ``cpp``: None if it can run with queries like
         ``q`` (and a tail key mask, if ``tail_masked``), else why not."""
-        return {"flash_attn": self._flash_attn_why_not(q), "sdpa": self._sdpa_why_not(q),
-                "cpp": self._cpp_why_not(q, tail_masked)}
+        return {"flash_attn": self._flash_attn_why_not(q, self._context_masked or tail_masked),
+                "sdpa": self._sdpa_why_not(q), "cpp": self._cpp_why_not(q, tail_masked)}
 
     def _cpp_why_not(self, q: Tensor, tail_masked: bool) -> Optional[str]:
         why = _cpp_why_not(q, q, q, None, None)   # joint_attention's: CPU, the library loaded, the dtype
@@ -98,10 +98,10 @@ class JointKVBuffer:
             why = "the C++ kernel takes a context mask but no tail key mask (sdpa does)"
         return why
 
-    def _flash_attn_why_not(self, q: Tensor) -> Optional[str]:
+    def _flash_attn_why_not(self, q: Tensor, masked: bool) -> Optional[str]:
         if q.device.type != "cuda":
             return f"flash-attn runs on CUDA, not {q.device.type}"
-        if self._masked:
+        if masked:
             return "flash-attn takes no key mask here (sdpa does)"
         return _flash_attn_why_not(q, q, q, None, None)   # joint_attention's: the package, dtype, head dim
 
@@ -156,28 +156,27 @@ class JointKVBuffer:
         self.values[:, self.num_context:end].copy_(v)
         if key_mask is not None and self._keep is None:   # made on the first masked call, kept after
             self._keep = torch.ones(b, self.num_context + self.capacity, dtype=torch.bool, device=q.device)
-        self._masked = self._context_masked or key_mask is not None
-        if self._masked:   # a tail mask from the last call must not outlive it
+        masked = key_mask is not None
+        if self._context_masked or masked:   # a tail mask from the last call must not outlive it
             if key_mask is None:
                 self._keep[:, self.num_context:end].fill_(True)
             else:
                 self._keep[:, self.num_context:end].copy_(key_mask)
-        masked = key_mask is not None
         reasons = self.backends(q, masked)
         if impl == "auto":
             runnable = [name for name in BUFFER_IMPLS if reasons[name] is None]
             impl = runnable[0]
             if len(runnable) > 1:
-                call = _tuning.TuneCall(self._bucket(q, nk), lambda name: self._run(name, q, end, scale, masked))
+                call = _tuning.TuneCall(self._bucket(q, nk, masked), lambda name: self._run(name, q, end, scale, masked))
                 impl = _tuning.lookup_or_measure("joint_attention_buffer", runnable, (q,), call) or impl
         elif reasons[impl] is not None:
             raise RuntimeError(f"JointKVBuffer.attend: impl {impl!r} cannot run here: {reasons[impl]}")
         return self._run(impl, q, end, scale, masked)
 
-    def _bucket(self, q: Tensor, nk: int) -> tuple:
+    def _bucket(self, q: Tensor, nk: int, tail_masked: bool) -> tuple:
         b, nq, h, d = q.shape
         return (b, h, d, _tuning.pow2(nq), _tuning.pow2(nk), _tuning.pow2(self.num_context),
-                int(self._masked))
+                int(self._context_masked or tail_masked))
 
     def _run(self, impl: str, q: Tensor, end: int, scale: float, tail_masked: bool) -> Tensor:
         nc = self.num_context
@@ -192,7 +191,7 @@ class JointKVBuffer:
                 raise RuntimeError(f"JointKVBuffer.attend: flash_attn unavailable: {why}")
             out = fa(q, keys, values, softmax_scale=scale, causal=False)
             return (out[0] if isinstance(out, tuple) else out).contiguous()
-        keep = self._keep[:, :end] if self._masked else None
+        keep = self._keep[:, :end] if self._context_masked or tail_masked else None
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
             attn_mask=None if keep is None else keep[:, None, None, :])
