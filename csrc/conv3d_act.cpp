@@ -50,9 +50,9 @@
 // cached_from_weight. The eager baseline and the plain-weight oneDNN op reorder every call.
 //
 // Layouts: activations may come in any memory format; inputs whose channel stride is not 1 are
-// relaid to channels-last-3d once (the only hidden copy, and it is documented in conv.py).
-// Outputs are always dense channels-last-3d, exactly the strides of the fake kernels in
-// pfp_kernels/conv.py.
+// relaid to channels-last-3d once (the only hidden copy, and it is documented in pfp_kernels/conv/).
+// Outputs are always dense channels-last-3d: the strides of the fake kernels in pfp_kernels/conv/
+// (up to those of size-1 dims, which address nothing).
 //
 // project_tokens is one GEMM: with channels-last h the [B*T*H*W, C] token matrix is a free view,
 // and at::addmm_out accumulates into an output pre-filled with residual + bias (one pass), so the
@@ -74,6 +74,7 @@
 #include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -582,9 +583,16 @@ Tensor onednn_conv(const Tensor& x, const Tensor& weight, const std::optional<Te
 #else
   const bool post_op = silu && x.scalar_type() != at::kFloat;
 #endif
-  Tensor y = op.call(x, weight, bias, padding, stride, dilation, 1, post_op ? "swish" : "none",
+  // One input channel: x's channels-last strides then differ from contiguous ones only on size-1
+  // dims, and oneDNN misreads some of them (e.g. x [1,1,11,5,1] with strides (55,1,5,1,1): errors
+  // of 1e21 from the stock op, exact with the contiguous strides (55,55,5,1,1) of the same memory).
+  const Tensor xin = x.size(1) == 1 ? x.as_strided(x.sizes(), c10::contiguous_strides(x.sizes())) : x;
+  Tensor y = op.call(xin, weight, bias, padding, stride, dilation, 1, post_op ? "swish" : "none",
                      c10::List<std::optional<at::Scalar>>(), std::nullopt);
   if (silu && !post_op) at::silu_(y);
+  // With one input channel oneDNN writes a contiguous output; the callers restride it as
+  // channels-last.
+  if (!y.is_contiguous(at::MemoryFormat::ChannelsLast3d)) y = y.contiguous(at::MemoryFormat::ChannelsLast3d);
   return y;
 }
 
@@ -858,6 +866,12 @@ Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan,
     // conv (AVX512-BF16 / AMX class CPUs): there oneDNN's own op with a prepacked weight beat it
     // with the plain weight by 4-15% on the bf16 64 -> 128 stage and matched or beat it on
     // 16 -> 64, in each of four interleaved runs on a Xeon with AMX (fp32 there: equal).
+    // A single input channel never takes a prepacked weight: for Cin = 1 oneDNN's reorder picks a
+    // layout that its conv then misreads when the W stride exceeds 1 and one output column
+    // results (e.g. x [1,1,8,64,3], w [64,1,3,3,2], stride (1,1,2): errors of 1e6 and NaN), while
+    // the same conv with the plain weight is right. Such weights are tiny; oneDNN's own per-call
+    // reorder of them costs little.
+    if (g.Cin == 1) return f32(w);
     const bool native_reduced = !convert && dtype != at::kFloat;
     if (!always && !native_reduced && static_cast<double>(w.numel()) < costs.prepack_min_elements) return f32(w);
     std::ostringstream key;
@@ -868,7 +882,7 @@ Tensor execute_conv(const ConvCall& c, const ConvShape& s, const ConvPlan& plan,
     });
   };
   std::optional<Tensor> b32;
-  if (c.bias) b32 = f32(*c.bias);
+  if (c.bias) b32 = f32(*c.bias).contiguous();  // oneDNN reads the bias at unit stride
 
   // The frames of V = [zeros ; prev ; x] that outputs [0, m1) read, gathered into one dense
   // channels-last tensor: st*(m1-1)+kt frames.

@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor> segments_route(const Tensor& q_in, const Tensor& k_in
     cv = unit_stride_d(cv_in).expand({q.size(0), -1, -1, -1});
   }
   const int64_t batch = q.size(0), n_q = q.size(1), heads = q.size(2);
-  // Outputs are contiguous, as the fake kernel (pfp_kernels/attention.py) declares.
+  // Outputs are contiguous, as the fake kernel (pfp_kernels/attention/) declares.
   if (!has_ctx) {
     auto [out, lse] = attend_segment(q, k, v, scale);
     return {out.contiguous(), lse.contiguous()};

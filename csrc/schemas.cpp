@@ -1,7 +1,7 @@
 // Operator schemas of the pfp library. Kernels live beside this file (one file per op family) and
 // register with TORCH_LIBRARY_IMPL; pip builds them into one library per CPU ISA
 // (pfp_kernels._cpu_*, see setup.py), of which one is loaded. Fake (meta) kernels and autograd
-// are registered from Python (pfp_kernels/conv.py, pfp_kernels/attention.py), and Triton kernels
+// are registered from Python (pfp_kernels/conv/, pfp_kernels/attention/), and Triton kernels
 // for CUDA are separate Python custom ops (pfp::*_triton), because CUDA C++ cannot be built
 // against a CPU torch.
 #include <torch/library.h>

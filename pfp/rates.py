@@ -13,7 +13,8 @@ Spatially the grid floors: only the top-left ``floor(H/(ph*rh))*(ph*rh)`` rows a
 latent is cut to the matching ``floor(H/(ph*rh))*ph`` rows and ``floor(W/(pw*rw))*pw`` columns.
 The paper's check: 832x480, 20 s at 24 fps, VAE 8x8 spatial / 4x temporal -> HR latent
 120x60x104 -> rate 4x4x2 with patch (1,2,2) -> 60 x 7 x 13 = 5460 tokens (60/8 = 7.5 floors to 7).
-Temporally nothing floors: the causal convs give ``ceil(T/rt)`` tokens (design.md).
+Temporally nothing floors: the causal convs give ``ceil(T/rt)`` tokens (pfp_kernels.conv's time
+convention).
 
 Stage plan (how a rate maps onto the ``len(hidden)`` conv stages). The HR latent needs
 ``log2(rt)`` temporal halvings and ``max(log2(ph*rh), log2(pw*rw))`` spatial halvings (a

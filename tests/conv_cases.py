@@ -81,8 +81,12 @@ def make_params(case: ConvCase, dtype, device="cpu", generator=None):
     fan_in = case.cin * case.kernel[0] * case.kernel[1] * case.kernel[2]
     w = torch.randn(case.cout, case.cin, *case.kernel, dtype=torch.float64, generator=generator)
     w = (w / fan_in ** 0.5).to(dtype).to(device)
-    b = (0.5 * torch.randn(case.cout, dtype=torch.float64, generator=generator)).to(dtype).to(device) \
-        if case.bias else None
+    b = None
+    if case.bias:
+        # the "strided" layout takes a strided bias too: every other element of a longer vector
+        step = 2 if case.layout == "strided" else 1
+        b = (0.5 * torch.randn(case.cout * step, dtype=torch.float64, generator=generator)).to(dtype).to(device)
+        b = b[::step]
     return w, b
 
 
@@ -198,7 +202,10 @@ def check_project_tokens(impl: str, dtype, shape, cout: int, bias: bool, residua
     b_, c = shape[:2]
     h = make_activation(shape, dtype, layout, device, g)
     w = (torch.randn(cout, c, dtype=torch.float64, generator=g) / c ** 0.5).to(dtype).to(device)
-    bb = torch.randn(cout, dtype=torch.float64, generator=g).to(dtype).to(device) if bias else None
+    bb = None
+    if bias:  # strided layout: a strided bias too
+        step = 2 if layout == "strided" else 1
+        bb = torch.randn(cout * step, dtype=torch.float64, generator=g).to(dtype).to(device)[::step]
     ntok = shape[2] * shape[3] * shape[4]
     r = torch.randn(b_, ntok, cout, dtype=torch.float64, generator=g).to(dtype).to(device) if residual else None
     with poisoned_outputs():

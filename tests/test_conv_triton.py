@@ -88,7 +88,7 @@ def test_conv3d_matches_fp64_reference(case, dtype):
 def test_every_config_is_correct(monkeypatch):
     """Force each config the picker can return; shapes cross every tile edge (M, N and K)."""
     for cls, role, cfg in tk.all_configs():
-        dtype = torch.float16 if cls == "16bit" else torch.float32
+        dtype = torch.float16 if cls.startswith("16bit") else torch.float32  # 16bit, 16bit-hopper, ...
         monkeypatch.setattr(tk, "pick_config", lambda *args, _cfg=cfg: _cfg)
         # M = 2*3*5*7 = 210 > 128 rows, N = 70 > 64, K per tap = 20 (a partial 16/32 block)
         x = torch.randn(2, 20, 5, 5, 7).to(dtype).contiguous(memory_format=CL3)

@@ -172,6 +172,11 @@ _OPS = {"cpp": "joint_attention", "triton": "joint_attention_triton", "sdpa": "j
         "xformers": "joint_attention_xformers"}
 
 
+# The backends that return the log-sum-exp of a call with a context_mask on CUDA, fastest first
+# (the reference always can).
+MASKED_LSE_BACKENDS = ("triton", "torch")
+
+
 def _run(name: str, q, k, v, context_k, context_v, scale: float, return_lse: bool, context_mask=None):
     """out, or (out, lse) with ``return_lse``, from implementation ``name``."""
     if name == "torch":
@@ -221,7 +226,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
             ``flash_attn, triton, xformers, cpp, sdpa, sdpa_concat, torch`` (see
             :func:`attention_backends`). A forced backend that cannot run these inputs raises
             RuntimeError with its reason.
-        return_lse: also return the log-sum-exp of the scaled scores.
+        return_lse: also return the log-sum-exp of the scaled scores. Off the CPU, a call with
+            a context_mask then runs a backend that has it (:data:`MASKED_LSE_BACKENDS`).
 
     Returns:
         out ``[B, Nq, H, D]`` (q's dtype, contiguous), and with ``return_lse`` also lse
@@ -230,11 +236,20 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, context_k: Optional[Tensor]
     """
     check_inputs(q, k, v, context_k, context_v, context_mask)
     scale = scale_or_default(scale, q.shape[-1])
-    tune = _tune_call(q, k, v, context_k, context_v, scale, context_mask) if impl == "auto" else None
-    chosen = JOINT_ATTENTION.choose(impl, q, k, v, context_k, context_v, context_mask, tune=tune)
-    if return_lse and context_mask is not None and q.device.type != "cpu" and chosen != "torch":
-        raise ValueError("joint_attention: return_lse=True with a context_mask runs on CPU, or with "
-                         "impl='torch' (the fused CUDA kernels that take a mask return no lse here)")
+    inputs = (q, k, v, context_k, context_v, context_mask)
+    if return_lse and context_mask is not None and q.device.type != "cpu":
+        # off the CPU only these give the lse of a masked call (SDPA's masked kernels return none)
+        if impl == "auto":
+            reasons = JOINT_ATTENTION.reasons(*inputs)
+            chosen = next(name for name in MASKED_LSE_BACKENDS if reasons[name] is None)
+        elif impl in MASKED_LSE_BACKENDS:
+            chosen = JOINT_ATTENTION.choose(impl, *inputs)
+        else:
+            raise ValueError(f"joint_attention: impl={impl!r} returns no lse with a context_mask on "
+                             f"{q.device.type}; choose one of: auto, {', '.join(MASKED_LSE_BACKENDS)}")
+    else:
+        tune = _tune_call(q, k, v, context_k, context_v, scale, context_mask) if impl == "auto" else None
+        chosen = JOINT_ATTENTION.choose(impl, *inputs, tune=tune)
     return _run(chosen, q, k, v, context_k, context_v, scale, return_lse, context_mask)
 
 

@@ -125,7 +125,7 @@ def _sdpa_recompute_backward_ok(q: Tensor, k: Tensor, grad_lse: Optional[Tensor]
 
 
 def _aten_cpu_backward_ok(q: Tensor, k: Tensor, grad_lse: Optional[Tensor]) -> bool:
-    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.numel() > 0 and k.shape[-1] > 0
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.numel() > 0
             and _lse_grad_is_zero(grad_lse))
 
 

@@ -182,7 +182,12 @@ def joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Opti
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
         attn_mask=None if keep is None else keep[:, None, None, :])
-    return out.transpose(1, 2).contiguous()
+    out = out.transpose(1, 2)
+    if keep is not None and k.shape[1] == 0:
+        # no target keys: a sample whose context is all masked has no key; its out is 0 as in
+        # every backend (SDPA's masked CUDA kernels give NaN there)
+        out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)
+    return out.contiguous()
 
 
 def _joint_attention_sdpa_concat_impl(q, k, v, context_k, context_v, scale, context_mask=None):

@@ -10,8 +10,8 @@ One folder holds the whole op family:
 - C++ CPU kernels:  csrc/conv3d_act.cpp (oneDNN or a direct kernel, chosen by a cost model)
 
 Layout: activations are ``[B, C, T, H, W]`` tensors; channels-last-3d is preferred and is what
-the kernels write, so stacked stages never relayout. Time convention of the causal form (see
-shared/design.md): output frame j of temporal kernel k and stride s reads input frames
+the kernels write, so stacked stages never relayout. Time convention of the causal form:
+output frame j of temporal kernel k and stride s reads input frames
 s*j-(k-1) .. s*j; frames before 0 are zeros; T input frames give ceil(T/s) outputs.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 computed by one formula and errors read the same everywhere. (The C++ kernels repeat the checks
 for direct op calls, with the same wording: csrc/conv3d_act.cpp, ``conv_out_len``.)
 
-Time convention of the causal form (shared/design.md): output frame j of temporal kernel k and
+Time convention of the causal form: output frame j of temporal kernel k and
 stride s reads input frames s*j-(k-1) .. s*j; frames before 0 are zeros; T frames give ceil(T/s)
 outputs.
 """
@@ -84,6 +84,12 @@ def causal_out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride
             out_len(x_shape[4], weight_shape[4], stride[2], padding_hw[1])]
 
 
+def check_kernel_dtype(x: Tensor, name: str, op: str) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+        raise ValueError(f"{op}: {name} dtype must be one of {names}, got {x.dtype}")
+
+
 def check_conv_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str) -> None:
     if x.dim() != 5:
         raise ValueError(f"{op}: x must be 5-D [B, Cin, T, H, W], got shape {tuple(x.shape)}")
@@ -92,8 +98,7 @@ def check_conv_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], op: str) 
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: x has {x.shape[1]} channels but weight expects Cin={weight.shape[1]} "
                          f"(weight shape {tuple(weight.shape)})")
-    if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"{op}: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    check_kernel_dtype(x, "x", op)
     if weight.dtype != x.dtype or weight.device != x.device:
         raise ValueError(f"{op}: weight must match x in dtype and device; x is {x.dtype} on {x.device}, "
                          f"weight is {weight.dtype} on {weight.device}")
@@ -110,6 +115,7 @@ def check_project_args(h: Tensor, weight: Tensor, bias: Optional[Tensor],
     op = "project_tokens"
     if h.dim() != 5:
         raise ValueError(f"{op}: h must be 5-D [B, C, T, H, W], got shape {tuple(h.shape)}")
+    check_kernel_dtype(h, "h", op)
     if weight.dim() == 5:
         if tuple(weight.shape[2:]) != (1, 1, 1):
             raise ValueError(f"{op}: a 5-D weight must be [Cout, C, 1, 1, 1], got {tuple(weight.shape)}")

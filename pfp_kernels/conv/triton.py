@@ -312,7 +312,7 @@ def all_configs() -> list[tuple[str, str, ConvConfig]]:
 # ----------------------------------------------------------------------------------------------
 def _empty_cl3(shape: list[int], like: Tensor) -> Tensor:
     """An uninitialised channels-last-3d output with exactly the strides of the fake kernels in
-    pfp_kernels/conv.py (``new_empty(shape).contiguous(memory_format=channels_last_3d)``: where
+    pfp_kernels/conv/autograd.py (``new_empty(shape).contiguous(memory_format=channels_last_3d)``: where
     a contiguous tensor already counts as channels-last-3d, e.g. Cout = 1, it keeps the
     contiguous strides), without that expression's copy."""
     out = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -358,6 +358,8 @@ def _launch_conv(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Option
     kt, kh, kw = weight.shape[2:]
     # K-major weight ([Cout, kt, kh, kw, Cin] in memory); a no-op when it is already stored so.
     weight = weight.contiguous(memory_format=CL3)
+    # the kernels read the bias at unit stride; a strided view (e.g. a column of a matrix) is copied
+    bias = bias.contiguous() if bias is not None else None
     p = prev.shape[2] if prev is not None else 0
     src_prev = prev if prev is not None else x
     cfg = pick_config(cin, cout, m, x.dtype, x.device)
@@ -438,6 +440,7 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     cfg = pick_config(c, n, m, h.dtype, h.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     res = residual if residual is not None else out
+    bias = bias.contiguous() if bias is not None else None  # read at unit stride
     with _device_guard(h):
         _project_tokens_kernel[grid](
             h, weight, bias if bias is not None else weight, res, out,
