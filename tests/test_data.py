@@ -1,3 +1,4 @@
+import bisect
 import json
 import os
 import re
@@ -631,11 +632,51 @@ def _write_mpeg(path, video, fps=25):
     with av.open(str(path), "w", format="mpeg") as out:
         stream = out.add_stream("mpeg1video", rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.shape[3], video.shape[2], "yuv420p"
+        stream.bit_rate = 4_000_000  # the grey levels come back exact
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def _counter_video(n, h=32, w=32):
+    """Frame i shows i in base 32 in its top half as two grey blocks (left: 8*(i % 32), right:
+    8*(i // 32)), one 16-pixel macroblock each so that codecs keep the levels; the bottom half is
+    noise, which makes packets as large as real video's (a seek in small packets lands exactly)."""
+    i = torch.arange(n, dtype=torch.float32)
+    video = torch.rand(3, n, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    video[:, :, : h // 2, : w // 2] = ((i % 32) * 8 / 127.5 - 1).view(1, n, 1, 1)
+    video[:, :, : h // 2, w // 2:] = ((i // 32) * 8 / 127.5 - 1).view(1, n, 1, 1)
+    return video
+
+
+def _counter_numbers(video):
+    h, w = video.shape[-2:]
+    level = lambda block: ((block.mean(dim=(0, 2, 3)) + 1) * 127.5 / 8).round().long()  # noqa: E731
+    top = video[..., : h // 2, :]
+    return (level(top[..., : w // 2]) + 32 * level(top[..., w // 2:])).tolist()
+
+
+def test_read_clip_from_mpeg_streams_after_a_seek(tmp_path):
+    """Seeks in MPEG program streams land after the target (a seek to 1.04 s gave 1.1 s); a clip
+    must still show, at each target time, the last frame of a whole decode whose timestamp is not
+    after it (the muxer's timestamps are not evenly spaced, so frame numbers alone do not say)."""
+    import av
+    path = tmp_path / "counter.mpg"
+    _write_mpeg(path, _counter_video(120), fps=25)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        base = float(stream.start_time * stream.time_base)
+        decoded = [(f.time - base, f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+    times = [t for t, _ in decoded]
+    numbers = [_counter_numbers(torch.from_numpy(a).permute(2, 0, 1)[:, None].float() / 127.5 - 1)[0]
+               for _, a in decoded]
+    assert numbers == list(range(120))
+    for start in [0.5, 1.3, 3.7] + [0.27 * i for i in range(16)]:
+        clip = read_clip(str(path), start=start, fps=8, num_frames=6, size=(32, 32))
+        want = [numbers[bisect.bisect_right(times, start + k / 8 + 1e-6) - 1] for k in range(6)]
+        assert _counter_numbers(clip) == want, f"start {start}"
 
 
 def test_video_folder_storyboards_optional_and_mpg(tmp_path):

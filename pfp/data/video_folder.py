@@ -109,6 +109,78 @@ def _scan(path: str) -> _VideoScan:
     return _VideoScan(last_time + frame_period - base, native_fps, frames)
 
 
+# How far before a clip's start read_clip seeks, in seconds, try by try; None: from the file's start.
+_SEEK_BACKOFF = (0.0, 1.0, 4.0, 16.0, None)
+# In MPEG program and transport streams the first frames decoded after a seek carry the wrong
+# timestamps (one frame late, then a repeat: measured on mpeg1 .mpg files), so read_clip seeks at
+# least this many seconds before the clip and reaches it once the timestamps are right again.
+_MPEG_STREAM_FORMATS = frozenset({"mpeg", "mpegts", "mpegvideo", "vob"})
+_MPEG_SEEK_MARGIN = 1.0
+
+
+def _decode_targets(container, path: str, start: float, fps: float, num_frames: int, size: tuple[int, int],
+                    crop, seek_to: float):
+    """read_clip's decode: (picked pixels per target, targets filled, last frame's time, the
+    stream's start time, frame period), or None when the seek to ``seek_to`` seconds (> 0) landed
+    after the first target."""
+    h, w = size
+    zoom, crop_y, crop_x = (1.0, 0.5, 0.5) if crop is None else crop
+    picked: list[Any] = [None] * num_frames  # numpy HxWx3 uint8 per target
+    if not container.streams.video:
+        raise RuntimeError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = stream.average_rate or stream.guessed_rate
+    frame_period = 1.0 / float(rate) if rate else 0.0
+    # times count from the stream's first timestamp (mp4 edit lists, webm offsets)
+    base = float(stream.start_time * stream.time_base) if stream.start_time is not None \
+        and stream.time_base is not None else 0.0
+    targets = [base + start + i / fps for i in range(num_frames)]
+    seek = seek_to > 0 and stream.time_base is not None
+    if seek:
+        container.seek(int((base + seek_to) / stream.time_base), stream=stream, backward=True, any_frame=False)
+    idx = 0
+    prev, prev_time = None, None
+    cover = None
+    cached = (None, None)  # (frame, its pixels): a frame often fills several targets
+
+    def pixels(frame):
+        nonlocal cover, cached
+        if cached[0] is frame:
+            return cached[1]
+        if cover is None:
+            scale = max(h / frame.height, w / frame.width) * zoom
+            cover = (max(h, round(frame.height * scale)), max(w, round(frame.width * scale)))
+        arr = frame.reformat(width=cover[1], height=cover[0], format="rgb24", interpolation="AREA").to_ndarray()
+        if crop is None:   # exactly the centre, as before crops could move
+            top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
+        else:
+            top, left = round(crop_y * (cover[0] - h)), round(crop_x * (cover[1] - w))
+        cached = (frame, arr[top:top + h, left:left + w])
+        return cached[1]
+
+    for frame in container.decode(stream):
+        t = frame.time
+        if t is None:
+            continue
+        if seek and prev is None and t > targets[0] + _EPS:
+            return None  # the seek overshot: the first target's frame lies before this one
+        # targets before this frame's time show the previous frame (or this one, when the stream
+        # starts after the first target)
+        while idx < num_frames and targets[idx] < t - _EPS:
+            picked[idx] = pixels(prev if prev is not None else frame)
+            idx += 1
+        prev, prev_time = frame, t
+        if idx >= num_frames:
+            break
+    # the last decoded frame stays on screen for one frame period
+    if prev is not None:
+        while idx < num_frames and targets[idx] < prev_time + frame_period - _EPS:
+            picked[idx] = pixels(prev)
+            idx += 1
+    return picked, idx, prev_time, base, frame_period
+
+
 def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tuple[int, int],
               crop: Optional[tuple[float, float, float]] = None) -> torch.Tensor:
     """Decode ``num_frames`` frames at ``fps`` from ``start`` seconds, each scaled to cover
@@ -119,68 +191,26 @@ def read_clip(path: str, *, start: float, fps: float, num_frames: int, size: tup
     ``(1, 0.5, 0.5)``, the centre at the cover scale. Raises RuntimeError naming the file if it
     cannot be decoded or is too short."""
     av = _import_av()
-    h, w = size
     zoom, crop_y, crop_x = (1.0, 0.5, 0.5) if crop is None else crop
     if not (zoom >= 1.0 and 0.0 <= crop_y <= 1.0 and 0.0 <= crop_x <= 1.0):
         raise ValueError(f"read_clip: crop must be (zoom >= 1, y in [0, 1], x in [0, 1]), got {crop!r}")
-    picked: list[Any] = [None] * num_frames  # numpy HxWx3 uint8 per target
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise RuntimeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            rate = stream.average_rate or stream.guessed_rate
-            frame_period = 1.0 / float(rate) if rate else 0.0
-            # times count from the stream's first timestamp (mp4 edit lists, webm offsets)
-            base = float(stream.start_time * stream.time_base) if stream.start_time is not None \
-                and stream.time_base is not None else 0.0
-            targets = [base + start + i / fps for i in range(num_frames)]
-            if start > 0 and stream.time_base is not None:
-                container.seek(int((base + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
-            idx = 0
-            prev, prev_time = None, None
-            cover = None
-            cached = (None, None)  # (frame, its pixels): a frame often fills several targets
-
-            def pixels(frame):
-                nonlocal cover, cached
-                if cached[0] is frame:
-                    return cached[1]
-                if cover is None:
-                    scale = max(h / frame.height, w / frame.width) * zoom
-                    cover = (max(h, round(frame.height * scale)), max(w, round(frame.width * scale)))
-                arr = frame.reformat(width=cover[1], height=cover[0], format="rgb24",
-                                     interpolation="AREA").to_ndarray()
-                if crop is None:   # exactly the centre, as before crops could move
-                    top, left = (cover[0] - h) // 2, (cover[1] - w) // 2
-                else:
-                    top, left = round(crop_y * (cover[0] - h)), round(crop_x * (cover[1] - w))
-                cached = (frame, arr[top:top + h, left:left + w])
-                return cached[1]
-
-            for frame in container.decode(stream):
-                t = frame.time
-                if t is None:
-                    continue
-                # targets before this frame's time show the previous frame (or this one, when a
-                # seek landed just after the target, or the stream starts late)
-                while idx < num_frames and targets[idx] < t - _EPS:
-                    picked[idx] = pixels(prev if prev is not None else frame)
-                    idx += 1
-                prev, prev_time = frame, t
-                if idx >= num_frames:
-                    break
-            # the last decoded frame stays on screen for one frame period
-            if prev is not None:
-                while idx < num_frames and targets[idx] < prev_time + frame_period - _EPS:
-                    picked[idx] = pixels(prev)
-                    idx += 1
-    except RuntimeError:
-        raise
-    except Exception as e:
-        raise RuntimeError(f"{path}: cannot decode video: {e}") from None
-    if prev is None:
+    # Seek to the clip's start; where the seek lands after it (MPEG program streams do: a seek to
+    # 1.04 s gave 1.1 s first), seek again further back, and in the end decode from the start.
+    for back in _SEEK_BACKOFF:
+        try:
+            with av.open(path) as container:
+                if back is not None and container.format.name in _MPEG_STREAM_FORMATS:
+                    back = max(back, _MPEG_SEEK_MARGIN)
+                seek_to = max(start - back, 0.0) if back is not None else 0.0
+                decoded = _decode_targets(container, path, start, fps, num_frames, size, crop, seek_to)
+        except RuntimeError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"{path}: cannot decode video: {e}") from None
+        if decoded is not None or seek_to <= 0:
+            break
+    picked, idx, prev_time, base, frame_period = decoded
+    if prev_time is None:
         raise RuntimeError(f"{path}: no decodable video frames")
     if idx < num_frames:
         need = (num_frames - 1) / fps
