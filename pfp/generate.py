@@ -1,6 +1,6 @@
 """Autoregressive multi-shot video generation: ``python -m pfp.generate``.
 
-Chunk by chunk (design.md, "Data flow"):
+Chunk by chunk:
 
 1. the sampler denoises the next chunk's latents, conditioned on the prompt active at the chunk's
    start (the storyboard's latest shot whose start <= t) and on the compressed history;
@@ -172,13 +172,6 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     without them the whole model moves to ``device`` and stays there. The result's ``plan`` is the
     choices that ran and ``bytes_moved`` the host-to-device bytes they cost.
     """
-    from tqdm import tqdm
-
-    from pfp.data import to_low_res_part
-    from pfp.sampler import sample
-    from pfp.vae import decode_stream, encode_stream
-    from pfp.window import window_context, with_window
-
     from pfp.offload import Placement
 
     config = model.config
@@ -192,23 +185,57 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
         if not plan.fits:
             raise InputError(plan.too_small(f"memory_budget {memory_budget}", "this model"))
     choices = None if plan is None else dict(getattr(plan, "choices", plan))
+    backbone, vae = model.backbone, model.vae
+    s = vae.spatial_factor
+    lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
+    # every input is checked before anything moves or a hook goes on
+    history, n_given = _given_chunks(history, lat_shape, n_chunks, device)
+    wants_condition = getattr(backbone, "condition_channels", 0) > 0
+    if wants_condition and image is None:
+        raise InputError("this model is image-to-video (its backbone reads a condition beside the latent, as "
+                         "Wan I2V does): give image= (--image PIC)")
+    if image is not None:
+        if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, h, w):
+            raise InputError(f"image must be a [3, {h}, {w}] frame in [-1, 1] (the video's size), got "
+                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+        if n_given:
+            raise InputError("give image or history, not both: both set the video's start")
+    if isinstance(plan, Placement) and (plan.model is not model or plan.device != device):
+        raise ValueError("plan: a Placement must be of this model and for this device")
     model.eval()
     if isinstance(plan, Placement):
-        if plan.model is not model or plan.device != device:
-            raise ValueError("plan: a Placement must be of this model and for this device")
         placement = plan
     else:
         placement = Placement(model, device, choices) if choices is not None else None
     if placement is None:
         model.to(device)
+    try:
+        return _generate_placed(model, storyboard, n_chunks, (h, w), lat_shape, history, n_given, image,
+                                placement, choices, steps=steps, cfg=cfg, cfg_min_t=cfg_min_t, cfg_2=cfg_2,
+                                shift=shift, eta=eta, seed=seed, device=device, progress=progress,
+                                sequence_parallel=sequence_parallel, memory=memory)
+    finally:
+        if placement is not None:
+            placement.close()
+
+
+def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_given, image, placement, choices, *,
+                     steps, cfg, cfg_min_t, cfg_2, shift, eta, seed, device, progress, sequence_parallel, memory):
+    """generate()'s run, its inputs checked and the model placed."""
+    from tqdm import tqdm
+
+    from pfp.data import to_low_res_part
+    from pfp.sampler import sample
+    from pfp.vae import decode_stream, encode_stream
+    from pfp.window import window_context, with_window
+
+    config = model.config
+    h, w = size
     backbone, compressor, vae = model.backbone, model.compressor, model.vae
     kv_choice = placement.choices["kv"] if placement is not None else "native"
     kv_storage = "fp8" if kv_choice == "fp8" else "native"   # "buffer": native K/V, read through buffers
-    s = vae.spatial_factor
-    lat_shape = (1, backbone.latent_channels, config.chunk_latent_frames, h // s, w // s)
     # the whole video, as training would feed it: one low-res input per compressor (config.mix_compressors)
     specs = [c.clip_spec(n_chunks, (h, w)) for c in config.branch_configs()]
-    history, n_given = _given_chunks(history, lat_shape, n_chunks, device)
     shift = config.sample_shift if shift is None else shift
     eta = config.sample_eta if eta is None else eta
     cfg = config.sample_cfg if cfg is None else cfg
@@ -240,15 +267,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     first_frame = None
     conditions = image_states = None   # Wan 2.1 I2V: (first chunk's, later chunks') condition; CLIP states
     wants_condition = getattr(backbone, "condition_channels", 0) > 0
-    if wants_condition and image is None:
-        raise InputError("this model is image-to-video (its backbone reads a condition beside the latent, as "
-                         "Wan I2V does): give image= (--image PIC)")
     if image is not None:
-        if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, h, w):
-            raise InputError(f"image must be a [3, {h}, {w}] frame in [-1, 1] (the video's size), got "
-                             f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-        if n_given:
-            raise InputError("give image or history, not both: both set the video's start")
         picture = image.to(device=device, dtype=torch.float32).clamp(-1, 1)
         with placement.decode() if placement is not None else nullcontext():   # the VAE's phase
             if wants_condition:
@@ -344,8 +363,6 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
             backbone.set_sequence_parallel(None)
         if kv_choice == "buffer":
             backbone.use_context_kv_buffers(buffers_before)
-        if placement is not None:
-            placement.close()
     lr_all = [torch.cat(kept, dim=2) for kept in lr_latents]
     return GenerationResult(torch.cat(videos, dim=1), torch.cat(latents, dim=2), lr_all[0],
                             _stream_context(streams), prompts, timings, cache, choices,

@@ -133,7 +133,8 @@ class BlockOffload:
     prefetched on a side stream (CUDA), so at most two blocks are on the device at once.
 
     Registered as forward pre/post hooks on each block module (what the backbone calls, in
-    ``forward`` and ``cache_context`` alike); :meth:`remove` takes them off and brings every block in.
+    ``forward`` and ``cache_context`` alike); :meth:`remove` takes them off (the blocks stay where
+    they are: :meth:`Placement.close` parks them on the host).
     """
 
     def __init__(self, blocks, device: torch.device, park_to: str = "host", groups: Optional[list] = None):
@@ -151,6 +152,7 @@ class BlockOffload:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready = [None] * len(self.blocks)   # CUDA event: block i's prefetch is done
         self.bytes_moved = 0
+        self.resident: set = set()   # indices of the loaded blocks
         self.handles = []
         for i, blk in enumerate(self.blocks):
             self.handles.append(blk.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
@@ -158,6 +160,7 @@ class BlockOffload:
 
     def _load(self, i: int, prefetch: bool) -> None:
         part = self.parts[i]
+        self.resident.add(i)
         if part.loaded:
             return
         if self.stream is None or not prefetch:
@@ -168,7 +171,17 @@ class BlockOffload:
         event.record(self.stream)
         self.ready[i] = event
 
+    def _park(self, i: int) -> None:
+        self.parts[i].park()
+        self.ready[i] = None
+        self.resident.discard(i)
+
     def _before(self, i: int) -> None:
+        # A block prefetched for a pass that did not come (two experts: the last block of one
+        # expert's pass prefetches that expert's first, and the other expert runs next) leaves, so
+        # that no more than the running block and its successor are ever in.
+        for j in [j for j in self.resident if j != i and j != self.next[i]]:
+            self._park(j)
         self._load(i, prefetch=False)
         if self.ready[i] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[i])
@@ -176,12 +189,11 @@ class BlockOffload:
         self._load(self.next[i], prefetch=True)
 
     def _after(self, i: int) -> None:
-        self.parts[i].park()
+        self._park(i)
 
     def park_all(self) -> None:
-        for i, part in enumerate(self.parts):
-            part.park()
-            self.ready[i] = None
+        for i in range(len(self.parts)):
+            self._park(i)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -253,9 +265,12 @@ class Placement:
         self._bytes = 0
         if self.choices["text"] == "gpu":
             self._bytes += self._text.load()
-        if not self.choices["swap"]:
-            self._bytes += self._vae.load()
-            self._load_transformer()
+        # Without swapping, the VAE and the transformer stay in from the start; with text="free"
+        # only from the end of the text phase, which has the encoder alone on the device (the
+        # memory plan counts the phases so).
+        self._resident_pending = not self.choices["swap"]
+        if self.choices["text"] != "free":
+            self._load_resident()
 
     @property
     def bytes_moved(self) -> int:
@@ -266,6 +281,13 @@ class Placement:
     def text_device(self) -> torch.device:
         """Where the text encoder runs: the device, or the CPU with ``text="cpu"``."""
         return torch.device("cpu") if self.choices["text"] == "cpu" else self.device
+
+    def _load_resident(self) -> None:
+        """Without swapping: the VAE and the transformer in, once."""
+        if self._resident_pending:
+            self._resident_pending = False
+            self._bytes += self._vae.load()
+            self._load_transformer()
 
     def _load_transformer(self) -> None:
         self._bytes += self._backbone.load()
@@ -295,7 +317,8 @@ class Placement:
 
     @contextmanager
     def text(self):
-        """Encoding the prompts. With ``text="free"`` the encoder is on the device only in here."""
+        """Encoding the prompts (once, before the other phases). With ``text="free"`` the encoder
+        is on the device only in here, and alone."""
         if self.choices["text"] == "free":
             self._bytes += self._text.load()
         try:
@@ -303,10 +326,12 @@ class Placement:
         finally:
             if self.choices["text"] == "free":
                 self._text.park()
+        self._load_resident()
 
     @contextmanager
     def transformer(self):
         """The compressor's append, the context K/V and the denoising steps."""
+        self._load_resident()
         if self.choices["swap"]:
             self._vae.park()
             self._load_transformer()
@@ -315,6 +340,7 @@ class Placement:
     @contextmanager
     def decode(self):
         """The VAE's decode and the low-res re-encode."""
+        self._load_resident()
         if self.choices["swap"]:
             self._park_transformer()
             self._bytes += self._vae.load()

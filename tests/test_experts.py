@@ -177,6 +177,24 @@ def test_block_offload_prefetches_within_the_running_expert():
     off.remove()
 
 
+def test_block_offload_with_two_experts_holds_two_blocks_and_gives_the_plain_video():
+    # an expert's last block prefetches its own first one; when the other expert runs next, that
+    # block leaves instead of staying in through the other's pass (three blocks in, one unplanned)
+    from pfp.generate import generate
+    from pfp.offload import Placement
+    from pfp.text import Storyboard
+    story = Storyboard.from_list([{"start": 0, "end": 2, "prompt": "a red circle"}])
+    model = _a14b_model()
+    want = generate(model, story, 2.0, steps=4, progress=False)
+    placement = Placement(model, "cpu", {"offload": "block"}, park_to="nan")
+    held = []
+    for blk in model.backbone.blocks:   # registered after the offload hooks: runs once its block is in
+        blk.register_forward_pre_hook(lambda m, a: held.append(sum(p.loaded for p in placement.blocks.parts)))
+    got = generate(model, story, 2.0, steps=4, progress=False, plan=placement)
+    assert held and max(held) == 2
+    assert torch.equal(got.video, want.video)
+
+
 def _a14b_model(boundary=0.6):
     from pfp.weights import build_model
     from _tiny_pfp import tiny_config

@@ -116,6 +116,29 @@ def test_a_part_used_while_away_poisons_the_video(wan_vae_dir):
                  plan=Forgetful(model, "cpu", {"swap": True}, park_to="nan"))
 
 
+def test_text_free_encodes_with_the_encoder_alone_on_the_device(wan_vae_dir):
+    # what the planner counts for text="free" without swapping: the encoder alone in the text
+    # phase, then the VAE and the transformer for good
+    model = _model(wan_vae_dir, "cached")
+    placement = Placement(model, "cpu", {"text": "free"}, park_to="nan")
+    parts = lambda: (placement._text.loaded, placement._vae.loaded, placement._backbone.loaded)  # noqa: E731
+    assert parts() == (False, False, False)
+    with placement.text():
+        assert parts() == (True, False, False)
+    assert parts() == (False, True, True)
+    placement.close()
+
+
+def test_bad_input_is_refused_before_anything_moves(wan_vae_dir):
+    from pfp.generate import InputError
+    model = _model(wan_vae_dir, "cached")
+    hooks = lambda: sum(len(b._forward_pre_hooks) for b in model.backbone.blocks)  # noqa: E731
+    for bad in (dict(image=torch.zeros(3, 5, 5)), dict(history=torch.zeros(1, 2, 3))):
+        with pytest.raises(InputError):
+            generate(model, STORY, SECONDS, steps=STEPS, progress=False, plan={"offload": "block"}, **bad)
+        assert hooks() == 0
+
+
 def test_block_offload_moves_what_the_planner_counts_and_holds_two_blocks(wan_vae_dir):
     from pfp import memory
     model = _model(wan_vae_dir, "cached")
