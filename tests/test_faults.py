@@ -462,6 +462,7 @@ def test_mix_synthetic_trains_on_a_folder_with_synthetic_scenes_mixed_in(tmp_pat
     (["--data", "no/such/folder"], "--data"), (["--init", "missing.safetensors"], "--init"),
     (["--config", "missing.json"], "--config"), (["--resume", "--overwrite"], "--overwrite"),
     (["--bad-data", "ignore"], "--bad-data"), (["--steps", "x"], "--steps"),
+    (["--clip-seconds", "0.9"], "--clip-seconds 0.9 is 1.8 chunks of 0.5 s"),
 ])
 def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, flags, named):
     from pfp.train.__main__ import main
@@ -469,6 +470,43 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys,
     assert main(["pretrain", "--out", "run", "--no-progress"] + flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and named in err and "\n" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_takes_the_runs_own_flags_and_refuses_others(tmp_path, capsys, monkeypatch):
+    from pfp.train.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "cfg.json", tiny_config())
+    common = ["--config", cfg, "--out", "run", "--clip-seconds", "1", "--workers", "0", "--no-progress",
+              "--threads", "1", "--save-every", "2"]
+    assert main(["pretrain", *common, "--steps", "2", "--batch-size", "2", "--seed", "7"]) == 0
+    capsys.readouterr()
+    # values that define the run, given otherwise, are refused before anything runs
+    for argv, named in ((["pretrain", "--seed", "8"], "--seed 8 differs from the run being resumed"),
+                        (["pretrain", "--batch-size", "3"], "--batch-size 3 differs"),
+                        (["pretrain", "--clip-seconds", "1.5"], "--clip-seconds 1.5 differs"),
+                        (["finetune", "--lora-rank", "0", "--clip-seconds", "1"], "mode finetune differs"),
+                        (["pretrain", "--steps", "1"], "--steps 1 is before step 2 of the checkpoint"),
+                        (["pretrain", "--until", "1"], "--until 1 is before step 2")):
+        assert main([argv[0], *common, "--resume", "--steps", "4", *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and named in err and "\n" not in err, err
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-00000002"]
+    # flags left out take the run's values; a changed learning rate is said, and used
+    assert main(["pretrain", *common, "--resume", "--steps", "4", "--lr", "2e-3"]) == 0
+    assert "resume: --lr 0.002 differs from the run's" in capsys.readouterr().err
+    with open(os.path.join(latest_checkpoint(tmp_path / "run"), "state.json")) as f:
+        recorded = json.load(f)["args"]
+    assert (recorded["seed"], recorded["batch_size"], recorded["lr"]) == (7, 2, 2e-3)
+
+
+def test_finetune_refuses_a_clip_without_room_for_a_history(tmp_path, capsys, monkeypatch):
+    # one chunk would leave the compressor without a gradient for the whole run
+    from pfp.train.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--out", "run", "--no-progress", "--clip-seconds", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "finetune takes at least two chunks" in err and "e.g. 1, 1.5 or 2" in err and "\n" not in err, err
     assert os.listdir(tmp_path) == []
 
 

@@ -390,7 +390,7 @@ def test_pretrains_finetunes_with_lora_and_refuses_another_models_checkpoint(hun
 
     from _tiny_pfp import tiny_config, write_config
     path = write_config(tmp_path / "cfg.json", _hunyuan_config(*hunyuan_dir))
-    common = ["--steps", "2", "--batch-size", "2", "--clip-seconds", "1", "--workers", "0", "--no-progress",
+    common = ["--steps", "2", "--batch-size", "2", "--clip-seconds", "2", "--workers", "0", "--no-progress",
               "--threads", "1", "--save-every", "2"]
     pre, ft = tmp_path / "pre.safetensors", tmp_path / "ft.safetensors"
     assert main(["pretrain", "--config", path, "--out", str(tmp_path / "pre"), "--export", str(pre), *common]) == 0

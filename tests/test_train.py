@@ -417,8 +417,28 @@ def test_every_compressor_kind_pretrains_and_finetunes(tmp_path, kind):
                       init=str(tmp_path / "pre.safetensors")))
     assert math.isfinite(out["loss"]) and out["model"].compressor.kind == kind
     # a checkpoint of one kind is refused by a config of another, naming both
-    with pytest.raises(ValueError, match=f"holds a '{kind}' compressor but the config asks for 'pfp'"):
+    with pytest.raises(ValueError, match=f"holds compressors for {kind} 2x2x2, lr_phase start but the config "
+                                         f"asks for pfp 2x2x2"):
         train(_args(tmp_path, tmp_path / "mismatch", mode="finetune", steps=1, init=str(tmp_path / "pre.safetensors")))
+
+
+def test_init_from_a_run_folder_takes_its_config_and_a_compressor_of_another_rate_is_refused(tmp_path):
+    # a run folder as --init: its config, as a weights file's (not the built-in one)
+    cfg = dataclasses.replace(tiny_config(), rate="2x2x1", sample_shift=7.0)
+    path = write_config(tmp_path / "r221.json", cfg)
+    train(_args(tmp_path, tmp_path / "pre", mode="pretrain", steps=1, config=path,
+                export=str(tmp_path / "pre.safetensors")))
+    out = train(_args(tmp_path, tmp_path / "again", mode="pretrain", steps=1, config=None, init=str(tmp_path / "pre")))
+    assert out["model"].config.rate == "2x2x1" and out["model"].config.sample_shift == 7.0
+    # weights of another rate have the same shapes here, and would load; they are refused, from a
+    # folder and from a file alike, unless the compressor starts afresh
+    other = write_config(tmp_path / "r222.json", dataclasses.replace(cfg, rate="2x2x2"))
+    for init in (tmp_path / "pre", tmp_path / "pre.safetensors"):
+        with pytest.raises(ValueError, match="holds compressors for pfp 2x2x1, .* asks for pfp 2x2x2, lr_phase start; use a config"):
+            train(_args(tmp_path, tmp_path / "x", mode="pretrain", steps=1, config=other, init=str(init)))
+    out = train(_args(tmp_path, tmp_path / "fresh", mode="pretrain", steps=1, config=other,
+                      init=str(tmp_path / "pre.safetensors"), init_skip="compressor."))
+    assert out["model"].config.rate == "2x2x2"
 
 
 def test_init_skip_starts_the_compressor_afresh(tmp_path):

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -337,13 +338,30 @@ def _init_tensors(model: PFPModel, path: str) -> tuple:
         tensors, st = load_checkpoint(path, restore_rng=False, verify=False)
         if st.get("lora"):
             raise ValueError(f"--init {path}: a LoRA checkpoint; export it first (--export) and init from that file")
-        return path, {k: v for k, v in tensors.items() if model.is_saved_key(k)}, None
+        file_cfg = PFPConfig.from_dict(st["config"]) if st.get("config") else None
+        return path, {k: v for k, v in tensors.items() if model.is_saved_key(k)}, file_cfg
     tensors, file_cfg = read_weights(path)
     return path, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, file_cfg
 
 
+def _compressors_of(config: PFPConfig) -> str:
+    """What makes compressor weights fit a config: each compressor's kind and rate, and the phase
+    its low-res branch samples (e.g. ``pfp 4x4x2 + pfp 2x2x8, lr_phase start``)."""
+    from pfp.rates import parse_rate
+    branches = " + ".join(f"{c.compressor_kind} {parse_rate(c.rate)}" for c in config.branch_configs())
+    return f"{branches}, lr_phase {config.lr_phase}"
+
+
 def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
     path, tensors, file_cfg = _init_tensors(model, path)
+    fresh_compressor = bool(skip_prefix) and _matches("compressor.", skip_prefix)
+    if file_cfg is not None and not fresh_compressor:
+        # weights of another kind fail to load, but those of another rate or phase often have the
+        # same shapes and would load, to be read at other strides
+        have, want = _compressors_of(file_cfg), _compressors_of(model.config)
+        if have != want:
+            raise ValueError(f"--init {path} holds compressors for {have} but the config asks for {want}; "
+                             f"use a config that matches, or --init-skip compressor. to start the compressor afresh")
     own = model.trainable_state_dict()
     if skip_prefix:
         # start these modules afresh: e.g. finetuning without the pretrained compressor (Table 2's
@@ -364,9 +382,6 @@ def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, ski
             raise ValueError(f"--init-new {new_prefix!r}: {path} already has {clash[:3]}")
         load_state_checked(model, {**tensors, **fill}, path)
         return
-    if file_cfg is not None and file_cfg.compressor_kind != model.config.compressor_kind:
-        raise ValueError(f"--init {path} holds a {file_cfg.compressor_kind!r} compressor but the config asks for "
-                         f"{model.config.compressor_kind!r}; use a config of the same compressor_kind")
     load_state_checked(model, tensors, path)
 
 
@@ -502,6 +517,54 @@ def _find_resume_point(args: TrainArgs, rank: int, world: int) -> Optional[str]:
     return found
 
 
+# What a resumed run takes from the run it continues. A flag left at its default takes the run's
+# value; a flag given with another value is refused (those that define the run: its data, model and
+# random streams) or warned about (those that only steer the optimisation from here on, after which
+# the run no longer equals one that was never stopped).
+_RESUME_FIXED = ("mode", "seed", "batch_size", "clip_seconds", "data", "num_videos", "sprite_radius",
+                 "pattern_period", "lora_rank", "lora_alpha", "freeze_compressor", "freeze_text", "init",
+                 "init_new", "init_skip", "config", "rate", "context_mode", "fsdp", "mix_synthetic", "storyboards",
+                 "bad_data")
+_RESUME_STEERING = ("lr", "weight_decay", "warmup", "lr_schedule", "grad_clip", "compressor_lr", "precision",
+                    "max_retrieve", "p_uncond", "t_shift", "p_no_history", "history_noise", "t_weight_power",
+                    "t_uniform", "self_history", "self_history_t", "crop", "max_zoom", "flip", "skip_nonfinite")
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))   # tuples as lists, as state.json holds them
+
+
+def _resumed_args(args: TrainArgs, state: dict, rank: int) -> TrainArgs:
+    """``args`` for continuing the run whose checkpoint state is ``state`` (see _RESUME_FIXED);
+    UsageError for a run-defining flag that differs, or a --steps / --until already reached."""
+    recorded = state.get("args") or {}
+    defaults = TrainArgs()
+    inherit = {}
+    for name in _RESUME_FIXED + _RESUME_STEERING:
+        if name not in recorded:
+            continue
+        given, was = _plain(getattr(args, name)), recorded[name]
+        if given == was:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if given == _plain(getattr(defaults, name)) and name != "mode":   # the mode is always given
+            inherit[name] = tuple(was) if isinstance(was, list) else was
+        elif name in _RESUME_FIXED:
+            shown = name if name == "mode" else flag
+            raise UsageError(f"{shown} {given} differs from the run being resumed in {args.out} ({was}); "
+                             f"resume with the run's own value, or start a new run in another --out")
+        elif rank == 0:
+            print(f"resume: {flag} {given} differs from the run's {was}; the steps from here on use {given}",
+                  file=sys.stderr)
+    # equal is fine: a run killed after its last checkpoint finishes (the export) when run again
+    step = int(state.get("step", 0))
+    for flag, value in (("--steps", args.steps), ("--until", args.until)):
+        if value is not None and value < step:
+            raise UsageError(f"{flag} {value} is before step {step} of the checkpoint in {args.out}: that run "
+                             f"went further; give {flag} {step} or more")
+    return replace(args, **inherit) if inherit else args
+
+
 def _start_run_dir(args: TrainArgs) -> None:
     """Make ``--out``, first removing the old run's files with ``--overwrite`` (rank 0)."""
     if args.overwrite:
@@ -578,7 +641,10 @@ def _resolve_config(args: TrainArgs, resume_state: Optional[dict]) -> PFPConfig:
     elif args.config:
         from pfp.memory import config_from_arg
         config = config_from_arg(args.config, args.model_dir, args.rate)
-    elif args.init and not os.path.isdir(args.init):
+    elif args.init and os.path.isdir(args.init):   # a run folder or checkpoint: its config
+        state = read_state(resolve_checkpoint(args.init))
+        config = PFPConfig.from_dict(state["config"]) if state.get("config") else PFPConfig()
+    elif args.init:
         config = read_weights(args.init)[1] or PFPConfig()
     else:
         config = PFPConfig()
@@ -793,6 +859,8 @@ def train(args: TrainArgs) -> dict:
         return _plan_preset(args)   # the preset's architecture, traced: no folder, no weights, no data
     resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
+    if resume_state is not None:
+        args = _resumed_args(args, resume_state, rank)
     config = _resolve_config(args, resume_state)
     # every file checked before step 1 (--plan only plans: no data is read)
     dataset = None if args.plan else _dataset(args, config, progress=args.progress and rank == 0)
@@ -899,8 +967,18 @@ def train(args: TrainArgs) -> dict:
 
 
 def _clip_chunks(args: TrainArgs, config: PFPConfig) -> int:
-    """Chunks per training clip (``--clip-seconds``, whole chunks, at least one)."""
-    return max(1, int(round(args.clip_seconds * config.fps)) // config.chunk_frames)
+    """Chunks per training clip: ``--clip-seconds`` must be a whole number of the config's chunks
+    (nothing is rounded away), and finetuning needs two (a history and a target); UsageError
+    otherwise, naming the lengths that are."""
+    chunk_s = config.chunk_frames / config.fps
+    chunks = args.clip_seconds / chunk_s
+    least = 2 if args.mode == "finetune" else 1
+    if abs(chunks - round(chunks)) > 1e-6 or round(chunks) < least:
+        need = "at least two chunks (a history and a target)" if args.mode == "finetune" else "whole chunks"
+        raise UsageError(f"--clip-seconds {args.clip_seconds:g} is {chunks:.3g} chunks of {chunk_s:g} s "
+                         f"({config.chunk_frames} frames at {config.fps:g} fps); {args.mode} takes {need}: "
+                         f"e.g. {least * chunk_s:g}, {(least + 1) * chunk_s:g} or {(least + 2) * chunk_s:g}")
+    return int(round(chunks))
 
 
 def _lora_rank(args: TrainArgs) -> int:
