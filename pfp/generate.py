@@ -474,7 +474,8 @@ def _parser() -> Parser:
     return p
 
 
-def _check_args(ns, config) -> None:
+def _check_args(ns) -> None:
+    """The sampling flags' ranges (they need no model)."""
     if ns.storyboard and ns.prompt:
         raise InputError("give --storyboard or --prompt, not both")
     if not 1 <= ns.steps <= 1000:
@@ -653,10 +654,10 @@ def _main(argv) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = _device(ns.device)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))   # this rank's GPU
     from pfp.parallel import init_from_env
-    sp = init_from_env()   # under torchrun with several ranks: sequence-parallel over them
-    if sp is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    sp = init_from_env(device)   # under torchrun with several ranks: sequence-parallel over them
     budget = None
     if ns.vram is not None:
         from pfp.memory import parse_bytes
@@ -682,8 +683,9 @@ def _main(argv) -> int:
         storyboard = Storyboard.single(ns.prompt, ns.seconds if ns.seconds and ns.seconds > 0 else 2.0)
     else:
         storyboard = Storyboard.from_list(BUILTIN_STORYBOARD)
-    from pfp.memory import PRESETS
-    if ns.plan and ns.config in PRESETS and ns.model_dir is None:
+    _check_args(ns)   # before any model is read
+    from pfp.memory import is_preset
+    if ns.plan and is_preset(ns.config) and ns.model_dir is None:
         return _plan_preset(ns, storyboard, budget)   # the preset's architecture: no folder, no weights
     model = _load_model(ns)
     config = model.config
@@ -691,7 +693,6 @@ def _main(argv) -> int:
         # a small model's ops are too small to split: one thread is faster, and far faster when
         # other processes share the cores (OpenMP threads then wait on each other)
         torch.set_num_threads(1)
-    _check_args(ns, config)
     size = _parse_size(ns.size, config) if ns.size else tuple(config.video_size)
     seconds = ns.seconds if ns.seconds is not None else (
         storyboard.duration if ns.prompt is None else 2.0)
@@ -740,14 +741,18 @@ def _print_plan(plan, seconds: float, size: tuple, vram: Optional[str]) -> None:
 def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
     """``--plan`` for a preset without its folder: traced from the preset's architecture (the
     planner needs no weights), at the preset's size and the storyboard's length."""
-    from pfp.memory import plan_trace, preset, trace_preset
+    from pfp.memory import plan_trace, preset, preset_config, trace_preset
     try:
         p = preset(ns.config, ns.rate)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     seconds = ns.seconds if ns.seconds is not None else (storyboard.duration if ns.prompt is None else 2.0)
     chunk = p.chunk_frames / p.fps
-    cfg = 5.0 if ns.cfg is None else ns.cfg   # the preset's sample_cfg
+    n = seconds / chunk if isinstance(seconds, (int, float)) and math.isfinite(seconds) else float("nan")
+    if not (abs(n - round(n)) <= 1e-6 and round(n) >= 1):
+        raise InputError(f"--seconds {seconds:g}: {p.name} generates chunks of {chunk:g} s; use a whole number "
+                         f"of them, e.g. --seconds {chunk:g} or {2 * chunk:g}")
+    cfg = preset_config(p, "").sample_cfg if ns.cfg is None else ns.cfg
     trace = trace_preset(p, max(0.0, seconds - chunk), cfg_batch=1 if cfg == 1 else 2)
     plan = plan_trace(trace, budget, ns.steps)
     if not plan.fits:

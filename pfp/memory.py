@@ -163,7 +163,7 @@ def config_from_arg(value: str, model_dir: Optional[str], rate: Optional[str] = 
     file; ``rate`` (``--rate``) replaces its compression rate. ValueError naming the flag: a preset
     without a folder, a folder that is not one, a missing file, a bad rate."""
     from pfp.config import PFPConfig
-    if value in PRESETS or value in PRESET_ALIASES:
+    if is_preset(value):
         if not model_dir:
             raise ValueError(f"{flag} {value} is a preset: it needs --model-dir DIR, a local diffusers pipeline "
                              f"folder (transformer/, vae/, text_encoder/, tokenizer/); nothing is downloaded")
@@ -180,6 +180,12 @@ def config_from_arg(value: str, model_dir: Optional[str], rate: Optional[str] = 
         if rate is not None:
             _check_rate(rate)
             config.rate = rate
+        try:
+            config.check()
+        except ValueError as exc:   # what is wrong, and where it came from
+            msg = str(exc)
+            raise ValueError(msg if value in msg else f"{flag} {value}: {msg}") from None
+        return config
     config.check()
     return config
 
@@ -221,6 +227,11 @@ def _check_rate(rate: str) -> None:
         raise ValueError(f"--rate {rate}: {exc}") from None
 
 
+def is_preset(name) -> bool:
+    """Whether ``name`` is a preset's name or one of its aliases."""
+    return name in PRESETS or name in PRESET_ALIASES
+
+
 def preset(name: str, rate: Optional[str] = None) -> Preset:
     name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
@@ -246,10 +257,10 @@ def parse_bytes(text: str, name: str = "--vram") -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{name} must be a positive size with a unit (B, KB, MB, GB, KiB, MiB, GiB, ...), "
                          f"e.g. 12GiB; got {text!r}")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {text!r}")
-    return int(value)
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise ValueError(f"{name} must be > 0 (at least 1 byte), got {text!r}")
+    return value
 
 
 def _gib(n: float) -> str:
@@ -778,6 +789,9 @@ def plan_trace(trace: Trace, budget: Optional[int], steps: int = 20) -> Plan:
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+MAX_HISTORY_SECONDS = 24 * 3600   # a day of history: far past any context the planner is meant for
+
+
 def _parser() -> argparse.ArgumentParser:
     from pfp._cli import Parser
     ap = Parser(prog="python -m pfp.memory", description="Plan a model's memory for a GPU budget: which "
@@ -793,7 +807,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from pfp._cli import UsageError, run_cli
+    from pfp._cli import UsageError, check_number, run_cli
 
     def run() -> int:
         args = _parser().parse_args(argv)
@@ -802,8 +816,8 @@ def main(argv: Optional[list] = None) -> int:
             p = preset(args.config, args.rate)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if args.history < 0 or args.steps < 1:
-            raise UsageError(f"--history must be >= 0 and --steps >= 1, got {args.history} and {args.steps}")
+        check_number("--history", args.history, lo=0, hi=MAX_HISTORY_SECONDS, allow_none=False)
+        check_number("--steps", args.steps, lo=1, integer=True, allow_none=False)
         trace = trace_preset(p, args.history)
         plan = choose(trace, budget, args.steps)
         if not plan.fits:

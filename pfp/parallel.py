@@ -93,14 +93,20 @@ class SequenceParallel:
         return torch.cat([part[:, :s] for part, s in zip(parts, sizes)], dim=1)
 
 
-def init_from_env() -> Optional[SequenceParallel]:
-    """Under ``torchrun`` with more than one rank: the default process group (NCCL on CUDA, gloo
-    otherwise) and a :class:`SequenceParallel` over it; None for a single process."""
+def init_from_env(device=None) -> Optional[SequenceParallel]:
+    """Under ``torchrun`` with more than one rank: the default process group over the ranks'
+    ``device`` (NCCL for CUDA, with this rank's GPU made current first; gloo for the CPU) and a
+    :class:`SequenceParallel` over it; None for a single process. ``device`` None: CUDA where
+    available."""
     import os
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_cuda:
+        index = torch.device(device).index if device is not None else None
+        torch.cuda.set_device(index if index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     return SequenceParallel()
 
 

@@ -389,8 +389,8 @@ def test_memory_false_gives_the_backbone_no_compressed_context(mode):
 
 
 def test_history_chunks_are_given_not_sampled(weights):
-    """``history=``: the given chunks come out as given (decoded), later chunks are sampled after
-    them, and the run equals one that sampled those same latents itself."""
+    """``history=``: the given chunks come out as given (decoded), and later chunks are sampled
+    after them, conditioned on them."""
     from pfp.generate import InputError
     from pfp.weights import load_weights
     model = load_weights(weights)
@@ -402,9 +402,6 @@ def test_history_chunks_are_given_not_sampled(weights):
     torch.testing.assert_close(given.latents[:, :, :2 * n], free.latents[:, :, :2 * n] + 0.25)
     torch.testing.assert_close(given.video[:, :8], model.vae.decode(free.latents[:, :, :2 * n] + 0.25)[0].clamp(-1, 1))
     assert not torch.allclose(given.latents[:, :, 2 * n:], free.latents[:, :, 2 * n:])  # conditioned on the history
-    # taking its own first chunk as history changes nothing, except that chunk 1 draws the first noise
-    same = generate(model, story, 1.5, steps=2, cfg=2.0, seed=3, progress=False, history=free.latents[:, :, :n])
-    torch.testing.assert_close(same.latents[:, :, :n], free.latents[:, :, :n])
     for bad in (free.latents, free.latents[:, :, :n - 1] if n > 1 else free.latents[:, :1, :n], free.latents[0]):
         with pytest.raises(InputError, match="history must be"):
             generate(model, story, 1.5, steps=2, progress=False, history=bad)
