@@ -430,7 +430,7 @@ def _parser():
 def main(argv=None) -> int:
     import json
 
-    from pfp._cli import UsageError, check_number, check_output_file, run_cli
+    from pfp._cli import UsageError, check_module, check_number, check_output_file, run_cli
 
     def body() -> int:
         parser = _parser()
@@ -441,6 +441,7 @@ def main(argv=None) -> int:
         check_number("--seconds", ns.seconds, lo=0, lo_open=True, hi=3600)
         if not os.path.isdir(ns.videos):
             raise UsageError(f"--videos {ns.videos}: no such folder")
+        check_module("--videos", "av", "av")   # PyAV decodes them
         if ns.command == "consistency":
             check_number("--history-seconds", ns.history_seconds, lo=0, lo_open=True, hi=3600)
             rows = consistency_table(ns.checkpoints, ns.videos, history_seconds=ns.history_seconds,

@@ -223,7 +223,7 @@ def test_cli_synthetic_size_ranges(tmp_path, capsys):
               "--workers", "0", "--no-progress", "--threads", "1"]
     assert main(common + ["--out", str(tmp_path / "bad"), "--sprite-radius", "0.3", "0.1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: sprite_radius must be (min, max)") and "\n" not in err
+    assert err.startswith("error: --sprite-radius must be MIN MAX with 0 < MIN <= MAX <= 1") and "\n" not in err
     args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))
     ds = _dataset(args, build_model().config)
     assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pfp._cli import RunFailure, UsageError, check_device, check_number, check_output_file, check_writable_dir
+from pfp._cli import (RunFailure, UsageError, check_device, check_module, check_number, check_output_file,
+                      check_writable_dir)
 from pfp.data.video_folder import CROPS, STORYBOARD_POLICIES
 from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
 
@@ -268,9 +269,12 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
                                     flip=args.flip, on_bad=args.bad_data,
                                     storyboards=args.storyboards, progress=progress)
     except ValueError as e:
-        if "missing storyboard" in str(e) and args.storyboards == "required":
-            raise ValueError(f"{e}; --storyboards optional trains on videos without one (prompt 'a video')") from None
-        raise
+        msg = str(e).replace("pass on_bad='skip' to skip them", "--bad-data skip skips them")   # the flag's words
+        if "missing storyboard" in msg and args.storyboards == "required":
+            msg += "; --storyboards optional trains on videos without one (prompt 'a video')"
+        if msg == str(e):
+            raise
+        raise ValueError(msg) from None
     if not args.mix_synthetic:
         return folder
     from pfp.data import MixedVideos, SyntheticMultiShotVideos
@@ -427,7 +431,10 @@ def check_train_args(args: TrainArgs) -> None:
     check_number("--mix-synthetic", args.mix_synthetic, lo=0, hi=1, hi_open=True, allow_none=False)
     for flag, pair in (("--sprite-radius", args.sprite_radius), ("--pattern-period", args.pattern_period)):
         for v in pair:
-            check_number(flag, v, allow_none=False)
+            check_number(flag, v, lo=0, lo_open=True, hi=1, allow_none=False)
+        if not pair[0] <= pair[1]:
+            raise UsageError(f"{flag} must be MIN MAX with 0 < MIN <= MAX <= 1 (units of the frame's shorter "
+                             f"side), got {pair[0]:g} {pair[1]:g}")
     for flag, value, choices in (("--precision", args.precision, ("auto", "bf16", "fp32")),
                                  ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
                                  ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
@@ -456,26 +463,31 @@ def check_train_args(args: TrainArgs) -> None:
         raise UsageError("give --init-new (tensors --init lacks) or --init-skip (tensors of --init to ignore), not both")
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the run in --out) or --overwrite (start it again), not both")
-    from pfp.memory import PRESETS
+    from pfp.memory import is_preset
     if args.rate is not None and args.config is None:
         raise UsageError("--rate goes with --config (a config file, or a preset such as wan22-ti2v-5b-480p)")
-    if args.plan and args.config in PRESETS and args.model_dir is None:
+    if args.plan and is_preset(args.config) and args.model_dir is None:
         from pfp.memory import preset
         try:
             preset(args.config, args.rate)   # planned from its architecture: no folder needed
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    elif args.config in PRESETS or args.model_dir is not None or args.rate is not None:
+    elif is_preset(args.config) or args.model_dir is not None or args.rate is not None:
         from pfp.memory import config_from_arg
         try:
             config_from_arg(args.config or "", args.model_dir, args.rate)   # the folder and rate, up front
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    for flag, path in (("--config", None if args.config in PRESETS else args.config), ("--init", args.init)):
+    for flag, path in (("--config", None if is_preset(args.config) else args.config), ("--init", args.init)):
         if path is not None and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file or folder")
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise UsageError(f"--data must be 'synthetic' or a folder of videos, got {args.data!r} (no such folder)")
+    # optional dependencies the run will need, asked for now rather than after the model is built
+    if args.data != "synthetic":
+        check_module("--data", "av", "av")
+    if _lora_rank(args) > 0:
+        check_module("--lora-rank", "peft", "peft")
     if args.mix_synthetic and args.data == "synthetic":
         raise UsageError("--mix-synthetic mixes synthetic scenes into a video folder's clips: give --data a folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -497,23 +509,26 @@ def _find_resume_point(args: TrainArgs, rank: int, world: int) -> Optional[str]:
     ``--overwrite`` (its files are removed later, by :func:`_start_run_dir`, once the data and the
     model have been checked); anything else is refused, so a re-run never mixes into an old log or
     replaces its checkpoints. With ``--resume``, rank 0 tidies what a crash left (:func:`recover`)."""
-    found = None
+    found, refused = None, None
     if rank == 0:
         existing = _run_files(args.out)
         if existing and not (args.resume or args.overwrite):
-            raise UsageError(f"--out {args.out} already holds a run ({', '.join(existing)}); pass --resume to "
-                             f"continue it or --overwrite to start it again")
-        if args.resume and os.path.isdir(args.out):
-            found, notes = recover(args.out)
-            for note in notes:
-                print(f"resume: {note}", file=sys.stderr)
-        if args.resume and found is None:
-            print(f"resume: no complete checkpoint in {args.out}; starting at step 0", file=sys.stderr)
-    if world > 1:
+            refused = (f"--out {args.out} already holds a run ({', '.join(existing)}); pass --resume to "
+                       f"continue it or --overwrite to start it again")
+        else:
+            if args.resume and os.path.isdir(args.out):
+                found, notes = recover(args.out)
+                for note in notes:
+                    print(f"resume: {note}", file=sys.stderr)
+            if args.resume and found is None:
+                print(f"resume: no complete checkpoint in {args.out}; starting at step 0", file=sys.stderr)
+    if world > 1:   # every rank learns rank 0's answer, a refusal included (else the others hang or crash)
         import torch.distributed as dist
-        holder = [found]
+        holder = [(found, refused)]
         dist.broadcast_object_list(holder, src=0)
-        found = holder[0]
+        found, refused = holder[0]
+    if refused is not None:
+        raise UsageError(refused)
     return found
 
 
@@ -854,8 +869,8 @@ def train(args: TrainArgs) -> dict:
     autocast_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
                       "fp32": None}[args.precision]
 
-    from pfp.memory import PRESETS
-    if args.plan and args.config in PRESETS and args.model_dir is None:
+    from pfp.memory import is_preset
+    if args.plan and is_preset(args.config) and args.model_dir is None:
         return _plan_preset(args)   # the preset's architecture, traced: no folder, no weights, no data
     resume_path = _find_resume_point(args, rank, world)
     resume_state = read_state(resume_path) if resume_path is not None else None
