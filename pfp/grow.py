@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from pfp._io import atomic_target
 from pfp.weights import DEFAULT_WEIGHTS, PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
 
 
@@ -46,7 +47,7 @@ def grow_weights(weights: Optional[str], depth: int, out: str) -> tuple[str, str
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     weights_path, config_path = out + ".safetensors", out + "_config.json"
     save_weights(model, weights_path)
-    with open(config_path, "w") as f:
+    with atomic_target(config_path) as tmp, open(tmp, "w") as f:   # never a partial config beside the weights
         json.dump({"config": grown.to_dict()}, f, indent=1)
     return weights_path, config_path
 

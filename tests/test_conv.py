@@ -126,7 +126,6 @@ def test_a_state_continues_the_same_from_its_phase(impl, cpu_path, kernel_t, str
     """Continuing a state or its at_phase() copy gives the same outputs and keeps the same frames,
     whatever the chunk; only frames_seen differs, by what the phase dropped (what lets a CUDA graph
     captured at one point of a stream replay at another)."""
-    rng = random.Random(kernel_t * 10 + stride_t)
     g = torch.Generator().manual_seed(kernel_t * 10 + stride_t)
     w = torch.randn(5, 3, kernel_t, 3, 1, dtype=torch.float64, generator=g)
     b = torch.randn(5, dtype=torch.float64, generator=g)

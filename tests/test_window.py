@@ -98,7 +98,8 @@ def test_window_streams_exactly(mode, plan):
 @pytest.mark.parametrize("mode", ["cached", "joint"])
 def test_window_with_a_padded_context_ignores_the_padding(mode):
     """A batch whose second history is padded (masked tokens) gives that sample what it gets alone
-    with only its real tokens, the window included."""
+    with only its real compressed tokens. The window beside them is the same in both runs: it has
+    no per-sample length (training cuts every sample's history at the same chunk)."""
     model = _model(mode)
     bb, comp = model.backbone, model.compressor
     hr, lr = _history(model, 8, batch=2)

@@ -36,7 +36,7 @@ train_one() {  # $1: a config in $HERE/configs
     --steps "$STEPS" --batch-size 8 --lr 5e-4 --warmup 20 --lr-schedule cosine --seed 0 \
     --threads "$THREADS" --workers 1 --save-every 100 --log-every 10 --no-progress \
     --out "$OUT/runs/$name" --overwrite --export-dtype bf16 --export "$OUT/checkpoints/$name.safetensors" \
-    > "$OUT/runs/$name.log" 2>&1
+    > "$OUT/runs/$name.log" 2>&1 || { echo "$name: FAILED (see $OUT/runs/$name.log)"; return 1; }
   echo "$name: $(tail -n 1 "$OUT/runs/$name.log")"
 }
 export -f train_one
@@ -44,6 +44,7 @@ export OUT STEPS THREADS
 
 if [[ $stage == train || $stage == all ]]; then
   mkdir -p "$OUT/runs" "$OUT/checkpoints"
+  # xargs exits non-zero when any run failed, so no stale checkpoint is scored after a failure
   ls $HERE/configs/*.json | xargs -P "$JOBS" -I{} bash -c 'train_one {}'
 fi
 
@@ -69,10 +70,11 @@ if [[ $stage == table2 ]]; then
   python -m pfp.train finetune --init "$T2/pre.safetensors" --lora-rank 0 --p-no-history 0.2 \
     --steps "$FT_STEPS" --seed 1 --out "$T2/with" --export "$T2/with_pretrain.safetensors" "${synth[@]}" \
     > "$T2/with.log" 2>&1 &
+  with_pid=$!
   python -m pfp.train finetune --init pfp/weights/default.safetensors --init-skip compressor. --lora-rank 0 \
     --p-no-history 0.2 --steps "$FT_STEPS" --seed 1 --out "$T2/without" \
     --export "$T2/without_pretrain.safetensors" "${synth[@]}" > "$T2/without.log" 2>&1
-  wait
+  wait "$with_pid"   # its exit status: a failed arm stops the script (set -e) before the scoring
   python $HERE/synthetic_returns.py --out "$T2/videos" --videos 24 --seconds 6 --seed 999
   python -m pfp.eval consistency --checkpoints "$T2/with_pretrain.safetensors" "$T2/without_pretrain.safetensors" \
     --videos "$T2/videos" --history-seconds 2 --seconds 6 --steps 16 --seed 0 --quiet --json | tee "$T2/table2.jsonl"
