@@ -75,8 +75,8 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
 
     text: ``[B or 1, L, text_dim]``; uncond_text: the unconditional (empty-prompt) states, needed
     when ``cfg != 1``. cfg_min_t in [0, 1]: steps at ``t <= cfg_min_t`` are unguided. context: a
-    ``pfp.Context`` (batch 1 or B), in cached mode also a ``ContextKV`` (then nothing is recomputed
-    here), or None for the first chunk.
+    ``pfp.Context`` (batch 1 or B; B > 1 only without guidance), in cached mode also a
+    ``ContextKV`` (then nothing is recomputed here), or None for the first chunk.
     t_start: token-grid time of the chunk's first frame (its RoPE position after the history).
     The initial noise (and with ``eta > 0`` each step's fresh noise) comes from ``generator`` or a
     CPU generator seeded with ``seed``.
@@ -136,6 +136,11 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
     if any(c != 1.0 for c in scales):
         pair, pair_mask = pair_text(text, uncond_text, text_mask, uncond_text_mask, batch=b)
     guided = [scales[i] != 1.0 and t > cfg_min_t for i, t in enumerate(t_host)]
+    if any(guided) and _context_batch(ctx) > 1:
+        # the guided batch is [cond ; uncond] over one shared history; per-sample ones would need
+        # the context doubled too
+        raise ValueError(f"context: a batch of {_context_batch(ctx)} histories takes no guidance; sample "
+                         f"each history alone, or pass cfg=1")
     extra, extra_pair = {}, {}  # the backbone's condition / image, for b and for the guided 2b batch
     for name, value in (("condition", condition), ("image", image)):
         if value is not None:
@@ -163,6 +168,16 @@ def sample(backbone, shape, text: Tensor, context=None, *, uncond_text: Optional
         if on_step is not None:
             on_step(i)
     return with_first(x)
+
+
+def _context_batch(ctx) -> int:
+    """How many histories a Context, ContextKV or ExpertKV holds (1: one shared by the batch)."""
+    if ctx is None:
+        return 1
+    if hasattr(ctx, "of"):   # ExpertKV: each held expert's ContextKV
+        held = [kv for kv in (ctx.of("high"), ctx.of("low")) if kv is not None]
+        return held[0].batch_size if held else 1
+    return int(getattr(ctx, "batch_size", 1))
 
 
 __all__ = ["sample", "timestep_schedule", "shift_timesteps", "pair_text"]

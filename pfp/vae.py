@@ -289,7 +289,16 @@ class WanVAE(_CausalFrameCounts, nn.Module):
 
     def encode(self, video: torch.Tensor, *, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """``[B, 3, T, H, W]`` in ``[-1, 1]`` -> normalised latent ``[B, z_dim, 1 + (T-1)/tf, H/s, W/s]``."""
+        """``[B, 3, T, H, W]`` in ``[-1, 1]`` -> normalised latent ``[B, z_dim, 1 + (T-1)/tf, H/s, W/s]``.
+        T is 1 + 4k whatever tf: ``AutoencoderKLWan`` encodes frame 0, then groups of 4 frames, and
+        drops a last partial group (with tf = 2, T = 3 would give one latent frame, not two)."""
+        t = video.shape[2] if isinstance(video, torch.Tensor) and video.dim() == 5 else 1
+        if (t - 1) % _WAN_ENCODE_GROUP:
+            raise ValueError(f"WanVAE.encode: video has T={t} frames; AutoencoderKLWan encodes frame 0 then groups "
+                             f"of {_WAN_ENCODE_GROUP}, so T must be 1 + {_WAN_ENCODE_GROUP}k (e.g. "
+                             f"{1 + (t - 1) // _WAN_ENCODE_GROUP * _WAN_ENCODE_GROUP} or "
+                             f"{1 + -(-(t - 1) // _WAN_ENCODE_GROUP) * _WAN_ENCODE_GROUP}); encode_stream() "
+                             f"takes any chunks")
         _check_video(video, self.spatial_factor, self.temporal_factor)
         out_dtype = video.dtype
         dist = self.model.encode(video.to(self._model_dtype())).latent_dist

@@ -57,7 +57,8 @@ def window_context(backbone, history: Tensor, frames: int, *, history_frames: Op
         return None
     embed = backbone.patch_embed
     recent = history[:, :, history.shape[2] - n:]
-    tokens = embed(recent.to(embed.weight.dtype)).flatten(2).transpose(1, 2)      # [B, n/pt*h*w, inner]
+    dtype = next(embed.parameters()).dtype   # a Conv3d, or Wan I2V's LatentPatchEmbed around one
+    tokens = embed(recent.to(dtype)).flatten(2).transpose(1, 2)                    # [B, n/pt*h*w, inner]
     gt, gh, gw = n // pt, history.shape[3] // ph, history.shape[4] // pw
     start = (total - n) / pt
     positions = grid_positions(gt, gh, gw, t_start=start, device=tokens.device)

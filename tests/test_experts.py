@@ -114,6 +114,13 @@ def test_forward_routes_each_sample_of_a_mixed_batch():
         got = pair(x, torch.tensor([[0.1, 0.7], [0.3, 0.2]]), text, kv, t_start=2)
         want = pair.low(x[1:], torch.tensor([[0.3, 0.2]]), text[1:], kv.low, t_start=2)
     assert torch.equal(got[1:], want)
+    # positions [Nt, 3] are shared by the batch, even when Nt happens to equal the batch size
+    small = torch.randn(2, 4, 2, 2, 2)                       # 2 tokens for a batch of 2
+    pos = torch.tensor([[5.0, 0.5, 0.5], [6.0, 0.5, 0.5]])
+    with torch.no_grad():
+        got = pair(small, t, text, kv, positions=pos)
+        want = pair.low(small[1:], t[1:], text[1:], kv.low, positions=pos)
+    assert torch.equal(got[1:], want)
 
 
 def test_expert_kv_grows_incrementally_per_expert():
@@ -302,6 +309,28 @@ def test_switch_policy_holds_one_experts_kv_and_gives_the_same_video():
     torch.testing.assert_close(got.video, want.video, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="kv_policy must be 'both' or 'switch'"):
         model.backbone.set_kv_policy("one")
+
+
+def test_a_cache_kept_across_a_kv_policy_change_holds_every_token():
+    # a cache made under one policy and extended under the other: each expert's K/V, once routed
+    # to, cover the whole history, as a cache made under "both" throughout does
+    pair = _pair()
+    torch.manual_seed(4)
+    whole = _context(4)
+    first = Context(whole.tokens[:, :8], whole.positions[:8])
+    second = Context(whole.tokens[:, 8:], whole.positions[8:])
+    want = pair.cache_context(second, pair.cache_context(first))
+    for before, after in (("both", "switch"), ("switch", "both")):
+        pair.set_kv_policy(before)
+        kv = pair.cache_context(first)
+        pair.set_kv_policy(after)
+        kv = pair.cache_context(second, kv)
+        for t, name in ((0.9, "high"), (0.1, "low")):
+            got = pair.route(t, kv)[1]
+            assert got.num_tokens == 16, (before, name)
+            for a, b in zip(got.keys, want.of(name).keys):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    pair.set_kv_policy("both")
 
 
 def test_the_planner_can_hold_one_experts_kv(a14b_trace):

@@ -91,7 +91,10 @@ class ExpertPair(nn.Module):
     def set_kv_policy(self, policy: str) -> None:
         """``"both"``: keep both experts' context K/V, each extended per chunk. ``"switch"``: keep only
         the running expert's; the other's are rebuilt from every context token when the sampler
-        switches to it (half the K/V memory, two full context passes per chunk)."""
+        switches to it (half the K/V memory, two full context passes per chunk). A cache made
+        under one policy stays complete under the other: one of both experts is extended as under
+        "both"; one of a single expert gets the other's K/V built whole at the next
+        :meth:`cache_context` under "both"."""
         if policy not in ("both", "switch"):
             raise ValueError(f"kv_policy must be 'both' or 'switch', got {policy!r}")
         self.kv_policy = policy
@@ -199,8 +202,10 @@ class ExpertPair(nn.Module):
         from .wan_style import context_parts
         if context_parts(context) is None:
             return cache
-        if self.kv_policy == "switch":
-            from pfp.compressor import mix_contexts
+        from pfp.compressor import mix_contexts
+        made_under_both = cache is not None and cache.context is None and (cache.high is not None
+                                                                         or cache.low is not None)
+        if self.kv_policy == "switch" and not made_under_both:   # a cache of both experts stays so
             every = context if cache is None or cache.context is None else mix_contexts(cache.context, context)
             # the expert held now is extended (the low-noise one, after a chunk); the other is rebuilt
             # from `every` token when the sampler switches to it
@@ -208,9 +213,14 @@ class ExpertPair(nn.Module):
             held = self._use(name).cache_context(context, cache.of(name) if cache is not None else None,
                                                  kv_storage=kv_storage)
             return ExpertKV(held if name == "high" else None, held if name == "low" else None, every, kv_storage)
-        low = self._use("low").cache_context(context, cache.low if cache is not None else None, kv_storage=kv_storage)
-        high = self._use("high").cache_context(context, cache.high if cache is not None else None,
-                                               kv_storage=kv_storage)
+        def extended(name):
+            held = cache.of(name) if cache is not None else None
+            if held is None and cache is not None and cache.context is not None:
+                # a cache made under "switch" holds one expert's K/V: the other's is built whole
+                return self._use(name).cache_context(mix_contexts(cache.context, context), None, kv_storage=kv_storage)
+            return self._use(name).cache_context(context, held, kv_storage=kv_storage)
+        low = extended("low")
+        high = extended("high")
         return ExpertKV(high, low)
 
     def forward(self, x: Tensor, timesteps, text: Tensor, context=None, **kwargs) -> Tensor:
@@ -229,9 +239,11 @@ class ExpertPair(nn.Module):
         for name, rows in (("high", high), ("low", ~high)):
             idx = torch.nonzero(rows).flatten().to(x.device)
             ctx = context.of(name) if isinstance(context, ExpertKV) else context
+            per_sample = {k: _take(v, idx, b) for k, v in kwargs.items() if k in ("text_mask", "condition", "image")}
+            if isinstance(kwargs.get("positions"), Tensor) and kwargs["positions"].ndim == 3:
+                per_sample["positions"] = _take(kwargs["positions"], idx, b)   # [B, Nt, 3]; [Nt, 3] is shared
             part = self._use(name)(x[idx], _take(timesteps, idx, b), _take(text, idx, b), _take_ctx(ctx, idx, b),
-                                       **{k: _take(v, idx, b) if k in ("text_mask", "positions", "condition", "image")
-                                          else v for k, v in kwargs.items()})
+                                   **{**kwargs, **per_sample})
             if out is None:
                 out = part.new_empty(x.shape)
             out[idx] = part

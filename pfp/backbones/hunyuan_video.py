@@ -418,6 +418,7 @@ class HunyuanVideoBackbone(WanStyleBackbone):
         and ``text_mask`` ``[B or 1, 1 + L]`` laid out by :func:`pack_text`."""
         self._with_condition(x, condition)      # refuses a condition: HunyuanVideo T2V takes none
         self._embedded_image(image, x.shape[0])  # and no image tokens
+        self._check_forward_args(x, text, text_mask)
         b, _, t, h, w = x.shape
         grid, rope_t, ts = self._target_inputs(x, timesteps, positions, t_start)   # ts: [B, 1 | Nt]
         nt = grid[0] * grid[1] * grid[2]

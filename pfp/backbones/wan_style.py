@@ -607,6 +607,17 @@ class WanStyleBackbone(nn.Module):
         t0 = torch.zeros(1, 1, device=like.device)
         return self.embed_time(t0)[1]  # [1, 1, 6, C]
 
+    def _check_forward_args(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor]) -> None:
+        """forward()'s x, text and text_mask: shapes and batches, each error naming the argument."""
+        if x.dim() != 5 or x.shape[1] != self.latent_channels:
+            raise ValueError(f"x must be [B, {self.latent_channels}, T, H, W] latents, got {tuple(x.shape)}")
+        b = x.shape[0]
+        if text.dim() != 3 or text.shape[0] not in (1, b):
+            raise ValueError(f"text must be [B={b} or 1, L, text_dim] states, got {tuple(text.shape)}")
+        if text_mask is not None and (text_mask.dim() != 2 or text_mask.shape[0] not in (1, b)
+                                      or text_mask.shape[1] != text.shape[1]):
+            raise ValueError(f"text_mask must be [B={b} or 1, L={text.shape[1]}], got {tuple(text_mask.shape)}")
+
     def _target_inputs(self, x: Tensor, timesteps, positions: Optional[Tensor], t_start: float):
         """(token grid, RoPE of the target tokens, timesteps ``[B, 1 | Nt]``) of latents x: positions
         ``[Nt, 3]`` or ``[B, Nt, 3]``, default the grid from token time ``t_start``; checked."""
@@ -614,8 +625,9 @@ class WanStyleBackbone(nn.Module):
         nt = grid[0] * grid[1] * grid[2]
         if positions is None:
             positions = grid_positions(*grid, t_start=t_start, device=x.device)
-        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3):
-            raise ValueError(f"positions must be [{nt}, 3] or [B, {nt}, 3], got {tuple(positions.shape)}")
+        elif positions.shape[-2:] != (nt, 3) or positions.ndim not in (2, 3) or (
+                positions.ndim == 3 and positions.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"positions must be [{nt}, 3] or [B={x.shape[0]}, {nt}, 3], got {tuple(positions.shape)}")
         return grid, self.rope(positions.to(x.device)), self._target_timesteps(timesteps, x.shape[0], grid).to(x.device)
 
     def _target_timesteps(self, timesteps: Tensor, batch: int, grid: tuple[int, int, int]) -> Tensor:
@@ -628,6 +640,8 @@ class WanStyleBackbone(nn.Module):
             if ts.shape[0] not in (1, batch):
                 raise ValueError(f"timesteps [B] must have B={batch} entries, got {ts.shape[0]}")
             return ts.expand(batch)[:, None]
+        if ts.ndim == 2 and ts.shape[0] not in (1, batch):
+            raise ValueError(f"timesteps [B, ...] must have B={batch} rows, got {tuple(ts.shape)}")
         if ts.ndim == 2 and ts.shape[1] == grid[0]:
             return ts.expand(batch, -1).repeat_interleave(grid[1] * grid[2], dim=1)
         if ts.ndim == 2 and ts.shape[1] == nt:
@@ -801,6 +815,7 @@ class WanStyleBackbone(nn.Module):
             model has one, refused otherwise. Context tokens read neither.
         Returns the predicted velocity ``noise - x_0``, shape of x.
         """
+        self._check_forward_args(x, text, text_mask)
         b, _, t, h, w = x.shape
         grid, rope_t, ts = self._target_inputs(x, timesteps, positions, t_start)
         nt = grid[0] * grid[1] * grid[2]
