@@ -283,7 +283,7 @@ COMPONENT_KINDS = {
     },
     "text": {
         "tiny": ((), ("dim", "vocab_size", "max_length", "num_layers", "num_heads")),
-        "umt5": (("path",), ("tokenizer_path", "max_length", "dtype")),
+        "umt5": (("path",), ("tokenizer_path", "max_length", "dtype", "clean_prompts")),
         "hunyuan": (("path",), ("max_length", "dtype", "crop_start")),
     },
     "dit": {

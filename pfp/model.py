@@ -149,11 +149,16 @@ def _build_text(config: PFPConfig):
     t = dict(config.text)
     kind = t.pop("kind", "tiny")
     if kind == "umt5":
-        # {"kind": "umt5", "path": local dir, "tokenizer_path": ..., "max_length": 512, "dtype": "bf16"}
+        # {"kind": "umt5", "path": local dir, "tokenizer_path": ..., "max_length": 512, "dtype": "bf16",
+        #  "clean_prompts": true}
         from pfp.text import UMT5TextEncoder
+        clean = t.get("clean_prompts", True)
+        if not isinstance(clean, bool):
+            raise ValueError(f"text.clean_prompts must be true or false, got {clean!r}")
         return UMT5TextEncoder.from_pretrained(t["path"], tokenizer_path=t.get("tokenizer_path"),
                                                max_length=int(t.get("max_length", 512)),
-                                               dtype=_DTYPES[t["dtype"]] if "dtype" in t else None)
+                                               dtype=_DTYPES[t["dtype"]] if "dtype" in t else None,
+                                               clean_prompts=clean)
     if kind == "hunyuan":
         # {"kind": "hunyuan", "path": a HunyuanVideo pipeline dir (Llama + CLIP), "max_length": 256}
         from pfp.text import HUNYUAN_CROP_START, HunyuanTextEncoder

@@ -22,6 +22,7 @@ positions have ``mask == False`` and zero tokens. ``L`` is the encoder's ``max_l
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "TextStateCache",
     "TinyTextEncoder",
     "UMT5TextEncoder",
+    "wan_prompt_clean",
     "HunyuanTextEncoder",
 ]
 
@@ -380,30 +382,47 @@ class TinyTextEncoder(nn.Module):
         return TextTokens(x, mask)
 
 
+def wan_prompt_clean(text: str) -> str:
+    """A prompt as Wan's pipelines clean it before tokenizing: mojibake repaired by ``ftfy`` (where
+    it is installed, as there), HTML entities unescaped (twice), whitespace runs made one space,
+    the ends stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class UMT5TextEncoder(nn.Module):
     """Wan's text encoder: transformers' ``UMT5EncoderModel`` + its tokenizer, from local paths.
 
-    Encoding follows Wan's pipelines: pad/truncate to ``max_length`` tokens (with the EOS token),
-    run the encoder with the attention mask, take ``last_hidden_state`` and zero the padded
-    positions. Output :class:`TextTokens` with ``tokens [B, max_length, d_model]`` (4096 for
-    umt5-xxl). The model is frozen (``requires_grad_(False)``, eval mode).
+    Encoding follows Wan's pipelines: each prompt cleaned as ``WanPipeline`` cleans it
+    (:func:`wan_prompt_clean`; ``clean_prompts=False`` passes it as given), pad/truncate to
+    ``max_length`` tokens (with the EOS token), run the encoder with the attention mask, take
+    ``last_hidden_state`` and zero the padded positions. Output :class:`TextTokens` with
+    ``tokens [B, max_length, d_model]`` (4096 for umt5-xxl). The model is frozen
+    (``requires_grad_(False)``, eval mode).
     """
 
     frozen = True  # never trained; pfp.weights leaves it out of weights files (the config names its path)
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = 512):
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = 512, clean_prompts: bool = True):
         super().__init__()
         if max_length < 1:
             raise ValueError(f"UMT5TextEncoder: max_length must be >= 1, got {max_length}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.clean_prompts = bool(clean_prompts)
         self.dim = int(model.config.d_model)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, tokenizer_path: str | os.PathLike | None = None,
                         max_length: int = 512, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "UMT5TextEncoder":
+                        device: str | torch.device | None = None, clean_prompts: bool = True) -> "UMT5TextEncoder":
         """Load from local folders only. ``path`` is the encoder folder, or a diffusers pipeline folder
         with ``text_encoder/`` and ``tokenizer/`` subfolders (used when ``path`` has no config.json).
         ``tokenizer_path`` defaults to the encoder folder (or the pipeline's ``tokenizer/``)."""
@@ -434,7 +453,7 @@ class UMT5TextEncoder(nn.Module):
         except Exception as e:
             raise ValueError(f"UMT5TextEncoder.from_pretrained: cannot load a tokenizer from "
                              f"{tokenizer_path!r}: {e}") from e
-        enc = cls(model, tokenizer, max_length=max_length)
+        enc = cls(model, tokenizer, max_length=max_length, clean_prompts=clean_prompts)
         if device is not None:
             enc.to(device)
         return enc
@@ -443,7 +462,8 @@ class UMT5TextEncoder(nn.Module):
     def forward(self, prompts: Sequence[str]) -> TextTokens:
         if isinstance(prompts, str):
             prompts = [prompts]
-        batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+        prompts = [wan_prompt_clean(p) for p in prompts] if self.clean_prompts else list(prompts)
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                                truncation=True, add_special_tokens=True, return_attention_mask=True,
                                return_tensors="pt")
         device = next(self.model.parameters()).device

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pfp.text import (Shot, Storyboard, StoryboardError, TextTokens, TinyTextEncoder, UMT5TextEncoder,
-                      prompt_schedule)
+                      prompt_schedule, wan_prompt_clean)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops run faster on one thread
@@ -198,6 +198,18 @@ def test_umt5_encoder_from_local_path(tiny_umt5_dir):
     enc2 = UMT5TextEncoder.from_pretrained(tiny_umt5_dir / "pipe", max_length=8)
     torch.testing.assert_close(enc2(["a red circle"]).tokens, out.tokens[:1])
     assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_umt5_prompts_are_cleaned_as_wan_pipeline_cleans_them(tiny_umt5_dir):
+    # WanPipeline runs prompt_clean (ftfy where installed, HTML entities, whitespace) before its
+    # tokenizer; the encoder does the same unless told not to
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    enc = UMT5TextEncoder.from_pretrained(tiny_umt5_dir / "enc", max_length=12)
+    raw = "  a red circle &amp; a\n blue   square "
+    assert wan_prompt_clean(raw) == prompt_clean(raw) == "a red circle & a blue square"
+    torch.testing.assert_close(enc([raw]).tokens, enc([prompt_clean(raw)]).tokens, rtol=0, atol=0)
+    plain = UMT5TextEncoder.from_pretrained(tiny_umt5_dir / "enc", max_length=12, clean_prompts=False)
+    assert not torch.equal(plain([raw]).mask, enc([raw]).mask)   # the entity's tokens are read as given
 
 
 def test_umt5_bad_paths(tiny_umt5_dir, tmp_path):
