@@ -340,7 +340,7 @@ def test_cuda_full_scale_bf16(benchmark):
             graphed.append(hr[:, :, k * CHUNK_HR:(k + 1) * CHUNK_HR], lr[:, :, k * CHUNK_LR:(k + 1) * CHUNK_LR])
         a, b = 20 * CHUNK_HR, 20 * CHUNK_LR
         graph_append = _cuda_time(lambda: _fork(graphed).append(hr[:, :, a:a + CHUNK_HR], lr[:, :, b:b + CHUNK_LR]))
-        replayed = graphed.replayed_appends > 0
+        replayed = graphed.graph_replays > 0   # a graph ran, not the recorded step without one
         recompute = _cuda_time(lambda: c(hr, lr))
     row = _record("cuda/full/bfloat16", benchmark, device=torch.cuda.get_device_name(), peak_alloc_mib=peak,
                   append_2s_s=appends[2], append_20s_s=appends[20], recompute_21s_s=recompute,

@@ -88,6 +88,7 @@ def denoise_chunk_one_layer(bb, ctx, x, text, steps):
     context K/V once, then each step runs the targets only. Returns (kv_s, steps_s)."""
     from pfp.backbones.rope import grid_positions, rope_cos_sin
     from pfp.backbones.wan_style import _frame_runs
+    from pfp.compressor import order_keys
     blk = bb.blocks[0]
     b, grid = 2, bb.token_grid(*x.shape[2:])
     ht = bb.patch_embedding(torch.cat([x, x])).flatten(2).transpose(1, 2)
@@ -96,7 +97,7 @@ def denoise_chunk_one_layer(bb, ctx, x, text, steps):
     mod_c = bb._context_modulation(x)
     rope_t = rope_cos_sin(grid_positions(*grid, t_start=1000.0, device=x.device), bb.head_dim)
     rope_c = rope_cos_sin(ctx.positions, bb.head_dim)
-    frames = _frame_runs(ctx.positions)
+    frames = _frame_runs(order_keys(ctx, ctx.tokens.shape[1]))   # as the backbone finds them
     _sync(x)
     t0 = time.perf_counter()
     kv = None

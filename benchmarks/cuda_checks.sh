@@ -5,12 +5,21 @@
 # is in each file). Each step has its own time limit, and a failed step does not stop
 # the next one.
 #
-#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests tune attention conv compressor
-#                                                 context wan5b models generate train memory (default: all,
-#                                                 in that order),
+#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor wan5b
+#                                                 memory models context generate train tune (default:
+#                                                 all, in that order, most wanted first),
 #                                                 sweep (the Triton config sweep; only when named)
 #
-# With OUT set, the log and a tarball of the CUDA results are copied there after every step.
+# The whole run keeps within PFP_CUDA_BUDGET_S seconds (default 450, under the 8 minutes one
+# short GPU loan allows): a step gets at most what is left, and none starts with under 20 s left.
+# With OUT set, the log and a tarball of the CUDA results this run wrote are copied there after
+# every step.
+#
+# Packages the GPU image lacks (diffusers; PyAV; torchao for the fp8 rows) travel as wheels in
+# benchmarks/wheels/ (git-ignored): `bash benchmarks/fetch_wheels.sh` downloads them here, and this
+# script installs them into /tmp/pfp_site first (name benchmarks/wheels in the device call's carry).
+# Without diffusers the wan5b, models and memory steps cannot run; without PyAV the generate step
+# times generate() in-process.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRITON_INTERPRET=0
@@ -19,11 +28,18 @@ LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests tune attention conv compressor context wan5b models generate train memory)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor wan5b memory models context generate train tune)
+BUDGET=${PFP_CUDA_BUDGET_S:-450}
+STAMP=$(mktemp /tmp/pfp_cuda_stamp.XXXXXX)   # results newer than this are this run's
+
+if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pfp_site \
+        benchmarks/wheels/*.whl >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/pfp_site:$PYTHONPATH"
+fi
 
 save() {
     if [ -n "${OUT:-}" ]; then
-        tar czf "$OUT/cuda_results.tgz" $(find "$PFP_BENCH_OUT" -iname '*cuda*' -type f) \
+        tar czf "$OUT/cuda_results.tgz" $(find "$PFP_BENCH_OUT" -iname '*cuda*' -type f -newer "$STAMP" 2>/dev/null) \
             /tmp/pfp_cuda_junit.xml 2>/dev/null || true
     fi
 }
@@ -31,6 +47,12 @@ save() {
 run() {  # run LIMIT_S NAME CMD...
     local limit=$1 name=$2
     shift 2
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: not run (the ${BUDGET}s budget is spent)" | tee -a "$LOG"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
@@ -44,7 +66,9 @@ for step in "${steps[@]}"; do
         env)
             run 60 env bash -c 'nvidia-smi; python3 -c "import sys, torch, triton; print(sys.version); \
 print(torch.__version__, triton.__version__, torch.version.cuda, torch.backends.cudnn.version()); \
-print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python3 -m pfp_kernels.info' ;;
+print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python3 -m pfp_kernels.info; \
+for m in diffusers av torchao flash_attn; do python3 -c "import $m; print(\"$m\", $m.__version__)" 2>/dev/null \
+|| echo "$m: not importable"; done' ;;
         tests)
             # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in parallel
             run 200 tests python3 -m pytest tests/test_cuda.py -q -rs -n 8 -p no:cacheprovider \
@@ -69,11 +93,7 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             run 120 context python3 benchmarks/bench_context_modes.py --device cuda --shape all ;;
         wan5b)
             # one random-weight Wan 2.2 5B denoising step, bf16 and fp8, cached and joint: time and
-            # MFU (issue 24). fp8 needs torchao: a wheel dropped in benchmarks/wheels/ (git-ignored,
-            # sent along with the run) is installed first, since the GPU machine has no index.
-            if ls benchmarks/wheels/torchao-*.whl >/dev/null 2>&1; then
-                run 60 wan5b-torchao python3 -m pip install --no-deps --no-index -q benchmarks/wheels/torchao-*.whl
-            fi
+            # MFU (issue 24). fp8 needs torchao (a wheel in benchmarks/wheels/, see the top).
             run 240 wan5b python3 benchmarks/bench_wan5b_step.py --steps 10 ;;
         models)
             # one random-weight bf16 step of Wan 2.2 A14B's expert and of HunyuanVideo 13B at 480p, cached
@@ -90,7 +110,7 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python
             # the planner's (issue 23)
             run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
         *)
-            echo "unknown step $step (env tests tune attention conv compressor context wan5b models train generate memory sweep)" | tee -a "$LOG"
+            echo "unknown step $step (env tests attention conv compressor wan5b memory models context generate train tune sweep)" | tee -a "$LOG"
             exit 2 ;;
     esac
 done

@@ -156,8 +156,8 @@ def sweep_attention(deadline, lines):
                 continue
             cfg = A(*cand)
 
-            def patched(kern, head_dim, dtype, cap, cfg=cfg, kernel=kernel):
-                return cfg if kern == kernel else shipped_for(kern, head_dim, dtype, cap)
+            def patched(kern, head_dim, dtype, cap, masked=False, *, cfg=cfg, kernel=kernel):
+                return cfg if kern == kernel else shipped_for(kern, head_dim, dtype, cap, masked)
             ta.config_for = patched
             try:
                 if kernel == "fwd":

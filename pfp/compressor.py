@@ -606,7 +606,8 @@ class _GraphedStep:
     addresses from the capture: one replaced or moved (``.to``, offloading) makes it stale."""
 
     def __init__(self, stream: "CompressorStream", hr: Tensor, lr: Tensor, frames: tuple, phases: tuple):
-        self.inputs = [hr.clone(), lr.clone(), *(f.clone() for f in frames)]
+        # a stage that keeps no frames (temporal kernel 1) has None for them, and no buffer
+        self.inputs = [hr.clone(), lr.clone(), *(None if f is None else f.clone() for f in frames)]
         self.tensor_ptrs = _tensor_ptrs(stream.compressor)
         self.graph, self.outputs = _capture(
             lambda: stream._step(self.inputs[0], self.inputs[1], tuple(self.inputs[2:]), phases), hr.device)
@@ -623,7 +624,8 @@ class _GraphedStep:
 
     def replay(self, hr: Tensor, lr: Tensor, frames: tuple) -> tuple:
         for buf, x in zip(self.inputs, (hr, lr, *frames)):
-            buf.copy_(x)
+            if buf is not None:
+                buf.copy_(x)
         self.graph.replay()
         tokens, features, new_frames = self.outputs
         return (tokens.clone(), None if features is None else features.clone(),
@@ -678,7 +680,8 @@ class CompressorStream:
     chunks of whole token frames (nothing left pending); other appends run as usual. A recorded
     step runs without a graph where none can run: on another device, with a parameter off the GPU
     (offloading) or with hooks on the compressor's modules (a replay would run none).
-    ``replayed_appends`` counts the appends that ran as a recorded step.
+    ``replayed_appends`` counts the appends that ran as a recorded step, and ``graph_replays``
+    those of them that replayed a captured graph.
     """
 
     def __init__(self, compressor: MemoryCompressor, batch_size: int, keep_features: bool = False,
@@ -702,6 +705,7 @@ class CompressorStream:
         self._steps: dict = {}    # step key -> the input frames each stage consumes in that step
         self._graphs: dict = {}   # step key -> its _GraphedStep, once captured
         self.replayed_appends = 0
+        self.graph_replays = 0    # of those, the ones that replayed a captured CUDA graph
         self._graph_error: Optional[str] = None   # why a capture failed; then no graphs for this stream
         self._grids: dict = {}    # token frames of a step -> (positions, order) from frame 0
 
@@ -848,6 +852,7 @@ class CompressorStream:
                                   f"graphs", RuntimeWarning, stacklevel=3)
         if graph and self._graph_error is None:
             tokens, features, new_frames = entry.replay(hr, lr, frames)
+            self.graph_replays += 1
         else:   # no graph here: the same step, run directly
             tokens, features, new_frames = self._step(hr, lr, frames, phases)
         self.replayed_appends += 1

@@ -3,6 +3,7 @@ mixing and checkpoints. Small widths and sizes throughout; the paper-scale check
 meta device (shapes only)."""
 import math
 import random
+from typing import Optional
 
 import pytest
 import torch
@@ -237,22 +238,7 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     import pfp.compressor as pc
 
     captures = []
-
-    class StandInGraph:
-        def __init__(self, run, outputs):
-            self.run, self.outputs = run, outputs
-
-        def replay(self):
-            for dst, src in zip(_flat(self.outputs), _flat(self.run())):
-                dst.copy_(src)
-
-    def capture(run, device):
-        captures.append(device)
-        outputs = run()
-        return StandInGraph(run, outputs), outputs
-
-    monkeypatch.setattr(pc, "_GRAPH_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(pc, "_capture", capture)
+    _use_stand_in_graphs(monkeypatch, captures)
     torch.manual_seed(1)
     c = make("4x4x2").eval()
     hr, lr = inputs(c, 32, 9, 8, batch=2)
@@ -291,6 +277,7 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     # as usual (a new impl) and 14 replays; the hooked one runs its recorded step without the
     # graph, so its hook runs (twice: both streams)
     assert len(captures) == 4 and graphed.replayed_appends == 12 and hooked == [1, 1]
+    assert graphed.graph_replays == 11   # all of them but the hooked one
     assert torch.equal(graphed.context.tokens[:, : plain.num_tokens], plain.context.tokens)
 
     # a step that cannot be captured: one warning, then the stream runs its steps without graphs
@@ -305,12 +292,53 @@ def test_stream_graph_bookkeeping_with_a_stand_in_for_cuda_graphs(monkeypatch):
     with torch.no_grad():
         for k, tokens in enumerate(got):
             assert torch.equal(tokens, want.append(hr[:, :, 2 * k:2 * k + 2], lr[:, :, k:k + 1]).tokens)
-    assert stream.replayed_appends == 3
+    assert stream.replayed_appends == 3 and stream.graph_replays == 0
+
+
+@pytest.mark.parametrize("kind,rate", [("large_patchify", "4x4x1"), ("without_lr", "2x2x1")])
+def test_stream_graph_with_stages_that_keep_no_frames(monkeypatch, kind, rate):
+    # a stage of temporal kernel 1 keeps no frames (None in its state): nothing to copy in or out
+    _use_stand_in_graphs(monkeypatch)
+    torch.manual_seed(2)
+    c = make(rate, kind=kind).eval()
+    hr, lr = inputs(c, 8, 8, 8, batch=1)
+    plain, graphed = c.stream(1), c.stream(1, cuda_graph=True)
+    with torch.no_grad():
+        for k in range(8):
+            hc, lc = hr[:, :, k:k + 1], lr[:, :, k:k + 1]
+            assert torch.equal(graphed.append(hc, lc).tokens, plain.append(hc, lc).tokens), k
+    assert graphed.graph_replays > 0
 
 
 def _flat(outputs):
     tokens, features, frames = outputs
     return [t for t in (tokens, features, *frames) if t is not None]
+
+
+class _StandInGraph:
+    """A CUDA graph's stand-in on a CPU: a replay reruns the captured function into the same output
+    tensors, as a CUDA graph rewrites its memory pool."""
+
+    def __init__(self, run, outputs):
+        self.run, self.outputs = run, outputs
+
+    def replay(self):
+        for dst, src in zip(_flat(self.outputs), _flat(self.run())):
+            dst.copy_(src)
+
+
+def _use_stand_in_graphs(monkeypatch, captures: Optional[list] = None) -> None:
+    """CompressorStream's graph path on CPU tensors, capturing stand-ins (each capture's device is
+    appended to ``captures``)."""
+    import pfp.compressor as pc
+
+    def capture(run, device):
+        if captures is not None:
+            captures.append(device)
+        outputs = run()
+        return _StandInGraph(run, outputs), outputs
+    monkeypatch.setattr(pc, "_GRAPH_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(pc, "_capture", capture)
 
 
 def test_stream_one_frame_at_a_time_and_buffers_without_dropping():

@@ -179,14 +179,19 @@ def joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Opti
         return q.new_empty(q.shape)
     keys, values = _concatenated(q, k, v, context_k, context_v)
     keep = key_mask(q, k, context_mask)
+    empty = None
+    if keep is not None and k.shape[1] == 0:
+        # No target keys: a sample whose context is all masked has no key. Its out is 0, as in
+        # every backend; SDPA would give NaN there on CUDA, forward and backward (exp(-inf + inf)),
+        # so such a sample attends to every key and its out is then zeroed (gradient 0, not NaN).
+        empty = ~keep.any(-1)
+        keep = keep | empty[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
         attn_mask=None if keep is None else keep[:, None, None, :])
     out = out.transpose(1, 2)
-    if keep is not None and k.shape[1] == 0:
-        # no target keys: a sample whose context is all masked has no key; its out is 0 as in
-        # every backend (SDPA's masked CUDA kernels give NaN there)
-        out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0)
     return out.contiguous()
 
 
