@@ -449,8 +449,9 @@ def _parser() -> Parser:
     p.add_argument("--checkpoint", default=None, help="weights (.safetensors from pfp.train --export), a "
                    "training checkpoint folder, or a training run folder (its newest complete checkpoint); "
                    "default: the built-in model")
+    from pfp.memory import PRESETS
     p.add_argument("--config", default=None, help="a model config JSON, or a preset of a real model "
-                   "(wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p) with --model-dir; "
+                   f"({', '.join(PRESETS)}) with --model-dir; "
                    "--checkpoint then holds that config's trained weights (without it: the pretrained "
                    "model with an untrained compressor)")
     p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder (transformer/, "

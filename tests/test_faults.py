@@ -492,6 +492,13 @@ def test_resume_takes_the_runs_own_flags_and_refuses_others(tmp_path, capsys, mo
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and named in err and "\n" not in err, err
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-00000002"]
+    # the run's own --steps too: run again with no --steps, it is already done (at 2, not 1000)
+    assert main(["pretrain", *common, "--resume"]) == 0
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-00000002"]
+    # a flag given counts as given even at its default value (--steps 1000 would extend the run)
+    from pfp.train.__main__ import _given_flags, _parser
+    given = _given_flags(_parser(), ["pretrain", "--steps", "1000", "--no-progress"])
+    assert {"mode", "steps", "progress"} <= given and "lr" not in given
     # flags left out take the run's values; a changed learning rate is said, and used
     assert main(["pretrain", *common, "--resume", "--steps", "4", "--lr", "2e-3"]) == 0
     assert "resume: --lr 0.002 differs from the run's" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import dataclasses
 import sys
 
 from pfp._cli import Parser, run_cli
+from pfp.memory import PRESETS
 
 from .loop import CROPS, MODES, STORYBOARD_POLICIES, TrainArgs
 
@@ -41,10 +42,10 @@ def _parser() -> Parser:
     p.add_argument("--init-new", default=None, metavar="PREFIX",
                    help="tensors under PREFIX (or matching a glob, e.g. 'backbone.blocks.*.memory_attn.*' for "
                         "cross_attention) may be absent from --init (modules added since; keep their init)")
-    p.add_argument("--init", default=None, help="start from these weights (.safetensors or a checkpoint dir)")
+    p.add_argument("--init", default=None, help="start from these weights (.safetensors, a checkpoint dir or "
+                   "a run dir); without --config, its config too")
     p.add_argument("--config", default=None, help="model config JSON, or a preset of a real model with "
-                   "--model-dir (wan22-ti2v-5b-480p, wan22-ti2v-5b-720p, wan22-t2v-a14b-480p); default: the "
-                   "built-in tiny config")
+                   f"--model-dir ({', '.join(PRESETS)}); default: --init's config, else the built-in tiny config")
     p.add_argument("--model-dir", default=None, help="a preset's local diffusers pipeline folder")
     p.add_argument("--rate", default=None, help="with --config: another compression rate, e.g. 2x2x2")
     p.add_argument("--context-mode", default=None, choices=["joint", "cached"])
@@ -129,11 +130,27 @@ def _parser() -> Parser:
     return p
 
 
+def _given_flags(parser, argv) -> frozenset:
+    """The TrainArgs fields the command line sets (whatever their values): the parse again, with
+    every default suppressed."""
+    import argparse
+    import copy
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(quiet.parse_args(argv)))
+    if "no_progress" in given:
+        given.add("progress")
+    return frozenset(given)
+
+
 def main(argv=None) -> int:
     def body() -> int:
-        ns = _parser().parse_args(argv)
+        parser = _parser()
+        ns = parser.parse_args(argv)
         kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(ns, f.name)}
         kwargs["progress"] = not ns.no_progress
+        kwargs["given"] = _given_flags(parser, argv)   # what --resume takes from the run: the rest
         from .loop import train
         summary = train(TrainArgs(**kwargs))  # checks every argument and path before any work
         if summary["rank"] == 0 and not ns.plan:

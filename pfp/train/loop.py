@@ -107,6 +107,9 @@ class TrainArgs:
     vram: Optional[str] = None           # device memory budget ("12GiB"): train under the plan that fits it
     plan: bool = False                   # print the memory plan (the plain run's without --vram) and stop
     text_cache: str = "2GiB"             # host memory for prompts' states of a text encoder that does not train ("0": off)
+    # the fields the caller set (the CLI fills it), for --resume: the others take the run's values;
+    # None: those that differ from their defaults
+    given: Optional[frozenset] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,17 +535,24 @@ def _find_resume_point(args: TrainArgs, rank: int, world: int) -> Optional[str]:
     return found
 
 
-# What a resumed run takes from the run it continues. A flag left at its default takes the run's
-# value; a flag given with another value is refused (those that define the run: its data, model and
-# random streams) or warned about (those that only steer the optimisation from here on, after which
-# the run no longer equals one that was never stopped).
+# What a resumed run takes from the run it continues. A flag not given takes the run's value; one
+# given with another value is refused (those that define the run: its data, model and random
+# streams), said and used (those that steer the optimisation from here on, after which the run no
+# longer equals one that was never stopped), or used (the run's outputs). --until, --max-minutes,
+# --vram, --device, --threads and --workers belong to each invocation and are never taken.
 _RESUME_FIXED = ("mode", "seed", "batch_size", "clip_seconds", "data", "num_videos", "sprite_radius",
                  "pattern_period", "lora_rank", "lora_alpha", "freeze_compressor", "freeze_text", "init",
                  "init_new", "init_skip", "config", "rate", "context_mode", "fsdp", "mix_synthetic", "storyboards",
                  "bad_data")
-_RESUME_STEERING = ("lr", "weight_decay", "warmup", "lr_schedule", "grad_clip", "compressor_lr", "precision",
+_RESUME_STEERING = ("steps", "lr", "weight_decay", "warmup", "lr_schedule", "grad_clip", "compressor_lr", "precision",
                     "max_retrieve", "p_uncond", "t_shift", "p_no_history", "history_noise", "t_weight_power",
                     "t_uniform", "self_history", "self_history_t", "crop", "max_zoom", "flip", "skip_nonfinite")
+_RESUME_KEPT = ("export", "export_dtype", "save_every", "log_every", "keep_checkpoints")
+
+
+def _recorded(args: TrainArgs) -> dict:
+    """The run's arguments as its checkpoints record them (all but ``given``)."""
+    return {k: v for k, v in asdict(args).items() if k != "given"}
 
 
 def _plain(value):
@@ -554,29 +564,36 @@ def _resumed_args(args: TrainArgs, state: dict, rank: int) -> TrainArgs:
     UsageError for a run-defining flag that differs, or a --steps / --until already reached."""
     recorded = state.get("args") or {}
     defaults = TrainArgs()
-    inherit = {}
-    for name in _RESUME_FIXED + _RESUME_STEERING:
+    inherit, notes = {}, []
+    for name in _RESUME_FIXED + _RESUME_STEERING + _RESUME_KEPT:
         if name not in recorded:
             continue
         given, was = _plain(getattr(args, name)), recorded[name]
         if given == was:
             continue
         flag = "--" + name.replace("_", "-")
-        if given == _plain(getattr(defaults, name)) and name != "mode":   # the mode is always given
+        left_out = (name not in args.given if args.given is not None
+                    else given == _plain(getattr(defaults, name)))
+        if left_out and name != "mode":   # the mode is always given
             inherit[name] = tuple(was) if isinstance(was, list) else was
+        elif name in _RESUME_KEPT:
+            continue
         elif name in _RESUME_FIXED:
             shown = name if name == "mode" else flag
             raise UsageError(f"{shown} {given} differs from the run being resumed in {args.out} ({was}); "
                              f"resume with the run's own value, or start a new run in another --out")
-        elif rank == 0:
-            print(f"resume: {flag} {given} differs from the run's {was}; the steps from here on use {given}",
-                  file=sys.stderr)
+        else:
+            notes.append(f"resume: {flag} {given} differs from the run's {was}; the steps from here on use {given}")
     # equal is fine: a run killed after its last checkpoint finishes (the export) when run again
     step = int(state.get("step", 0))
-    for flag, value in (("--steps", args.steps), ("--until", args.until)):
+    steps = inherit.get("steps", args.steps)
+    for flag, value in (("--steps", steps), ("--until", args.until)):
         if value is not None and value < step:
             raise UsageError(f"{flag} {value} is before step {step} of the checkpoint in {args.out}: that run "
                              f"went further; give {flag} {step} or more")
+    if rank == 0:   # only once every check has passed
+        for note in notes:
+            print(note, file=sys.stderr)
     return replace(args, **inherit) if inherit else args
 
 
@@ -1068,7 +1085,7 @@ def _save(model, optimizer, step, args, config, lora, rank, world, elapsed, skip
         opt = get_optimizer_state_dict(model, optimizer,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        extra = {"config": config.to_dict(), "args": asdict(args), "lora": lora,
+        extra = {"config": config.to_dict(), "args": _recorded(args), "lora": lora,
                  "elapsed_s": elapsed, "nonfinite_skipped": skipped}
         if frozen is not None:
             extra["frozen_base"] = frozen.record()
@@ -1081,7 +1098,7 @@ def _save(model, optimizer, step, args, config, lora, rank, world, elapsed, skip
 def export_weights(model: PFPModel, path: str, args: Optional[TrainArgs] = None, dtype=None) -> None:
     """Merge LoRA (if any) and write the model in :func:`pfp.weights.save_weights` format."""
     merge_lora(model)
-    extra = {"trained_with": asdict(args)} if args is not None else None
+    extra = {"trained_with": _recorded(args)} if args is not None else None
     save_weights(model, path, dtype=dtype, extra=extra)
 
 
