@@ -124,6 +124,11 @@ def register(op: Op) -> Op:
         unknown = set(order) - set(op.names)
         if unknown:
             raise ValueError(f"{op.name}: auto_order names unknown implementations {sorted(unknown)}")
+    for device, tuned in op.tuned.items():
+        # the first of the tuned that runs is the static choice that two disagreeing timings keep
+        order = op.auto_order.get(device, op.auto_order["default"])
+        if [n for n in order if n in tuned] != list(tuned):
+            raise ValueError(f"{op.name}: tuned[{device!r}] must follow auto_order[{device!r}]")
     OPS[op.name] = op
     return op
 

@@ -30,6 +30,7 @@ table and re-measures the ops' standard shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -168,8 +169,11 @@ class Entry:
 
     @staticmethod
     def from_json(d: dict) -> "Entry":
+        bucket = tuple(d["bucket"])
+        if not all(isinstance(v, (int, str)) for v in bucket):
+            raise ValueError(f"bucket {d['bucket']!r} holds other than ints and strings")
         return Entry(str(d["op"]), str(d["device"]), str(d["dtype"]), str(d["mode"]),
-                     tuple(d["bucket"]), str(d["impl"]), {str(k): float(v) for k, v in d.get("ms", {}).items()},
+                     bucket, str(d["impl"]), {str(k): float(v) for k, v in d.get("ms", {}).items()},
                      str(d.get("source", "")), str(d.get("software", "")))
 
 
@@ -178,11 +182,11 @@ def _read_table(path: Path, what: str) -> dict:
     unreadable one is warned about once and ignored (auto then measures again or takes the static
     order)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
-    except OSError as exc:
-        warnings.warn(f"pfp_kernels: cannot read the {what} {path} ({exc}); ignoring it", stacklevel=3)
+    except (OSError, UnicodeDecodeError) as exc:
+        _warn_once(f"pfp_kernels: cannot read the {what} {path} ({exc}); ignoring it")
         return {}
     if not text.strip():
         return {}
@@ -190,11 +194,39 @@ def _read_table(path: Path, what: str) -> dict:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-        entries = [Entry.from_json(d) for d in data["entries"]]
+        return {e.key: e for e in (Entry.from_json(d) for d in data["entries"])}
     except Exception as exc:  # noqa: BLE001 - any malformed content is ignored the same way
-        warnings.warn(f"pfp_kernels: ignoring the {what} {path}: not a tuning table ({exc})", stacklevel=3)
+        _warn_once(f"pfp_kernels: ignoring the {what} {path}: not a tuning table ({exc})")
         return {}
-    return {e.key: e for e in entries}
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about a table file, once per process (a cache that cannot be read or written
+    would otherwise warn at every measurement)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``'s sidecar ``.lock`` file (where fcntl exists), so that two
+    processes (torchrun ranks, data workers) merging into one cache file do not drop each other's
+    entries."""
+    try:
+        import fcntl
+    except ImportError:   # no flock (Windows): the whole-file replace still never tears a file
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_table(path: Path, entries: Iterable[Entry]) -> None:
@@ -246,13 +278,15 @@ class Table:
             if not save:
                 return
             path = cache_path()
-            merged = _read_table(path, "tuning cache")
-            merged[entry.key] = entry
             try:
-                _write_table(path, merged.values())
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with _locked(path):
+                    merged = _read_table(path, "tuning cache")
+                    merged[entry.key] = entry
+                    _write_table(path, merged.values())
             except OSError as exc:
-                warnings.warn(f"pfp_kernels: cannot write the tuning cache {path} ({exc}); this "
-                              f"measurement is kept for this process only", stacklevel=3)
+                _warn_once(f"pfp_kernels: cannot write the tuning cache {path} ({type(exc).__name__}: "
+                           f"{exc.strerror or exc}); its measurements are kept for this process only")
 
     def is_stale(self, entry: Entry) -> bool:
         """A cached or in-process entry measured under other software than this (see the module
@@ -326,11 +360,17 @@ def measure(candidates: Sequence[str], call: TuneCall, device: torch.device, fwd
         best = {name: float("inf") for name in per_round}
         for _ in range(rounds):
             for name, n in per_round.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    _call(call.run, name, grad_inputs)
-                _sync(device)
+                if name not in best:
+                    continue
+                try:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        _call(call.run, name, grad_inputs)
+                    _sync(device)
+                except Exception:  # noqa: BLE001 - e.g. out of memory after many calls: left out
+                    del best[name]
+                    continue
                 best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e3)
     return best
 
@@ -375,7 +415,12 @@ def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call
 
     def can_time() -> bool:
         return (refresh or autotune_enabled()) and _can_measure(inputs)
-    if entry is not None and entry.impl in candidates and not (TABLE.is_stale(entry) and can_time()):
+    # An entry is re-timed (where timing is on) if measured under other software, or if a candidate
+    # that runs here was never timed for it (installed since, or not runnable where it was
+    # measured: e.g. flash-attn beside a shipped entry). Candidates that failed are recorded.
+    untimed = entry is not None and any(name not in entry.ms for name in candidates)
+    if (entry is not None and entry.impl in candidates
+            and not ((TABLE.is_stale(entry) or untimed) and can_time())):
         return entry.impl
     if not can_time():
         return None
@@ -393,5 +438,7 @@ def lookup_or_measure(op: str, candidates: Sequence[str], inputs: Sequence, call
         if not again or min(again, key=again.get) != winner:
             winner = default
         ms = {name: min(t, again.get(name, t)) for name, t in ms.items()}
+    # the candidates that raised, as never-winning times, so that the entry counts as complete
+    ms.update({name: float("inf") for name in candidates if name not in ms})
     TABLE.put(Entry(*key, winner, ms, "measured " + time.strftime("%Y-%m-%d %H:%M")))   # software: its own field
     return winner

@@ -151,7 +151,7 @@ JOINT_ATTENTION = register(Op(
     {"cuda": ("flash_attn", "sdpa_concat", "triton", "xformers", "sdpa", "torch"),
      "cpu": ("cpp", "sdpa", "sdpa_concat", "torch"), "default": ("triton", "sdpa", "torch")},
     _probe,
-    tuned={"cuda": ("flash_attn", "triton", "xformers", "sdpa", "sdpa_concat"),
+    tuned={"cuda": ("flash_attn", "sdpa_concat", "triton", "xformers", "sdpa"),   # in auto's order
            "cpu": ("cpp", "sdpa", "sdpa_concat")},
 ))
 
