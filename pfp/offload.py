@@ -431,34 +431,39 @@ class _TrainBlocks:
     """Forward hooks that keep each block's frozen weights parked (:class:`_FrozenBlock`) except while
     it runs, for training with gradient checkpointing. A block's forward parks it again at once;
     inside a backward pass (checkpointing's recompute, whose backward follows and reads the
-    weights) it stays loaded until the next block loads, so at most two blocks are loaded."""
+    weights) it stays loaded until the next block loads, so one block is loaded at a time.
+
+    A block that starts sends off every other loaded one: checkpointing's early stop (PyTorch's
+    default) ends a recompute by raising inside the block, so its post-hook never runs, and each
+    recomputed block had stayed loaded until the next step (every block's native weights on the
+    device after a backward, where the plan counts two)."""
 
     def __init__(self, blocks: list, parts: list):
         self.blocks, self.parts = blocks, parts
-        self.pending = set()
+        self.loaded = set()   # indices of the loaded blocks
         self.handles = []
         for i, blk in enumerate(blocks):
             self.handles.append(blk.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
             self.handles.append(blk.register_forward_hook(lambda m, args, out, i=i: self._after(i)))
 
+    def _park(self, i: int) -> None:
+        self.parts[i].park()
+        self.loaded.discard(i)
+
     def _before(self, i: int) -> None:
-        for j in list(self.pending):
-            if j != i:
-                self.parts[j].park()
-                self.pending.discard(j)
+        for j in [j for j in self.loaded if j != i]:
+            self._park(j)
         self.parts[i].load()
+        self.loaded.add(i)
 
     def _after(self, i: int) -> None:
-        if _in_backward():
-            self.pending.add(i)
-        else:
-            self.parts[i].park()
+        if not _in_backward():
+            self._park(i)
 
     def settle(self) -> None:
         """Park what a backward left loaded."""
-        for j in list(self.pending):
-            self.parts[j].park()
-        self.pending.clear()
+        for j in list(self.loaded):
+            self._park(j)
 
     @property
     def bytes_moved(self) -> int:

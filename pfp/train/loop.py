@@ -620,9 +620,15 @@ def _grad_norm(params: list, clip: float) -> torch.Tensor:
 
 
 def _check_finite_model(model: nn.Module, what: str, world: int = 1) -> None:
-    """Nothing poisoned is written: every parameter must be finite (FSDP: every rank's shard)."""
-    names = [n for n, p in model.named_parameters()
-             if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    """Nothing poisoned is written: every parameter must be finite (FSDP: every rank's shard).
+    Frozen weights parked in float8 by a training plan (which isfinite does not take) are read
+    upcast: e4m3 has no Inf, and its NaN upcasts to NaN."""
+    def finite(p) -> bool:
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            t = t.to(torch.bfloat16)
+        return bool(torch.isfinite(t).all())
+    names = [n for n, p in model.named_parameters() if not finite(p)]
     if world > 1:
         import torch.distributed as dist
         gathered = [None] * world
@@ -986,8 +992,8 @@ def train(args: TrainArgs) -> dict:
         bar.close()
         if log is not None:
             log.close()
-    if placement is not None:   # hooks off, the original weights back
-        placement.close()
+        if placement is not None:   # hooks off, the original weights back, also after a failure
+            placement.close()
     if args.export and rank == 0:
         _check_finite_model(model, f"--export {args.export}")
         export_weights(model, args.export, args, dtype=torch.bfloat16 if args.export_dtype == "bf16" else None)
