@@ -38,7 +38,7 @@ def _candidates() -> list:
     """The ISA variants this CPU can run, best first, capped by PFP_CPU_ISA."""
     best = _FROM_TORCH.get(torch.backends.cpu.get_cpu_capability(), "generic")
     usable = list(ISAS[ISAS.index(best):])
-    asked = os.environ.get("PFP_CPU_ISA", "")
+    asked = os.environ.get("PFP_CPU_ISA", "").strip().lower()   # "AVX2" as torch spells it works too
     if asked:
         if asked not in ISAS:
             raise ValueError(f"PFP_CPU_ISA must be one of {', '.join(ISAS)}, got {asked!r}")

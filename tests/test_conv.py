@@ -621,6 +621,8 @@ def test_every_built_cpu_variant_loads_and_matches_the_reference():
         out = _run(ISA_CHECK, {"PFP_CPU_ISA": isa})
         assert out.returncode == 0, (isa, out.stderr)
         assert f"ISA {isa} {isa}" in out.stdout, (isa, out.stdout)
+    out = _run(ISA_CHECK, {"PFP_CPU_ISA": " GENERIC "})   # as torch spells ISAs (AVX2), spaces around
+    assert out.returncode == 0 and "ISA generic generic" in out.stdout, out.stderr
     out = _run("import pfp_kernels", {"PFP_CPU_ISA": "sse9"})
     assert "PFP_CPU_ISA must be one of avx512, avx2, generic" in out.stderr
 
