@@ -136,7 +136,7 @@ def compile_in_subprocesses(jobs: Sequence[tuple], processes: int = 2) -> list[A
     processes = max(1, min(processes, len(jobs)))
     chunks = [jobs[i::processes] for i in range(processes)]
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the folder holding pfp_kernels/
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     code = ("import json, sys; from pfp_kernels._aot import _run_jobs; "
             "print(json.dumps(_run_jobs(json.load(sys.stdin))))")

@@ -24,9 +24,11 @@ candidates again (where timing is on) and replaces it, since a new kernel or a n
 the winner. With timing off a stale entry still serves. Shipped entries are never stale: they
 name the run they come from, and a user's own measurement replaces them.
 
-Nothing is timed while torch.compile traces, on meta or fake tensors, or during CUDA graph capture;
-those calls take the table or the static order. ``python -m pfp_kernels.info --tune`` shows the
-table and re-measures the ops' standard shapes.
+Nothing is timed on meta or fake tensors or during CUDA graph capture; those calls take the table
+or the static order. While torch.compile traces, the table is not read either (reading it may touch
+the cache file, which a fullgraph trace cannot take): a compiled call runs the static order's
+first implementation that can run, which an eager call of the same key may not. ``python -m
+pfp_kernels.info --tune`` shows the table and re-measures the ops' standard shapes.
 """
 from __future__ import annotations
 
