@@ -152,7 +152,7 @@ class BlockOffload:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready = [None] * len(self.blocks)   # CUDA event: block i's prefetch is done
         self.bytes_moved = 0
-        self.resident: set = set()   # indices of the loaded blocks
+        self.loaded: set = set()   # indices of the loaded blocks (as _TrainBlocks.loaded)
         self.handles = []
         for i, blk in enumerate(self.blocks):
             self.handles.append(blk.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
@@ -160,7 +160,7 @@ class BlockOffload:
 
     def _load(self, i: int, prefetch: bool) -> None:
         part = self.parts[i]
-        self.resident.add(i)
+        self.loaded.add(i)
         if part.loaded:
             return
         if self.stream is None or not prefetch:
@@ -174,13 +174,13 @@ class BlockOffload:
     def _park(self, i: int) -> None:
         self.parts[i].park()
         self.ready[i] = None
-        self.resident.discard(i)
+        self.loaded.discard(i)
 
     def _before(self, i: int) -> None:
         # A block prefetched for a pass that did not come (two experts: the last block of one
         # expert's pass prefetches that expert's first, and the other expert runs next) leaves, so
         # that no more than the running block and its successor are ever in.
-        for j in [j for j in self.resident if j != i and j != self.next[i]]:
+        for j in [j for j in self.loaded if j != i and j != self.next[i]]:
             self._park(j)
         self._load(i, prefetch=False)
         if self.ready[i] is not None:

@@ -22,6 +22,7 @@ positions have ``mask == False`` and zero tokens. ``L`` is the encoder's ``max_l
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -382,18 +383,24 @@ class TinyTextEncoder(nn.Module):
         return TextTokens(x, mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _ftfy():
+    """ftfy where installed, else None (looked up once: a failed import searches sys.path again)."""
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy
+
+
 def wan_prompt_clean(text: str) -> str:
     """A prompt as Wan's pipelines clean it before tokenizing: mojibake repaired by ``ftfy`` (where
     it is installed, as there), HTML entities unescaped (twice), whitespace runs made one space,
     the ends stripped."""
-    try:
-        import ftfy
-    except ImportError:
-        ftfy = None
+    ftfy = _ftfy()
     if ftfy is not None:
         text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 class UMT5TextEncoder(nn.Module):

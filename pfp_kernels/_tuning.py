@@ -232,8 +232,8 @@ def _locked(path: Path):
 
 
 def _write_table(path: Path, entries: Iterable[Entry]) -> None:
-    """Whole-file replace (temp file + rename), so a reader or a kill never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Whole-file replace (temp file + rename), so a reader or a kill never sees half a table. The
+    folder exists (the caller made it, for its lock file)."""
     rows = [json.dumps(e.to_json()) for e in sorted(entries, key=lambda e: repr(e.key))]
     text = f'{{"format": {FORMAT}, "entries": [\n' + ",\n".join(rows) + "\n]}\n"  # one entry per line
     fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=path.parent)
