@@ -134,6 +134,9 @@ def test_the_training_trace_counts_the_step_and_the_optimizer(wan_vae_dir):
     trace = trace_training(model, 2, 2)
     assert trace.trainable == 3 * trainable                  # the parameters and AdamW's two states
     assert trace.transient["step"] >= trainable              # the gradients at least, and the activations
+    # the optimizer step: every gradient, and foreach AdamW's one temporary per parameter group
+    assert 2 * trainable <= trace.transient["optimizer"] < 2 * trainable + (1 << 20)
+    assert "self_history" not in trace.transient
     assert trace.vae > 0 and trace.frozen > 0 and trace.context_tokens > 0
     plain = estimate_training(trace, {}, None)
     swapped = estimate_training(trace, {"swap": True, "text": "cpu"}, None)
@@ -146,6 +149,40 @@ def test_the_training_trace_counts_the_step_and_the_optimizer(wan_vae_dir):
     offload = estimate_training(trace, {"offload": "block"}, None)
     assert fp8.peak_bytes < plain.peak_bytes + 2 * trace.largest_block
     assert offload.bytes_moved_per_chunk == 2 * trace.blocks
+
+
+def test_the_optimizer_step_and_self_history_enter_the_peaks(wan_vae_dir):
+    from pfp.memory import _with_allowance
+    from pfp.train.memory import estimate_training, trace_training
+    config = wan_config(wan_vae_dir)
+    # the backbone trains whole: its gradients and AdamW's temporary outweigh the backward's activations
+    whole = trace_training(_trainee(config, "pretrain", lora_rank=0), 1, 2)
+    assert whole.transient["optimizer"] > whole.transient["step"]
+    step = {p.name: p for p in estimate_training(whole, {}, None).phases}["step"]
+    resident = whole.trainable + whole.frozen + whole.text + whole.vae   # the plain plan: all of it
+    assert step.peak_bytes == _with_allowance(resident + whole.transient["optimizer"])
+    # --self-history decodes the history and re-encodes its low-res videos in the encode phase
+    model = _trainee(config)
+    plain, redone = trace_training(model, 2, 3), trace_training(model, 2, 3, self_history=True)
+    assert redone.transient["self_history"] > redone.transient["encode"] == plain.transient["encode"]
+    peaks = [{p.name: p.peak_bytes for p in estimate_training(t, {}, None).phases}["encode"] for t in (plain, redone)]
+    assert peaks[1] > peaks[0]
+
+
+def test_the_loop_frees_the_last_steps_gradients_before_the_forward():
+    # what the plan counts: gradients live from the backward to the optimizer step, not across a forward
+    from pfp.train.loop import TrainArgs, _forward_backward
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    seen = []
+
+    def runner(batch, gen):
+        seen.append(weight.grad)
+        return (weight * batch).sum()
+    for _ in range(2):
+        _forward_backward(runner, optimizer, [weight], torch.ones(3), None, TrainArgs(), torch.device("cpu"), 1)
+        optimizer.step()
+    assert seen == [None, None] and weight.grad is not None
 
 
 def test_train_cli_plans_refuses_and_trains_under_a_budget(tmp_path, capsys):

@@ -851,8 +851,10 @@ def _forward_backward(runner: nn.Module, optimizer, params: list, batch: dict, g
                       device, world: int) -> tuple[float, bool, torch.Tensor]:
     """Loss and gradients of one step; returns (loss averaged over ranks, whether every rank's loss
     and the synced gradients are finite, gradient norm). One host sync per step."""
-    loss = runner(batch, gen)
+    # the last step's gradients are freed before this forward (the memory plan counts them only
+    # from the backward to the optimizer step)
     optimizer.zero_grad(set_to_none=True)
+    loss = runner(batch, gen)
     loss.backward()
     grad_norm = _grad_norm(params, args.grad_clip)
     stats = torch.stack([loss.detach().float(), (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
@@ -1024,6 +1026,11 @@ def _lora_rank(args: TrainArgs) -> int:
     return args.lora_rank if args.lora_rank is not None else (0 if args.mode == "pretrain" else 128)
 
 
+def _self_history_on(args: TrainArgs) -> bool:
+    """Whether the steps decode and re-encode histories (finetune's ``--self-history``)."""
+    return args.mode == "finetune" and args.self_history > 0
+
+
 def _chosen_plan(trace, args: TrainArgs, what: str):
     """The training plan for ``--vram`` (the plain run's estimate for ``--plan`` alone); a budget
     nothing fits is refused with one line naming ``what`` is planned and the smallest budget that
@@ -1040,7 +1047,7 @@ def _chosen_plan(trace, args: TrainArgs, what: str):
 def _training_plan(model: PFPModel, args: TrainArgs, config: PFPConfig):
     """The memory plan, traced on the model as built (on the CPU, with LoRA and trainable flags)."""
     from pfp.train.memory import trace_training
-    trace = trace_training(model, args.batch_size, _clip_chunks(args, config))
+    trace = trace_training(model, args.batch_size, _clip_chunks(args, config), self_history=_self_history_on(args))
     return _chosen_plan(trace, args, f"this training run (--batch-size {args.batch_size}, --clip-seconds "
                                      f"{args.clip_seconds:g})")
 
@@ -1052,7 +1059,8 @@ def _plan_preset(args: TrainArgs) -> dict:
     p = preset(args.config, args.rate)
     config = preset_config(p, "")
     rank = _lora_rank(args)
-    trace = trace_training_preset(p, args.batch_size, _clip_chunks(args, config), rank, args.mode)
+    trace = trace_training_preset(p, args.batch_size, _clip_chunks(args, config), rank, args.mode,
+                                  self_history=_self_history_on(args))
     plan = _chosen_plan(trace, args, f"{p.name} ({args.mode}, --batch-size {args.batch_size}, --clip-seconds "
                                      f"{args.clip_seconds:g}, LoRA rank {rank})")
     _print_training_plan(plan, args, config)

@@ -9,8 +9,12 @@ without training. The phases of a step, in the order the losses run them:
 - ``step``: the compressor and the backbone forward and backward, with gradient checkpointing
   (a plan turns it on), then the optimizer.
 
-The trainable parameters (LoRA adapters, the compressor; the whole backbone when it trains), their
-gradients and AdamW's two states are resident throughout. Each phase's peak is traced, as the
+The trainable parameters (LoRA adapters, the compressor; the whole backbone when it trains) and
+AdamW's two states are resident throughout. Their gradients live from the backward to the end of
+the optimizer step (the loop frees them before the next step's forward), so the step's peak is the
+larger of the backward's (activations and the gradients so far) and the optimizer's (every
+gradient and AdamW's foreach temporaries, as on CUDA). With ``--self-history`` the encode phase
+also holds the history's VAE decode and the low-res videos' re-encode. Each phase's peak is traced, as the
 generation planner's are (:mod:`pfp.memory`): the real modules run on fake tensors, so nothing is
 allocated and no GPU is needed; the step's backward included.
 
@@ -71,13 +75,23 @@ class TrainTrace:
     encode_tiled: Optional[int] = None   # the encode's traced peak through the VAE's tiled_encoding(); None: it has none
     encode_tiled_extra_flops: float = 0.0   # what the tiles' overlaps add to the encode's FLOPs
 
+    def encode_peak(self, tiled: bool) -> int:
+        """What the encode phase creates at its peak: the clips' encode (tiled or whole), or with
+        ``--self-history`` the history's decode and re-encode, whichever is larger."""
+        encode = self.encode_tiled if tiled else self.transient["encode"]
+        return max(encode, self.transient.get("self_history", 0))
 
-def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Optional[tuple] = None) -> TrainTrace:
+
+def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Optional[tuple] = None,
+                   self_history: bool = False) -> TrainTrace:
     """Trace one training step of a built :class:`pfp.weights.PFPModel` (LoRA and trainable flags as
     training sets them) on a batch of ``batch_size`` clips of ``clip_chunks`` chunks, at ``size``
     (default the config's): the finetune step at its longest history (all chunks but the last),
     which bounds the pretrain step's too (that one runs fewer frames through the backbone). Runs the
-    real modules on fake tensors (FakeTensorMode), with gradient checkpointing on."""
+    real modules on fake tensors (FakeTensorMode), with gradient checkpointing on; the optimizer
+    step runs AdamW (foreach, as on CUDA) on fake copies of the trainable parameters.
+    ``self_history``: the finetune loss's ``--self-history`` (the history decoded and its low-res
+    videos re-encoded in the encode phase)."""
     from torch._guards import detect_fake_mode
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -160,6 +174,20 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     loss = v.float().square().mean()
                     return torch.autograd.grad(loss, trainable, allow_unused=True)
             transient["step"] = _tracked_peak(step)
+            transient["optimizer"] = optimizer_step_peak([(tuple(p.shape), p.dtype) for p in trainable])
+            if self_history and n_hist:
+                # decoded whole while the clip's latents are held, then each low-res video encoded
+                held = sum(t.numel() * t.element_size() for t in [latents, *lrs])
+                video_frames = frames
+
+                def redo_history():
+                    with torch.no_grad():
+                        decoded = model.vae.decode(hist.float())
+                        for branch, lr in zip(model.config.branch_configs(), lr_hist):
+                            spec = branch.video_spec(video_frames)
+                            model.vae.encode(decoded.new_zeros(batch_size, 3, model.vae.video_frames(lr.shape[2]),
+                                                               *spec.lr_size))
+                transient["self_history"] = held + _tracked_peak(redo_history)
             context = sum(math.prod(c.token_grid((n_hist, h // s, w // s))) for c in model.compressors) if n_hist else 0
             target = math.prod(plain.token_grid(lc, h // s, w // s))
     finally:
@@ -174,6 +202,21 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                       text_flops=2.0 * n_text * tokens.shape[1] * batch_size, transient=transient, batch=batch_size,
                       target_tokens=target, context_tokens=context, encode_tiled=tiled,
                       encode_tiled_extra_flops=float(extra_flops))
+
+
+def optimizer_step_peak(params: list) -> int:
+    """Bytes an AdamW step over parameters of these ``(shape, dtype)`` creates at its peak, their
+    gradients included: traced on fake copies (call it under a FakeTensorMode) after a first step,
+    so its states exist as they do in training (they are counted as resident). foreach, as torch
+    picks on CUDA: one temporary per parameter group for the whole update."""
+    copies = [torch.empty(shape, dtype=dtype, requires_grad=True) for shape, dtype in params]
+    if not copies:
+        return 0
+    for p in copies:
+        p.grad = torch.empty_like(p)
+    optimizer = torch.optim.AdamW(copies, lr=1e-4, foreach=True)
+    optimizer.step()
+    return sum(p.numel() * p.element_size() for p in copies) + _tracked_peak(optimizer.step)
 
 
 class _TracedText(nn.Module):
@@ -215,10 +258,12 @@ def _preset_folder(p, root: str) -> None:
 
 
 def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_rank: int = 128,
-                          mode: str = "finetune", dtype: torch.dtype = torch.bfloat16) -> TrainTrace:
+                          mode: str = "finetune", dtype: torch.dtype = torch.bfloat16,
+                          self_history: bool = False) -> TrainTrace:
     """:func:`trace_training` for a preset of :mod:`pfp.memory` (its full-size parts in ``dtype``,
     built on fake tensors: no folder, no weights), trained as ``pfp.train MODE --lora-rank R`` trains
-    it: LoRA on the backbone (``lora_rank`` 0: the backbone trains whole), the compressor in fp32."""
+    it: LoRA on the backbone (``lora_rank`` 0: the backbone trains whole), the compressor in fp32;
+    ``self_history`` as there."""
     import tempfile
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -244,17 +289,22 @@ def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_ran
             # not built: their weights, gradients and AdamW states in fp32 (peft's adapter dtype);
             # their rank-r activations are left out (a rounding error beside the blocks')
             _set_trainable(model, TrainArgs(mode=mode), lora_rank > 0)
-            trace = trace_training(model, batch_size, clip_chunks)
-    if lora_rank:
-        adapters = _lora_bytes(backbone, lora_rank)
-        trace.trainable += 3 * adapters
-        trace.transient["step"] += adapters
+            trace = trace_training(model, batch_size, clip_chunks, self_history=self_history)
+            if lora_rank:
+                shapes = _lora_shapes(backbone, lora_rank)
+                adapters = sum(4 * math.prod(s) for s in shapes)
+                trace.trainable += 3 * adapters
+                trace.transient["step"] += adapters
+                trace.transient["optimizer"] = optimizer_step_peak(
+                    [(tuple(q.shape), q.dtype) for q in model.parameters() if q.requires_grad]
+                    + [(s, torch.float32) for s in shapes])
     return trace
 
 
-def _lora_bytes(backbone: nn.Module, rank: int) -> int:
-    """fp32 bytes of rank-``rank`` LoRA adapters on the backbone's LoRA targets (as peft matches
-    them: a regular expression over whole names, or name suffixes)."""
+def _lora_shapes(backbone: nn.Module, rank: int) -> list:
+    """The shapes of rank-``rank`` LoRA adapters (A ``[r, in]``, B ``[out, r]``, fp32 in peft) on the
+    backbone's LoRA targets (as peft matches them: a regular expression over whole names, or name
+    suffixes)."""
     import re
 
     from pfp.train.loop import lora_target_modules
@@ -264,8 +314,8 @@ def _lora_bytes(backbone: nn.Module, rank: int) -> int:
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
         return any(name == t or name.endswith("." + t) for t in targets)
-    return sum(4 * rank * (m.in_features + m.out_features) for n, m in backbone.named_modules()
-               if isinstance(m, nn.Linear) and hit(n))
+    return [s for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and hit(n)
+            for s in ((rank, m.in_features), (m.out_features, rank))]
 
 
 def _real_positions(model, latent_frames: int, h: int, w: int) -> torch.Tensor:
@@ -318,9 +368,11 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
     if tiled and trace.encode_tiled is None:
         raise ValueError("encode='tiled' needs a VAE with tiled_encoding() (HunyuanVAE); the traced one has none")
     phases = [phase("text", with_vae, trace.transient["text"] if choices["text"] == "gpu" else 0),
-              phase("encode", with_vae, trace.encode_tiled if tiled else trace.transient["encode"],
-                    trace.vae if swap else 0),
-              phase("step", with_dit, trace.transient["step"] + loaded, step_moved)]
+              phase("encode", with_vae, trace.encode_peak(tiled), trace.vae if swap else 0),
+              # the forward and backward, or the optimizer after it (the blocks' hooks have parked
+              # every block by then), whichever creates more
+              phase("step", with_dit, max(trace.transient["step"] + loaded, trace.transient.get("optimizer", 0)),
+                    step_moved)]
     moved = sum(p.bytes_moved for p in phases)
     seconds = moved / PCIE_BYTES_PER_S
     if fp8:   # each block upcast twice a step (forward, recompute): fp8 read, native written and read
@@ -360,4 +412,4 @@ def choose_training(trace: TrainTrace, budget: Optional[int], text_cached: bool 
 
 
 __all__ = ["TrainTrace", "trace_training", "trace_training_preset", "estimate_training", "choose_training", "all_training_plans",
-           "TRAIN_PHASES"]
+           "optimizer_step_peak", "TRAIN_PHASES"]
