@@ -218,6 +218,14 @@ def test_the_planner_counts_the_window_mix_and_feature_kv():
     plain = trace_model(build_model(base), history_seconds=1.0)
     window = trace_model(build_model(dataclasses.replace(base, sliding_window=3)), history_seconds=1.0)
     assert window.context_tokens == plain.context_tokens + 3 * 16          # 3 frames of a 4x4 token grid
+    # cached mode keeps the history's K/V (extended each chunk) beside the windowed copy the steps read
+    assert plain.kv_window == 0 and window.kv_window == plain.kv and window.kv_window_fp8 == plain.kv_fp8
+    from pfp.memory import estimate
+    for kv in ("native", "fp8"):
+        held = {p.name: p for p in estimate(window, {"kv": kv}, None).phases}
+        alone = {p.name: p for p in estimate(dataclasses.replace(window, kv_window=0, kv_window_fp8=0), {"kv": kv},
+                                             None).phases}
+        assert held["denoise"].peak_bytes > alone["denoise"].peak_bytes
     mixed = trace_model(build_model(dataclasses.replace(base, mix_compressors=[{"rate": "2x2x4"}])), history_seconds=1.0)
     assert mixed.context_tokens == plain.context_tokens + 3 * 4            # 12 latent frames at 2x2x4
     assert mixed.compressor > plain.compressor
