@@ -726,8 +726,13 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     if active:  # each chunk loads each expert once: the low-noise one for its steps, the high one for the K/V
         by_name["denoise"].bytes_moved += int(trace.expert * block_scale)
         by_name["context_kv"].bytes_moved += int(trace.expert * block_scale)
-    if swap:  # each comes back once per chunk (a CPU copy stays, so nothing is copied out)
-        by_name["context_kv"].bytes_moved += transformer_gpu - (int(trace.expert * block_scale) if active else 0)
+    if swap:  # each comes back once per chunk (a CPU copy stays, so nothing is copied out), the
+        # compressor's own layers with the transformer (pfp.offload.Placement parks them together)
+        by_name["context_kv"].bytes_moved += (transformer_gpu - (int(trace.expert * block_scale) if active else 0)
+                                              + trace.compressor)
+        if active:   # the decode parked both experts: the low-noise one comes back for the K/V (it goes
+            # first, pfp.backbones.ExpertPair.cache_context) and again after the high one's steps
+            by_name["context_kv"].bytes_moved += int(trace.expert * block_scale)
         by_name["decode"].bytes_moved += trace.vae
     moved = sum(p.bytes_moved for p in phases)
     seconds = (moved - hidden) / PCIE_BYTES_PER_S

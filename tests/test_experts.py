@@ -230,14 +230,21 @@ def test_only_the_running_expert_is_on_the_device_and_the_video_is_the_same():
         assert max(seen) == 1                                   # never both experts in
     # each chunk loads each expert once: the high one for its K/V and the next chunk's first steps,
     # the low one for the last steps (and the first chunk, with no context, loads the high one first)
-    loads = []
-    placement = Placement(model, "cpu", {"experts": "active"})
-    for name, part in placement._experts.items():
-        real = part.load
-        part.load = lambda real=real, name=name: loads.append(name) or real()
-    generate(model, story, 2.0, steps=4, progress=False, plan=placement)
+    def expert_loads(choices):
+        loads = []
+        placement = Placement(model, "cpu", choices)
+        for name, part in placement._experts.items():
+            real = part.load
+            part.load = lambda real=real, name=name: loads.append(name) or real()
+        generate(model, story, 2.0, steps=4, progress=False, plan=placement)
+        return loads
     chunks = len(want.timings)
+    loads = expert_loads({"experts": "active"})
     assert loads.count("high") == chunks + 1 and loads.count("low") == chunks
+    # with swap the decode parks both: the low one comes back for the K/V and again for its steps,
+    # three expert loads a chunk, as the planner counts them
+    loads = expert_loads({"experts": "active", "swap": True})
+    assert loads.count("high") == chunks + 1 and loads.count("low") == 2 * chunks
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +265,10 @@ def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it(a14b_trace):
     assert whole.fits and whole.choices["experts"] == "both" and whole.choices["weights"] == "native"
     one = memory.choose(trace, 32 * gib)
     assert one.fits and one.choices["experts"] == "active", one.choices
+    # swapping adds the VAE, the transformer's shared parts, the compressor and a third expert load
+    active = {**one.choices, "weights": "native", "offload": "none"}   # whole experts move
+    moved = [memory.estimate(trace, {**active, "swap": swap}, None).bytes_moved_per_chunk for swap in (False, True)]
+    assert moved[1] - moved[0] > trace.vae + trace.compressor + trace.expert
     assert one.bytes_moved_per_chunk >= 2 * trace.expert // 2                # each fp8 expert comes in once a chunk
     for p in one.phases:
         assert p.peak_bytes <= 32 * gib
