@@ -42,8 +42,22 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+_work_started = False
+
+
+def work_started() -> None:
+    """Say that a command's up-front checks are over and its work begins (generate's first chunk,
+    train's first step, eval's first clip): from here on a plain ValueError is a failure while
+    working (exit 1, whatever its type), not bad input (exit 2). Outside :func:`run_cli` it changes
+    nothing."""
+    global _work_started
+    _work_started = True
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run a command's body and turn what it raises into one ``error:`` line and an exit status."""
+    global _work_started
+    _work_started = False
     try:
         return main()
     except KeyboardInterrupt:
@@ -55,8 +69,9 @@ def run_cli(main: Callable[[], int]) -> int:
         if os.environ.get("PFP_DEBUG"):
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        # plain ValueErrors are the library's own argument checks (configs, shapes, flags)
-        usage = isinstance(exc, (UsageError, FileNotFoundError)) or type(exc) is ValueError
+        # before the work starts, plain ValueErrors are the library's own argument checks (configs,
+        # shapes, flags); after it, whatever goes wrong is a failure while working
+        usage = not _work_started and (isinstance(exc, (UsageError, FileNotFoundError)) or type(exc) is ValueError)
         return 2 if usage else 1
 
 

@@ -281,13 +281,18 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     from tqdm import tqdm
 
     from pfp.generate import chunk_plan, load_model
+    from pfp._cli import work_started
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]  # all checked first
     lpips, lpips_note = lpips_metric()
-    rows = []
+    prepared = []   # each checkpoint's clip length and clips, all checked before any is scored
     for k, (path, model) in enumerate(models):
+        n_chunks = chunk_plan(model.config, seconds if seconds is not None else 4 * model.config.chunk_seconds)
+        prepared.append((n_chunks, _clips(model.config, videos, n_chunks, report=k == 0, progress=progress,
+                                          storyboards="optional")))
+    work_started()
+    rows = []
+    for (path, model), (n_chunks, dataset) in zip(models, prepared):
         config = model.config
-        n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
-        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress, storyboards="optional")
         latent_frames = n_chunks * config.chunk_latent_frames
         h, w = config.video_size
         s = config.vae_spatial
@@ -338,8 +343,9 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     from tqdm import tqdm
 
     from pfp.generate import chunk_plan, generate, load_model
+    from pfp._cli import work_started
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]
-    rows = []
+    prepared = []   # each checkpoint's chunk counts and clips, all checked before any is scored
     for k, (path, model) in enumerate(models):
         config = model.config
         n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
@@ -347,7 +353,11 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
         if not 0 < n_given < n_chunks:
             raise ValueError(f"--history-seconds must leave at least one chunk to generate of --seconds "
                              f"({n_chunks} chunks of {config.chunk_seconds:g} s)")
-        dataset = _clips(config, videos, n_chunks, report=k == 0, progress=progress)
+        prepared.append((n_chunks, n_given, _clips(config, videos, n_chunks, report=k == 0, progress=progress)))
+    work_started()
+    rows = []
+    for (path, model), (n_chunks, n_given, dataset) in zip(models, prepared):
+        config = model.config
         first_generated = config.clip_frames(n_given)        # video frames of the given history
         scores, per_video, n_returns = [], [], 0
         for i in tqdm(range(len(dataset)), desc=os.path.basename(str(path)), disable=not progress, file=sys.stderr):

@@ -224,6 +224,9 @@ def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_gi
     """generate()'s run, its inputs checked and the model placed."""
     from tqdm import tqdm
 
+    from pfp._cli import work_started
+    work_started()   # what fails from here is a failure while generating (exit 1), not bad input
+
     from pfp.data import to_low_res_part
     from pfp.sampler import sample
     from pfp.vae import decode_stream, encode_stream

@@ -611,6 +611,26 @@ def test_generate_checks_optional_dependencies_before_work(tmp_path, capsys, mon
     assert os.listdir(tmp_path) == []
 
 
+def test_a_value_error_once_the_work_started_is_a_failure_not_bad_input(tmp_path, capsys, monkeypatch):
+    # exit 2 says "your input": a ValueError from inside the sampler, mid-run, is exit 1
+    import pfp.generate as gen
+    import pfp.sampler as sampler
+
+    def broken(*args, **kwargs):
+        raise ValueError("something inside went wrong")
+    monkeypatch.setattr(sampler, "sample", broken)
+    assert gen.main(["--out", str(tmp_path / "v.mp4"), "--quiet", "--steps", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: something inside went wrong"
+    assert gen.main(["--out", str(tmp_path / "v.mp4"), "--quiet", "--steps", "0"]) == 2   # checked first
+    assert os.listdir(tmp_path) == []
+    from pfp._cli import run_cli, work_started
+
+    def checks_then_work():
+        work_started()
+        raise FileNotFoundError("a file went away")
+    assert run_cli(checks_then_work) == 1 and run_cli(lambda: int("x")) == 2   # reset for each run
+
+
 def test_a_killed_writer_leaves_no_temp_file_for_long(tmp_path):
     # a temp file of a dead process beside the target is removed by the next write of it
     from pfp._io import atomic_target, remove_stale_temps

@@ -948,6 +948,8 @@ def train(args: TrainArgs) -> dict:
         if resume_path is not None:
             restore_rng_state(resume_path, resume_state)
         last = args.steps if args.until is None else min(args.steps, args.until)
+        from pfp._cli import work_started
+        work_started()   # every argument, file and the model checked: what fails from here is exit 1
         for step in range(start, last):
             gen = step_generator(args.seed, step, rank)
             batch = next(batches)
