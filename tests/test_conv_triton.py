@@ -108,6 +108,34 @@ def test_every_config_is_correct(monkeypatch):
         assert_close(y, ref, dtype, what=f"{role} ({cls}) project")
 
 
+def test_a_batch_past_the_int32_row_index_runs_in_slices(monkeypatch):
+    """More rows than one launch indexes (2**31 - 1; lowered here) run as launches over slices of
+    the batch, each writing its own part of the output."""
+    monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 130)          # 120 output rows per item: one item a launch
+    launches = []
+    kernel = tk._conv3d_act_kernel
+    monkeypatch.setattr(tk, "_conv3d_act_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    dtype = torch.float32
+    x = torch.randn(3, 4, 4, 5, 7).contiguous(memory_format=CL3)
+    weight, bias = _weights(6, 4, (2, 1, 2), dtype)
+    y = tk.conv3d_act(x, weight, bias, [2, 1, 1], [1, 0, 1], "silu")
+    assert len(launches) == 3
+    assert_close(y, conv.conv3d_act_reference(x.double(), weight.double(), bias.double(), [2, 1, 1], [1, 0, 1],
+                                              "silu"), dtype)
+    prev = torch.randn(3, 4, 2, 5, 7)
+    y = tk.causal_conv3d_act(x, prev, weight, bias, [1, 1, 1], [0, 1], "silu", -1, 2)
+    assert_close(y, conv.causal_conv3d_act_reference(x.double(), prev.double(), weight.double(), bias.double(),
+                                                     [1, 1, 1], [0, 1], "silu", -1, 2), dtype)
+    monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 2 * 140)      # 140 token rows per item: two items, then one
+    pw, pb, res = torch.randn(6, 4), torch.randn(6), torch.randn(3, 140, 6)
+    y = tk.project_tokens(x, pw, pb, res)
+    assert_close(y, conv.project_tokens_reference(x.double(), pw.double(), pb.double(), res.double()), dtype)
+    monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 100)          # one item alone is too many: refused, named
+    with pytest.raises(ValueError, match="one batch item has 120 rows"):
+        tk.conv3d_act(x, weight, bias, [2, 1, 1], [1, 0, 1], "silu")
+
+
 # ----------------------------------------------------------------------------------------------
 # causal_conv3d_act
 # ----------------------------------------------------------------------------------------------

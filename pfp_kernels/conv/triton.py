@@ -321,6 +321,21 @@ def _empty_cl3(shape: list[int], like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3)
 
 
+# The kernels' row index (b, t, h, w flattened) is int32: a launch covers fewer rows than this,
+# so a larger batch runs as several launches over slices of it (each batch item's rows fit, since
+# its output already spans fewer than 2**31 elements: _check_offsets).
+MAX_LAUNCH_ROWS = 2 ** 31 - 1
+
+
+def _batch_slices(batch: int, rows_per_item: int, op: str):
+    """``(start, stop)`` slices of the batch, each within :data:`MAX_LAUNCH_ROWS` rows."""
+    if rows_per_item > MAX_LAUNCH_ROWS:
+        raise ValueError(f"{op} (triton): one batch item has {rows_per_item} rows (output positions); the "
+                         f"kernels index them in int32 (at most {MAX_LAUNCH_ROWS}); split the input")
+    per = MAX_LAUNCH_ROWS // max(1, rows_per_item)
+    return [(i, min(batch, i + per)) for i in range(0, batch, per)]
+
+
 def _check_offsets(t: Tensor, name: str, op: str) -> None:
     # The kernels index within one batch item in int32 (the batch offset is int64).
     span = batch_item_span(t)
@@ -354,6 +369,11 @@ def _launch_conv(x: Tensor, prev: Optional[Tensor], weight: Tensor, bias: Option
             _check_offsets(t, name, "conv3d_act")
     m = b * t_out * h_out * w_out
     if m == 0 or cout == 0:
+        return out
+    if m > MAX_LAUNCH_ROWS:
+        for i, j in _batch_slices(b, m // b, "conv3d_act"):
+            _launch_conv(x[i:j], prev[i:j] if prev is not None else None, weight, bias, stride, pad_h, pad_w,
+                         time_offset, out[i:j], activation)
         return out
     kt, kh, kw = weight.shape[2:]
     # K-major weight ([Cout, kt, kh, kw, Cin] in memory); a no-op when it is already stored so.
@@ -427,16 +447,24 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     _check_dtype(h, "project_tokens")
     if weight.dim() == 5:
         weight = weight.flatten(1)
+    b, _, t, hh, ww = h.shape
+    out = torch.empty(b, t * hh * ww, weight.shape[0], dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    for x, name in ((h, "h"), (residual, "residual"), (out, "the output")):
+        if x is not None:
+            _check_offsets(x, name, "project_tokens")
+    for i, j in _batch_slices(b, t * hh * ww, "project_tokens"):
+        _launch_project(h[i:j], weight, bias, residual[i:j] if residual is not None else None, out[i:j])
+    return out
+
+
+def _launch_project(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    out: Tensor) -> None:
     b, c, t, hh, ww = h.shape
     n = weight.shape[0]
     thw = t * hh * ww
-    out = torch.empty(b, thw, n, dtype=h.dtype, device=h.device)
     m = b * thw
-    if m == 0 or n == 0:
-        return out
-    for t, name in ((h, "h"), (residual, "residual"), (out, "the output")):
-        if t is not None:
-            _check_offsets(t, name, "project_tokens")
     cfg = pick_config(c, n, m, h.dtype, h.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     res = residual if residual is not None else out
@@ -451,7 +479,6 @@ def project_tokens(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
