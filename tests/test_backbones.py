@@ -381,6 +381,15 @@ def _tiny_backbones():
         yield "wan", tiny_wan_backbone()
 
 
+def test_text_of_the_wrong_width_is_named():
+    # text states of another encoder (e.g. 4096-wide UMT5 into a 16-wide model) fail with a line
+    # naming `text` and the width the backbone takes, not inside a linear layer
+    for name, bb in _tiny_backbones():
+        with pytest.raises(ValueError, match=r"text must be \[B, L, 16\] states"):
+            bb(torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5]), torch.randn(1, 5, 12))
+        assert bb(torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5]), torch.randn(1, 5, 16)).shape == (1, 4, 2, 4, 4)
+
+
 @pytest.mark.parametrize("mode", ["cached", "joint"])
 def test_every_block_call_goes_through_the_block_module(mode):
     # what FSDP's fully_shard, diffusers' offload and casting hooks rely on: the backbone runs each

@@ -97,6 +97,7 @@ class TinyDiT(WanStyleBackbone):
         if cfg.inner_dim % cfg.num_heads:
             raise ValueError(f"inner_dim {cfg.inner_dim} must be divisible by num_heads {cfg.num_heads}")
         self.config = cfg
+        self.text_width = cfg.text_dim
         self.context_mode = check_context_mode(cfg.context_mode)
         self.inner_dim, self.num_heads = cfg.inner_dim, cfg.num_heads
         self.latent_channels, self.patch_size = cfg.latent_channels, tuple(cfg.patch_size)

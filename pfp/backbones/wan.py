@@ -58,6 +58,7 @@ class WanBackbone(WanStyleBackbone):
         # was trained attending to the pads; True skips them instead (a departure from upstream)
         self.mask_text_padding = bool(mask_text_padding)
         self.context_mode = check_context_mode(context_mode)
+        self.text_width = int(cfg.text_dim)
         self.num_heads = int(cfg.num_attention_heads)
         self.inner_dim = int(cfg.num_attention_heads * cfg.attention_head_dim)
         out_channels = int(cfg.out_channels or cfg.in_channels)

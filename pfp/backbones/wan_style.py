@@ -482,6 +482,9 @@ class WanStyleBackbone(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    # The last dim of forward's text (checked there); None: not checked (HunyuanVideo packs its
+    # text with the pooled vector and checks the states' width after unpacking them)
+    text_width: Optional[int] = None
     # Whether the target's text cross-attention skips padded text positions (text_mask). The tiny
     # DiT trains that way; Wan was trained attending to its zero-padded 512 positions, so its
     # adapter ignores the mask unless asked (WanBackbone(mask_text_padding=True)).
@@ -614,6 +617,9 @@ class WanStyleBackbone(nn.Module):
         b = x.shape[0]
         if text.dim() != 3 or text.shape[0] not in (1, b):
             raise ValueError(f"text must be [B={b} or 1, L, text_dim] states, got {tuple(text.shape)}")
+        if self.text_width is not None and text.shape[2] != self.text_width:
+            raise ValueError(f"text must be [B, L, {self.text_width}] states (this backbone's text width), got "
+                             f"{tuple(text.shape)}")
         if text_mask is not None and (text_mask.dim() != 2 or text_mask.shape[0] not in (1, b)
                                       or text_mask.shape[1] != text.shape[1]):
             raise ValueError(f"text_mask must be [B={b} or 1, L={text.shape[1]}], got {tuple(text_mask.shape)}")
