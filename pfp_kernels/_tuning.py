@@ -106,7 +106,8 @@ def cpu_model() -> str:
 
 def device_name(device: torch.device) -> str:
     """The card's name on CUDA (``torch.cuda.get_device_name``); on CPU the model, the ISA torch
-    uses and the thread count, since all three change which kernel wins."""
+    uses, the thread count and the ISA of our C++ kernels as loaded (``PFP_CPU_ISA`` can lower
+    it, ``PFP_DISABLE_CPP`` turn them off), since all four change which kernel wins."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = ("cuda", index)
@@ -117,8 +118,9 @@ def device_name(device: torch.device) -> str:
         threads = torch.get_num_threads()
         key = ("cpu", threads)
         if key not in _DEVICE_NAMES:
+            from . import _extension
             _DEVICE_NAMES[key] = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
-                                  f"{threads} threads")
+                                  f"{threads} threads, pfp C++ {_extension.ISA or 'off'}")
         return _DEVICE_NAMES[key]
     return device.type
 

@@ -390,3 +390,17 @@ def test_timing_inside_activation_checkpointing_leaves_the_recompute_consistent(
     region(q, k, v).square().sum().backward()   # without checkpointing: the same gradients
     for g, t in zip(grads, (q, k, v)):
         assert_close(g, t.grad, torch.float32)
+
+
+def test_cpu_entries_are_keyed_by_the_cpp_kernels_as_loaded():
+    # a choice measured with the AVX-512 build (or without the C++ kernels) is not reused by a
+    # process that loaded another one: PFP_CPU_ISA and PFP_DISABLE_CPP change the device name
+    import subprocess
+    import sys
+    from pfp_kernels import _extension
+    name = _tuning.device_name(torch.device("cpu"))
+    assert name.endswith(f"pfp C++ {_extension.ISA or 'off'}")
+    script = "import torch; from pfp_kernels import _tuning; print(_tuning.device_name(torch.device('cpu')))"
+    off = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PFP_DISABLE_CPP": "1"},
+                         capture_output=True, text=True, timeout=120).stdout.strip()
+    assert off.endswith(", pfp C++ off") and off.split(",")[0] == name.split(",")[0]   # the same CPU model
