@@ -17,6 +17,16 @@ from typing import Optional
 import torch
 
 
+def whole_chunks(seconds, chunk_seconds: float, least: int = 1) -> Optional[int]:
+    """How many chunks of ``chunk_seconds`` make ``seconds``, when that is a whole number (within
+    1e-6 of a chunk) of at least ``least``; None otherwise (not a finite number included). Each
+    command words its own refusal; this is the arithmetic they share."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return None
+    n = seconds / chunk_seconds
+    return int(round(n)) if abs(n - round(n)) <= 1e-6 and round(n) >= least else None
+
+
 @dataclass
 class PFPConfig:
     """Everything that shapes the model and its data. Sizes are (height, width) in pixels."""
@@ -430,4 +440,4 @@ def _wan_vae_factors(path: str, subfolder: Optional[str]) -> tuple[int, int, int
         return WanVAE.factors_from_config(json.load(f))
 
 
-__all__ = ["PFPConfig", "check_component", "COMPONENT_KINDS"]
+__all__ = ["PFPConfig", "check_component", "COMPONENT_KINDS", "whole_chunks"]

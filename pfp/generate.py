@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from pfp.compressor import _empty_context, mix_contexts
+from pfp.config import whole_chunks
 from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
 
 BUILTIN_STORYBOARD = [
@@ -70,7 +71,8 @@ def chunk_plan(config, seconds: float) -> int:
     per = config.chunk_frames
     tf = config.vae_temporal
     n = frames / per
-    if abs(n - round(n)) > 1e-6 or round(n) < 1:
+    chunks = whole_chunks(seconds, config.chunk_seconds)
+    if chunks is None:
         lo_n, hi_n = max(1, math.floor(n + 1e-6)), max(1, math.ceil(n - 1e-6))
         lo, hi = lo_n * per / config.fps, hi_n * per / config.fps
         choices = f"{lo:g}" if lo == hi else f"{lo:g} or {hi:g}"
@@ -82,7 +84,7 @@ def chunk_plan(config, seconds: float) -> int:
                          f"{per} frames ({per / config.fps:g} s at {config.fps:g} fps), and its causal VAE (temporal "
                          f"factor {tf}, 1 + {tf}*k frames) makes the first chunk {per - (tf - 1)} frames; use "
                          f"--seconds {choices} ({fr} frames)")
-    return int(round(n))
+    return chunks
 
 
 def _clock(device: torch.device) -> float:
@@ -752,8 +754,7 @@ def _plan_preset(ns, storyboard, budget: Optional[int]) -> int:
         raise InputError(str(exc)) from None
     seconds = ns.seconds if ns.seconds is not None else (storyboard.duration if ns.prompt is None else 2.0)
     chunk = p.chunk_frames / p.fps
-    n = seconds / chunk if isinstance(seconds, (int, float)) and math.isfinite(seconds) else float("nan")
-    if not (abs(n - round(n)) <= 1e-6 and round(n) >= 1):
+    if whole_chunks(seconds, chunk) is None:
         raise InputError(f"--seconds {seconds:g}: {p.name} generates chunks of {chunk:g} s; use a whole number "
                          f"of them, e.g. --seconds {chunk:g} or {2 * chunk:g}")
     cfg = preset_config(p, "").sample_cfg if ns.cfg is None else ns.cfg

@@ -423,3 +423,14 @@ def test_generate_with_a_reduced_precision_backbone(mode, dtype, tol):
     got = generate(model, Storyboard.from_list(STORY), 1.5, steps=2, progress=False)
     assert got.latents.dtype == torch.float32 and got.video.dtype == torch.float32
     assert (got.video - want.video).abs().max() <= tol
+
+
+def test_whole_chunks_is_the_arithmetic_every_length_check_shares():
+    # generate's --seconds, train's --clip-seconds and a preset's plan each refuse in their own
+    # words what this finds not whole
+    from pfp.config import whole_chunks
+    assert whole_chunks(2.0, 0.5) == 4 and whole_chunks(1, 1 / 3) == 3 and whole_chunks(0.5, 0.5) == 1
+    assert whole_chunks(0.5 + 1e-9, 0.5) == 1                     # float noise is not a fraction of a chunk
+    for bad in (2.1, 0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        assert whole_chunks(bad, 0.5) is None, bad
+    assert whole_chunks(0.5, 0.5, least=2) is None and whole_chunks(1.0, 0.5, least=2) == 2

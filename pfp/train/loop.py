@@ -34,6 +34,7 @@ from torch import nn
 from pfp._cli import (RunFailure, UsageError, check_device, check_module, check_number, check_output_file,
                       check_writable_dir)
 from pfp.data.video_folder import CROPS, STORYBOARD_POLICIES
+from pfp.config import whole_chunks
 from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
 
 from .checkpoint import (CHECKPOINTS, LEGACY_DIRS, load_checkpoint, read_optimizer_state, read_state, recover,
@@ -1012,15 +1013,16 @@ def _clip_chunks(args: TrainArgs, config: PFPConfig) -> int:
     """Chunks per training clip: ``--clip-seconds`` must be a whole number of the config's chunks
     (nothing is rounded away), and finetuning needs two (a history and a target); UsageError
     otherwise, naming the lengths that are."""
-    chunk_s = config.chunk_frames / config.fps
-    chunks = args.clip_seconds / chunk_s
+    chunk_s = config.chunk_seconds
     least = 2 if args.mode == "finetune" else 1
-    if abs(chunks - round(chunks)) > 1e-6 or round(chunks) < least:
+    whole = whole_chunks(args.clip_seconds, chunk_s, least)
+    if whole is None:
+        chunks = args.clip_seconds / chunk_s
         need = "at least two chunks (a history and a target)" if args.mode == "finetune" else "whole chunks"
         raise UsageError(f"--clip-seconds {args.clip_seconds:g} is {chunks:.3g} chunks of {chunk_s:g} s "
                          f"({config.chunk_frames} frames at {config.fps:g} fps); {args.mode} takes {need}: "
                          f"e.g. {least * chunk_s:g}, {(least + 1) * chunk_s:g} or {(least + 2) * chunk_s:g}")
-    return int(round(chunks))
+    return whole
 
 
 def _lora_rank(args: TrainArgs) -> int:
