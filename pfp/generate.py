@@ -337,6 +337,9 @@ def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_gi
                                     for st, lr in zip(streams, lrs)])
                 if not memory:
                     new = _without_tokens(new)
+                if window and backbone.context_mode == "cached" and context is not None and context is not cache:
+                    context.release_buffers()   # the last chunk's windowed cache: its buffers go first
+                    context = None              # and its K/V once the history's are extended below
                 if backbone.context_mode == "cached":                        # K/V of the new tokens only
                     cache = backbone.cache_context(new, cache, kv_storage=kv_storage)
                 if backbone.context_mode == "cached":
@@ -348,6 +351,8 @@ def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_gi
                     win = window_context(backbone, recent, window, history_frames=(k + 1) * lat_shape[2])
                     if backbone.context_mode == "cached":
                         context = backbone.cache_context(win, cache, kv_storage=kv_storage)
+                        if cache is not None:   # one copy of the history's K/V: the windowed cache's head
+                            cache = cache.viewed_in(context)
                     else:
                         context = with_window(context, win)
             t3 = _clock(device)

@@ -57,6 +57,13 @@ class ExpertKV:
     def nbytes(self) -> int:
         return sum(kv.nbytes() for kv in (self.high, self.low) if kv is not None)
 
+    def viewed_in(self, longer: "ExpertKV") -> "ExpertKV":
+        """Each expert's K/V as views of ``longer``'s, where it holds that expert
+        (:meth:`ContextKV.viewed_in`); this cache's own otherwise."""
+        def view(mine, theirs):
+            return mine.viewed_in(theirs) if mine is not None and theirs is not None else mine
+        return ExpertKV(view(self.high, longer.high), view(self.low, longer.low), self.context, self.kv_storage)
+
     def release_buffers(self) -> None:
         """Free each expert's [context ; target] buffers (:meth:`ContextKV.release_buffers`)."""
         for kv in (self.high, self.low):

@@ -125,6 +125,21 @@ class ContextKV:
                          [s for _, s in kq], [s for _, s in vq], self.order, self.memory_keys, self.memory_values,
                          self.memory_mask)
 
+    def viewed_in(self, longer: "ContextKV") -> "ContextKV":
+        """This cache with its K/V (and scales) as views of the first :attr:`num_tokens` of
+        ``longer``, a cache that extends it (``cache_context(more, self)`` copies these K/V into its
+        head): the same values, one copy held between the two (a sliding window's cache beside the
+        history's in :func:`pfp.generate.generate`)."""
+        n = self.num_tokens
+
+        def head(tensors):
+            return None if tensors is None else [t[:, :n] for t in tensors]
+        if longer.num_tokens < n or longer.is_fp8 != self.is_fp8:
+            raise ValueError(f"viewed_in: a cache of {longer.num_tokens} tokens ({'fp8' if longer.is_fp8 else 'native'}) "
+                             f"cannot hold this one's {n} ({'fp8' if self.is_fp8 else 'native'})")
+        return ContextKV(head(longer.keys), head(longer.values), self.positions, self.mask, head(longer.key_scales),
+                         head(longer.value_scales), self.order, self.memory_keys, self.memory_values, self.memory_mask)
+
     def joint_buffers(self, batch: int, capacity: int, dtype: torch.dtype) -> list:
         """Per layer, a :class:`pfp_kernels.JointKVBuffer` of this context (in ``dtype``, with the
         mask) for ``batch`` queries of up to ``capacity`` target tokens. Made on first use and kept
