@@ -297,6 +297,10 @@ class Trace:
     # the per-layer [context ; target] K/V buffers at the CFG batch (kv="buffer": what each step's
     # concatenation would write); 0 where the backbone takes none (joint mode, HunyuanVideo)
     kv_buffers: int = 0
+    # with a sliding window in cached mode, the history's K/V without the window's tokens (both
+    # experts'): under expert_kv="switch" generate holds the history cache beside the windowed one
+    kv_history: int = 0
+    kv_history_fp8: int = 0
 
 
 class _PeakMemory(TorchDispatchMode):
@@ -469,10 +473,13 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     comps = [compressor, *mix]
     context_tokens = sum(math.prod(c.token_grid((hist_t, h, w))) for c in comps) if hist_t else 0
     new_tokens = sum(math.prod(c.token_grid((hist_t + n, h, w))) for c in comps) - context_tokens
+    window_tokens = 0
     if window:   # rebuilt each chunk over the history, beside the compressed tokens (generate holds
-        # the history's own cache as the head of the windowed one: one copy of their K/V)
+        # the history's own cache as the head of the windowed one: one copy of their K/V, but for
+        # expert_kv="switch", whose history cache keeps its own: Trace.kv_history)
         pt = backbone.patch_size[0]
-        new_tokens += math.prod(backbone.token_grid(min(window, hist_t + n) // pt * pt, h, w))
+        window_tokens = math.prod(backbone.token_grid(min(window, hist_t + n) // pt * pt, h, w))
+        new_tokens += window_tokens
     # cross-attention over the compressor features: one K and V per feature (HR token) and block
     features = (sum(math.prod(c.token_grid((hist_t + n, h, w))) for c in comps if c.has_features)
                 if getattr(backbone, "has_memory_attention", False) else 0)
@@ -558,6 +565,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         layers=layers * experts, kv=2 * experts * layers * (tokens + features) * inner * elem if cached else 0,
         # + an fp32 scale per token and head; the features' K/V stay in the compute dtype
         kv_fp8=2 * experts * layers * (tokens * heads * (head_dim + 4) + features * inner * elem) if cached else 0,
+        kv_history=2 * experts * layers * (tokens - window_tokens) * inner * elem if cached and window else 0,
+        kv_history_fp8=2 * experts * layers * (tokens - window_tokens) * heads * (head_dim + 4) if cached and window else 0,
         vae_cache=cache_bytes, transient=transient, experts=experts, vae_cache_tiled=cache_tiled[2],
         vae_cache_tiled4=cache_tiled[4],
         expert=(max(_nbytes(backbone.high), _nbytes(backbone.low)) - _nbytes(backbone.patch_embed)
@@ -684,11 +693,13 @@ def estimate(trace: Trace, choices: dict, budget: Optional[int], steps: int = 20
     tiles = DECODE_TILES[choices["decode"]]
     tiled = tiles > 1
     vae_cache = {1: trace.vae_cache, 2: trace.vae_cache_tiled, 4: trace.vae_cache_tiled4}[tiles]
-    always = {"compressor": trace.compressor, "vae_cache": vae_cache,
-              "context_kv": kv}
+    # under switch, a window's history cache keeps its own copy of the held expert's K/V
+    history_copy = (trace.kv_history_fp8 if kv_fp8 else trace.kv_history) // 2 if switch else 0
+    always = {"vae_cache": vae_cache, "context_kv": kv + history_copy}
+    # the compressor's own layers move with the transformer (pfp.offload.Placement parks them together)
     dit = {"transformer" + ("(fp8)" if fp8 else "") + ("(offloaded)" if choices["offload"] == "block" else "")
            + ("(one expert)" if active else ""):
-           transformer_gpu}
+           transformer_gpu, "compressor": trace.compressor}
     vae = {"vae": trace.vae}
     text_gpu = {"text_encoder": trace.text} if choices["text"] == "gpu" else {}
     # what is on the GPU while the transformer runs, and while the VAE decodes

@@ -113,9 +113,10 @@ def test_a_batch_past_the_int32_row_index_runs_in_slices(monkeypatch):
     the batch, each writing its own part of the output."""
     monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 130)          # 120 output rows per item: one item a launch
     launches = []
-    kernel = tk._conv3d_act_kernel
-    monkeypatch.setattr(tk, "_conv3d_act_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    for name in ("_conv3d_act_kernel", "_project_tokens_kernel"):
+        kernel = getattr(tk, name)
+        monkeypatch.setattr(tk, name, type("Counted", (), {
+            "__getitem__": lambda self, grid, kernel=kernel: launches.append(grid) or kernel[grid]})())
     dtype = torch.float32
     x = torch.randn(3, 4, 4, 5, 7).contiguous(memory_format=CL3)
     weight, bias = _weights(6, 4, (2, 1, 2), dtype)
@@ -125,11 +126,13 @@ def test_a_batch_past_the_int32_row_index_runs_in_slices(monkeypatch):
                                               "silu"), dtype)
     prev = torch.randn(3, 4, 2, 5, 7)
     y = tk.causal_conv3d_act(x, prev, weight, bias, [1, 1, 1], [0, 1], "silu", -1, 2)
+    assert len(launches) == 6                                  # 2 x 5 x 8 = 80 rows per item
     assert_close(y, conv.causal_conv3d_act_reference(x.double(), prev.double(), weight.double(), bias.double(),
                                                      [1, 1, 1], [0, 1], "silu", -1, 2), dtype)
     monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 2 * 140)      # 140 token rows per item: two items, then one
     pw, pb, res = torch.randn(6, 4), torch.randn(6), torch.randn(3, 140, 6)
     y = tk.project_tokens(x, pw, pb, res)
+    assert len(launches) == 8
     assert_close(y, conv.project_tokens_reference(x.double(), pw.double(), pb.double(), res.double()), dtype)
     monkeypatch.setattr(tk, "MAX_LAUNCH_ROWS", 100)          # one item alone is too many: refused, named
     with pytest.raises(ValueError, match="one batch item has 120 rows"):

@@ -394,3 +394,32 @@ def test_two_experts_match_diffusers_wan_pipeline():
                 output_type="latent").frames
     got = sample(pair, shape, text, None, uncond_text=uncond, steps=steps, shift=shift, cfg=cfg, cfg_2=cfg_2, seed=3)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_shares_the_history_kv_except_under_switch():
+    # "both": the history cache's K/V are views of the windowed cache's head (one copy); "switch":
+    # the windowed cache drops its expert at the switch, so the history cache keeps its own copy,
+    # and the planner counts it
+    from pfp.generate import generate
+    from pfp.offload import Placement
+    from pfp.text import Storyboard
+    story = Storyboard.from_list([{"start": 0, "end": 2, "prompt": "a red circle"}])
+    model = _a14b_model()
+    model.config = dataclasses.replace(model.config, sliding_window=2)
+    want = generate(model, story, 2.0, steps=4, progress=False)
+    for policy, shared in (("both", True), ("switch", False)):
+        got = generate(model, story, 2.0, steps=4, progress=False, plan=Placement(model, "cpu", {"expert_kv": policy}))
+        # switch rebuilds the other expert's K/V in one call, not chunk by chunk: float rounding apart
+        torch.testing.assert_close(got.video, want.video, atol=1e-4, rtol=0, msg=policy)
+        held = [kv for kv in (got.context_cache.high, got.context_cache.low) if kv is not None]
+        k = held[0].keys[0]
+        assert (k.untyped_storage().nbytes() > k.nbytes) == shared, policy
+    from pfp import memory
+    from pfp.memory import estimate
+    trace = memory.trace_model(model, history_seconds=1.0)
+    assert 0 < trace.kv_history < trace.kv
+    peaks = {policy: {p.name: p.peak_bytes for p in estimate(trace, {"expert_kv": policy}, None).phases}["decode"]
+             for policy in ("both", "switch")}
+    no_copy = {p.name: p.peak_bytes for p in estimate(dataclasses.replace(trace, kv_history=0), {"expert_kv": "switch"},
+                                                      None).phases}["decode"]
+    assert peaks["switch"] > no_copy and peaks["switch"] < peaks["both"]

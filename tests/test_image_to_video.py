@@ -448,3 +448,16 @@ def test_the_wan21_i2v_preset_plans_without_weights_and_names_its_image_encoder(
     assert memory.choose(trace, 24 * gib).fits and memory.choose(trace, 80 * gib).choices["weights"] == "native"
     cfg = memory.preset_config(p, str(tmp_path))
     assert cfg.image_encoder == {"kind": "clip", "path": str(tmp_path), "subfolder": "image_encoder", "dtype": "bf16"}
+
+
+def test_the_wan21_i2v_preset_plans_a_training_step_without_weights():
+    # its image encoder built from the preset's keys (the planner has no folder), in bf16, and the
+    # step traced with the condition channels and image states a first chunk takes
+    from pfp import memory
+    from pfp.train.memory import trace_training_preset
+    gib = 1 << 30
+    trace = trace_training_preset(memory.preset("wan21-i2v-14b-480p"), batch_size=1, clip_chunks=2, lora_rank=16)
+    assert 30.3 < trace.frozen / gib < 30.7 and trace.target_tokens == 6240
+    clip_bytes = 632_076_800 * 2   # CLIP ViT-H/14's vision tower in bf16
+    assert clip_bytes < trace.vae < clip_bytes + gib // 2   # with Wan 2.1's VAE beside it
+    assert trace.transient["step"] > trace.transient["text"] > 0

@@ -167,6 +167,17 @@ def test_the_optimizer_step_and_self_history_enter_the_peaks(wan_vae_dir):
     assert redone.transient["self_history"] > redone.transient["encode"] == plain.transient["encode"]
     peaks = [{p.name: p.peak_bytes for p in estimate_training(t, {}, None).phases}["encode"] for t in (plain, redone)]
     assert peaks[1] > peaks[0]
+    # and with swap each side comes in twice a step (estimate, then its decode), as a step does
+    from pfp.offload import TrainPlacement
+    swap = {"swap": True, "text": "cpu"}
+    moved = [estimate_training(t, swap, None).bytes_moved_per_chunk for t in (plain, redone)]
+    assert moved[1] == 2 * moved[0]
+    placement = TrainPlacement(_checkpointed(model), "cpu", swap)
+    start = placement.bytes_moved
+    _losses(model, config, placement, steps=3)   # finetune with self_history 0.5: step 1 redoes a history
+    total = placement.bytes_moved - start
+    placement.close()
+    assert 2 * moved[0] + moved[1] == pytest.approx(total, rel=1e-3), (total, moved)
 
 
 def test_the_loop_frees_the_last_steps_gradients_before_the_forward():

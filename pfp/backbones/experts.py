@@ -59,7 +59,12 @@ class ExpertKV:
 
     def viewed_in(self, longer: "ExpertKV") -> "ExpertKV":
         """Each expert's K/V as views of ``longer``'s, where it holds that expert
-        (:meth:`ContextKV.viewed_in`); this cache's own otherwise."""
+        (:meth:`ContextKV.viewed_in`); this cache's own otherwise. A cache made under
+        ``kv_policy="switch"`` stays as it is: at the switch ``longer`` drops the expert it holds,
+        which views would keep alive beside the other one's."""
+        if longer.context is not None:
+            return self
+
         def view(mine, theirs):
             return mine.viewed_in(theirs) if mine is not None and theirs is not None else mine
         return ExpertKV(view(self.high, longer.high), view(self.low, longer.low), self.context, self.kv_storage)

@@ -97,7 +97,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     from torch.utils.flop_counter import FlopCounterMode
 
     from pfp.compressor import Context
-    from pfp.train.objectives import _compress
+    from pfp.train.objectives import _compress, i2v_inputs
     config = model.config
     h, w = size or config.video_size
     s = config.vae_spatial
@@ -139,7 +139,9 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
 
             def encode(keep: bool = True):
                 with torch.no_grad():
-                    made = (model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)])
+                    made = (model.vae.encode(video), [model.vae.encode(v) for v in model.low_res_videos(video)],
+                            # Wan I2V: the first frame's condition latents and image states, as a first chunk
+                            i2v_inputs(model, plain, {"hr": video}, lc, True, video.device))
                 if keep:
                     outputs.append(made)
             tiles = hasattr(model.vae, "tiled_encoding")
@@ -153,7 +155,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     tiled = _tracked_peak(lambda: encode(keep=False))
                 extra_flops = max(0, tiled_flops.get_total_flops() - whole_flops.get_total_flops())
             transient["text"] = _tracked_peak(lambda: outputs.append(model.text_encoder([""] * batch_size)))
-            (latents, lrs), tokens = outputs[0], outputs[1].tokens
+            (latents, lrs, extra), tokens = outputs[0], outputs[1].tokens
             n_hist = (clip_chunks - 1) * lc
             hist = latents[:, :, :n_hist]
             x = latents[:, :, n_hist:n_hist + lc]
@@ -170,7 +172,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     if n_hist:   # the compressor's tokens (fake), at real positions: the backbone reads them
                         made = _compress(model, hist, lr_hist)   # as the losses call it
                         ctx = Context(made.tokens, positions, features=getattr(made, "features", None))
-                    v = backbone(x, ts, text, ctx, t_start=t_start)
+                    v = backbone(x, ts, text, ctx, t_start=t_start, **extra)
                     loss = v.float().square().mean()
                     return torch.autograd.grad(loss, trainable, allow_unused=True)
             transient["step"] = _tracked_peak(step)
@@ -274,6 +276,8 @@ def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_ran
     with tempfile.TemporaryDirectory() as root:
         _preset_folder(p, root)
         config = preset_config(p, root)
+        if p.image_encoder is not None:   # the folder has its config, not its weights: built from the keys
+            config.image_encoder = {"kind": "clip", "config": dict(p.image_encoder)}
         config.check()
         previous = torch.get_default_dtype()
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -285,6 +289,13 @@ def trace_training_preset(p, batch_size: int = 1, clip_chunks: int = 2, lora_ran
             backbone = parts.backbone
             text = _TracedText(parts.encode_text, parts.encoders, parts.text_dim)
             model = PFPModel(config, backbone=backbone, vae=parts.vae, text_encoder=text)
+            if model.image_encoder is not None:   # again in the preset's dtype, as it is stored
+                from pfp.image_encoder import CLIPImageEncoder
+                torch.set_default_dtype(dtype)
+                try:
+                    model.image_encoder = CLIPImageEncoder.from_config(**p.image_encoder)
+                finally:
+                    torch.set_default_dtype(previous)
             # peft cannot wrap fake parameters (its .to() on them fails), so the adapters are counted,
             # not built: their weights, gradients and AdamW states in fp32 (peft's adapter dtype);
             # their rank-r activations are left out (a rounding error beside the blocks')
@@ -362,13 +373,16 @@ def estimate_training(trace: TrainTrace, choices: Optional[dict], budget: Option
     def phase(name, parts: dict, transient: float, moved: int = 0) -> PhaseEstimate:
         return PhaseEstimate(name, _with_allowance(sum(parts.values()) + transient), sorted(parts), moved)
 
-    # offload: the forward and checkpointing's recompute each bring every block in once
-    step_moved = (swapped if swap else 0) + (2 * stored_blocks if offload else 0)
+    # offload: the forward and checkpointing's recompute each bring every block in once. With
+    # --self-history a step goes encode, step (the estimate's forward), encode (its decode), step:
+    # swapping then brings each side in twice (charged every step, as if a sample were always picked)
+    swaps = 2 if "self_history" in trace.transient else 1
+    step_moved = (swaps * swapped if swap else 0) + (2 * stored_blocks if offload else 0)
     tiled = choices["encode"] == "tiled"
     if tiled and trace.encode_tiled is None:
         raise ValueError("encode='tiled' needs a VAE with tiled_encoding() (HunyuanVAE); the traced one has none")
     phases = [phase("text", with_vae, trace.transient["text"] if choices["text"] == "gpu" else 0),
-              phase("encode", with_vae, trace.encode_peak(tiled), trace.vae if swap else 0),
+              phase("encode", with_vae, trace.encode_peak(tiled), swaps * trace.vae if swap else 0),
               # the forward and backward, or the optimizer after it (the blocks' hooks have parked
               # every block by then), whichever creates more
               phase("step", with_dit, max(trace.transient["step"] + loaded, trace.transient.get("optimizer", 0)),
