@@ -47,9 +47,8 @@ _work_started = False
 
 def work_started() -> None:
     """Say that a command's up-front checks are over and its work begins (generate's first chunk,
-    train's first step, eval's first clip): from here on a plain ValueError is a failure while
-    working (exit 1, whatever its type), not bad input (exit 2). Outside :func:`run_cli` it changes
-    nothing."""
+    train's first step, eval's first clip): from here on any error is a failure while working
+    (exit 1), not bad input (exit 2). Outside :func:`run_cli` it changes nothing."""
     global _work_started
     _work_started = True
 

@@ -30,7 +30,8 @@ import torch
 
 from pfp.compressor import _empty_context, mix_contexts
 from pfp.config import whole_chunks
-from pfp._cli import Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli
+from pfp._cli import (Parser, RunFailure, UsageError, check_device, check_module, check_output_file, run_cli,
+                      work_started)
 
 BUILTIN_STORYBOARD = [
     {"start": 0.0, "end": 1.5, "prompt": "a red circle and a yellow square on a blue background"},
@@ -226,14 +227,12 @@ def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_gi
     """generate()'s run, its inputs checked and the model placed."""
     from tqdm import tqdm
 
-    from pfp._cli import work_started
-    work_started()   # what fails from here is a failure while generating (exit 1), not bad input
-
     from pfp.data import to_low_res_part
     from pfp.sampler import sample
     from pfp.vae import decode_stream, encode_stream
     from pfp.window import window_context, with_window
 
+    work_started()   # what fails from here is a failure while generating (exit 1), not bad input
     config = model.config
     h, w = size
     backbone, compressor, vae = model.backbone, model.compressor, model.vae

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pfp._cli import (RunFailure, UsageError, check_device, check_module, check_number, check_output_file,
-                      check_writable_dir)
+                      check_writable_dir, work_started)
 from pfp.data.video_folder import CROPS, STORYBOARD_POLICIES
 from pfp.config import whole_chunks
 from pfp.weights import PFPConfig, PFPModel, build_model, load_state_checked, read_weights, save_weights
@@ -949,7 +949,6 @@ def train(args: TrainArgs) -> dict:
         if resume_path is not None:
             restore_rng_state(resume_path, resume_state)
         last = args.steps if args.until is None else min(args.steps, args.until)
-        from pfp._cli import work_started
         work_started()   # every argument, file and the model checked: what fails from here is exit 1
         for step in range(start, last):
             gen = step_generator(args.seed, step, rank)
