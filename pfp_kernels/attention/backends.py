@@ -179,11 +179,19 @@ def joint_attention_sdpa_concat(q: Tensor, k: Tensor, v: Tensor, context_k: Opti
         return q.new_empty(q.shape)
     keys, values = _concatenated(q, k, v, context_k, context_v)
     keep = key_mask(q, k, context_mask)
+    # with no target keys, a sample whose context is all masked has no key left
+    return sdpa_over_keys(q, keys, values, keep, scale, may_lack_keys=keep is not None and k.shape[1] == 0)
+
+
+def sdpa_over_keys(q: Tensor, keys: Tensor, values: Tensor, keep: Optional[Tensor], scale: float,
+                   may_lack_keys: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` of q ``[B, Nq, H, D]`` over keys/values ``[B, Nk, H, D]``
+    where ``keep`` ``[B, Nk]`` (or None) says which keys take part; contiguous ``[B, Nq, H, D]``.
+    ``may_lack_keys``: a sample may be left with no key. Its out is 0, as in every backend; SDPA
+    would give NaN there on CUDA, forward and backward (exp(-inf + inf)), so such a sample attends
+    to every key and its out is then zeroed (gradient 0, not NaN)."""
     empty = None
-    if keep is not None and k.shape[1] == 0:
-        # No target keys: a sample whose context is all masked has no key. Its out is 0, as in
-        # every backend; SDPA would give NaN there on CUDA, forward and backward (exp(-inf + inf)),
-        # so such a sample attends to every key and its out is then zeroed (gradient 0, not NaN).
+    if keep is not None and may_lack_keys:
         empty = ~keep.any(-1)
         keep = keep | empty[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(

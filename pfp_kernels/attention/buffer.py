@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _tuning
 from . import _cpp_why_not, _flash_attn_why_not, joint_attention   # (imported at the end of the package's __init__)
-from .backends import _flash_attn_function
+from .backends import _flash_attn_function, sdpa_over_keys
 from .checks import check_inputs, scale_or_default
 
 BUFFER_IMPLS = ("flash_attn", "sdpa", "cpp")
@@ -192,13 +192,6 @@ class JointKVBuffer:
             out = fa(q, keys, values, softmax_scale=scale, causal=False)
             return (out[0] if isinstance(out, tuple) else out).contiguous()
         keep = self._keep[:, :end] if self._context_masked or tail_masked else None
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale,
-            attn_mask=None if keep is None else keep[:, None, None, :])
-        out = out.transpose(1, 2)
-        if keep is not None and (end == self.num_context or tail_masked):
-            # a sample with no key left (a masked context and no tail, or a masked tail too) gets 0,
-            # as in joint_attention, where SDPA would give NaN
-            out = out.masked_fill(~keep.any(-1)[:, None, None, None], 0)
-        return out.contiguous()
+        # a sample may be left with no key: a masked context and no tail, or a masked tail too
+        return sdpa_over_keys(q, keys, values, keep, scale, may_lack_keys=end == self.num_context or tail_masked)
 
