@@ -14,6 +14,11 @@ torch is imported only when the libraries are built, never to read the metadata:
 Objects go to build/ in the source tree and ninja rebuilds only what changed, so installing twice
 (e.g. the README's two Quickstart lines) compiles once. ``PFP_CPU_ISAS=avx2,generic`` limits the
 variants built (``generic`` is always built, as the fallback; off x86-64 it is the only one).
+
+A library that fails to build (no C++ compiler, a toolchain torch's headers reject) or a build
+without torch is skipped with a warning, and the install goes on: pfp_kernels then says at import
+why its C++ kernels are unavailable and runs every op through its reference. ``PFP_REQUIRE_CPP=1``
+makes either an error instead (CI sets it).
 """
 import os
 import platform
@@ -52,12 +57,31 @@ def _isas() -> list:
     return sorted(set(isas) | {"generic"}, key=list(ISA_FLAGS).index)
 
 
+def _cpp_required() -> bool:
+    return os.environ.get("PFP_REQUIRE_CPP", "") not in ("", "0")
+
+
+def _skip_cpp(why: str) -> None:
+    """A C++ library cannot be built: an error under PFP_REQUIRE_CPP, else a warning (the package
+    installs and falls back to the reference ops)."""
+    if _cpp_required():
+        raise SystemExit(f"pfp_kernels: {why} (PFP_REQUIRE_CPP is set)")
+    print(f"WARNING: pfp_kernels: {why}; installing without its C++ kernels (every op runs its "
+          "plain-PyTorch reference; set PFP_REQUIRE_CPP=1 to make this an error)", file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class _NeedsTorch(build_ext):
     """build_ext without torch: enough to list the sources (an sdist), not to compile them."""
 
     def run(self):
-        raise SystemExit("building pfp_kernels needs torch installed first, then "
-                         "`pip install --no-build-isolation .` so that the build uses that torch")
+        _skip_cpp("building the C++ libraries needs torch installed first, then "
+                  "`pip install --no-build-isolation .` so that the build uses that torch")
+        self.extensions = []
 
 
 def _torch_build_ext():
@@ -90,8 +114,25 @@ def _torch_build_ext():
             self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[1])
             try:
                 super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - compiler, linker or ninja: all mean "no kernels"
+                if _cpp_required():
+                    raise
+                self._failed.append(ext.name)
+                _skip_cpp(f"building {ext.name} failed ({_first_line(exc)})")
             finally:
                 self.build_temp = base
+
+        def build_extensions(self):
+            self._failed = []
+            try:  # torch checks the compiler here, before any library is built
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001
+                if _cpp_required():
+                    raise
+                self._failed = [e.name for e in self.extensions]
+                _skip_cpp(f"no C++ library could be built ({_first_line(exc)})")
+            # what failed is left out of the outputs (and of the copy into the source tree)
+            self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
     return BuildTorchOps.with_options(use_ninja=True)
 

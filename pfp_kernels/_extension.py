@@ -10,7 +10,7 @@ warning is issued and every op falls back to its reference.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import os
 import warnings
 
@@ -25,8 +25,15 @@ REASON: str = ""  # why the C++ library is not loaded ("" when it is)
 
 
 def _library(name: str):
-    spec = importlib.util.find_spec(f"pfp_kernels.{name}")
-    return spec.origin if spec is not None and spec.origin is not None else None
+    """The path of ``pfp_kernels.<name>``'s shared library in this package's own folder, or None.
+    Only that folder: ``importlib``'s finders would also ask an editable install's finder, which
+    maps the name to another checkout's build (so a fresh clone would load that tree's kernels)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, name + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def built_isas() -> list:

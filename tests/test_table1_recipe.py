@@ -19,6 +19,11 @@ def _path(name):
     return os.path.join(HERE, "checkpoints", f"{name}.safetensors")
 
 
+# an sdist leaves the trained checkpoints out (MANIFEST.in); a checkout has them
+pytestmark = pytest.mark.skipif(not os.path.isfile(_path(NAMES[0])),
+                                reason="recipes/table1/checkpoints is not here (an sdist leaves it out)")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_each_checkpoint_is_its_variant_with_the_recipe_config(name):
     model = load_model(_path(name), flag="--checkpoints")
