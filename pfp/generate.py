@@ -180,7 +180,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     config = model.config
     device = torch.device(device)
     n_chunks = chunk_plan(config, seconds)
-    h, w = size or tuple(config.video_size)
+    h, w = check_size(config, size) if size is not None else tuple(config.video_size)
     if memory_budget is not None and plan is None:
         from pfp.memory import parse_bytes, plan_model
         budget = memory_budget if isinstance(memory_budget, int) else parse_bytes(memory_budget, "memory_budget")
@@ -203,6 +203,11 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         if n_given:
             raise InputError("give image or history, not both: both set the video's start")
+    if sequence_parallel is not None:
+        try:   # the heads split among the ranks (set_sequence_parallel checks it again, after the work starts)
+            sequence_parallel.heads(backbone.num_heads)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     if isinstance(plan, Placement) and (plan.model is not model or plan.device != device):
         raise ValueError("plan: a Placement must be of this model and for this device")
     model.eval()
@@ -575,18 +580,30 @@ def _parse_size(text: str, config) -> tuple:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m:
         raise InputError(f"--size must be HxW in pixels, e.g. 32x32, got {text!r}")
-    h, w = int(m.group(1)), int(m.group(2))
+    return check_size(config, (int(m.group(1)), int(m.group(2))), "--size")
+
+
+def check_size(config, size, what: str = "size") -> tuple:
+    """``(h, w)`` when a video of ``size`` pixels fits the model: multiples of its VAE factor times
+    the DiT's 2x2 patches, and at least one cell of every compressor's grid (``mix_compressors``
+    included); InputError naming ``what`` and the nearest sizes that fit otherwise."""
     from pfp.rates import parse_rate
-    r = parse_rate(config.rate)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        raise InputError(f"{what} must be (height, width) in pixels, got {size!r}")
+    h, w = size
     step = 2 * config.vae_spatial                                  # the DiT's 2x2 patches of the latent
-    mh, mw = 2 * r.h * config.vae_spatial, 2 * r.w * config.vae_spatial   # one cell of the compressor's grid
+    rates = [parse_rate(c.rate) for c in config.branch_configs()]
+    mh = max(2 * r.h for r in rates) * config.vae_spatial          # one cell of each compressor's grid
+    mw = max(2 * r.w for r in rates) * config.vae_spatial
     if h < mh or w < mw or h % step or w % step:
         def near(v, least):
             lo, hi = max(least, v // step * step), max(least, -(-v // step) * step)
             return f"{lo}" if lo == hi else f"{lo} or {hi}"
-        raise InputError(f"--size {h}x{w} does not fit this model: with its {config.vae_spatial}x VAE and 2x2 "
+        named = " and ".join(str(r) for r in rates)
+        raise InputError(f"{what} {h}x{w} does not fit this model: with its {config.vae_spatial}x VAE and 2x2 "
                          f"patches, height and width must be multiples of {step}, and at least {mh}x{mw} (one cell "
-                         f"of rate {config.rate}'s grid); use {near(h, mh)}x{near(w, mw)}")
+                         f"of rate {named}'s grid); use {near(h, mh)}x{near(w, mw)}")
     return h, w
 
 
@@ -699,6 +716,11 @@ def _main(argv) -> int:
         return _plan_preset(ns, storyboard, budget)   # the preset's architecture: no folder, no weights
     model = _load_model(ns)
     config = model.config
+    if sp is not None:   # the model's heads split among the ranks, before any planning or work
+        try:
+            sp.heads(model.backbone.num_heads)
+        except ValueError as exc:
+            raise InputError(f"{exc}; run torchrun with a --nproc_per_node that divides it") from None
     if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
         # a small model's ops are too small to split: one thread is faster, and far faster when
         # other processes share the cores (OpenMP threads then wait on each other)

@@ -125,3 +125,28 @@ def test_mixed_compressors_train_and_evaluate(tmp_path):
     assert row["variant"] == "pfp+pfp+without_lr" and row["rate"] == "2x2x2+2x2x4+4x4x2"
     # 4 chunks of 4 latent frames on a 4x4 token grid: 8*4 + 4*4 + 8*1 tokens
     assert row["context_tokens"] == 8 * 4 + 4 * 4 + 8 * 1
+
+
+def test_a_size_that_only_the_first_compressor_fits_is_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    from pfp.generate import InputError, generate
+    from pfp.weights import save_weights
+    model = _model("cached")
+    s = model.config.vae_spatial
+    small = (4 * s, 4 * s)    # one cell of 2x2x2's and 2x2x4's grid, half of 4x4x2's
+    story = Storyboard.single("a red circle", 2 * model.config.chunk_seconds)
+    with pytest.raises(InputError, match=rf"size {small[0]}x{small[1]} does not fit .*at least {8 * s}x{8 * s} "
+                                         r"\(one cell of rate 2x2x2 and 2x2x4 and 4x4x2's grid\)"):
+        generate(model, story, 2 * model.config.chunk_seconds, size=small, steps=1, progress=False)
+    with pytest.raises(InputError, match=r"size must be \(height, width\) in pixels"):
+        generate(model, story, 2 * model.config.chunk_seconds, size=(8.0 * s, 8 * s), steps=1, progress=False)
+    with pytest.raises(InputError, match=rf"multiples of {2 * s}"):
+        generate(model, story, 2 * model.config.chunk_seconds, size=(8 * s + 2 * s + 1, 8 * s), steps=1,
+                 progress=False)
+    save_weights(model, str(tmp_path / "mix.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "pfp.generate", "--checkpoint", str(tmp_path / "mix.safetensors"),
+                        "--size", f"{small[0]}x{small[1]}", "--seconds", "1", "--out", str(tmp_path / "v.mp4")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--size" in r.stderr and "4x4x2" in r.stderr, r.stderr

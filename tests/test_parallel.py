@@ -102,6 +102,15 @@ def _worker(rank, world, port, path, hunyuan_config=None):
         got = generate(model, story, seconds, steps=2, progress=False, sequence_parallel=SequenceParallel())
         results[f"generate/{name}"] = ((got.video - want.video).abs().max().item(), 0.0, 1.0,
                                        got.context_cache.keys[0].shape[2], model.backbone.num_heads)
+    if world == 4:   # the tiny model's 2 heads do not split over 4 ranks: refused before any work
+        from pfp.generate import InputError
+        model = build_model(tiny_config())
+        try:
+            generate(model, Storyboard.single("a", 1.0), 1.0, steps=1, progress=False,
+                     sequence_parallel=SequenceParallel())
+            results["generate refused"] = None
+        except InputError as exc:
+            results["generate refused"] = str(exc)
     from pfp.backbones import TinyDiT
     try:
         TinyDiT(latent_channels=4, inner_dim=24, depth=1, num_heads=3, text_dim=16).set_sequence_parallel(
@@ -145,6 +154,8 @@ def test_ranks_give_the_single_process_velocity_and_each_caches_its_heads(tmp_pa
     for rank in range(world):
         results = torch.load(tmp_path / f"r.{rank}")
         assert "3 heads" in results.pop("refused")     # heads must divide among the ranks
+        if world == 4:
+            assert "over 4 ranks needs a head count divisible by it, got 2 heads" in results.pop("generate refused")
         want = {"tiny/cached", "tiny/joint"} | ({"generate/tiny"} if world == 2 else set())
         if hunyuan is not None:
             want |= {f"{m}/{mode}" for m in ("wan", "hunyuan") for mode in ("cached", "joint")}
@@ -172,3 +183,21 @@ def test_torchrun_generate_writes_one_video(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("wrote v.mp4") == 1 and (tmp_path / "v.mp4").is_file()
+
+
+def test_torchrun_over_ranks_that_do_not_divide_the_heads_is_refused_as_bad_input(tmp_path):
+    import subprocess
+    import sys
+    from pfp.weights import build_model, save_weights
+    from _tiny_pfp import tiny_config
+    save_weights(build_model(tiny_config()), str(tmp_path / "tiny.safetensors"))   # 2 heads
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
+                        f"--master_port={_free_port()}", "-m", "pfp.generate", "--checkpoint", "tiny.safetensors",
+                        "--seconds", "1", "--steps", "2", "--out", "v.mp4", "--quiet"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # each rank says why in one line and exits 2 (torchrun itself then exits 1)
+    assert r.returncode != 0 and r.stderr.count("error: sequence parallelism over 3 ranks") == 3, r.stderr[-2000:]
+    assert "exitcode: 2" in r.stderr and "Traceback" not in r.stderr.split("error: sequence")[0]
+    assert not (tmp_path / "v.mp4").exists()
