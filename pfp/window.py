@@ -59,12 +59,22 @@ def window_context(backbone, history: Tensor, frames: int, *, history_frames: Op
     recent = history[:, :, history.shape[2] - n:]
     dtype = next(embed.parameters()).dtype   # a Conv3d, or Wan I2V's LatentPatchEmbed around one
     tokens = embed(recent.to(dtype)).flatten(2).transpose(1, 2)                    # [B, n/pt*h*w, inner]
-    gt, gh, gw = n // pt, history.shape[3] // ph, history.shape[4] // pw
-    start = (total - n) / pt
-    positions = grid_positions(gt, gh, gw, t_start=start, device=tokens.device)
-    # after every compressed token: those are available by the history's last frame, total/pt - 1
-    order = (total / pt + torch.arange(gt, dtype=torch.float32, device=tokens.device)).repeat_interleave(gh * gw)
+    positions, order = window_layout(n, total, backbone.patch_size, history.shape[3], history.shape[4],
+                                     device=tokens.device)
     return Context(tokens, positions, None, order)
+
+
+def window_layout(n: int, total: int, patch_size, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
+    """``(positions [N, 3], order [N])`` of the window tokens of a history's newest ``n`` latent
+    frames (whole patches) out of ``total``, on an ``h x w`` latent grid: :func:`window_context`'s
+    layout, for a caller that needs it apart from the tokens (the training planner makes it real
+    while the tokens are fake)."""
+    pt, ph, pw = patch_size
+    gt, gh, gw = n // pt, h // ph, w // pw
+    positions = grid_positions(gt, gh, gw, t_start=(total - n) / pt, device=device)
+    # after every compressed token: those are available by the history's last frame, total/pt - 1
+    order = (total / pt + torch.arange(gt, dtype=torch.float32, device=device)).repeat_interleave(gh * gw)
+    return positions, order
 
 
 def with_window(context: Optional[Context], window: Optional[Context]) -> Optional[Context]:

@@ -230,6 +230,17 @@ def test_finetune_trains_through_the_window(monkeypatch):
     assert abs(plain.item() - loss.item()) > 1e-6
 
 
+def test_the_training_planner_counts_the_window_beside_the_compressed_history():
+    """trace_training's finetune step reads the window as finetune_loss joins it: its tokens are in
+    the context count and its activations in the step's peak."""
+    from pfp.train.memory import trace_training
+    base = tiny_config("cached")
+    plain = trace_training(build_model(base), batch_size=2, clip_chunks=3)
+    window = trace_training(build_model(dataclasses.replace(base, sliding_window=3)), batch_size=2, clip_chunks=3)
+    assert window.context_tokens == plain.context_tokens + 3 * 16          # 3 frames of a 4x4 token grid
+    assert window.transient["step"] > plain.transient["step"]
+
+
 def test_the_planner_counts_the_window_mix_and_feature_kv():
     """trace_model's context grows by the window's tokens and the mixed compressors' tokens, and
     its K/V by the cross-attention's per-block K/V of the features."""

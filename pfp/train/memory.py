@@ -97,8 +97,12 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     from torch.utils.flop_counter import FlopCounterMode
 
     from pfp.compressor import Context
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from pfp.train.objectives import _compress, i2v_inputs
+    from pfp.window import window_context, window_layout
     config = model.config
+    window = config.sliding_window   # finetune_loss joins the history's newest frames to the context
     h, w = size or config.video_size
     s = config.vae_spatial
     lc = config.chunk_latent_frames
@@ -165,6 +169,8 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
             t_start = float(n_hist // plain.patch_size[0])
 
             positions = _real_positions(model, n_hist, h // s, w // s) if n_hist else None
+            win_frames = min(window, n_hist) // plain.patch_size[0] * plain.patch_size[0]   # window_context's
+            window = window if win_frames else 0
 
             def step():
                 with torch.enable_grad():
@@ -172,6 +178,14 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     if n_hist:   # the compressor's tokens (fake), at real positions: the backbone reads them
                         made = _compress(model, hist, lr_hist)   # as the losses call it
                         ctx = Context(made.tokens, positions, features=getattr(made, "features", None))
+                        if window:   # and the history's newest frames, uncompressed, as finetune_loss joins them
+                            win = window_context(plain, hist, window)   # through the patch embedding (fake)
+                            with unset_fake_temporarily():   # the layout real: the backbone reads it eagerly
+                                layout, order = window_layout(win_frames, n_hist, plain.patch_size, h // s, w // s)
+                                # the window's tokens come after every compressed one (pfp.window)
+                                joined = torch.cat([ctx.positions, layout]), torch.cat([ctx.order_keys(), order])
+                            ctx = Context(torch.cat([ctx.tokens, win.tokens.to(ctx.tokens.dtype)], dim=1), joined[0],
+                                          None, joined[1], ctx.features)
                     v = backbone(x, ts, text, ctx, t_start=t_start, **extra)
                     loss = v.float().square().mean()
                     return torch.autograd.grad(loss, trainable, allow_unused=True)
@@ -191,6 +205,8 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                                                                *spec.lr_size))
                 transient["self_history"] = held + _tracked_peak(redo_history)
             context = sum(math.prod(c.token_grid((n_hist, h // s, w // s))) for c in model.compressors) if n_hist else 0
+            if window:   # the window's tokens: its whole patches of the history's newest frames
+                context += math.prod(plain.token_grid(win_frames, h // s, w // s))
             target = math.prod(plain.token_grid(lc, h // s, w // s))
     finally:
         plain.set_gradient_checkpointing(was_checkpointing)
