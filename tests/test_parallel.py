@@ -85,7 +85,10 @@ def _worker(rank, world, port, path, hunyuan_config=None):
     from pfp.text import Storyboard
     from pfp.weights import build_model
     from _tiny_pfp import TINY_WAN, tiny_config
-    configs = {"tiny": tiny_config()} if world == 2 else {}
+    # the tiny model also with cross-attention over the compressor's features (PFP 3.4), whose
+    # K/V each rank keeps for its own heads only
+    configs = {"tiny": tiny_config(), "tiny_xattn": dataclasses.replace(tiny_config(), cross_attention=True)
+               } if world == 2 else {}
     if hunyuan_config is not None:
         configs["wan"] = dataclasses.replace(tiny_config(), dit={"kind": "wan", "config": {
             **TINY_WAN, "num_attention_heads": 4, "attention_head_dim": 6, "in_channels": 48, "out_channels": 48}})
@@ -96,12 +99,22 @@ def _worker(rank, world, port, path, hunyuan_config=None):
         with torch.no_grad():
             model.compressor.proj.weight.normal_(0, 0.1)
             model.backbone.proj_out.weight.normal_(0, 0.05)
+            for blk in model.backbone.blocks:   # the memory cross-attention's output starts at zero
+                if getattr(blk, "memory_attn", None) is not None:
+                    blk.memory_attn.to_out.weight.normal_(0, 0.2)
         seconds = 2 * config.chunk_seconds
         story = Storyboard.single("a red circle on a blue background", seconds)
         want = generate(model, story, seconds, steps=2, progress=False)
         got = generate(model, story, seconds, steps=2, progress=False, sequence_parallel=SequenceParallel())
-        results[f"generate/{name}"] = ((got.video - want.video).abs().max().item(), 0.0, 1.0,
-                                       got.context_cache.keys[0].shape[2], model.backbone.num_heads)
+        cache = got.context_cache
+        heads = cache.memory_keys[0].shape[2] if config.cross_attention else cache.keys[0].shape[2]
+        results[f"generate/{name}"] = ((got.video - want.video).abs().max().item(), 0.0, 1.0, heads,
+                                       model.backbone.num_heads)
+        if config.cross_attention:   # the memory attention changes the video: the check above can fail
+            plain = dataclasses.replace(config, cross_attention=False)
+            results[f"generate/{name}/differs"] = (0.0, 0.0, 1.0, None, 0) if (
+                generate(_like(model, plain), story, seconds, steps=2, progress=False).video
+                - want.video).abs().max().item() > 1e-3 else (float("inf"), 0.0, 1.0, None, 0)
     if world == 4:   # the tiny model's 2 heads do not split over 4 ranks: refused before any work
         from pfp.generate import InputError
         model = build_model(tiny_config())
@@ -120,6 +133,14 @@ def _worker(rank, world, port, path, hunyuan_config=None):
         results["refused"] = str(exc)
     torch.save(results, f"{path}.{rank}")
     dist.destroy_process_group()
+
+
+def _like(model, config):
+    """A model of ``config`` with ``model``'s weights where the two share them."""
+    from pfp.weights import build_model
+    other = build_model(config)
+    other.load_state_dict(model.state_dict(), strict=False)
+    return other
 
 
 def _hunyuan_folder_config(tmp_path) -> str:
@@ -156,7 +177,8 @@ def test_ranks_give_the_single_process_velocity_and_each_caches_its_heads(tmp_pa
         assert "3 heads" in results.pop("refused")     # heads must divide among the ranks
         if world == 4:
             assert "over 4 ranks needs a head count divisible by it, got 2 heads" in results.pop("generate refused")
-        want = {"tiny/cached", "tiny/joint"} | ({"generate/tiny"} if world == 2 else set())
+        want = {"tiny/cached", "tiny/joint"} | ({"generate/tiny", "generate/tiny_xattn", "generate/tiny_xattn/differs"}
+                                                if world == 2 else set())
         if hunyuan is not None:
             want |= {f"{m}/{mode}" for m in ("wan", "hunyuan") for mode in ("cached", "joint")}
             want |= {"generate/wan", "generate/hunyuan"}

@@ -311,9 +311,24 @@ class MemoryAttention(nn.Module):
         k = self.norm_k(self.to_k(features)).unflatten(-1, (heads, -1))
         return k, self.to_v(features).unflatten(-1, (heads, -1))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], sp=None, sp_tokens: int = 0) -> Tensor:
         """q ``[B, Nq, H, D]``; k, v ``[B or 1, Nf, H, D]``; mask ``[B or 1, Nf]`` bool or None ->
-        ``[B, Nq, inner]``. A sample with no real feature gets zero."""
+        ``[B, Nq, inner]``. A sample with no real feature gets zero.
+
+        Under sequence parallelism (``sp``; q holds this rank's slice of ``sp_tokens`` target tokens,
+        every head): an all-to-all gives every token with this rank's heads, which attend over this
+        rank's heads of k, v (all heads given are sliced), and a second one trades back before the
+        output projection, so each rank keeps only its heads' K/V of the features."""
+        if sp is not None and sp.world > 1:
+            heads = sp.heads(q.shape[2])
+            if k.shape[2] == q.shape[2]:
+                k, v = k[:, :, heads], v[:, :, heads]
+            o = sp.heads_to_seq(self.attend(sp.seq_to_heads(q.contiguous(), sp_tokens), k, v, mask))
+            return self.to_out(o.flatten(2))
+        return self.to_out(self.attend(q, k, v, mask).flatten(2))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The attention alone: q ``[B, Nq, H, D]`` over k, v ``[B or 1, Nf, H, D]`` -> ``[B, Nq, H, D]``."""
         if k.shape[0] != q.shape[0]:
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         if mask is None:
@@ -323,7 +338,7 @@ class MemoryAttention(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=m[:, None, None, :]).transpose(1, 2)
             o = torch.where(m.any(1)[:, None, None, None], o, torch.zeros_like(o))   # all padded: no memory
-        return self.to_out(o.flatten(2))
+        return o
 
 
 def set_parts(block: nn.Module, names: tuple, parts: dict) -> None:
@@ -378,10 +393,11 @@ class WanStyleBlock(nn.Module):
         self.memory_attn = MemoryAttention(feature_dim, inner, device=ref.device, dtype=ref.dtype)
 
     def _cross_attention(self, x: Tensor, text: Tensor, text_mask: Optional[Tensor], memory=None,
-                         image: Optional[Tensor] = None) -> Tensor:
+                         image: Optional[Tensor] = None, sp_tokens: int = 0) -> Tensor:
         attn = self.attn2
         q = attn.norm_q(attn.to_q(x)).unflatten(-1, (self.num_heads, -1))
-        extra = self.memory_attn(q, *memory) if memory is not None and self.memory_attn is not None else None
+        extra = (self.memory_attn(q, *memory, sp=self.sp, sp_tokens=sp_tokens)
+                 if memory is not None and self.memory_attn is not None else None)
         k = attn.norm_k(attn.to_k(text)).unflatten(-1, (self.num_heads, -1))
         v = attn.to_v(text).unflatten(-1, (self.num_heads, -1))
         if q.shape[0] != k.shape[0]:
@@ -470,7 +486,7 @@ class WanStyleBlock(nn.Module):
                 ot = sp.heads_to_seq(ot)
             ht = (ht.float() + self.attn1.to_out[0](ot.flatten(2)).float() * t_g).type_as(ht)
             xt = self.norm2(ht.float()).type_as(ht)
-            ht = ht + self._cross_attention(xt, text, text_mask, memory, image)
+            ht = ht + self._cross_attention(xt, text, text_mask, memory, image, sp_tokens)
             xt = (self.norm3(ht.float()) * (1 + t_c_sc) + t_c_sh).type_as(ht)
             ht = (ht.float() + self.ffn(xt).float() * t_c_g).type_as(ht)
         if hc is not None and need_context_out:
@@ -582,9 +598,15 @@ class WanStyleBackbone(nn.Module):
         return len(self.blocks) > 0 and self.blocks[0].memory_attn is not None
 
     def _memory_kv(self, features: Tensor) -> list:
-        """Per block, (K, V) of the features for its MemoryAttention."""
+        """Per block, (K, V) of the features for its MemoryAttention: under sequence parallelism
+        this rank's heads only (:meth:`MemoryAttention.forward` attends with those)."""
         dtype = self.compute_dtype
-        return [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
+        kv = [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
+        sp = self.sequence_parallel
+        if sp is None or sp.world == 1:
+            return kv
+        heads = sp.heads(self.num_heads)
+        return [(k[:, :, heads].contiguous(), v[:, :, heads].contiguous()) for k, v in kv]
 
     # ---- pieces ------------------------------------------------------------------------------
     def use_context_kv_buffers(self, enabled: bool = True) -> None:
