@@ -6,7 +6,9 @@ layers, norms, text cross-attention and MLP; for self-attention one all-to-all t
 slice for a slice of the heads (all tokens, H/N heads), attention runs on that, and a second
 all-to-all trades back (DeepSpeed-Ulysses). The compressed context is short and shared: every rank
 runs its tokens whole and attends with its own heads only, so each rank stores only its heads'
-context K/V (a 1/N shard of the cache) and gathers the attention output over heads. The result
+context K/V (a 1/N shard of the cache) and gathers the attention output over heads. The
+cross-attention over the compressor's features (``cross_attention: true``) trades its query the
+same way as self-attention, so each rank keeps its heads of those K/V too. The result
 equals the single-device one (tests: 2 CPU ranks over gloo, fp32).
 
 Only the all-to-all and gather glue is here, on ``torch.distributed``; the ranks run the same
