@@ -44,3 +44,43 @@ def test_the_documented_command_prints_one_object_per_checkpoint(tmp_path):
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["variant"], r["rate"], r["context_tokens"]) for r in rows] == [("pfp", "4x4x2", 32), ("only_lr", "4x4x2", 32)]
     assert all(set(r) >= {"variant", "rate", "context_tokens", "psnr", "ssim"} for r in rows)
+
+
+def test_the_warm_start_fits_only_the_hr_branch_and_refuses_other_kinds(tmp_path):
+    import importlib.util
+
+    import torch
+
+    from pfp.weights import read_weights
+    from _tiny_pfp import write_video_folder
+    spec = importlib.util.spec_from_file_location("warm_start", os.path.join(HERE, "warm_start.py"))
+    warm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(warm)
+    spec = importlib.util.spec_from_file_location("make_init", os.path.join(HERE, "make_init.py"))
+    make_init = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_init)
+    init = str(tmp_path / "init.safetensors")
+    assert make_init.main(["--out", init, "--depth", "1"]) == 0
+    write_video_folder(tmp_path / "videos", good=1, corrupt=0, short=0)
+    config = tmp_path / "without_lr.json"   # the recipe's without_lr config, one block as the init
+    cfg = json.load(open(os.path.join(HERE, "configs", "without_lr_4x4x2.json")))
+    cfg["dit"]["depth"] = 1
+    config.write_text(json.dumps(cfg))
+    out = str(tmp_path / "warm.safetensors")
+    args = ["--init", init, "--data", str(tmp_path / "videos"), "--steps", "2", "--batch-size", "2", "--out", out,
+            "--threads", "1"]
+    assert warm.main(["--config", str(config), *args]) == 0
+    got, got_cfg = read_weights(out)
+    start, _ = read_weights(init)
+    assert got_cfg.compressor_kind == "without_lr"
+    from pfp.config import PFPConfig
+    from pfp.model import build_model
+    torch.manual_seed(0)      # the script's seed: the compressor it started from
+    fresh = build_model(PFPConfig.load(str(config))).trainable_state_dict()
+    hr = [k for k in got if k.startswith("compressor.")]
+    assert hr and all(not torch.equal(got[k], fresh[k]) for k in hr if k.endswith(".weight"))   # fitted
+    assert all(torch.equal(got[k], start[k].float()) for k in got if not k.startswith("compressor."))  # the rest: --init
+    cfg["compressor_kind"] = "pfp"
+    config.write_text(json.dumps(cfg))
+    assert warm.main(["--config", str(config), *args]) == 2          # it has the low-res tokens already
+    assert not os.path.exists(out + ".tmp")

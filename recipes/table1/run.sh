@@ -6,7 +6,8 @@
 #
 #   bash recipes/table1/run.sh table2     # Table 2's "Without Pretrain" on synthetic scene returns
 #
-# Environment: OUT (default runs/table1), STEPS (optimizer steps per variant, default 500), JOBS
+# Environment: OUT (default runs/table1), STEPS (optimizer steps per variant, default 500),
+# WARM_STEPS (the HR-only variants' warm start, warm_start.py, default 600; 0: none), JOBS
 # (variants trained at once, default 2), THREADS (torch threads per run, default 1); table2:
 # PRE_STEPS and FT_STEPS (default 300 each).
 set -euo pipefail
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/../.."
 HERE=recipes/table1
 OUT=${OUT:-runs/table1}
 STEPS=${STEPS:-500}
+WARM_STEPS=${WARM_STEPS:-600}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 stage=${1:-all}
@@ -30,8 +32,20 @@ if [[ $stage == init || $stage == all ]]; then
 fi
 
 train_one() {  # $1: a config in $HERE/configs
-  local name; name=$(basename "$1" .json)
-  python -m pfp.train pretrain --config "$1" --init "$OUT/init.safetensors" --init-skip compressor. \
+  local name kind; name=$(basename "$1" .json)
+  # every compressor starts fresh; the two without a low-res branch (without_lr, large_patchify)
+  # first fit their tokens to the low-res branch's (warm_start.py: compressor only, WARM_STEPS
+  # steps), so that no variant starts the backbone on tokens it has never read
+  local init=(--init "$OUT/init.safetensors" --init-skip compressor.)
+  kind=$(python -c "import json, sys; print(json.load(open(sys.argv[1])).get('compressor_kind', 'pfp'))" "$1")
+  if [[ ($kind == without_lr || $kind == large_patchify) && $WARM_STEPS -gt 0 ]]; then
+    mkdir -p "$OUT/warm"
+    python $HERE/warm_start.py --config "$1" --init "$OUT/init.safetensors" --data "$OUT/clips/train" \
+      --steps "$WARM_STEPS" --threads "$THREADS" --out "$OUT/warm/$name.safetensors" > "$OUT/runs/$name.warm.log" 2>&1 \
+      || { echo "$name: warm start FAILED (see $OUT/runs/$name.warm.log)"; return 1; }
+    init=(--init "$OUT/warm/$name.safetensors")
+  fi
+  python -m pfp.train pretrain --config "$1" "${init[@]}" \
     --data "$OUT/clips/train" --storyboards optional --clip-seconds 2 \
     --steps "$STEPS" --batch-size 8 --lr 5e-4 --warmup 20 --lr-schedule cosine --seed 0 \
     --threads "$THREADS" --workers 1 --save-every 100 --log-every 10 --no-progress \
@@ -40,7 +54,7 @@ train_one() {  # $1: a config in $HERE/configs
   echo "$name: $(tail -n 1 "$OUT/runs/$name.log")"
 }
 export -f train_one
-export OUT STEPS THREADS
+export OUT STEPS THREADS WARM_STEPS HERE
 
 if [[ $stage == train || $stage == all ]]; then
   mkdir -p "$OUT/runs" "$OUT/checkpoints"
