@@ -160,7 +160,8 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
     sequence_parallel: a :class:`pfp.parallel.SequenceParallel` (every rank of its group calls
     generate with the same arguments): each denoising step's target tokens are split over the
     ranks, with an all-to-all over heads around self-attention, and each rank caches only its heads
-    of the context K/V. Every rank returns the same result.
+    of the context K/V. Every rank returns the same video and latents; each result's
+    ``context_cache`` holds that rank's heads only.
 
     memory: False gives the backbone none of the compressors' tokens (their streams still run on
     every chunk; a sliding window, if the config has one, still applies). The caption-only
@@ -680,6 +681,10 @@ def _main(argv) -> int:
         raise InputError(f"--threads must be >= 1, got {ns.threads}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and ns.device.strip().startswith("cuda:"):
+        raise InputError(f"--device {ns.device} under torchrun with {os.environ['LOCAL_WORLD_SIZE']} ranks on this "
+                         "machine would put every rank on that one GPU; give --device cuda (each rank takes "
+                         "cuda:LOCAL_RANK)")
     device = _device(ns.device)
     if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))   # this rank's GPU

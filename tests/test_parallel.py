@@ -223,3 +223,13 @@ def test_torchrun_over_ranks_that_do_not_divide_the_heads_is_refused_as_bad_inpu
     assert r.returncode != 0 and r.stderr.count("error: sequence parallelism over 3 ranks") == 3, r.stderr[-2000:]
     assert "exitcode: 2" in r.stderr and "Traceback" not in r.stderr.split("error: sequence")[0]
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_one_gpu_index_for_several_ranks_on_a_machine_is_refused(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, "-m", "pfp.generate", "--device", "cuda:0", "--seconds", "1", "--out", "v.mp4"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device cuda (each rank takes" in r.stderr, r.stderr
