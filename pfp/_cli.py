@@ -105,8 +105,13 @@ def check_number(flag: str, value, *, lo: Optional[float] = None, hi: Optional[f
 
 
 def check_device(flag: str, name: str) -> None:
-    """cpu, cuda or cuda:N, and CUDA present when asked for."""
+    """cpu, cuda or cuda:N, and CUDA present when asked for; under torchrun with several ranks on
+    this machine, no one GPU index for them all."""
     import torch
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if ranks_here > 1 and str(name).strip().startswith("cuda:"):
+        raise UsageError(f"{flag} {name} under torchrun with {ranks_here} ranks on this machine would put every "
+                         f"rank on that one GPU; give {flag} cuda (each rank takes cuda:LOCAL_RANK)")
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):

@@ -681,10 +681,6 @@ def _main(argv) -> int:
         raise InputError(f"--threads must be >= 1, got {ns.threads}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and ns.device.strip().startswith("cuda:"):
-        raise InputError(f"--device {ns.device} under torchrun with {os.environ['LOCAL_WORLD_SIZE']} ranks on this "
-                         "machine would put every rank on that one GPU; give --device cuda (each rank takes "
-                         "cuda:LOCAL_RANK)")
     device = _device(ns.device)
     if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))   # this rank's GPU

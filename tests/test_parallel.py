@@ -233,3 +233,7 @@ def test_one_gpu_index_for_several_ranks_on_a_machine_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pfp.generate", "--device", "cuda:0", "--seconds", "1", "--out", "v.mp4"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--device cuda (each rank takes" in r.stderr, r.stderr
+    t = subprocess.run([sys.executable, "-m", "pfp.train", "pretrain", "--device", "cuda:0", "--steps", "1",
+                        "--out", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert t.returncode == 2 and t.stderr.count("\n") == 1 and "--device cuda (each rank takes" in t.stderr, t.stderr
+    assert not (tmp_path / "run").exists()
