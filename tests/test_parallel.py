@@ -189,36 +189,31 @@ def test_ranks_give_the_single_process_velocity_and_each_caches_its_heads(tmp_pa
                 assert heads == num_heads // world, (key, heads)
 
 
-def test_torchrun_generate_writes_one_video(tmp_path):
+def _torchrun_generate(tmp_path, ranks: int):
+    """``torchrun --nproc_per_node=ranks -m pfp.generate`` on the tiny model (2 heads), in tmp_path."""
     import subprocess
     import sys
-    pytest.importorskip("av")
     from pfp.weights import build_model, save_weights
     from _tiny_pfp import tiny_config
     torch.manual_seed(0)
     save_weights(build_model(tiny_config()), str(tmp_path / "tiny.safetensors"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={_free_port()}", "-m", "pfp.generate", "--checkpoint", "tiny.safetensors",
-                        "--seconds", "1", "--steps", "2", "--out", "v.mp4", "--quiet"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                           f"--master_port={_free_port()}", "-m", "pfp.generate", "--checkpoint", "tiny.safetensors",
+                           "--seconds", "1", "--steps", "2", "--out", "v.mp4", "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_generate_writes_one_video(tmp_path):
+    pytest.importorskip("av")
+    r = _torchrun_generate(tmp_path, 2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("wrote v.mp4") == 1 and (tmp_path / "v.mp4").is_file()
 
 
 def test_torchrun_over_ranks_that_do_not_divide_the_heads_is_refused_as_bad_input(tmp_path):
-    import subprocess
-    import sys
-    from pfp.weights import build_model, save_weights
-    from _tiny_pfp import tiny_config
-    save_weights(build_model(tiny_config()), str(tmp_path / "tiny.safetensors"))   # 2 heads
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3",
-                        f"--master_port={_free_port()}", "-m", "pfp.generate", "--checkpoint", "tiny.safetensors",
-                        "--seconds", "1", "--steps", "2", "--out", "v.mp4", "--quiet"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = _torchrun_generate(tmp_path, 3)
     # each rank says why in one line and exits 2 (torchrun itself then exits 1)
     assert r.returncode != 0 and r.stderr.count("error: sequence parallelism over 3 ranks") == 3, r.stderr[-2000:]
     assert "exitcode: 2" in r.stderr and "Traceback" not in r.stderr.split("error: sequence")[0]
