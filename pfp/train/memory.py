@@ -93,12 +93,10 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
     ``self_history``: the finetune loss's ``--self-history`` (the history decoded and its low-res
     videos re-encoded in the encode phase)."""
     from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.utils.flop_counter import FlopCounterMode
 
     from pfp.compressor import Context
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from pfp.train.objectives import _compress, i2v_inputs
     from pfp.window import window_context, window_layout
     config = model.config
