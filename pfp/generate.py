@@ -672,7 +672,10 @@ def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, f
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: _main(argv))
+    from pfp.parallel import leave_process_group
+    status = run_cli(lambda: _main(argv))
+    leave_process_group(status == 0)   # under torchrun: every rank done before any leaves
+    return status
 
 
 def _main(argv) -> int:

@@ -112,4 +112,16 @@ def init_from_env(device=None) -> Optional[SequenceParallel]:
     return SequenceParallel()
 
 
-__all__ = ["SequenceParallel", "init_from_env"]
+def leave_process_group(succeeded: bool) -> None:
+    """End a torchrun process's part in the default group, if it has one: when this rank succeeded,
+    first wait for every rank (rank 0 writes the outputs after the others are done with them), then
+    destroy the group, so that no rank exits with gloo's or NCCL's threads still running (a rank
+    that left so was seen to abort at exit, and torchrun then stopped the rank still writing)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+__all__ = ["SequenceParallel", "init_from_env", "leave_process_group"]
