@@ -320,9 +320,7 @@ class MemoryAttention(nn.Module):
         rank's heads of k, v (all heads given are sliced), and a second one trades back before the
         output projection, so each rank keeps only its heads' K/V of the features."""
         if sp is not None and sp.world > 1:
-            heads = sp.heads(q.shape[2])
-            if k.shape[2] == q.shape[2]:
-                k, v = k[:, :, heads], v[:, :, heads]
+            k, v = _rank_heads_of_cache(sp, q.shape[2], (k, v))
             o = sp.heads_to_seq(self.attend(sp.seq_to_heads(q.contiguous(), sp_tokens), k, v, mask))
             return self.to_out(o.flatten(2))
         return self.to_out(self.attend(q, k, v, mask).flatten(2))
@@ -601,12 +599,10 @@ class WanStyleBackbone(nn.Module):
         """Per block, (K, V) of the features for its MemoryAttention: under sequence parallelism
         this rank's heads only (:meth:`MemoryAttention.forward` attends with those)."""
         dtype = self.compute_dtype
-        kv = [blk.memory_attn.kv(features.to(dtype), self.num_heads) for blk in self.blocks]
         sp = self.sequence_parallel
-        if sp is None or sp.world == 1:
-            return kv
-        heads = sp.heads(self.num_heads)
-        return [(k[:, :, heads].contiguous(), v[:, :, heads].contiguous()) for k, v in kv]
+        # copies, not views: a view of every head would keep them all alive
+        return [tuple(t.contiguous() for t in _rank_heads_of_cache(sp, self.num_heads, blk.memory_attn.kv(
+            features.to(dtype), self.num_heads))) for blk in self.blocks]
 
     # ---- pieces ------------------------------------------------------------------------------
     def use_context_kv_buffers(self, enabled: bool = True) -> None:
