@@ -204,11 +204,7 @@ def generate(model, storyboard, seconds: float, *, seed: int = 0, steps: int = 2
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         if n_given:
             raise InputError("give image or history, not both: both set the video's start")
-    if sequence_parallel is not None:
-        try:   # the heads split among the ranks (set_sequence_parallel checks it again, after the work starts)
-            sequence_parallel.heads(backbone.num_heads)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+    _check_heads_split(sequence_parallel, backbone)
     if isinstance(plan, Placement) and (plan.model is not model or plan.device != device):
         raise ValueError("plan: a Placement must be of this model and for this device")
     model.eval()
@@ -576,6 +572,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_heads_split(sp, backbone) -> None:
+    """InputError unless the backbone's heads split evenly over ``sp``'s ranks (None: one process).
+    set_sequence_parallel checks it again once the work has started, where it would be exit 1."""
+    if sp is None:
+        return
+    try:
+        sp.heads(backbone.num_heads)
+    except ValueError as exc:
+        raise InputError(f"{exc}; run on a number of ranks that divides it (torchrun --nproc_per_node)") from None
+
+
 def _parse_size(text: str, config) -> tuple:
     import re
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
@@ -720,11 +727,7 @@ def _main(argv) -> int:
         return _plan_preset(ns, storyboard, budget)   # the preset's architecture: no folder, no weights
     model = _load_model(ns)
     config = model.config
-    if sp is not None:   # the model's heads split among the ranks, before any planning or work
-        try:
-            sp.heads(model.backbone.num_heads)
-        except ValueError as exc:
-            raise InputError(f"{exc}; run torchrun with a --nproc_per_node that divides it") from None
+    _check_heads_split(sp, model.backbone)   # before any planning, as generate() does before its work
     if ns.threads is None and device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
         # a small model's ops are too small to split: one thread is faster, and far faster when
         # other processes share the cores (OpenMP threads then wait on each other)
