@@ -168,7 +168,6 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
 
             positions = _real_positions(model, n_hist, h // s, w // s) if n_hist else None
             win_frames = min(window, n_hist) // plain.patch_size[0] * plain.patch_size[0]   # window_context's
-            window = window if win_frames else 0
 
             def step():
                 with torch.enable_grad():
@@ -176,14 +175,16 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                     if n_hist:   # the compressor's tokens (fake), at real positions: the backbone reads them
                         made = _compress(model, hist, lr_hist)   # as the losses call it
                         ctx = Context(made.tokens, positions, features=getattr(made, "features", None))
-                        if window:   # and the history's newest frames, uncompressed, as finetune_loss joins them
+                        if win_frames:   # and the history's newest frames, uncompressed, as finetune_loss joins them
                             win = window_context(plain, hist, window)   # through the patch embedding (fake)
+                            # pfp.window.with_window would sort the joined order keys, which fake
+                            # tensors cannot; the window's come after every compressed token anyway
                             with unset_fake_temporarily():   # the layout real: the backbone reads it eagerly
                                 layout, order = window_layout(win_frames, n_hist, plain.patch_size, h // s, w // s)
-                                # the window's tokens come after every compressed one (pfp.window)
-                                joined = torch.cat([ctx.positions, layout]), torch.cat([ctx.order_keys(), order])
-                            ctx = Context(torch.cat([ctx.tokens, win.tokens.to(ctx.tokens.dtype)], dim=1), joined[0],
-                                          None, joined[1], ctx.features)
+                                positions_all = torch.cat([ctx.positions, layout])
+                                order_all = torch.cat([ctx.order_keys(), order])
+                            ctx = Context(torch.cat([ctx.tokens, win.tokens.to(ctx.tokens.dtype)], dim=1), positions_all,
+                                          None, order_all, ctx.features)
                     v = backbone(x, ts, text, ctx, t_start=t_start, **extra)
                     loss = v.float().square().mean()
                     return torch.autograd.grad(loss, trainable, allow_unused=True)
@@ -203,7 +204,7 @@ def trace_training(model: nn.Module, batch_size: int, clip_chunks: int, size: Op
                                                                *spec.lr_size))
                 transient["self_history"] = held + _tracked_peak(redo_history)
             context = sum(math.prod(c.token_grid((n_hist, h // s, w // s))) for c in model.compressors) if n_hist else 0
-            if window:   # the window's tokens: its whole patches of the history's newest frames
+            if win_frames:   # the window's tokens: its whole patches of the history's newest frames
                 context += math.prod(plain.token_grid(win_frames, h // s, w // s))
             target = math.prod(plain.token_grid(lc, h // s, w // s))
     finally:
