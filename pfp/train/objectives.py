@@ -206,6 +206,14 @@ def _with_window(model, backbone, ctx, hist: Tensor, dtype):
         return with_window(ctx, window_context(backbone, hist.to(dtype), model.config.sliding_window))
 
 
+def low_res_levels(level: Tensor, rt: int, tl: int) -> Tensor:
+    """The noise-as-mask levels ``[B, tl]`` of the low-res latent frames, from the HR frames' levels
+    ``[B, T]``: low-res frame j covers HR frames ``j*rt .. j*rt+rt-1`` (those past T count as fully
+    masked) and takes the least masked of them."""
+    b, t = level.shape
+    return F.pad(level, (0, tl * rt - t), value=1.0).view(b, tl, rt).min(dim=2).values
+
+
 def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg: ObjectiveConfig,
                   device, compute_dtype=torch.float32, phases: StepPhases = _NO_PHASES, encode_text=None) -> Tensor:
     """Frame retrieval (PFP 2.1 / 3.1). ``encode_text``: where the prompts' states come from (a
@@ -231,9 +239,8 @@ def pretrain_loss(model, backbone, batch: dict, generator: torch.Generator, cfg:
     hr_noise = torch.randn(hr.shape, generator=generator).to(hr)
     lr_masked = []
     for i, (comp, lr) in enumerate(zip(model.compressors, lrs)):
-        # a low-res frame j covers HR frames j*rt .. j*rt+rt-1: its level is the least masked of them
-        rt, tl = comp.rate.t, lr.shape[2]
-        lr_level = F.pad(level, (0, tl * rt - t), value=1.0).view(b, tl, rt).min(dim=2).values
+        tl = lr.shape[2]
+        lr_level = low_res_levels(level, comp.rate.t, tl)
         lr_noise = torch.randn(lr.shape, generator=generator).to(lr)
         llv = lr_level.to(lr).view(b, 1, tl, 1, 1)
         lr_masked.append((1 - llv) * lr + llv * lr_noise)

@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     from pfp.config import PFPConfig, whole_chunks
     from pfp.data import VideoFolderDataset, collate, draw_item
     from pfp.model import build_model
-    from pfp.train.objectives import shifted_logit_normal
-    from pfp.weights import load_state_checked, read_weights, save_weights
+    from pfp.train.loop import _load_init
+    from pfp.train.objectives import low_res_levels, shifted_logit_normal
+    from pfp.weights import save_weights
 
     try:
         config = PFPConfig.load(ns.config)
@@ -77,20 +78,16 @@ def main(argv=None) -> int:
     chunks = whole_chunks(ns.clip_seconds, config.chunk_seconds, 1)
     if chunks is None:
         return _fail(f"--clip-seconds {ns.clip_seconds:g} is not a whole number of {config.chunk_seconds:g} s chunks")
-    try:
-        tensors, _ = read_weights(ns.init)
-        dataset = VideoFolderDataset(ns.data, config.clip_spec(chunks), clip_start="random", crop="random",
-                                     storyboards="optional")
-    except ValueError as exc:
-        return _fail(str(exc))
     if ns.threads:
         torch.set_num_threads(ns.threads)
     torch.manual_seed(ns.seed)
-
     model = build_model(config)
-    fresh = {k: v.clone() for k, v in model.trainable_state_dict().items() if k.startswith("compressor.")}
-    load_state_checked(model, {**{k: v.float() for k, v in tensors.items() if not k.startswith("compressor.")},
-                               **fresh}, ns.init)
+    try:
+        dataset = VideoFolderDataset(ns.data, config.clip_spec(chunks), clip_start="random", crop="random",
+                                     storyboards="optional")
+        _load_init(model, ns.init, skip_prefix="compressor.")   # pfp.train's --init-skip compressor.
+    except ValueError as exc:
+        return _fail(str(exc))
     comp = model.compressor
     # what only_lr gives for the same clip: the backbone's own patch embedding of the LR latent
     target = MemoryCompressor(comp.patch_embed, comp.latent_channels, comp.inner_dim, comp.rate,
@@ -98,7 +95,6 @@ def main(argv=None) -> int:
     params = [p for name, p in comp.named_parameters() if not name.startswith("patch_embed.")]
     opt = torch.optim.Adam(params, lr=ns.lr)
     g = torch.Generator().manual_seed(ns.seed)
-    rt = comp.rate.t
     t0 = time.time()
     for step in range(ns.steps):
         batch = collate([draw_item(dataset, i, g)
@@ -107,8 +103,7 @@ def main(argv=None) -> int:
             hr, lr = model.vae.encode(batch["hr"]), model.vae.encode(batch["lr"])
             b, t, tl = hr.shape[0], hr.shape[2], lr.shape[2]
             level = shifted_logit_normal((b, t), g) * (torch.rand(b, t, generator=g) < ns.mask)
-            # a low-res frame covers HR frames j*rt .. j*rt+rt-1: its level is the least masked of them
-            lr_level = F.pad(level, (0, tl * rt - t), value=1.0).view(b, tl, rt).min(dim=2).values
+            lr_level = low_res_levels(level, comp.rate.t, tl)   # as pretraining masks the low-res frames
             hv, lv = level.view(b, 1, t, 1, 1), lr_level.view(b, 1, tl, 1, 1)
             hr = (1 - hv) * hr + hv * torch.randn(hr.shape, generator=g)
             lr = (1 - lv) * lr + lv * torch.randn(lr.shape, generator=g)
