@@ -53,12 +53,12 @@ def test_the_warm_start_fits_only_the_hr_branch_and_refuses_other_kinds(tmp_path
 
     from pfp.weights import read_weights
     from _tiny_pfp import write_video_folder
-    spec = importlib.util.spec_from_file_location("warm_start", os.path.join(HERE, "warm_start.py"))
-    warm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(warm)
-    spec = importlib.util.spec_from_file_location("make_init", os.path.join(HERE, "make_init.py"))
-    make_init = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_init)
+    def recipe_script(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    warm, make_init = recipe_script("warm_start"), recipe_script("make_init")
     init = str(tmp_path / "init.safetensors")
     assert make_init.main(["--out", init, "--depth", "1"]) == 0
     write_video_folder(tmp_path / "videos", good=1, corrupt=0, short=0)
