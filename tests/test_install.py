@@ -16,7 +16,7 @@ def _copy_sources(dest, with_setup: bool):
     shutil.copytree(os.path.join(ROOT, "pfp_kernels"), dest / "pfp_kernels",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
     if with_setup:
-        for name in ("setup.py", "pyproject.toml", "README.md"):
+        for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
             shutil.copy(os.path.join(ROOT, name), dest / name)
         shutil.copytree(os.path.join(ROOT, "csrc"), dest / "csrc")
 
