@@ -224,9 +224,28 @@ def test_cli_synthetic_size_ranges(tmp_path, capsys):
     assert main(common + ["--out", str(tmp_path / "bad"), "--sprite-radius", "0.3", "0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --sprite-radius must be MIN MAX with 0 < MIN <= MAX <= 1") and "\n" not in err
-    args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5))
+    assert main(common + ["--out", str(tmp_path / "bad"), "--shot-seconds", "2", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shot-seconds must be MIN MAX with 0 < MIN <= MAX") and "\n" not in err
+    args = _args(tmp_path, tmp_path / "ok", sprite_radius=(0.2, 0.25), pattern_period=(0.4, 0.5), shot_seconds=(2.0, 4.0))
     ds = _dataset(args, build_model().config)
-    assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5)
+    assert ds.sprite_radius == (0.2, 0.25) and ds.pattern_period == (0.4, 0.5) and ds.shot_seconds == (2.0, 4.0)
+
+
+def test_shots_of_half_the_clip_or_longer_train_without_scene_returns():
+    # what --shot-seconds' help promises: a clip returns to a scene only with 3 or more shots
+    from pfp.data import SyntheticMultiShotVideos, VideoSpec
+
+    def returns(shot_seconds):
+        data = SyntheticMultiShotVideos(40, VideoSpec(hr_size=16, hr_fps=8.0, hr_frames=32), seed=5,
+                                        shot_seconds=shot_seconds)
+        count = 0
+        for i in range(len(data)):
+            order = [shot.scene for shot in data.plan(i).shots]
+            count += any(scene in order[:k - 1] for k, scene in enumerate(order) if k >= 2)
+        return count
+    assert returns((1.0, 3.0)) > 0       # the default does return
+    assert returns((2.0, 4.0)) == 0      # a 4 s clip then holds two shots at most
 
 
 def _captured_history(cfg, objective, monkeypatch, backbone_forward=None, batch_size=3):

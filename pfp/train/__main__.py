@@ -65,7 +65,7 @@ def _parser() -> Parser:
                         "that name a side no longer match)")
     p.add_argument("--mix-synthetic", type=float, default=d.mix_synthetic, metavar="P",
                    help="video folder: replace each clip, with probability P in [0, 1), by a synthetic multi-shot "
-                        "scene (--sprite-radius, --pattern-period, --num-videos; default %(default)s)")
+                        "scene (--sprite-radius, --pattern-period, --shot-seconds, --num-videos; default %(default)s)")
     p.add_argument("--storyboards", default=d.storyboards, choices=STORYBOARD_POLICIES,
                    help="video folder: a video without <name>.json is unusable, or gets one shot of the prompt "
                         "'a video' (default %(default)s)")
@@ -74,6 +74,10 @@ def _parser() -> Parser:
                    help="synthetic data: sprite radius range, units of min(H, W) (default %(default)s)")
     p.add_argument("--pattern-period", type=float, nargs=2, default=d.pattern_period, metavar=("MIN", "MAX"),
                    help="synthetic data: stripe/checker period range, units of min(H, W) (default %(default)s)")
+    p.add_argument("--shot-seconds", type=float, nargs=2, default=d.shot_seconds, metavar=("MIN", "MAX"),
+                   help="synthetic data: shot length range in seconds; a clip returns to an earlier scene only "
+                        "when it holds 3 or more shots, so MIN >= --clip-seconds / 2 trains without returns "
+                        "(default %(default)s)")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", action="store_true",

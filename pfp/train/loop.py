@@ -76,6 +76,7 @@ class TrainArgs:
     num_videos: int = 100000
     sprite_radius: tuple = (0.08, 0.16)  # synthetic data: sprite radius range (units of min(H, W))
     pattern_period: tuple = (0.12, 0.3)  # synthetic data: stripe/checker period range
+    shot_seconds: tuple = (1.0, 3.0)     # synthetic data: shot length range in seconds
     save_every: int = 200
     log_every: int = 10
     resume: bool = False
@@ -265,7 +266,8 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
         from pfp.data import SyntheticMultiShotVideos
         return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed,
                                         sprite_radius=tuple(args.sprite_radius),
-                                        pattern_period=tuple(args.pattern_period))
+                                        pattern_period=tuple(args.pattern_period),
+                                        shot_seconds=tuple(args.shot_seconds))
     from pfp.data import VideoFolderDataset
     # a random time window and crop per clip, drawn from the step's generator (see _batch)
     try:
@@ -283,7 +285,8 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
         return folder
     from pfp.data import MixedVideos, SyntheticMultiShotVideos
     synthetic = SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed, sprite_radius=tuple(args.sprite_radius),
-                                         pattern_period=tuple(args.pattern_period))
+                                         pattern_period=tuple(args.pattern_period),
+                                         shot_seconds=tuple(args.shot_seconds))
     return MixedVideos(folder, synthetic, args.mix_synthetic)
 
 
@@ -439,6 +442,11 @@ def check_train_args(args: TrainArgs) -> None:
         if not pair[0] <= pair[1]:
             raise UsageError(f"{flag} must be MIN MAX with 0 < MIN <= MAX <= 1 (units of the frame's shorter "
                              f"side), got {pair[0]:g} {pair[1]:g}")
+    lo, hi = args.shot_seconds
+    for v in (lo, hi):
+        check_number("--shot-seconds", v, lo=0, lo_open=True, hi=3600, allow_none=False)
+    if not lo <= hi:
+        raise UsageError(f"--shot-seconds must be MIN MAX with 0 < MIN <= MAX, got {lo:g} {hi:g}")
     for flag, value, choices in (("--precision", args.precision, ("auto", "bf16", "fp32")),
                                  ("--lr-schedule", args.lr_schedule, ("constant", "cosine")),
                                  ("--export-dtype", args.export_dtype, ("fp32", "bf16")),
@@ -542,7 +550,7 @@ def _find_resume_point(args: TrainArgs, rank: int, world: int) -> Optional[str]:
 # longer equals one that was never stopped), or used (the run's outputs). --until, --max-minutes,
 # --vram, --device, --threads and --workers belong to each invocation and are never taken.
 _RESUME_FIXED = ("mode", "seed", "batch_size", "clip_seconds", "data", "num_videos", "sprite_radius",
-                 "pattern_period", "lora_rank", "lora_alpha", "freeze_compressor", "freeze_text", "init",
+                 "pattern_period", "shot_seconds", "lora_rank", "lora_alpha", "freeze_compressor", "freeze_text", "init",
                  "init_new", "init_skip", "config", "rate", "context_mode", "fsdp", "mix_synthetic", "storyboards",
                  "bad_data")
 _RESUME_STEERING = ("steps", "lr", "weight_decay", "warmup", "lr_schedule", "grad_clip", "compressor_lr", "precision",
