@@ -24,6 +24,15 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(_path(NAMES[0])),
                                 reason="recipes/table1/checkpoints is not here (an sdist leaves it out)")
 
 
+def recipe_script(name):
+    """One of the recipe's scripts, imported from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_each_checkpoint_is_its_variant_with_the_recipe_config(name):
     model = load_model(_path(name), flag="--checkpoints")
@@ -47,17 +56,10 @@ def test_the_documented_command_prints_one_object_per_checkpoint(tmp_path):
 
 
 def test_the_warm_start_fits_only_the_hr_branch_and_refuses_other_kinds(tmp_path):
-    import importlib.util
-
     import torch
 
     from pfp.weights import read_weights
     from _tiny_pfp import write_video_folder
-    def recipe_script(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
     warm, make_init = recipe_script("warm_start"), recipe_script("make_init")
     init = str(tmp_path / "init.safetensors")
     assert make_init.main(["--out", init, "--depth", "1"]) == 0
@@ -84,3 +86,36 @@ def test_the_warm_start_fits_only_the_hr_branch_and_refuses_other_kinds(tmp_path
     config.write_text(json.dumps(cfg))
     assert warm.main(["--config", str(config), *args]) == 2          # it has the low-res tokens already
     assert not os.path.exists(out + ".tmp")
+
+
+def test_take_compressor_joins_a_pretrained_compressor_to_the_base_backbone(tmp_path, capsys):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pfp.weights import DEFAULT_WEIGHTS, read_weights
+    take = recipe_script("take_compressor")
+    with safe_open(DEFAULT_WEIGHTS, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    # a stand-in for a pretraining run at another rate: every tensor changed, the config's rate too
+    config = json.loads(meta["config"])
+    config["rate"] = "2x2x2"
+    pretrained = str(tmp_path / "pre.safetensors")
+    save_file({k: v + 1 for k, v in tensors.items()}, pretrained, metadata={**meta, "config": json.dumps(config)})
+    out = str(tmp_path / "joined.safetensors")
+    assert take.main(["--base", DEFAULT_WEIGHTS, "--compressor", pretrained, "--out", out]) == 0
+    joined, joined_cfg = read_weights(out)
+    assert joined_cfg.rate == "2x2x2"
+    assert {k for k in joined if k.startswith("compressor.")} == {k for k in tensors if k.startswith("compressor.")}
+    for k, v in joined.items():
+        assert torch.equal(v, tensors[k] + 1 if k.startswith("compressor.") else tensors[k]), k
+    # another model's backbone is refused in one line, exit 2, and nothing is written
+    other = str(tmp_path / "other.safetensors")   # one block fewer
+    save_file({k: v for k, v in tensors.items() if not k.startswith("backbone.blocks.7.")}, other, metadata=meta)
+    capsys.readouterr()
+    refused = str(tmp_path / "refused.safetensors")
+    with pytest.raises(SystemExit) as exc:
+        take.main(["--base", other, "--compressor", pretrained, "--out", refused])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: --base and --compressor hold different backbones")
+    assert "\n" not in err and not os.path.exists(refused) and not os.path.exists(refused + ".tmp")

@@ -1,0 +1,75 @@
+"""One checkpoint from two: the compressor of a frame-retrieval pretraining run over the backbone
+and text encoder of another file, e.g. the built-in model's.
+
+This is how the paper hands a pretrained compressor to the finetune: only the compressor carries
+over, and the backbone it finetunes with is the base model's, not the one the pretraining adapted.
+
+    python recipes/table1/take_compressor.py --base pfp/weights/default.safetensors \\
+        --compressor runs/pre.safetensors --out runs/base_with_pretrained_compressor.safetensors
+
+The output has the compressor file's config (its kind and rate); both files must hold the same
+backbone and text encoder tensors (names and shapes). Written through a temporary file, so an
+interrupted run leaves no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _fail(message: str):
+    """Bad input: one line on stderr, exit status 2 (argparse's), before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _load(path: str, flag: str):
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        _fail(f"{flag} {path}: no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:   # safetensors raises its own error types
+        _fail(f"{flag} {path} is not a safetensors file ({exc})")
+    if "config" not in meta:
+        _fail(f"{flag} {path} has no pfp config in its metadata (not a pfp checkpoint)")
+    return meta, tensors
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="checkpoint whose backbone and text encoder are kept")
+    p.add_argument("--compressor", required=True, help="checkpoint whose compressor (and config) is taken")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    ns = p.parse_args(argv)
+    from safetensors.torch import save_file
+    base_meta, base = _load(ns.base, "--base")
+    comp_meta, comp = _load(ns.compressor, "--compressor")
+    taken = {k: v for k, v in comp.items() if k.startswith("compressor.")}
+    if not taken:
+        _fail(f"--compressor {ns.compressor} holds no compressor.* tensors")
+    kept = {k: v for k, v in base.items() if not k.startswith("compressor.")}
+    others = {k: v for k, v in comp.items() if not k.startswith("compressor.")}
+    mismatch = sorted(set(kept) ^ set(others)) + sorted(
+        k for k in set(kept) & set(others) if kept[k].shape != others[k].shape)
+    if mismatch:
+        _fail(f"--base and --compressor hold different backbones ({len(mismatch)} tensors differ "
+                         f"in name or shape, e.g. {mismatch[0]}); the compressor must come from a run on --base's model")
+    dtype = next(iter(kept.values())).dtype
+    out = {**kept, **{k: v.to(dtype) for k, v in taken.items()}}
+    # the base's "trained_with" would describe a run that made neither half of this file
+    meta = {k: v for k, v in base_meta.items() if k != "trained_with"}
+    meta["config"] = comp_meta["config"]
+    tmp = ns.out + ".tmp"
+    save_file(out, tmp, metadata=meta)
+    os.replace(tmp, ns.out)
+    print(f"{ns.out}: {len(taken)} compressor tensors from {ns.compressor}, {len(kept)} from {ns.base}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
