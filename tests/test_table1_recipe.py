@@ -109,6 +109,11 @@ def test_take_compressor_joins_a_pretrained_compressor_to_the_base_backbone(tmp_
     assert {k for k in joined if k.startswith("compressor.")} == {k for k in tensors if k.startswith("compressor.")}
     for k, v in joined.items():
         assert torch.equal(v, tensors[k] + 1 if k.startswith("compressor.") else tensors[k]), k
+    # a bf16 base (a --export-dtype bf16 file) gets the compressor in bf16 too
+    bf16_base = str(tmp_path / "base_bf16.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, bf16_base, metadata=meta)
+    assert take.main(["--base", bf16_base, "--compressor", pretrained, "--out", out]) == 0
+    assert {v.dtype for v in read_weights(out)[0].values()} == {torch.bfloat16}
     # another model's backbone is refused in one line, exit 2, and nothing is written
     other = str(tmp_path / "other.safetensors")   # one block fewer
     save_file({k: v for k, v in tensors.items() if not k.startswith("backbone.blocks.7.")}, other, metadata=meta)

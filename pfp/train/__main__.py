@@ -76,8 +76,8 @@ def _parser() -> Parser:
                    help="synthetic data: stripe/checker period range, units of min(H, W) (default %(default)s)")
     p.add_argument("--shot-seconds", type=float, nargs=2, default=d.shot_seconds, metavar=("MIN", "MAX"),
                    help="synthetic data: shot length range in seconds; a clip returns to an earlier scene only "
-                        "when it holds 3 or more shots, so MIN >= --clip-seconds / 2 trains without returns "
-                        "(default %(default)s)")
+                        "when it holds 3 or more shots, so MIN at least half of --clip-seconds (and half a frame "
+                        "more: lengths round to frames) trains without returns (default %(default)s)")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", action="store_true",

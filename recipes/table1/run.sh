@@ -90,7 +90,8 @@ if [[ $stage == table2 ]]; then
   with_pid=$!
   python -m pfp.train finetune --init pfp/weights/default.safetensors --init-skip compressor. --lora-rank 0 \
     --p-no-history 0.2 --steps "$FT_STEPS" --seed 1 --out "$T2/without" \
-    --export "$T2/without_pretrain.safetensors" "${synth[@]}" > "$T2/without.log" 2>&1
+    --export "$T2/without_pretrain.safetensors" "${synth[@]}" > "$T2/without.log" 2>&1 \
+    || { kill "$with_pid" 2>/dev/null; echo "without: FAILED (see $T2/without.log)"; exit 1; }
   wait "$with_pid"   # its exit status: a failed arm stops the script (set -e) before the scoring
   python $HERE/synthetic_returns.py --out "$T2/videos" --videos 24 --seconds 6 --seed 999
   python -m pfp.eval consistency --checkpoints "$T2/with_pretrain.safetensors" "$T2/without_pretrain.safetensors" \
@@ -107,14 +108,15 @@ if [[ $stage == table2-lora ]]; then
   RANK=${RANK:-16}
   FT_SEED=${FT_SEED:-1}
   read -r -a shots <<< "${SHOT_SECONDS:-1 3}"
-  T2=$OUT/table2-lora/$RATE
+  (( ${#shots[@]} == 2 )) || { echo "error: SHOT_SECONDS must be two numbers, MIN MAX (e.g. \"2 4\"), got '${SHOT_SECONDS}'" >&2; exit 2; }
+  T2=$OUT/table2-lora/${RATE}_rank$RANK   # the pretraining below is reused by every run of this rate and rank
   mkdir -p "$T2"
   python -c "import json, sys; from pfp.weights import read_weights; c = read_weights(sys.argv[1])[1].to_dict(); \
 c['rate'] = sys.argv[2]; json.dump(c, open(sys.argv[3], 'w'), indent=1)" pfp/weights/default.safetensors "$RATE" "$T2/config.json"
   synth=(--config "$T2/config.json" --sprite-radius 0.16 0.26 --pattern-period 0.35 0.6 --threads "$THREADS"
          --workers 1 --no-progress --batch-size 8 --lr 5e-4 --warmup 20 --lr-schedule cosine --save-every 100
          --log-every 10 --overwrite)
-  if [[ ! -f $T2/pre_$PRE_STEPS.safetensors ]]; then   # shared by the finetunes of every FT_SEED and SHOT_SECONDS
+  if [[ ! -f $T2/pre_$PRE_STEPS.safetensors ]]; then   # shared by every FT_STEPS, FT_SEED and SHOT_SECONDS
     python -m pfp.train pretrain --init pfp/weights/default.safetensors --init-skip compressor. --lora-rank "$RANK" \
       --steps "$PRE_STEPS" --seed 0 --out "$T2/pre_$PRE_STEPS" --export "$T2/pre_$PRE_STEPS.safetensors" "${synth[@]}" \
       > "$T2/pre_$PRE_STEPS.log" 2>&1
@@ -127,8 +129,9 @@ c['rate'] = sys.argv[2]; json.dump(c, open(sys.argv[3], 'w'), indent=1)" pfp/wei
     --export "$T2/with_pretrain_$PRE_STEPS.$tag.safetensors" "${synth[@]}" > "$T2/with_$PRE_STEPS.$tag.log" 2>&1 &
   with_pid=$!
   python -m pfp.train "${ft[@]}" --init pfp/weights/default.safetensors --init-skip compressor. --out "$T2/without.$tag" \
-    --export "$T2/without_pretrain.$tag.safetensors" "${synth[@]}" > "$T2/without.$tag.log" 2>&1
-  wait "$with_pid"
+    --export "$T2/without_pretrain.$tag.safetensors" "${synth[@]}" > "$T2/without.$tag.log" 2>&1 \
+    || { kill "$with_pid" 2>/dev/null; echo "without: FAILED (see $T2/without.$tag.log)"; exit 1; }
+  wait "$with_pid"   # its exit status: a failed arm stops the script (set -e) before the scoring
   python $HERE/synthetic_returns.py --out "$T2/videos" --videos 24 --seconds 6 --seed 999   # table2's videos
   python -m pfp.eval consistency --checkpoints "$T2/with_pretrain_$PRE_STEPS.$tag.safetensors" \
     "$T2/without_pretrain.$tag.safetensors" --videos "$T2/videos" --history-seconds 2 --seconds 6 --steps 16 \

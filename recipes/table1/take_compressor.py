@@ -9,7 +9,7 @@ over, and the backbone it finetunes with is the base model's, not the one the pr
 
 The output has the compressor file's config (its kind and rate); both files must hold the same
 backbone and text encoder tensors (names and shapes). Written through a temporary file, so an
-interrupted run leaves no partial output.
+interrupted run leaves no partial output; bad input gets one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -45,27 +45,41 @@ def main(argv=None) -> int:
     p.add_argument("--compressor", required=True, help="checkpoint whose compressor (and config) is taken")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     ns = p.parse_args(argv)
-    from safetensors.torch import save_file
+    from pfp._cli import UsageError, check_output_file
+    from pfp._io import save_safetensors_atomic
+    try:
+        check_output_file("--out", ns.out, (".safetensors",), create_dirs=True)
+    except UsageError as exc:
+        _fail(str(exc))
     base_meta, base = _load(ns.base, "--base")
     comp_meta, comp = _load(ns.compressor, "--compressor")
     taken = {k: v for k, v in comp.items() if k.startswith("compressor.")}
     if not taken:
         _fail(f"--compressor {ns.compressor} holds no compressor.* tensors")
     kept = {k: v for k, v in base.items() if not k.startswith("compressor.")}
+    if not kept:
+        _fail(f"--base {ns.base} holds only compressor.* tensors: no backbone to keep")
     others = {k: v for k, v in comp.items() if not k.startswith("compressor.")}
     mismatch = sorted(set(kept) ^ set(others)) + sorted(
         k for k in set(kept) & set(others) if kept[k].shape != others[k].shape)
     if mismatch:
         _fail(f"--base and --compressor hold different backbones ({len(mismatch)} tensors differ "
-                         f"in name or shape, e.g. {mismatch[0]}); the compressor must come from a run on --base's model")
-    dtype = next(iter(kept.values())).dtype
-    out = {**kept, **{k: v.to(dtype) for k, v in taken.items()}}
+              f"in name or shape, e.g. {mismatch[0]}); the compressor must come from a run on --base's model")
+    # the compressor is stored as the base stores its own (e.g. bf16 when the base is a bf16 export);
+    # only floating-point tensors change dtype
+    floats = [v.dtype for v in kept.values() if v.is_floating_point()]
+    base_float = max(set(floats), key=floats.count) if floats else None
+
+    def as_base(name, t):
+        if not t.is_floating_point():
+            return t
+        want = base[name].dtype if name in base and base[name].is_floating_point() else base_float
+        return t.to(want) if want is not None else t
+    out = {**kept, **{k: as_base(k, v) for k, v in taken.items()}}
     # the base's "trained_with" would describe a run that made neither half of this file
     meta = {k: v for k, v in base_meta.items() if k != "trained_with"}
     meta["config"] = comp_meta["config"]
-    tmp = ns.out + ".tmp"
-    save_file(out, tmp, metadata=meta)
-    os.replace(tmp, ns.out)
+    save_safetensors_atomic(out, ns.out, meta)
     print(f"{ns.out}: {len(taken)} compressor tensors from {ns.compressor}, {len(kept)} from {ns.base}",
           file=sys.stderr)
     return 0
