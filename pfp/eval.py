@@ -422,6 +422,7 @@ def _parser():
     r.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     r.add_argument("--out", default=None, help="write the table as markdown to this .md file")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(r)
     c = sub.add_parser("consistency", help="memory of scenes that return after a cut, on generated continuations")
     c.error = p.error
     c.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT")
@@ -434,7 +435,14 @@ def _parser():
                    "the caption-only reference (a checkpoint's score minus this one is what its memory adds)")
     c.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads(c)
     return p
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 each lets two evaluations share the cores "
+                             "without slowing each other down")
 
 
 def main(argv=None) -> int:
@@ -448,10 +456,13 @@ def main(argv=None) -> int:
         if ns.command is None:
             raise UsageError("give a command: retrieval or consistency (see --help)")
         check_number("--steps", ns.steps, lo=1, hi=1000, integer=True, allow_none=False)
+        check_number("--threads", ns.threads, lo=1, integer=True)
         check_number("--seconds", ns.seconds, lo=0, lo_open=True, hi=3600)
         if not os.path.isdir(ns.videos):
             raise UsageError(f"--videos {ns.videos}: no such folder")
         check_module("--videos", "av", "av")   # PyAV decodes them
+        if ns.threads is not None:
+            torch.set_num_threads(ns.threads)
         if ns.command == "consistency":
             check_number("--history-seconds", ns.history_seconds, lo=0, lo_open=True, hi=3600)
             rows = consistency_table(ns.checkpoints, ns.videos, history_seconds=ns.history_seconds,

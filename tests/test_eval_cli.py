@@ -45,6 +45,16 @@ def test_retrieval_prints_one_row_per_checkpoint(tmp_path, capsys):
     assert table.count("| 2x2x2 |") == 2 and "LPIPS: not computed" in table
 
 
+def test_threads_reach_torch(tmp_path, capsys, monkeypatch):
+    videos = tmp_path / "videos"
+    write_video_folder(videos, good=1, corrupt=0, short=0)
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)   # the test process keeps its own
+    assert main(["retrieval", "--checkpoints", _weights(tmp_path, "pfp"), "--videos", str(videos), "--steps", "1",
+                 "--frames", "1", "--quiet", "--json", "--threads", "1"]) == 0
+    assert asked == [1]
+
+
 def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     write_video_folder(empty, good=0, corrupt=2, short=0)
@@ -57,7 +67,9 @@ def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
              (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--frames", "0"], "--frames"),
              (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--clips-per-video", "0"],
               "--clips-per-video"),
-             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--out", "t.txt"], "--out")]
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--out", "t.txt"], "--out"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty), "--threads", "0"], "--threads"),
+             (["consistency", "--checkpoints", ckpt, "--videos", str(empty), "--threads", "0"], "--threads")]
     for argv, named in cases:
         assert main(argv + (["--quiet"] if argv else [])) == 2, argv
         err = capsys.readouterr().err.strip()
