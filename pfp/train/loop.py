@@ -263,11 +263,7 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
     num_chunks = _clip_chunks(args, config)
     spec = config.clip_spec(num_chunks)
     if args.data == "synthetic":
-        from pfp.data import SyntheticMultiShotVideos
-        return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed,
-                                        sprite_radius=tuple(args.sprite_radius),
-                                        pattern_period=tuple(args.pattern_period),
-                                        shot_seconds=tuple(args.shot_seconds))
+        return _synthetic_videos(args, spec)
     from pfp.data import VideoFolderDataset
     # a random time window and crop per clip, drawn from the step's generator (see _batch)
     try:
@@ -283,11 +279,15 @@ def _dataset(args: TrainArgs, config: PFPConfig, progress: bool = False):
         raise ValueError(msg) from None
     if not args.mix_synthetic:
         return folder
-    from pfp.data import MixedVideos, SyntheticMultiShotVideos
-    synthetic = SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed, sprite_radius=tuple(args.sprite_radius),
-                                         pattern_period=tuple(args.pattern_period),
-                                         shot_seconds=tuple(args.shot_seconds))
-    return MixedVideos(folder, synthetic, args.mix_synthetic)
+    from pfp.data import MixedVideos
+    return MixedVideos(folder, _synthetic_videos(args, spec), args.mix_synthetic)
+
+
+def _synthetic_videos(args: TrainArgs, spec):
+    """The synthetic multi-shot scenes of ``--data synthetic`` and ``--mix-synthetic``, as the flags set them."""
+    from pfp.data import SyntheticMultiShotVideos
+    return SyntheticMultiShotVideos(args.num_videos, spec, seed=args.seed, sprite_radius=tuple(args.sprite_radius),
+                                    pattern_period=tuple(args.pattern_period), shot_seconds=tuple(args.shot_seconds))
 
 
 def _batch(dataset, generator: torch.Generator, batch_size: int) -> dict:
