@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     ns = p.parse_args(argv)
     from pfp._cli import UsageError, check_output_file
-    from pfp._io import save_safetensors_atomic
+    from pfp._io import describe_mismatch, save_safetensors_atomic, state_mismatch
     try:
         check_output_file("--out", ns.out, (".safetensors",), create_dirs=True)
     except UsageError as exc:
@@ -60,11 +60,10 @@ def main(argv=None) -> int:
     if not kept:
         _fail(f"--base {ns.base} holds only compressor.* tensors: no backbone to keep")
     others = {k: v for k, v in comp.items() if not k.startswith("compressor.")}
-    mismatch = sorted(set(kept) ^ set(others)) + sorted(
-        k for k in set(kept) & set(others) if kept[k].shape != others[k].shape)
-    if mismatch:
-        _fail(f"--base and --compressor hold different backbones ({len(mismatch)} tensors differ "
-              f"in name or shape, e.g. {mismatch[0]}); the compressor must come from a run on --base's model")
+    mismatch = state_mismatch(kept, others)
+    if any(mismatch):
+        _fail(f"--base and --compressor hold different backbones (--compressor's file as a checkpoint of "
+              f"--base's model: {describe_mismatch(*mismatch)}); the compressor must come from a run on it")
     # the compressor is stored as the base stores its own (e.g. bf16 when the base is a bf16 export);
     # only floating-point tensors change dtype
     floats = [v.dtype for v in kept.values() if v.is_floating_point()]
