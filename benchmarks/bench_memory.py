@@ -46,7 +46,10 @@ SMALL_PLANS = [
     ("fp8 weights", {"weights": "fp8"}),
     ("fp8 context K/V", {"kv": "fp8"}),
     ("[context ; target] K/V buffers", {"kv": "buffer"}),
-    ("the 5B's 12 GiB plan: fp8, swap, text on CPU", {"weights": "fp8", "swap": True, "text": "cpu"}),
+    ("2x2 tiled decode (exact for Wan's VAE)", {"decode": "tiled"}),
+    ("4x4 tiled decode", {"decode": "tiled4"}),
+    ("the 5B's 12 GiB plan: fp8, text on CPU, fp8 K/V, 2x2 tiled decode",
+     {"weights": "fp8", "text": "cpu", "kv": "fp8", "decode": "tiled"}),
     ("everything: fp8, block, swap, text on CPU, fp8 K/V",
      {"weights": "fp8", "offload": "block", "swap": True, "text": "cpu", "kv": "fp8"}),
 ]

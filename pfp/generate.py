@@ -252,8 +252,8 @@ def _generate_placed(model, storyboard, n_chunks, size, lat_shape, history, n_gi
     if placement is not None and placement.choices["decode"] != "whole":   # decode's peak follows the tile
         from pfp.memory import TILE_OVERLAP
         from pfp.offload import DECODE_TILES
-        from pfp.vae import TiledDecodeStream
-        decoder = TiledDecodeStream(vae, DECODE_TILES[placement.choices["decode"]], TILE_OVERLAP)
+        from pfp.vae import tiled_decode_stream
+        decoder = tiled_decode_stream(vae, DECODE_TILES[placement.choices["decode"]], TILE_OVERLAP)
     else:
         decoder = decode_stream(vae)
     lr_encoders = [encode_stream(vae) for _ in streams]

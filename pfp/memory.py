@@ -67,7 +67,7 @@ ALLOWANCE_FRACTION = 0.05        # allocator rounding and fragmentation, of ever
 PCIE_BYTES_PER_S = 25e9          # host <-> device, pinned memory, PCIe 4 x16 in practice
 DEVICE_FLOPS = 4e14              # bf16 matmuls at about half an H100's peak (A14B's K/V rebuilds)
 HBM_BYTES_PER_S = 1e12           # on-device reads + writes (fp8 -> native upcasts)
-TILE_OVERLAP = 4                 # a tiled decode's tiles overlap by 4 latent pixels
+TILE_OVERLAP = 4                 # blended tiles overlap by 4 latent pixels (VAEs without a tiling of their own)
 TILED_DECODE_SECONDS = 0.1       # rough cost per chunk of decoding the overlaps twice, per extra tile a side (not measured)
 PHASES = ("text", "compress", "context_kv", "denoise", "decode")
 
@@ -291,7 +291,7 @@ class Trace:
     vae_cache: int                # the VAE's causal cache between chunks
     transient: dict               # phase -> traced peak of what the phase creates
     experts: int = 1              # 2: Wan 2.2 A14B's pair (the weights and K/V above are both experts')
-    vae_cache_tiled: int = 0      # the causal caches of a 2x2 tiled decode (pfp.vae.TiledDecodeStream)
+    vae_cache_tiled: int = 0      # the causal caches of a 2x2 tiled decode (pfp.vae.tiled_decode_stream)
     vae_cache_tiled4: int = 0     # ... and of a 4x4 one
     expert: int = 0               # the larger expert's weights, less the patch embedding the compressor shares
     # the per-layer [context ; target] K/V buffers at the CFG batch (kv="buffer": what each step's
@@ -457,7 +457,7 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
 
     from pfp.backbones.wan_style import ContextKV
     from pfp.compressor import Context
-    from pfp.vae import TiledDecodeStream, decode_stream
+    from pfp.vae import decode_stream, tiled_decode_stream
 
     dtype = backbone.compute_dtype
     s, tf = vae.spatial_factor, vae.temporal_factor
@@ -542,7 +542,7 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     for choice, tiles in DECODE_TILES.items():
         if tiles == 1:
             continue
-        tiled = TiledDecodeStream(vae, tiles, TILE_OVERLAP)
+        tiled = tiled_decode_stream(vae, tiles, TILE_OVERLAP)
         tiled.decode(chunk)
         cache_tiled[tiles] = _decoder_cache_bytes(tiled)
         transient[f"decode_{choice}"] = _tracked_peak(lambda: tiled.decode(chunk))

@@ -48,7 +48,7 @@ PLAN_VALUES = {"weights": ("native", "fp8"), "offload": ("none", "block"), "swap
                "kv": ("native", "fp8", "buffer"), "experts": ("both", "active"),
                "expert_kv": ("both", "switch"),
                # "tiled" / "tiled4": the VAE decodes 2x2 / 4x4 spatial tiles, each streamed
-               # (pfp.vae.TiledDecodeStream)
+               # (pfp.vae.tiled_decode_stream: exact for Wan's VAE, blended for the others)
                "decode": ("whole", "tiled", "tiled4")}
 DECODE_TILES = {"whole": 1, "tiled": 2, "tiled4": 4}   # tiles per side of each decode choice
 

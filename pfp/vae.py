@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["VideoVAE", "PatchVAE", "WanVAE", "HunyuanVAE", "check_video_frames", "valid_frame_counts", "DecodeStream",
-           "EncodeStream", "decode_stream", "encode_stream"]
+           "EncodeStream", "decode_stream", "encode_stream", "tiled_decode_stream", "TiledDecodeStream"]
 
 
 @runtime_checkable
@@ -349,6 +349,25 @@ class WanVAE(_CausalFrameCounts, nn.Module):
             return _RecomputeDecodeStream(self)
         return _WanDecodeStream(self)
 
+    def tiled_decode_stream(self, tiles: int = 2, split: int | None = None) -> "DecodeStream":
+        """A :meth:`decode_stream` whose decoder runs its last up-blocks (from ``up_blocks[split]``
+        on; by default the last two, at the two highest resolutions, where the activations are
+        largest) in ``tiles`` x ``tiles`` spatial tiles, one at a time.
+
+        The same frames as the untiled stream, up to float rounding: the part with the middle
+        block's attention (which mixes the whole frame) runs on the whole frame, and each tile of
+        the rest reads a halo as wide as that part's receptive field (every conv's radius, walked
+        back through the upsamplings), so the pixels it keeps saw all they depend on; nothing is
+        blended. Each tile carries its own causal cache for the tiled part, halo included, so
+        streaming stays exact too. The decode's transient memory in the tiled part follows one
+        tile. Falls back to :meth:`decode_stream` (untiled) where the installed diffusers does not
+        stream."""
+        if not (isinstance(tiles, int) and not isinstance(tiles, bool) and tiles >= 1):
+            raise ValueError(f"tiles must be an int >= 1, got {tiles!r}")
+        if not self._streamable():
+            return _RecomputeDecodeStream(self)
+        return _WanTiledDecodeStream(self, tiles, split)
+
     def encode_stream(self) -> "EncodeStream":
         """Chunk-by-chunk encoding (posterior mean) equal to one :meth:`encode` of the concatenated
         frames: frame 0 alone, then groups of 4 frames, as ``AutoencoderKLWan`` encodes, with the
@@ -598,12 +617,107 @@ class _WanDecodeStream(DecodeStream):
         x = m.post_quant_conv(z.to(vae._model_dtype()))
         outs = []
         for i in range(x.shape[2]):
-            first = self.latent_frames_seen == 0 and i == 0
-            outs.append(m.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
+            outs.append(self._decode_frame(x[:, :, i:i + 1], first=self.latent_frames_seen == 0 and i == 0))
         out = torch.cat(outs, dim=2)
         if getattr(m.config, "patch_size", None) is not None:
             out = _wan_unpatchify(out, m.config.patch_size)
         return out.clamp(-1, 1).to(out_dtype)
+
+    def _decode_frame(self, x, first: bool):
+        """One latent frame ``[B, C, 1, h, w]`` (after post_quant_conv) through the decoder."""
+        return self.vae.model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=first)
+
+
+def _wan_cached_conv(conv, x, cache: list, idx: list):
+    """``conv(x)`` for a WanCausalConv3d that reads and renews its slot of a feature cache, as
+    ``WanDecoder3d.forward`` does for its ``conv_in`` and ``conv_out``."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+    i = idx[0]
+    keep = x[:, :, -getattr(autoencoder_kl_wan, "CACHE_T", 2):].clone()
+    if keep.shape[2] < 2 and cache[i] is not None:   # one new frame: keep the last cached one before it
+        keep = torch.cat([cache[i][:, :, -1:].to(keep.device), keep], dim=2)
+    out = conv(x, cache[i])
+    cache[i] = keep
+    idx[0] += 1
+    return out
+
+
+def _wan_tail_reach(decoder, split: int) -> tuple[int, int]:
+    """``(halo, factor)`` of the decoder's part after ``up_blocks[:split]``: how many pixels of
+    its input, on each side, an output pixel depends on, and how many output pixels one input
+    pixel becomes per axis. Walked back from the output: each conv adds its spatial radius at its
+    level; a nearest 2x upsampling maps a radius R after it to ceil(R / 2) before it (output
+    pixel q reads input pixel q // 2). Residual shortcuts (1x1 convs, Wan 2.2's pixel-shuffling
+    DupUp3D) reach no further than the main path."""
+    steps = []   # ("conv", radius) or ("up", 2), in forward order
+    def conv(c):
+        k = c.kernel_size
+        steps.append(("conv", max(k[-2], k[-1]) // 2))
+    for block in decoder.up_blocks[split:]:
+        for resnet in block.resnets:
+            conv(resnet.conv1)
+            conv(resnet.conv2)
+        up = getattr(block, "upsampler", None)
+        if up is None and getattr(block, "upsamplers", None) is not None:
+            up = block.upsamplers[0]
+        if up is not None and up.mode in ("upsample2d", "upsample3d"):
+            steps.append(("up", 2))
+            conv(up.resample[1])
+    conv(decoder.conv_out)
+    reach, factor = 0, 1
+    for kind, n in reversed(steps):
+        if kind == "conv":
+            reach += n
+        else:
+            reach, factor = -(-reach // n), factor * n
+    return reach, factor
+
+
+class _WanTiledDecodeStream(_WanDecodeStream):
+    """Wan's decoder with its last up-blocks run tile by tile: :meth:`WanVAE.tiled_decode_stream`."""
+
+    def __init__(self, vae, tiles: int, split=None):
+        super().__init__(vae)
+        decoder = vae.model.decoder
+        n_up = len(decoder.up_blocks)
+        self.split = max(0, n_up - 2) if split is None else split
+        if not (isinstance(self.split, int) and 0 <= self.split <= n_up):
+            raise ValueError(f"split must be an int in 0..{n_up} (up-blocks decoded whole), got {split!r}")
+        self.tiles = tiles
+        self.halo, self.factor = _wan_tail_reach(decoder, self.split)
+        self._tiles = None   # [(rows, cols, own rows, own cols, the tile's cache slots)] at the split level
+
+    def _make_tiles(self, h: int, w: int) -> None:
+        def spans(n):
+            bounds = [round(i * n / self.tiles) for i in range(self.tiles + 1)]
+            return [(max(0, lo - self.halo), min(n, hi + self.halo), lo, hi)
+                    for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        slots = len(self._cache)
+        self._tiles = [((y0, y1), (x0, x1), (ylo, yhi), (xlo, xhi), [None] * slots)
+                       for y0, y1, ylo, yhi in spans(h) for x0, x1, xlo, xhi in spans(w)]
+
+    def _decode_frame(self, x, first: bool):
+        decoder = self.vae.model.decoder
+        idx = [0]
+        # conv_in, the middle block (its attention sees the whole frame) and the first up-blocks
+        h = _wan_cached_conv(decoder.conv_in, x, self._cache, idx)
+        h = decoder.mid_block(h, feat_cache=self._cache, feat_idx=idx)
+        for block in decoder.up_blocks[:self.split]:
+            h = block(h, feat_cache=self._cache, feat_idx=idx, first_chunk=first)
+        if self._tiles is None:
+            self._make_tiles(h.shape[3], h.shape[4])
+        f, out = self.factor, None
+        for (y0, y1), (x0, x1), (ylo, yhi), (xlo, xhi), cache in self._tiles:
+            t, tidx = h[:, :, :, y0:y1, x0:x1], [idx[0]]   # each tile renews its own slots of the rest
+            for block in decoder.up_blocks[self.split:]:
+                t = block(t, feat_cache=cache, feat_idx=tidx, first_chunk=first)
+            t = _wan_cached_conv(decoder.conv_out, decoder.nonlinearity(decoder.norm_out(t)), cache, tidx)
+            if out is None:
+                out = t.new_empty(*t.shape[:3], h.shape[3] * f, h.shape[4] * f)
+            # the tile's own pixels; its halo covered everything they read
+            out[..., ylo * f:yhi * f, xlo * f:xhi * f] = t[..., (ylo - y0) * f:(yhi - y0) * f,
+                                                              (xlo - x0) * f:(xhi - x0) * f]
+        return out
 
 
 class _GroupEncodeStream(EncodeStream):
@@ -732,7 +846,8 @@ class TiledDecodeStream(DecodeStream):
     spatial attention in its middle block) decodes each tile without the rest, so edges and
     colours can shift; a decoder without such mixing (``PatchVAE``) gives the untiled frames up to
     rounding. Tiles overlap by ``overlap`` latent pixels on each inner edge; in the overlaps the
-    two tiles are blended with linear weights.
+    two tiles are blended with linear weights. :func:`tiled_decode_stream` takes this one only for
+    a VAE without an exact tiling of its own (Wan's has one: :meth:`WanVAE.tiled_decode_stream`).
     """
 
     def __init__(self, vae, tiles: int = 2, overlap: int = 2):
@@ -803,6 +918,15 @@ def decode_stream(vae) -> DecodeStream:
     WanVAE: constant cost per chunk), else one that re-decodes the whole latent so far (exact)."""
     make = getattr(vae, "decode_stream", None)
     return make() if callable(make) else _RecomputeDecodeStream(vae)
+
+
+def tiled_decode_stream(vae, tiles: int, overlap: int) -> DecodeStream:
+    """A decode stream whose transient memory follows a ``tiles`` x ``tiles`` spatial tile: the
+    VAE's own ``tiled_decode_stream(tiles)`` where it has one (:class:`WanVAE`: the untiled frames,
+    up to rounding), else :class:`TiledDecodeStream` (tiles overlapping by ``overlap`` latent
+    pixels, blended; approximate for a decoder that mixes the whole frame)."""
+    make = getattr(vae, "tiled_decode_stream", None)
+    return make(tiles) if callable(make) else TiledDecodeStream(vae, tiles, overlap)
 
 
 def encode_stream(vae) -> EncodeStream:

@@ -173,21 +173,19 @@ def test_bad_choices_name_the_valid_ones():
 
 
 @pytest.mark.parametrize("decode", ["tiled", "tiled4"])
-def test_a_tiled_decode_streams_exactly_and_changes_only_what_follows_the_decode(plain, wan_vae_dir, decode):
-    # decode="tiled" ("tiled4") decodes 2x2 (4x4) overlapping tiles, each through its own causal
-    # stream: the video is the tiled decode of the latents (chunk by chunk equals all at once). The
-    # first chunk's latents are the plain run's; the later ones differ through the low-res branch,
-    # which re-encodes the decoded frames.
-    from pfp.memory import TILE_OVERLAP
-    from pfp.offload import DECODE_TILES
-    from pfp.vae import TiledDecodeStream
+def test_a_tiled_decode_gives_the_plain_video(plain, wan_vae_dir, decode):
+    # decode="tiled" ("tiled4") runs the Wan decoder's last up-blocks in 2x2 (4x4) spatial tiles,
+    # each with a halo as wide as their receptive field and its own causal cache
+    # (WanVAE.tiled_decode_stream): the video is the plain run's up to float rounding (the tiles'
+    # convs run on other sizes), and so are the later chunks' latents, which the low-res branch
+    # takes from the re-encoded decoded frames.
+    from pfp.vae import WanVAE
     mode, want = plain
     model = _model(wan_vae_dir, mode)
+    assert isinstance(model.vae, WanVAE)
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                    plan=Placement(model, "cpu", {"decode": decode}, park_to="nan"))
     n = model.config.chunk_latent_frames
     assert torch.equal(got.latents[:, :, :n], want.latents[:, :, :n])
-    with torch.no_grad():
-        once = TiledDecodeStream(model.vae, DECODE_TILES[decode], TILE_OVERLAP).decode(got.latents).clamp(-1, 1)
-    torch.testing.assert_close(got.video, once[0].float(), rtol=0, atol=1e-6)
-    assert not torch.equal(got.video[:, :1], want.video[:, :1])   # Wan's decoder mixes the frame
+    torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.video, want.video, rtol=0, atol=1e-5)

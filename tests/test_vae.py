@@ -294,6 +294,78 @@ def test_tiled_decode_stream_is_exact_for_a_local_decoder_and_streams_exactly():
         TiledDecodeStream(vae, 2, -1)
 
 
+def _tiny_wan_decoders():
+    """A Wan 2.1-style VAE with four decoder levels (8x space, 4x time) and a Wan 2.2-style
+    residual, patchified one (8x space with its 2x2 patches, 2x time)."""
+    try:
+        from diffusers import AutoencoderKLWan
+    except Exception as e:  # pragma: no cover - environment dependent
+        pytest.skip(f"diffusers AutoencoderKLWan unavailable: {e}")
+    torch.manual_seed(0)
+    wan21 = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=[0.05 * i for i in range(4)],
+                             latents_std=[1.0 + 0.1 * i for i in range(4)]).eval()
+    wan22 = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True], is_residual=True, patch_size=2,
+                             in_channels=12, out_channels=12, latents_mean=[0.0] * 8, latents_std=[1.0] * 8).eval()
+    return {"wan21": WanVAE(wan21), "wan22": WanVAE(wan22)}
+
+
+@pytest.mark.parametrize("kind", ["wan21", "wan22"])
+def test_wan_tiled_decode_gives_the_untiled_frames_and_streams(kind):
+    # The decoder's tail (from up_blocks[split]) runs tile by tile, each tile reading a halo as
+    # wide as the tail's receptive field: the frames equal the untiled decode up to float
+    # rounding, for any tile count, split and chunk plan, odd and single-pixel latents included.
+    from pfp.vae import decode_stream
+    vae = _tiny_wan_decoders()[kind]
+    n_up = len(vae.model.decoder.up_blocks)
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((11, 6), (1, 3), (4, 4)):
+        lat = torch.randn(1, vae.latent_channels, 4, h, w, generator=g)
+        with torch.no_grad():
+            whole = decode_stream(vae).decode(lat)
+            for tiles in (1, 2, 3):
+                for split in (None, *range(n_up + 1)):
+                    stream = vae.tiled_decode_stream(tiles, split)
+                    assert stream.split == (n_up - 2 if split is None else split)
+                    parts = [stream.decode(c) for c in lat.split([1, 2, 1], dim=2)]
+                    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+                    # the tiles' own pixels cover the split level's grid once
+                    rows = sorted({own_rows for _, _, own_rows, _, _ in stream._tiles})
+                    cols = sorted({own_cols for _, _, _, own_cols, _ in stream._tiles})
+                    assert len(stream._tiles) == len(rows) * len(cols)
+                    for spans in (rows, cols):
+                        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+                    patch = vae.model.config.patch_size or 1   # Wan 2.2 unpatchifies the decoder's output
+                    assert (rows[-1][1] * stream.factor * patch, cols[-1][1] * stream.factor * patch) == whole.shape[3:]
+
+
+def test_wan_tiled_decode_halo_is_the_tails_reach():
+    # One pixel less of halo and the tiles' edges read zero padding where the whole frame has
+    # pixels: the frames move well past rounding. So the halo is needed, and the test above can fail.
+    from pfp.vae import decode_stream
+    vae = _tiny_wan_decoders()["wan21"]
+    lat = torch.randn(1, vae.latent_channels, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = decode_stream(vae).decode(lat)
+        for split in range(len(vae.model.decoder.up_blocks)):
+            stream = vae.tiled_decode_stream(2, split)
+            assert stream.halo >= 1
+            stream.halo -= 1
+            assert (stream.decode(lat) - whole).abs().max() > 1e-5, split
+    with pytest.raises(ValueError, match="tiles must be an int >= 1"):
+        vae.tiled_decode_stream(0)
+    with pytest.raises(ValueError, match="split must be an int in 0..4"):
+        vae.tiled_decode_stream(2, 5)
+
+
+def test_tiled_decode_stream_takes_the_vaes_own_exact_tiling():
+    from pfp.vae import TiledDecodeStream, _WanTiledDecodeStream, tiled_decode_stream
+    vae = _tiny_wan_decoders()["wan22"]
+    assert isinstance(tiled_decode_stream(vae, 2, 4), _WanTiledDecodeStream)
+    assert type(tiled_decode_stream(PatchVAE(2), 2, 4)) is TiledDecodeStream
+
+
 # ----------------------------------------------------------------------------------------------
 # HunyuanVideo's VAE: whole-input transforms, windowed streams
 # ----------------------------------------------------------------------------------------------
