@@ -274,6 +274,20 @@ def test_the_planner_keeps_one_a14b_expert_on_budgets_that_need_it(a14b_trace):
         assert p.peak_bytes <= 32 * gib
 
 
+@pytest.mark.parametrize("budget_gib", [24, 12])
+def test_a14b_plans_fit_a_24_and_a_12_gib_card(a14b_trace, budget_gib):
+    # the full-size A14B (two 26.6 GiB experts) traced without weights: every phase of a chunk,
+    # the allowance included, stays within the budget; neither expert is whole on the card
+    from pfp import memory
+    gib = 1 << 30
+    plan = memory.choose(a14b_trace, budget_gib * gib)
+    assert plan.fits, plan.table()
+    for p in plan.phases:
+        assert memory.ALLOWANCE_BYTES <= p.peak_bytes <= budget_gib * gib, (p.name, p.peak_bytes)
+    assert plan.choices["weights"] == "fp8", plan.choices
+    assert plan.choices["experts"] == "active" or plan.choices["offload"] == "block", plan.choices
+
+
 def test_a14b_pretrains_finetunes_with_lora_exports_and_generates(tmp_path, capsys):
     pytest.importorskip("peft")
     from pfp.generate import generate

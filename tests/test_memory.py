@@ -50,6 +50,27 @@ def test_small_budgets_fit_every_phase(trace_5b, budget_gib):
         assert plan.choices["swap"] or plan.choices["offload"] == "block", plan.choices
 
 
+@pytest.fixture(scope="module")
+def trace_wan21_14b():
+    return memory.trace_preset(memory.preset("wan21-t2v-14b-480p"), history_seconds=20)
+
+
+@pytest.mark.parametrize("budget_gib", [80, 24, 12])
+def test_wan21_14b_plans_fit_80_24_and_12_gib(trace_wan21_14b, budget_gib):
+    # Wan 2.1 T2V 14B (14.3 B parameters, 26.6 GiB in bf16) with its 8x VAE, traced without weights
+    t = trace_wan21_14b
+    assert abs(t.transformer / GIB - 26.6) < 0.2 and t.experts == 1
+    plan = memory.choose(t, budget_gib * GIB)
+    assert plan.fits, plan.table()
+    for p in plan.phases:
+        assert memory.ALLOWANCE_BYTES <= p.peak_bytes <= budget_gib * GIB, (p.name, p.peak_bytes)
+    if budget_gib == 80:   # the whole model stays on the card
+        assert plan.choices["weights"] == "native" and plan.choices["offload"] == "none", plan.choices
+        assert plan.bytes_moved_per_chunk == 0
+    else:
+        assert plan.choices["weights"] == "fp8", plan.choices
+
+
 def test_a_whole_h100_keeps_everything_resident(trace_5b):
     plan = memory.choose(trace_5b, 80 * GIB)
     from pfp.offload import PLAN_DEFAULTS
