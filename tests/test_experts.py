@@ -315,6 +315,16 @@ def test_a14b_pretrains_finetunes_with_lora_exports_and_generates(tmp_path, caps
         assert not torch.equal(a, b), name
     res = generate(model, Storyboard.single("a red circle", 1.0), 1.0, steps=2, progress=False)
     assert torch.isfinite(res.video).all()
+    # a checkpoint of the one-expert Wan of the same blocks is refused by the two-expert config,
+    # and the two-expert one by it, each in one line naming what does not fit
+    single = write_config(tmp_path / "single.json", dataclasses.replace(cfg, dit={**cfg.dit, "boundary": None}))
+    one = tmp_path / "one.safetensors"
+    assert main(["pretrain", "--config", single, "--out", str(tmp_path / "one"), "--export", str(one), *common]) == 0
+    for config, init in ((path, one), (single, pre)):
+        capsys.readouterr()
+        assert main(["finetune", "--config", config, "--init", str(init), "--out", str(tmp_path / "x"), *common]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and "from another config" in errors[0] and "backbone." in errors[0], errors
 
 
 def test_switch_policy_holds_one_experts_kv_and_gives_the_same_video():
@@ -367,6 +377,40 @@ def test_the_planner_can_hold_one_experts_kv(a14b_trace):
     # half the K/V stays resident; two whole context passes a chunk cost time
     assert one.phases[1].peak_bytes < both.phases[1].peak_bytes - 2 * gib
     assert one.seconds_lost_per_chunk > both.seconds_lost_per_chunk
+
+
+def test_two_bf16_experts_match_diffusers_within_one_bf16_step(tmp_path):
+    # Wan 2.2 A14B loaded in bf16: each sample runs on the expert of its timestep (one batch
+    # straddling the boundary), and each matches diffusers' own bf16 model of that expert within
+    # one bf16 step at the output's magnitude
+    pytest.importorskip("diffusers")
+    import math
+
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    torch.manual_seed(0)
+    for i, name in enumerate(("high", "low")):
+        m = WanTransformer3DModel(**TINY_WAN).eval()
+        with torch.no_grad():
+            m.proj_out.weight.normal_(0, 0.05 * (i + 1))
+        m.save_pretrained(tmp_path / name)
+    load = lambda name: WanBackbone.from_pretrained(str(tmp_path / name), torch_dtype=torch.bfloat16).eval()
+    pair = ExpertPair(load("high"), load("low"), 0.5).eval()
+    x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 5, TINY_WAN["text_dim"])
+    t = torch.tensor([0.8, 0.3])                   # sample 0 on the high-noise expert, sample 1 on the low
+    upstream = {name: WanTransformer3DModel.from_pretrained(str(tmp_path / name), torch_dtype=torch.bfloat16).eval()
+                for name in ("high", "low")}
+    with torch.no_grad():
+        got = pair(x, t, text).float()
+        for row, (name, other) in enumerate((("high", "low"), ("low", "high"))):
+            run = lambda m: m(x[row:row + 1].bfloat16(), t[row:row + 1] * 1000, text[row:row + 1].bfloat16(),
+                              return_dict=False)[0].float()
+            want, wrong = run(upstream[name]), run(upstream[other])
+            one_step = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(want.abs().max().item()))
+            err = (got[row:row + 1] - want).abs().max()
+            assert err <= one_step, (name, err, one_step)
+            assert (got[row:row + 1] - wrong).abs().max() > 4 * one_step   # the other expert would not pass
 
 
 def test_two_experts_match_diffusers_wan_pipeline():
