@@ -24,10 +24,34 @@ class RunFailure(RuntimeError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block) and exit 2."""
+    """argparse whose errors are one line (no usage block) and exit 2.
+
+    A value that starts with a dash is taken as the value of the flag before it (``--vram -1GiB``
+    as ``--vram=-1GiB``) when that flag takes one value and the token is no flag of this parser:
+    argparse would read it as an unknown flag and say only "expected one argument", where the
+    flag's own check names what is wrong with the value."""
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        one_value = {flag for action in self._actions if action.nargs is None for flag in action.option_strings}
+        joined, i = [], 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                joined += args[i:]
+                break
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if (token in one_value and isinstance(nxt, str) and nxt.startswith("-") and nxt != "--"
+                    and nxt.split("=", 1)[0] not in self._option_string_actions):
+                joined.append(f"{token}={nxt}")
+                i += 2
+                continue
+            joined.append(token)
+            i += 1
+        return super().parse_known_args(joined, namespace)
 
 
 def one_line(exc: BaseException) -> str:

@@ -665,3 +665,20 @@ def test_conv_arguments_that_cannot_work_are_refused_with_a_message(kwargs, name
         with pytest.raises(ValueError, match=named):
             pk.causal_conv3d_act(x, w, None, **kwargs)
     assert math.isfinite(pk.conv3d_act(x, w, None, stride=2).sum().item())
+
+
+def test_a_dash_value_goes_to_its_flag_and_a_flag_is_never_taken_as_a_value():
+    # "--vram -1GiB" reaches the flag's own check (which names the bad value) instead of argparse's
+    # "expected one argument"; a registered flag after a flag that wants a value stays a flag
+    from pfp._cli import Parser, UsageError
+    p = Parser(prog="x")
+    p.add_argument("--vram")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("rest", nargs="*")
+    ns = p.parse_args(["--vram", "-1GiB", "--lr", "-inf", "--json"])
+    assert ns.vram == "-1GiB" and ns.lr == float("-inf") and ns.json
+    assert p.parse_args(["--vram=-2GiB"]).vram == "-2GiB"
+    assert p.parse_args(["--", "--vram", "-x"]).rest == ["--vram", "-x"]   # after "--" nothing is joined
+    with pytest.raises(UsageError, match="argument --vram: expected one argument"):
+        p.parse_args(["--vram", "--json"])

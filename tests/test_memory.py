@@ -139,6 +139,8 @@ def _cli(*args):
 @pytest.mark.parametrize("args,needle", [
     (["--config", "wan22-ti2v-5b-480p", "--vram", "12"], "--vram must be a positive size with a unit"),
     (["--config", "wan22-ti2v-5b-480p", "--vram=-3GiB"], "--vram must be a positive size with a unit"),
+    (["--config", "wan22-ti2v-5b-480p", "--vram", "-3GiB"], "--vram must be a positive size with a unit"),
+    (["--config", "wan22-ti2v-5b-480p", "--vram", "--json"], "argument --vram: expected one argument"),
     (["--config", "wan22-ti2v-5b-480p", "--vram", "0GiB"], "--vram must be > 0"),
     (["--config", "nope", "--vram", "12GiB"], "is not a preset; presets: wan22-ti2v-5b-480p"),
     (["--config", "wan22-ti2v-5b-480p", "--vram", "12GiB", "--rate", "3x3x3"], "rate"),
