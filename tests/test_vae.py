@@ -254,6 +254,28 @@ def test_wan_vae_streams_match_full_calls(tmp_path):
             ds.decode(torch.zeros(2, 4, 1, 3, 2))
 
 
+def test_wan22_residual_vae_streams_match_full_calls():
+    # Wan 2.2's VAE (residual up/down blocks, 2x2 patchify around the encoder and decoder):
+    # chunked decoding and encoding equal one call on the whole video, as for Wan 2.1's
+    from pfp.vae import _WanDecodeStream
+    vae = _tiny_wan_decoders()["wan22"]
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (8, 8, 2)
+    z = torch.randn(1, 8, 5, 3, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = vae.decode(z)
+        assert full.shape == (1, 3, 9, 24, 16)
+        ds = vae.decode_stream()
+        assert isinstance(ds, _WanDecodeStream)
+        parts = [ds.decode(c) for c in z.split([2, 1, 2], dim=2)]
+        assert [p.shape[2] for p in parts] == [3, 2, 4]
+        torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
+        ref = vae.encode(full)
+        es = vae.encode_stream()
+        outs = [es.encode(c) for c in full.split([3, 0, 2, 4], dim=2)]
+        assert es.pending_frames == 0
+        torch.testing.assert_close(torch.cat(outs, 2), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_streams_of_a_vae_without_stream_methods_recompute_exactly():
     from pfp.vae import decode_stream, encode_stream
 
