@@ -294,6 +294,66 @@ def test_wan_adapter_matches_diffusers_and_runs_both_modes():
     assert bb.patch_embed is bb.transformer.patch_embedding
 
 
+class _ContextBlindCrossAttention:
+    """diffusers' own cross-attention processor with the first ``n`` query rows' output zeroed: the
+    context tokens read no text (by design; see WanStyleBlock), the target tokens read it as usual."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n = inner, n
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kw)
+        return torch.cat([torch.zeros_like(out[:, :self.n]), out[:, self.n:]], dim=1)
+
+
+class _MaskedSelfAttention:
+    """diffusers' own self-attention processor, given a boolean ``[N, N]`` mask (True: may read)."""
+
+    def __init__(self, inner, mask: torch.Tensor):
+        self.inner, self.mask = inner, mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb, **kw)
+
+
+@pytest.mark.parametrize("mode", ["joint", "cached"])
+def test_wan_context_modes_match_diffusers_blocks_over_context_and_target(mode):
+    # diffusers' own WanTransformer3DModel over [k context frames ; target frames], the context at
+    # timestep 0 and the target at t (its per-token timesteps, as Wan 2.2 TI2V feeds them), its
+    # cross-attention blind for the context rows, and in cached mode a mask letting context tokens
+    # read only context tokens of their own or earlier frames: its target frames are our velocity
+    # for the target given those frames' patch embeddings as context
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones.rope import grid_positions
+    from pfp.compressor import Context
+    bb = tiny_wan_backbone(mode)
+    up = WanTransformer3DModel.from_config(bb.transformer.config).eval()
+    up.load_state_dict(bb.transformer.state_dict())
+    k, b = 2, 2
+    x_full = torch.randn(b, 4, k + 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    t, text = torch.tensor([0.3, 0.8]), torch.randn(b, 5, 16, generator=torch.Generator().manual_seed(1))
+    grid = bb.token_grid(*x_full.shape[2:])
+    hw = grid[1] * grid[2]
+    nc, n = k * hw, grid[0] * hw
+    for blk in up.blocks:
+        blk.attn2.set_processor(_ContextBlindCrossAttention(blk.attn2.processor, nc))
+        if mode == "cached":
+            frame = torch.arange(n) // hw
+            allowed = torch.ones(n, n, dtype=torch.bool)
+            allowed[:nc] = (frame[None, :] <= frame[:nc, None]) & (torch.arange(n)[None, :] < nc)
+            blk.attn1.set_processor(_MaskedSelfAttention(blk.attn1.processor, allowed))
+    per_token = torch.cat([torch.zeros(b, nc), (t * 1000)[:, None].expand(b, n - nc)], dim=1)
+    with torch.no_grad():
+        want = up(x_full, per_token, text, return_dict=False)[0][:, :, k:]
+        tokens = bb.patch_embed(x_full[:, :, :k]).flatten(2).transpose(1, 2)
+        ctx = Context(tokens, grid_positions(k, grid[1], grid[2]))
+        got = bb(x_full[:, :, k:], t, text, bb.cache_context(ctx) if mode == "cached" else ctx, t_start=k)
+    torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
+    if mode == "cached":   # the context is read: without it the target differs
+        assert (bb(x_full[:, :, k:], t, text, None, t_start=k) - want).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # Context.mask: histories of different lengths in one batch
 # ----------------------------------------------------------------------------------------------
