@@ -48,8 +48,9 @@ SMALL_PLANS = [
     ("[context ; target] K/V buffers", {"kv": "buffer"}),
     ("2x2 tiled decode (exact for Wan's VAE)", {"decode": "tiled"}),
     ("4x4 tiled decode", {"decode": "tiled4"}),
-    ("the 5B's 12 GiB plan: fp8, text on CPU, fp8 K/V, 2x2 tiled decode",
-     {"weights": "fp8", "text": "cpu", "kv": "fp8", "decode": "tiled"}),
+    ("the 5B's 12 GiB plan: fp8, text on CPU", {"weights": "fp8", "text": "cpu"}),
+    ("the 5B's 720p 12 GiB plan: fp8, swap, text on CPU, 2x2 tiled decode",
+     {"weights": "fp8", "swap": True, "text": "cpu", "decode": "tiled"}),
     ("everything: fp8, block, swap, text on CPU, fp8 K/V",
      {"weights": "fp8", "offload": "block", "swap": True, "text": "cpu", "kv": "fp8"}),
 ]

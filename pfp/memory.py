@@ -308,12 +308,20 @@ class _PeakMemory(TorchDispatchMode):
     from the op that made it until it is freed; storages that existed before (weights, inputs, the
     previous cache) are resident, not counted. Works on fake tensors: their storages have sizes.
     (PyTorch's MemTracker does this per module too, but refuses modules called more than once in
-    one trace, as the VAE's causal decode does.)"""
+    one trace, as the VAE's causal decode does.)
 
-    def __init__(self):
+    ``releasable``: a callable giving resident tensors that the traced call may drop (a causal
+    cache it renews slot by slot); when one is freed its bytes leave ``live``, so what replaces it
+    is not counted on top of it. Only its storages are kept, weakly."""
+
+    def __init__(self, releasable=None):
         super().__init__()
         self.live = self.peak = 0
         self._seen = WeakIdKeyDictionary()
+        for t in (releasable() if releasable is not None else ()):
+            st = t.untyped_storage()
+            if st not in self._seen:
+                self._seen[st] = weakref.ref(st, functools.partial(self._freed, st.nbytes()))
 
     def _freed(self, nbytes: int, _ref) -> None:
         self.live -= nbytes
@@ -336,9 +344,10 @@ class _PeakMemory(TorchDispatchMode):
         return out
 
 
-def _tracked_peak(fn) -> int:
-    """Peak bytes of the tensors ``fn`` creates (activations and temporaries), traced."""
-    tracker = _PeakMemory()
+def _tracked_peak(fn, releasable=None) -> int:
+    """Peak bytes of the tensors ``fn`` creates (activations and temporaries), traced, less what it
+    frees of ``releasable()`` by then (see :class:`_PeakMemory`)."""
+    tracker = _PeakMemory(releasable)
     with tracker:
         fn()
     return int(tracker.peak)
@@ -537,7 +546,8 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
     decoder = decode_stream(vae)
     decoder.decode(chunk)  # the first chunk fills the causal cache
     cache_bytes = _decoder_cache_bytes(decoder)
-    transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk))
+    # each causal conv's renewed cache replaces the one it read, which is resident (vae_cache)
+    transient["decode"] = _tracked_peak(lambda: decoder.decode(chunk), lambda: _decoder_cache_tensors(decoder))
     cache_tiled = {}
     for choice, tiles in DECODE_TILES.items():
         if tiles == 1:
@@ -545,7 +555,7 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
         tiled = tiled_decode_stream(vae, tiles, TILE_OVERLAP)
         tiled.decode(chunk)
         cache_tiled[tiles] = _decoder_cache_bytes(tiled)
-        transient[f"decode_{choice}"] = _tracked_peak(lambda: tiled.decode(chunk))
+        transient[f"decode_{choice}"] = _tracked_peak(lambda: tiled.decode(chunk), lambda: _decoder_cache_tensors(tiled))
 
     blocks = list(backbone.blocks)
     linear_numel = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
@@ -575,21 +585,19 @@ def _trace_parts(backbone, compressor, vae, text_module, run_text, video_size: t
                     if cached and getattr(backbone, "supports_context_kv_buffers", False) else 0))
 
 
-def _decoder_cache_bytes(decoder) -> int:
-    """Bytes of the tensors a decode stream keeps between chunks, those of the streams it holds
-    (a tiled decode's, one per tile) included."""
+def _decoder_cache_tensors(decoder) -> list:
+    """The tensors a decode stream keeps between chunks, those of the streams it holds (a tiled
+    decode's, one per tile) included, each once."""
     from pfp.vae import DecodeStream
-    seen, total = set(), 0
+    seen, found = set(), []
 
     def walk(obj):
-        nonlocal total
         if isinstance(obj, DecodeStream):
             walk([v for k, v in vars(obj).items() if k != "vae"])
         elif isinstance(obj, torch.Tensor):
-            key = id(obj)
-            if key not in seen:
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                found.append(obj)
         elif isinstance(obj, dict):
             for v in obj.values():
                 walk(v)
@@ -598,7 +606,12 @@ def _decoder_cache_bytes(decoder) -> int:
                 walk(v)
 
     walk(decoder)
-    return total
+    return found
+
+
+def _decoder_cache_bytes(decoder) -> int:
+    """Bytes of :func:`_decoder_cache_tensors`."""
+    return sum(t.numel() * t.element_size() for t in _decoder_cache_tensors(decoder))
 
 
 # ------------------------------------------------------------------------------------------------

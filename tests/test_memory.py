@@ -131,6 +131,22 @@ def test_tracker_counts_what_a_call_creates_not_what_existed():
     assert _tracked_peak(work) == 6000
 
 
+def test_tracker_lets_a_renewed_cache_replace_the_one_it_read():
+    # a causal decode renews each cache slot: the new tensor takes the old one's place, which was
+    # resident. Named releasable, the old slot's bytes leave the count when it is freed.
+    from pfp.memory import _tracked_peak
+    cache = [torch.empty(1000), torch.empty(1000)]   # 4000 bytes each, resident
+
+    def renew():
+        for i in range(2):
+            fresh = cache[i] + 1     # 4000 B while the old slot still lives
+            cache[i] = fresh         # the old one is freed here
+        return torch.empty(250)      # 1000 B more at the end
+
+    assert _tracked_peak(renew) == 9000                              # both new slots, and the 1000 B
+    assert _tracked_peak(renew, lambda: list(cache)) == 4000        # one slot's overlap at a time
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pfp.memory", *args], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
