@@ -649,10 +649,12 @@ def _wan_tail_reach(decoder, split: int) -> tuple[int, int]:
     level; a nearest 2x upsampling maps a radius R after it to ceil(R / 2) before it (output
     pixel q reads input pixel q // 2). Residual shortcuts (1x1 convs, Wan 2.2's pixel-shuffling
     DupUp3D) reach no further than the main path."""
-    steps = []   # ("conv", radius) or ("up", 2), in forward order
+    steps, walked = [], set()   # ("conv", radius) or ("up", 2), in forward order; the convs seen
+
     def conv(c):
         k = c.kernel_size
         steps.append(("conv", max(k[-2], k[-1]) // 2))
+        walked.add(id(c))
     for block in decoder.up_blocks[split:]:
         for resnet in block.resnets:
             conv(resnet.conv1)
@@ -664,6 +666,14 @@ def _wan_tail_reach(decoder, split: int) -> tuple[int, int]:
             steps.append(("up", 2))
             conv(up.resample[1])
     conv(decoder.conv_out)
+    # a layer this walk does not know (an attention, a conv elsewhere) would reach further than the
+    # halo: refuse rather than decode tiles that silently differ from the whole frame
+    tail = [m for block in decoder.up_blocks[split:] for m in block.modules()]
+    unknown = sorted({type(m).__name__ for m in tail if "Attention" in type(m).__name__ or (
+        isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size[-2:]) > 1 and id(m) not in walked)})
+    if unknown:
+        raise ValueError(f"tiled decode: the decoder's up_blocks[{split}:] hold layers whose spatial reach is not "
+                         f"known here ({', '.join(unknown)}); pass a later split")
     reach, factor = 0, 1
     for kind, n in reversed(steps):
         if kind == "conv":

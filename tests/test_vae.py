@@ -444,3 +444,16 @@ def test_hunyuan_vae_streams_are_windows_of_bounded_cost(warmup):
             torch.testing.assert_close(parts[-1], vae.encode(video)[:, :, -3:])
     with pytest.raises(ValueError, match="warmup must be an int >= 1"):
         type(vae)(vae.model, warmup=0)
+
+
+def test_wan_tiled_decode_refuses_a_tail_it_cannot_bound():
+    # a layer of unknown reach after the split (here an attention over the frame) would make the
+    # tiles differ from the whole frame: refused, naming it
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock
+    vae = _tiny_wan_decoders()["wan21"]
+    block = vae.model.decoder.up_blocks[-1]
+    block.add_module("extra_attention", WanAttentionBlock(8))
+    with pytest.raises(ValueError, match=r"up_blocks\[2:\] hold layers whose spatial reach is not known here "
+                                         r"\(WanAttentionBlock\); pass a later split"):
+        vae.tiled_decode_stream(2)
+    vae.tiled_decode_stream(2, split=len(vae.model.decoder.up_blocks))   # nothing after the split: fine
