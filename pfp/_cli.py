@@ -27,16 +27,28 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block) and exit 2.
 
     A value that starts with a dash is taken as the value of the flag before it (``--vram -1GiB``
-    as ``--vram=-1GiB``) when that flag takes one value and the token is no flag of this parser:
-    argparse would read it as an unknown flag and say only "expected one argument", where the
-    flag's own check names what is wrong with the value."""
+    as ``--vram=-1GiB``) when that flag takes one value and the token names none of this parser's
+    flags, in full or as a prefix argparse would accept: argparse would read it as an unknown flag
+    and say only "expected one argument", where the flag's own check names what is wrong with
+    the value."""
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
+    def _flag_action(self, token: str, any_prefix: bool = False):
+        """The action ``token`` names (its flag, or a unique long-flag prefix); with ``any_prefix``
+        the first of several a prefix matches. None when it names none."""
+        name = token.split("=", 1)[0]
+        if name in self._option_string_actions:
+            return self._option_string_actions[name]
+        if self.allow_abbrev and name.startswith("--") and len(name) > 2:
+            found = {a for flag, a in self._option_string_actions.items() if flag.startswith(name)}
+            if len(found) == 1 or (found and any_prefix):
+                return next(iter(found))
+        return None
+
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
-        one_value = {flag for action in self._actions if action.nargs is None for flag in action.option_strings}
         joined, i = [], 0
         while i < len(args):
             token = args[i]
@@ -44,8 +56,9 @@ class Parser(argparse.ArgumentParser):
                 joined += args[i:]
                 break
             nxt = args[i + 1] if i + 1 < len(args) else None
-            if (token in one_value and isinstance(nxt, str) and nxt.startswith("-") and nxt != "--"
-                    and nxt.split("=", 1)[0] not in self._option_string_actions):
+            action = self._flag_action(token) if token.startswith("-") and "=" not in token else None
+            if (action is not None and action.nargs is None and isinstance(nxt, str) and nxt.startswith("-")
+                    and nxt != "--" and self._flag_action(nxt, any_prefix=True) is None):
                 joined.append(f"{token}={nxt}")
                 i += 2
                 continue

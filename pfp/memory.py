@@ -610,8 +610,13 @@ def _decoder_cache_tensors(decoder) -> list:
 
 
 def _decoder_cache_bytes(decoder) -> int:
-    """Bytes of :func:`_decoder_cache_tensors`."""
-    return sum(t.numel() * t.element_size() for t in _decoder_cache_tensors(decoder))
+    """Bytes of the storages behind :func:`_decoder_cache_tensors` (a view keeps its whole
+    buffer), each once: what the tracker takes off when such a storage is freed."""
+    storages = {}   # id -> storage (held, so no id is reused while counting)
+    for t in _decoder_cache_tensors(decoder):
+        st = t.untyped_storage()
+        storages[id(st)] = st
+    return sum(st.nbytes() for st in storages.values())
 
 
 # ------------------------------------------------------------------------------------------------

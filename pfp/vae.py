@@ -359,12 +359,16 @@ class WanVAE(_CausalFrameCounts, nn.Module):
         the rest reads a halo as wide as that part's receptive field (every conv's radius, walked
         back through the upsamplings), so the pixels it keeps saw all they depend on; nothing is
         blended. Each tile carries its own causal cache for the tiled part, halo included, so
-        streaming stays exact too. The decode's transient memory in the tiled part follows one
-        tile. Falls back to :meth:`decode_stream` (untiled) where the installed diffusers does not
-        stream."""
+        streaming stays exact too. The tiled part's activations follow one tile; the whole frame
+        at the split and the decoded frames are still held. Falls back, with a warning, to an
+        untiled stream where the installed diffusers does not stream."""
         if not (isinstance(tiles, int) and not isinstance(tiles, bool) and tiles >= 1):
             raise ValueError(f"tiles must be an int >= 1, got {tiles!r}")
         if not self._streamable():
+            import warnings
+            warnings.warn("WanVAE.tiled_decode_stream: this diffusers' AutoencoderKLWan cannot stream with an "
+                          "outside feature cache (or its use_tiling is on), so the decode runs untiled, re-decoding "
+                          "the video so far at every chunk", RuntimeWarning, stacklevel=2)
             return _RecomputeDecodeStream(self)
         return _WanTiledDecodeStream(self, tiles, split)
 
@@ -642,6 +646,13 @@ def _wan_cached_conv(conv, x, cache: list, idx: list):
     return out
 
 
+# the layers of Wan's up-blocks, whose reach _wan_tail_reach knows: per-position RMS norms and
+# activations, the walked convs (and 1x1 shortcuts), nearest 2x upsampling, pixel-shuffle shortcuts
+_WAN_TAIL_LAYERS = {"WanUpBlock", "WanResidualUpBlock", "WanResidualBlock", "WanRMS_norm", "WanCausalConv3d",
+                    "WanResample", "WanUpsample", "DupUp3D", "Conv2d", "Sequential", "ModuleList", "Identity",
+                    "Dropout", "SiLU"}
+
+
 def _wan_tail_reach(decoder, split: int) -> tuple[int, int]:
     """``(halo, factor)`` of the decoder's part after ``up_blocks[:split]``: how many pixels of
     its input, on each side, an output pixel depends on, and how many output pixels one input
@@ -666,11 +677,13 @@ def _wan_tail_reach(decoder, split: int) -> tuple[int, int]:
             steps.append(("up", 2))
             conv(up.resample[1])
     conv(decoder.conv_out)
-    # a layer this walk does not know (an attention, a conv elsewhere) would reach further than the
-    # halo: refuse rather than decode tiles that silently differ from the whole frame
+    # a layer this walk does not know (an attention, a norm over the frame, a conv elsewhere, an
+    # upsampling other than 2x) would reach further than the halo: refuse rather than decode tiles
+    # that silently differ from the whole frame
     tail = [m for block in decoder.up_blocks[split:] for m in block.modules()]
-    unknown = sorted({type(m).__name__ for m in tail if "Attention" in type(m).__name__ or (
-        isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size[-2:]) > 1 and id(m) not in walked)})
+    unknown = sorted({type(m).__name__ for m in tail if type(m).__name__ not in _WAN_TAIL_LAYERS or (
+        isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.kernel_size[-2:]) > 1 and id(m) not in walked) or (
+        isinstance(m, nn.Upsample) and tuple(m.scale_factor or ()) != (2.0, 2.0))})
     if unknown:
         raise ValueError(f"tiled decode: the decoder's up_blocks[{split}:] hold layers whose spatial reach is not "
                          f"known here ({', '.join(unknown)}); pass a later split")

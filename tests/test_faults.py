@@ -682,3 +682,11 @@ def test_a_dash_value_goes_to_its_flag_and_a_flag_is_never_taken_as_a_value():
     assert p.parse_args(["--", "--vram", "-x"]).rest == ["--vram", "-x"]   # after "--" nothing is joined
     with pytest.raises(UsageError, match="argument --vram: expected one argument"):
         p.parse_args(["--vram", "--json"])
+    # abbreviations are flags to argparse, on either side: never swallowed, and joined when they
+    # name a one-value flag
+    with pytest.raises(UsageError, match="argument --vram: expected one argument"):
+        p.parse_args(["--vram", "--js"])
+    assert p.parse_args(["--vr", "-3GiB"]).vram == "-3GiB"
+    p.add_argument("--jobs")
+    with pytest.raises(UsageError, match="ambiguous option: --j"):
+        p.parse_args(["--vram", "--j"])   # a prefix of two flags is a flag still, as argparse says

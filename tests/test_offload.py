@@ -173,18 +173,26 @@ def test_bad_choices_name_the_valid_ones():
 
 
 @pytest.mark.parametrize("decode", ["tiled", "tiled4"])
-def test_a_tiled_decode_gives_the_plain_video(plain, wan_vae_dir, decode):
+def test_a_tiled_decode_gives_the_plain_video(plain, wan_vae_dir, decode, monkeypatch):
     # decode="tiled" ("tiled4") runs the Wan decoder's last up-blocks in 2x2 (4x4) spatial tiles,
     # each with a halo as wide as their receptive field and its own causal cache
     # (WanVAE.tiled_decode_stream): the video is the plain run's up to float rounding (the tiles'
     # convs run on other sizes), and so are the later chunks' latents, which the low-res branch
     # takes from the re-encoded decoded frames.
-    from pfp.vae import WanVAE
+    from pfp.offload import DECODE_TILES
+    from pfp.vae import WanVAE, _WanTiledDecodeStream
     mode, want = plain
     model = _model(wan_vae_dir, mode)
     assert isinstance(model.vae, WanVAE)
+    tiles_run = []   # the tiles of every frame the tiled decoder ran: the choice is carried out
+    real_frame = _WanTiledDecodeStream._decode_frame
+    def counting(stream, x, first):
+        tiles_run.append(len(stream._tiles or ()) or stream.tiles ** 2)
+        return real_frame(stream, x, first)
+    monkeypatch.setattr(_WanTiledDecodeStream, "_decode_frame", counting)
     got = generate(model, STORY, SECONDS, steps=STEPS, progress=False,
                    plan=Placement(model, "cpu", {"decode": decode}, park_to="nan"))
+    assert len(tiles_run) == got.latents.shape[2] and set(tiles_run) == {DECODE_TILES[decode] ** 2}
     n = model.config.chunk_latent_frames
     assert torch.equal(got.latents[:, :, :n], want.latents[:, :, :n])
     torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5)

@@ -342,8 +342,8 @@ def test_wan_tiled_decode_gives_the_untiled_frames_and_streams(kind):
     vae = _tiny_wan_decoders()[kind]
     n_up = len(vae.model.decoder.up_blocks)
     g = torch.Generator().manual_seed(3)
-    for h, w in ((11, 6), (1, 3), (4, 4)):
-        lat = torch.randn(1, vae.latent_channels, 4, h, w, generator=g)
+    for batch, h, w in ((1, 11, 6), (1, 1, 3), (2, 4, 4)):
+        lat = torch.randn(batch, vae.latent_channels, 4, h, w, generator=g)
         with torch.no_grad():
             whole = decode_stream(vae).decode(lat)
             for tiles in (1, 2, 3):
@@ -362,11 +362,12 @@ def test_wan_tiled_decode_gives_the_untiled_frames_and_streams(kind):
                     assert (rows[-1][1] * stream.factor * patch, cols[-1][1] * stream.factor * patch) == whole.shape[3:]
 
 
-def test_wan_tiled_decode_halo_is_the_tails_reach():
+@pytest.mark.parametrize("kind", ["wan21", "wan22"])
+def test_wan_tiled_decode_halo_is_the_tails_reach(kind):
     # One pixel less of halo and the tiles' edges read zero padding where the whole frame has
     # pixels: the frames move well past rounding. So the halo is needed, and the test above can fail.
     from pfp.vae import decode_stream
-    vae = _tiny_wan_decoders()["wan21"]
+    vae = _tiny_wan_decoders()[kind]
     lat = torch.randn(1, vae.latent_channels, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = decode_stream(vae).decode(lat)
@@ -377,8 +378,9 @@ def test_wan_tiled_decode_halo_is_the_tails_reach():
             assert (stream.decode(lat) - whole).abs().max() > 1e-5, split
     with pytest.raises(ValueError, match="tiles must be an int >= 1"):
         vae.tiled_decode_stream(0)
-    with pytest.raises(ValueError, match="split must be an int in 0..4"):
-        vae.tiled_decode_stream(2, 5)
+    n_up = len(vae.model.decoder.up_blocks)
+    with pytest.raises(ValueError, match=f"split must be an int in 0..{n_up}"):
+        vae.tiled_decode_stream(2, n_up + 1)
 
 
 def test_tiled_decode_stream_takes_the_vaes_own_exact_tiling():
@@ -455,5 +457,9 @@ def test_wan_tiled_decode_refuses_a_tail_it_cannot_bound():
     block.add_module("extra_attention", WanAttentionBlock(8))
     with pytest.raises(ValueError, match=r"up_blocks\[2:\] hold layers whose spatial reach is not known here "
                                          r"\(WanAttentionBlock\); pass a later split"):
+        vae.tiled_decode_stream(2)
+    del block.extra_attention
+    block.add_module("frame_norm", torch.nn.GroupNorm(2, 8))   # a norm over the whole frame
+    with pytest.raises(ValueError, match=r"\(GroupNorm\)"):
         vae.tiled_decode_stream(2)
     vae.tiled_decode_stream(2, split=len(vae.model.decoder.up_blocks))   # nothing after the split: fine
