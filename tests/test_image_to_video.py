@@ -214,6 +214,30 @@ def test_wan_i2v_backbone_matches_diffusers_forward_in_both_context_modes():
         assert joint.shape == cached.shape and torch.isfinite(joint).all()
 
 
+def test_wan_i2v_loaded_in_bf16_matches_diffusers_within_one_bf16_step(tmp_path):
+    # Wan 2.1 I2V from_pretrained(torch_dtype=bf16), image cross-attention and condition channels
+    # included: diffusers' own bf16 forward, within one bf16 step at the output's magnitude
+    pytest.importorskip("diffusers")
+    import math
+
+    from diffusers import WanTransformer3DModel
+
+    from pfp.backbones import WanBackbone
+    upstream, _ = _tiny_i2v_pair()
+    upstream.save_pretrained(tmp_path / "i2v")
+    ours = WanBackbone.from_pretrained(str(tmp_path / "i2v"), torch_dtype=torch.bfloat16).eval()
+    up = WanTransformer3DModel.from_pretrained(str(tmp_path / "i2v"), torch_dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(2)
+    x, cond, t = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 8, 3, 4, 4, generator=g), torch.tensor([0.3, 0.9])
+    text, image = torch.randn(2, 512, 16, generator=g), torch.randn(1, 7, 24, generator=g)
+    with torch.no_grad():
+        want = up(torch.cat([x, cond], 1).bfloat16(), t * 1000, text.bfloat16(),
+                  encoder_hidden_states_image=image.expand(2, -1, -1).bfloat16(), return_dict=False)[0].float()
+        got = ours(x, t, text, None, condition=cond, image=image).float()
+    one_step = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(want.abs().max().item()))
+    assert (got - want).abs().max() <= one_step, ((got - want).abs().max(), one_step)
+
+
 def test_wan_i2v_compressor_branch_patchifies_the_latent_with_a_zero_condition():
     pytest.importorskip("diffusers")
     _, ours = _tiny_i2v_pair()
