@@ -791,22 +791,18 @@ class CompressorStream:
         self._hr_pending = self._hr_pending[:, :, n:] if n < n_hr else None
         if c.uses_lr:
             self._lr_pending = self._lr_pending[:, :, n:] if n < n_lr else None
-        tokens = c._fuse(hr_use, lr_use)
-        return self._emit(tokens, n, c._features(hr_use), self._grid_at_zero(n, tokens.device))
+        return self._emit(c._fuse(hr_use, lr_use), n, c._features(hr_use))
 
-    def _emit(self, tokens: Tensor, n: int, features: Optional[Tensor], grid_at_zero: Optional[tuple] = None) -> Context:
-        """Record ``n`` new token frames and return them as a Context. ``grid_at_zero``: the
-        positions and order of ``n`` token frames from frame 0, shifted here instead of rebuilt."""
+    def _emit(self, tokens: Tensor, n: int, features: Optional[Tensor]) -> Context:
+        """Record ``n`` new token frames and return them as a Context, their positions and order
+        shifted from :meth:`_grid_at_zero` instead of rebuilt."""
         c = self.compressor
-        gh, gw = self._geometry[4:]
         t0 = self.num_emitted_frames
-        if grid_at_zero is None:
-            positions, order = self._grid(n, t0, tokens.device)
-        else:
-            # a shift by whole token frames moves times by rt per frame; every value is a multiple of
-            # 1/2 far below 2**24, so float32 holds the shifted values exactly, as if rebuilt
-            positions, order = grid_at_zero[0].clone(), grid_at_zero[1] + c.rate.t * t0
-            positions[:, 0] += c.rate.t * t0
+        at_zero = self._grid_at_zero(n, tokens.device)
+        # a shift by whole token frames moves times by rt per frame; every value is a multiple of
+        # 1/2 far below 2**24, so float32 holds the shifted values exactly, as if rebuilt
+        positions, order = at_zero[0].clone(), at_zero[1] + c.rate.t * t0
+        positions[:, 0] += c.rate.t * t0
         self.num_emitted_frames += n
         self._chunks.append(tokens)
         if features is not None and self.keep_features:
@@ -863,7 +859,7 @@ class CompressorStream:
         self.lr_frames_seen += lr.shape[2]
         gh, gw = self._geometry[4:]
         n = tokens.shape[1] // (gh * gw)
-        return self._emit(tokens, n, features, self._grid_at_zero(n, tokens.device))
+        return self._emit(tokens, n, features)
 
     def _grid_at_zero(self, n: int, device) -> tuple:
         """:meth:`_grid` of ``n`` token frames from frame 0, built once per ``n`` and then shifted by

@@ -711,10 +711,8 @@ class _WanTiledDecodeStream(_WanDecodeStream):
         self._tiles = None   # [(rows, cols, own rows, own cols, the tile's cache slots)] at the split level
 
     def _make_tiles(self, h: int, w: int) -> None:
-        def spans(n):
-            bounds = [round(i * n / self.tiles) for i in range(self.tiles + 1)]
-            return [(max(0, lo - self.halo), min(n, hi + self.halo), lo, hi)
-                    for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        def spans(n):   # the blended tiles' spans with the halo as their margin; no tile without pixels of its own
+            return [span for span in TiledDecodeStream._spans(n, self.tiles, self.halo) if span[3] > span[2]]
         slots = len(self._cache)
         self._tiles = [((y0, y1), (x0, x1), (ylo, yhi), (xlo, xhi), [None] * slots)
                        for y0, y1, ylo, yhi in spans(h) for x0, x1, xlo, xhi in spans(w)]
