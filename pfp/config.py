@@ -75,6 +75,15 @@ class PFPConfig:
                                compressor_hidden=tuple(m.get("hidden", self.compressor_hidden)), mix_compressors=[]))
         return out
 
+    def compressor_signature(self) -> str:
+        """What makes compressor weights fit this config: each compressor's kind and rate, and the
+        phase its low-res branch samples (e.g. ``"pfp 4x4x2 + pfp 2x2x8, lr_phase start"``). Weights
+        of another kind often have the same tensors (``pfp`` and ``without_lr``), and those of
+        another rate or phase always do, so loading compares this instead of shapes."""
+        from pfp.rates import parse_rate
+        branches = " + ".join(f"{c.compressor_kind} {parse_rate(c.rate)}" for c in self.branch_configs())
+        return f"{branches}, lr_phase {self.lr_phase}"
+
     @classmethod
     def from_dict(cls, d: dict) -> "PFPConfig":
         known = {f for f in cls.__dataclass_fields__}

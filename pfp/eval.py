@@ -248,17 +248,39 @@ def lpips_metric():
     return distance, None
 
 
-def _clips(config, videos: str, n_chunks: int, *, report: bool, progress: bool, storyboards: str = "required"):
-    """The folder's usable videos as clips of ``n_chunks`` chunks for ``config``; with ``report``,
-    the unusable ones are listed on stderr (once per command, not per checkpoint)."""
-    import sys
+class _ClipSets:
+    """Each checkpoint's clips of a video folder, for one eval command: a folder scan per distinct
+    clip geometry (checkpoints of one config share it), each scan checked before any scoring. The
+    first set's unusable videos are listed on stderr; a later checkpoint whose clips leave out
+    other videos (longer clips, say) gets its own line naming it, so no video drops out silently
+    and ``psnr_per_clip`` lists of different lengths are explained."""
 
-    from pfp.data import VideoFolderDataset
-    dataset = VideoFolderDataset(videos, config.clip_spec(n_chunks), progress=progress and report,
-                                 storyboards=storyboards)
-    if report and dataset.skip_report():
-        print(f"videos: {dataset.skip_report()}", file=sys.stderr)
-    return dataset
+    def __init__(self, videos: str, *, progress: bool, storyboards: str = "required"):
+        self.videos, self.progress, self.storyboards = videos, progress, storyboards
+        self._sets: dict = {}
+        self._first_paths: Optional[list] = None
+
+    def get(self, config, n_chunks: int, checkpoint: str):
+        import sys
+
+        from pfp.data import VideoFolderDataset
+        spec = config.clip_spec(n_chunks)
+        dataset = self._sets.get(spec)
+        if dataset is None:
+            try:
+                dataset = VideoFolderDataset(self.videos, spec, progress=self.progress, storyboards=self.storyboards)
+            except ValueError as exc:
+                raise ValueError(f"--videos {self.videos}: {str(exc).removeprefix('VideoFolderDataset: ')}") from None
+            self._sets[spec] = dataset
+            if self._first_paths is None:
+                self._first_paths = list(dataset.paths)
+                if dataset.skip_report():
+                    print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+            elif list(dataset.paths) != self._first_paths:
+                print(f"videos for {checkpoint} (clips of {n_chunks} chunks, {config.clip_frames(n_chunks)} frames "
+                      f"at {config.fps:g} fps): {dataset.skip_report() or 'none skipped'}; it is scored on "
+                      f"{len(dataset)} videos, the first checkpoint on {len(self._first_paths)}", file=sys.stderr)
+        return dataset
 
 
 def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optional[float] = None, frames: int = 3,
@@ -284,11 +306,11 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     from pfp._cli import work_started
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]  # all checked first
     lpips, lpips_note = lpips_metric()
+    clip_sets = _ClipSets(videos, progress=progress, storyboards="optional")
     prepared = []   # each checkpoint's clip length and clips, all checked before any is scored
-    for k, (path, model) in enumerate(models):
+    for path, model in models:
         n_chunks = chunk_plan(model.config, seconds if seconds is not None else 4 * model.config.chunk_seconds)
-        prepared.append((n_chunks, _clips(model.config, videos, n_chunks, report=k == 0, progress=progress,
-                                          storyboards="optional")))
+        prepared.append((n_chunks, clip_sets.get(model.config, n_chunks, str(path))))
     work_started()
     rows = []
     for (path, model), (n_chunks, dataset) in zip(models, prepared):
@@ -345,15 +367,16 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     from pfp.generate import chunk_plan, generate, load_model
     from pfp._cli import work_started
     models = [(path, load_model(path, flag="--checkpoints")) for path in checkpoints]
+    clip_sets = _ClipSets(videos, progress=progress)
     prepared = []   # each checkpoint's chunk counts and clips, all checked before any is scored
-    for k, (path, model) in enumerate(models):
+    for path, model in models:
         config = model.config
         n_chunks = chunk_plan(config, seconds if seconds is not None else 4 * config.chunk_seconds)
         n_given = chunk_plan(config, history_seconds if history_seconds is not None else config.chunk_seconds)
         if not 0 < n_given < n_chunks:
             raise ValueError(f"--history-seconds must leave at least one chunk to generate of --seconds "
                              f"({n_chunks} chunks of {config.chunk_seconds:g} s)")
-        prepared.append((n_chunks, n_given, _clips(config, videos, n_chunks, report=k == 0, progress=progress)))
+        prepared.append((n_chunks, n_given, clip_sets.get(config, n_chunks, str(path))))
     work_started()
     rows = []
     for (path, model), (n_chunks, n_given, dataset) in zip(models, prepared):

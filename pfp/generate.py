@@ -665,7 +665,7 @@ def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, f
         try:
             load_state_checked(model, tensors, path)
         except ValueError as e:
-            raise InputError(str(e)) from None
+            raise InputError(f"{flag}: {e}") from None
         return model.eval()
     try:
         _, file_cfg = read_weights(path)
@@ -675,7 +675,8 @@ def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, f
                 if os.path.isfile(os.path.join(os.path.dirname(DEFAULT_WEIGHTS), "default.json")) else PFPConfig()
         return load_weights(path, config=file_cfg, context_mode=context_mode)
     except ValueError as e:
-        raise InputError(str(e)) from None
+        message = str(e)
+        raise InputError(message if message.startswith("--") else f"{flag}: {message}") from None
 
 
 def main(argv=None) -> int:

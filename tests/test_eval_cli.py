@@ -55,12 +55,70 @@ def test_threads_reach_torch(tmp_path, capsys, monkeypatch):
     assert asked == [1]
 
 
+def _relabelled(tmp_path, path, **changes):
+    """A copy of a weights file whose config metadata was edited afterwards (its tensors untouched):
+    e.g. pfp weights labelled without_lr, which have the very same tensor names and shapes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({**json.loads(meta["config"]), **changes})
+    out = str(tmp_path / ("relabelled_" + "_".join(f"{v}" for v in changes.values()) + ".safetensors"))
+    save_file(tensors, out, meta)
+    return out
+
+
+def test_a_checkpoint_whose_variant_does_not_match_its_config_is_refused(tmp_path):
+    # the tensors of pfp and without_lr, or of two rates, fit each other's models: only the
+    # compressors recorded when the file was written tell them apart
+    import pytest
+
+    from pfp.weights import load_weights
+    ckpt = _weights(tmp_path, "pfp")
+    assert load_weights(ckpt).config.compressor_kind == "pfp"
+    for changes in ({"compressor_kind": "without_lr"}, {"rate": "4x4x2"}):
+        with pytest.raises(ValueError, match="saved from compressors pfp 2x2x2, lr_phase start but its config"):
+            load_weights(_relabelled(tmp_path, ckpt, **changes))
+    # a config passed beside the file (pfp.generate --config CFG --checkpoint W) is compared too
+    with pytest.raises(ValueError, match="holds compressors for pfp 2x2x2.*asks for without_lr 2x2x2"):
+        load_weights(ckpt, config=dataclasses.replace(tiny_config(), compressor_kind="without_lr"))
+
+
+def test_checkpoints_whose_clips_leave_out_other_videos_are_reported(tmp_path, capsys):
+    # a checkpoint with longer chunks needs longer videos: the ones it cannot use are named for it,
+    # not dropped from its rows unseen
+    from pfp.data.video_folder import write_video
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    g = torch.Generator().manual_seed(0)
+    write_video(videos / "short.mp4", torch.rand(3, 17, 32, 32, generator=g) * 2 - 1, 8.0)   # 2.1 s
+    write_video(videos / "long.mp4", torch.rand(3, 40, 32, 32, generator=g) * 2 - 1, 8.0)    # 5 s
+    short = _weights(tmp_path, "pfp")
+    torch.manual_seed(0)
+    long = str(tmp_path / "long_chunks.safetensors")
+    save_weights(build_model(dataclasses.replace(tiny_config(), chunk_frames=8)), long)
+    assert main(["retrieval", "--checkpoints", short, long, "--videos", str(videos), "--steps", "1",
+                 "--frames", "1", "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["videos"] for r in rows] == [2, 1]
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"videos for {long} (clips of 4 chunks, 32 frames")
+    assert "short.mp4 (too short" in err[0] and "scored on 1 videos, the first checkpoint on 2" in err[0]
+
+
 def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     write_video_folder(empty, good=0, corrupt=2, short=0)
     ckpt = _weights(tmp_path, "pfp")
     cases = [([], "give a command"),
-             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty)], "no usable video"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty)], f"--videos {empty}: no usable video"),
+             (["retrieval", "--checkpoints", _relabelled(tmp_path, ckpt, compressor_kind="without_lr"),
+               "--videos", str(empty)], "--checkpoints: checkpoint"),
+             (["consistency", "--checkpoints", _relabelled(tmp_path, ckpt, rate="4x4x2"), "--videos", str(empty)],
+              "saved from compressors pfp 2x2x2"),
+             (["retrieval", "--checkpoints", _relabelled(tmp_path, ckpt, compressor_kind="only_lr"),
+               "--videos", str(empty)], "--checkpoints: checkpoint"),
              (["retrieval", "--checkpoints", str(tmp_path / "missing.safetensors"), "--videos", str(empty)],
               "--checkpoints"),
              (["retrieval", "--checkpoints", ckpt, "--videos", str(tmp_path / "nowhere")], "--videos"),

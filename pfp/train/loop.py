@@ -355,21 +355,13 @@ def _init_tensors(model: PFPModel, path: str) -> tuple:
     return path, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, file_cfg
 
 
-def _compressors_of(config: PFPConfig) -> str:
-    """What makes compressor weights fit a config: each compressor's kind and rate, and the phase
-    its low-res branch samples (e.g. ``pfp 4x4x2 + pfp 2x2x8, lr_phase start``)."""
-    from pfp.rates import parse_rate
-    branches = " + ".join(f"{c.compressor_kind} {parse_rate(c.rate)}" for c in config.branch_configs())
-    return f"{branches}, lr_phase {config.lr_phase}"
-
-
 def _load_init(model: PFPModel, path: str, new_prefix: Optional[str] = None, skip_prefix: Optional[str] = None) -> None:
     path, tensors, file_cfg = _init_tensors(model, path)
     fresh_compressor = bool(skip_prefix) and _matches("compressor.", skip_prefix)
     if file_cfg is not None and not fresh_compressor:
         # weights of another kind fail to load, but those of another rate or phase often have the
         # same shapes and would load, to be read at other strides
-        have, want = _compressors_of(file_cfg), _compressors_of(model.config)
+        have, want = file_cfg.compressor_signature(), model.config.compressor_signature()
         if have != want:
             raise ValueError(f"--init {path} holds compressors for {have} but the config asks for {want}; "
                              f"use a config that matches, or --init-skip compressor. to start the compressor afresh")

@@ -21,20 +21,31 @@ WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "default.safetensors")
 DEFAULT_CONFIG = os.path.join(WEIGHTS_DIR, "default.json")
 FORMAT = "pfp.PFPModel/1"
+COMPRESSORS_KEY = "compressors"   # metadata: built_compressor_signature() of the saved model
 
 
 def save_weights(model: PFPModel, path: str, dtype: Optional[torch.dtype] = None, extra: Optional[dict] = None) -> None:
     """Write the model's weights (optionally cast, e.g. to bf16) with its config as metadata."""
     state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.trainable_state_dict().items()}
-    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()),
+            COMPRESSORS_KEY: json.dumps(built_compressor_signature(model))}
     if extra:
         meta.update({k: json.dumps(v) for k, v in extra.items()})
     save_safetensors_atomic(state, path, meta)
 
 
+def built_compressor_signature(model: PFPModel) -> str:
+    """:meth:`PFPConfig.compressor_signature` as the model's compressor modules were built (their
+    kind, rate and low-res phase), not as its config says: :func:`save_weights` records it beside
+    the config, so a file whose config metadata was changed afterwards is caught on loading."""
+    comps = model.compressors
+    return " + ".join(f"{c.kind} {c.rate}" for c in comps) + f", lr_phase {comps[0].lr_phase}"
+
+
 def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
-    """(tensors, config or None) of a :func:`save_weights` file."""
+    """(tensors, config or None) of a :func:`save_weights` file. ValueError when its config's
+    compressors differ from those its weights were saved from (files since 2026-12-08 record them)."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist")
@@ -51,6 +62,15 @@ def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
         except (TypeError, ValueError) as exc:  # truncated or hand-edited metadata
             raise ValueError(f"checkpoint {path}: its config metadata is not a valid config "
                              f"({str(exc).splitlines()[0]})") from None
+    if cfg is not None and COMPRESSORS_KEY in meta:
+        try:
+            built = json.loads(meta[COMPRESSORS_KEY])
+        except ValueError:
+            built = meta[COMPRESSORS_KEY]
+        if built != cfg.compressor_signature():
+            raise ValueError(f"checkpoint {path}: its weights were saved from compressors {built} but its config "
+                             f"metadata says {cfg.compressor_signature()}; the metadata was changed after the "
+                             f"file was written")
     return tensors, cfg
 
 
@@ -93,8 +113,14 @@ def load_weights(path: Optional[str] = None, config: Optional[PFPConfig] = None,
                          f"--context-mode {context_mode!r} needs weights trained in that mode")
     model = build_model(cfg)
     load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+    if file_cfg is not None and file_cfg.compressor_signature() != cfg.compressor_signature():
+        # tensors that fit are not enough: pfp and without_lr weights have the same ones, and those
+        # of another rate or low-res phase always do, to be read at other strides
+        raise ValueError(f"checkpoint {path} holds compressors for {file_cfg.compressor_signature()} but the config "
+                         f"asks for {cfg.compressor_signature()}; use the file's own config or one that matches")
     return model.eval()
 
 
 __all__ = ["PFPConfig", "PFPModel", "build_model", "check_component", "COMPONENT_KINDS", "save_weights", "read_weights", "load_weights",
+           "built_compressor_signature",
            "load_state_checked", "DEFAULT_WEIGHTS", "DEFAULT_CONFIG"]

@@ -78,6 +78,11 @@ def main(argv=None) -> int:
     # the base's "trained_with" would describe a run that made neither half of this file
     meta = {k: v for k, v in base_meta.items() if k != "trained_with"}
     meta["config"] = comp_meta["config"]
+    # which compressors the weights were saved from: --compressor's (files from before this was
+    # recorded have none, and none is then claimed)
+    meta.pop("compressors", None)
+    if "compressors" in comp_meta:
+        meta["compressors"] = comp_meta["compressors"]
     save_safetensors_atomic(out, ns.out, meta)
     print(f"{ns.out}: {len(taken)} compressor tensors from {ns.compressor}, {len(kept)} from {ns.base}",
           file=sys.stderr)
