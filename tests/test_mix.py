@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from pfp.compressor import mix_contexts
 from pfp.model import build_model
 from pfp.text import Storyboard
 from pfp.window import window_context, with_window
@@ -15,9 +16,10 @@ from _tiny_pfp import tiny_config, write_config
 MIX = [{"rate": "2x2x4"}, {"rate": "4x4x2", "kind": "without_lr", "hidden": [8, 8]}]
 
 
-def _model(mode: str, window: int = 0):
+def _model(mode: str, window: int = 0, cross_attention: bool = False):
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(tiny_config(mode), mix_compressors=MIX, sliding_window=window)).eval()
+    model = build_model(dataclasses.replace(tiny_config(mode), mix_compressors=MIX, sliding_window=window,
+                                            cross_attention=cross_attention)).eval()
     with torch.no_grad():   # no zero-initialised branch: every compressor must matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -102,6 +104,69 @@ def test_generate_streams_mixed_compressors_exactly(mode, window, monkeypatch):
         # every compressor's tokens are in the last context
         per = [c(res.latents, lr) for c, lr in zip(model.compressors, lrs)]
         assert res.context.num_tokens == sum(p.num_tokens for p in per) and all(p.num_tokens for p in per)
+
+
+def _mixed_history(model, frames: int, batch: int = 1):
+    g = torch.Generator().manual_seed(1)
+    c = model.backbone.latent_channels
+    hr = torch.randn(batch, c, frames, 8, 8, generator=g)
+    lrs = [torch.randn(*comp.expected_lr_shape(hr.shape), generator=g) for comp in model.compressors]
+    x = torch.randn(batch, c, 4, 8, 8, generator=g)
+    text = torch.randn(batch, 5, model.text_encoder.dim, generator=g)
+    return hr, lrs, x, torch.linspace(0.3, 0.7, batch), text
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+@pytest.mark.parametrize("window, cross_attention", [(0, False), (3, False), (0, True), (3, True)])
+def test_any_chunk_plan_streams_mixed_compressors_exactly(mode, window, cross_attention):
+    """Three compressors of three temporal rates (4, 2, 2: a chunk may end inside one's interval
+    and not another's), streamed over irregular chunk plans (single frames, odd and uneven chunks)
+    with the window and the cross-attention features, equal one call over the whole history."""
+    model = _model(mode, window, cross_attention)
+    bb, comps = model.backbone, model.compressors
+    hr, lrs, x, t, text = _mixed_history(model, 16)
+    with torch.no_grad():
+        full = with_window(model.compress(hr, lrs), window_context(bb, hr, window))
+        want = bb(x, t, text, bb.cache_context(full) if mode == "cached" else full, t_start=16)
+        blind = bb(x, t, text, None, t_start=16)
+        assert (want - blind).abs().max() > 1e-3            # the context is read
+        for plan in [(16,), (1,) * 16, (3, 5, 1, 7), (5, 11)]:
+            streams = [comp.stream(1, keep_features=cross_attention) for comp in comps]
+            done, cache = 0, None
+            for n in plan:
+                parts = []
+                for stream, comp, lr in zip(streams, comps, lrs):
+                    rt = comp.rate.t
+                    parts.append(stream.append(hr[:, :, done:done + n], lr[:, :, -(-done // rt):-(-(done + n) // rt)]))
+                done += n
+                if mode == "cached":
+                    cache = bb.cache_context(mix_contexts(parts), cache)
+            win = window_context(bb, hr[:, :, max(0, done - window):done], window, history_frames=done)
+            if mode == "cached":
+                ctx = bb.cache_context(win, cache) if win is not None else cache
+            else:
+                ctx = with_window(mix_contexts([s.context for s in streams]), win)
+            torch.testing.assert_close(bb(x, t, text, ctx, t_start=16), want, atol=1e-5, rtol=1e-5, msg=str(plan))
+
+
+@pytest.mark.parametrize("mode", ["cached", "joint"])
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_a_padded_mixed_batch_gives_each_sample_what_it_gets_alone(mode, cross_attention):
+    """The second history is padded from 4 to 8 frames (hr_frames): every compressor masks its
+    tokens past that sample's history, and the features too, so the sample's output is its own."""
+    model = _model(mode, cross_attention=cross_attention)
+    bb, comps = model.backbone, model.compressors
+    hr, lrs, x, t, text = _mixed_history(model, 8, batch=2)
+    with torch.no_grad():
+        ctx = model.compress(hr, lrs, hr_frames=[8, 4])
+        assert ctx.mask is not None and not bool(ctx.mask[1].all()) and bool(ctx.mask[0].all())
+        got = bb(x, t, text, bb.cache_context(ctx) if mode == "cached" else ctx, t_start=8)
+        alone = model.compress(hr[1:, :, :4], [lr[1:, :, :-(-4 // comp.rate.t)] for lr, comp in zip(lrs, comps)])
+        want = bb(x[1:], t[1:], text[1:], bb.cache_context(alone) if mode == "cached" else alone, t_start=8)
+        whole = model.compress(hr[1:], [lr[1:] for lr in lrs])   # the padding, read: another output
+        unmasked = bb(x[1:], t[1:], text[1:], bb.cache_context(whole) if mode == "cached" else whole, t_start=8)
+    torch.testing.assert_close(got[1:], want, atol=1e-5, rtol=1e-5)
+    assert (unmasked - want).abs().max() > 1e-3
 
 
 def test_mixed_compressors_train_and_evaluate(tmp_path):
