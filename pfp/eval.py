@@ -429,7 +429,8 @@ def _parser():
     from pfp._cli import Parser
     p = Parser(prog="python -m pfp.eval", description="Evaluate PFP checkpoints.")
     sub = p.add_subparsers(dest="command", metavar="retrieval|consistency")
-    r = sub.add_parser("retrieval", help="the paper's Table 1 (frame retrieval PSNR/SSIM) on a folder of videos")
+    r = sub.add_parser("retrieval", help="the paper's Table 1 (frame retrieval PSNR/SSIM, and LPIPS where "
+                         "the lpips package and AlexNet's weights are on this machine) on a folder of videos")
     r.error = p.error  # one line, exit 2, for the subcommand's errors too
     r.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    help="weights files (pfp.train --export), checkpoint folders or run folders")

@@ -370,6 +370,10 @@ def test_video_folder_errors(tmp_path):
     # unreadable: not a video at all
     lonely.write_bytes(b"this is not a video" * 10)
     assert skipped_reason().startswith("cannot open: ")
+    # unreadable and without its storyboard: both said, since adding the storyboard alone would not help
+    (tmp_path / "lonely.json").unlink()
+    assert re.match(r"cannot open: .*; and missing storyboard .*lonely.json", skipped_reason())
+    (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}]))
     with pytest.raises(RuntimeError, match=r"lonely.mp4: cannot (open|decode) video"):
         read_clip(str(lonely), start=0, fps=10, num_frames=10, size=(16, 16))
     with pytest.raises(ValueError, match="clip_start"):

@@ -356,16 +356,23 @@ class VideoFolderDataset(Dataset):
     def _check(self, path: str) -> tuple[Storyboard, _VideoScan]:
         """The storyboard and measurements of one video; raises _BadVideo if it is unusable."""
         storyboard_path = os.path.splitext(path)[0] + ".json"
-        storyboard = None
+        storyboard, missing = None, None
         if os.path.isfile(storyboard_path):
             try:
                 storyboard = Storyboard.load(storyboard_path)  # its errors start with storyboard_path
             except StoryboardError as e:
                 raise _BadVideo(path, f"bad storyboard: {_one_line(e)}") from None
         elif self.storyboard_policy == "required":
-            raise _BadVideo(path, f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})",
-                            "missing storyboard")
-        scan = _scan(path)
+            missing = f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})"
+        try:
+            scan = _scan(path)
+        except _BadVideo as e:
+            if missing is None:
+                raise
+            # both said at once: adding the storyboard alone would not make this video usable
+            raise _BadVideo(path, f"{e.reason}; and {missing}", f"{e.short}, missing storyboard") from None
+        if missing is not None:
+            raise _BadVideo(path, missing, "missing storyboard")
         if storyboard is None:
             storyboard = Storyboard.single(self.default_prompt, scan.duration)
         spec, start = self.spec, self._first_start()
