@@ -4,12 +4,17 @@
 
 The model is the full-size Wan 2.2 TI2V-5B transformer (``pfp.backbones.wan.WAN22_5B_CONFIG``, 30
 blocks of width 3072, FFN 14336) with random weights built on the device (no hub), driven through
-``WanBackbone``: one chunk of 2340 target tokens (1 s of 832x480 at 24 fps: 6 x 30 x 52 after the
-patch) after 5460 context tokens (the paper's 20 s at 4x4x2), 512 text states, classifier-free
-guidance (batch 2, one shared context). A step is one forward of that batch:
+``WanBackbone``: one chunk of 2340 target tokens (1 s of 832x480 at 24 fps: a 6 x 30 x 52 latent
+through Wan 2.2's 16x16x4 VAE, 6 x 15 x 26 tokens after the 1x2x2 patch) after 5460 context tokens
+(the paper's 20 s at 4x4x2), 512 text states, classifier-free guidance (batch 2, one shared
+context). A step is one forward of that batch:
 
 - ``cached``: the context's per-layer K/V are computed once per chunk (timed apart) and every step
-  runs only the target tokens over ``[context ; target]`` keys;
+  runs only the target tokens over ``[context ; target]`` keys, concatenated per step;
+- ``cached+buffers``: the same through persistent ``[context ; target]`` buffers
+  (``WanBackbone.use_context_kv_buffers``, the memory planner's ``kv="buffer"`` that
+  ``pfp.generate`` runs): the context is copied in once per chunk (inside the timed K/V build) and
+  each step writes only the target's K/V;
 - ``joint`` (the paper's mode): context and target tokens run through every block at every step.
 
 FLOPs are counted per step from the shapes (2 per multiply-add, :func:`step_flops`): per block and
@@ -43,10 +48,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-FULL = dict(grid=(6, 30, 52), context=5460, text=512)
+FULL = dict(grid=(6, 15, 26), context=5460, text=512)   # grid: target tokens (t, h, w), after the patch
 DRY = dict(grid=(2, 4, 6), context=40, text=16)
+# dense bf16 tensor-core peaks with fp32 accumulation (what torch's bf16 GEMMs use). GeForce Ada
+# cards run fp32 accumulation at half their fp16-accumulate rate: the RTX 4070's 116.6 is the latter.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H200": 989.0,
-                    "RTX 4070": 117.0}
+                    "RTX 4070": 58.3}
 
 
 def step_flops(cfg: dict, nt: int, nc: int, text: int, batch: int, mode: str) -> float:
@@ -150,22 +157,35 @@ def run(device: str, steps: int, dry_run: bool, peak_tflops: float | None) -> li
             positions = torch.cat([positions, extra])
         ctx = Context(r(1, nc, cfg["num_attention_heads"] * cfg["attention_head_dim"]), positions)
         t_start = float(positions[:, 0].max()) + 2
-        for mode in ("cached", "joint"):
-            bb.context_mode = mode
+        for mode in ("cached", "cached+buffers", "joint"):
+            bb.context_mode = "joint" if mode == "joint" else "cached"
+            bb.use_context_kv_buffers(mode == "cached+buffers")
             with torch.no_grad():
-                cache_s = None
+                chunk_times = None
                 if mode == "cached":
-                    cache_times = time_steps(lambda: bb.cache_context(ctx), device, max(2, steps // 4))
-                    cache_s = statistics.median(cache_times)
+                    chunk_times = time_steps(lambda: bb.cache_context(ctx), device, max(2, steps // 4))
                     kv = bb.cache_context(ctx)
-                    fn = lambda: bb(x, ts, text, kv, t_start=t_start)  # noqa: E731
-                else:
+                elif mode == "cached+buffers":
+                    def build_and_fill():   # the first step after a build copies the context in
+                        built = bb.cache_context(ctx)
+                        bb(x, ts, text, built, t_start=t_start)
+                    chunk_times = time_steps(build_and_fill, device, max(2, steps // 4))
+                    kv = bb.cache_context(ctx)
+                if mode == "joint":
                     fn = lambda: bb(x, ts, text, ctx, t_start=t_start)  # noqa: E731
+                else:
+                    fn = lambda: bb(x, ts, text, kv, t_start=t_start)  # noqa: E731
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 times = time_steps(fn, device, steps)
+            if mode == "cached+buffers" and not kv.holds_joint_buffers:
+                raise RuntimeError("cached+buffers: the steps did not attend through the [context ; target] buffers")
+            cache_s = None
+            if chunk_times is not None:
+                # per chunk: the K/V build (and with buffers the fill, i.e. the first step's extra cost)
+                cache_s = statistics.median(chunk_times) - (statistics.median(times) if mode == "cached+buffers" else 0.0)
             step_s = statistics.median(times)
-            flops = step_flops(cfg, nt, nc, nl, 2, mode)
+            flops = step_flops(cfg, nt, nc, nl, 2, "joint" if mode == "joint" else "cached")
             label = weights if dtype != torch.float32 else "fp32 (dry run)"
             row = {"weights": label, "mode": mode, "step_ms": step_s * 1e3, "min_ms": min(times) * 1e3,
                    "tflops": flops / step_s / 1e12, "cache_ms": None if cache_s is None else cache_s * 1e3,
@@ -173,6 +193,7 @@ def run(device: str, steps: int, dry_run: bool, peak_tflops: float | None) -> li
             if peak_tflops:
                 row["mfu"] = row["tflops"] / peak_tflops
             rows.append(row)
+        bb.use_context_kv_buffers(False)
         bb = kv = None   # the model goes before the next one is built
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -210,7 +231,7 @@ def table(rows: list, device: str, name: str, peak: float | None, dry_run: bool,
                     f"{mfu} | {cache} | {peak_gib} |")
     bf = {r["mode"]: r for r in rows if r.get("weights") == "bf16" and "why" not in r}
     f8 = {r["mode"]: r for r in rows if r.get("weights") == "fp8" and "why" not in r}
-    for mode in ("cached", "joint"):
+    for mode in ("cached", "cached+buffers", "joint"):
         if mode in bf and mode in f8:
             head.append(f"\n{mode}: fp8 / bf16 speed-up {bf[mode]['step_ms'] / f8[mode]['step_ms']:.2f}x")
     return "\n".join(head) + "\n"

@@ -47,7 +47,8 @@ def test_cpu_dry_run_writes_its_table(tmp_path):
                         "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "wan5b_step" / "wan5b_step_cpu_dry_run.md").read_text()
-    assert "| fp32 (dry run) | cached |" in text and "| fp32 (dry run) | joint |" in text
+    assert all(f"| fp32 (dry run) | {mode} |" in text for mode in ("cached", "cached+buffers", "joint"))
+    assert "48 target tokens" in text     # the dry run's 2 x 4 x 6 token grid (the full run: 6 x 15 x 26 = 2340)
     assert "fp8 | n/a | not run: fp8 GEMMs need a CUDA device" in text
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_wan5b_step.py"), "--device", "cpu"],
                          env=env, capture_output=True, text=True)

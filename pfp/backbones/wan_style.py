@@ -153,6 +153,11 @@ class ContextKV:
             self._joint_key = key
         return self._joint
 
+    @property
+    def holds_joint_buffers(self) -> bool:
+        """Whether :meth:`joint_buffers` made a set that this cache still holds."""
+        return self._joint is not None
+
     def release_buffers(self) -> None:
         """Free the buffers of :meth:`joint_buffers` (made again on their next use)."""
         self._joint, self._joint_key = None, None
