@@ -1,38 +1,59 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one run: the CUDA tests (Triton kernels compiled for the card,
-# bf16 included), then the CUDA benchmarks, which write their tables to $PFP_BENCH_OUT (default
-# here: benchmarks/results/, since this script is how GPU figures get published; the card's name
-# is in each file). Each step has its own time limit, and a failed step does not stop
-# the next one.
+# Everything only a GPU can show, in one run: the CUDA benchmarks, which write their tables to
+# $PFP_BENCH_OUT (default here: benchmarks/results/, since this script is how GPU figures get
+# published; the card's name is in each file), and the CUDA tests (Triton kernels compiled for the
+# card, bf16 included). Each step has its own time limit, and a failed step does not stop the next.
 #
-#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tests attention conv compressor wan5b
-#                                                 memory models context generate train tune (default:
-#                                                 all, in that order, most wanted first),
+#   bash benchmarks/cuda_checks.sh [step ...]     steps: env tune attention conv wan5b compressor memory
+#                                                 models tests context generate train (default: all, in
+#                                                 that order: the open issues' headline figures first),
 #                                                 sweep (the Triton config sweep; only when named)
+#   DRY=1 bash benchmarks/cuda_checks.sh          the same steps on this CPU, each in its CPU form (the
+#                                                 benchmarks' --dry-run stand-ins, the CUDA-only pytest
+#                                                 files collected and skipped), results in a temporary
+#                                                 folder: checks the script itself before a GPU run
 #
 # The whole run keeps within PFP_CUDA_BUDGET_S seconds (default 450, under the 8 minutes one
 # short GPU loan allows): a step gets at most what is left, and none starts with under 20 s left.
+# The headline steps come first (the 2026-11-26 run did env, tests, attention, conv, compressor,
+# context, generate and train in about 5 minutes); name steps to run others first.
 # With OUT set, the log and a tarball of the CUDA results this run wrote are copied there after
 # every step.
 #
-# Packages the GPU image lacks (diffusers; PyAV; torchao for the fp8 rows) travel as wheels in
-# benchmarks/wheels/ (git-ignored): `bash benchmarks/fetch_wheels.sh` downloads them here, and this
-# script installs them into /tmp/pfp_site first (name benchmarks/wheels in the device call's carry).
-# Without diffusers the wan5b, models and memory steps cannot run; without PyAV the generate step
-# times generate() in-process.
+# Packages the GPU image lacks (diffusers; torchao for the fp8 rows; pytest-xdist; PyAV) travel as
+# wheels in benchmarks/wheels/ (git-ignored): `bash benchmarks/fetch_wheels.sh` downloads them
+# here, and this script installs them into /tmp/pfp_site first (name benchmarks/wheels in the
+# device call's carry). Without diffusers the
+# wan5b, models and memory steps cannot run; without PyAV the generate step times generate()
+# in-process; without pytest-xdist the tests run in one process.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRITON_INTERPRET=0
-export PFP_BENCH_OUT=${PFP_BENCH_OUT:-$PWD/benchmarks/results}
+DRY=${DRY:-0}
+if [ "$DRY" = 1 ]; then
+    export PFP_BENCH_OUT=${PFP_BENCH_OUT:-$(mktemp -d /tmp/pfp_cuda_dry.XXXXXX)}
+    DEV=cpu
+else
+    export PFP_BENCH_OUT=${PFP_BENCH_OUT:-$PWD/benchmarks/results}
+    DEV=cuda
+fi
+dry() { [ "$DRY" = 1 ] && printf '%s ' "$@"; }   # the CPU form's extra arguments, in a dry run only
 LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
+ALL=(env tune attention conv wan5b compressor memory models tests context generate train)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests attention conv compressor wan5b memory models context generate train tune)
+[ ${#steps[@]} -eq 0 ] && steps=("${ALL[@]}")
+for step in "${steps[@]}"; do   # every name checked before anything runs
+    case " ${ALL[*]} sweep " in
+        *" $step "*) ;;
+        *) echo "unknown step $step (${ALL[*]} sweep)" | tee -a "$LOG"; exit 2 ;;
+    esac
+done
 BUDGET=${PFP_CUDA_BUDGET_S:-450}
 STAMP=$(mktemp /tmp/pfp_cuda_stamp.XXXXXX)   # results newer than this are this run's
 
-if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+if [ "$DRY" != 1 ] && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pfp_site \
         benchmarks/wheels/*.whl >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/pfp_site:$PYTHONPATH"
 fi
@@ -53,7 +74,7 @@ run() {  # run LIMIT_S NAME CMD...
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s${DRY:+, DRY=$DRY}): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
@@ -64,23 +85,25 @@ run() {  # run LIMIT_S NAME CMD...
 for step in "${steps[@]}"; do
     case $step in
         env)
-            run 60 env bash -c 'nvidia-smi; python3 -c "import sys, torch, triton; print(sys.version); \
+            run 60 env bash -c 'nvidia-smi 2>/dev/null || echo "nvidia-smi: not here"; python3 -c "import sys, torch, triton; print(sys.version); \
 print(torch.__version__, triton.__version__, torch.version.cuda, torch.backends.cudnn.version()); \
-print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; python3 -m pfp_kernels.info; \
-for m in diffusers av torchao flash_attn; do python3 -c "import $m; print(\"$m\", $m.__version__)" 2>/dev/null \
-|| echo "$m: not importable"; done' ;;
-        tests)
-            # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in parallel
-            run 200 tests python3 -m pytest tests/test_cuda.py -q -rs -n 8 -p no:cacheprovider \
-                --junitxml=/tmp/pfp_cuda_junit.xml ;;
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\", \
+torch.cuda.get_device_capability() if torch.cuda.is_available() else \"\")"; python3 -m pfp_kernels.info; \
+for m in diffusers av torchao flash_attn flash_attn_interface xdist pytest_benchmark; do python3 -c "import $m; \
+print(\"$m\", getattr($m, \"__version__\", \"\"))" 2>/dev/null || echo "$m: not importable"; done' ;;
         tune)
             # auto's measured choices on this card (issue 24): the paper's attention at B=1 and 2,
             # Nc=0/1000/5460/20000, forward and forward+backward, and the 480p conv stages; each
             # line lists every candidate's time, the stock SDPA over the concatenation among them.
-            # Into a cache file of its own, which the later steps' auto then uses.
+            # Into a cache file of its own, which the later steps' auto then reads (a dry run only
+            # shows the table).
             mkdir -p "$PFP_BENCH_OUT/tuning"
-            export PFP_KERNELS_CACHE="$PFP_BENCH_OUT/tuning/cuda_tuning.json"
-            run 150 tune python3 -m pfp_kernels.info --tune --device cuda ;;
+            export PFP_KERNELS_CACHE="$PFP_BENCH_OUT/tuning/${DEV}_tuning.json"
+            if [ "$DRY" = 1 ]; then
+                run 60 tune python3 -m pfp_kernels.info
+            else
+                run 150 tune python3 -m pfp_kernels.info --tune --device cuda
+            fi ;;
         attention)
             run 120 attention python3 -m pytest benchmarks/bench_attention.py -k cuda --benchmark-only -q -rs \
                 -p no:cacheprovider ;;
@@ -89,28 +112,40 @@ for m in diffusers av torchao flash_attn; do python3 -c "import $m; print(\"$m\"
         compressor)
             run 90 compressor python3 -m pytest benchmarks/bench_compressor.py -k cuda --benchmark-only -q -rs \
                 -p no:cacheprovider ;;
-        context)
-            run 120 context python3 benchmarks/bench_context_modes.py --device cuda --shape all ;;
         wan5b)
-            # one random-weight Wan 2.2 5B denoising step, bf16 and fp8, cached and joint: time and
-            # MFU (issue 24). fp8 needs torchao (a wheel in benchmarks/wheels/, see the top).
-            run 240 wan5b python3 benchmarks/bench_wan5b_step.py --steps 10 ;;
+            # one random-weight Wan 2.2 5B denoising step, bf16 and fp8, cached (with and without
+            # the [context ; target] buffers) and joint: time and MFU (issue 24). fp8 needs torchao
+            # (a wheel in benchmarks/wheels/, see the top).
+            run 240 wan5b python3 benchmarks/bench_wan5b_step.py --device $DEV --steps $( [ "$DRY" = 1 ] && echo 2 || echo 10) $(dry --dry-run) ;;
         models)
             # one random-weight bf16 step of Wan 2.2 A14B's expert and of HunyuanVideo 13B at 480p, cached
             # context: time, the K/V build and peak memory (issue 25)
-            run 240 models python3 benchmarks/bench_model_step.py --steps 5 ;;
+            run 240 models python3 benchmarks/bench_model_step.py --device $DEV --steps $( [ "$DRY" = 1 ] && echo 1 || echo 5) $(dry --dry-run) ;;
+        tests)
+            # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in
+            # parallel where pytest-xdist is importable
+            par=()
+            python3 -c "import xdist" 2>/dev/null && par=(-n 8)
+            run 200 tests python3 -m pytest tests/test_cuda.py -q -rs "${par[@]}" -p no:cacheprovider \
+                --junitxml=/tmp/pfp_cuda_junit.xml ;;
         sweep)
-            run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160 ;;
+            if [ "$DRY" = 1 ]; then
+                echo "=== sweep: not run (a dry run has no GPU to sweep)" | tee -a "$LOG"
+            else
+                run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160
+            fi ;;
+        context)
+            run 120 context python3 benchmarks/bench_context_modes.py --device $DEV --shape $( [ "$DRY" = 1 ] && echo tiny || echo all) \
+                $(dry --steps 2) ;;
         train)
-            run 100 train python3 benchmarks/bench_train.py --device cuda --workers 6 --threads 4 --steps 40 ;;
+            run 100 train python3 benchmarks/bench_train.py --device $DEV --workers $( [ "$DRY" = 1 ] && echo 1 || echo 6) \
+                --threads $( [ "$DRY" = 1 ] && echo 1 || echo 4) --steps $( [ "$DRY" = 1 ] && echo 2 || echo 40) ;;
         generate)
-            run 90 generate python3 benchmarks/bench_generate.py --device cuda --runs 3 ;;
+            run 90 generate python3 benchmarks/bench_generate.py --device $DEV --runs $( [ "$DRY" = 1 ] && echo 1 || echo 3) ;;
         memory)
             # memory plans on the GPU, and a random-weight Wan 2.2 5B's measured phase peaks against
             # the planner's (issue 23)
-            run 300 memory python3 benchmarks/bench_memory.py --device cuda --runs 2 ;;
-        *)
-            echo "unknown step $step (env tests attention conv compressor wan5b memory models context generate train tune sweep)" | tee -a "$LOG"
-            exit 2 ;;
+            run 300 memory python3 benchmarks/bench_memory.py --device $DEV --runs $( [ "$DRY" = 1 ] && echo 1 || echo 2) \
+                $(dry --dry-run --skip-5b) ;;
     esac
 done

@@ -67,3 +67,21 @@ def test_model_step_dry_run_writes_both_models(tmp_path):
     assert "| a14b | " in text and "| hunyuanvideo | " in text and "not run" not in text
     bad = subprocess.run([sys.executable, script, "--model", "sora"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--model" in bad.stderr
+
+
+def test_cuda_checks_script_runs_its_cpu_form(tmp_path):
+    # benchmarks/cuda_checks.sh, the one GPU run: DRY=1 runs the same steps on the CPU into a
+    # temporary results folder, so the script itself is checked before a GPU loan is spent on it
+    script = os.path.join(ROOT, "benchmarks", "cuda_checks.sh")
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PFP_BENCH_OUT=str(tmp_path / "results"), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", script, "env", "tune", "attention", "tests"], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ends = [line for line in r.stdout.splitlines() if line.startswith("=== ") and " rc " in line]
+    assert [line.split(":")[0] for line in ends] == ["=== env", "=== tune", "=== attention", "=== tests"], r.stdout
+    assert all(": rc 0 in " in line for line in ends), r.stdout
+    log = (tmp_path / "cuda_checks.log").read_text()
+    assert "pfp_kernels" in log and "skipped" in log     # info's table; the CUDA tests collected, skipped here
+    assert not (tmp_path / "results" / "tuning" / "cuda_tuning.json").exists()
+    bad = subprocess.run(["bash", script, "env", "bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown step bogus" in bad.stdout and "=== env" not in bad.stdout
