@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 import pfp  # noqa: E402
 from pfp_kernels import conv as _conv  # noqa: E402
 
-from _results import results_dir
+from _results import impls_chosen, results_dir
 INNER, RATE, CHANNELS = 3072, "4x4x2", 16
 PLAN = pfp.plan_inputs((832, 480), fps=24, seconds=20, rate=RATE)
 HR_T, HR_H, HR_W = PLAN.hr_latent_shape[1:]       # 120, 60, 104
@@ -87,25 +87,9 @@ def _macs(c: pfp.MemoryCompressor, hr_shape) -> float:
 
 
 def _impls(run) -> str:
-    """The implementations ``auto`` really chose (the tuning table's measured choice where it has
-    one, not the static order) for the conv stages and the projection, recorded while ``run()``
-    does the benchmarked work once more."""
-    from unittest import mock
-
-    from pfp_kernels import _registry
-    chosen: dict = {}
-    real_choose = _registry.Op.choose
-
-    def choose(op, impl, *inputs, **kwargs):
-        name = real_choose(op, impl, *inputs, **kwargs)
-        chosen.setdefault(op.name, [])
-        if name not in chosen[op.name]:
-            chosen[op.name].append(name)
-        return name
-    with mock.patch.object(_registry.Op, "choose", choose), torch.no_grad():
-        run()
-    return ", ".join(f"{op}={'+'.join(chosen[op])}" for op in (_conv.CAUSAL_CONV3D_ACT.name, _conv.PROJECT_TOKENS.name)
-                     if op in chosen)
+    """The implementations ``auto`` really chose for the conv stages and the projection, recorded
+    while ``run()`` does the benchmarked work once more."""
+    return impls_chosen(run, (_conv.CAUSAL_CONV3D_ACT, _conv.PROJECT_TOKENS))
 
 
 def _fork(stream: pfp.CompressorStream) -> pfp.CompressorStream:
