@@ -3,9 +3,10 @@
 ``--table`` prints ``auto``'s measured choices for this machine's devices (shipped and cached;
 ``pfp_kernels._tuning``), and ``--tune`` first re-times the standard shapes below on every device
 here and writes them to the cache: on CUDA the paper's attention (B=1 and 2, H=24, D=128,
-Nq=Nk=2340, Nc=0/1000/5460/20000, bf16, forward and forward+backward) and the compressor's four
-conv stages at 480p; on CPU the same at the benchmarks' CPU scale (H=8, D=64, Nq=Nk=585; conv
-stages at 1/4 spatial scale), fp32 and bf16.
+Nq=Nk=2340, Nc=0/1000/5460/20000, bf16, forward and forward+backward), the compressor's four
+conv stages at 480p, and the compressor's own causal stages and projection as it runs them (20 s
+of history whole, and a 1 s append after it); on CPU the same at the benchmarks' CPU scale (H=8,
+D=64, Nq=Nk=585; conv stages at 1/4 spatial scale, width 256), fp32 and bf16.
 
 Every op is printed the same way, from the one registry (``pfp_kernels._registry.OPS``): for each
 device, the op's probe inputs, then each implementation with "yes" (marked where ``impl="auto"``'s
@@ -16,6 +17,7 @@ ask the op itself: ``pfp_kernels.attention_backends(q, k, v, ...)`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Callable, Iterator
 
@@ -124,6 +126,58 @@ def tuning_cases(device: torch.device) -> Iterator[tuple[str, Callable[[], objec
                     conv.conv3d_act(x, w, bias, stride, 1)
             yield (f"conv3d_act {_tuning.dtype_name(dtype)} {cin}->{cout} stride {stride} "
                    f"[{t}, {hh // scale}, {ww // scale}]"), call
+        yield from _compressor_cases(device, dtype, scale)
+
+
+# The compressor's own calls: its HR stages are causal_conv3d_act (with and without a stream's
+# state) and its projection project_tokens, keyed apart from conv3d_act, so they are tuned as a
+# compressor makes them: 20 s of 480p (HR latent [16, 120, 60, 104]; 4x4x2 over a 1x2x2 patch crops
+# it to the 60 x 7 x 13 token grid's 56 x 104) compressed whole, and a 1 s append (6 HR frames)
+# after it.
+COMPRESSOR_HR, APPEND_FRAMES = (16, 120, 60, 104), 6
+
+
+def _compressor_cases(device: torch.device, dtype: torch.dtype, scale: int):
+    from . import conv
+    cin0, t, hh, ww = COMPRESSOR_HR
+    hh, ww = (hh // scale) // 8 * 8, (ww // scale) // 8 * 8
+    inner = 3072 if device.type == "cuda" else 256   # the benchmarks' CPU case: width 256
+
+    def layers():
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*shape, std=1.0):
+            return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+        stages = [(rand(cout, cin, 3, 3, 3, std=0.05), rand(cout, std=0.05), stride)
+                  for cin, cout, stride, _ in CONV_STAGES]
+        return stages, rand(inner, CONV_STAGES[-1][1], std=0.05), rand(inner, std=0.05), rand
+
+    def run(stages, proj_w, proj_b, rand, x, states):
+        h, new = x, []
+        for (w, b, stride), state in zip(stages, states):
+            h, state = conv.causal_conv3d_act(h, w, b, stride, 1, state=state)
+            new.append(state)
+        tokens = h.shape[2] * h.shape[3] * h.shape[4]
+        conv.project_tokens(h, proj_w, proj_b, residual=rand(1, tokens, inner))
+        return new
+
+    def call(append: bool, frozen: bool):
+        stages, proj_w, proj_b, rand = layers()
+        x = rand(1, cin0, t + APPEND_FRAMES, hh, ww).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad(), (conv.frozen_weights() if frozen else contextlib.nullcontext()):
+            if append:
+                states = run(stages, proj_w, proj_b, rand, x[:, :, :t], [None] * len(stages))
+                with _tuning.refreshing():
+                    run(stages, proj_w, proj_b, rand, x[:, :, t:], states)
+            else:
+                with _tuning.refreshing():
+                    run(stages, proj_w, proj_b, rand, x[:, :, :t], [None] * len(stages))
+    # on CPU pfp.generate runs the convs inside frozen_weights(), which auto keys apart; training does not
+    for frozen in ((False, True) if device.type == "cpu" else (False,)):
+        for append in (False, True):
+            what = f"a {APPEND_FRAMES}-frame append after {t}" if append else f"{t} frames whole"
+            yield (f"compressor stages + projection {_tuning.dtype_name(dtype)} [{cin0}, {hh}, {ww}], width {inner}: "
+                   f"{what}{', frozen weights' if frozen else ''}"), (lambda append=append, frozen=frozen: call(append, frozen))
 
 
 def table_report(devices: list[torch.device]) -> str:

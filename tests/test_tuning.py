@@ -360,6 +360,23 @@ def test_info_table_and_tune_print_the_choices(tuning, monkeypatch, capsys):
     assert "measured" in capsys.readouterr().out
 
 
+def test_tune_covers_the_compressors_own_calls(tuning, monkeypatch):
+    # the compressor runs causal_conv3d_act (fresh, and after a stream's state) and project_tokens,
+    # keyed apart from conv3d_act: --tune times them as a compressor calls them (here over 8 frames
+    # of history, not 120, to keep the test short), on CPU also inside frozen_weights()
+    from pfp_kernels import info
+    monkeypatch.setattr(info, "COMPRESSOR_HR", (16, 8, 60, 104))
+    cases = [(label, call) for label, call in info.tuning_cases(torch.device("cpu"))
+             if label.startswith("compressor") and "float32" in label]
+    assert len(cases) == 4 and sum("append" in label for label, _ in cases) == 2
+    for _, call in cases:
+        call()
+    keys = {(e.op, e.bucket[-2] if e.bucket[-1] == "frozen" else e.bucket[-1], e.bucket[-1] == "frozen")
+            for e in tuning.entries() if e.op == "causal_conv3d_act"}
+    assert keys == {("causal_conv3d_act", state, frozen) for state in (0, 1) for frozen in (False, True)}
+    assert {e.bucket[:2] for e in tuning.entries() if e.op == "project_tokens"} == {(256, 512)}
+
+
 def test_info_refuses_a_device_that_is_not_here(capsys):
     from pfp_kernels import info
     if torch.cuda.is_available():
