@@ -730,3 +730,29 @@ def test_mixed_videos_draw_synthetic_scenes_at_the_given_share(tmp_path):
     other = SyntheticMultiShotVideos(5, VideoSpec(hr_size=(8, 8), hr_fps=8, hr_frames=4, lr_size=(4, 4), lr_fps=4))
     with pytest.raises(ValueError, match="clip specs differ"):
         MixedVideos(folder, other, 0.5)
+
+
+@pytest.mark.parametrize("ext, container, codec", [(".avi", "avi", "mpeg4"), (".mkv", "matroska", "mpeg4"),
+                                                   (".ts", "mpegts", "mpeg2video"), (".flv", "flv", "flv"),
+                                                   (".wmv", "asf", "wmv2"), (".3gp", "3gp", "mpeg4")])
+def test_video_folder_reads_other_containers(tmp_path, ext, container, codec):
+    # any container PyAV opens, written here by PyAV itself (write_video makes mp4/mkv/mov/webm):
+    # found by its extension, decoded, measured, read as a clip
+    av = pytest.importorskip("av")
+    import numpy as np
+    path = tmp_path / f"clip{ext}"
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    ds = VideoFolderDataset(tmp_path, dict(hr_size=16, hr_fps=10, hr_frames=10), storyboards="optional")
+    assert ds.paths == [str(path)] and not ds.skipped
+    clip = ds[0]["hr"]
+    assert clip.shape == (3, 10, 16, 16)
+    means = clip.mean(dim=(0, 2, 3))
+    assert bool((means[1:] > means[:-1]).all())     # the frames in order: each brighter than the last

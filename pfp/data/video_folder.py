@@ -36,7 +36,10 @@ from . import VideoSpec, to_low_res
 
 __all__ = ["VideoFolderDataset", "VIDEO_EXTENSIONS", "read_clip", "write_video"]
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".m4v")
+# the containers of video files that PyAV's FFmpeg opens (a file of another kind with one of these
+# names, e.g. TypeScript's .ts, is listed as unreadable, not skipped unseen)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".mpg", ".mpeg", ".m4v", ".ogv", ".flv", ".wmv",
+                    ".3gp", ".ts", ".mts", ".m2ts")
 _EPS = 1e-6
 
 
