@@ -59,6 +59,10 @@ class Op:
     tuned: per device type, the implementations ``auto`` times against each other when the API
     passes a :class:`_tuning.TuneCall` (the stock kernels among them, so a measured ``auto`` is never
     slower than the stock kernel it knows). Empty: the static order alone.
+    grad_order: per device type, the static order for calls whose :class:`_tuning.TuneCall` has
+    inputs that need gradients, where it differs from ``auto_order`` (an implementation with a fast
+    forward and a slow backward). Used where nothing is measured (torch.compile tracing, timing
+    off, no table entry).
     probe(device) returns ``(description, inputs)``: small inputs on ``device`` that show which
     implementations can run there (``info`` prints the reasons for them).
     """
@@ -68,6 +72,7 @@ class Op:
     auto_order: Mapping[str, tuple[str, ...]]
     probe: Optional[Callable[[torch.device], tuple[str, tuple]]] = field(default=None, compare=False)
     tuned: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    grad_order: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,6 +89,13 @@ class Op:
             else:
                 out[impl.name] = impl.why_not(*inputs)
         return out
+
+    def static_order(self, device: str, grad: bool = False) -> tuple[str, ...]:
+        """``auto``'s order without a measurement on this device type: :attr:`grad_order`'s for a
+        call that needs gradients where it has one, else :attr:`auto_order`'s."""
+        if grad and device in self.grad_order:
+            return self.grad_order[device]
+        return self.auto_order.get(device, self.auto_order["default"])
 
     def choose(self, impl: str, *inputs, tune: Optional[_tuning.TuneCall] = None) -> str:
         """The implementation to run: ``impl`` itself if it can run these inputs, or for "auto" the
@@ -106,7 +118,7 @@ class Op:
                 best = _tuning.lookup_or_measure(self.name, runnable, inputs, tune)
                 if best is not None:
                     return best
-        order = self.auto_order.get(device, self.auto_order["default"])
+        order = self.static_order(device, grad=tune is not None and bool(tune.grad_inputs))
         for name in order:
             if reasons[name] is None:
                 return name
@@ -120,7 +132,7 @@ OPS: dict[str, Op] = {}
 def register(op: Op) -> Op:
     if "default" not in op.auto_order:
         raise ValueError(f"{op.name}: auto_order needs a 'default' entry")
-    for order in (*op.auto_order.values(), *op.tuned.values()):
+    for order in (*op.auto_order.values(), *op.tuned.values(), *op.grad_order.values()):
         unknown = set(order) - set(op.names)
         if unknown:
             raise ValueError(f"{op.name}: auto_order names unknown implementations {sorted(unknown)}")

@@ -54,6 +54,25 @@ def test_choose_names_the_choices_and_the_reasons():
         "demo", (_registry.Impl("a", ("cuda",), lambda t: None),), {"default": ("a",)}).reasons(x)["a"]
 
 
+def test_a_call_that_needs_gradients_takes_the_grad_order_where_nothing_is_measured():
+    from pfp_kernels._tuning import TuneCall
+    impls = tuple(_registry.Impl(n, ("cpu",), lambda t: None) for n in ("fast_fwd", "fast_fwd_bwd", "torch"))
+    op = _registry.Op("demo", impls, {"default": ("fast_fwd", "fast_fwd_bwd", "torch")},
+                      grad_order={"cpu": ("fast_fwd_bwd", "fast_fwd", "torch")})
+    x, xg = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert op.choose("auto", x, tune=TuneCall(("b",), lambda name: x, ())) == "fast_fwd"
+    assert op.choose("auto", xg, tune=TuneCall(("b",), lambda name: xg, (xg,))) == "fast_fwd_bwd"
+    assert op.choose("auto", xg) == "fast_fwd"            # no TuneCall: nothing says a gradient is wanted
+    assert op.static_order("cuda", grad=True) == ("fast_fwd", "fast_fwd_bwd", "torch")   # none for that device
+    # joint_attention on CUDA: with gradients, SDPA over the concatenation before the backends
+    # that differentiate through the Triton backward
+    attention = _registry.OPS["joint_attention"]
+    assert attention.static_order("cuda", grad=True)[0] == "sdpa_concat"
+    assert attention.static_order("cuda")[0] == "flash_attn"
+    with pytest.raises(ValueError, match="unknown implementations"):
+        _registry.register(_registry.Op("demo2", impls, {"default": ("torch",)}, grad_order={"cpu": ("nope",)}))
+
+
 def test_register_refuses_an_order_naming_unknown_impls():
     with pytest.raises(ValueError, match="unknown implementations"):
         _registry.register(_registry.Op("demo", (_registry.Impl("a", (), lambda t: None),),

@@ -153,6 +153,11 @@ JOINT_ATTENTION = register(Op(
     _probe,
     tuned={"cuda": ("flash_attn", "sdpa_concat", "triton", "xformers", "sdpa"),   # in auto's order
            "cpu": ("cpp", "sdpa", "sdpa_concat")},
+    # With gradients on CUDA, SDPA over the concatenation first: the others differentiate through
+    # the Triton backward (triton 0.41x, sdpa_concat 1.00x forward + backward at the paper's shape on
+    # the H100, 2026-11-26), which a fast forward does not make up for. Measured calls time forward +
+    # backward and need no such rule.
+    grad_order={"cuda": ("sdpa_concat", "flash_attn", "triton", "xformers", "sdpa", "torch")},
 ))
 
 
