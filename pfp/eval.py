@@ -270,16 +270,17 @@ class _ClipSets:
             try:
                 dataset = VideoFolderDataset(self.videos, spec, progress=self.progress, storyboards=self.storyboards)
             except ValueError as exc:
-                raise ValueError(f"--videos {self.videos}: {str(exc).removeprefix('VideoFolderDataset: ')}") from None
+                reason = str(exc).removeprefix("VideoFolderDataset: ").replace(f" under {self.videos!r}", "")
+                raise ValueError(f"--videos {self.videos}: {reason}") from None
             self._sets[spec] = dataset
-            if self._first_paths is None:
-                self._first_paths = list(dataset.paths)
-                if dataset.skip_report():
-                    print(f"videos: {dataset.skip_report()}", file=sys.stderr)
-            elif list(dataset.paths) != self._first_paths:
-                print(f"videos for {checkpoint} (clips of {n_chunks} chunks, {config.clip_frames(n_chunks)} frames "
-                      f"at {config.fps:g} fps): {dataset.skip_report() or 'none skipped'}; it is scored on "
-                      f"{len(dataset)} videos, the first checkpoint on {len(self._first_paths)}", file=sys.stderr)
+        if self._first_paths is None:
+            self._first_paths = list(dataset.paths)
+            if dataset.skip_report():
+                print(f"videos: {dataset.skip_report()}", file=sys.stderr)
+        elif list(dataset.paths) != self._first_paths:   # said for every such checkpoint
+            print(f"videos for {checkpoint} (clips of {n_chunks} chunks, {config.clip_frames(n_chunks)} frames "
+                  f"at {config.fps:g} fps): {dataset.skip_report() or 'none skipped'}; it is scored on "
+                  f"{len(dataset)} videos, the first checkpoint on {len(self._first_paths)}", file=sys.stderr)
         return dataset
 
 
@@ -296,7 +297,9 @@ def retrieval_table(checkpoints: Sequence[str], videos: str, *, seconds: Optiona
     None for one clip), ``ssim``, ``lpips`` (None when it cannot be computed here, ``lpips_note`` says
     why: :func:`lpips_metric`), ``videos``, ``clips``,
     ``frames_per_video`` (per clip), ``psnr_per_clip`` (the same clips, in the same order, for every
-    checkpoint: compare two checkpoints clip by clip). Unusable videos are listed once and skipped."""
+    checkpoint whose clips the same videos hold: compare two checkpoints clip by clip). Unusable
+    videos are listed once and skipped; a checkpoint whose clip length leaves out other videos than
+    the first checkpoint's is named with them on stderr."""
     import random
     import sys
 
@@ -359,7 +362,8 @@ def consistency_table(checkpoints: Sequence[str], videos: str, *, history_second
     Returns one dict per checkpoint: ``checkpoint``, ``variant``, ``rate``, ``consistency_psnr``
     (mean over the videos that have a return; None if none has), ``videos_scored``, ``returns``,
     ``consistency_per_video`` (each video's score in folder order, None where it has no return:
-    the same videos for every checkpoint, to compare two pair by pair), ``memory``."""
+    the same videos for every checkpoint whose clip length they all hold, to compare two pair by
+    pair; one that leaves out other videos is named with them on stderr), ``memory``."""
     import sys
 
     from tqdm import tqdm

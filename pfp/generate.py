@@ -644,6 +644,7 @@ def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, f
     model when ``path`` is None. Checked up front: a missing path, a damaged checkpoint, weights of
     another config, LoRA adapters or another context mode each raise InputError naming ``flag``."""
     from pfp.weights import DEFAULT_WEIGHTS, PFPConfig, build_model, load_state_checked, load_weights, read_weights
+    named = path is not None   # the user's path: its faults name the flag; the built-in file's do not
     if path is None:
         if not os.path.isfile(DEFAULT_WEIGHTS):
             raise InputError(f"the built-in weights {DEFAULT_WEIGHTS} are missing; reinstall pfp or pass --checkpoint")
@@ -676,7 +677,7 @@ def load_model(path: Optional[str] = None, context_mode: Optional[str] = None, f
         return load_weights(path, config=file_cfg, context_mode=context_mode)
     except ValueError as e:
         message = str(e)
-        raise InputError(message if message.startswith("--") else f"{flag}: {message}") from None
+        raise InputError(message if message.startswith("--") or not named else f"{flag}: {message}") from None
 
 
 def main(argv=None) -> int:

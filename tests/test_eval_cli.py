@@ -97,14 +97,15 @@ def test_checkpoints_whose_clips_leave_out_other_videos_are_reported(tmp_path, c
     torch.manual_seed(0)
     long = str(tmp_path / "long_chunks.safetensors")
     save_weights(build_model(dataclasses.replace(tiny_config(), chunk_frames=8)), long)
-    assert main(["retrieval", "--checkpoints", short, long, "--videos", str(videos), "--steps", "1",
+    assert main(["retrieval", "--checkpoints", short, long, long, "--videos", str(videos), "--steps", "1",
                  "--frames", "1", "--quiet", "--json"]) == 0
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
-    assert [r["videos"] for r in rows] == [2, 1]
+    assert [r["videos"] for r in rows] == [2, 1, 1]
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"videos for {long} (clips of 4 chunks, 32 frames")
-    assert "short.mp4 (too short" in err[0] and "scored on 1 videos, the first checkpoint on 2" in err[0]
+    assert len(err) == 2 and all(line.startswith(f"videos for {long} (clips of 4 chunks, 32 frames") for line in err)
+    assert all("short.mp4 (too short" in line and "scored on 1 videos, the first checkpoint on 2" in line
+               for line in err)     # the second checkpoint of that clip length too, from the same scan
 
 
 def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
@@ -112,7 +113,7 @@ def test_retrieval_bad_input_is_one_line(tmp_path, capsys):
     write_video_folder(empty, good=0, corrupt=2, short=0)
     ckpt = _weights(tmp_path, "pfp")
     cases = [([], "give a command"),
-             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty)], f"--videos {empty}: no usable video"),
+             (["retrieval", "--checkpoints", ckpt, "--videos", str(empty)], f"--videos {empty}: no usable video ("),
              (["retrieval", "--checkpoints", _relabelled(tmp_path, ckpt, compressor_kind="without_lr"),
                "--videos", str(empty)], "--checkpoints: checkpoint"),
              (["consistency", "--checkpoints", _relabelled(tmp_path, ckpt, rate="4x4x2"), "--videos", str(empty)],

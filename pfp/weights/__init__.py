@@ -109,15 +109,16 @@ def load_weights(path: Optional[str] = None, config: Optional[PFPConfig] = None,
     if cfg is None:
         raise ValueError(f"checkpoint {path} carries no config; pass config=")
     if context_mode is not None and context_mode != cfg.context_mode:
-        raise ValueError(f"checkpoint {path} was trained with context_mode={cfg.context_mode!r}; "
-                         f"--context-mode {context_mode!r} needs weights trained in that mode")
-    model = build_model(cfg)
-    load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+        raise ValueError(f"--context-mode {context_mode}: checkpoint {path} was trained with context_mode="
+                         f"{cfg.context_mode!r}, and each mode needs weights trained in it")
     if file_cfg is not None and file_cfg.compressor_signature() != cfg.compressor_signature():
-        # tensors that fit are not enough: pfp and without_lr weights have the same ones, and those
-        # of another rate or low-res phase always do, to be read at other strides
+        # before any model is built (a preset's is billions of parameters). Tensors that fit would
+        # not be enough: pfp and without_lr weights have the same ones, and those of another rate
+        # or low-res phase always do, to be read at other strides
         raise ValueError(f"checkpoint {path} holds compressors for {file_cfg.compressor_signature()} but the config "
                          f"asks for {cfg.compressor_signature()}; use the file's own config or one that matches")
+    model = build_model(cfg)
+    load_state_checked(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
     return model.eval()
 
 

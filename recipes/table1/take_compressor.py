@@ -7,7 +7,8 @@ over, and the backbone it finetunes with is the base model's, not the one the pr
     python recipes/table1/take_compressor.py --base pfp/weights/default.safetensors \\
         --compressor runs/pre.safetensors --out runs/base_with_pretrained_compressor.safetensors
 
-The output has the compressor file's config (its kind and rate); both files must hold the same
+The output has the compressor file's config (its kind and rate) and all its compressors (with
+``mix_compressors``, the mixed ones too); both files must hold the same
 backbone and text encoder tensors (names and shapes). Written through a temporary file, so an
 interrupted run leaves no partial output; bad input gets one line and exit status 2.
 """
@@ -53,13 +54,15 @@ def main(argv=None) -> int:
         _fail(str(exc))
     base_meta, base = _load(ns.base, "--base")
     comp_meta, comp = _load(ns.compressor, "--compressor")
-    taken = {k: v for k, v in comp.items() if k.startswith("compressor.")}
+    # every compressor: the main one, and those a config's mix_compressors adds (mix.N.*)
+    compressors = ("compressor.", "mix.")
+    taken = {k: v for k, v in comp.items() if k.startswith(compressors)}
     if not taken:
         _fail(f"--compressor {ns.compressor} holds no compressor.* tensors")
-    kept = {k: v for k, v in base.items() if not k.startswith("compressor.")}
+    kept = {k: v for k, v in base.items() if not k.startswith(compressors)}
     if not kept:
         _fail(f"--base {ns.base} holds only compressor.* tensors: no backbone to keep")
-    others = {k: v for k, v in comp.items() if not k.startswith("compressor.")}
+    others = {k: v for k, v in comp.items() if not k.startswith(compressors)}
     mismatch = state_mismatch(kept, others)
     if any(mismatch):
         _fail(f"--base and --compressor hold different backbones (--compressor's file as a checkpoint of "
