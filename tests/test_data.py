@@ -344,17 +344,21 @@ def test_video_folder_errors(tmp_path):
         assert [path for path, _ in ds.skipped] == [str(lonely)]
         return ds.skipped[0][1]
 
-    # a video without its storyboard: names the json it expected
+    # a video without its storyboard: names the json it expected (this one is too short as well,
+    # which is said first: a storyboard alone would not make it usable)
     write_video(lonely, _index_video(5), 10)
-    assert re.match(r"missing storyboard .*lonely.json", skipped_reason())
-    with pytest.raises(ValueError, match=r"lonely.mp4: missing storyboard .*lonely.json"):
+    assert re.match(r"too short: 0.500 s, .*; and missing storyboard .*lonely.json", skipped_reason())
+    with pytest.raises(ValueError, match=r"lonely.mp4: too short: .*; and missing storyboard .*lonely.json"):
         VideoFolderDataset(tmp_path, spec, on_bad="error")
+    write_video(lonely, _index_video(12), 10)   # long enough: the storyboard is all it lacks
+    assert re.match(r"missing storyboard .*lonely.json", skipped_reason())
     # a malformed storyboard: names the file and the entry
     (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}, {"start": 2}]))
     assert re.match(r"bad storyboard: .*lonely.json: storyboard entry 1: missing key", skipped_reason())
     with pytest.raises(ValueError, match=r"lonely.json: storyboard entry 1: missing key\(s\) 'end', 'prompt'"):
         VideoFolderDataset(tmp_path, spec, on_bad="error")
     (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}]))
+    write_video(lonely, _index_video(5), 10)
     # too short: 5 frames at 10 fps cannot give 10 frames at 10 fps (frame 9 is at 0.9 s, the video
     # ends at 0.5 s); found when the dataset is built, no longer when the item is read
     assert skipped_reason() == "too short: 0.500 s, a clip of 10 frames at 10 fps needs more than 0.900 s"
@@ -370,9 +374,15 @@ def test_video_folder_errors(tmp_path):
     # unreadable: not a video at all
     lonely.write_bytes(b"this is not a video" * 10)
     assert skipped_reason().startswith("cannot open: ")
-    # unreadable and without its storyboard: both said, since adding the storyboard alone would not help
+    # a fault of the video and one of its storyboard: both said, since fixing one alone would not help
     (tmp_path / "lonely.json").unlink()
     assert re.match(r"cannot open: .*; and missing storyboard .*lonely.json", skipped_reason())
+    (tmp_path / "lonely.json").write_text(json.dumps([{"start": 2}]))
+    assert re.match(r"cannot open: .*; and bad storyboard: .*lonely.json", skipped_reason())
+    (tmp_path / "lonely.json").unlink()
+    write_video(lonely, _index_video(5), 10)
+    assert re.match(r"too short: 0.500 s.*; and missing storyboard .*lonely.json", skipped_reason())
+    lonely.write_bytes(b"this is not a video" * 10)
     (tmp_path / "lonely.json").write_text(json.dumps([{"start": 0, "end": 1, "prompt": "a"}]))
     with pytest.raises(RuntimeError, match=r"lonely.mp4: cannot (open|decode) video"):
         read_clip(str(lonely), start=0, fps=10, num_frames=10, size=(16, 16))

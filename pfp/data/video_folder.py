@@ -357,27 +357,34 @@ class VideoFolderDataset(Dataset):
         return float(self.clip_start) if not isinstance(self.clip_start, str) else 0.0
 
     def _check(self, path: str) -> tuple[Storyboard, _VideoScan]:
-        """The storyboard and measurements of one video; raises _BadVideo if it is unusable."""
+        """The storyboard and measurements of one video; raises _BadVideo if it is unusable, with
+        every reason at once (a fault of the storyboard and one of the video both), since fixing
+        one alone would not make the video usable."""
         storyboard_path = os.path.splitext(path)[0] + ".json"
-        storyboard, missing = None, None
+        storyboard, story_fault = None, None
         if os.path.isfile(storyboard_path):
             try:
                 storyboard = Storyboard.load(storyboard_path)  # its errors start with storyboard_path
             except StoryboardError as e:
-                raise _BadVideo(path, f"bad storyboard: {_one_line(e)}") from None
+                story_fault = _BadVideo(path, f"bad storyboard: {_one_line(e)}")
         elif self.storyboard_policy == "required":
-            missing = f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})"
+            story_fault = _BadVideo(path, f"missing storyboard {storyboard_path} (a JSON list of {{start, end, prompt}})",
+                                    "missing storyboard")
         try:
-            scan = _scan(path)
+            scan = self._check_video(path)
         except _BadVideo as e:
-            if missing is None:
+            if story_fault is None:
                 raise
-            # both said at once: adding the storyboard alone would not make this video usable
-            raise _BadVideo(path, f"{e.reason}; and {missing}", f"{e.short}, missing storyboard") from None
-        if missing is not None:
-            raise _BadVideo(path, missing, "missing storyboard")
+            raise _BadVideo(path, f"{e.reason}; and {story_fault.reason}", f"{e.short}, {story_fault.short}") from None
+        if story_fault is not None:
+            raise story_fault
         if storyboard is None:
             storyboard = Storyboard.single(self.default_prompt, scan.duration)
+        return storyboard, scan
+
+    def _check_video(self, path: str) -> _VideoScan:
+        """The video's measurements; raises _BadVideo if it cannot be read or is too short."""
+        scan = _scan(path)
         spec, start = self.spec, self._first_start()
         if spec.hr_frames > 1 and scan.frames == 1:
             # one frame is a still image: its display time is only the container's nominal rate
@@ -391,7 +398,7 @@ class VideoFolderDataset(Dataset):
                 path, f"too short: {scan.duration:.3f} s, a clip of {spec.hr_frames} frames at {spec.hr_fps:g} fps"
                 f"{from_start} needs more than {last_frame_time:.3f} s",
                 f"too short: {scan.duration:.2f} s, needs > {last_frame_time:.2f} s")
-        return storyboard, scan
+        return scan
 
     def _name(self, path: str) -> str:
         return os.path.relpath(path, self.root)
