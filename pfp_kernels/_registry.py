@@ -118,7 +118,7 @@ class Op:
                 best = _tuning.lookup_or_measure(self.name, runnable, inputs, tune)
                 if best is not None:
                     return best
-        order = self.static_order(device, grad=tune is not None and bool(tune.grad_inputs))
+        order = self.static_order(device, grad=tune is not None and bool(tune.grad_inputs) and torch.is_grad_enabled())
         for name in order:
             if reasons[name] is None:
                 return name

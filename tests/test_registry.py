@@ -63,6 +63,8 @@ def test_a_call_that_needs_gradients_takes_the_grad_order_where_nothing_is_measu
     assert op.choose("auto", x, tune=TuneCall(("b",), lambda name: x, ())) == "fast_fwd"
     assert op.choose("auto", xg, tune=TuneCall(("b",), lambda name: xg, (xg,))) == "fast_fwd_bwd"
     assert op.choose("auto", xg) == "fast_fwd"            # no TuneCall: nothing says a gradient is wanted
+    with torch.no_grad():                                  # inputs that require grad, no graph recorded
+        assert op.choose("auto", xg, tune=TuneCall(("b",), lambda name: xg, (xg,))) == "fast_fwd"
     assert op.static_order("cuda", grad=True) == ("fast_fwd", "fast_fwd_bwd", "torch")   # none for that device
     # joint_attention on CUDA: with gradients, SDPA over the concatenation before the backends
     # that differentiate through the Triton backward
