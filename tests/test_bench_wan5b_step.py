@@ -73,15 +73,22 @@ def test_cuda_checks_script_runs_its_cpu_form(tmp_path):
     # benchmarks/cuda_checks.sh, the one GPU run: DRY=1 runs the same steps on the CPU into a
     # temporary results folder, so the script itself is checked before a GPU loan is spent on it
     script = os.path.join(ROOT, "benchmarks", "cuda_checks.sh")
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PFP_BENCH_OUT=str(tmp_path / "results"), OMP_NUM_THREADS="1")
-    r = subprocess.run(["bash", script, "env", "tune", "attention", "tests"], env=env, capture_output=True,
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PFP_BENCH_OUT=str(tmp_path / "results"), OMP_NUM_THREADS="1",
+               PFP_KERNELS_CACHE=str(tmp_path / "users_cache.json"), PFP_KERNELS_AUTOTUNE="1")
+    r = subprocess.run(["bash", script, "env", "tune", "attention", "wan5b", "tests"], env=env, capture_output=True,
                        text=True, timeout=600, cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     ends = [line for line in r.stdout.splitlines() if line.startswith("=== ") and " rc " in line]
-    assert [line.split(":")[0] for line in ends] == ["=== env", "=== tune", "=== attention", "=== tests"], r.stdout
+    assert [line.split(":")[0] for line in ends] == ["=== env", "=== tune", "=== attention", "=== wan5b",
+                                                     "=== tests"], r.stdout
     assert all(": rc 0 in " in line for line in ends), r.stdout
     log = (tmp_path / "cuda_checks.log").read_text()
     assert "pfp_kernels" in log and "skipped" in log     # info's table; the CUDA tests collected, skipped here
-    assert not (tmp_path / "results" / "tuning" / "cuda_tuning.json").exists()
-    bad = subprocess.run(["bash", script, "env", "bogus"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown step bogus" in bad.stdout and "=== env" not in bad.stdout
+    # the dry run's timings go to its own folder: the user's cache (PFP_KERNELS_CACHE) is not touched
+    assert "dry run on the CPU" in r.stdout and not (tmp_path / "users_cache.json").exists()
+    assert (tmp_path / "results" / "tuning" / "cpu_tuning.json").exists()   # wan5b's attention was timed there
+    assert (tmp_path / "results" / "wan5b_step" / "wan5b_step_cpu_dry_run.md").exists()
+    assert not list(tmp_path.rglob("cuda_tuning.json"))
+    for steps in (["env", "bogus"], ["env tune"]):   # an unknown name, and two names in one argument
+        bad = subprocess.run(["bash", script, *steps], env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "unknown step" in bad.stdout and "=== env" not in bad.stdout, steps
