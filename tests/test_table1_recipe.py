@@ -124,3 +124,31 @@ def test_take_compressor_joins_a_pretrained_compressor_to_the_base_backbone(tmp_
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith("error: --base and --compressor hold different backbones")
     assert "\n" not in err and not os.path.exists(refused) and not os.path.exists(refused + ".tmp")
+
+
+def test_take_compressor_carries_every_compressor_of_a_mixed_config_and_its_record(tmp_path):
+    # a config with mix_compressors keeps them under mix.N.*: all of them come from --compressor,
+    # and the file's record of its compressors (pfp.weights) is --compressor's, so it loads
+    import dataclasses
+
+    import torch
+
+    from pfp.weights import build_model, load_weights, read_weights, save_weights
+    from _tiny_pfp import tiny_config
+    take = recipe_script("take_compressor")
+    mix = [{"rate": "2x2x4"}, {"rate": "4x4x2", "kind": "without_lr", "hidden": [8, 8]}]
+    torch.manual_seed(0)
+    base = build_model(dataclasses.replace(tiny_config(), mix_compressors=mix))
+    torch.manual_seed(1)
+    pre = build_model(dataclasses.replace(tiny_config(), mix_compressors=mix))
+    base_path, pre_path, out = (str(tmp_path / f"{n}.safetensors") for n in ("base", "pre", "out"))
+    save_weights(base, base_path)
+    save_weights(pre, pre_path)
+    assert take.main(["--base", base_path, "--compressor", pre_path, "--out", out]) == 0
+    joined, _ = read_weights(out)
+    theirs, ours = pre.trainable_state_dict(), base.trainable_state_dict()
+    assert any(k.startswith("mix.1.") for k in joined)
+    for k, v in joined.items():
+        want = theirs[k] if k.startswith(("compressor.", "mix.")) else ours[k]
+        assert torch.equal(v, want), k
+    assert load_weights(out).config.mix_compressors == mix
