@@ -27,6 +27,13 @@ def whole_chunks(seconds, chunk_seconds: float, least: int = 1) -> Optional[int]
     return int(round(n)) if abs(n - round(n)) <= 1e-6 and round(n) >= least else None
 
 
+def format_compressor_signature(kinds_and_rates, lr_phase: str) -> str:
+    """The one spelling of :meth:`PFPConfig.compressor_signature`, from ``(kind, rate)`` per
+    compressor and the low-res phase (:func:`pfp.weights.built_compressor_signature` spells built
+    modules the same way)."""
+    return " + ".join(f"{kind} {rate}" for kind, rate in kinds_and_rates) + f", lr_phase {lr_phase}"
+
+
 @dataclass
 class PFPConfig:
     """Everything that shapes the model and its data. Sizes are (height, width) in pixels."""
@@ -81,8 +88,8 @@ class PFPConfig:
         of another kind often have the same tensors (``pfp`` and ``without_lr``), and those of
         another rate or phase always do, so loading compares this instead of shapes."""
         from pfp.rates import parse_rate
-        branches = " + ".join(f"{c.compressor_kind} {parse_rate(c.rate)}" for c in self.branch_configs())
-        return f"{branches}, lr_phase {self.lr_phase}"
+        return format_compressor_signature([(c.compressor_kind, parse_rate(c.rate)) for c in self.branch_configs()],
+                                           self.lr_phase)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PFPConfig":

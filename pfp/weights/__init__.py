@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._io import describe_mismatch, save_safetensors_atomic, state_mismatch
-from ..config import COMPONENT_KINDS, PFPConfig, check_component
+from ..config import COMPONENT_KINDS, PFPConfig, check_component, format_compressor_signature
 from ..model import PFPModel, build_model
 
 WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +40,7 @@ def built_compressor_signature(model: PFPModel) -> str:
     kind, rate and low-res phase), not as its config says: :func:`save_weights` records it beside
     the config, so a file whose config metadata was changed afterwards is caught on loading."""
     comps = model.compressors
-    return " + ".join(f"{c.kind} {c.rate}" for c in comps) + f", lr_phase {comps[0].lr_phase}"
+    return format_compressor_signature([(c.kind, c.rate) for c in comps], comps[0].lr_phase)
 
 
 def read_weights(path: str) -> tuple[dict, Optional[PFPConfig]]:
