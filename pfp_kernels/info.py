@@ -140,38 +140,30 @@ COMPRESSOR_HR, APPEND_FRAMES = (16, 120, 60, 104), 6
 def _compressor_cases(device: torch.device, dtype: torch.dtype, scale: int):
     from . import conv
     cin0, t, hh, ww = COMPRESSOR_HR
-    hh, ww = (hh // scale) // 8 * 8, (ww // scale) // 8 * 8
+    hh, ww = (hh // scale) // 8 * 8, (ww // scale) // 8 * 8   # whole 8 x 8 token footprints
     inner = 3072 if device.type == "cuda" else 256   # the benchmarks' CPU case: width 256
 
-    def layers():
+    def call(append: bool, frozen: bool):
         g = torch.Generator().manual_seed(0)
 
         def rand(*shape, std=1.0):
             return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
         stages = [(rand(cout, cin, 3, 3, 3, std=0.05), rand(cout, std=0.05), stride)
                   for cin, cout, stride, _ in CONV_STAGES]
-        return stages, rand(inner, CONV_STAGES[-1][1], std=0.05), rand(inner, std=0.05), rand
+        proj_w, proj_b = rand(inner, CONV_STAGES[-1][1], std=0.05), rand(inner, std=0.05)
 
-    def run(stages, proj_w, proj_b, rand, x, states):
-        h, new = x, []
-        for (w, b, stride), state in zip(stages, states):
-            h, state = conv.causal_conv3d_act(h, w, b, stride, 1, state=state)
-            new.append(state)
-        tokens = h.shape[2] * h.shape[3] * h.shape[4]
-        conv.project_tokens(h, proj_w, proj_b, residual=rand(1, tokens, inner))
-        return new
-
-    def call(append: bool, frozen: bool):
-        stages, proj_w, proj_b, rand = layers()
+        def run(h, states):   # the stages and the projection over new frames h: the new states
+            new = []
+            for (w, b, stride), state in zip(stages, states):
+                h, state = conv.causal_conv3d_act(h, w, b, stride, 1, state=state)
+                new.append(state)
+            conv.project_tokens(h, proj_w, proj_b, residual=rand(1, h.shape[2] * h.shape[3] * h.shape[4], inner))
+            return new
         x = rand(1, cin0, t + APPEND_FRAMES, hh, ww).contiguous(memory_format=torch.channels_last_3d)
         with torch.no_grad(), (conv.frozen_weights() if frozen else contextlib.nullcontext()):
-            if append:
-                states = run(stages, proj_w, proj_b, rand, x[:, :, :t], [None] * len(stages))
-                with _tuning.refreshing():
-                    run(stages, proj_w, proj_b, rand, x[:, :, t:], states)
-            else:
-                with _tuning.refreshing():
-                    run(stages, proj_w, proj_b, rand, x[:, :, :t], [None] * len(stages))
+            states = run(x[:, :, :t], [None] * len(stages)) if append else [None] * len(stages)
+            with _tuning.refreshing():
+                run(x[:, :, t:] if append else x[:, :, :t], states)
     # on CPU pfp.generate runs the convs inside frozen_weights(), which auto keys apart; training does not
     for frozen in ((False, True) if device.type == "cpu" else (False,)):
         for append in (False, True):
