@@ -23,9 +23,9 @@
 # Packages the GPU image lacks (diffusers; torchao for the fp8 rows; pytest-xdist; PyAV) travel as
 # wheels in benchmarks/wheels/ (git-ignored): `bash benchmarks/fetch_wheels.sh` downloads them
 # here, and this script installs them into /tmp/pfp_site first (name benchmarks/wheels in the
-# device call's carry). Without diffusers the
-# wan5b, models and memory steps cannot run; without PyAV the generate step times generate()
-# in-process; without pytest-xdist the tests run in one process.
+# device call's carry). Without diffusers the wan5b, models and memory steps cannot run; without
+# PyAV the generate step times generate() in-process; without pytest-xdist the tests run in one
+# process.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TRITON_INTERPRET=0
@@ -40,7 +40,8 @@ else
     export PFP_BENCH_OUT=${PFP_BENCH_OUT:-$PWD/benchmarks/results}
     DEV=cuda
 fi
-dry() { [ "$DRY" = 1 ] && printf '%s ' "$@"; }   # the CPU form's extra arguments, in a dry run only
+# cpu_gpu A B: A in a dry run (the step's CPU form), B on the GPU; either may be empty
+cpu_gpu() { if [ "$DRY" = 1 ]; then echo "$1"; else echo "$2"; fi; }
 LOG=${OUT:+$OUT/cuda_checks.log}
 LOG=${LOG:-/tmp/cuda_checks.log}
 : > "$LOG"
@@ -79,7 +80,7 @@ run() {  # run LIMIT_S NAME CMD...
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s$([ "$DRY" = 1 ] && echo ", dry run on the CPU")): $*" | tee -a "$LOG"
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s$(cpu_gpu ", dry run on the CPU" "")): $*" | tee -a "$LOG"
     local t0=$SECONDS
     timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
@@ -121,11 +122,11 @@ print(\"$m\", getattr($m, \"__version__\", \"\"))" 2>/dev/null || echo "$m: not 
             # one random-weight Wan 2.2 5B denoising step, bf16 and fp8, cached (with and without
             # the [context ; target] buffers) and joint: time and MFU (issue 24). fp8 needs torchao
             # (a wheel in benchmarks/wheels/, see the top).
-            run 240 wan5b python3 benchmarks/bench_wan5b_step.py --device $DEV --steps $( [ "$DRY" = 1 ] && echo 2 || echo 10) $(dry --dry-run) ;;
+            run 240 wan5b python3 benchmarks/bench_wan5b_step.py --device $DEV --steps $(cpu_gpu 2 10) $(cpu_gpu --dry-run "") ;;
         models)
             # one random-weight bf16 step of Wan 2.2 A14B's expert and of HunyuanVideo 13B at 480p, cached
             # context: time, the K/V build and peak memory (issue 25)
-            run 240 models python3 benchmarks/bench_model_step.py --device $DEV --steps $( [ "$DRY" = 1 ] && echo 1 || echo 5) $(dry --dry-run) ;;
+            run 240 models python3 benchmarks/bench_model_step.py --device $DEV --steps $(cpu_gpu 1 5) $(cpu_gpu --dry-run "") ;;
         tests)
             # -n: the Triton compiles of the many (kernel, dtype, shape) variants dominate; run them in
             # parallel where pytest-xdist is importable
@@ -140,18 +141,18 @@ print(\"$m\", getattr($m, \"__version__\", \"\"))" 2>/dev/null || echo "$m: not 
                 run 220 sweep python3 benchmarks/sweep_cuda_configs.py --budget-s 160
             fi ;;
         context)
-            run 120 context python3 benchmarks/bench_context_modes.py --device $DEV --shape $( [ "$DRY" = 1 ] && echo tiny || echo all) \
-                $(dry --steps 2) ;;
+            run 120 context python3 benchmarks/bench_context_modes.py --device $DEV --shape $(cpu_gpu tiny all) \
+                $(cpu_gpu "--steps 2" "") ;;
         train)
-            run 100 train python3 benchmarks/bench_train.py --device $DEV --workers $( [ "$DRY" = 1 ] && echo 1 || echo 6) \
-                --threads $( [ "$DRY" = 1 ] && echo 1 || echo 4) --steps $( [ "$DRY" = 1 ] && echo 2 || echo 40) ;;
+            run 100 train python3 benchmarks/bench_train.py --device $DEV --workers $(cpu_gpu 1 6) \
+                --threads $(cpu_gpu 1 4) --steps $(cpu_gpu 2 40) ;;
         generate)
-            run 90 generate python3 benchmarks/bench_generate.py --device $DEV --runs $( [ "$DRY" = 1 ] && echo 1 || echo 3) ;;
+            run 90 generate python3 benchmarks/bench_generate.py --device $DEV --runs $(cpu_gpu 1 3) ;;
         memory)
             # memory plans on the GPU, and a random-weight Wan 2.2 5B's measured phase peaks against
             # the planner's (issue 23)
-            run 300 memory python3 benchmarks/bench_memory.py --device $DEV --runs $( [ "$DRY" = 1 ] && echo 1 || echo 2) \
-                $(dry --dry-run --skip-5b) ;;
+            run 300 memory python3 benchmarks/bench_memory.py --device $DEV --runs $(cpu_gpu 1 2) \
+                $(cpu_gpu "--dry-run --skip-5b" "") ;;
         *)
             echo "unknown step '$step'" | tee -a "$LOG"   # (refused above; kept for edits that add a name)
             exit 2 ;;
